@@ -1,0 +1,19 @@
+"""linattn: attention whose time and memory grow linearly with sequence length.
+
+Performer's FAVOR+ (random-feature softmax attention and generalized kernels) and
+Linformer (sequence-axis projection of keys and values), as functions and modules.
+"""
+
+from .features import KERNELS, draw_projection
+from .functional import FavorState, favor_attention, favor_recurrent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KERNELS",
+    "FavorState",
+    "__version__",
+    "draw_projection",
+    "favor_attention",
+    "favor_recurrent",
+]

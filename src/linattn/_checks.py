@@ -1,0 +1,116 @@
+"""Input validation shared by the functional API and the modules.
+
+Every check raises ``ValueError`` or ``TypeError`` whose message names the argument,
+the shape (or value) expected and the one received.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def shape_str(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t: object, *, min_dim: int = 1, floating: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {shape_str(t)}"
+        )
+    if floating and t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {t.dtype}"
+        )
+    return t
+
+
+def check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
+    """Check q: (..., Lq, d), k: (..., Lk, d), v: (..., Lk, dv) with equal leading dims."""
+    q = check_tensor("q", q, min_dim=2)
+    k = check_tensor("k", k, min_dim=2)
+    v = check_tensor("v", v, min_dim=2)
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(
+            "q, k and v must have the same number of dimensions "
+            f"(..., L, d); got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}"
+        )
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            "q, k and v must share their leading (batch, heads) dimensions; "
+            f"got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head_dim (last dimension); got q {shape_str(q)}, "
+            f"k {shape_str(k)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same length (dimension -2); got k {shape_str(k)}, "
+            f"v {shape_str(v)}"
+        )
+    if k.shape[-2] == 0:
+        raise ValueError(f"k must hold at least one key; got k {shape_str(k)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}"
+        )
+    return q, k, v
+
+
+def check_key_padding_mask(mask: object, k: Tensor) -> Tensor | None:
+    """Check key_padding_mask: (batch, Lk) bool, True = padding; batch = k.shape[0]."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            "key_padding_mask must have dtype torch.bool (True marks padding to ignore), "
+            f"got {mask.dtype}"
+        )
+    lk = k.shape[-2]
+    if k.dim() < 3 or mask.dim() != 2 or mask.shape[0] != k.shape[0] or mask.shape[1] != lk:
+        expect = f"({k.shape[0]}, {lk})" if k.dim() >= 3 else "(batch, Lk) with k of rank >= 3"
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, Lk) = {expect} for k {shape_str(k)}, "
+            f"got {shape_str(mask)}"
+        )
+    if mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but k is on {k.device}")
+    return mask
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return float(scale)
+
+
+def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of linattn against exact attention (never run by pytest)."""

@@ -1,0 +1,122 @@
+"""One benchmark case in a fresh process: ``python -m linattn.bench.worker '<json>'``.
+
+Prints one JSON line: median seconds over the repeats and the peak resident memory the
+case added over its inputs: the kernel's high-water mark (``VmHWM``) is reset through
+``/proc/self/clear_refs`` after the inputs exist, then read after the first call, before
+any timing loop, so every case starts from the same allocator state.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    # Writing 5 resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_now() -> int:
+    try:
+        return _status_bytes("VmRSS")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_peak() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build(case: dict):
+    """Return a callable running the case once (forward, or forward+backward)."""
+    import linattn
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    b, h, length, d = case["batch"], case["heads"], case["length"], case["head_dim"]
+    grad = case["pass"] == "fwd+bwd"
+    q, k, v = (
+        torch.randn(b, h, length, d, dtype=dtype, requires_grad=grad) for _ in range(3)
+    )
+    method, causal = case["method"], case.get("causal", False)
+    if method == "exact":
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    elif method == "favor":
+        w = linattn.draw_projection(
+            case["num_features"], d, generator=torch.Generator().manual_seed(0), dtype=dtype
+        )
+        kernel = case.get("kernel", "softmax")
+
+        def fn():
+            return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    def run():
+        out = fn()
+        if grad:
+            out.sum().backward()
+            for t in (q, k, v):
+                t.grad = None
+        return out
+
+    return run
+
+
+def measure(case: dict) -> dict:
+    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    run = build(case)
+    with torch.set_grad_enabled(case["pass"] == "fwd+bwd"):
+        base = _rss_now()
+        exact_peak = _reset_peak()
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        peak = _rss_peak() - base
+        times = []
+        budget = case.get("budget_s", 20.0)
+        for _ in range(case.get("repeats", 5)):
+            if sum(times) + first > budget and len(times) >= 1:
+                break
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return {
+        **case,
+        "median_s": statistics.median(times) if times else first,
+        "times_s": times,
+        "peak_added_bytes": peak,
+        "peak_exact": exact_peak,
+    }
+
+
+def main() -> None:
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

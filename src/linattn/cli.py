@@ -1,0 +1,58 @@
+"""Command line: ``linattn <subcommand>`` (also ``python -m linattn``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from .bench import speed
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise SystemExit(f"linattn bench needs the [bench] extra ({exc})") from exc
+    preset = "full" if args.full else "quick"
+    result = speed.run(
+        args.out, preset=preset, lengths=args.lengths, heads=args.heads,
+        head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
+        passes=tuple(args.passes),
+    )
+    print(speed.format_table(result))
+    print(f"\nwrote {args.out}/bench.json, bench.csv, bench.png")
+    failed = [r for r in result["results"] if "error" in r]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linattn", description="Linear-time attention: benchmarks and tools."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser(
+        "bench", help="time and memory of FAVOR+ against exact attention",
+        description="Time (forward, forward+backward) and peak memory, one fresh process "
+        "per case, for exact attention (scaled_dot_product_attention) and FAVOR+ "
+        "(bidirectional and causal). Writes bench.json, bench.csv and bench.png.",
+    )
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
+    size.add_argument("--full", action="store_true", help="L = 1k..16k")
+    b.add_argument("--out", default="results/bench", help="output folder")
+    b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
+    b.add_argument("--heads", type=int, default=8)
+    b.add_argument("--head-dim", type=int, default=64)
+    b.add_argument("--num-features", type=int, default=256)
+    b.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
+    b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
+                   choices=["fwd", "fwd+bwd"])
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Random projections and feature maps for FAVOR+ and generalized-kernel attention.
+
+Shape legend: ``...`` leading (batch, heads) dims, ``n`` tokens, ``d`` head_dim,
+``m`` random projections (rows of ``W``), ``M`` features per token (``m``, or ``2m`` for
+the hyperbolic and trigonometric maps).
+
+Every feature map is defined exactly by :func:`exact_features` (the formula, used by
+the naive oracle). The fast paths call :meth:`FeatureMap.stabilized`, which returns the
+same features split as ``phi(x) = const * F * exp(r)`` with ``F`` bounded by 1 for the
+exponential maps and ``r`` a per-token log-scale: attention only needs ratios, so the
+positive constant cancels and the per-token scales can be combined with stabilizers
+chosen by the algorithm (see ``ops/favor/README.md``).
+
+Feature maps take raw queries/keys ``x`` and the call's ``scale``; the formulas are
+written for ``x~ = x * sqrt(scale)``. The fast paths fold ``sqrt(scale)`` (and
+``log2(e)``, to use the faster ``exp2``) into the projection instead of scaling ``x``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_choice, check_positive_int
+
+__all__ = [
+    "KERNELS",
+    "FeatureMap",
+    "draw_projection",
+    "exact_features",
+    "get_feature_map",
+]
+
+
+def draw_projection(
+    num_features: int,
+    head_dim: int,
+    *,
+    orthogonal: bool = True,
+    scaling: str = "chi",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Draw the random projection ``W: (num_features, head_dim)`` for FAVOR+.
+
+    Args:
+        num_features: ``m``, the number of rows (random features).
+        head_dim: ``d``, the width of queries and keys.
+        orthogonal: if True, rows come in blocks of ``d`` mutually orthogonal directions
+            (orthogonal random features, ORF): each block is ``Q * sign(diag(R))`` from
+            the QR decomposition of a ``d x d`` standard Gaussian matrix, which makes
+            ``Q`` Haar-distributed (without the sign correction it is not, and the
+            kernel estimate is biased). Blocks are stacked and truncated to ``m`` rows.
+            If False, rows are iid ``N(0, I_d)``.
+        scaling: ``"chi"``: row norms are those of fresh Gaussian vectors (chi with
+            ``d`` degrees of freedom), so each row is marginally ``N(0, I_d)`` and
+            ``phi(q).phi(k)`` is unbiased for ``exp(q.k)``; ``"sqrt_d"``: every row has
+            norm ``sqrt(d)`` (the paper's regularized variant, slightly biased).
+        generator: the ``torch.Generator`` to draw from (on ``device``); None uses the
+            global RNG.
+        device, dtype: of the result (default: the generator's device, float32).
+
+    Returns:
+        ``W: (num_features, head_dim)``.
+
+    Equivalent to (iid, chi)::
+
+        torch.randn(num_features, head_dim, generator=generator)
+    """
+    check_positive_int("num_features", num_features)
+    check_positive_int("head_dim", head_dim)
+    check_choice("scaling", scaling, ("chi", "sqrt_d"))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    dtype = dtype or torch.float32
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    # Draw in float64 for an accurate QR, then cast.
+    if orthogonal:
+        num_blocks = math.ceil(num_features / head_dim)
+        g = torch.randn(
+            num_blocks, head_dim, head_dim, generator=generator, device=gen_device,
+            dtype=torch.float64,
+        )
+        q, r = torch.linalg.qr(g)
+        # Haar measure: fix the sign ambiguity of QR (Mezzadri 2007).
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+        q = q * signs.unsqueeze(-2)
+        # Rows of q^T are orthonormal directions.
+        w = q.transpose(-2, -1).reshape(num_blocks * head_dim, head_dim)[:num_features]
+    else:
+        w = torch.randn(
+            num_features, head_dim, generator=generator, device=gen_device, dtype=torch.float64
+        )
+    if scaling == "chi":
+        if orthogonal:
+            norms = torch.randn(
+                num_features, head_dim, generator=generator, device=gen_device,
+                dtype=torch.float64,
+            ).norm(dim=-1)
+            w = w * norms.unsqueeze(-1)
+    else:
+        w = w / w.norm(dim=-1, keepdim=True) * math.sqrt(head_dim)
+    return w.to(device=device, dtype=dtype)
+
+
+@dataclass
+class FeatureParams:
+    """Per-call quantities a feature map needs besides the tokens.
+
+    ``weight``: ``(m, d)`` projection or None; ``scale``: the logit scale (``x~ = x *
+    sqrt(scale)``); ``opt_a``/``opt_b``: FAVOR++'s ``A`` and ``B``, shape ``(...)`` (one
+    per batch and head) or None.
+    """
+
+    weight: Tensor | None
+    scale: float = 1.0
+    opt_a: Tensor | None = None
+    opt_b: Tensor | None = None
+
+    def replace_weight(self, weight: Tensor | None) -> FeatureParams:
+        return FeatureParams(weight, self.scale, self.opt_a, self.opt_b)
+
+
+class FeatureMap:
+    """A feature map ``phi``; subclasses define one kernel.
+
+    Attributes:
+        name: the ``kernel=`` string.
+        positive_exp: features are ``exp(logits)`` (stabilized by per-row maxima).
+        needs_projection: a random projection is required (else optional).
+        causal_ok: the map depends only on the token itself (not on the other tokens).
+    """
+
+    name = ""
+    positive_exp = False
+    needs_projection = True
+    causal_ok = True
+
+    def num_features(self, weight: Tensor | None, head_dim: int) -> int:
+        """Features per token ``M`` for a projection with ``m`` rows (or none)."""
+        return weight.shape[0] if weight is not None else head_dim
+
+    def prepare(
+        self, weight: Tensor | None, q: Tensor, k: Tensor, key_padding_mask: Tensor | None,
+        scale: float,
+    ) -> FeatureParams:
+        """Per-call parameters; ``q: (..., Lq, d)``, ``k: (..., Lk, d)``."""
+        return FeatureParams(weight, scale)
+
+    def exact(self, x: Tensor, params: FeatureParams) -> Tensor:
+        """``phi(x): (..., n, M)`` by the documented formula, no stabilizer."""
+        raise NotImplementedError
+
+    def stabilized(self, x: Tensor, params: FeatureParams, *, is_query: bool,
+                   inplace: bool = False) -> tuple[Tensor, Tensor]:
+        """``(F: (..., n, M), r: (..., n))`` with ``phi(x) = c * F * exp(r[..., None])``.
+
+        ``c > 0`` is a constant of the call. For queries ``r`` may be dropped (it
+        cancels in each output row). ``inplace`` lets the map reuse its temporaries (only
+        valid without autograd).
+        """
+        raise NotImplementedError
+
+
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+
+
+def _sq_half(x: Tensor, scale: float = 1.0) -> Tensor:
+    # [..., n, 1]: |x~|^2 / 2 for x~ = x * sqrt(scale).
+    return (0.5 * scale) * (x * x).sum(-1, keepdim=True)
+
+
+def _scaled(x: Tensor, params: FeatureParams) -> Tensor:
+    return x * math.sqrt(params.scale)
+
+
+class _PositiveSoftmax(FeatureMap):
+    """FAVOR+ positive features (the default ``kernel="softmax"``).
+
+    ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)``; ``E[phi(q).phi(k)] = exp(q.k)`` for rows
+    of ``W`` marginally ``N(0, I)``. ``M = m``.
+    """
+
+    name = "softmax"
+    positive_exp = True
+
+    def _weight(self, params: FeatureParams) -> Tensor:
+        return params.weight
+
+    def _logits2(self, x: Tensor, params: FeatureParams, with_norm: bool) -> Tensor:
+        # log2(e) * (W x~ - |x~|^2 / 2), with sqrt(scale) and log2(e) folded into W and the
+        # norm folded into the matmul: [x, -s|x|^2/2] @ [c W, log2(e)]^T (no extra pass).
+        w = self._weight(params) * (math.sqrt(params.scale) * _LOG2E)
+        if not with_norm:
+            return x.contiguous() @ w.transpose(0, 1)
+        x_aug = torch.cat([x, -_sq_half(x, params.scale)], dim=-1)
+        w_aug = torch.cat([w, w.new_full((w.shape[0], 1), _LOG2E)], dim=-1)
+        return x_aug @ w_aug.transpose(0, 1)
+
+    def exact(self, x: Tensor, params: FeatureParams) -> Tensor:
+        w = self._weight(params)
+        xs = _scaled(x, params)
+        return torch.exp(xs @ w.transpose(0, 1) - _sq_half(xs)) / math.sqrt(w.shape[0])
+
+    def stabilized(self, x, params, *, is_query, inplace=False):
+        # Queries: the -|q|^2/2 term is a per-row constant and cancels; skip it.
+        logits = self._logits2(x, params, with_norm=not is_query)
+        r2 = logits.detach().amax(dim=-1)
+        # exp2 runs about 3x faster than exp on CPU; r is returned in natural-log units.
+        if inplace:
+            return logits.sub_(r2.unsqueeze(-1)).exp2_(), r2 * _LN2
+        return torch.exp2(logits - r2.unsqueeze(-1)), r2 * _LN2
+
+
+class _HyperbolicSoftmax(_PositiveSoftmax):
+    """Hyperbolic positive features (FAVOR+ with lower variance), ``M = 2m``.
+
+    ``phi(x) = exp(-|x|^2 / 2) / sqrt(2m) * [exp(W x), exp(-W x)]`` (concatenated).
+    Unbiased for ``exp(q.k)``, as the mean of the positive estimators for ``w`` and
+    ``-w``.
+    """
+
+    name = "softmax_hyp"
+
+    def num_features(self, weight, head_dim):
+        return 2 * weight.shape[0]
+
+    def _weight(self, params):
+        return torch.cat([params.weight, -params.weight], dim=0)
+
+    def exact(self, x, params):
+        w = self._weight(params)
+        xs = _scaled(x, params)
+        return torch.exp(xs @ w.transpose(0, 1) - _sq_half(xs)) / math.sqrt(w.shape[0])
+
+
+class _OptimalPositiveSoftmax(_PositiveSoftmax):
+    """FAVOR++ optimal positive features (Likhosherstov et al. 2022), ``M = m``.
+
+    ``phi(x) = D / sqrt(m) * exp(A |w|^2 + B w.x - |x|^2 / 2)`` per row ``w`` of ``W``, with
+    ``B = sqrt(1 - 4A)``, ``D = (1 - 4A)^(d/4)`` (unbiased for ``exp(q.k)`` for every
+    ``A < 1/8``) and the variance-minimizing, data-dependent
+    ``A = (1 - 2 rho - sqrt((2 rho + 1)^2 + 8 rho)) / 16``, ``rho = mean_ij |q_i + k_j|^2 / d``
+    over all query/key pairs (unpadded keys), one ``A`` per (batch, head), computed
+    without gradient. It depends on every query and key, so it is bidirectional only.
+    """
+
+    name = "softmax_opt"
+    causal_ok = False
+
+    def prepare(self, weight, q, k, key_padding_mask, scale):
+        with torch.no_grad():
+            d = q.shape[-1]
+            root = math.sqrt(scale)
+            qf, kf = q.double() * root, k.double() * root
+            q_sq = (qf * qf).sum(-1).mean(-1)
+            q_mean = qf.mean(-2)
+            if key_padding_mask is None:
+                k_sq = (kf * kf).sum(-1).mean(-1)
+                k_mean = kf.mean(-2)
+            else:
+                keep = (~key_padding_mask).to(kf.dtype)
+                keep = keep.view(keep.shape[0], *([1] * (kf.dim() - 3)), keep.shape[1])
+                count = keep.sum(-1).clamp_min(1.0)
+                k_sq = ((kf * kf).sum(-1) * keep).sum(-1) / count
+                k_mean = (kf * keep.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+            rho = (q_sq + k_sq + 2.0 * (q_mean * k_mean).sum(-1)) / d
+            a = (1.0 - 2.0 * rho - torch.sqrt((2.0 * rho + 1.0) ** 2 + 8.0 * rho)) / 16.0
+            b = torch.sqrt(1.0 - 4.0 * a)
+        return FeatureParams(weight, scale, opt_a=a.to(q.dtype), opt_b=b.to(q.dtype))
+
+    def _logits2(self, x, params, with_norm):
+        # log2(e) * (B w.x~ + A|w|^2 - |x~|^2/2) as one matmul:
+        # [B x, A, -s|x|^2/2] @ log2(e) [sqrt(s) W, |w|^2, 1]^T.
+        w = params.weight
+        b = params.opt_b[..., None, None]
+        a = params.opt_a[..., None, None].expand(*x.shape[:-1], 1)
+        cols = [x * b, a.to(x.dtype)]
+        w_cols = [w * math.sqrt(params.scale), (w * w).sum(-1, keepdim=True)]
+        if with_norm:
+            cols.append(-_sq_half(x, params.scale))
+            w_cols.append(w.new_ones(w.shape[0], 1))
+        return torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(0, 1)
+
+    def exact(self, x, params):
+        w = params.weight
+        m, d = w.shape
+        xs = _scaled(x, params)
+        a = params.opt_a[..., None, None]
+        b = params.opt_b[..., None, None]
+        dconst = (1.0 - 4.0 * a) ** (d / 4.0)
+        logits = a * (w * w).sum(-1) + b * (xs @ w.transpose(0, 1)) - _sq_half(xs)
+        return dconst / math.sqrt(m) * torch.exp(logits)
+
+
+class _TrigSoftmax(FeatureMap):
+    """Trigonometric random Fourier features (the original RFF), ``M = 2m``.
+
+    ``phi(x) = exp(|x|^2 / 2) / sqrt(m) * [sin(W x), cos(W x)]``. Unbiased for
+    ``exp(q.k)`` but not positive: the normalizer can be near zero or negative, which is
+    why FAVOR+ replaced it. For comparison experiments.
+    """
+
+    name = "softmax_trig"
+
+    def num_features(self, weight, head_dim):
+        return 2 * weight.shape[0]
+
+    def exact(self, x, params):
+        xs = _scaled(x, params)
+        z = xs @ params.weight.transpose(0, 1)
+        factor = torch.exp(_sq_half(xs)) / math.sqrt(params.weight.shape[0])
+        return factor * torch.cat([torch.sin(z), torch.cos(z)], dim=-1)
+
+    def stabilized(self, x, params, *, is_query, inplace=False):
+        z = x @ (params.weight * math.sqrt(params.scale)).transpose(0, 1)
+        feats = torch.cat([torch.sin(z), torch.cos(z)], dim=-1)
+        return feats, _sq_half(x, params.scale).squeeze(-1)
+
+
+class _Generalized(FeatureMap):
+    """Base of the deterministic-or-random generalized kernels (no stabilizer needed)."""
+
+    needs_projection = False
+
+    def _pre(self, x: Tensor, params: FeatureParams) -> Tensor:
+        if params.weight is None:
+            return _scaled(x, params)
+        w = params.weight * math.sqrt(params.scale / params.weight.shape[0])
+        return x @ w.transpose(0, 1)
+
+    def stabilized(self, x, params, *, is_query, inplace=False):
+        f = self.exact(x, params)
+        return f, f.new_zeros(f.shape[:-1])
+
+
+class _Relu(_Generalized):
+    """ReLU kernel: ``phi(x) = relu(W x) / sqrt(m) + eps`` with a projection, else
+    ``relu(x) + eps`` (deterministic features, ``M = d``). ``eps = 1e-3`` keeps the
+    normalizer positive."""
+
+    name = "relu"
+    eps = 1e-3
+
+    def exact(self, x, params):
+        return F.relu(self._pre(x, params)) + self.eps
+
+
+class _Elu(_Generalized):
+    """ELU+1 kernel (Katharopoulos et al. 2020): ``phi(x) = elu(W x / sqrt(m)) + 1`` with
+    a projection, else ``elu(x) + 1`` (``M = d``)."""
+
+    name = "elu"
+
+    def exact(self, x, params):
+        return F.elu(self._pre(x, params)) + 1.0
+
+
+KERNELS: dict[str, FeatureMap] = {
+    fm.name: fm
+    for fm in (
+        _PositiveSoftmax(),
+        _HyperbolicSoftmax(),
+        _OptimalPositiveSoftmax(),
+        _TrigSoftmax(),
+        _Relu(),
+        _Elu(),
+    )
+}
+
+
+def get_feature_map(kernel: str) -> FeatureMap:
+    """The :class:`FeatureMap` registered under ``kernel`` (see :data:`KERNELS`)."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(
+            f"kernel must be one of {', '.join(map(repr, KERNELS))}; got {kernel!r}"
+        )
+    return KERNELS[kernel]
+
+
+def exact_features(
+    x: Tensor,
+    projection: Tensor | None,
+    *,
+    kernel: str = "softmax",
+    scale: float = 1.0,
+    params: FeatureParams | None = None,
+) -> Tensor:
+    """``phi(x~): (..., n, M)`` for ``x: (..., n, d)``, ``x~ = x * sqrt(scale)``, by the
+    kernel's formula.
+
+    FAVOR++ (``"softmax_opt"``) needs ``params`` from ``prepare`` (its ``A`` depends on
+    the queries and keys of the call).
+    """
+    fm = get_feature_map(kernel)
+    return fm.exact(x, params if params is not None else FeatureParams(projection, scale))

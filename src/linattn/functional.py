@@ -1,0 +1,198 @@
+"""Functional attention: validate the inputs, pick the op, restore shape and dtype.
+
+Shape legend (as ``torch.nn.functional.scaled_dot_product_attention``):
+``B`` batch, ``H`` heads (any leading dims after the batch are folded into ``H``),
+``Lq``/``Lk`` query/key lengths, ``d`` head_dim, ``dv`` value dim, ``m`` projection rows,
+``M`` features per token (``m`` or ``2m``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import (
+    check_key_padding_mask,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+    check_tensor,
+    shape_str,
+)
+from .features import FeatureMap, get_feature_map
+from .ops.favor import FavorState, favor_bidirectional, favor_causal, favor_recurrent_step
+
+__all__ = ["FavorState", "favor_attention", "favor_recurrent"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Exponentials, key sums and normalizers accumulate in float32 for half inputs.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _as_4d(x: Tensor) -> Tensor:
+    # (..., L, d) -> (B, H, L, d) with the leading dims after the batch folded into H.
+    if x.dim() == 2:
+        return x.unsqueeze(0).unsqueeze(0)
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor | None:
+    if projection is None:
+        if fm.needs_projection:
+            raise ValueError(
+                f"kernel={fm.name!r} uses random features: pass projection=W of shape "
+                f"(num_features, {q.shape[-1]}), e.g. linattn.draw_projection(256, "
+                f"{q.shape[-1]})"
+            )
+        return None
+    w = check_tensor("projection", projection, min_dim=2)
+    if w.dim() != 2 or w.shape[1] != q.shape[-1]:
+        raise ValueError(
+            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) for "
+            f"q {shape_str(q)}, got {shape_str(w)}"
+        )
+    if w.device != q.device:
+        raise ValueError(f"projection is on {w.device} but q is on {q.device}")
+    return w
+
+
+def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
+    q, k, v = check_qkv(q, k, v)
+    fm = get_feature_map(kernel)
+    weight = _check_projection(projection, fm, q)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    scale = check_scale(scale, q.shape[-1])
+    if causal and not fm.causal_ok:
+        raise ValueError(
+            f"kernel={kernel!r} depends on every query and key of the call, so it cannot be "
+            "causal; use kernel='softmax' or 'softmax_hyp' with causal=True"
+        )
+    cdt = _compute_dtype(q.dtype)
+    q4, k4, v4 = (_as_4d(t).to(cdt) for t in (q, k, v))
+    w = None if weight is None else weight.to(cdt)
+    params = fm.prepare(w, q4, k4, mask, scale)
+    return fm, params, q4, k4, v4, mask
+
+
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None = None,
+    *,
+    kernel: str = "softmax",
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    block_size: int | None = None,
+) -> Tensor:
+    """FAVOR+ attention: softmax attention approximated by random features, O(L) time.
+
+    Args:
+        q: ``(..., Lq, d)``; k: ``(..., Lk, d)``; v: ``(..., Lk, dv)``; leading dims
+            ``(B, H)`` as in ``scaled_dot_product_attention`` (any number >= 0).
+        projection: ``W: (m, d)`` from :func:`linattn.draw_projection` (required for the
+            random-feature kernels; optional for ``"relu"``/``"elu"``).
+        kernel: ``"softmax"`` (positive features, FAVOR+), ``"softmax_hyp"``
+            (hyperbolic), ``"softmax_opt"`` (FAVOR++, bidirectional only),
+            ``"softmax_trig"`` (trigonometric), ``"relu"``, ``"elu"``; formulas in
+            :mod:`linattn.features`.
+        causal: query ``i`` attends to keys ``j <= i`` (needs ``Lq == Lk``).
+        key_padding_mask: ``(B, Lk)`` bool, True marks padding to ignore.
+        scale: logit scale, default ``1 / sqrt(d)``.
+        chunk_size: causal chunk length (a speed knob; results agree up to rounding).
+        block_size: rows per block in the bidirectional pass (default: automatic).
+
+    Returns:
+        ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
+
+    With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map, equivalent to::
+
+        A = phi(q~) @ phi(k~).transpose(-2, -1)      # (..., Lq, Lk)
+        A = A.masked_fill(key_padding_mask[:, None, None, :], 0)
+        if causal: A = A.tril()
+        out = (A @ v) / A.sum(-1, keepdim=True)      # rows with no visible key: 0
+
+    For ``kernel="softmax"``, ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` and
+    ``phi(q~).phi(k~)`` is an unbiased estimate of ``exp(scale * q.k)``.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_positive_int("chunk_size", chunk_size)
+    if block_size is not None:
+        check_positive_int("block_size", block_size)
+    if causal and isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() >= 2 and (
+        k.dim() >= 2 and q.shape[-2] != k.shape[-2]
+    ):
+        raise ValueError(
+            f"causal=True needs Lq == Lk (self-attention); got q {shape_str(q)}, "
+            f"k {shape_str(k)}"
+        )
+    fm, params, q4, k4, v4, mask = _prepare(
+        q, k, v, projection, kernel, causal, key_padding_mask, scale
+    )
+    if causal:
+        out = favor_causal(
+            q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size
+        )[0]
+    else:
+        out = favor_bidirectional(
+            q4, k4, v4, fm, params, key_padding_mask=mask, block_size=block_size
+        )
+    return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+
+
+def favor_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None = None,
+    *,
+    state: FavorState | None = None,
+    kernel: str = "softmax",
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, FavorState]:
+    """Causal FAVOR+ decoding step: consume ``n`` new tokens after ``state``.
+
+    Args:
+        q, k: ``(B, H, n, d)``; v: ``(B, H, n, dv)``; the ``n >= 1`` new tokens (attending
+            causally among themselves and to everything in ``state``).
+        state: from the previous step, or None to start.
+        projection, kernel, key_padding_mask (``(B, n)``), scale: as
+            :func:`favor_attention`; use the same values at every step.
+
+    Returns:
+        ``(out: (B, H, n, dv), new_state)``. Time and memory per token do not depend on
+        how many tokens the state has absorbed. Running it token by token equals
+        ``favor_attention(..., causal=True)`` on the concatenated tokens.
+    """
+    q, k, v = check_qkv(q, k, v)
+    if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            "favor_recurrent takes q, k, v of shape (B, H, n, d) with the same n; got "
+            f"q {shape_str(q)}, k {shape_str(k)}"
+        )
+    fm, params, q4, k4, v4, mask = _prepare(
+        q, k, v, projection, kernel, True, key_padding_mask, scale
+    )
+    if state is not None:
+        if not isinstance(state, FavorState):
+            raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
+        m = fm.num_features(params.weight, q.shape[-1])
+        want = (*q.shape[:2], m, v.shape[-1] + 1)
+        if tuple(state.kv.shape) != want:
+            raise ValueError(
+                f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
+                f"{shape_str(state.kv)}"
+            )
+        state = FavorState(state.kv.to(q4.dtype), state.stab.to(q4.dtype))
+    out, new_state = favor_recurrent_step(
+        q4, k4, v4, state, fm, params, key_padding_mask=mask
+    )
+    return out.to(q.dtype), new_state
+

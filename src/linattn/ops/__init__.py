@@ -1,0 +1,1 @@
+"""Pure tensor functions: each algorithm beside its naive reference."""
