@@ -36,7 +36,7 @@ def _label(method: str, causal: bool) -> str:
     return f"{'exact (SDPA)' if method == 'exact' else 'FAVOR+'}{' causal' if causal else ''}"
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
     """float32 GFLOP/s of an ``n x n`` matmul on this machine, median of ``repeats``."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
