@@ -29,3 +29,22 @@ def test_bench_cli_tiny(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "FAVOR+ causal" in capsys.readouterr().out
+
+
+def test_linformer_table_tiny(tmp_path, monkeypatch, capsys):
+    from linattn.bench import linformer_table
+
+    monkeypatch.setitem(linformer_table.PRESETS, "quick",
+                        {"lengths": [64, 256], "dims": [16, 128]})
+    rc = main(["bench", "--suite", "linformer", "--out", str(tmp_path), "--heads", "2",
+               "--head-dim", "16", "--repeats", "1"])
+    assert rc == 0
+    result = json.loads((tmp_path / "linformer.json").read_text())
+    lin = [r for r in result["results"] if r["method"] == "linformer"]
+    # k < n only: (64, 16), (256, 16), (256, 128)
+    assert sorted((r["length"], r["proj_dim"]) for r in lin) == [(64, 16), (256, 16), (256, 128)]
+    for r in lin:
+        assert r["time_saved_vs_exact"] > 0 and r["time_saved_vs_materialized"] > 0
+    assert (tmp_path / "linformer.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "vs scaled_dot_product_attention" in out and "k=128" in out

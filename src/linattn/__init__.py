@@ -5,15 +5,19 @@ Linformer (sequence-axis projection of keys and values), as functions and module
 """
 
 from .features import KERNELS, draw_projection
-from .functional import FavorState, favor_attention, favor_recurrent
+from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
+from .nn import LinformerAttention, LinformerProjection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KERNELS",
     "FavorState",
+    "LinformerAttention",
+    "LinformerProjection",
     "__version__",
     "draw_projection",
     "favor_attention",
     "favor_recurrent",
+    "linformer_attention",
 ]

@@ -12,6 +12,14 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit(f"linattn bench needs the [bench] extra ({exc})") from exc
     preset = "full" if args.full else "quick"
+    if args.suite == "linformer":
+        from .bench import linformer_table
+
+        result = linformer_table.run(args.out, preset=preset, heads=args.heads,
+                                     head_dim=args.head_dim, repeats=args.repeats or 3)
+        print(linformer_table.format_table(result))
+        print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
+        return 1 if any("error" in r for r in result["results"]) else 0
     result = speed.run(
         args.out, preset=preset, lengths=args.lengths, heads=args.heads,
         head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
@@ -37,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
     size.add_argument("--full", action="store_true", help="L = 1k..16k")
+    b.add_argument("--suite", choices=["favor", "linformer"], default="favor",
+                   help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
     b.add_argument("--heads", type=int, default=8)

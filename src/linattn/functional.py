@@ -21,8 +21,9 @@ from ._checks import (
 )
 from .features import FeatureMap, get_feature_map
 from .ops.favor import FavorState, favor_bidirectional, favor_causal, favor_recurrent_step
+from .ops.linformer import compact_padding, linear_compress, projected_attention
 
-__all__ = ["FavorState", "favor_attention", "favor_recurrent"]
+__all__ = ["FavorState", "favor_attention", "favor_recurrent", "linformer_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -196,3 +197,73 @@ def favor_recurrent(
     )
     return out.to(q.dtype), new_state
 
+
+
+def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) -> Tensor:
+    p = check_tensor(name, proj, min_dim=2)
+    heads = q4.shape[1]
+    if p.dim() not in (2, 3) or (p.dim() == 3 and p.shape[0] != heads):
+        raise ValueError(
+            f"{name} must have shape (kdim, n) or (heads, kdim, n) = ({heads}, kdim, n), "
+            f"got {shape_str(p)}"
+        )
+    if lk > p.shape[-1]:
+        raise ValueError(
+            f"sequence length {lk} exceeds the {p.shape[-1]} columns of {name} "
+            f"{shape_str(p)} (Linformer's maximum length n): use a projection with "
+            f"n >= {lk}"
+        )
+    if p.dtype != q4.dtype:
+        raise TypeError(f"{name} has dtype {p.dtype} but q has dtype {q4.dtype}")
+    if p.device != q4.device:
+        raise ValueError(f"{name} is on {p.device} but q is on {q4.device}")
+    return p
+
+
+def linformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    proj_k: Tensor,
+    proj_v: Tensor | None = None,
+    *,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Linformer attention: keys and values projected along the sequence to ``kdim``.
+
+    Args:
+        q: ``(..., Lq, d)``; k: ``(..., Lk, d)``; v: ``(..., Lk, dv)`` (leading dims
+            ``(B, H)``).
+        proj_k: ``E: (kdim, n)`` shared by the heads, or ``(H, kdim, n)`` one per head,
+            with ``Lk <= n``: the first ``Lk`` columns are used.
+        proj_v: ``F``, same shapes; default ``proj_k`` (key-value sharing).
+        key_padding_mask: ``(B, Lk)`` bool, True = padding. Padded keys and values drop
+            out and the j-th real key meets column j, so real tokens' outputs do not
+            depend on the amount, side or content of the padding.
+        scale: default ``1 / sqrt(d)``.
+
+    Returns:
+        ``(..., Lq, dv)``. Linformer is not causal: a projection along the sequence mixes
+        future keys into every compressed position, so there is no causal form.
+
+    Equivalent to, per sequence with real keys ``K``, ``V`` (``len`` rows)::
+
+        K' = proj_k[..., :len] @ K;  V' = proj_v[..., :len] @ V
+        out = softmax(q @ K'.T * scale) @ V'
+    """
+    q, k, v = check_qkv(q, k, v)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    scale = check_scale(scale, q.shape[-1])
+    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+    pk = _check_linformer_projection("proj_k", proj_k, q4, k4.shape[-2])
+    pv = pk if proj_v is None else _check_linformer_projection("proj_v", proj_v, q4, k4.shape[-2])
+    if pv.shape[-2] != pk.shape[-2]:
+        raise ValueError(
+            f"proj_k and proj_v must project to the same kdim; got proj_k {shape_str(pk)}, "
+            f"proj_v {shape_str(pv)}"
+        )
+    kc, _ = compact_padding(k4, mask)
+    vc, _ = compact_padding(v4, mask)
+    out = projected_attention(q4, linear_compress(kc, pk), linear_compress(vc, pv), scale)
+    return out.reshape(*q.shape[:-1], v.shape[-1])

@@ -73,6 +73,17 @@ def build(case: dict):
 
         def fn():
             return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal)
+    elif method == "materialized":
+        # The Linformer paper's baseline: softmax(Q K^T / sqrt(d)) V with the L x L matrix.
+        def fn():
+            return torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) @ v
+    elif method == "linformer":
+        proj = torch.randn(
+            case["proj_dim"], length, dtype=dtype, generator=torch.Generator().manual_seed(0)
+        ) / case["proj_dim"] ** 0.5
+
+        def fn():
+            return linattn.linformer_attention(q, k, v, proj)
     else:
         raise ValueError(f"unknown method {method!r}")
 

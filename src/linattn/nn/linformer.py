@@ -1,0 +1,327 @@
+"""Linformer modules: the sequence-axis projections and a drop-in attention layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_choice, check_key_padding_mask, check_positive_int, shape_str
+from ..ops.linformer import (
+    compact_padding,
+    conv_compress,
+    linear_compress,
+    pool_compress,
+    pool_matrix,
+)
+
+SHARING = ("none", "headwise", "kv", "layerwise")
+KINDS = ("linear", "random", "mean", "max", "conv")
+
+
+class LinformerProjection(nn.Module):
+    """The compressions ``E`` (keys) and ``F`` (values) of one layer, or of a whole model.
+
+    Args:
+        max_seq_len: ``n``, the longest sequence the projection accepts.
+        proj_dim: ``kdim``, the compressed length.
+        num_heads, head_dim: of the attention it serves.
+        kind: ``"linear"`` (learned, initialized ``N(0, 1/kdim)``, the Johnson-Lindenstrauss
+            scale), ``"random"`` (fixed ``N(0, 1/kdim)`` from ``seed``, a persistent buffer),
+            ``"mean"``/``"max"`` (pooling over the sequence into ``kdim`` windows, no
+            parameters), ``"conv"`` (learned depthwise convolution with kernel and stride
+            ``ceil(n / kdim)``).
+        sharing: ``"none"`` (one ``E`` and one ``F`` per head), ``"headwise"`` (one ``E``,
+            one ``F`` for all heads), ``"kv"`` (``E = F``, shared by heads),
+            ``"layerwise"`` (as ``"kv"``; the one module is shared by every layer of a
+            model: create it once and pass it to each layer).
+
+    A 12-layer, 12-head model holds 288 / 24 / 12 / 1 ``(kdim, n)`` matrices in the four
+    modes (the Linformer paper's count).
+    """
+
+    def __init__(
+        self,
+        max_seq_len: int,
+        proj_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        kind: str = "linear",
+        sharing: str = "none",
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        self.proj_dim = check_positive_int("proj_dim", proj_dim)
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.kind = check_choice("kind", kind, KINDS)
+        self.sharing = check_choice("sharing", sharing, SHARING)
+        factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        per_head = sharing == "none"
+        separate_v = sharing in ("none", "headwise")
+        if kind in ("linear", "random"):
+            shape = (num_heads, proj_dim, max_seq_len) if per_head else (proj_dim, max_seq_len)
+            g = torch.Generator().manual_seed(seed)
+            mats = [
+                torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(proj_dim)
+                for _ in range(2 if separate_v else 1)
+            ]
+            mats = [m.to(**factory) for m in mats]
+            for name, mat in zip(("e", "f"), mats):
+                if kind == "linear":
+                    self.register_parameter(name, nn.Parameter(mat))
+                else:
+                    self.register_buffer(name, mat, persistent=True)
+        elif kind == "conv":
+            self.stride = math.ceil(max_seq_len / proj_dim)
+            chans = num_heads * head_dim if per_head else head_dim
+            for name in ("e", "f")[: 2 if separate_v else 1]:
+                w = torch.empty(chans, 1, self.stride, **factory)
+                # Start as a mean over each window (a sensible, trainable pooling).
+                nn.init.constant_(w, 1.0 / self.stride)
+                self.register_parameter(name, nn.Parameter(w))
+        # Absent matrices (pooling has none; shared E = F has no F) read as None.
+        for name in ("e", "f"):
+            if not hasattr(self, name):
+                setattr(self, name, None)
+
+    @property
+    def value_projection(self) -> Tensor | None:
+        return self.e if self.f is None else self.f
+
+    @property
+    def head_shared_linear(self) -> bool:
+        """The compression is one linear map of the sequence for every head, so it can be
+        applied before the key/value input projections."""
+        return self.kind in ("linear", "random", "mean") and self.sharing != "none"
+
+    def matrices(
+        self, length: int, lengths: Tensor | None, like: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(E, F)`` restricted to ``length`` columns for the head-shared linear kinds:
+        ``(kdim, L)``, or ``(B, kdim, L)`` for mean pooling with per-sequence lengths
+        (built in ``like``'s dtype and device)."""
+        if self.kind == "mean":
+            m = self._pool_matrices(length, lengths, like)
+            return m, m
+        return self.e[..., :length], self.value_projection[..., :length]
+
+    def _pool_matrices(self, length: int, lengths: Tensor | None, like: Tensor) -> Tensor:
+        def build(n: int) -> Tensor:
+            return pool_matrix(n, self.proj_dim, length, dtype=like.dtype, device=like.device)
+
+        if lengths is None:
+            return build(length)
+        mats = {n: build(n) for n in torch.unique(lengths).tolist()}
+        return torch.stack([mats[n] for n in lengths.tolist()])
+
+    def forward(self, k: Tensor, v: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Compress compacted ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``kdim``
+        positions (``lengths: (B,)`` real lengths or None)."""
+        if self.kind in ("linear", "random"):
+            return linear_compress(k, self.e), linear_compress(v, self.value_projection)
+        if self.kind in ("mean", "max"):
+            return (pool_compress(k, self.proj_dim, self.kind, lengths),
+                    pool_compress(v, self.proj_dim, self.kind, lengths))
+        return self._conv(k, self.e), self._conv(v, self.value_projection)
+
+    def _conv(self, x: Tensor, w: Tensor) -> Tensor:
+        if self.sharing != "none":
+            w = w.repeat(self.num_heads, 1, 1)
+        return conv_compress(x, w, self.proj_dim)
+
+    def extra_repr(self) -> str:
+        return (f"max_seq_len={self.max_seq_len}, proj_dim={self.proj_dim}, kind={self.kind!r}, "
+                f"sharing={self.sharing!r}")
+
+
+class LinformerAttention(nn.Module):
+    """Linformer self- or cross-attention, shaped like ``nn.MultiheadAttention``.
+
+    Args:
+        embed_dim, num_heads: as ``nn.MultiheadAttention`` (``embed_dim`` divisible by
+            ``num_heads``).
+        max_seq_len: longest key/value sequence (``n``); shorter inputs use the first
+            columns of the projections.
+        proj_dim: compressed length ``kdim`` (a different one per layer is fine, except
+            under ``"layerwise"`` sharing).
+        sharing, projection: see :class:`LinformerProjection` (``projection`` is its
+            ``kind``).
+        shared_projection: the model-wide :class:`LinformerProjection` for
+            ``sharing="layerwise"``. It is held by reference, not registered, so the
+            model that owns it saves it and DDP sees each parameter once.
+        dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
+        compress_first: where ``E`` is one linear map for all heads, compress the
+            sequence before the key/value input projections (cost ``kdim d^2`` instead of
+            ``n d^2``). This is exact: the bias contributes ``rowsum(E) b^T``, which is
+            added explicitly. Without that term it would differ.
+        causal: must be False. Linformer cannot be causal, because every compressed
+            position mixes all keys, future ones included.
+
+    Forward: ``(query, key=None, value=None, key_padding_mask=None, need_weights=False,
+    attn_mask=None, is_causal=False)``; returns ``(output, None)``.
+    Shapes (``batch_first=True``): query ``(B, Lq, E)``, key/value ``(B, Lk, kdim/vdim)``,
+    ``key_padding_mask (B, Lk)`` bool with True = padding.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        max_seq_len: int,
+        proj_dim: int = 256,
+        sharing: str = "none",
+        projection: str = "linear",
+        shared_projection: LinformerProjection | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        compress_first: bool = True,
+        causal: bool = False,
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if causal:
+            raise ValueError(
+                "LinformerAttention cannot be causal: its projection along the sequence "
+                "mixes every key, future ones included, into each compressed position. "
+                "Use PerformerAttention(causal=True) or exact attention for causal models."
+            )
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_choice("sharing", sharing, SHARING)
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.compress_first, self.sharing = compress_first, sharing
+        self.max_seq_len = check_positive_int("max_seq_len", max_seq_len)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if sharing == "layerwise":
+            if shared_projection is None:
+                raise ValueError(
+                    "sharing='layerwise' needs shared_projection: create one "
+                    "LinformerProjection(..., sharing='layerwise') for the model and pass it "
+                    "to every layer"
+                )
+            if shared_projection.sharing != "layerwise":
+                raise ValueError("shared_projection must have sharing='layerwise', got "
+                                 f"{shared_projection.sharing!r}")
+            if (shared_projection.num_heads, shared_projection.head_dim) != (
+                    num_heads, self.head_dim):
+                raise ValueError("shared_projection was built for another head layout")
+            # Held by reference: the owning model registers it once.
+            object.__setattr__(self, "_shared", shared_projection)
+            self.projection = None
+        else:
+            if shared_projection is not None:
+                raise ValueError("shared_projection is only for sharing='layerwise'")
+            self.projection = LinformerProjection(
+                max_seq_len, proj_dim, num_heads, self.head_dim, kind=projection,
+                sharing=sharing, seed=seed, **factory,
+            )
+
+    @property
+    def proj(self) -> LinformerProjection:
+        return self.projection if self.projection is not None else self._shared
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, None]:
+        if need_weights:
+            raise ValueError(
+                "need_weights=True is not available: Linformer never forms the (Lq, Lk) "
+                "attention matrix (pass need_weights=False)"
+            )
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "Linformer supports no attn_mask and no causal masking: its compressed "
+                "keys mix all positions; use key_padding_mask for padding"
+            )
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                               ("value", value, self.vdim)):
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
+                                 f"(batch_first={self.batch_first}), got {shape_str(t)}")
+        b, lk = key.shape[0], key.shape[1]
+        if lk > self.max_seq_len:
+            raise ValueError(
+                f"key length {lk} exceeds max_seq_len={self.max_seq_len} of this "
+                "LinformerAttention (the projections have that many columns)"
+            )
+        if value.shape[:2] != key.shape[:2] or query.shape[0] != b:
+            raise ValueError(f"query, key and value must share the batch and key/value the "
+                             f"length; got query {shape_str(query)}, key {shape_str(key)}, "
+                             f"value {shape_str(value)}")
+        mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
+        q = self._heads(self.q_proj(query))
+        proj = self.proj
+        if self.compress_first and proj.head_shared_linear:
+            kc, vc = self._compress_then_project(key, value, mask, proj)
+        else:
+            k = self._heads(self.k_proj(key))
+            v = self._heads(self.v_proj(value))
+            k, lengths = compact_padding(k, mask)
+            v, _ = compact_padding(v, mask)
+            kc, vc = proj(k, v, lengths)
+        out = F.scaled_dot_product_attention(
+            q, kc, vc, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(b, -1, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        # [B, L, E] -> [B, H, L, d]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _compress_then_project(self, key, value, mask, proj):
+        # E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T: compress the raw inputs, then project.
+        kx, lengths = compact_padding(key, mask)
+        vx, _ = compact_padding(value, mask)
+        length = key.shape[1]
+        e, f = proj.matrices(length, lengths, key)
+        live = torch.ones(key.shape[0], length, dtype=key.dtype, device=key.device)
+        if lengths is not None:
+            live = (torch.arange(length, device=key.device)[None] < lengths[:, None]).to(key.dtype)
+        out = []
+        for mat, x, lin in ((e, kx, self.k_proj), (f, vx, self.v_proj)):
+            xc = F.linear(mat @ x, lin.weight)
+            if lin.bias is not None:
+                # [B, kdim, 1]: rowsum of E over each sequence's real columns.
+                xc = xc + (mat @ live.unsqueeze(-1)) * lin.bias
+            out.append(self._heads(xc))
+        return out[0], out[1]

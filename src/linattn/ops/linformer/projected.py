@@ -1,0 +1,111 @@
+"""Linformer's compressions and the attention over the compressed keys.
+
+Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``n`` maximum length (columns of
+the projections), ``kdim`` compressed length, ``d`` channels.
+
+Padding: :func:`compact_padding` moves each sequence's real tokens to the front (in
+order) and zeros the rest. The j-th real token then meets column j of the projection,
+so a sequence's result does not depend on how much padding it had, on which side, or
+on what the padding held.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compact_padding(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Real tokens first, padding zeroed.
+
+    Shapes: ``x: (B, ..., L, d)``, ``key_padding_mask: (B, L)`` bool (True = padding).
+    Returns ``(x', lengths: (B,))``; ``x'`` has the same shape (``lengths`` is None
+    without a mask).
+    """
+    if key_padding_mask is None:
+        return x, None
+    keep = ~key_padding_mask
+    # Stable sort puts real tokens (key 0) first, in their order.
+    order = torch.sort(key_padding_mask.to(torch.uint8), dim=-1, stable=True).indices
+    lengths = keep.sum(-1)
+    lead = x.dim() - 2
+    idx = order.view(order.shape[0], *([1] * (lead - 1)), order.shape[1], 1)
+    moved = torch.gather(x, -2, idx.expand(*x.shape[:-2], -1, x.shape[-1]))
+    live = torch.arange(x.shape[-2], device=x.device)[None] < lengths[:, None]
+    live = live.view(live.shape[0], *([1] * (lead - 1)), live.shape[1], 1)
+    return moved * live.to(x.dtype), lengths
+
+
+def linear_compress(x: Tensor, proj: Tensor) -> Tensor:
+    """``proj[..., :L] @ x``: ``x: (B, H, L, d)``, ``proj: (kdim, n)`` or ``(H, kdim, n)``
+    with ``L <= n``; returns ``(B, H, kdim, d)``."""
+    return proj[..., : x.shape[-2]] @ x
+
+
+def _window_bounds(length: int, kdim: int) -> tuple[list[int], list[int]]:
+    # Exactly kdim windows over `length` positions: [floor(i L / k), ceil((i+1) L / k)),
+    # never empty (as adaptive pooling): no floor surprises when kdim does not divide L.
+    starts = [math.floor(i * length / kdim) for i in range(kdim)]
+    ends = [max(math.ceil((i + 1) * length / kdim), s + 1) for i, s in enumerate(starts)]
+    return starts, ends
+
+
+def pool_matrix(length: int, kdim: int, n: int, *, dtype=None, device=None) -> Tensor:
+    """Mean pooling of the first ``length`` of ``n`` positions into ``kdim`` windows, as a
+    ``(kdim, n)`` matrix (so mean pooling is a linear projection)."""
+    m = torch.zeros(kdim, n, dtype=dtype, device=device)
+    if length == 0:
+        return m
+    for i, (s, e) in enumerate(zip(*_window_bounds(length, kdim))):
+        m[i, s:e] = 1.0 / (e - s)
+    return m
+
+
+def pool_compress(
+    x: Tensor, kdim: int, mode: str, lengths: Tensor | None = None
+) -> Tensor:
+    """Mean or max pooling of ``x: (B, H, L, d)`` (compacted) to ``(B, H, kdim, d)``,
+    windows over each sequence's real length (``lengths: (B,)``, default ``L``)."""
+    length = x.shape[-2]
+    if lengths is None:
+        groups = [(slice(None), length)]
+    else:
+        uniq = torch.unique(lengths).tolist()
+        groups = [((lengths == n).nonzero().squeeze(-1), int(n)) for n in uniq]
+    out = x.new_zeros(*x.shape[:-2], kdim, x.shape[-1])
+    for rows, n in groups:
+        if n == 0:
+            continue
+        xs = x[rows][..., :n, :]
+        flat = xs.transpose(-2, -1).reshape(-1, xs.shape[-1], n)
+        pooled = (F.adaptive_avg_pool1d if mode == "mean" else F.adaptive_max_pool1d)(flat, kdim)
+        out[rows] = pooled.reshape(*xs.shape[:-2], xs.shape[-1], kdim).transpose(-2, -1)
+    return out
+
+
+def conv_compress(x: Tensor, weight: Tensor, kdim: int) -> Tensor:
+    """Depthwise strided convolution along the sequence to exactly ``kdim`` positions.
+
+    ``x: (B, H, L, d)`` (compacted), ``weight: (H * d, 1, s)`` with ``s`` the kernel and
+    stride (``ceil(n / kdim)``). The sequence is zero-padded to ``kdim * s``. Returns
+    ``(B, H, kdim, d)``.
+    """
+    b, h, length, d = x.shape
+    s = weight.shape[-1]
+    if length > kdim * s:
+        raise ValueError(f"sequence length {length} exceeds kdim * stride = {kdim * s}")
+    chans = x.permute(0, 1, 3, 2).reshape(b, h * d, length)
+    chans = F.pad(chans, (0, kdim * s - length))
+    out = F.conv1d(chans, weight, stride=s, groups=h * d)
+    return out.reshape(b, h, d, kdim).permute(0, 1, 3, 2)
+
+
+def projected_attention(q: Tensor, kc: Tensor, vc: Tensor, scale: float | None) -> Tensor:
+    """Exact softmax attention over the ``kdim`` compressed positions.
+
+    ``q: (B, H, Lq, d)``, ``kc: (B, H, kdim, d)``, ``vc: (B, H, kdim, dv)``.
+    """
+    return F.scaled_dot_product_attention(q, kc, vc, scale=scale)
