@@ -48,3 +48,15 @@ def test_linformer_table_tiny(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "linformer.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "vs scaled_dot_product_attention" in out and "k=128" in out
+
+
+def test_generation_bench_tiny(tmp_path, monkeypatch):
+    from linattn.bench import generation
+
+    monkeypatch.setitem(generation.PRESETS, "quick", [16, 64])
+    result = generation.run(tmp_path, dim=16, depth=1, heads=2, steps=4, progress=False)
+    rows = {(r["attention"], r["context"]): r for r in result["results"]}
+    # The FAVOR state does not grow with the context; the key/value cache does.
+    assert rows[("favor", 16)]["cache_bytes"] == rows[("favor", 64)]["cache_bytes"]
+    assert rows[("softmax", 64)]["cache_bytes"] > rows[("softmax", 16)]["cache_bytes"]
+    assert (tmp_path / "generate.png").stat().st_size > 10_000

@@ -65,3 +65,36 @@ def test_cuda_projection_and_recurrent():
                                            v[..., t:t + 1, :], w, state=state)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, -2), par, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["favor", "softmax", "linformer"])
+def test_cuda_models_match_cpu(attention):
+    from linattn.models import CausalLM, ModelConfig, SequenceClassifier
+
+    torch.manual_seed(0)
+    if attention == "linformer":
+        cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, attention=attention,
+                          num_classes=3, max_seq_len=64, proj_dim=16, position="learned",
+                          linformer_sharing="layerwise")
+        model = SequenceClassifier(cfg).double().eval()
+    else:
+        cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, attention=attention,
+                          causal=True, max_seq_len=64)
+        model = CausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 30))
+    ref = model(ids)
+    gpu = model.cuda()
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), ref, rtol=1e-9, atol=1e-9)
+    if attention != "linformer":
+        out = gpu.generate(ids[:, :5].cuda(), 8, greedy=True)
+        assert torch.equal(out.cpu(), model.cpu().generate(ids[:, :5], 8, greedy=True))
+
+
+def test_cuda_performer_redraw_on_device():
+    m = linattn.PerformerAttention(16, 4, redraw_interval=1).cuda()
+    ref = linattn.PerformerAttention(16, 4, redraw_interval=1)
+    x = torch.randn(1, 5, 16)
+    m(x.cuda())
+    ref(x)
+    assert m.projection.device.type == "cuda"
+    torch.testing.assert_close(m.projection.cpu(), ref.projection)

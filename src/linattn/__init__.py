@@ -6,7 +6,7 @@ Linformer (sequence-axis projection of keys and values), as functions and module
 
 from .features import KERNELS, draw_projection
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
-from .nn import LinformerAttention, LinformerProjection
+from .nn import LinformerAttention, LinformerProjection, PerformerAttention
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "FavorState",
     "LinformerAttention",
     "LinformerProjection",
+    "PerformerAttention",
     "__version__",
     "draw_projection",
     "favor_attention",

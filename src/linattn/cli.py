@@ -20,6 +20,13 @@ def _bench(args: argparse.Namespace) -> int:
         print(linformer_table.format_table(result))
         print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
         return 1 if any("error" in r for r in result["results"]) else 0
+    if args.suite == "generate":
+        from .bench import generation
+
+        result = generation.run(args.out, preset=preset)
+        print(generation.format_table(result))
+        print(f"\nwrote {args.out}/generate.json, generate.csv, generate.png")
+        return 0
     result = speed.run(
         args.out, preset=preset, lengths=args.lengths, heads=args.heads,
         head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
@@ -45,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
     size.add_argument("--full", action="store_true", help="L = 1k..16k")
-    b.add_argument("--suite", choices=["favor", "linformer"], default="favor",
-                   help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3")
+    b.add_argument("--suite", choices=["favor", "linformer", "generate"], default="favor",
+                   help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3; "
+                   "generate: per-token decoding cost against context length")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
     b.add_argument("--heads", type=int, default=8)

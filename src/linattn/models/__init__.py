@@ -1,0 +1,24 @@
+"""Transformer models with attention chosen by name: exact, FAVOR+, ReLU, Linformer."""
+
+from .attention import ExactAttention, build_attention
+from .config import ModelConfig
+from .transformer import (
+    Block,
+    CausalLM,
+    Encoder,
+    SequenceClassifier,
+    load_model,
+    sample_next,
+)
+
+__all__ = [
+    "Block",
+    "CausalLM",
+    "Encoder",
+    "ExactAttention",
+    "ModelConfig",
+    "SequenceClassifier",
+    "build_attention",
+    "load_model",
+    "sample_next",
+]
