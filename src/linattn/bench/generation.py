@@ -3,15 +3,13 @@ exact attention's growing key/value cache (``linattn bench --suite generate``)."
 
 from __future__ import annotations
 
-import csv
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from .speed import machine_info
+from .speed import machine_info, write_results
 
 PRESETS = {"quick": [256, 1024, 4096], "full": [1024, 4096, 16384]}
 
@@ -53,12 +51,8 @@ def run(out_dir, *, preset="quick", dim=256, depth=4, heads=4, steps=32, progres
     result = {"machine": machine_info(), "config": {"dim": dim, "depth": depth,
               "heads": heads, "steps": steps}, "results": rows}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(result, indent=2))
-    with (out / "generate.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["attention", "context", "ms_per_token", "cache_bytes"])
-        w.writeheader()
-        w.writerows(rows)
+    write_results(out, "generate", result, ["attention", "context", "ms_per_token",
+                                            "cache_bytes"])
     _plot(result, out / "generate.png")
     return result
 

@@ -9,11 +9,9 @@ Ratios are "saved" factors: baseline / Linformer. One fresh process per case.
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
-from .speed import machine_info, run_case
+from .speed import machine_info, run_case, write_results
 
 PRESETS = {
     "quick": {"lengths": [512, 1024, 2048, 4096], "dims": [128, 256, 512]},
@@ -56,15 +54,10 @@ def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=3, progress=Tr
     result = {"machine": machine_info(), "config": base, "results": rows,
               "lengths": conf["lengths"], "dims": conf["dims"]}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "linformer.json").write_text(json.dumps(result, indent=2))
-    fields = ["method", "length", "proj_dim", "median_s", "peak_added_bytes",
-              "time_saved_vs_exact", "time_saved_vs_materialized", "memory_saved_vs_exact",
-              "memory_saved_vs_materialized", "paper_time_saved", "error"]
-    with (out / "linformer.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_results(out, "linformer", result, [
+        "method", "length", "proj_dim", "median_s", "peak_added_bytes", "time_saved_vs_exact",
+        "time_saved_vs_materialized", "memory_saved_vs_exact", "memory_saved_vs_materialized",
+        "paper_time_saved", "error"])
     plot(result, out / "linformer.png")
     return result
 

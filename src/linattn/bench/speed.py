@@ -117,8 +117,7 @@ def run(
         rows.append(res)
     _add_ratios(rows)
     result = {"machine": machine_info(), "matmul_gflops": rate, "results": rows}
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
-    _write_csv(rows, out / "bench.csv")
+    write_results(out, "bench", result, _CSV_FIELDS)
     plot(result, out / "bench.png")
     return result
 
@@ -146,11 +145,14 @@ _CSV_FIELDS = [
 ]
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+def write_results(out: Path, stem: str, result: dict, fields: list[str]) -> None:
+    """``OUT/stem.json`` (everything) and ``OUT/stem.csv`` (``result["results"]`` rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(result["results"])
 
 
 def format_table(result: dict) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_key_padding_mask, check_positive_int, shape_str
+from .._checks import check_choice, check_key_padding_mask, check_positive_int
 from ..ops.linformer import (
     compact_padding,
     conv_compress,
@@ -16,6 +16,7 @@ from ..ops.linformer import (
     pool_compress,
     pool_matrix,
 )
+from ._mha import MHAShaped
 
 SHARING = ("none", "headwise", "kv", "layerwise")
 KINDS = ("linear", "random", "mean", "max", "conv")
@@ -141,7 +142,7 @@ class LinformerProjection(nn.Module):
                 f"sharing={self.sharing!r}")
 
 
-class LinformerAttention(nn.Module):
+class LinformerAttention(MHAShaped):
     """Linformer self- or cross-attention, shaped like ``nn.MultiheadAttention``.
 
     Args:
@@ -169,6 +170,8 @@ class LinformerAttention(nn.Module):
     Shapes (``batch_first=True``): query ``(B, Lq, E)``, key/value ``(B, Lk, kdim/vdim)``,
     ``key_padding_mask (B, Lk)`` bool with True = padding.
     """
+
+    method = "Linformer"
 
     def __init__(
         self,
@@ -198,26 +201,12 @@ class LinformerAttention(nn.Module):
                 "mixes every key, future ones included, into each compressed position. "
                 "Use PerformerAttention(causal=True) or exact attention for causal models."
             )
-        check_positive_int("embed_dim", embed_dim)
-        check_positive_int("num_heads", num_heads)
-        if embed_dim % num_heads:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         check_choice("sharing", sharing, SHARING)
         factory = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self.dropout, self.batch_first = dropout, batch_first
+        self._init_projections(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias,
+                               dropout=dropout, batch_first=batch_first, factory=factory)
         self.compress_first, self.sharing = compress_first, sharing
         self.max_seq_len = check_positive_int("max_seq_len", max_seq_len)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         if sharing == "layerwise":
             if shared_projection is None:
                 raise ValueError(
@@ -256,35 +245,18 @@ class LinformerAttention(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
-        if need_weights:
-            raise ValueError(
-                "need_weights=True is not available: Linformer never forms the (Lq, Lk) "
-                "attention matrix (pass need_weights=False)"
-            )
         if attn_mask is not None or is_causal:
             raise ValueError(
                 "Linformer supports no attn_mask and no causal masking: its compressed "
                 "keys mix all positions; use key_padding_mask for padding"
             )
-        key = query if key is None else key
-        value = key if value is None else value
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                               ("value", value, self.vdim)):
-            if t.dim() != 3 or t.shape[-1] != width:
-                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
-                                 f"(batch_first={self.batch_first}), got {shape_str(t)}")
-        b, lk = key.shape[0], key.shape[1]
+        query, key, value = self._inputs(query, key, value, need_weights)
+        lk = key.shape[1]
         if lk > self.max_seq_len:
             raise ValueError(
                 f"key length {lk} exceeds max_seq_len={self.max_seq_len} of this "
                 "LinformerAttention (the projections have that many columns)"
             )
-        if value.shape[:2] != key.shape[:2] or query.shape[0] != b:
-            raise ValueError(f"query, key and value must share the batch and key/value the "
-                             f"length; got query {shape_str(query)}, key {shape_str(key)}, "
-                             f"value {shape_str(value)}")
         mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
         q = self._heads(self.q_proj(query))
         proj = self.proj
@@ -299,14 +271,7 @@ class LinformerAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, kc, vc, dropout_p=self.dropout if self.training else 0.0
         )
-        out = self.out_proj(out.transpose(1, 2).reshape(b, -1, self.embed_dim))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
-
-    def _heads(self, x: Tensor) -> Tensor:
-        # [B, L, E] -> [B, H, L, d]
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        return self._layout(self._merge(out)), None
 
     def _compress_then_project(self, key, value, mask, proj):
         # E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T: compress the raw inputs, then project.

@@ -6,12 +6,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._checks import check_choice, check_positive_int, shape_str
+from .._checks import check_choice, check_positive_int
 from ..features import KERNELS, draw_projection
 from ..functional import FavorState, favor_attention, favor_recurrent
 from ..positional import apply_rotary, rotary_angles
+from ._mha import MHAShaped
 
 
 def default_num_features(head_dim: int) -> int:
@@ -29,7 +30,7 @@ def redraw_seed(base_seed: int, layer: int, draw: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-class PerformerAttention(nn.Module):
+class PerformerAttention(MHAShaped):
     """FAVOR+ multi-head attention, a drop-in for ``nn.MultiheadAttention``.
 
     Args:
@@ -60,6 +61,8 @@ class PerformerAttention(nn.Module):
     with the same redraws.
     """
 
+    method = "FAVOR+"
+
     def __init__(
         self,
         embed_dim: int,
@@ -85,22 +88,14 @@ class PerformerAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        check_positive_int("embed_dim", embed_dim)
-        check_positive_int("num_heads", num_heads)
-        if embed_dim % num_heads:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
-            )
+        factory = {"device": device, "dtype": dtype}
+        self._init_projections(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias,
+                               dropout=dropout, batch_first=batch_first, factory=factory)
         check_choice("kernel", kernel, tuple(KERNELS))
         if causal and not KERNELS[kernel].causal_ok:
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
         if redraw_interval is not None:
             check_positive_int("redraw_interval", redraw_interval)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        factory = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
         if rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
         self.num_features = num_features or default_num_features(self.head_dim)
@@ -108,13 +103,8 @@ class PerformerAttention(nn.Module):
         self.kernel, self.causal, self.redraw_interval = kernel, causal, redraw_interval
         self.orthogonal, self.scaling = orthogonal, scaling
         self.rotary, self.rotary_base = rotary, rotary_base
-        self.dropout, self.batch_first, self.chunk_size = dropout, batch_first, chunk_size
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.chunk_size = chunk_size
         self.frozen = False
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         # Saved with the weights, so a reloaded module continues the same redraw sequence.
         self.register_buffer("redraw_key", torch.tensor([seed, layer_index], device=device))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
@@ -156,24 +146,12 @@ class PerformerAttention(nn.Module):
     auto_tick = True
 
     # ------------------------------------------------------------ forward
-    def _heads(self, x: Tensor) -> Tensor:
-        # [B, L, E] -> [B, H, L, d]
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-
     def _rotate(self, x: Tensor, offset: int) -> Tensor:
         if not self.rotary:
             return x
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
         cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
         return apply_rotary(x, cos, sin)
-
-    def _check(self, query, key, value):
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                               ("value", value, self.vdim)):
-            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
-                got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
-                                 f"(batch_first={self.batch_first}), got {got}")
 
     def forward(
         self,
@@ -185,36 +163,24 @@ class PerformerAttention(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
-        if need_weights:
-            raise ValueError(
-                "need_weights=True is not available: FAVOR+ never forms the (Lq, Lk) "
-                "attention matrix, which is what makes it linear (pass need_weights=False)"
-            )
         if attn_mask is not None:
             raise ValueError(
                 "attn_mask is not supported by FAVOR+ (an arbitrary mask needs the full "
                 "matrix); use causal=True or key_padding_mask"
             )
+        query, key, value = self._inputs(query, key, value, need_weights)
         if self.auto_tick:
             self.tick()
-        key = query if key is None else key
-        value = key if value is None else value
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        self._check(query, key, value)
         causal = self.causal or is_causal
         q = self._rotate(self._heads(self.q_proj(query)), 0)
         k = self._rotate(self._heads(self.k_proj(key)), 0)
         v = self._heads(self.v_proj(value))
         out = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=causal,
                               key_padding_mask=key_padding_mask, chunk_size=self.chunk_size)
-        out = self._finish(out)
-        return (out.transpose(0, 1) if not self.batch_first else out), None
+        return self._layout(self._finish(out)), None
 
     def _finish(self, out: Tensor) -> Tensor:
-        out = F.dropout(out, self.dropout, self.training)
-        b, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+        return self._merge(F.dropout(out, self.dropout, self.training))
 
     def step(
         self, x: Tensor, state: FavorState | None, offset: int

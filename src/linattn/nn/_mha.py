@@ -1,0 +1,71 @@
+"""What every ``nn.MultiheadAttention``-shaped module here shares: the four projections,
+the call pattern (key/value defaults, ``batch_first``, ``need_weights``) and head
+splitting."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .._checks import check_positive_int, shape_str
+
+
+class MHAShaped(nn.Module):
+    """Base of the attention modules; subclasses compute the heads' attention."""
+
+    #: what the module is, for error messages ("FAVOR+", "Linformer")
+    method = ""
+
+    def _init_projections(self, embed_dim: int, num_heads: int, *, kdim, vdim, bias: bool,
+                          dropout: float, batch_first: bool, factory: dict) -> None:
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    def _inputs(self, query, key, value, need_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Defaults (self-attention), ``batch_first`` layout and shape checks."""
+        if need_weights:
+            raise ValueError(
+                f"need_weights=True is not available: {self.method} never forms the "
+                "(Lq, Lk) attention matrix, which is what makes it linear (pass "
+                "need_weights=False)"
+            )
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                               ("value", value, self.vdim)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
+                got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
+                                 f"(batch_first={self.batch_first}), got {got}")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if value.shape[:2] != key.shape[:2] or query.shape[0] != key.shape[0]:
+            raise ValueError(f"query, key and value must share the batch and key/value the "
+                             f"length; got query {shape_str(query)}, key {shape_str(key)}, "
+                             f"value {shape_str(value)}")
+        return query, key, value
+
+    def _heads(self, x: Tensor) -> Tensor:
+        # [B, L, E] -> [B, H, L, d]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, out: Tensor) -> Tensor:
+        # [B, H, L, d] -> out_proj([B, L, E])
+        b, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+
+    def _layout(self, out: Tensor) -> Tensor:
+        return out if self.batch_first else out.transpose(0, 1)
