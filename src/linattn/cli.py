@@ -20,6 +20,14 @@ def _bench(args: argparse.Namespace) -> int:
         print(linformer_table.format_table(result))
         print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
         return 1 if any("error" in r for r in result["results"]) else 0
+    if args.suite == "peers":
+        from .bench import peers
+
+        result = peers.run(args.out, preset=preset, heads=args.heads, head_dim=args.head_dim,
+                           num_features=args.num_features, repeats=args.repeats or 3)
+        print(peers.format_table(result))
+        print(f"\nwrote {args.out}/peers.json, peers.csv")
+        return 1 if any("error" in r for r in result["results"]) else 0
     if args.suite == "generate":
         from .bench import generation
 
@@ -38,6 +46,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _approx(args: argparse.Namespace) -> int:
+    from .bench import approx
+
+    result = approx.run(args.out, preset="full" if args.full else "quick")
+    print(approx.format_table(result))
+    print(f"\nwrote {args.out}/approx.json, approx.csv, approx_mse.png, approx_variance.png")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .bench import report
+
+    path = report.run(args.out, preset="full" if args.full else "quick")
+    print(path.read_text())
+    print(f"\nwrote {path} and its plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linattn", description="Linear-time attention: benchmarks and tools."
@@ -52,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
     size.add_argument("--full", action="store_true", help="L = 1k..16k")
-    b.add_argument("--suite", choices=["favor", "linformer", "generate"], default="favor",
+    b.add_argument("--suite", choices=["favor", "linformer", "generate", "peers"],
+                   default="favor",
                    help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3; "
-                   "generate: per-token decoding cost against context length")
+                   "generate: per-token decoding cost against context length; peers: against "
+                   "performer-pytorch and linformer")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
     b.add_argument("--heads", type=int, default=8)
@@ -64,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
                    choices=["fwd", "fwd+bwd"])
     b.set_defaults(func=_bench)
+    a = sub.add_parser(
+        "approx", help="the Performer paper's approximation experiment (Figure 4)",
+        description="Attention-output MSE against the number of random features (L=4096, "
+        "d=16 with --full) for positive, trigonometric, hyperbolic and FAVOR++ features, "
+        "orthogonal and iid; kernel-estimate MSE against the closed forms of Lemma 2.",
+    )
+    a.add_argument("--full", action="store_true", help="the paper's sizes (default: quick)")
+    a.add_argument("--out", default="results/approx", help="output folder")
+    a.set_defaults(func=_approx)
+    r = sub.add_parser(
+        "report", help="run every benchmark and write OUT/index.md with tables and plots",
+    )
+    r.add_argument("--full", action="store_true", help="full sizes (default: quick)")
+    r.add_argument("--quick", action="store_true", help="quick sizes (the default)")
+    r.add_argument("--out", default="report", help="output folder")
+    r.set_defaults(func=_report)
     return parser
 
 

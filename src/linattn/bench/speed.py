@@ -20,20 +20,40 @@ from pathlib import Path
 import torch
 
 PRESETS = {
-    "quick": {"lengths": [1024, 2048, 4096], "repeats": 3},
-    "full": {"lengths": [1024, 2048, 4096, 8192, 16384], "repeats": 5},
+    "quick": {"lengths": [1024, 2048, 4096], "repeats": 3, "kernels": ["softmax"]},
+    "full": {"lengths": [1024, 2048, 4096, 8192, 16384], "repeats": 5,
+             "kernels": ["softmax", "softmax_hyp", "softmax_opt", "relu"]},
 }
 
 METHODS = [
     ("exact", False),
     ("exact", True),
+    ("materialized", False),
     ("favor", False),
     ("favor", True),
 ]
+# The n x n matrix (and its gradient) of 8 heads at 16384 tokens needs ~26 GB.
+MATERIALIZED_MAX = 8192
 
 
-def _label(method: str, causal: bool) -> str:
-    return f"{'exact (SDPA)' if method == 'exact' else 'FAVOR+'}{' causal' if causal else ''}"
+def _label(method: str, causal: bool, kernel: str = "softmax") -> str:
+    name = {"exact": "exact (SDPA)", "materialized": "exact (n x n)"}.get(method)
+    if name is None:
+        name = "FAVOR+" if kernel == "softmax" else f"FAVOR {kernel}"
+    return f"{name}{' causal' if causal else ''}"
+
+
+def _cases(lengths, passes, kernels, base):
+    for length in lengths:
+        for p in passes:
+            for method, causal in METHODS:
+                if method == "materialized" and length > MATERIALIZED_MAX:
+                    continue
+                for kernel in kernels if method == "favor" else ["softmax"]:
+                    if causal and kernel == "softmax_opt":
+                        continue
+                    yield {**base, "method": method, "causal": causal, "pass": p,
+                           "length": length, "kernel": kernel}
 
 
 def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
@@ -99,14 +119,9 @@ def run(
     repeats = repeats or conf["repeats"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cases = [
-        {
-            "method": method, "causal": causal, "pass": p, "length": length, "batch": 1,
-            "heads": heads, "head_dim": head_dim, "num_features": num_features,
-            "dtype": "float32", "repeats": repeats,
-        }
-        for length in lengths for p in passes for method, causal in METHODS
-    ]
+    base = {"batch": 1, "heads": heads, "head_dim": head_dim, "num_features": num_features,
+            "dtype": "float32", "repeats": repeats}
+    cases = list(_cases(lengths, passes, conf["kernels"], base))
     rate = matmul_rate()
     rows = []
     for case in tqdm(cases, desc="bench", disable=not progress, unit="case"):
@@ -125,22 +140,28 @@ def run(
 def _add_ratios(rows: list[dict]) -> None:
     """speedup = exact time / FAVOR+ time for the same length, pass and causality."""
     index = {
-        (r["method"], r["causal"], r["pass"], r["length"]): r for r in rows if "median_s" in r
+        (r["method"], r["causal"], r["pass"], r["length"], r.get("kernel", "softmax")): r
+        for r in rows if "median_s" in r
     }
     for r in rows:
         if r["method"] != "favor" or "median_s" not in r:
             continue
-        ref = index.get(("exact", r["causal"], r["pass"], r["length"]))
+        kernel = r.get("kernel", "softmax")
+        ref = index.get(("exact", r["causal"], r["pass"], r["length"], "softmax"))
         if ref is not None:
             r["speedup_vs_exact"] = ref["median_s"] / r["median_s"]
-        bi = index.get(("favor", False, r["pass"], r["length"]))
+        mat = index.get(("materialized", False, r["pass"], r["length"], "softmax"))
+        if mat is not None and not r["causal"]:
+            r["speedup_vs_materialized"] = mat["median_s"] / r["median_s"]
+        bi = index.get(("favor", False, r["pass"], r["length"], kernel))
         if r["causal"] and bi is not None:
             r["causal_over_bidirectional"] = r["median_s"] / bi["median_s"]
 
 
 _CSV_FIELDS = [
-    "method", "causal", "pass", "length", "heads", "head_dim", "num_features", "dtype",
-    "median_s", "peak_added_bytes", "gflops", "pct_matmul", "speedup_vs_exact",
+    "method", "kernel", "causal", "pass", "length", "heads", "head_dim", "num_features",
+    "dtype", "median_s", "peak_added_bytes", "gflops", "pct_matmul", "speedup_vs_exact",
+    "speedup_vs_materialized",
     "causal_over_bidirectional", "error",
 ]
 
@@ -161,19 +182,21 @@ def format_table(result: dict) -> str:
         f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"torch {result['machine']['torch']}, {result['machine']['threads']} threads; "
         f"float32 matmul {result['matmul_gflops']:.0f} GFLOP/s",
-        f"{'pass':8} {'L':>6} {'method':20} {'median ms':>10} {'peak MB':>9} "
+        f"{'pass':8} {'L':>6} {'method':26} {'median ms':>10} {'peak MB':>9} "
         f"{'speed-up':>9} {'GFLOP/s':>8} {'% mm':>5}",
     ]
     for r in result["results"]:
         if "median_s" not in r:
-            lines.append(f"{r['pass']:8} {r['length']:>6} {_label(r['method'], r['causal']):20}"
+            lines.append(f"{r['pass']:8} {r['length']:>6} "
+                         f"{_label(r['method'], r['causal'], r.get('kernel', 'softmax')):26}"
                          f" failed: {r.get('error')}")
             continue
         sp = f"{r['speedup_vs_exact']:.1f}x" if "speedup_vs_exact" in r else ""
         gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
         pct = f"{r['pct_matmul']:.0f}" if "pct_matmul" in r else ""
         lines.append(
-            f"{r['pass']:8} {r['length']:>6} {_label(r['method'], r['causal']):20} "
+            f"{r['pass']:8} {r['length']:>6} "
+            f"{_label(r['method'], r['causal'], r.get('kernel', 'softmax')):26} "
             f"{1e3 * r['median_s']:>10.1f} {r['peak_added_bytes'] / 2**20:>9.1f} {sp:>9} "
             f"{gf:>8} {pct:>5}"
         )
@@ -191,7 +214,9 @@ def plot(result: dict, path: Path) -> None:
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)
     fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8.5), squeeze=False)
     styles = {("exact", False): ("C0", "-"), ("exact", True): ("C0", "--"),
+              ("materialized", False): ("C2", ":"),
               ("favor", False): ("C3", "-"), ("favor", True): ("C3", "--")}
+    rows = [r for r in rows if r.get("kernel", "softmax") == "softmax"]
     for col, p in enumerate(passes):
         for row, (key, unit, scale, title) in enumerate(
             [("median_s", "time (s)", 1.0, "time"),

@@ -58,8 +58,10 @@ def build(case: dict):
     dtype = getattr(torch, case.get("dtype", "float32"))
     b, h, length, d = case["batch"], case["heads"], case["length"], case["head_dim"]
     grad = case["pass"] == "fwd+bwd"
+    scale_qk = case.get("qk_scale", 1.0)
     q, k, v = (
-        torch.randn(b, h, length, d, dtype=dtype, requires_grad=grad) for _ in range(3)
+        (torch.randn(b, h, length, d, dtype=dtype) * (scale_qk if i < 2 else 1.0))
+        .requires_grad_(grad) for i in range(3)
     )
     method, causal = case["method"], case.get("causal", False)
     if method == "exact":
@@ -84,6 +86,32 @@ def build(case: dict):
 
         def fn():
             return linattn.linformer_attention(q, k, v, proj)
+    elif method == "performer_pytorch":
+        from performer_pytorch import FastAttention
+
+        torch.manual_seed(0)
+        attn = FastAttention(d, nb_features=case["num_features"], causal=causal)
+
+        def fn():
+            return attn(q, k, v)
+    elif method in ("linformer_pkg", "linformer_module"):
+        # Whole self-attention layers (both include their q/k/v/out projections).
+        x = torch.randn(b, length, h * d, dtype=dtype, requires_grad=grad)
+        q, k, v = x, x, x  # what run() clears gradients of
+        if method == "linformer_pkg":
+            from linformer import LinformerSelfAttention
+
+            layer = LinformerSelfAttention(h * d, length, k=case["proj_dim"], heads=h)
+
+            def fn():
+                return layer(x)
+        else:
+            # The linformer package shares one E and one F across heads: "headwise".
+            layer = linattn.LinformerAttention(h * d, h, max_seq_len=length,
+                                               proj_dim=case["proj_dim"], sharing="headwise")
+
+            def fn():
+                return layer(x)[0]
     else:
         raise ValueError(f"unknown method {method!r}")
 
@@ -96,6 +124,25 @@ def build(case: dict):
         return out
 
     return run
+
+
+# q, k ~ N(0, 0.35^2) in d = 64 gives |q~|^2 = |q|^2 / 8 ~ 1, the regime where random
+# features estimate softmax attention. At unit variance |q~ + k~|^2 ~ 16 and one positive
+# feature has relative variance ~e^16: no unbiased implementation is accurate there.
+ERROR_QK_SCALE = 0.35
+
+
+def relative_error(case: dict) -> float:
+    """``mean((out - exact)^2) / mean(exact^2)`` on normalized inputs (after timing)."""
+    case = {**case, "qk_scale": ERROR_QK_SCALE}
+    torch.manual_seed(0)
+    run = build(case)
+    with torch.no_grad():
+        out = run()
+    exact_case = {**case, "method": "exact"}
+    with torch.no_grad():
+        ref = build(exact_case)()
+    return ((out.double() - ref.double()).square().mean() / ref.double().square().mean()).item()
 
 
 def measure(case: dict) -> dict:
@@ -116,8 +163,12 @@ def measure(case: dict) -> dict:
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
+    extra = {}
+    if case.get("error_vs_exact") and case["pass"] == "fwd":
+        extra["rel_error_vs_exact"] = relative_error(case)
     return {
         **case,
+        **extra,
         "median_s": statistics.median(times) if times else first,
         "times_s": times,
         "peak_added_bytes": peak,
