@@ -286,3 +286,14 @@ def test_module_errors():
         m(x[:, :4], is_causal=True)
     with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 8\)"):
         m(torch.randn(1, 4, 6))
+
+
+@pytest.mark.parametrize("length", [1, 5, 7, 13, 23, 64])
+@pytest.mark.parametrize("kdim", [1, 4, 7, 16])
+def test_pool_matrix_is_adaptive_average_pooling(length, kdim):
+    # Independent of pool_matrix: torch's adaptive pooling defines the windows.
+    x = randn(length, 3)
+    ref = F.adaptive_avg_pool1d(x.T[None], kdim)[0].T
+    m = pool_matrix(length, kdim, 80, dtype=torch.float64)
+    assert m.shape == (kdim, 80) and not m[:, length:].any()
+    torch.testing.assert_close(m[:, :length] @ x, ref)

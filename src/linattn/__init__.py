@@ -4,9 +4,10 @@ Performer's FAVOR+ (random-feature softmax attention and generalized kernels) an
 Linformer (sequence-axis projection of keys and values), as functions and modules.
 """
 
-from .features import KERNELS, draw_projection
+from .features import KERNELS
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
 from .nn import LinformerAttention, LinformerProjection, PerformerAttention
+from .projection import draw_projection
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
+from .common import ones_col, safe_denominator
 
 # Elements of one (B, H, block, M) feature block: about 8 MB in float32, which keeps the
 # temporaries in cache-friendly sizes and the matmuls large enough to run at full rate.
@@ -25,11 +26,6 @@ def block_rows(leading: int, num_features: int, length: int, override: int | Non
         return max(1, min(override, length))
     rows = _BLOCK_ELEMENTS // max(1, leading * num_features)
     return max(64, min(length, rows))
-
-
-def _ones_col(v: Tensor) -> Tensor:
-    # [..., n, dv + 1]: the normalizer's column of ones beside v.
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
 
 
 def _mask_r(r: Tensor, keep: Tensor | None) -> Tensor:
@@ -65,7 +61,7 @@ def key_state(
         kb = _keep_block(keep, s, e)
         feats, r = fm.stabilized(k[..., s:e, :], params, is_query=False, inplace=True)
         new_stab = torch.maximum(stab, _mask_r(r, kb).amax(-1))
-        vw = _ones_col(v[..., s:e, :]) * _key_weights(r, new_stab, kb).unsqueeze(-1)
+        vw = ones_col(v[..., s:e, :]) * _key_weights(r, new_stab, kb).unsqueeze(-1)
         contrib = feats.transpose(-2, -1) @ vw
         if state is None:
             state = contrib
@@ -93,15 +89,10 @@ def query_apply(
         feats, _ = fm.stabilized(q[..., s:e, :], params, is_query=True, inplace=True)
         o = feats @ state
         d = o[..., dv]
-        d = torch.where(d > 0, d, float("inf")) if fm.positive_exp else _safe_den(d)
+        d = safe_denominator(d, fm.positive_exp)
         den[..., s:e] = d
         torch.div(o[..., :dv], d.unsqueeze(-1), out=out[..., s:e, :])
     return out, den
-
-
-def _safe_den(d: Tensor) -> Tensor:
-    # Signed normalizers (trigonometric features) only lose exact zeros.
-    return torch.where(d != 0, d, float("inf"))
 
 
 class _FavorBidirectional(torch.autograd.Function):
@@ -153,7 +144,7 @@ class _FavorBidirectional(torch.autograd.Function):
                 w_leaf = weight.detach().requires_grad_() if want_w else None
                 feats, r = fm.stabilized(kb, params.replace_weight(w_leaf if want_w else weight), is_query=False)
                 wts = _key_weights(r.detach(), stab, kb_keep)
-                v1 = _ones_col(v[..., s:e, :])
+                v1 = ones_col(v[..., s:e, :])
                 d_vw = feats.detach() @ d_state
                 if dv_ is not None:
                     dv_[..., s:e, :] = d_vw[..., :dvdim] * wts.unsqueeze(-1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
+from .common import ones_col, safe_denominator
 
 _CHUNKS_PER_SEGMENT = 16
 
@@ -69,7 +70,7 @@ def causal_segment(
     with torch.no_grad():
         # [B, H, n] prefix maxima, never below the incoming stabilizer.
         c = torch.maximum(torch.cummax(r.detach(), dim=-1).values, stab.unsqueeze(-1))
-    v1 = torch.cat([v, v.new_ones(bsz, heads, n, 1)], dim=-1)
+    v1 = ones_col(v)
     fq = fq.reshape(bsz, heads, nc, chunk, m)
     fk = fk.reshape(bsz, heads, nc, chunk, m)
     v1 = v1.reshape(bsz, heads, nc, chunk, dv + 1)
@@ -100,8 +101,7 @@ def causal_segment(
     inter = inter * torch.exp(prev.unsqueeze(-1) - c).unsqueeze(-1)
     out = (out + inter).reshape(bsz, heads, n, dv + 1)
     num, den = out[..., :dv], out[..., dv:]
-    positive = den > 0 if fm.positive_exp else den != 0
-    out = num / torch.where(positive, den, float("inf"))
+    out = num / safe_denominator(den, fm.positive_exp)
     last = ends[..., -1]
     return out, state, last
 

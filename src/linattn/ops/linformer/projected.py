@@ -11,8 +11,6 @@ on what the padding held.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,23 +43,20 @@ def linear_compress(x: Tensor, proj: Tensor) -> Tensor:
     return proj[..., : x.shape[-2]] @ x
 
 
-def _window_bounds(length: int, kdim: int) -> tuple[list[int], list[int]]:
-    # Exactly kdim windows over `length` positions: [floor(i L / k), ceil((i+1) L / k)),
-    # never empty (as adaptive pooling): no floor surprises when kdim does not divide L.
-    starts = [math.floor(i * length / kdim) for i in range(kdim)]
-    ends = [max(math.ceil((i + 1) * length / kdim), s + 1) for i, s in enumerate(starts)]
-    return starts, ends
-
-
 def pool_matrix(length: int, kdim: int, n: int, *, dtype=None, device=None) -> Tensor:
     """Mean pooling of the first ``length`` of ``n`` positions into ``kdim`` windows, as a
-    ``(kdim, n)`` matrix (so mean pooling is a linear projection)."""
-    m = torch.zeros(kdim, n, dtype=dtype, device=device)
-    if length == 0:
-        return m
-    for i, (s, e) in enumerate(zip(*_window_bounds(length, kdim))):
-        m[i, s:e] = 1.0 / (e - s)
-    return m
+    ``(kdim, n)`` matrix (so mean pooling is a linear projection).
+
+    Window ``i`` is ``[floor(i L / k), ceil((i + 1) L / k))``, never empty (as adaptive
+    pooling): exactly ``kdim`` windows for every length, with no floor surprises when
+    ``kdim`` does not divide ``L``.
+    """
+    i = torch.arange(kdim, device=device, dtype=torch.float64)
+    starts = torch.floor(i * length / kdim)
+    ends = torch.maximum(torch.ceil((i + 1) * length / kdim), starts + 1)
+    j = torch.arange(n, device=device, dtype=torch.float64)
+    inside = (j >= starts[:, None]) & (j < ends[:, None]) & (j < length)
+    return (inside / (ends - starts)[:, None]).to(dtype or torch.get_default_dtype())
 
 
 def pool_compress(
