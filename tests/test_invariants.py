@@ -36,13 +36,16 @@ def test_adversarial_future_keys_do_not_leak(dtype):
 
 
 # Causal with left padding is test_left_padding_causal_matches_unpadded below.
-@pytest.mark.parametrize("causal,side", [(False, "right"), (False, "left"), (True, "right")],
-                         ids=["bidir-right", "bidir-left", "causal-right"])
-def test_padding_invariance(causal, side):
+@pytest.mark.parametrize("causal,side,kernel", [
+    (False, "right", "softmax"), (False, "left", "softmax"), (True, "right", "softmax"),
+    (False, "right", "softmax_opt"), (False, "left", "softmax_opt")],
+    ids=["bidir-right", "bidir-left", "causal-right", "favor++-right", "favor++-left"])
+def test_padding_invariance(causal, side, kernel):
+    # FAVOR++'s A comes from query and key statistics: padded positions must not move it.
     b, length, pad = 3, 40, 13
     q, k, v = (randn(b, 2, length, 8, seed=s) for s in range(3))
     w = projection(16, 8)
-    ref = linattn.favor_attention(q, k, v, w, causal=causal)
+    ref = linattn.favor_attention(q, k, v, w, causal=causal, kernel=kernel)
     junk = [randn(b, 2, pad, 8, seed=10 + s) * 50 for s in range(3)]
     if side == "right":
         qp, kp, vp = (torch.cat([t, j], dim=-2) for t, j in zip((q, k, v), junk))
@@ -52,7 +55,8 @@ def test_padding_invariance(causal, side):
         qp, kp, vp = (torch.cat([j, t], dim=-2) for t, j in zip((q, k, v), junk))
         mask = torch.arange(length + pad)[None].expand(b, -1) < pad
         sl = slice(pad, pad + length)
-    out = linattn.favor_attention(qp, kp, vp, w, causal=causal, key_padding_mask=mask)
+    out = linattn.favor_attention(qp, kp, vp, w, causal=causal, key_padding_mask=mask,
+                                  kernel=kernel)
     torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-10, atol=1e-10)
 
 

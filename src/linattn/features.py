@@ -100,6 +100,15 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 
 
+def _moments(x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean squared norm ``(...)`` and mean vector ``(..., d)`` of ``x: (..., L, d)`` over
+    the positions where ``keep (B, 1.., L)`` is 1 (all positions if None)."""
+    if keep is None:
+        return (x * x).sum(-1).mean(-1), x.mean(-2)
+    count = keep.sum(-1).clamp_min(1.0)
+    return ((x * x).sum(-1) * keep).sum(-1) / count, (x * keep.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+
+
 def _sq_half(x: Tensor, scale: float = 1.0) -> Tensor:
     # [..., n, 1]: |x~|^2 / 2 for x~ = x * sqrt(scale).
     return (0.5 * scale) * (x * x).sum(-1, keepdim=True)
@@ -188,17 +197,15 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
             d = q.shape[-1]
             root = math.sqrt(scale)
             qf, kf = q.double() * root, k.double() * root
-            q_sq = (qf * qf).sum(-1).mean(-1)
-            q_mean = qf.mean(-2)
-            if key_padding_mask is None:
-                k_sq = (kf * kf).sum(-1).mean(-1)
-                k_mean = kf.mean(-2)
-            else:
+            keep = None
+            if key_padding_mask is not None:
                 keep = (~key_padding_mask).to(kf.dtype)
                 keep = keep.view(keep.shape[0], *([1] * (kf.dim() - 3)), keep.shape[1])
-                count = keep.sum(-1).clamp_min(1.0)
-                k_sq = ((kf * kf).sum(-1) * keep).sum(-1) / count
-                k_mean = (kf * keep.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+            k_sq, k_mean = _moments(kf, keep)
+            # Self-attention: padded positions are padded queries too, and must not move
+            # A either (else real tokens' outputs would depend on the padding).
+            q_keep = keep if keep is not None and qf.shape[-2] == kf.shape[-2] else None
+            q_sq, q_mean = _moments(qf, q_keep)
             rho = (q_sq + k_sq + 2.0 * (q_mean * k_mean).sum(-1)) / d
             a = (1.0 - 2.0 * rho - torch.sqrt((2.0 * rho + 1.0) ** 2 + 8.0 * rho)) / 16.0
             b = torch.sqrt(1.0 - 4.0 * a)

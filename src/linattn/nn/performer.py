@@ -30,7 +30,62 @@ def redraw_seed(base_seed: int, layer: int, draw: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-class PerformerAttention(MHAShaped):
+class RandomFeatures:
+    """Mixin for modules that own a FAVOR+ projection: the ``projection`` buffer, its
+    redraw counter and ``(seed, layer_index)``, all persistent, so ``state_dict``
+    reproduces outputs and a reloaded module continues the same redraw sequence. Draw
+    ``t`` comes from a generator seeded with ``redraw_seed(seed, layer_index, t)``, so
+    every rank of a distributed job draws the same matrix without communicating."""
+
+    def _init_random_features(
+        self, num_features: int, head_dim: int, *, orthogonal: bool, scaling: str,
+        seed: int, layer_index: int, redraw_interval: int | None, device, dtype,
+    ) -> None:
+        self.num_features = check_positive_int("num_features", num_features)
+        self.head_dim = head_dim
+        if redraw_interval is not None:
+            check_positive_int("redraw_interval", redraw_interval)
+        self.redraw_interval = redraw_interval
+        self.orthogonal, self.scaling = orthogonal, scaling
+        self.frozen = False
+        self.register_buffer("redraw_key", torch.tensor([seed, layer_index], device=device))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer(
+            "projection", self._draw(0, device=device, dtype=dtype), persistent=True
+        )
+
+    def _draw(self, draw: int, *, device=None, dtype=None) -> Tensor:
+        seed, layer = (int(t) for t in self.redraw_key)
+        g = torch.Generator().manual_seed(redraw_seed(seed, layer, draw))
+        w = draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
+                            scaling=self.scaling, generator=g, dtype=torch.float64)
+        return w.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+    @torch.no_grad()
+    def redraw_projection(self) -> None:
+        """Draw the next projection (deterministic: ``(seed, layer_index, draws + 1)``)."""
+        self.draws += 1
+        w = self._draw(int(self.draws), device=self.projection.device,
+                       dtype=self.projection.dtype)
+        self.projection.copy_(w)
+
+    def freeze_projection(self, frozen: bool = True) -> None:
+        """Stop (or resume) automatic redraws."""
+        self.frozen = frozen
+
+    @torch.no_grad()
+    def tick(self) -> None:
+        """Count one training forward pass; redraw when the interval is reached. Models
+        call this themselves (outside gradient checkpointing) and set ``auto_tick``."""
+        if self.redraw_interval is None or self.frozen or not self.training:
+            return
+        self.calls += 1
+        if int(self.calls) % self.redraw_interval == 0:
+            self.redraw_projection()
+
+
+class PerformerAttention(RandomFeatures, MHAShaped):
     """FAVOR+ multi-head attention, a drop-in for ``nn.MultiheadAttention``.
 
     Args:
@@ -94,54 +149,16 @@ class PerformerAttention(MHAShaped):
         check_choice("kernel", kernel, tuple(KERNELS))
         if causal and not KERNELS[kernel].causal_ok:
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
-        if redraw_interval is not None:
-            check_positive_int("redraw_interval", redraw_interval)
         if rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
-        self.num_features = num_features or default_num_features(self.head_dim)
-        check_positive_int("num_features", self.num_features)
-        self.kernel, self.causal, self.redraw_interval = kernel, causal, redraw_interval
-        self.orthogonal, self.scaling = orthogonal, scaling
+        self.kernel, self.causal = kernel, causal
         self.rotary, self.rotary_base = rotary, rotary_base
         self.chunk_size = chunk_size
-        self.frozen = False
-        # Saved with the weights, so a reloaded module continues the same redraw sequence.
-        self.register_buffer("redraw_key", torch.tensor([seed, layer_index], device=device))
-        self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer(
-            "projection", self._draw(0, device=device, dtype=dtype), persistent=True
+        self._init_random_features(
+            num_features or default_num_features(self.head_dim), self.head_dim,
+            orthogonal=orthogonal, scaling=scaling, seed=seed, layer_index=layer_index,
+            redraw_interval=redraw_interval, device=device, dtype=dtype,
         )
-
-    # ------------------------------------------------------------ projection
-    def _draw(self, draw: int, *, device=None, dtype=None) -> Tensor:
-        seed, layer = (int(t) for t in self.redraw_key)
-        g = torch.Generator().manual_seed(redraw_seed(seed, layer, draw))
-        w = draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
-                            scaling=self.scaling, generator=g, dtype=torch.float64)
-        return w.to(device=device, dtype=dtype or torch.get_default_dtype())
-
-    @torch.no_grad()
-    def redraw_projection(self) -> None:
-        """Draw the next projection (deterministic: ``(seed, layer_index, draws + 1)``)."""
-        self.draws += 1
-        w = self._draw(int(self.draws), device=self.projection.device,
-                       dtype=self.projection.dtype)
-        self.projection.copy_(w)
-
-    def freeze_projection(self, frozen: bool = True) -> None:
-        """Stop (or resume) automatic redraws."""
-        self.frozen = frozen
-
-    @torch.no_grad()
-    def tick(self) -> None:
-        """Count one training forward pass; redraw when the interval is reached. Models
-        call this themselves (outside gradient checkpointing) and set ``auto_tick``."""
-        if self.redraw_interval is None or self.frozen or not self.training:
-            return
-        self.calls += 1
-        if int(self.calls) % self.redraw_interval == 0:
-            self.redraw_projection()
 
     auto_tick = True
 

@@ -1,0 +1,43 @@
+"""Hugging Face ``transformers`` integration: convert pretrained models to linear attention.
+
+``convert(model, method="favor" | "linformer", **options)`` registers the attention and
+mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterface``
+under ``"linattn"``, attaches per-layer state to each attention module and selects it.
+See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
+:class:`FavorCache` and :mod:`.distill`.
+"""
+
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "linattn.integrations.hf needs transformers: pip install 'linattn[hf]'"
+    ) from exc
+
+from .attention import NAME, linattn_attention, linattn_mask, register
+from .cache import FavorCache, FavorCacheLayer
+from .convert import (
+    conversion_info,
+    convert,
+    converted_layers,
+    linear_attention_states,
+    load_converted,
+    redraw_projections,
+    save_converted,
+)
+
+__all__ = [
+    "NAME",
+    "FavorCache",
+    "FavorCacheLayer",
+    "conversion_info",
+    "convert",
+    "converted_layers",
+    "linattn_attention",
+    "linattn_mask",
+    "linear_attention_states",
+    "load_converted",
+    "redraw_projections",
+    "register",
+    "save_converted",
+]

@@ -1,0 +1,289 @@
+"""Measure how closely a converted model follows the original, and distill it back.
+
+* Encoders: sentence embeddings (masked mean of the last hidden states, L2-normalized,
+  as sentence-transformers does) from the exact and the converted model, compared by
+  cosine similarity.
+* Decoders: perplexity of both models on the same text, the ratio, the KL divergence
+  of the converted model's next-token distribution from the original's, and how often
+  their top-1 predictions agree.
+
+:func:`distill` fine-tunes the converted model (the student) to match the original (the
+teacher): last hidden states and embeddings for encoders, next-token distributions for
+decoders. AdamW with linear warm-up and cosine decay, a tqdm bar, agreement measured on
+held-out text every ``eval_every`` steps into ``log.jsonl``, and checkpoints saved with
+:func:`~.convert.save_converted`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .convert import save_converted
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder with a language-model head (else an encoder)."""
+    return hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+
+
+def _batches(texts: list[str], batch_size: int):
+    for i in range(0, len(texts), batch_size):
+        yield texts[i:i + batch_size]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, device=None) -> dict[str, Tensor]:
+    """Padded, truncated batch: ``input_ids``, ``attention_mask`` of shape ``(B, L)``."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def sentence_embeddings(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Masked mean of the last hidden states, L2-normalized: ``(B, hidden)``."""
+    return _pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def _pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+@torch.no_grad()
+def embedding_agreement(
+    teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *,
+    max_length: int = 128, batch_size: int = 32,
+) -> dict[str, float]:
+    """Cosine similarity between the two models' sentence embeddings of ``texts``
+    (``mean_cosine``, ``min_cosine``, ``p05_cosine``: 5th percentile) and the relative
+    error of the last hidden states over real tokens (``hidden_rel_error``)."""
+    device = next(student.parameters()).device
+    sims, err, norm = [], 0.0, 0.0
+    for chunk in _batches(texts, batch_size):
+        batch = tokenize(tokenizer, chunk, max_length, device)
+        ht = teacher(**batch).last_hidden_state.double()
+        hs = student(**batch).last_hidden_state.double()
+        real = batch["attention_mask"].bool()
+        err += ((hs - ht) ** 2).sum(-1)[real].sum().item()
+        norm += (ht ** 2).sum(-1)[real].sum().item()
+        am = batch["attention_mask"]
+        sims.append((_pool(ht, am) * _pool(hs, am)).sum(-1).float().cpu())
+    s = torch.cat(sims)
+    return {"mean_cosine": s.mean().item(), "min_cosine": s.min().item(),
+            "p05_cosine": torch.quantile(s, 0.05).item(),
+            "hidden_rel_error": math.sqrt(err / norm), "texts": len(texts)}
+
+
+def _lm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(**batch).logits[:, :-1].float()
+
+
+@torch.no_grad()
+def lm_agreement(
+    teacher: nn.Module | None, student: nn.Module, tokenizer, texts: list[str], *,
+    max_length: int = 256, batch_size: int = 8,
+) -> dict[str, float]:
+    """Perplexity of ``student`` on ``texts`` (next-token, real tokens only) and, with a
+    ``teacher``: its perplexity, the ratio, mean KL(teacher || student) per token and
+    the top-1 agreement."""
+    device = next(student.parameters()).device
+    nll_s = nll_t = kl = agree = 0.0
+    count = 0
+    for chunk in _batches(texts, batch_size):
+        batch = tokenize(tokenizer, chunk, max_length, device)
+        ids, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+        mask = mask & batch["attention_mask"][:, :-1].bool()
+        ls = F.log_softmax(_lm_logits(student, batch), -1)
+        nll_s += -ls.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+        if teacher is not None:
+            lt = F.log_softmax(_lm_logits(teacher, batch), -1)
+            nll_t += -lt.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+            kl += (lt.exp() * (lt - ls)).sum(-1)[mask].sum().item()
+            agree += (lt.argmax(-1) == ls.argmax(-1))[mask].sum().item()
+        count += int(mask.sum())
+    out = {"ppl": math.exp(nll_s / count), "tokens": count, "texts": len(texts)}
+    if teacher is not None:
+        out.update({"ppl_exact": math.exp(nll_t / count), "kl": kl / count,
+                    "top1_agreement": agree / count})
+        out["ppl_ratio"] = out["ppl"] / out["ppl_exact"]
+    return out
+
+
+def agreement(teacher, student, tokenizer, texts, *, max_length: int, batch_size: int) -> dict:
+    """:func:`lm_agreement` for decoders, :func:`embedding_agreement` for encoders."""
+    fn = lm_agreement if is_causal_lm(student) else embedding_agreement
+    return fn(teacher, student, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation settings.
+
+    Attributes:
+        steps: optimizer steps; batch_size: texts per step; max_length: tokens per text.
+        lr, weight_decay, warmup: AdamW with linear warm-up over ``warmup`` steps, then
+            cosine decay to 10% of ``lr``.
+        train: ``"all"`` parameters or only the ``"attention"`` modules'.
+        eval_every: measure agreement on the held-out texts every this many steps (and at
+            the end); checkpoint_every: save the student every this many steps (0: only at
+            the end, when an output directory is given).
+        dropout: keep the model's dropout active while distilling (off by default: the
+            student then matches the teacher's inference-time function).
+        seed: batch order.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    max_length: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 20
+    train: str = "all"
+    eval_every: int = 50
+    eval_batch_size: int = 32
+    checkpoint_every: int = 0
+    dropout: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train not in ("all", "attention"):
+            raise ValueError(f"train must be 'all' or 'attention', got {self.train!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Decoders: KL(teacher || student) of the next-token distributions, averaged over
+    real tokens. Encoders: the last hidden states' squared error (over real tokens,
+    relative to the teacher's mean square) plus ``1 - cos`` of the sentence embeddings."""
+    mask = batch["attention_mask"].bool()
+    if is_causal_lm(student):
+        with torch.no_grad():
+            lt = F.log_softmax(teacher(**batch).logits.float(), -1)
+        ls = F.log_softmax(student(**batch).logits.float(), -1)
+        kl = (lt.exp() * (lt - ls)).sum(-1)
+        return kl[mask].mean()
+    with torch.no_grad():
+        ht = teacher(**batch).last_hidden_state.float()
+    hs = student(**batch).last_hidden_state.float()
+    mse = ((hs - ht) ** 2).mean(-1)[mask].mean() / (ht ** 2).mean(-1)[mask].mean()
+    am = batch["attention_mask"]
+    return mse + (1 - (_pool(ht, am) * _pool(hs, am)).sum(-1)).mean()
+
+
+def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
+    if train == "all":
+        return [p for p in student.parameters() if p.requires_grad]
+    from .convert import converted_layers
+
+    params = {id(p): p for m in converted_layers(student) for p in m.parameters()}
+    return list(params.values())
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    train_texts: list[str],
+    eval_texts: list[str],
+    config: DistillConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Fine-tune ``student`` (converted) to match ``teacher`` (the original) on
+    ``train_texts``; returns the log (one dict per evaluation, also written to
+    ``out_dir/log.jsonl``). The student is updated in place and saved to
+    ``out_dir/checkpoint`` every ``checkpoint_every`` steps and at the end."""
+    cfg = config or DistillConfig()
+    if not train_texts or not eval_texts:
+        raise ValueError("distill needs non-empty train_texts and eval_texts")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        log_file = (out / "log.jsonl").open("w")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = _trainable(student, cfg.train)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    device = next(student.parameters()).device
+    order = random.Random(cfg.seed)
+    pool: list[str] = []
+    log: list[dict] = []
+    start = time.perf_counter()
+
+    def evaluate(step: int, loss: float | None) -> None:
+        student.eval()
+        row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
+               "elapsed_s": round(time.perf_counter() - start, 2)}
+        row.update(agreement(teacher, student, tokenizer, eval_texts,
+                             max_length=cfg.max_length, batch_size=cfg.eval_batch_size))
+        log.append(row)
+        if out is not None:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the [hf] and [dev] extras
+        tqdm = None
+    bar = tqdm(total=cfg.steps, desc="distill", disable=not progress) if tqdm else None
+    evaluate(0, None)
+    running = None
+    try:
+        for step in range(1, cfg.steps + 1):
+            student.train(cfg.dropout)
+            if len(pool) < cfg.batch_size:
+                fresh = list(train_texts)
+                order.shuffle(fresh)
+                pool.extend(fresh)
+            texts, pool = pool[:cfg.batch_size], pool[cfg.batch_size:]
+            batch = tokenize(tokenizer, texts, cfg.max_length, device)
+            loss = distill_loss(teacher, student, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            value = loss.item()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                evaluate(step, running)
+                if bar is not None:
+                    key = "ppl_ratio" if "ppl_ratio" in log[-1] else "mean_cosine"
+                    bar.set_postfix(loss=f"{running:.4f}", **{key: f"{log[-1][key]:.4f}"})
+            if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_converted(student, out / "checkpoint")
+    finally:
+        if bar is not None:
+            bar.close()
+        if out is not None:
+            log_file.close()
+    student.eval()
+    if out is not None:
+        save_converted(student, out / "checkpoint")
+    return log

@@ -1,0 +1,214 @@
+"""``linattn convert``: convert a pretrained model, measure its agreement with the
+original on real text, distill, and write the numbers and curves.
+
+Outputs in ``out``: ``summary.json`` (settings, agreement before and after, timings,
+machine), ``log.jsonl`` (agreement during distillation), ``distill.png`` (curves),
+``checkpoint/`` (the distilled model, loadable with :func:`~.convert.load_converted`);
+with ``--sweep``: ``sweep.json``, ``sweep.csv``, ``sweep.png`` (agreement before
+distillation for each kernel and number of features).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ...bench.speed import machine_info, write_results
+from ...data import gcide_passages, python_doc_passages, text_split
+from .convert import convert
+from .distill import DistillConfig, agreement, distill, is_causal_lm
+from .models import load_pretrained
+
+CORPORA = {"gcide": gcide_passages, "python-docs": python_doc_passages}
+
+
+def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
+    """Disjoint train / held-out passages of ``corpus`` ("gcide" or "python-docs")."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {corpus!r}")
+    return text_split(CORPORA[corpus](), train=train, test=test, seed=seed)
+
+
+def _headline(metrics: dict) -> str:
+    if "ppl_ratio" in metrics:
+        return (f"ppl {metrics['ppl']:.2f} vs exact {metrics['ppl_exact']:.2f} "
+                f"(ratio {metrics['ppl_ratio']:.3f}), top-1 agreement "
+                f"{metrics['top1_agreement']:.3f}")
+    return (f"mean cosine {metrics['mean_cosine']:.4f} (min {metrics['min_cosine']:.4f}), "
+            f"hidden rel. error {metrics['hidden_rel_error']:.3f}")
+
+
+def run(
+    model_name: str,
+    *,
+    method: str = "favor",
+    options: dict | None = None,
+    corpus: str = "gcide",
+    eval_corpora: tuple[str, ...] = ("gcide", "python-docs"),
+    train_texts: int = 20000,
+    eval_texts: int = 128,
+    config: DistillConfig | None = None,
+    out: str | Path = "results/convert",
+    progress: bool = True,
+) -> dict:
+    """Convert ``model_name``, measure, distill on ``corpus`` (``config.steps`` steps; 0
+    skips distillation) and measure again on held-out text of every ``eval_corpora``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config or DistillConfig()
+    options = dict(options or {})
+    teacher, tok = load_pretrained(model_name)
+    student = convert(copy.deepcopy(teacher), method, **options)
+    train, held_out = corpus_texts(corpus, train=train_texts, test=eval_texts, seed=cfg.seed)
+    evals = {corpus: held_out}
+    for name in eval_corpora:
+        if name != corpus:
+            evals[name] = corpus_texts(name, train=0, test=eval_texts, seed=cfg.seed + 1)[1]
+
+    def measure() -> dict:
+        return {name: agreement(teacher, student, tok, texts, max_length=cfg.max_length,
+                                batch_size=cfg.eval_batch_size)
+                for name, texts in evals.items()}
+
+    started = time.perf_counter()
+    before = measure()
+    log: list[dict] = []
+    t0 = time.perf_counter()
+    if cfg.steps:
+        log = distill(student, teacher, tok, train, held_out, cfg, out_dir=out,
+                      progress=progress)
+    distill_s = time.perf_counter() - t0
+    after = measure() if cfg.steps else before
+    summary = {
+        "model": model_name, "architecture": type(teacher).__name__,
+        "kind": "decoder" if is_causal_lm(teacher) else "encoder",
+        "method": method, "options": student.config.linattn_conversion["options"],
+        "corpus": corpus, "train_texts": len(train), "eval_texts": eval_texts,
+        "distill": cfg.__dict__, "distill_seconds": round(distill_s, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "before": before, "after": after, "machine": machine_info(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if log:
+        plot_log(log, out / "distill.png", title=f"{model_name} -> {method}")
+    return summary
+
+
+def plot_log(log: list[dict], path: Path, *, title: str) -> None:
+    """Agreement against distillation steps (cosine for encoders, perplexity ratio and
+    top-1 agreement for decoders)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]
+        return
+    steps = [r["step"] for r in log]
+    keys = (["ppl_ratio", "top1_agreement"] if "ppl_ratio" in log[0]
+            else ["mean_cosine", "hidden_rel_error"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, keys):
+        ax.plot(steps, [r[key] for r in log], marker="o")
+        ax.set_xlabel("distillation step")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep(
+    model_name: str,
+    *,
+    features: tuple[int, ...] = (64, 128, 256, 512),
+    kernels: tuple[str, ...] = ("softmax", "softmax_hyp", "softmax_opt", "relu"),
+    linformer_dims: tuple[int, ...] = (64, 128),
+    corpus: str = "gcide",
+    eval_texts: int = 128,
+    max_length: int = 128,
+    batch_size: int = 32,
+    seeds: int = 1,
+    out: str | Path = "results/convert",
+    progress: bool = True,
+) -> dict:
+    """Agreement before any distillation, for each kernel x number of features (and
+    Linformer sizes on encoders), averaged over ``seeds`` projection draws."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    teacher, tok = load_pretrained(model_name)
+    texts = corpus_texts(corpus, train=0, test=eval_texts)[1]
+    decoder = is_causal_lm(teacher)
+    cases = [("favor", {"kernel": k, "num_features": m}) for k in kernels for m in features
+             if not (decoder and k == "softmax_opt")]
+    if not decoder:
+        cases += [("linformer", {"proj_dim": k}) for k in linformer_dims]
+    rows = []
+    for method, opts in tqdm(cases, desc="sweep", disable=not progress):
+        runs = []
+        for seed in range(seeds):
+            student = convert(copy.deepcopy(teacher), method, seed=seed, **opts)
+            runs.append(agreement(teacher, student, tok, texts, max_length=max_length,
+                                  batch_size=batch_size))
+        row = {"method": method, "kernel": opts.get("kernel", ""),
+               "num_features": opts.get("num_features", ""), "proj_dim": opts.get("proj_dim", "")}
+        for key in runs[0]:
+            row[key] = sum(r[key] for r in runs) / len(runs)
+        rows.append(row)
+    result = {"model": model_name, "corpus": corpus, "eval_texts": eval_texts,
+              "max_length": max_length, "seeds": seeds, "machine": machine_info(),
+              "results": rows}
+    fields = ["method", "kernel", "num_features", "proj_dim",
+              *[k for k in rows[0] if k not in ("method", "kernel", "num_features", "proj_dim")]]
+    write_results(out, "sweep", result, fields)
+    plot_sweep(result, out / "sweep.png")
+    return result
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["results"] if r["method"] == "favor"]
+    key = "ppl_ratio" if "ppl_ratio" in rows[0] else "mean_cosine"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        pts = [(r["num_features"], r[key]) for r in rows if r["kernel"] == kernel]
+        ax.plot(*zip(*pts), marker="o", label=f"FAVOR {kernel}")
+    for r in result["results"]:
+        if r["method"] == "linformer":
+            ax.axhline(r[key], ls="--", lw=1, color="gray")
+            ax.annotate(f"Linformer k={r['proj_dim']} (untrained E/F)", (rows[0]["num_features"], r[key]),
+                        fontsize=7, va="bottom")
+    ax.set_xscale("log", base=2)
+    if key == "ppl_ratio":
+        ax.set_yscale("log")
+    ax.set_xlabel("random features m")
+    ax.set_ylabel(key.replace("_", " ") + " (before distillation)")
+    ax.set_title(f"{result['model']}: conversion without training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['model']} ({summary['architecture']}) -> {summary['method']} "
+             f"{summary['options']}"]
+    for name in summary["before"]:
+        lines.append(f"  {name:12} before: {_headline(summary['before'][name])}")
+        if summary["distill"]["steps"]:
+            lines.append(f"  {name:12} after {summary['distill']['steps']} steps "
+                         f"({summary['distill_seconds']:.0f} s): "
+                         f"{_headline(summary['after'][name])}")
+    return "\n".join(lines)
