@@ -102,6 +102,53 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+    from .train.compare import compare, format_markdown
+
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            base[f.name] = tuple(value) if f.name == "betas" else value
+    cfg = TrainConfig.from_dict(base)
+    if args.compare:
+        result = compare(cfg, args.out, attentions=tuple(args.attentions) if args.attentions
+                         else None)
+        print(format_markdown(result))
+        print(f"wrote {args.out}/comparison.json, comparison.md, comparison.png")
+        return 0
+    summary = train(cfg, args.out, resume=args.resume)
+    if summary["finished"]:
+        m = summary["metric"]
+        print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
+              f"{summary['test'][m]:.4f}, median {summary['median_step_s']:.3f} s/step, "
+              f"peak {summary['peak_memory_mb']:.0f} MB")
+        print(f"wrote {args.out}/metrics.jsonl, summary.json, curves.png, checkpoint.pt, model/")
+    return 0
+
+
+def _add_train_flags(t: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.name == "betas":
+            t.add_argument(flag, type=float, nargs=2, default=None, help=f"default {default}")
+        elif isinstance(default, bool):
+            t.add_argument(flag, type=lambda x: x.lower() in ("1", "true", "yes"),
+                           default=None, help=f"default {default}")
+        elif f.name in ("num_features", "redraw_interval"):
+            t.add_argument(flag, type=int, default=None, help="default: None")
+        else:
+            t.add_argument(flag, type=type(default), default=None, help=f"default {default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linattn", description="Linear-time attention: benchmarks and tools."
@@ -183,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=1, help="projection draws per sweep cell")
     c.add_argument("--out", default="results/convert", help="output folder")
     c.set_defaults(func=_convert)
+    t = sub.add_parser(
+        "train", help="train a model on a task (also under torchrun)",
+        description="Train on byte-level language modelling (GCIDE), LRA ListOps or "
+        "fortunes topic classification. Settings come from --config (JSON of TrainConfig "
+        "fields) and flags (flags win). Runs as is, or under torchrun --nproc_per_node=N "
+        "(DistributedDataParallel; --batch-size is the global batch). Writes "
+        "metrics.jsonl, curves.png, summary.json, checkpoint.pt and model/ to --out; "
+        "--resume continues from the checkpoint exactly.",
+    )
+    t.add_argument("--config", help="JSON file with TrainConfig fields")
+    t.add_argument("--out", default="results/train", help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--compare", action="store_true",
+                   help="train once per attention kind (same budget) into OUT/<attention>/ "
+                   "and write comparison.json/md/png")
+    t.add_argument("--attentions", nargs="+", help="with --compare (default: softmax favor "
+                   "relu, plus linformer for classification)")
+    _add_train_flags(t)
+    t.set_defaults(func=_train)
     r = sub.add_parser(
         "report", help="run every benchmark and write OUT/index.md with tables and plots",
     )

@@ -9,11 +9,12 @@ out, so that each class has enough examples to learn from.
 from __future__ import annotations
 
 import random
+import os
 from pathlib import Path
 
 from .text import MissingDataError
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNES_DIR = Path(os.environ.get("LINATTN_FORTUNES", "/usr/share/games/fortunes"))
 
 
 def read_topics(root: str | Path | None = None) -> dict[str, list[str]]:

@@ -18,8 +18,11 @@ import random
 import re
 from pathlib import Path
 
-GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
-PYTHON_DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+# Where Debian installs them; the environment variables point elsewhere (another machine,
+# a copy of the files).
+GCIDE_PATH = Path(os.environ.get("LINATTN_GCIDE", "/usr/share/dictd/gcide.dict.dz"))
+PYTHON_DOC_ROOT = Path(os.environ.get("LINATTN_PYTHON_DOCS",
+                                      "/usr/share/doc/python3.11/html/_sources"))
 
 
 class MissingDataError(FileNotFoundError):

@@ -50,9 +50,14 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Rows of norm ~1 (not nn.Embedding's N(0, 1), norm ~sqrt(dim)): with tied
+        # embeddings the initial logits then have unit scale and a cross-entropy near
+        # log(vocab), instead of starting many nats above it.
+        nn.init.normal_(self.tok.weight, std=cfg.dim ** -0.5)
         self.pos = None
         if cfg.position == "learned":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim)
+            nn.init.normal_(self.pos.weight, std=cfg.dim ** -0.5)
         elif cfg.position == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.dim),
                                  persistent=False)

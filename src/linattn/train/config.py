@@ -1,0 +1,90 @@
+"""Training configuration: a dataclass, readable from a JSON file and from flags."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..models.config import ATTENTIONS
+from .tasks import TASKS
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved beside its results).
+
+    Model: ``attention`` (``softmax``, ``favor``, ``relu``, ``linformer``), ``dim``,
+    ``depth``, ``heads``, ``ff_mult``, ``num_features`` (FAVOR+), ``proj_dim``
+    (Linformer), ``redraw_interval``, ``dropout``. Data: ``task`` (``bytes``,
+    ``listops``, ``fortunes``), ``seq_len`` (window for ``bytes``, maximum tokens for the
+    classification tasks), ``batch_size`` (the global batch, split over ranks),
+    ``listops_train`` / ``listops_eval`` (LRA: 96000 / 2000) and
+    ``listops_min_len`` / ``listops_max_len`` (LRA: 500 / 2000 tokens; sequences longer
+    than ``seq_len - 1`` are not generated). Optimization: AdamW
+    (``lr``, ``weight_decay``, ``betas``), ``warmup`` steps of linear warm-up then cosine
+    decay to ``min_lr_ratio * lr``, ``grad_clip``, ``steps``. Bookkeeping:
+    ``eval_every``, ``eval_batches`` (batches per evaluation), ``log_every``,
+    ``checkpoint_every``, ``seed``.
+    """
+
+    task: str = "bytes"
+    attention: str = "favor"
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    ff_mult: int = 4
+    num_features: int | None = None
+    proj_dim: int = 128
+    redraw_interval: int | None = None
+    dropout: float = 0.0
+    seq_len: int = 512
+    batch_size: int = 16
+    listops_train: int = 96_000
+    listops_eval: int = 2_000
+    listops_min_len: int = 500
+    listops_max_len: int = 2000
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 16
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.task == "bytes" and self.attention == "linformer":
+            raise ValueError("task='bytes' is causal language modelling; Linformer cannot be "
+                             "causal (use softmax, favor or relu)")
+        for name in ("dim", "depth", "heads", "seq_len", "batch_size", "steps", "eval_every",
+                     "eval_batches", "log_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

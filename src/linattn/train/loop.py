@@ -1,0 +1,231 @@
+"""The training loop: single process or ``torchrun`` (DistributedDataParallel).
+
+Under ``torchrun --nproc_per_node=N`` (environment variables ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``) the process group starts with NCCL on GPUs and gloo on CPUs. Each rank
+takes its slice of the same global batch, so N processes follow the single-process run
+with the same ``batch_size``. Rank 0 alone logs, evaluates into the logs and writes
+checkpoints. FAVOR+ redraws derive from ``(seed, layer, draw)``, so every rank draws the
+same matrices without communicating.
+
+Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (one JSON object per log line:
+``{"step", "split": "train", "loss", "lr", "step_s", "tokens_per_s"}`` and evaluation
+rows with ``"split": "val"``/``"test"``), ``curves.png``, ``summary.json``,
+``checkpoint.pt`` (model, optimizer, scheduler, step and RNG states; loaded with
+``weights_only=True``) and ``model/`` (:func:`linattn.models.load_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TrainConfig
+from .tasks import build_task
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio``."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Peak resident set size of this process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    task=None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``cfg`` and write the outputs to ``out``; returns the summary.
+
+    ``resume=True`` continues from ``out/checkpoint.pt`` when it exists: the model,
+    optimizer, scheduler, step, redraw counters and RNG states are restored, and batches
+    depend only on the step, so the continued run takes the same steps the uninterrupted
+    one would. ``stop_after`` ends the run after that many steps (a checkpoint is written
+    there), to interrupt it on purpose.
+    """
+    rank, world, device = _dist_setup()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the "
+                         f"{world} processes")
+    out = Path(out)
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    task = task or build_task(cfg)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(device)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    metrics = (out / "metrics.jsonl").open("a" if start else "w") if main else None
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+
+    def log(row: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def evaluate(step: int, split: str) -> dict:
+        net.eval()
+        row = {"step": step, "split": split, **task.evaluate(model, split, rank, world, device)}
+        log(row)
+        return row
+
+    bar = None
+    if main and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}",
+                   file=sys.stderr)
+    step_times: list[float] = []
+    losses: list[float] = []
+    last_eval = None
+    try:
+        for step in range(start, end):
+            batch = task.batch(step, rank, world, device)
+            net.train()
+            t0 = time.perf_counter()
+            loss = task.loss(net, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            value = loss.detach()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            losses.append(value.item())
+            tokens = batch["x"].numel() * world
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / dt:.0f}")
+            if (step + 1) % cfg.log_every == 0 or step == start:
+                log({"step": step + 1, "split": "train", "loss": losses[-1],
+                     "lr": sched.get_last_lr()[0], "step_s": dt, "tokens_per_s": tokens / dt})
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                last_eval = evaluate(step + 1, "val")
+            if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step + 1,
+                            "rng": _rng_state(device), "config": cfg.to_dict()}, tmp)
+                tmp.replace(ckpt)
+        finished = end == cfg.steps
+        test = evaluate(cfg.steps, "test") if finished else None
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    summary = {
+        "config": cfg.to_dict(), "world_size": world, "device": str(device),
+        "steps_run": end - start, "finished": finished, "losses": losses,
+        "median_step_s": statistics.median(step_times) if step_times else None,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "val": last_eval, "test": test, "metric": task.metric,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if main:
+        (out / "summary.json").write_text(json.dumps(
+            {k: v for k, v in summary.items() if k != "losses"}, indent=2))
+        if finished:
+            model.save(out / "model")
+            plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric,
+                        title=f"{cfg.task} / {cfg.attention}")
+    return summary
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> None:
+    """Training loss and the validation metric against steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]
+        return
+    rows = read_metrics(metrics_file)
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set_ylabel("training loss")
+    axes[1].plot([r["step"] for r in val], [r[metric] for r in val], marker="o")
+    axes[1].set_ylabel(f"validation {metric.replace('_', ' ')}")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
