@@ -141,3 +141,22 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     # Two redraws happened (interval 2, 5 steps) and agree on both ranks' model.
     assert int(b["encoder.blocks.0.attn.inner.draws"]) == 2
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
+    from linattn.train.compare import compare
+
+    monkeypatch.setenv("LINATTN_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(task="listops", dim=32, depth=1, heads=2, seq_len=64, batch_size=8,
+                      steps=4, eval_every=4, eval_batches=1, log_every=1, warmup=1,
+                      listops_train=32, listops_eval=8, listops_min_len=10,
+                      listops_max_len=60, num_features=16, proj_dim=8)
+    result = compare(cfg, tmp_path / "cmp", attentions=("softmax", "linformer"),
+                     progress=False)
+    assert [r["attention"] for r in result["results"]] == ["softmax", "linformer"]
+    for name in ("comparison.json", "comparison.md", "comparison.png"):
+        assert (tmp_path / "cmp" / name).exists()
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| exact softmax |" in md and "| Linformer |" in md
+    assert all(0 <= r["test"] <= 1 and r["peak_memory_mb"] > 0 for r in result["results"])

@@ -3,7 +3,6 @@ and plots (and the training results of ``docs/results.md`` when present)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from . import approx, generation, linformer_table, peers, speed
@@ -59,7 +58,9 @@ def run(out_dir: str | Path = "report", *, preset: str = "quick", progress: bool
                      "```\n" + peers.format_table(peer) + "\n```\n"))
     training = Path("docs/results.md")
     if training.exists():
-        shutil.copy(training, out / "training.md")
+        # Its links point into docs/; from OUT they go through the repository root.
+        text = training.read_text().replace("](results/", "](../docs/results/")
+        (out / "training.md").write_text(text)
         sections.append(("Training", "See [training.md](training.md).\n"))
     else:
         sections.append(("Training", "No training results yet (`docs/results.md`).\n"))

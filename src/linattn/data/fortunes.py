@@ -8,8 +8,8 @@ out, so that each class has enough examples to learn from.
 
 from __future__ import annotations
 
-import random
 import os
+import random
 from pathlib import Path
 
 from .text import MissingDataError

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 from .config import TrainConfig
-from .loop import read_metrics, train
+from .loop import read_metrics
 
 
 def default_attentions(task: str) -> tuple[str, ...]:
@@ -21,12 +23,30 @@ def compare(
     progress: bool = True,
 ) -> dict:
     """Train ``base`` once per attention kind into ``out/<attention>/``; write
-    ``out/comparison.json``, ``out/comparison.md`` and ``out/comparison.png``."""
+    ``out/comparison.json``, ``out/comparison.md`` and ``out/comparison.png``.
+
+    Each run is a fresh process (``python -m linattn train``), so that its peak memory
+    is its own."""
     out = Path(out)
-    rows = []
     for attention in attentions or default_attentions(base.task):
         cfg = replace(base, attention=attention)
-        s = train(cfg, out / attention, progress=progress)
+        run_dir = out / attention
+        run_dir.mkdir(parents=True, exist_ok=True)
+        request = run_dir / "request.json"
+        request.write_text(json.dumps(cfg.to_dict(), indent=2))
+        subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
+                        "--out", str(run_dir)], check=True,
+                       stderr=None if progress else subprocess.DEVNULL)
+    return summarize(base, out, attentions or default_attentions(base.task))
+
+
+def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -> dict:
+    """Collect ``out/<attention>/summary.json`` of finished runs (also runs made by
+    separate ``--compare`` calls) into ``out/comparison.{json,md,png}``."""
+    out = Path(out)
+    rows = []
+    for attention in attentions:
+        s = json.loads((out / attention / "summary.json").read_text())
         rows.append({"attention": attention, "metric": s["metric"],
                      "val": s["val"][s["metric"]], "test": s["test"][s["metric"]],
                      "median_step_s": s["median_step_s"], "peak_memory_mb": s["peak_memory_mb"],

@@ -100,6 +100,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     task = task or build_task(cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
