@@ -113,3 +113,17 @@ def test_smollm2_perplexity_is_measured(smollm2):
     got = lm_agreement(model, conv, tok, SENTENCES, max_length=64)
     assert got["ppl_exact"] == pytest.approx(exact["ppl"], rel=1e-5)
     assert got["ppl"] > 0 and 0 <= got["top1_agreement"] <= 1
+
+
+@needs_smollm2
+def test_smollm2_converted_saves_and_reloads(smollm2, tmp_path):
+    # transformers refuses to save GGUF-loaded models; their weights are dequantized in
+    # memory, and save_converted writes them as a plain checkpoint.
+    model, tok = smollm2
+    conv = convert(copy.deepcopy(model), "favor", num_features=32)
+    save_converted(conv, tmp_path)
+    back = load_converted(tmp_path).eval()
+    x = tok(["The dictionary defines a word as"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(conv(**x).logits, back(**x).logits, rtol=0, atol=1e-5)
+    assert getattr(conv, "hf_quantizer", None) is not None  # the original is left as it was

@@ -214,6 +214,20 @@ def save_converted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
         raise ValueError("model is not converted; save it with save_pretrained()")
     # Layerwise Linformer sharing registers its projection once (layer 0), so the saved
     # tensors have no aliases.
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        # transformers dequantizes GGUF files when it loads them: the weights in memory are
+        # plain tensors (the distilled ones), which save as an ordinary checkpoint.
+        model.hf_quantizer = None
+        qconfig = model.config.__dict__.pop("quantization_config", None)
+        try:
+            model.save_pretrained(path, **kwargs)
+        finally:
+            model.hf_quantizer = quantizer
+            if qconfig is not None:
+                model.config.quantization_config = qconfig
+        return
     model.save_pretrained(path, **kwargs)
 
 

@@ -82,6 +82,9 @@ def run(
         log = distill(student, teacher, tok, train, held_out, cfg, out_dir=out,
                       progress=progress)
     distill_s = time.perf_counter() - t0
+    if cfg.steps:
+        # The checkpoint loads with load_converted; its tokenizer goes beside it.
+        tok.save_pretrained(out / "checkpoint")
     after = measure() if cfg.steps else before
     summary = {
         "model": model_name, "architecture": type(teacher).__name__,
