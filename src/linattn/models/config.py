@@ -9,8 +9,23 @@ POSITIONS = ("rotary", "learned", "sinusoidal", "none")
 POOLINGS = ("mean", "cls")
 
 
+class JsonConfig:
+    """``to_dict`` / ``from_dict`` for config dataclasses; unknown keys are an error."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Sizes and choices of a :mod:`linattn.models` Transformer.
 
     ``attention``: ``"softmax"`` (exact, ``scaled_dot_product_attention``), ``"favor"``
@@ -64,14 +79,3 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**data)

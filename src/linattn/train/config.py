@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.config import ATTENTIONS
+from ..models.config import ATTENTIONS, JsonConfig
 from .tasks import TASKS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything a run depends on (saved beside its results).
 
     Model: ``attention`` (``softmax``, ``favor``, ``relu``, ``linformer``), ``dim``,
@@ -73,17 +73,6 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         self.betas = tuple(self.betas)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
