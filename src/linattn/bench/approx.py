@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .._plotting import pyplot
 from ..features import FeatureParams, draw_projection, get_feature_map
 from ..functional import favor_attention
 from .speed import machine_info, write_results
@@ -163,10 +164,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stds = result["config"]["stds"]
     fig, axes = plt.subplots(1, len(stds), figsize=(6 * len(stds), 4.6), squeeze=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._plotting import pyplot
 from .speed import machine_info, write_results
 
 PRESETS = {"quick": [256, 1024, 4096], "full": [1024, 4096, 16384]}
@@ -69,10 +70,7 @@ def format_table(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for attention, label in (("favor", "FAVOR+ (recurrent state)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._plotting import pyplot
 from .speed import machine_info, run_case, write_results
 
 PRESETS = {
@@ -93,10 +94,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = [r for r in result["results"] if r["method"] == "linformer" and "median_s" in r]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .._plotting import pyplot
+
 PRESETS = {
     "quick": {"lengths": [1024, 2048, 4096], "repeats": 3, "kernels": ["softmax"]},
     "full": {"lengths": [1024, 2048, 4096, 8192, 16384], "repeats": 5,
@@ -205,10 +207,7 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Time and peak memory against length, log-log, with O(L) and O(L^2) guides."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["results"] if "median_s" in r]
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)

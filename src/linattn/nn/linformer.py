@@ -132,6 +132,14 @@ class LinformerProjection(nn.Module):
                     pool_compress(v, self.proj_dim, self.kind, lengths))
         return self._conv(k, self.e), self._conv(v, self.value_projection)
 
+    def compress(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+                 ) -> tuple[Tensor, Tensor]:
+        """Drop padded keys and values (the j-th real key meets column j), then compress
+        ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``kdim`` positions."""
+        k, lengths = compact_padding(k, key_padding_mask)
+        v, _ = compact_padding(v, key_padding_mask)
+        return self(k, v, lengths)
+
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
         if self.sharing != "none":
             w = w.repeat(self.num_heads, 1, 1)
@@ -263,11 +271,8 @@ class LinformerAttention(MHAShaped):
         if self.compress_first and proj.head_shared_linear:
             kc, vc = self._compress_then_project(key, value, mask, proj)
         else:
-            k = self._heads(self.k_proj(key))
-            v = self._heads(self.v_proj(value))
-            k, lengths = compact_padding(k, mask)
-            v, _ = compact_padding(v, mask)
-            kc, vc = proj(k, v, lengths)
+            kc, vc = proj.compress(self._heads(self.k_proj(key)),
+                                   self._heads(self.v_proj(value)), mask)
         out = F.scaled_dot_product_attention(
             q, kc, vc, dropout_p=self.dropout if self.training else 0.0
         )

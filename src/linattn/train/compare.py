@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .._plotting import pyplot
 from .config import TrainConfig
 from .loop import read_metrics
 
@@ -81,11 +82,8 @@ def format_markdown(result: dict) -> str:
 
 def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+        plt = pyplot()
+    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
         return
     metric = rows[0]["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

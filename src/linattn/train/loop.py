@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._plotting import pyplot
 from .config import TrainConfig
 from .tasks import build_task
 
@@ -210,11 +211,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> None:
     """Training loss and the validation metric against steps."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]
+        plt = pyplot()
+    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
         return
     rows = read_metrics(metrics_file)
     train = [r for r in rows if r["split"] == "train"]

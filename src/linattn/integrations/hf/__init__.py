@@ -17,7 +17,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .attention import NAME, linattn_attention, linattn_mask, register
 from .cache import FavorCache, FavorCacheLayer
 from .convert import (
-    conversion_info,
     convert,
     converted_layers,
     linear_attention_states,
@@ -30,7 +29,6 @@ __all__ = [
     "NAME",
     "FavorCache",
     "FavorCacheLayer",
-    "conversion_info",
     "convert",
     "converted_layers",
     "linattn_attention",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import types
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ...features import KERNELS
 from .attention import NAME, register
 from .state import FavorLayerState, LinformerLayerState
 
@@ -117,7 +117,6 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     state_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
     config = model.config
     shared = None
-    resolved: dict = {}
     for index, module in enumerate(modules):
         layer = module.layer_idx if isinstance(module.layer_idx, int) else index
         head_dim = _head_dim(module)
@@ -131,7 +130,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 chunk_size=options.get("chunk_size", 64),
                 learn_projection=options.get("learn_projection", False), device=device,
             )
-            if causal and not _kernel_causal_ok(state.kernel):
+            if causal and not KERNELS[state.kernel].causal_ok:
                 raise ValueError(
                     f"kernel={state.kernel!r} has no causal form; a decoder needs e.g. "
                     "kernel='softmax', 'softmax_hyp' or 'relu'"
@@ -155,8 +154,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 if sharing == "layerwise":
                     shared = state.projection
         module.linattn = state
-        resolved = state.options()
-    resolved["seed"] = options.get("seed", 0)
+    resolved = {**modules[0].linattn.options(), "seed": options.get("seed", 0)}
     register()
     _set_attn_implementation(model, NAME)
     config_dict = {"method": method, "options": resolved}
@@ -164,12 +162,6 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     if method == "favor" and causal and hasattr(model, "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
     return model
-
-
-def _kernel_causal_ok(kernel: str) -> bool:
-    from ...features import KERNELS
-
-    return KERNELS[kernel].causal_ok
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
@@ -277,16 +269,7 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
     return model
 
 
-def conversion_info(model: nn.Module) -> dict:
-    """The conversion recorded in ``model.config`` (``{"method", "options"}``)."""
-    spec = getattr(model.config, CONFIG_KEY, None)
-    if spec is None:
-        raise ValueError("model is not converted")
-    return json.loads(json.dumps(spec))
-
-
 __all__ = [
-    "conversion_info",
     "convert",
     "converted_layers",
     "linear_attention_states",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import save_converted
+from .convert import converted_layers, save_converted
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -45,11 +45,6 @@ def tokenize(tokenizer, texts: list[str], max_length: int, device=None) -> dict[
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
-def sentence_embeddings(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Masked mean of the last hidden states, L2-normalized: ``(B, hidden)``."""
-    return _pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def _pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -185,8 +180,6 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     if train == "all":
         return [p for p in student.parameters() if p.requires_grad]
-    from .convert import converted_layers
-
     params = {id(p): p for m in converted_layers(student) for p in m.parameters()}
     return list(params.values())
 

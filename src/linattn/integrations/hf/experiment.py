@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..._plotting import pyplot
 from ...bench.speed import machine_info, write_results
 from ...data import gcide_passages, python_doc_passages, text_split
 from .convert import convert
@@ -106,11 +107,8 @@ def plot_log(log: list[dict], path: Path, *, title: str) -> None:
     """Agreement against distillation steps (cosine for encoders, perplexity ratio and
     top-1 agreement for decoders)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]
+        plt = pyplot()
+    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
         return
     steps = [r["step"] for r in log]
     keys = (["ppl_ratio", "top1_agreement"] if "ppl_ratio" in log[0]
@@ -176,10 +174,7 @@ def sweep(
 
 
 def plot_sweep(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["results"] if r["method"] == "favor"]
     key = "ppl_ratio" if "ppl_ratio" in rows[0] else "mean_cosine"

@@ -16,7 +16,6 @@ from ...features import KERNELS
 from ...functional import favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
 from ...nn.performer import RandomFeatures, default_num_features
-from ...ops.linformer import compact_padding
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -175,9 +174,7 @@ class LinformerLayerState(nn.Module):
             )
         dtype = q.dtype
         q, k, v = (t.to(proj_dtype(proj, dtype)) for t in (q, k, v))
-        k, lengths = compact_padding(k, key_padding_mask)
-        v, _ = compact_padding(v, key_padding_mask)
-        kc, vc = proj(k, v, lengths)
+        kc, vc = proj.compress(k, v, key_padding_mask)
         return F.scaled_dot_product_attention(q, kc, vc, scale=scale).to(dtype)
 
     def options(self) -> dict:
