@@ -50,6 +50,17 @@ def ids(b, n, seed=0):
     return torch.randint(1, 100, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
+def left_padded(*seqs):
+    """Token ids ``(1, n_i)`` stacked into a left-padded batch ``(B, max n_i)`` (pad id
+    0) and its attention mask (1 = real token)."""
+    width = max(s.shape[1] for s in seqs)
+    x = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, width - s.shape[1]:], mask[i, width - s.shape[1]:] = s[0], 1
+    return x, mask
+
+
 def hidden(model, x, mask=None):
     return model(x, attention_mask=mask).last_hidden_state
 
@@ -149,10 +160,7 @@ def test_encoder_padding_is_exact(method, opts, side):
 def test_decoder_left_padding_is_exact():
     model = convert(tiny_llama(), "favor", num_features=32)
     a, b = ids(1, 11, seed=1), ids(1, 6, seed=2)
-    x = torch.zeros(2, 11, dtype=torch.long)
-    mask = torch.zeros(2, 11, dtype=torch.long)
-    x[0], mask[0] = a[0], 1
-    x[1, 5:], mask[1, 5:] = b[0], 1
+    x, mask = left_padded(a, b)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     out = model(x, attention_mask=mask, position_ids=pos).logits
     torch.testing.assert_close(out[0], model(a).logits[0], rtol=1e-10, atol=1e-10)
@@ -298,10 +306,7 @@ def test_generate_uses_the_constant_size_state_and_equals_recomputation():
 def test_batched_generation_with_left_padding_equals_one_by_one():
     model = convert(tiny_llama(), "favor", num_features=32)
     a, b = ids(1, 10, seed=1), ids(1, 6, seed=2)
-    x = torch.zeros(2, 10, dtype=torch.long)
-    mask = torch.zeros(2, 10, dtype=torch.long)
-    x[0], mask[0] = a[0], 1
-    x[1, 4:], mask[1, 4:] = b[0], 1
+    x, mask = left_padded(a, b)
     batch = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for row, p in ((0, a), (1, b)):
         alone = model.generate(p, max_new_tokens=6, do_sample=False)

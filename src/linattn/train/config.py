@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._checks import check_choice, check_positive_int
 from ..models.config import ATTENTIONS, JsonConfig
 from .tasks import TASKS
 
@@ -58,18 +59,14 @@ class TrainConfig(JsonConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        check_choice("task", self.task, TASKS)
+        check_choice("attention", self.attention, ATTENTIONS)
         if self.task == "bytes" and self.attention == "linformer":
             raise ValueError("task='bytes' is causal language modelling; Linformer cannot be "
                              "causal (use softmax, favor or relu)")
         for name in ("dim", "depth", "heads", "seq_len", "batch_size", "steps", "eval_every",
                      "eval_batches", "log_every", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         self.betas = tuple(self.betas)

@@ -17,7 +17,6 @@ rows with ``"split": "val"``/``"test"``), ``curves.png``, ``summary.json``,
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._plotting import pyplot
+from .._schedule import warmup_cosine
 from .config import TrainConfig
 from .tasks import build_task
 
@@ -46,18 +46,6 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_ratio``."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -108,7 +96,8 @@ def train(
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...functional import FavorState
+from .state import converted_layers
 
 
 class FavorCacheLayer(CacheLayerMixin):
@@ -82,6 +83,7 @@ class FavorCacheLayer(CacheLayerMixin):
             return 0
         return sum(t.numel() * t.element_size() for t in self.state)
 
+
 class FavorCache(Cache):
     """Cache of a FAVOR+-converted decoder: one recurrent state per layer.
 
@@ -94,8 +96,6 @@ class FavorCache(Cache):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from .convert import converted_layers
-
         states = {}
         for module in converted_layers(model):
             if module.linattn.method != "favor":

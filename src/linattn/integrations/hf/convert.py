@@ -6,14 +6,16 @@ import glob
 import logging
 import os
 import types
-from collections.abc import Iterator
 
-import torch
+import transformers
+from safetensors.torch import load_file
 from torch import nn
 
 from ...features import KERNELS
+from ...functional import _compute_dtype
 from .attention import NAME, register
-from .state import FavorLayerState, LinformerLayerState
+from .cache import FavorCache
+from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
@@ -32,13 +34,6 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
                 and hasattr(module, "layer_idx") and hasattr(module, "config")):
             found.append(module)
     return found
-
-
-def converted_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """Attention modules of ``model`` that carry a linear-attention state."""
-    for module in model.modules():
-        if isinstance(getattr(module, "linattn", None), (FavorLayerState, LinformerLayerState)):
-            yield module
 
 
 def _head_dim(module: nn.Module) -> int:
@@ -114,7 +109,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     first = next(model.parameters())
     device = first.device
     # Linformer's E/F follow the model's precision (float32 under half precision).
-    state_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+    state_dtype = _compute_dtype(first.dtype)
     config = model.config
     shared = None
     for index, module in enumerate(modules):
@@ -175,8 +170,6 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
     :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
-    from .cache import FavorCache
-
     if (model_kwargs.get("past_key_values") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None):
@@ -232,9 +225,6 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
             ``config.architectures``).
         kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
-    import transformers
-    from safetensors.torch import load_file
-
     config = transformers.AutoConfig.from_pretrained(path)
     spec = getattr(config, CONFIG_KEY, None)
     if spec is None:

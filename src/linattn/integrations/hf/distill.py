@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .convert import converted_layers, save_converted
+from ..._schedule import warmup_cosine
+from .convert import save_converted
+from .state import converted_layers
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -213,13 +216,7 @@ def distill(
     params = _trainable(student, cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def schedule(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, 0.1))
     device = next(student.parameters()).device
     order = random.Random(cfg.seed)
     pool: list[str] = []
@@ -237,11 +234,7 @@ def distill(
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with the [hf] and [dev] extras
-        tqdm = None
-    bar = tqdm(total=cfg.steps, desc="distill", disable=not progress) if tqdm else None
+    bar = tqdm(total=cfg.steps, desc="distill", disable=not progress)
     evaluate(0, None)
     running = None
     try:
@@ -261,19 +254,16 @@ def distill(
             sched.step()
             value = loss.item()
             running = value if running is None else 0.9 * running + 0.1 * value
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evaluate(step, running)
-                if bar is not None:
-                    key = "ppl_ratio" if "ppl_ratio" in log[-1] else "mean_cosine"
-                    bar.set_postfix(loss=f"{running:.4f}", **{key: f"{log[-1][key]:.4f}"})
+                key = "ppl_ratio" if "ppl_ratio" in log[-1] else "mean_cosine"
+                bar.set_postfix(loss=f"{running:.4f}", **{key: f"{log[-1][key]:.4f}"})
             if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_converted(student, out / "checkpoint")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if out is not None:
             log_file.close()
     student.eval()

@@ -8,12 +8,15 @@ as parameters sized to the model's maximum length). The registered attention fun
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._checks import check_choice
 from ...features import KERNELS
-from ...functional import favor_attention, favor_recurrent
+from ...functional import _compute_dtype, favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
 from ...nn.performer import RandomFeatures, default_num_features
 
@@ -61,9 +64,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
         if learn_projection and redraw_interval is not None:
             raise ValueError("learn_projection=True trains the projection; it cannot also be "
                              "redrawn (redraw_interval must be None)")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-        self.kernel, self.chunk_size = kernel, chunk_size
+        self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
+        self.chunk_size = chunk_size
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
             num_features or default_num_features(head_dim), head_dim, orthogonal=orthogonal,
@@ -190,4 +192,11 @@ def proj_dtype(proj: LinformerProjection, like: torch.dtype) -> torch.dtype:
     for t in (proj.e, proj.f):
         if t is not None:
             return t.dtype
-    return torch.float32 if like in (torch.float16, torch.bfloat16) else like
+    return _compute_dtype(like)
+
+
+def converted_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Attention modules of ``model`` that carry a linear-attention state."""
+    for module in model.modules():
+        if isinstance(getattr(module, "linattn", None), (FavorLayerState, LinformerLayerState)):
+            yield module
