@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ...._checks import check_scale
+
 __all__ = ["available", "interpret_on_cpu", "maybe_favor_triton", "triton_enabled"]
 
 SUPPORTED_KERNELS = ("softmax", "softmax_hyp")
@@ -125,8 +127,6 @@ def maybe_favor_triton(**kwargs) -> Tensor | None:
         return None
     if not _covered(q, k, v, projection, kernel, causal, mask) or not available():
         return None
-    from ..._checks import check_scale
-
     scale = check_scale(kwargs.get("scale"), q.shape[-1])
     from ._ops import favor_triton, fold_weight
 
