@@ -28,6 +28,18 @@ def _bench(args: argparse.Namespace) -> int:
         print(peers.format_table(result))
         print(f"\nwrote {args.out}/peers.json, peers.csv")
         return 1 if any("error" in r for r in result["results"]) else 0
+    if args.suite == "gpu":
+        from .bench import gpu
+
+        try:
+            result = gpu.run(args.out, preset=preset, lengths=args.lengths,
+                             passes=tuple(args.passes), repeats=args.repeats)
+        except gpu.GpuBenchError as exc:
+            print(f"linattn bench: {exc}", file=sys.stderr)
+            return 2
+        print(gpu.format_table(result))
+        print(f"\nwrote {args.out}/gpu.json, gpu.csv, gpu.png")
+        return 1 if any("error" in r for r in result["results"]) else 0
     if args.suite == "generate":
         from .bench import generation
 
@@ -163,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
     size.add_argument("--full", action="store_true", help="L = 1k..16k")
-    b.add_argument("--suite", choices=["favor", "linformer", "generate", "peers"],
+    b.add_argument("--suite", choices=["favor", "linformer", "generate", "peers", "gpu"],
                    default="favor",
                    help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3; "
                    "generate: per-token decoding cost against context length; peers: against "
-                   "performer-pytorch and linformer")
+                   "performer-pytorch and linformer; gpu: the Triton kernels against "
+                   "FlashAttention, flash-linear-attention and the eager path (CUDA; its own "
+                   "grid: bf16, 16 heads, head_dim 64/128, m 128/256, L 4k..128k with --full)")
     b.add_argument("--out", default="results/bench", help="output folder")
     b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
     b.add_argument("--heads", type=int, default=8)
