@@ -38,7 +38,7 @@ def rowmax_kernel(X, W, R, L, M, d, hn, w_head_stride, H,
                   BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
                   PREC: tl.constexpr):
     """R[bh, i] = max_f (x_i W'^T)_f - hn |x_i|^2.  grid (BH, cdiv(L, BL))."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     offs_d = tl.arange(0, BD)
     valid = rows < L
@@ -67,7 +67,7 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
     Key state (forward): x = k, y = v, y1 = 1. Query-side gradient state (backward):
     x = q, y = dout, ys = 1 / den, y1 = -(dout . out) / den.
     """
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     f0 = tl.program_id(1) * BM
     split = tl.program_id(2)
     offs_d = tl.arange(0, BD)
@@ -112,7 +112,7 @@ def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
     """Bidirectional output: ``out_i = (F_i S) / (F_i . z)`` with ``F_i = exp2(q_i W'^T -
     ref_i)``; rows with ``den == 0`` get 0. Stores ``out`` (OUT's dtype) and ``den``.
     grid (BH, cdiv(L, BL))."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     valid = rows < L
     offs_d = tl.arange(0, BD)
@@ -150,7 +150,7 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
     Queries: x = q, y = dout, ys = 1/den, y1 = -(dout . out)/den, (S, z) the key state.
     Keys: x = k, y = v, (S, z) = the gradient state (dS, dz); dy = dv.
     """
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     valid = rows < L
     offs_d = tl.arange(0, BD)
@@ -228,7 +228,7 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
     ``(S, z)`` (relative to the stabilizer ``e``) is carried in registers. Partial
     numerators/denominators of the feature tile are added into NUM/DEN (float32).
     grid (BH, cdiv(M, BM), num_segments)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     f0 = tl.program_id(1) * BM
     seg = tl.program_id(2)
     nseg = tl.num_programs(2)
@@ -280,7 +280,7 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
     ``P_ij = g_i . v_j + gd_i`` (``g = dout / den``, ``gd = -(dout . out) / den``),
     ``dQf_i = sum_{j<=i, chunk} P_ij exp2(c_j - c_i) Kc_j + exp2(e - c_i) (g_i S^T + gd_i z)``
     and ``dq += ln2 (Qf * dQf) W'`` added into DQ (float32). grid as the forward."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     f0 = tl.program_id(1) * BM
     seg = tl.program_id(2)
     nseg = tl.num_programs(2)
@@ -337,7 +337,7 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
     ``D = sum_{i later} exp2(bn - c_i) Qf_i^T g_i`` and ``Dz`` (same with ``gd``), relative
     to ``bn``, the prefix maximum at the start of the next chunk. Adds the feature tile's
     part of dk and dv into DK/DV (float32). grid as the forward."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     f0 = tl.program_id(1) * BM
     seg = tl.program_id(2)
     nseg = tl.num_programs(2)

@@ -44,9 +44,10 @@ def _interpreting() -> bool:
 
 
 def _dot_dtype(dtype: torch.dtype):
-    # The interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): use float32.
-    if dtype == torch.float16:
-        return tl.float16
+    # bfloat16 inputs: bfloat16 tensor-core dots (float32 range, so states and 1/den-scaled
+    # gradients cannot overflow). float16 inputs: float32 (tf32) dots, since states (sums
+    # over up to L keys) and gradients scaled by 1/den can exceed float16's 65504.
+    # The interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): float32.
     if dtype == torch.bfloat16 and not _interpreting():
         return tl.bfloat16
     return tl.float32
@@ -328,6 +329,9 @@ class _Causal(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+# Under torch.compile the kernels run as an opaque call (a graph break), as
+# flash-linear-attention does: dynamo does not trace the host-side launch code.
+@torch.compiler.disable
 def favor_triton(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, causal: bool,
                  keep: Tensor | None, scale: float, config: Config | None = None) -> Tensor:
     """FAVOR+ with positive features through the Triton kernels.
