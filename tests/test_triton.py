@@ -116,6 +116,43 @@ def test_d32_m32_default_tiles():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_large_logits_need_the_stabilizers(causal):
+    # |k~|^2 / 2 ~ 128: exp(-128) underflows float32, so without the stabilizers every
+    # weight would be 0 and the outputs 0/0.
+    b, h, length, d = 2, 2, 40, 16
+    q, k, v = (randn(b, h, length, d, seed=s) for s in range(3))
+    q, k = 8 * q, 8 * k
+    w = projection(16, d)
+    mask = _padding(b, length)
+    ref, _, _ = _oracle(q, k, v, w, "softmax", causal, mask)
+    wf = _ops.fold_weight(w.to(DEVICE), "softmax", d**-0.5, h)
+    out = _ops.favor_triton(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), wf,
+                            causal=causal, keep=(~mask).to(DEVICE), scale=d**-0.5,
+                            config=SMALL)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-4
+
+
+def test_causal_never_looks_ahead():
+    # Long keys have feature logits near -|k~|^2 / 2 ~ -130; a key with k~ = w_0 has
+    # |w_0|^2 / 2 ~ +8, the largest a positive feature can reach. Put that key at position
+    # 30: every earlier output must stay as it was (a sequence-wide stabilizer would
+    # underflow all their weights to 0 in float32).
+    q, k, v = (randn(1, 2, 48, 16, seed=s, dtype=torch.float32).to(DEVICE) for s in range(3))
+    q, k = 8 * q, 8 * k
+    w = projection(16, 16, dtype=torch.float32).to(DEVICE)
+    wf = _ops.fold_weight(w, "softmax", 0.25, 2)
+    cfg = _ops.Config(block_l=16, block_m=16, chunk=16, seg_chunks=1)
+    before = _ops.favor_triton(q, k, v, wf, causal=True, keep=None, scale=0.25, config=cfg)
+    assert torch.isfinite(before).all() and before.abs().amax() > 0
+    k2 = k.clone()
+    k2[:, :, 30] = w[0] / 0.25**0.5
+    after = _ops.favor_triton(q, k2, v, wf, causal=True, keep=None, scale=0.25, config=cfg)
+    torch.testing.assert_close(after[:, :, :30], before[:, :, :30], rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(after).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_fully_padded_rows_are_zero(causal):
     q, k, v = (randn(2, 1, 20, 16, seed=s, dtype=torch.float32).to(DEVICE) for s in range(3))
     w = projection(16, 16, dtype=torch.float32).to(DEVICE)
