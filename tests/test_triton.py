@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:Run
 # Small tiles so that the small sizes still cross tiles, chunks, segments and splits.
 SMALL = _ops.Config(block_l=16, block_m=16, chunk=16, seg_chunks=1, splits=2)
 # Relative L2 error allowed against the float64 oracle, per input dtype.
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 
 def _rel(a, b):

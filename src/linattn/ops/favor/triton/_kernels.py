@@ -23,20 +23,29 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _logits(x, w_ptr, f0, M, d, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, SPLIT: tl.constexpr):
     # x: (BL, BD) -> x @ W'[f0:f0+BM]^T (BL, BM) float32; features >= M get -inf.
+    # SPLIT (half inputs): x is exact in its dtype; W' = hi + lo, both in x's dtype, and two
+    # tensor-core dots give the logits to ~16 bits (an error in a logit is a relative
+    # error in its feature, so one rounding of W' to 8 bits would cost ~1%).
     offs_f = f0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     w = tl.load(w_ptr + offs_f[:, None] * d + offs_d[None, :],
                 mask=(offs_f[:, None] < M) & (offs_d[None, :] < d), other=0.0)
-    lg = tl.dot(x.to(DT), tl.trans(w).to(DT), input_precision=PREC)
+    if SPLIT:
+        w_hi = w.to(x.dtype)
+        w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
+        lg = tl.dot(x, tl.trans(w_hi))
+        lg = tl.dot(x, tl.trans(w_lo), lg)
+    else:
+        lg = tl.dot(x.to(DT), tl.trans(w).to(DT), input_precision=PREC)
     return tl.where((offs_f < M)[None, :], lg, float("-inf")), w
 
 
 @triton.jit
 def rowmax_kernel(X, W, R, L, M, d, hn, w_head_stride, H,
                   BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, SPLIT: tl.constexpr):
     """R[bh, i] = max_f (x_i W'^T)_f - hn |x_i|^2.  grid (BH, cdiv(L, BL))."""
     bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
@@ -47,7 +56,7 @@ def rowmax_kernel(X, W, R, L, M, d, hn, w_head_stride, H,
     w_ptr = W + (bh % H) * w_head_stride
     best = tl.full((BL,), float("-inf"), tl.float32)
     for f0 in range(0, M, BM):
-        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC)
+        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         best = tl.maximum(best, tl.max(lg, axis=1))
     xf = x.to(tl.float32)
     best = best - hn * tl.sum(xf * xf, axis=1)
@@ -59,7 +68,7 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
                  w_head_stride, H,
                  HAS_YS: tl.constexpr, HAS_Y1: tl.constexpr,
                  BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Partial sums over one split of rows, for one tile of features:
     ``S[split, bh] = sum_i F_i^T (ys_i y_i)``, ``Z[split, bh] = sum_i F_i y1_i`` with
     ``F_i = exp2(Lx_i - ref_i)``.  grid (BH, cdiv(M, BM), num_splits).
@@ -83,7 +92,7 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
         valid = rows < stop
         x = tl.load(X + bh * L * d + rows[:, None] * d + offs_d[None, :],
                     mask=valid[:, None] & (offs_d[None, :] < d), other=0.0)
-        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC)
+        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         xf = x.to(tl.float32)
         ref = tl.load(REF + bh * L + rows, mask=valid, other=float("inf"))
         lg = lg - (hn * tl.sum(xf * xf, axis=1) + ref)[:, None]
@@ -108,7 +117,7 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
 @triton.jit
 def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
                  BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Bidirectional output: ``out_i = (F_i S) / (F_i . z)`` with ``F_i = exp2(q_i W'^T -
     ref_i)``; rows with ``den == 0`` get 0. Stores ``out`` (OUT's dtype) and ``den``.
     grid (BH, cdiv(L, BL))."""
@@ -125,7 +134,7 @@ def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
     den = tl.zeros((BL,), tl.float32)
     for f0 in range(0, M, BM):
         offs_f = f0 + tl.arange(0, BM)
-        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC)
+        lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         feats = tl.exp2(lg - ref[:, None])
         s = tl.load(S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
                     mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
@@ -142,7 +151,7 @@ def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
 def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stride, H,
                 HAS_YS: tl.constexpr, HAS_Y1: tl.constexpr, WANT_DY: tl.constexpr,
                 BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
+                DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Gradient through ``F_i = exp2(Lx_i - ref_i)`` given a state ``(S, z)``:
     ``dF = (ys y) S^T + y1 z^T``, ``dLx = ln2 F dF``, ``dx = dLx W' - 2 hn x rowsum(dLx)``
     and (``WANT_DY``) ``dy = F S``.  grid (BH, cdiv(L, BL)).
@@ -174,7 +183,7 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
     dy = tl.zeros((BL, BDV), tl.float32)
     for f0 in range(0, M, BM):
         offs_f = f0 + tl.arange(0, BM)
-        lg, w = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC)
+        lg, w = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         feats = tl.where(valid[:, None], tl.exp2(lg - ref[:, None]), 0.0)
         s = tl.load(S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
                     mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
@@ -197,7 +206,7 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
 @triton.jit
 def _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid, f0, L, M, d, hn,
                  HAS_MASK: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, SPLIT: tl.constexpr):
     # Query features Qf = exp2(q W'^T - rq) and key features relative to their own prefix
     # maximum Kc = exp2(Lk - c) (both <= 1; 0 on rows >= L and on padded keys).
     offs_d = tl.arange(0, BD)
@@ -206,9 +215,9 @@ def _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid, f0, L, M, d, hn,
     k = tl.load(K + bh * L * d + rows[:, None] * d + offs_d[None, :], mask=xm, other=0.0)
     rq = tl.load(RQ + bh * L + rows, mask=valid, other=0.0)
     c = tl.load(C + bh * L + rows, mask=valid, other=0.0)
-    lq, w = _logits(q, w_ptr, f0, M, d, BM, BD, DT, PREC)
+    lq, w = _logits(q, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
     qf = tl.where(valid[:, None], tl.exp2(lq - rq[:, None]), 0.0)
-    lk, _ = _logits(k, w_ptr, f0, M, d, BM, BD, DT, PREC)
+    lk, _ = _logits(k, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
     kf32 = k.to(tl.float32)
     keep = valid
     if HAS_MASK:
@@ -223,7 +232,7 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
                       L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
                       HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
                       BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Causal forward for one feature tile over one segment, chunk by chunk; the state
     ``(S, z)`` (relative to the stabilizer ``e``) is carried in registers. Partial
     numerators/denominators of the feature tile are added into NUM/DEN (float32).
@@ -248,7 +257,7 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
         rows = r0 + ar
         valid = rows < stop
         _kf32, c, qf, kf, _w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC)
+                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
         v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
                     mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0)
         tri = (ar[None, :] <= ar[:, None]) & valid[:, None] & valid[None, :]
@@ -275,7 +284,7 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
                      L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
                      HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
                      BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Causal backward, queries: forward scan re-forming the states; with
     ``P_ij = g_i . v_j + gd_i`` (``g = dout / den``, ``gd = -(dout . out) / den``),
     ``dQf_i = sum_{j<=i, chunk} P_ij exp2(c_j - c_i) Kc_j + exp2(e - c_i) (g_i S^T + gd_i z)``
@@ -301,7 +310,7 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
         rows = r0 + ar
         valid = rows < stop
         _kf32, c, qf, kf, w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC)
+                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
         vm = valid[:, None] & (offs_v[None, :] < dv)
         v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0)
         g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm,
@@ -332,7 +341,7 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
                       L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
                       HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
                       BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, SPLIT: tl.constexpr):
     """Causal backward, keys and values: reverse scan over the segment's chunks carrying
     ``D = sum_{i later} exp2(bn - c_i) Qf_i^T g_i`` and ``Dz`` (same with ``gd``), relative
     to ``bn``, the prefix maximum at the start of the next chunk. Adds the feature tile's
@@ -360,7 +369,7 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
         rows = r0 + ar
         valid = rows < stop
         kf32, c, qf, kf, w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC)
+                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
         vm = valid[:, None] & (offs_v[None, :] < dv)
         v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0)
         g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm,

@@ -53,6 +53,14 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
+def _split_logits(dtype: torch.dtype) -> bool:
+    # Half inputs: logits from two dots in the input dtype (W' = hi + lo), except bfloat16
+    # in the interpreter (its bfloat16 dots are wrong; float32 dots are exact there).
+    if dtype == torch.float16:
+        return True
+    return dtype == torch.bfloat16 and not _interpreting()
+
+
 def _prec(dtype: torch.dtype) -> str:
     # float32 inputs keep full float32 dots (correct first); half inputs use tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -94,10 +102,11 @@ class _Launch:
         self.bm = min(cfg.block_m, _pow2(self.m))
         self.dt = _dot_dtype(q.dtype)
         self.prec = _prec(q.dtype)
+        self.split = _split_logits(q.dtype)
         self.mt = triton.cdiv(self.m, self.bm)
 
     def consts(self):
-        return dict(BD=self.bd, BM=self.bm, DT=self.dt, PREC=self.prec,
+        return dict(BD=self.bd, BM=self.bm, DT=self.dt, PREC=self.prec, SPLIT=self.split,
                     num_warps=self.cfg.num_warps)
 
     def rowmax(self, x: Tensor, hn: float) -> Tensor:
