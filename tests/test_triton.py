@@ -253,8 +253,9 @@ def test_falls_back_to_eager(monkeypatch, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("d", [32, 64, 128])
-def test_full_size_cuda(d, causal, kernel, dtype):
-    # Default tiles; m = 128 (256 features for the hyperbolic map); odd length.
-    _check(kernel, causal, True, dtype, b=2, h=4, lq=1000, d=d, dv=d, m=128,
+@pytest.mark.parametrize("d,m", [(32, 128), (64, 128), (128, 128), (128, 256)],
+                         ids=["d32-m128", "d64-m128", "d128-m128", "d128-m256"])
+def test_full_size_cuda(d, m, causal, kernel, dtype):
+    # Default tiles; up to 512 features (hyperbolic map, m = 256); odd length.
+    _check(kernel, causal, True, dtype, b=2, h=4, lq=1000, d=d, dv=d, m=m,
            cfg=_ops.Config())
