@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _kernels as kn
 
@@ -202,6 +203,7 @@ class _Bidirectional(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, w, rq, ref_k, s, z, out, den = ctx.saved_tensors
         hn, cfg = ctx.hn, ctx.cfg
@@ -298,6 +300,7 @@ class _Causal(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, w, kp, rq, c, s_in, z_in, e_in, first, out, den = ctx.saved_tensors
         hn, cfg = ctx.hn, ctx.cfg
