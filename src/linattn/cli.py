@@ -98,7 +98,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(experiment.format_summary(summary))
     print(f"\nwrote {args.out}/summary.json" + (
-        ", log.jsonl, distill.png, checkpoint/" if args.steps else ""))
+        ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
     return 0
 
 
@@ -121,6 +121,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/comparison.json, comparison.md, comparison.png")
         return 0
     summary = train(cfg, args.out, resume=args.resume)
+    if summary.get("already_finished"):
+        print(f"{args.out}: this run already finished ({cfg.steps} steps); nothing to do, "
+              "files left as they are")
+        return 0
     if summary["finished"]:
         m = summary["metric"]
         print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
