@@ -311,7 +311,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert s["finished"]
 
 
-@pytest.mark.parametrize("kw,field", [
+BAD_TRAIN_CONFIGS = [
     (dict(warmup=-3), "warmup"), (dict(lr=float("nan")), "lr"), (dict(lr=0.0), "lr"),
     (dict(weight_decay=-0.1), "weight_decay"), (dict(min_lr_ratio=1.5), "min_lr_ratio"),
     (dict(grad_clip=-1.0), "grad_clip"), (dict(dropout=1.0), "dropout"),
@@ -321,7 +321,11 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
     (dict(listops_train=0), "listops_train"), (dict(steps=-5), "steps"),
     (dict(listops_min_len=50, listops_max_len=10), "listops_min_len"),
     (dict(eval_every=1.5), "eval_every"), (dict(lr="fast"), "lr"),
-], ids=lambda v: v if isinstance(v, str) else None)
+]
+
+
+@pytest.mark.parametrize("kw,field", BAD_TRAIN_CONFIGS, ids=[
+    f"{field}={next(iter(kw.values()))!r}" for kw, field in BAD_TRAIN_CONFIGS])
 def test_train_config_range_checks_name_the_field(kw, field):
     with pytest.raises((ValueError, TypeError), match=field):
         TrainConfig(**kw)

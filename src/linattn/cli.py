@@ -245,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="JSON file with TrainConfig fields")
     t.add_argument("--out", default="results/train", help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the run's settings (only "
+                   "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
+                   "a finished run is left as is")
     t.add_argument("--compare", action="store_true",
                    help="train once per attention kind (same budget) into OUT/<attention>/ "
                    "and write comparison.json/md/png")

@@ -288,11 +288,10 @@ def train(
     if main:
         if finished:
             model.save(out / "model")
-        # The summary goes last: a finished summary.json means model/ is complete.
-        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
-        if finished:
             plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric,
                         title=f"{cfg.task} / {cfg.attention}")
+        # The summary goes last: a finished summary.json means every other file is complete.
+        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
     return summary
 
 
