@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import glob
 import json
 import os
 import shutil
@@ -26,6 +27,17 @@ class CheckpointError(ValueError):
     """A saved model, checkpoint or result file that cannot be loaded as it is: missing,
     empty, truncated, not what it claims to be, or inconsistent with its config. The
     message names the file and what is wrong."""
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files or folders a killed earlier write of ``path`` left."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.suffix in (".tmp", ".old"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -47,6 +59,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if mode == "w":
@@ -123,6 +136,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     half-written). On an exception ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

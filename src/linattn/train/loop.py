@@ -185,6 +185,9 @@ def train(
             return done
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            # A fresh run: a summary left by an earlier run in ``out`` no longer applies.
+            (out / "summary.json").unlink(missing_ok=True)
         write_json(out / "config.json", cfg.to_dict())
     task = task or build_task(cfg)
     if device.type == "cuda":
