@@ -70,6 +70,28 @@ def test_atomic_directory_keeps_the_old_folder_when_the_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_read_metrics_stops_at_a_line_torn_by_a_kill(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "sp')
+    assert [r["step"] for r in read_metrics(f)] == [1, 2]
+
+
+@pytest.mark.parametrize("package", ["train", "models", "integrations/hf"])
+def test_result_writers_go_through_the_atomic_helpers(package):
+    # A direct write (write_text, torch.save, savefig, open for writing) in these packages
+    # would bypass linattn._io; the append-only logs (metrics.jsonl, log.jsonl) are the
+    # exception, and a torn last line of them is ignored by their readers.
+    import re
+
+    root = Path(linattn.__file__).parent / package
+    pattern = re.compile(r"\.write_text\(|\.write_bytes\(|torch\.save\(|\.savefig\(|"
+                         r"open\(\s*[\"']w|\.open\(\s*[\"']w")
+    offenders = [f"{f.name}:{i}: {line.strip()}" for f in sorted(root.glob("*.py"))
+                 for i, line in enumerate(f.read_text().splitlines(), 1)
+                 if pattern.search(line) and "log.jsonl" not in line]
+    assert offenders == []
+
+
 # ------------------------------------------------------------------ model save / load
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["during-weights", "between-files"])
 def test_interrupted_model_save_never_loads_the_wrong_model(tmp_path, monkeypatch, fail_at):
