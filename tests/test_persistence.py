@@ -29,6 +29,15 @@ SRC = str(Path(linattn.__file__).resolve().parents[1])
 TESTS = str(Path(__file__).resolve().parent)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread is as fast, and steadier on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_model(attention: str, seed: int = 0) -> CausalLM:
     torch.manual_seed(seed)
     return CausalLM(ModelConfig(vocab_size=13, dim=16, depth=1, heads=2, causal=True,
@@ -303,7 +312,7 @@ def test_resume_with_changed_settings_is_refused_and_touches_nothing(tmp_path):
 
 
 def test_resume_from_a_damaged_checkpoint_raises_checkpoint_error(tmp_path):
-    cfg = tiny()
+    cfg = tiny(steps=8)
     train(cfg, tmp_path, task=task_for(cfg), progress=False, stop_after=4)
     data = (tmp_path / "checkpoint.pt").read_bytes()
     (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 3])
@@ -314,7 +323,7 @@ def test_resume_from_a_damaged_checkpoint_raises_checkpoint_error(tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny()
+    cfg = tiny(steps=8)
     train(cfg, tmp_path, task=task_for(cfg), progress=False, stop_after=4)
     good = (tmp_path / "checkpoint.pt").read_bytes()
     real = torch.save
