@@ -110,7 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(experiment.format_summary(summary))
     print(f"\nwrote {args.out}/summary.json" + (
-        ", log.jsonl, distill.png, checkpoint/" if args.steps else ""))
+        ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
     return 0
 
 
@@ -133,6 +133,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/comparison.json, comparison.md, comparison.png")
         return 0
     summary = train(cfg, args.out, resume=args.resume)
+    if summary.get("already_finished"):
+        print(f"{args.out}: this run already finished ({cfg.steps} steps); nothing to do, "
+              "files left as they are")
+        return 0
     if summary["finished"]:
         m = summary["metric"]
         print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
@@ -255,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="JSON file with TrainConfig fields")
     t.add_argument("--out", default="results/train", help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the run's settings (only "
+                   "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
+                   "a finished run is left as is")
     t.add_argument("--compare", action="store_true",
                    help="train once per attention kind (same budget) into OUT/<attention>/ "
                    "and write comparison.json/md/png")
