@@ -106,7 +106,9 @@ def _moments(x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     if keep is None:
         return (x * x).sum(-1).mean(-1), x.mean(-2)
     count = keep.sum(-1).clamp_min(1.0)
-    return ((x * x).sum(-1) * keep).sum(-1) / count, (x * keep.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+    # A select, not a product: padded positions may hold NaN or inf (NaN * 0 is NaN).
+    x = x.masked_fill(keep.unsqueeze(-1) == 0, 0)
+    return (x * x).sum(-1).sum(-1) / count, x.sum(-2) / count.unsqueeze(-1)
 
 
 def _sq_half(x: Tensor, scale: float = 1.0) -> Tensor:

@@ -60,11 +60,23 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
     return w
 
 
+def _zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x: (B, ..., L, d)`` with the positions where ``mask: (B, L)`` is True set to 0.
+
+    A select, not a product (``NaN * 0`` is NaN): padding contents never reach the math.
+    """
+    if mask is None:
+        return x
+    return x.masked_fill(mask.view(mask.shape[0], *([1] * (x.dim() - 3)), mask.shape[1], 1), 0)
+
+
 def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
     q, k, v = check_qkv(q, k, v)
     fm = get_feature_map(kernel)
     weight = _check_projection(projection, fm, q)
     mask = check_key_padding_mask(key_padding_mask, k)
+    # Padded keys/values may hold anything (NaN, inf, 1e30): zero them before any use.
+    k, v = _zero_padding(k, mask), _zero_padding(v, mask)
     scale = check_scale(scale, q.shape[-1])
     if causal and not fm.causal_ok:
         raise ValueError(

@@ -15,6 +15,7 @@ from ..ops.linformer import (
     linear_compress,
     pool_compress,
     pool_matrix,
+    projected_attention,
 )
 from ._mha import MHAShaped
 
@@ -273,8 +274,8 @@ class LinformerAttention(MHAShaped):
         else:
             kc, vc = proj.compress(self._heads(self.k_proj(key)),
                                    self._heads(self.v_proj(value)), mask)
-        out = F.scaled_dot_product_attention(
-            q, kc, vc, dropout_p=self.dropout if self.training else 0.0
+        out = projected_attention(
+            q, kc, vc, None, dropout_p=self.dropout if self.training else 0.0
         )
         return self._layout(self._merge(out)), None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..._checks import check_choice
@@ -19,6 +18,7 @@ from ...features import KERNELS
 from ...functional import _compute_dtype, favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
 from ...nn.performer import RandomFeatures, default_num_features
+from ...ops.linformer import projected_attention
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -177,7 +177,7 @@ class LinformerLayerState(nn.Module):
         dtype = q.dtype
         q, k, v = (t.to(proj_dtype(proj, dtype)) for t in (q, k, v))
         kc, vc = proj.compress(k, v, key_padding_mask)
-        return F.scaled_dot_product_attention(q, kc, vc, scale=scale).to(dtype)
+        return projected_attention(q, kc, vc, scale).to(dtype)
 
     def options(self) -> dict:
         p = self.proj

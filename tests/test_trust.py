@@ -1,0 +1,154 @@
+"""Issue 15: no silent wrong results (padding contents, NaN propagation, double backward,
+FAVOR++ precision, argument validation, MHA layout)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import linattn
+from conftest import projection, randn
+from linattn.features import get_feature_map
+from linattn.ops.linformer import linformer_naive
+
+KERNELS = ["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu"]
+CAUSAL_KERNELS = [k for k in KERNELS if get_feature_map(k).causal_ok]
+CONTENTS = {"nan": float("nan"), "inf": float("inf"), "big": 1e30, "-big": -1e30}
+
+
+def _fill_padding(t, mask, value):
+    t = t.clone()
+    t[mask[:, None, :, None].expand_as(t)] = value
+    return t
+
+
+def _padded(q, k, v, pad, value, side="right"):
+    # q, k, v (B, H, L, d) -> padded on one side with `value`, and the mask.
+    b, h, length, _ = q.shape
+    total = length + pad
+    if side == "right":
+        mask = torch.arange(total)[None].expand(b, -1) >= length
+        sl = slice(0, length)
+    else:
+        mask = torch.arange(total)[None].expand(b, -1) < pad
+        sl = slice(pad, total)
+    out = []
+    for t in (q, k, v):
+        big = t.new_zeros(b, h, total, t.shape[-1])
+        big[..., sl, :] = t
+        out.append(_fill_padding(big, mask, value))
+    return (*out, mask, sl)
+
+
+# ------------------------------------------------------------------ 1. padding contents
+@pytest.mark.parametrize("content", list(CONTENTS), ids=list(CONTENTS))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_favor_bidirectional_padding_contents_do_not_matter(kernel, content, side):
+    q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    ref = linattn.favor_attention(q, k, v, w, kernel=kernel)
+    qp, kp, vp, mask, sl = _padded(q, k, v, 4, CONTENTS[content], side)
+    out = linattn.favor_attention(qp, kp, vp, w, kernel=kernel, key_padding_mask=mask)
+    assert torch.isfinite(out[..., sl, :]).all()
+    torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("content", list(CONTENTS), ids=list(CONTENTS))
+@pytest.mark.parametrize("kernel", CAUSAL_KERNELS)
+def test_favor_causal_and_recurrent_padding_contents_do_not_matter(kernel, content):
+    q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    ref = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True)
+    # Causal: left padding keeps the real tokens' prefixes.
+    qp, kp, vp, mask, sl = _padded(q, k, v, 4, CONTENTS[content], "left")
+    out = linattn.favor_attention(qp, kp, vp, w, kernel=kernel, causal=True,
+                                  key_padding_mask=mask, chunk_size=4)
+    torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+    state, outs = None, []
+    for i in range(qp.shape[-2]):
+        o, state = linattn.favor_recurrent(qp[..., i:i + 1, :], kp[..., i:i + 1, :],
+                                           vp[..., i:i + 1, :], w, state=state, kernel=kernel,
+                                           key_padding_mask=mask[:, i:i + 1])
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, -2)[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_issue_repro_huge_padded_key_softmax():
+    q, k, v = (randn(1, 1, 4, 8, seed=s, dtype=torch.float32) for s in range(3))
+    k[..., 3, :] = 1e30
+    w = projection(16, 8, dtype=torch.float32)
+    mask = torch.tensor([[0, 0, 0, 1]]).bool()
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask)
+    ref = linattn.favor_attention(q[..., :3, :], k[..., :3, :], v[..., :3, :], w)
+    torch.testing.assert_close(out[..., :3, :], ref[..., :3, :])
+
+
+def test_padding_contents_do_not_reach_gradients():
+    q, k, v = (randn(2, 2, 7, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    _, kp, vp, mask, sl = _padded(q, k, v, 3, float("nan"), "right")
+    # Queries at padded positions stay finite: a NaN query poisons its own output row and,
+    # through it, the backward pass, exactly as in exact attention (SDPA).
+    qp = _padded(q, k, v, 3, 0.5, "right")[0]
+    for t in (qp, kp, vp):
+        t.requires_grad_()
+    for causal in (False, True):
+        out = linattn.favor_attention(qp, kp, vp, w, causal=causal, key_padding_mask=mask)
+        gk, gv = torch.autograd.grad(out[..., sl, :].sum(), (kp, vp))
+        assert torch.isfinite(gk).all() and torch.isfinite(gv).all()
+        assert (gk[..., 7:, :] == 0).all() and (gv[..., 7:, :] == 0).all()
+
+
+@pytest.mark.parametrize("content", list(CONTENTS), ids=list(CONTENTS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_linformer_padding_contents_do_not_matter(content, side):
+    q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
+    e = randn(5, 16, seed=7)
+    ref = linattn.linformer_attention(q, k, v, e)
+    _, kp, vp, mask, sl = _padded(q, k, v, 4, CONTENTS[content], side)
+    out = linattn.linformer_attention(q, kp, vp, e, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("module", ["performer", "linformer", "linformer-pool"])
+def test_modules_padding_contents_do_not_matter(module):
+    torch.manual_seed(0)
+    if module == "performer":
+        attn = linattn.PerformerAttention(16, 2, batch_first=True, dtype=torch.float64)
+    else:
+        kind = "linear" if module == "linformer" else "mean"
+        attn = linattn.LinformerAttention(16, 2, max_seq_len=16, proj_dim=4, projection=kind,
+                                          sharing="headwise", batch_first=True,
+                                          dtype=torch.float64)
+    x = randn(2, 6, 16)
+    ref, _ = attn(x)
+    xp = torch.cat([x, torch.full((2, 3, 16), float("nan"), dtype=x.dtype)], dim=1)
+    mask = torch.arange(9)[None].expand(2, -1) >= 6
+    out, _ = attn(xp, key_padding_mask=mask)
+    torch.testing.assert_close(out[:, :6], ref, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ 2. NaN in real keys
+@pytest.mark.parametrize("kdim", [1, 3])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_linformer_nonfinite_real_key_matches_reference(kdim, value):
+    q, k, v = (randn(2, 2, 5, 4, seed=s) for s in range(3))
+    k[0, 0, 1, 0] = float(value)
+    e = randn(kdim, 8, seed=5)
+    out = linattn.linformer_attention(q, k, v, e)
+    ref = linformer_naive(q, k, v, e)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any()
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+def test_favor_nan_in_real_key_propagates():
+    q, k, v = (randn(1, 1, 5, 8, seed=s) for s in range(3))
+    k[0, 0, 2, 0] = float("nan")
+    w = projection(16, 8)
+    for causal in (False, True):
+        out = linattn.favor_attention(q, k, v, w, causal=causal)
+        rows = slice(2, None) if causal else slice(None)
+        assert out[..., rows, :].isnan().all()
