@@ -107,7 +107,7 @@ def test_linformer_padding_contents_do_not_matter(content, side):
     q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
     e = randn(5, 16, seed=7)
     ref = linattn.linformer_attention(q, k, v, e)
-    _, kp, vp, mask, sl = _padded(q, k, v, 4, CONTENTS[content], side)
+    _, kp, vp, mask, _ = _padded(q, k, v, 4, CONTENTS[content], side)
     out = linattn.linformer_attention(q, kp, vp, e, key_padding_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
@@ -152,3 +152,21 @@ def test_favor_nan_in_real_key_propagates():
         out = linattn.favor_attention(q, k, v, w, causal=causal)
         rows = slice(2, None) if causal else slice(None)
         assert out[..., rows, :].isnan().all()
+
+
+# ------------------------------------------------------------------ 3. double backward
+@pytest.mark.parametrize("path", ["bidirectional", "causal", "recurrent"])
+def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
+    q, k, v = (randn(1, 2, 5, 8, seed=s, requires_grad=True) for s in range(3))
+    w = projection(16, 8)
+    if path == "recurrent":
+        out, _ = linattn.favor_recurrent(q, k, v, w)
+    else:
+        out = linattn.favor_attention(q, k, v, w, causal=path == "causal")
+    # First-order gradients with create_graph=True are still right ...
+    g, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    g_ref, = torch.autograd.grad(out.pow(2).sum(), q, retain_graph=True)
+    torch.testing.assert_close(g, g_ref)
+    # ... but differentiating them again raises instead of returning a wrong answer.
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.pow(2).sum(), q)
