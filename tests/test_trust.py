@@ -170,3 +170,35 @@ def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
     # ... but differentiating them again raises instead of returning a wrong answer.
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(g.pow(2).sum(), q)
+
+
+# ------------------------------------------------------------------ 4. FAVOR++ precision
+def _log_domain_favor(q, k, v, w, params, mask=None):
+    # The oracle in log space (float64): weights logsumexp_m(lq_im + lk_jm) never overflow.
+    xs_q, xs_k = (t * math.sqrt(params.scale) for t in (q, k))
+    a, b = params.opt_a[..., None, None], params.opt_b[..., None, None]
+
+    def logf(xs):
+        return a * (w * w).sum(-1) + b * (xs @ w.T) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+    lw = torch.logsumexp(logf(xs_q)[..., :, None, :] + logf(xs_k)[..., None, :, :], -1)
+    if mask is not None:
+        lw = lw.masked_fill(mask[:, None, None, :], float("-inf"))
+    return torch.softmax(lw, -1) @ v
+
+
+@pytest.mark.parametrize("scale_up", [1.0, 4.0, 8.0, 16.0, 30.0])
+def test_favor_plus_plus_float32_matches_float64_oracle_at_large_scales(scale_up):
+    q, k, v = (randn(2, 2, 20, 16, seed=s) for s in range(3))
+    q, k = q * scale_up, k * scale_up
+    w = projection(64, 16)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[1, 15:] = True
+    fm = get_feature_map("softmax_opt")
+    params = fm.prepare(w, q, k, mask, 16 ** -0.5)
+    ref = _log_domain_favor(q, k, v, w, params, mask)
+    out64 = linattn.favor_attention(q, k, v, w, kernel="softmax_opt", key_padding_mask=mask)
+    torch.testing.assert_close(out64, ref, rtol=1e-9, atol=1e-9)
+    out32 = linattn.favor_attention(q.float(), k.float(), v.float(), w.float(),
+                                    kernel="softmax_opt", key_padding_mask=mask)
+    torch.testing.assert_close(out32.double(), ref, rtol=1e-3, atol=1e-3)
