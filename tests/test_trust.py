@@ -202,3 +202,105 @@ def test_favor_plus_plus_float32_matches_float64_oracle_at_large_scales(scale_up
     out32 = linattn.favor_attention(q.float(), k.float(), v.float(), w.float(),
                                     kernel="softmax_opt", key_padding_mask=mask)
     torch.testing.assert_close(out32.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ 5. validation
+def _qkv(lq=4, lk=4, d=8):
+    return randn(1, 2, lq, d, seed=0), randn(1, 2, lk, d, seed=1), randn(1, 2, lk, d, seed=2)
+
+
+def _state(kv_shape=(1, 2, 16, 9), stab_shape=(1, 2), dtype=torch.float64):
+    return linattn.FavorState(torch.zeros(kv_shape, dtype=dtype), torch.zeros(stab_shape,
+                                                                              dtype=dtype))
+
+
+FUNCTIONAL_BAD = {
+    "scale-inf": (lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.inf),
+                  ValueError, "scale must be a finite number > 0"),
+    "scale-nan": (lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.nan),
+                  ValueError, "scale"),
+    "linformer-scale-inf": (lambda: linattn.linformer_attention(*_qkv(), randn(3, 8),
+                                                                scale=math.inf),
+                            ValueError, "scale"),
+    "lq-0": (lambda: linattn.favor_attention(*_qkv(lq=0), projection(16, 8)),
+             ValueError, "at least one query"),
+    "lq-0-linformer": (lambda: linattn.linformer_attention(*_qkv(lq=0), randn(3, 8)),
+                       ValueError, "at least one query"),
+    "d-0": (lambda: linattn.favor_attention(*_qkv(d=0), randn(16, 0)), ValueError,
+            "head_dim"),
+    "projection-0-rows": (lambda: linattn.favor_attention(*_qkv(), randn(0, 8)), ValueError,
+                          "m >= 1"),
+    "draw-int64": (lambda: linattn.draw_projection(16, 8, dtype=torch.int64), TypeError,
+                   "floating"),
+    "draw-bool": (lambda: linattn.draw_projection(16, 8, dtype=torch.bool), TypeError,
+                  "floating"),
+    "state-type": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
+                                                   state=(1, 2)), TypeError, "FavorState"),
+    "state-kv-shape": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
+                                                       state=_state(kv_shape=(1, 2, 8, 9))),
+                       ValueError, "state.kv"),
+    "state-stab-shape": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
+                                                         state=_state(stab_shape=(2,))),
+                         ValueError, "state.stab"),
+    "state-dtype": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
+                                                    state=_state(dtype=torch.int64)),
+                    TypeError, "state.kv"),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONAL_BAD), ids=list(FUNCTIONAL_BAD))
+def test_functional_bad_input_is_named_up_front(case):
+    call, exc, match = FUNCTIONAL_BAD[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def _cfg(**kw):
+    from linattn.models import ModelConfig
+    return ModelConfig(**{"vocab_size": 50, "dim": 16, "heads": 2, "depth": 1, **kw})
+
+
+MODULE_BAD = {
+    "performer-num-features-0": (lambda: linattn.PerformerAttention(16, 2, num_features=0),
+                                 ValueError, "num_features"),
+    "config-num-features-0": (lambda: _cfg(num_features=0), ValueError, "num_features"),
+    "config-proj-dim-0": (lambda: _cfg(attention="linformer", position="learned", proj_dim=0),
+                          ValueError, "proj_dim"),
+    "config-causal-str": (lambda: _cfg(causal="yes"), TypeError, "causal"),
+    "config-num-classes-1": (lambda: _cfg(num_classes=1), ValueError, "num_classes"),
+    "config-seed-str": (lambda: _cfg(seed="a"), TypeError, "seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_BAD), ids=list(MODULE_BAD))
+def test_module_and_config_bad_input_is_named_up_front(case):
+    call, exc, match = MODULE_BAD[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_sequence_classifier_needs_two_classes():
+    from linattn.models import SequenceClassifier
+    cfg = _cfg(num_classes=2)
+    cfg.num_classes = 1  # mutated after the config check
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        SequenceClassifier(cfg)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"top_k": 0}, "top_k"), ({"top_k": -1}, "top_k"), ({"temperature": math.nan}, "temperature"),
+    ({"temperature": math.inf}, "temperature"), ({"temperature": 0.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"prompt": "empty"}, "at least one prompt"),
+    ({"prompt": "float"}, "integer"), ({"prompt": "oov"}, r"\[0, 50\)"),
+], ids=["top_k-0", "top_k-neg", "temp-nan", "temp-inf", "temp-0", "top_p-0", "new-neg",
+        "new-float", "empty-prompt", "float-prompt", "out-of-vocab"])
+def test_generate_bad_arguments_are_named_up_front(kwargs, match):
+    from linattn.models import CausalLM
+    model = CausalLM(_cfg(causal=True))
+    prompt = {"empty": torch.zeros(1, 0, dtype=torch.long), "float": torch.zeros(1, 3),
+              "oov": torch.full((1, 3), 50)}.get(kwargs.pop("prompt", None),
+                                                  torch.ones(1, 3, dtype=torch.long))
+    kwargs.setdefault("max_new_tokens", 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.generate(prompt, **kwargs)

@@ -50,10 +50,10 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
             )
         return None
     w = check_tensor("projection", projection, min_dim=2)
-    if w.dim() != 2 or w.shape[1] != q.shape[-1]:
+    if w.dim() != 2 or w.shape[1] != q.shape[-1] or w.shape[0] == 0:
         raise ValueError(
-            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) for "
-            f"q {shape_str(q)}, got {shape_str(w)}"
+            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) with "
+            f"m >= 1 for q {shape_str(q)}, got {shape_str(w)}"
         )
     if w.device != q.device:
         raise ValueError(f"projection is on {w.device} but q is on {q.device}")
@@ -198,10 +198,18 @@ def favor_recurrent(
             raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
         m = fm.num_features(params.weight, q.shape[-1])
         want = (*q.shape[:2], m, v.shape[-1] + 1)
+        for name, t in (("state.kv", state.kv), ("state.stab", state.stab)):
+            check_tensor(name, t, min_dim=0)
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if tuple(state.kv.shape) != want:
             raise ValueError(
                 f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
                 f"{shape_str(state.kv)}"
+            )
+        if tuple(state.stab.shape) != want[:2]:
+            raise ValueError(
+                f"state.stab must have shape (B, H) = {want[:2]}, got {shape_str(state.stab)}"
             )
         state = FavorState(state.kv.to(q4.dtype), state.stab.to(q4.dtype))
     out, new_state = favor_recurrent_step(

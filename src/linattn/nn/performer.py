@@ -155,7 +155,8 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         self.rotary, self.rotary_base = rotary, rotary_base
         self.chunk_size = chunk_size
         self._init_random_features(
-            num_features or default_num_features(self.head_dim), self.head_dim,
+            default_num_features(self.head_dim) if num_features is None else num_features,
+            self.head_dim,
             orthogonal=orthogonal, scaling=scaling, seed=seed, layer_index=layer_index,
             redraw_interval=redraw_interval, device=device, dtype=dtype,
         )

@@ -11,6 +11,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+from ..._checks import check_int, check_positive_int
 from ...features import KERNELS
 from ...functional import _compute_dtype
 from .attention import NAME, register
@@ -52,6 +53,12 @@ def _check_options(method: str, options: dict) -> None:
             f"convert(method={method!r}) got unknown option(s) {unknown}; it takes "
             f"{list(allowed)}"
         )
+    # Checked up front: 0 must not silently mean "the default", nor "a" fail deep inside.
+    for name in ("num_features", "max_seq_len", "proj_dim", "redraw_interval", "chunk_size"):
+        if options.get(name) is not None:
+            check_positive_int(name, options[name])
+    if "seed" in options:
+        check_int("seed", options["seed"])
 
 
 def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
@@ -131,8 +138,9 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                     "kernel='softmax', 'softmax_hyp' or 'relu'"
                 )
         else:
-            max_len = options.get("max_seq_len") or getattr(config, "max_position_embeddings",
-                                                            None)
+            max_len = options.get("max_seq_len")
+            if max_len is None:
+                max_len = getattr(config, "max_position_embeddings", None)
             if not max_len:
                 raise ValueError("pass max_seq_len: the model's config has no "
                                  "max_position_embeddings")

@@ -68,7 +68,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
         self.chunk_size = chunk_size
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
-            num_features or default_num_features(head_dim), head_dim, orthogonal=orthogonal,
+            default_num_features(head_dim) if num_features is None else num_features,
+            head_dim, orthogonal=orthogonal,
             scaling=scaling, seed=seed, layer_index=layer_index,
             redraw_interval=redraw_interval, device=device, dtype=torch.float32,
         )
