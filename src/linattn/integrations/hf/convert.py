@@ -9,7 +9,7 @@ import types
 
 import transformers
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive_int
 from ...features import KERNELS
@@ -164,7 +164,41 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     setattr(model.config, CONFIG_KEY, config_dict)
     if method == "favor" and causal and hasattr(model, "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
+    if method == "favor":
+        _positions_from_mask_on_rotary(model)
     return model
+
+
+def _positions_from_mask_on_rotary(model: nn.Module) -> None:
+    # Rotary models (Llama family) are exact under left padding without position_ids only
+    # because exact attention depends on positions through i - j alone: every row's
+    # positions start at 0 at the first *pad*, a shift that exact attention ignores. FAVOR+
+    # features of rotated q and k are not shift-invariant (the random projection is
+    # fixed), so a left-padded row would differ from the sequence alone. Derive positions
+    # from the mask (as transformers' generate() does) when the caller gives none.
+    for module in model.modules():
+        if isinstance(getattr(module, "rotary_emb", None), nn.Module) and not getattr(
+                module, "_linattn_positions_hook", False):
+            module.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+            module._linattn_positions_hook = True
+
+
+def _positions_from_mask(module, args, kwargs):
+    """Forward pre-hook: ``position_ids = cumsum(attention_mask) - 1`` for the new tokens
+    when ``position_ids`` is None and some row is left-padded (2-D mask)."""
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None or not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if bool(mask[:, 0].all()):
+        # No row starts with padding: the default positions are already the real ones.
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    if x is None:
+        return None
+    length = x.shape[1]
+    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+    return args, kwargs
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
