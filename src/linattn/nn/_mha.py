@@ -44,11 +44,12 @@ class MHAShaped(nn.Module):
             )
         key = query if key is None else key
         value = key if value is None else value
+        layout = "batch, seq" if self.batch_first else "seq, batch"
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
                                ("value", value, self.vdim)):
             if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
                 got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
+                raise ValueError(f"{name} must have shape ({layout}, {width}) "
                                  f"(batch_first={self.batch_first}), got {got}")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

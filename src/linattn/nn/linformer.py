@@ -166,7 +166,8 @@ class LinformerAttention(MHAShaped):
         shared_projection: the model-wide :class:`LinformerProjection` for
             ``sharing="layerwise"``. It is held by reference, not registered, so the
             model that owns it saves it and DDP sees each parameter once.
-        dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
+        dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``
+            (``batch_first=False`` by default: inputs ``(L, B, E)``).
         compress_first: where ``E`` is one linear map for all heads, compress the
             sequence before the key/value input projections (cost ``kdim d^2`` instead of
             ``n d^2``). This is exact: the bias contributes ``rowsum(E) b^T``, which is
@@ -177,7 +178,8 @@ class LinformerAttention(MHAShaped):
     Forward: ``(query, key=None, value=None, key_padding_mask=None, need_weights=False,
     attn_mask=None, is_causal=False)``; returns ``(output, None)``.
     Shapes (``batch_first=True``): query ``(B, Lq, E)``, key/value ``(B, Lk, kdim/vdim)``,
-    ``key_padding_mask (B, Lk)`` bool with True = padding.
+    ``key_padding_mask (B, Lk)`` bool with True = padding; with the default
+    ``batch_first=False``, query ``(Lq, B, E)`` and key/value ``(Lk, B, kdim/vdim)``.
     """
 
     method = "Linformer"
@@ -196,7 +198,7 @@ class LinformerAttention(MHAShaped):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
-        batch_first: bool = True,
+        batch_first: bool = False,
         compress_first: bool = True,
         causal: bool = False,
         seed: int = 0,
