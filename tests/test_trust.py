@@ -384,3 +384,26 @@ def test_seq_first_is_the_transpose_of_batch_first(name):
     out_bf, _ = batch_first(x, key_padding_mask=mask)
     out_sf, _ = seq_first(x.transpose(0, 1), key_padding_mask=mask)
     torch.testing.assert_close(out_sf, out_bf.transpose(0, 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"warmup": -3}, "warmup"), ({"num_features": 0}, "num_features"),
+    ({"proj_dim": 0}, "proj_dim"), ({"redraw_interval": 0}, "redraw_interval"),
+], ids=["warmup-neg", "num-features-0", "proj-dim-0", "redraw-0"])
+def test_train_config_refuses_values_that_would_silently_become_defaults(kw, match):
+    from linattn.train.config import TrainConfig
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("flag", [["--num-features", "0"], ["--warmup", "-3"]],
+                         ids=["num-features-0", "warmup-neg"])
+def test_cli_train_refuses_before_any_work(tmp_path, flag):
+    from linattn.cli import main
+    out = tmp_path / "run"
+    try:
+        rc = main(["train", "--steps", "1", "--out", str(out), *flag])
+    except (ValueError, SystemExit) as err:
+        rc = err.code if isinstance(err, SystemExit) else 1
+    assert rc not in (0, None)
+    assert not (out / "metrics.jsonl").exists()

@@ -70,6 +70,12 @@ class TrainConfig(JsonConfig):
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         self.betas = tuple(self.betas)
+        # None means the default; 0 must not silently mean it too.
+        for name in ("num_features", "redraw_interval"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_positive_int("proj_dim", self.proj_dim)
+        check_positive_int("warmup", self.warmup, minimum=0)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
