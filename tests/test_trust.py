@@ -407,3 +407,23 @@ def test_cli_train_refuses_before_any_work(tmp_path, flag):
         rc = err.code if isinstance(err, SystemExit) else 1
     assert rc not in (0, None)
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: linattn.PerformerAttention(16, 2, kdim=0), "kdim"),
+    (lambda: linattn.PerformerAttention(16, 2, vdim=0), "vdim"),
+    (lambda: linattn.LinformerAttention(16, 2, max_seq_len=8, kdim=0), "kdim"),
+    (lambda: linattn.PerformerAttention(16, 2, chunk_size=0), "chunk_size"),
+], ids=["performer-kdim-0", "performer-vdim-0", "linformer-kdim-0", "chunk-0"])
+def test_module_zero_sizes_are_refused_not_defaulted(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_model_out_of_vocabulary_ids_are_named():
+    from linattn.models import CausalLM
+    lm = CausalLM(_cfg(causal=True))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), 50))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), -1))

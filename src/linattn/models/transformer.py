@@ -85,6 +85,9 @@ class Encoder(nn.Module):
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"ids must be a (batch, seq) long tensor, got "
                              f"{tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
+                             f"in [{int(ids.min())}, {int(ids.max())}]")
         n = ids.shape[1]
         if offset + n > self.cfg.max_seq_len and self.cfg.position in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {offset + n} tokens exceeds max_seq_len="

@@ -27,7 +27,9 @@ class MHAShaped(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        # None means embed_dim; 0 must not silently mean it too.
+        self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
         self.dropout, self.batch_first = dropout, batch_first
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)

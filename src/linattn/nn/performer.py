@@ -155,7 +155,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
         self.kernel, self.causal = kernel, causal
         self.rotary, self.rotary_base = rotary, rotary_base
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self._init_random_features(
             default_num_features(self.head_dim) if num_features is None else num_features,
             self.head_dim,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..._checks import check_choice
+from ..._checks import check_choice, check_positive_int
 from ...features import KERNELS
 from ...functional import _compute_dtype, favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
@@ -65,7 +65,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
             raise ValueError("learn_projection=True trains the projection; it cannot also be "
                              "redrawn (redraw_interval must be None)")
         self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
             default_num_features(head_dim) if num_features is None else num_features,
