@@ -91,8 +91,8 @@ def test_cuda_models_match_cpu(attention):
 
 
 def test_cuda_performer_redraw_on_device():
-    m = linattn.PerformerAttention(16, 4, redraw_interval=1).cuda()
-    ref = linattn.PerformerAttention(16, 4, redraw_interval=1)
+    m = linattn.PerformerAttention(16, 4, redraw_interval=1, batch_first=True).cuda()
+    ref = linattn.PerformerAttention(16, 4, redraw_interval=1, batch_first=True)
     x = torch.randn(1, 5, 16)
     m(x.cuda())
     ref(x)

@@ -42,7 +42,7 @@ def call(**kw):
         ({"kernel": "cosine"}, ValueError, r"kernel must be one of 'softmax'.*got 'cosine'"),
         ({"kernel": "softmax_opt", "causal": True}, ValueError,
          r"'softmax_opt' depends on every query and key"),
-        ({"scale": -1.0}, ValueError, r"scale must be positive, got -1.0"),
+        ({"scale": -1.0}, ValueError, r"scale must be a finite number > 0, got -1.0"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be >= 1, got 0"),
     ],
     ids=["rank", "head-dim", "batch", "kv-length", "ranks-differ", "dtype-mix", "int-dtype",

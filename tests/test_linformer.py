@@ -92,7 +92,7 @@ def _module(kind, sharing, *, n=24, kdim=5, embed=12, heads=3, **kw):
                                              sharing="layerwise", seed=3, dtype=torch.float64)
     m = linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim, sharing=sharing,
                                    projection=kind, shared_projection=shared, seed=3,
-                                   dtype=torch.float64, **kw)
+                                   dtype=torch.float64, **{"batch_first": True, **kw})
     # Non-trivial conv weights (they start as a mean).
     if kind == "conv":
         with torch.no_grad():
@@ -201,7 +201,7 @@ def test_pooled_and_conv_have_exactly_kdim_positions(kind):
 
 def test_cross_attention_and_batch_first_false():
     m = linattn.LinformerAttention(8, 2, max_seq_len=30, proj_dim=4, kdim=6, vdim=5,
-                                   dtype=torch.float64)
+                                   batch_first=True, dtype=torch.float64)
     q, k, v = randn(2, 7, 8), randn(2, 30, 6, seed=1), randn(2, 30, 5, seed=2)
     out = m(q, k, v)[0]
     assert out.shape == (2, 7, 8)
@@ -256,7 +256,8 @@ def test_paper_matrix_counts(sharing, expected):
 
 def test_nonuniform_proj_dim_per_layer():
     dims = [16, 12, 8, 4]
-    layers = [linattn.LinformerAttention(8, 2, max_seq_len=32, proj_dim=k, sharing="headwise")
+    layers = [linattn.LinformerAttention(8, 2, max_seq_len=32, proj_dim=k, sharing="headwise",
+                                         batch_first=True)
               for k in dims]
     assert [lyr.proj.e.shape[0] for lyr in layers] == dims
     x = torch.randn(2, 32, 8)
@@ -276,7 +277,7 @@ def test_module_errors():
         linattn.LinformerAttention(8, 2, max_seq_len=16, projection="fft")
     with pytest.raises(ValueError, match="needs shared_projection"):
         linattn.LinformerAttention(8, 2, max_seq_len=16, sharing="layerwise")
-    m = linattn.LinformerAttention(8, 2, max_seq_len=16, proj_dim=4)
+    m = linattn.LinformerAttention(8, 2, max_seq_len=16, proj_dim=4, batch_first=True)
     x = torch.randn(1, 17, 8)
     with pytest.raises(ValueError, match="key length 17 exceeds max_seq_len=16"):
         m(x)

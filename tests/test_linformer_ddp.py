@@ -23,7 +23,8 @@ class TinyLinformer(nn.Module):
         self.inp = nn.Linear(5, embed)
         self.layers = nn.ModuleList(
             linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim,
-                                       sharing="layerwise", shared_projection=self.shared)
+                                       sharing="layerwise", shared_projection=self.shared,
+                                       batch_first=True)
             for _ in range(layers)
         )
         self.head = nn.Linear(embed, 3)

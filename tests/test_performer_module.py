@@ -10,7 +10,7 @@ from linattn.nn import default_num_features
 
 def _pair(**kw):
     torch.manual_seed(0)
-    m = linattn.PerformerAttention(16, 4, dtype=torch.float64, **kw)
+    m = linattn.PerformerAttention(16, 4, dtype=torch.float64, batch_first=True, **kw)
     return m
 
 
@@ -31,7 +31,7 @@ def test_module_matches_functional(causal, kernel):
 
 
 def test_mha_call_patterns():
-    m = linattn.PerformerAttention(16, 4, kdim=6, vdim=5)
+    m = linattn.PerformerAttention(16, 4, kdim=6, vdim=5, batch_first=True)
     q, k, v = torch.randn(3, 7, 16), torch.randn(3, 11, 6), torch.randn(3, 11, 5)
     mask = torch.zeros(3, 11, dtype=torch.bool)
     mask[0, 8:] = True
@@ -93,13 +93,14 @@ def test_state_dict_round_trip_after_redraw():
 
 
 def test_to_dtype_moves_projection():
-    m = linattn.PerformerAttention(16, 4).to(torch.float64)
+    m = linattn.PerformerAttention(16, 4, batch_first=True).to(torch.float64)
     assert m.projection.dtype == torch.float64 and m.draws.dtype == torch.long
     assert m(torch.randn(1, 3, 16, dtype=torch.float64))[0].dtype == torch.float64
 
 
 def test_rotary_recurrent_equals_parallel():
-    m = linattn.PerformerAttention(16, 4, causal=True, rotary=True, dtype=torch.float64)
+    m = linattn.PerformerAttention(16, 4, causal=True, rotary=True, dtype=torch.float64,
+                                  batch_first=True)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     full = m(x)[0]
     outs, state = [], None
@@ -128,7 +129,7 @@ def test_bad_configuration(kw, match):
 
 
 def test_forward_errors():
-    m = linattn.PerformerAttention(16, 4)
+    m = linattn.PerformerAttention(16, 4, batch_first=True)
     x = torch.randn(1, 3, 16)
     with pytest.raises(ValueError, match="need_weights=True is not available"):
         m(x, need_weights=True)
@@ -141,7 +142,7 @@ def test_forward_errors():
 def test_drop_in_for_mha_in_a_model():
     # The same surrounding code works with either module.
     for attn in (nn.MultiheadAttention(16, 4, batch_first=True),
-                 linattn.PerformerAttention(16, 4)):
+                 linattn.PerformerAttention(16, 4, batch_first=True)):
         x = torch.randn(2, 5, 16)
         out, _ = attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool),
                       need_weights=False)

@@ -6,6 +6,8 @@ the shape (or value) expected and the one received.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -58,6 +60,11 @@ def check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
         )
     if k.shape[-2] == 0:
         raise ValueError(f"k must hold at least one key; got k {shape_str(k)}")
+    if q.shape[-2] == 0:
+        raise ValueError(f"q must hold at least one query (Lq >= 1); got q {shape_str(q)}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head_dim and the value dim must be >= 1; got q {shape_str(q)}, "
+                         f"v {shape_str(v)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
             f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
@@ -97,9 +104,15 @@ def check_scale(scale: object, head_dim: int) -> float:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return float(scale)
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:

@@ -95,7 +95,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.method == "favor":
         options = {"kernel": args.kernel, "seed": args.seed,
                    "learn_projection": args.learn_projection}
-        if args.num_features:
+        if args.num_features is not None:
+            # 0 is refused by convert(), not silently read as the default.
             options["num_features"] = args.num_features
     else:
         options = {"proj_dim": args.proj_dim, "projection": args.projection,

@@ -43,16 +43,18 @@ class FeatureParams:
 
     ``weight``: ``(m, d)`` projection or None; ``scale``: the logit scale (``x~ = x *
     sqrt(scale)``); ``opt_a``/``opt_b``: FAVOR++'s ``A`` and ``B``, shape ``(...)`` (one
-    per batch and head) or None.
+    per batch and head) or None; ``opt_shift``: ``(..., M)`` per-feature log2 shift moved
+    from the keys' features to the queries' (the product is unchanged; see FAVOR++).
     """
 
     weight: Tensor | None
     scale: float = 1.0
     opt_a: Tensor | None = None
     opt_b: Tensor | None = None
+    opt_shift: Tensor | None = None
 
     def replace_weight(self, weight: Tensor | None) -> FeatureParams:
-        return FeatureParams(weight, self.scale, self.opt_a, self.opt_b)
+        return FeatureParams(weight, self.scale, self.opt_a, self.opt_b, self.opt_shift)
 
 
 class FeatureMap:
@@ -106,7 +108,9 @@ def _moments(x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     if keep is None:
         return (x * x).sum(-1).mean(-1), x.mean(-2)
     count = keep.sum(-1).clamp_min(1.0)
-    return ((x * x).sum(-1) * keep).sum(-1) / count, (x * keep.unsqueeze(-1)).sum(-2) / count.unsqueeze(-1)
+    # A select, not a product: padded positions may hold NaN or inf (NaN * 0 is NaN).
+    x = x.masked_fill(keep.unsqueeze(-1) == 0, 0)
+    return (x * x).sum(-1).sum(-1) / count, x.sum(-2) / count.unsqueeze(-1)
 
 
 def _sq_half(x: Tensor, scale: float = 1.0) -> Tensor:
@@ -209,7 +213,28 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
             rho = (q_sq + k_sq + 2.0 * (q_mean * k_mean).sum(-1)) / d
             a = (1.0 - 2.0 * rho - torch.sqrt((2.0 * rho + 1.0) ** 2 + 8.0 * rho)) / 16.0
             b = torch.sqrt(1.0 - 4.0 * a)
-        return FeatureParams(weight, scale, opt_a=a.to(q.dtype), opt_b=b.to(q.dtype))
+            params = FeatureParams(weight, scale, opt_a=a.to(q.dtype), opt_b=b.to(q.dtype))
+            params.opt_shift = self._key_shift(k, params, key_padding_mask)
+        return params
+
+    def _key_shift(self, k, params, key_padding_mask, rows: int = 4096):
+        # [..., M] t_m = max over real keys of key j's log2-feature m. Large inputs make A
+        # very negative and spread the logits over hundreds of units: per-token
+        # stabilizers alone then leave max_{m,j} (lq_im + lk_jm) far below
+        # max_m lq_im + max_{m,j} lk_jm, and every product underflows (float32 outputs
+        # off by O(1)). Moving t_m from the keys' features to the queries' leaves
+        # phi(q).phi(k) unchanged and makes the largest product term exactly 1.
+        shift = None
+        for s in range(0, k.shape[-2], rows):
+            logits = self._logits2(k[..., s:s + rows, :], params, with_norm=True)
+            if key_padding_mask is not None:
+                pad = key_padding_mask[:, s:s + rows]
+                pad = pad.view(pad.shape[0], *([1] * (k.dim() - 3)), pad.shape[1], 1)
+                logits = logits.masked_fill(pad, float("-inf"))
+            top = logits.amax(-2)
+            shift = top if shift is None else torch.maximum(shift, top)
+        # Sequences with every key padded: no shift (their outputs are 0 anyway).
+        return torch.where(torch.isfinite(shift), shift, 0.0)
 
     def _logits2(self, x, params, with_norm):
         # log2(e) * (B w.x~ + A|w|^2 - |x~|^2/2) as one matmul:
@@ -222,7 +247,12 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         if with_norm:
             cols.append(-_sq_half(x, params.scale))
             w_cols.append(w.new_ones(w.shape[0], 1))
-        return torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(0, 1)
+        logits = torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(0, 1)
+        if params.opt_shift is None:
+            return logits
+        # Keys (with the norm) give up the per-feature shift, queries take it.
+        shift = params.opt_shift.unsqueeze(-2).to(logits.dtype)
+        return logits - shift if with_norm else logits + shift
 
     def exact(self, x, params):
         w = params.weight

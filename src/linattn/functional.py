@@ -51,14 +51,24 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
             )
         return None
     w = check_tensor("projection", projection, min_dim=2)
-    if w.dim() != 2 or w.shape[1] != q.shape[-1]:
+    if w.dim() != 2 or w.shape[1] != q.shape[-1] or w.shape[0] == 0:
         raise ValueError(
-            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) for "
-            f"q {shape_str(q)}, got {shape_str(w)}"
+            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) with "
+            f"m >= 1 for q {shape_str(q)}, got {shape_str(w)}"
         )
     if w.device != q.device:
         raise ValueError(f"projection is on {w.device} but q is on {q.device}")
     return w
+
+
+def _zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x: (B, ..., L, d)`` with the positions where ``mask: (B, L)`` is True set to 0.
+
+    A select, not a product (``NaN * 0`` is NaN): padding contents never reach the math.
+    """
+    if mask is None:
+        return x
+    return x.masked_fill(mask.view(mask.shape[0], *([1] * (x.dim() - 3)), mask.shape[1], 1), 0)
 
 
 def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
@@ -66,6 +76,8 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
     fm = get_feature_map(kernel)
     weight = _check_projection(projection, fm, q)
     mask = check_key_padding_mask(key_padding_mask, k)
+    # Padded keys/values may hold anything (NaN, inf, 1e30): zero them before any use.
+    k, v = _zero_padding(k, mask), _zero_padding(v, mask)
     scale = check_scale(scale, q.shape[-1])
     if causal and not fm.causal_ok:
         raise ValueError(
@@ -192,10 +204,18 @@ def favor_recurrent(
             raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
         m = fm.num_features(params.weight, q.shape[-1])
         want = (*q.shape[:2], m, v.shape[-1] + 1)
+        for name, t in (("state.kv", state.kv), ("state.stab", state.stab)):
+            check_tensor(name, t, min_dim=0)
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if tuple(state.kv.shape) != want:
             raise ValueError(
                 f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
                 f"{shape_str(state.kv)}"
+            )
+        if tuple(state.stab.shape) != want[:2]:
+            raise ValueError(
+                f"state.stab must have shape (B, H) = {want[:2]}, got {shape_str(state.stab)}"
             )
         state = FavorState(state.kv.to(q4.dtype), state.stab.to(q4.dtype))
     out, new_state = favor_recurrent_step(

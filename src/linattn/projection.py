@@ -55,6 +55,11 @@ def draw_projection(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     dtype = dtype or torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (float16, bfloat16, float32, float64), "
+            f"got {dtype}"
+        )
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     device = torch.device(device)

@@ -108,7 +108,8 @@ def build(case: dict):
         else:
             # The linformer package shares one E and one F across heads: "headwise".
             layer = linattn.LinformerAttention(h * d, h, max_seq_len=length,
-                                               proj_dim=case["proj_dim"], sharing="headwise")
+                                               proj_dim=case["proj_dim"], sharing="headwise",
+                                               batch_first=True)
 
             def fn():
                 return layer(x)[0]

@@ -95,7 +95,7 @@ def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
             cfg.dim, cfg.heads, num_features=cfg.num_features,
             kernel="softmax" if cfg.attention == "favor" else "relu", causal=cfg.causal,
             redraw_interval=cfg.redraw_interval, seed=cfg.seed, layer_index=layer,
-            rotary=rotary, dropout=cfg.dropout,
+            rotary=rotary, dropout=cfg.dropout, batch_first=True,
         )
         # The model counts training steps itself (outside gradient checkpointing).
         attn.auto_tick = False
@@ -104,4 +104,5 @@ def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
         cfg.dim, cfg.heads, max_seq_len=cfg.max_seq_len, proj_dim=cfg.proj_dim,
         sharing=cfg.linformer_sharing, projection=cfg.linformer_projection,
         shared_projection=shared, dropout=cfg.dropout, seed=cfg.seed + layer,
+        batch_first=True,
     ))

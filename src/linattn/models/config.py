@@ -79,3 +79,21 @@ class ModelConfig(JsonConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("causal", "tie_embeddings", "checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool (True/False), got "
+                                f"{getattr(self, name)!r}")
+        # None means the default; 0 must not silently mean it too.
+        for name in ("num_features", "redraw_interval", "proj_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int (or None for the default), "
+                                 f"got {value!r}")
+        if self.num_classes is not None and (
+                isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+                or self.num_classes < 2):
+            raise ValueError(f"num_classes must be None (language model) or an int >= 2, got "
+                             f"{self.num_classes!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")

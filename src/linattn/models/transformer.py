@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -87,6 +88,9 @@ class Encoder(nn.Module):
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"ids must be a (batch, seq) long tensor, got "
                              f"{tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
+                             f"in [{int(ids.min())}, {int(ids.max())}]")
         n = ids.shape[1]
         if offset + n > self.cfg.max_seq_len and self.cfg.position in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {offset + n} tokens exceeds max_seq_len="
@@ -147,8 +151,9 @@ class SequenceClassifier(_Saveable):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if not cfg.num_classes:
-            raise ValueError("SequenceClassifier needs cfg.num_classes >= 2")
+        if cfg.num_classes is None or cfg.num_classes < 2:
+            raise ValueError(f"SequenceClassifier needs cfg.num_classes >= 2, got "
+                             f"{cfg.num_classes!r}")
         if cfg.causal:
             raise ValueError("SequenceClassifier needs a bidirectional encoder "
                              "(cfg.causal=False)")
@@ -219,12 +224,11 @@ class CausalLM(_Saveable):
         temperature)`` restricted to the ``top_k`` most likely tokens and/or the smallest
         set whose probability reaches ``top_p``, drawing from ``generator``.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not greedy and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_generate_args(ids, max_new_tokens, greedy=greedy, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
+                             f"in [{int(ids.min())}, {int(ids.max())}]")
         was_training = self.training
         self.eval()
         try:
@@ -240,6 +244,33 @@ class CausalLM(_Saveable):
             return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
+
+
+def check_generate_args(ids: object, max_new_tokens: object, *, greedy: object,
+                        temperature: object, top_k: object, top_p: object) -> None:
+    """ValueError/TypeError naming the argument, before any work (``generate``)."""
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"ids must be a (batch, length) tensor of token ids, got {got}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids must hold integer token ids (int64), got {ids.dtype}")
+    if ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"ids must hold at least one prompt token per row, got shape "
+                         f"{tuple(ids.shape)} (generation continues a non-empty prompt)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(greedy, bool):
+        raise TypeError(f"greedy must be a bool, got {greedy!r}")
+    if not greedy and not (isinstance(temperature, (int, float)) and not isinstance(
+            temperature, bool) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_next(logits: Tensor, *, greedy: bool, temperature: float, top_k: int | None,

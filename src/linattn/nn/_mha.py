@@ -27,7 +27,9 @@ class MHAShaped(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        # None means embed_dim; 0 must not silently mean it too.
+        self.kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
         self.dropout, self.batch_first = dropout, batch_first
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
@@ -44,11 +46,12 @@ class MHAShaped(nn.Module):
             )
         key = query if key is None else key
         value = key if value is None else value
+        layout = "batch, seq" if self.batch_first else "seq, batch"
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
                                ("value", value, self.vdim)):
             if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
                 got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (batch, seq, {width}) "
+                raise ValueError(f"{name} must have shape ({layout}, {width}) "
                                  f"(batch_first={self.batch_first}), got {got}")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

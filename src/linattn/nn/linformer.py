@@ -15,6 +15,7 @@ from ..ops.linformer import (
     linear_compress,
     pool_compress,
     pool_matrix,
+    projected_attention,
 )
 from ._mha import MHAShaped
 
@@ -165,7 +166,8 @@ class LinformerAttention(MHAShaped):
         shared_projection: the model-wide :class:`LinformerProjection` for
             ``sharing="layerwise"``. It is held by reference, not registered, so the
             model that owns it saves it and DDP sees each parameter once.
-        dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
+        dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``
+            (``batch_first=False`` by default: inputs ``(L, B, E)``).
         compress_first: where ``E`` is one linear map for all heads, compress the
             sequence before the key/value input projections (cost ``kdim d^2`` instead of
             ``n d^2``). This is exact: the bias contributes ``rowsum(E) b^T``, which is
@@ -176,7 +178,8 @@ class LinformerAttention(MHAShaped):
     Forward: ``(query, key=None, value=None, key_padding_mask=None, need_weights=False,
     attn_mask=None, is_causal=False)``; returns ``(output, None)``.
     Shapes (``batch_first=True``): query ``(B, Lq, E)``, key/value ``(B, Lk, kdim/vdim)``,
-    ``key_padding_mask (B, Lk)`` bool with True = padding.
+    ``key_padding_mask (B, Lk)`` bool with True = padding; with the default
+    ``batch_first=False``, query ``(Lq, B, E)`` and key/value ``(Lk, B, kdim/vdim)``.
     """
 
     method = "Linformer"
@@ -195,7 +198,7 @@ class LinformerAttention(MHAShaped):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
-        batch_first: bool = True,
+        batch_first: bool = False,
         compress_first: bool = True,
         causal: bool = False,
         seed: int = 0,
@@ -273,8 +276,8 @@ class LinformerAttention(MHAShaped):
         else:
             kc, vc = proj.compress(self._heads(self.k_proj(key)),
                                    self._heads(self.v_proj(value)), mask)
-        out = F.scaled_dot_product_attention(
-            q, kc, vc, dropout_p=self.dropout if self.training else 0.0
+        out = projected_attention(
+            q, kc, vc, None, dropout_p=self.dropout if self.training else 0.0
         )
         return self._layout(self._merge(out)), None
 

@@ -103,13 +103,15 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         rotary: apply rotary position embeddings to q and k (before the feature map).
         dropout: applied to the attention output. There is no attention matrix to drop
             from, so this is where MHA's dropout goes.
-        bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
+        bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention`` (``batch_first=False``
+            by default, as there: inputs ``(L, B, E)``; pass True for ``(B, L, E)``).
         chunk_size: causal chunk length (speed only).
 
     Forward: ``(query, key=None, value=None, key_padding_mask=None, need_weights=False,
     attn_mask=None, is_causal=False)`` returns ``(output, None)``. Shapes
     (``batch_first=True``): query ``(B, Lq, E)``, key/value ``(B, Lk, kdim/vdim)``,
-    ``key_padding_mask (B, Lk)`` bool, True = padding.
+    ``key_padding_mask (B, Lk)`` bool, True = padding; with the default
+    ``batch_first=False``, query ``(Lq, B, E)`` and key/value ``(Lk, B, kdim/vdim)``.
 
     The projection is a persistent buffer (``state_dict`` reproduces outputs exactly),
     and so are the draw counter and ``(seed, layer_index)``, so a reloaded module goes on
@@ -137,7 +139,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
-        batch_first: bool = True,
+        batch_first: bool = False,
         chunk_size: int = 64,
         device=None,
         dtype=None,
@@ -153,9 +155,10 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
         self.kernel, self.causal = kernel, causal
         self.rotary, self.rotary_base = rotary, rotary_base
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self._init_random_features(
-            num_features or default_num_features(self.head_dim), self.head_dim,
+            default_num_features(self.head_dim) if num_features is None else num_features,
+            self.head_dim,
             orthogonal=orthogonal, scaling=scaling, seed=seed, layer_index=layer_index,
             redraw_interval=redraw_interval, device=device, dtype=dtype,
         )

@@ -96,6 +96,12 @@ class TrainConfig(JsonConfig):
                 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
+        # None means the default; 0 must not silently mean it too.
+        for name in ("num_features", "redraw_interval"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_positive_int("proj_dim", self.proj_dim)
+        check_positive_int("warmup", self.warmup, minimum=0)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

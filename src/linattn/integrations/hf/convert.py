@@ -13,8 +13,9 @@ from pathlib import Path
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
+from ..._checks import check_int, check_positive_int
 from ..._io import CheckpointError, atomic_directory, read_json
 from ...features import KERNELS
 from ...functional import _compute_dtype
@@ -57,6 +58,12 @@ def _check_options(method: str, options: dict) -> None:
             f"convert(method={method!r}) got unknown option(s) {unknown}; it takes "
             f"{list(allowed)}"
         )
+    # Checked up front: 0 must not silently mean "the default", nor "a" fail deep inside.
+    for name in ("num_features", "max_seq_len", "proj_dim", "redraw_interval", "chunk_size"):
+        if options.get(name) is not None:
+            check_positive_int(name, options[name])
+    if "seed" in options:
+        check_int("seed", options["seed"])
 
 
 def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
@@ -136,8 +143,9 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                     "kernel='softmax', 'softmax_hyp' or 'relu'"
                 )
         else:
-            max_len = options.get("max_seq_len") or getattr(config, "max_position_embeddings",
-                                                            None)
+            max_len = options.get("max_seq_len")
+            if max_len is None:
+                max_len = getattr(config, "max_position_embeddings", None)
             if not max_len:
                 raise ValueError("pass max_seq_len: the model's config has no "
                                  "max_position_embeddings")
@@ -161,7 +169,41 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     setattr(model.config, CONFIG_KEY, config_dict)
     if method == "favor" and causal and hasattr(model, "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
+    if method == "favor":
+        _positions_from_mask_on_rotary(model)
     return model
+
+
+def _positions_from_mask_on_rotary(model: nn.Module) -> None:
+    # Rotary models (Llama family) are exact under left padding without position_ids only
+    # because exact attention depends on positions through i - j alone: every row's
+    # positions start at 0 at the first *pad*, a shift that exact attention ignores. FAVOR+
+    # features of rotated q and k are not shift-invariant (the random projection is
+    # fixed), so a left-padded row would differ from the sequence alone. Derive positions
+    # from the mask (as transformers' generate() does) when the caller gives none.
+    for module in model.modules():
+        if isinstance(getattr(module, "rotary_emb", None), nn.Module) and not getattr(
+                module, "_linattn_positions_hook", False):
+            module.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+            module._linattn_positions_hook = True
+
+
+def _positions_from_mask(module, args, kwargs):
+    """Forward pre-hook: ``position_ids = cumsum(attention_mask) - 1`` for the new tokens
+    when ``position_ids`` is None and some row is left-padded (2-D mask)."""
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None or not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if bool(mask[:, 0].all()):
+        # No row starts with padding: the default positions are already the real ones.
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    if x is None:
+        return None
+    length = x.shape[1]
+    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+    return args, kwargs
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..._checks import check_choice
+from ..._checks import check_choice, check_positive_int
 from ...features import KERNELS
 from ...functional import _compute_dtype, favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
 from ...nn.performer import RandomFeatures, default_num_features
+from ...ops.linformer import projected_attention
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -65,10 +65,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             raise ValueError("learn_projection=True trains the projection; it cannot also be "
                              "redrawn (redraw_interval must be None)")
         self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
-        self.chunk_size = chunk_size
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
-            num_features or default_num_features(head_dim), head_dim, orthogonal=orthogonal,
+            default_num_features(head_dim) if num_features is None else num_features,
+            head_dim, orthogonal=orthogonal,
             scaling=scaling, seed=seed, layer_index=layer_index,
             redraw_interval=redraw_interval, device=device, dtype=torch.float32,
         )
@@ -177,7 +178,7 @@ class LinformerLayerState(nn.Module):
         dtype = q.dtype
         q, k, v = (t.to(proj_dtype(proj, dtype)) for t in (q, k, v))
         kc, vc = proj.compress(k, v, key_padding_mask)
-        return F.scaled_dot_product_attention(q, kc, vc, scale=scale).to(dtype)
+        return projected_attention(q, kc, vc, scale).to(dtype)
 
     def options(self) -> dict:
         p = self.proj

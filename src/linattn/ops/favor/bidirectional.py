@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .common import ones_col, safe_denominator
+from .common import first_order_only, ones_col, safe_denominator
 
 # Elements of one (B, H, block, M) feature block: about 8 MB in float32, which keeps the
 # temporaries in cache-friendly sizes and the matmuls large enough to run at full rate.
@@ -105,6 +105,7 @@ class _FavorBidirectional(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("favor_attention")
     def backward(ctx, grad_out):
         q, k, v, weight, keep, state, stab, out, den = ctx.saved_tensors
         fm, rows_q, rows_k = ctx.fm, *ctx.rows

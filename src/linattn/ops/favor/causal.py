@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .common import ones_col, safe_denominator
+from .common import first_order_only, ones_col, safe_denominator
 
 _CHUNKS_PER_SEGMENT = 16
 
@@ -156,6 +156,7 @@ class _FavorCausal(torch.autograd.Function):
         return out, final, final_stab
 
     @staticmethod
+    @first_order_only("causal favor_attention / favor_recurrent")
     def backward(ctx, grad_out, grad_state, _grad_stab):
         q, k, v, weight, keep, *flat = ctx.saved_tensors
         fm, chunk = ctx.fm, ctx.chunk

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,45 @@ def safe_denominator(den: Tensor, positive: bool) -> Tensor:
     """
     valid = den > 0 if positive else den != 0
     return torch.where(valid, den, float("inf"))
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Passes a gradient through; differentiating it again raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, name, grad, *linked):
+        ctx.name = name
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{ctx.name} has no second derivative: its backward pass is hand-written "
+            "(memory-efficient recomputation), so gradients of gradients (create_graph=True "
+            "followed by another backward: gradient penalties, Hessian-vector products) "
+            "are not available. Use exact attention or linattn.ops.favor.favor_naive for "
+            "double backward."
+        )
+
+
+def first_order_only(name: str):
+    """Decorator for ``autograd.Function.backward``: run it without building a graph and,
+    under ``create_graph=True``, tie its gradients to the incoming ones through a node
+    that raises on a second backward (instead of returning gradients with no graph, or
+    ``once_differentiable``'s detached ones that read as "not used in the graph")."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(ctx, *args):
+            with torch.no_grad():
+                grads = fn(ctx, *args)
+            linked = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+            if not torch.is_grad_enabled() or not linked:
+                return grads
+            return tuple(
+                g if g is None else _NoSecondOrder.apply(name, g, *linked) for g in grads
+            )
+
+        return wrapper
+
+    return decorate

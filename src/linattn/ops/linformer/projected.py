@@ -34,7 +34,8 @@ def compact_padding(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor,
     moved = torch.gather(x, -2, idx.expand(*x.shape[:-2], -1, x.shape[-1]))
     live = torch.arange(x.shape[-2], device=x.device)[None] < lengths[:, None]
     live = live.view(live.shape[0], *([1] * (lead - 1)), live.shape[1], 1)
-    return moved * live.to(x.dtype), lengths
+    # A select, not a product: NaN * 0 is NaN, and padding may hold anything.
+    return moved.masked_fill(~live, 0), lengths
 
 
 def linear_compress(x: Tensor, proj: Tensor) -> Tensor:
@@ -98,9 +99,22 @@ def conv_compress(x: Tensor, weight: Tensor, kdim: int) -> Tensor:
     return out.reshape(b, h, d, kdim).permute(0, 1, 3, 2)
 
 
-def projected_attention(q: Tensor, kc: Tensor, vc: Tensor, scale: float | None) -> Tensor:
+def projected_attention(
+    q: Tensor, kc: Tensor, vc: Tensor, scale: float | None, *, dropout_p: float = 0.0
+) -> Tensor:
     """Exact softmax attention over the ``kdim`` compressed positions.
 
-    ``q: (B, H, Lq, d)``, ``kc: (B, H, kdim, d)``, ``vc: (B, H, kdim, dv)``.
+    ``q: (B, H, Lq, d)``, ``kc: (B, H, kdim, d)``, ``vc: (B, H, kdim, dv)``; ``dropout_p``
+    on the attention weights (pass 0 in evaluation). NaN and inf propagate as in
+    ``softmax(q @ kc^T * scale) @ vc``.
     """
-    return F.scaled_dot_product_attention(q, kc, vc, scale=scale)
+    if q.device.type == "cpu":
+        # SDPA's CPU kernels swallow NaN scores (a single key, or all-NaN rows in float64,
+        # return finite numbers); the formula propagates NaN and inf as the reference does.
+        # kdim is small, so the (Lq, kdim) weights are cheap.
+        s = (q @ kc.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        att = torch.softmax(s, dim=-1)
+        if dropout_p > 0:
+            att = F.dropout(att, dropout_p)
+        return att @ vc
+    return F.scaled_dot_product_attention(q, kc, vc, dropout_p=dropout_p, scale=scale)

@@ -132,5 +132,9 @@ def maybe_favor_triton(**kwargs) -> Tensor | None:
 
     w = fold_weight(projection, kernel, scale, q.shape[1])
     keep = None if mask is None else (~mask).contiguous()
+    if mask is not None:
+        # Padding may hold anything (NaN, inf): a select keeps it out of the kernels.
+        pad = mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     return favor_triton(q.contiguous(), k.contiguous(), v.contiguous(), w, causal=causal,
                         keep=keep, scale=scale)

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..common import first_order_only
 from . import _kernels as kn
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -203,7 +203,7 @@ class _Bidirectional(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("favor_attention (Triton)")
     def backward(ctx, grad_out):
         q, k, v, w, rq, ref_k, s, z, out, den = ctx.saved_tensors
         hn, cfg = ctx.hn, ctx.cfg
@@ -300,7 +300,7 @@ class _Causal(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("causal favor_attention (Triton)")
     def backward(ctx, grad_out):
         q, k, v, w, kp, rq, c, s_in, z_in, e_in, first, out, den = ctx.saved_tensors
         hn, cfg = ctx.hn, ctx.cfg
