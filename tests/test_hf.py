@@ -377,6 +377,6 @@ def test_distillation_improves_agreement_and_writes_its_log(tmp_path, make):
 
 def test_distill_config_is_checked():
     with pytest.raises(ValueError, match="steps"):
-        DistillConfig(steps=0)
+        DistillConfig(steps=-1)
     with pytest.raises(ValueError, match="train"):
         DistillConfig(train="some")

@@ -152,7 +152,9 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
+        if int(self.steps) < 0:  # 0: measure the conversion only (experiment.run)
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        for name in ("batch_size", "max_length", "eval_every", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train not in ("all", "attention"):
