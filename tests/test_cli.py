@@ -36,7 +36,7 @@ def forbid(monkeypatch, module, name="run"):
         (["train", "--num-features", "0"], "--num-features: must be >= 1"),
         (["train", "--task", "nope"], "invalid choice: 'nope'"),
         (["train", "--attention", "exact"], "invalid choice: 'exact'"),
-        (["train", "--lr", "-1"], "lr must be > 0"),
+        (["train", "--lr", "-1"], "lr must be"),
         (["train", "--task", "bytes", "--attention", "linformer"], "Linformer cannot be causal"),
         (["report", "--quick", "--full"], "not allowed with argument"),
         (["bench", "--suite", "generate", "--lengths", "64"], "does not use --lengths"),

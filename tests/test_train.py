@@ -82,8 +82,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, attention):
     assert not part["finished"] and len(part["losses"]) == 5
     rest = train(cfg, tmp_path / "cut", task=make_task(cfg), progress=False, resume=True)
     assert part["losses"] + rest["losses"] == full["losses"]
-    a = torch.load(tmp_path / "full" / "model" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model" / "model.pt", weights_only=True)
+    a = load_model(tmp_path / "full" / "model").state_dict()
+    b = load_model(tmp_path / "cut" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")
              if r["split"] == "train"]
@@ -134,8 +134,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    a = torch.load(tmp_path / "one" / "model" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "model" / "model.pt", weights_only=True)
+    a = load_model(tmp_path / "one" / "model").state_dict()
+    b = load_model(tmp_path / "two" / "model").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     # Two redraws happened (interval 2, 5 steps) and agree on both ranks' model.

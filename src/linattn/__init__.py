@@ -4,6 +4,7 @@ Performer's FAVOR+ (random-feature softmax attention and generalized kernels) an
 Linformer (sequence-axis projection of keys and values), as functions and modules.
 """
 
+from ._io import CheckpointError
 from .features import KERNELS
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
 from .nn import LinformerAttention, LinformerProjection, PerformerAttention
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KERNELS",
+    "CheckpointError",
     "FavorState",
     "LinformerAttention",
     "LinformerProjection",

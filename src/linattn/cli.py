@@ -58,17 +58,29 @@ def _version() -> str:
 
 
 def _check_out(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create the output folder and write a temporary file in it, so that an unwritable
-    place is refused before any work starts."""
+    """Refuse an output folder that cannot be written before any work starts: create it,
+    write a temporary file in it, and remove again the folders this check created (the
+    command creates them when it writes)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {path} is a file; give a folder")
+    created = []
+    missing = p.absolute()
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".linattn-write-check-"):
             pass
     except OSError as exc:
         raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from exc
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return p
 
 
@@ -124,6 +136,7 @@ _SUITE_OPTIONS = {
     "linformer": ("heads", "head_dim", "repeats"),
     "peers": ("heads", "head_dim", "num_features", "repeats"),
     "generate": (),
+    "gpu": ("lengths", "passes", "repeats"),
 }
 _BENCH_DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256,
                    "passes": ["fwd", "fwd+bwd"]}
@@ -165,6 +178,17 @@ def _bench(args: argparse.Namespace) -> int:
                            num_features=args.num_features, repeats=args.repeats or 3)
         print(peers.format_table(result))
         print(f"\nwrote {args.out}/peers.json, peers.csv")
+        return 1 if any("error" in r for r in result["results"]) else 0
+    if args.suite == "gpu":
+        from .bench import gpu
+
+        try:
+            result = gpu.run(args.out, preset=preset, lengths=args.lengths,
+                             passes=tuple(args.passes), repeats=args.repeats)
+        except gpu.GpuBenchError as exc:  # no CUDA device, or a grid it cannot run
+            raise UsageError(str(exc)) from exc
+        print(gpu.format_table(result))
+        print(f"\nwrote {args.out}/gpu.json, gpu.csv, gpu.png")
         return 1 if any("error" in r for r in result["results"]) else 0
     if args.suite == "generate":
         from .bench import generation
@@ -255,7 +279,7 @@ def _convert(args: argparse.Namespace) -> int:
     )
     print(experiment.format_summary(summary))
     print(f"\nwrote {args.out}/summary.json" + (
-        ", log.jsonl, distill.png, checkpoint/" if args.steps else ""))
+        ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
     return 0
 
 
@@ -263,6 +287,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     from .train.compare import compare, format_markdown
 
+    if not args.config and args.resume and (Path(args.out) / "config.json").is_file():
+        args.config = str(Path(args.out) / "config.json")  # resume with the run's settings
     base = _read_json(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
@@ -281,6 +307,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/comparison.json, comparison.md, comparison.png")
         return 0
     summary = train(cfg, args.out, resume=args.resume)
+    if summary.get("already_finished"):
+        print(f"{args.out}: this run already finished ({cfg.steps} steps); nothing to do, "
+              "files left as they are")
+        return 0
     if summary["finished"]:
         m = summary["metric"]
         print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
@@ -385,12 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         "per case. --suite favor (default): exact attention (scaled_dot_product_attention) "
         "against FAVOR+, bidirectional and causal, writes bench.json/csv/png; linformer: "
         "the Linformer paper's Table 3; generate: per-token decoding cost against context "
-        "length; peers: against performer-pytorch and linformer. An option a suite does "
-        "not use is refused.",
+        "length; peers: against performer-pytorch and linformer; gpu: the Triton kernels "
+        "against FlashAttention, flash-linear-attention and the eager path (CUDA; its own "
+        "grid: bf16, 16 heads, head_dim 64/128, m 128/256, L 4k..128k with --full). An "
+        "option a suite does not use is refused.",
     )
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (the default)")
-    size.add_argument("--full", action="store_true", help="the published sizes (L up to 16k)")
+    size.add_argument("--full", action="store_true", help="the published sizes (L up to 16k; "
+                      "gpu: up to 128k)")
     b.add_argument("--suite", choices=list(_SUITE_OPTIONS), default="favor",
                    help="which benchmark")
     b.add_argument("--out", default="results/bench", help="output folder")
@@ -489,9 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint.pt and model/ to --out; --resume continues from the checkpoint "
         "exactly.",
     )
-    t.add_argument("--config", help="JSON file with TrainConfig fields (default: none)")
+    t.add_argument("--config", help="JSON file with TrainConfig fields (default: none; with "
+                   "--resume, OUT/config.json)")
     t.add_argument("--out", default="results/train", help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with the run's settings (only "
+                   "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
+                   "a finished run is left as is")
     t.add_argument("--compare", action="store_true",
                    help="train once per attention kind (same budget) into OUT/<attention>/ "
                    "and write comparison.json/md/png")

@@ -21,6 +21,7 @@ from ._checks import (
 )
 from .features import FeatureMap, get_feature_map
 from .ops.favor import FavorState, favor_bidirectional, favor_causal, favor_recurrent_step
+from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = ["FavorState", "favor_attention", "favor_recurrent", "linformer_attention"]
@@ -133,6 +134,11 @@ def favor_attention(
             f"causal=True needs Lq == Lk (self-attention); got q {shape_str(q)}, "
             f"k {shape_str(k)}"
         )
+    # Fused Triton kernels for CUDA tensors (ops/favor/triton); None: not covered, eager.
+    # locals() = every argument, so new ones (e.g. window) send the call to the eager path.
+    fast = maybe_favor_triton(**locals())
+    if fast is not None:
+        return fast
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, causal, key_padding_mask, scale
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_open, write_json
 from .._plotting import pyplot
 
 PRESETS = {
@@ -171,8 +172,8 @@ _CSV_FIELDS = [
 def write_results(out: Path, stem: str, result: dict, fields: list[str]) -> None:
     """``OUT/stem.json`` (everything) and ``OUT/stem.csv`` (``result["results"]`` rows)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    with (out / f"{stem}.csv").open("w", newline="") as f:
+    write_json(out / f"{stem}.json", result)
+    with atomic_open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(result["results"])

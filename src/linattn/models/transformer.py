@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,10 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .._io import CheckpointError, read_json, torch_load, torch_save, write_json
 from ..nn import LinformerProjection, PerformerAttention
 from ..positional import sinusoidal_table
 from .attention import build_attention
 from .config import ModelConfig
+
+# Marks a model.pt written by _Saveable.save (weights + the config they belong to).
+WEIGHTS_FORMAT = "linattn.model/1"
 
 
 class Block(nn.Module):
@@ -121,12 +124,19 @@ class _Saveable(nn.Module):
     cfg: ModelConfig
 
     def save(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.pt`` (the ``state_dict``) to ``directory``."""
+        """Write ``config.json`` and ``model.pt`` to ``directory``, each atomically.
+
+        ``model.pt`` holds the ``state_dict`` together with the class name and config,
+        so :func:`load_model` refuses a directory whose two files come from different
+        saves (an interrupted save over another model) instead of loading it wrong."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps(
-            {"class": type(self).__name__, "config": self.cfg.to_dict()}, indent=2))
-        torch.save(self.state_dict(), d / "model.pt")
+        meta = {"class": type(self).__name__, "config": self.cfg.to_dict()}
+        # Weights first: a save killed in between leaves the old config.json beside the new
+        # model.pt, which load_model detects from the config stored in model.pt.
+        torch_save({"format": WEIGHTS_FORMAT, **meta, "state_dict": self.state_dict()},
+                   d / "model.pt")
+        write_json(d / "config.json", meta)
 
 
 class SequenceClassifier(_Saveable):
@@ -257,12 +267,48 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (SequenceClassifier, CausalLM)}
 
 def load_model(directory: str | Path, map_location=None) -> nn.Module:
     """Rebuild a model saved with ``.save(directory)``; weights load with
-    ``torch.load(..., weights_only=True)``."""
+    ``torch.load(..., weights_only=True)``.
+
+    Raises :class:`linattn.CheckpointError` (a ``ValueError``) naming the file when the
+    directory or a file is missing, empty, truncated or malformed, when the weights do
+    not fit the config, or when ``config.json`` and ``model.pt`` come from different
+    saves."""
     d = Path(directory)
-    meta = json.loads((d / "config.json").read_text())
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no saved model there (not a directory)")
+    meta = read_json(d / "config.json", "model config")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{d / 'config.json'}: expected {{'class': ..., 'config': "
+                              f"{{...}}}}, got {str(meta)[:120]}")
     if meta.get("class") not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {meta.get('class')!r} in {d / 'config.json'}")
-    model = MODEL_CLASSES[meta["class"]](ModelConfig.from_dict(meta["config"]))
-    state = torch.load(d / "model.pt", map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+        raise CheckpointError(f"{d / 'config.json'}: unknown model class "
+                              f"{meta.get('class')!r} (expected one of {sorted(MODEL_CLASSES)})")
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{d / 'config.json'}: invalid model config ({exc})") from exc
+    state = torch_load(d / "model.pt", "model weights file", map_location=map_location)
+    if isinstance(state, dict) and state.get("format") == WEIGHTS_FORMAT:
+        saved = {"class": state.get("class"), "config": state.get("config")}
+        if saved != {"class": meta["class"], "config": meta["config"]}:
+            changed = sorted(k for k in set(meta["config"]) | set(saved["config"] or {})
+                             if meta["config"].get(k) != (saved["config"] or {}).get(k))
+            raise CheckpointError(
+                f"{d}: config.json and model.pt come from different saves (an interrupted "
+                f"save?): config.json describes {meta['class']} with "
+                + ", ".join(f"{k}={meta['config'].get(k)!r}" for k in changed[:4])
+                + f", model.pt holds {saved['class']} with "
+                + ", ".join(f"{k}={(saved['config'] or {}).get(k)!r}" for k in changed[:4]))
+        state = state.get("state_dict")
+    # Older saves hold the bare state_dict.
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{d / 'model.pt'}: not a linattn model (expected a "
+                              "state_dict of tensors)")
+    model = MODEL_CLASSES[meta["class"]](cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{d / 'model.pt'}: the weights do not fit the model in "
+                              f"config.json: {str(exc).strip()[:400]}") from exc
     return model

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .._io import save_figure, write_json, write_text
 from .._plotting import pyplot
 from .config import TrainConfig
 from .loop import read_metrics
@@ -34,7 +35,7 @@ def compare(
         run_dir = out / attention
         run_dir.mkdir(parents=True, exist_ok=True)
         request = run_dir / "request.json"
-        request.write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json(request, cfg.to_dict())
         subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
                         "--out", str(run_dir)], check=True,
                        stderr=None if progress else subprocess.DEVNULL)
@@ -53,8 +54,8 @@ def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -
                      "median_step_s": s["median_step_s"], "peak_memory_mb": s["peak_memory_mb"],
                      "parameters": s["parameters"], "device": s["device"]})
     result = {"config": base.to_dict(), "results": rows}
-    (out / "comparison.json").write_text(json.dumps(result, indent=2))
-    (out / "comparison.md").write_text(format_markdown(result))
+    write_json(out / "comparison.json", result)
+    write_text(out / "comparison.md", format_markdown(result))
     plot_comparison(out, rows, base)
     return result
 
@@ -102,5 +103,5 @@ def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{base.task}: same budget, every attention")
     fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=120)
+    save_figure(fig, out / "comparison.png", dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,33 @@ class TrainConfig(JsonConfig):
         for name in ("dim", "depth", "heads", "seq_len", "batch_size", "steps", "eval_every",
                      "eval_batches", "log_every", "checkpoint_every"):
             check_positive_int(name, getattr(self, name))
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("ff_mult", "proj_dim", "listops_train", "listops_eval",
+                     "listops_min_len", "listops_max_len"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("num_features", "redraw_interval"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
+        check_positive_int("warmup", self.warmup, minimum=0)
+        check_positive_int("seed", self.seed, minimum=0)
+        if self.listops_min_len > self.listops_max_len:
+            raise ValueError(f"listops_min_len ({self.listops_min_len}) must be <= "
+                             f"listops_max_len ({self.listops_max_len})")
+        # Real numbers: (name, low, high, low inclusive, high inclusive).
+        for name, lo, hi, lo_in, hi_in in (
+                ("lr", 0.0, math.inf, False, False), ("weight_decay", 0.0, math.inf, True, False),
+                ("min_lr_ratio", 0.0, 1.0, True, True), ("grad_clip", 0.0, math.inf, True, False),
+                ("dropout", 0.0, 1.0, True, False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not ((lo <= value if lo_in else lo < value)
+                    and (value <= hi if hi_in else value < hi)):
+                raise ValueError(f"{name} must be in {'[' if lo_in else '('}{lo:g}, {hi:g}"
+                                 f"{']' if hi_in else ')'}, got {value}")
+        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2 or not all(
+                not isinstance(b, bool) and isinstance(b, int | float) and 0.0 <= b < 1.0
+                for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
 
     @classmethod

@@ -11,7 +11,16 @@ Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (one JSON object per log 
 ``{"step", "split": "train", "loss", "lr", "step_s", "tokens_per_s"}`` and evaluation
 rows with ``"split": "val"``/``"test"``), ``curves.png``, ``summary.json``,
 ``checkpoint.pt`` (model, optimizer, scheduler, step and RNG states; loaded with
-``weights_only=True``) and ``model/`` (:func:`linattn.models.load_model`).
+``weights_only=True``) and ``model/`` (:func:`linattn.models.load_model`). Every file
+is written atomically (:mod:`linattn._io`): a run killed at any point leaves each file
+either as it was or complete.
+
+Resuming (``resume=True``) continues from ``checkpoint.pt``. The settings must be those
+the checkpoint was written with, except :data:`RESUMABLE_FIELDS` (evaluation, logging and
+checkpoint intervals, evaluation size), which only change what is recorded; any other
+change is refused before a file is touched, naming each field (old -> new). The metrics
+log is cut back to the checkpoint's step, so the steps the interrupted run took after its
+last checkpoint are not recorded twice. Resuming a finished run does nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._io import CheckpointError, save_figure, torch_load, torch_save, write_json, write_jsonl
 from .._plotting import pyplot
 from .._schedule import warmup_cosine
 from .config import TrainConfig
@@ -62,6 +72,74 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+# Settings that may differ between a run and its resumption: they change what is
+# evaluated, logged or checkpointed, not the training trajectory.
+RESUMABLE_FIELDS = ("eval_every", "eval_batches", "log_every", "checkpoint_every")
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "rng", "config")
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    state = torch_load(path, "training checkpoint", map_location=device)
+    if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path}: not a linattn training checkpoint (missing "
+                              f"{', '.join(missing)})")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: the stored config is not a mapping")
+    return state
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
+    """The settings of ``cfg`` that differ from the ``saved`` config of a checkpoint,
+    ``{field: (old, new)}``, other than :data:`RESUMABLE_FIELDS`."""
+    defaults = TrainConfig.__dataclass_fields__
+    new = cfg.to_dict()
+
+    def norm(v):
+        return list(v) if isinstance(v, tuple | list) else v
+
+    changes = {}
+    for name in sorted(set(saved) | set(new)):
+        if name in RESUMABLE_FIELDS:
+            continue
+        old = saved[name] if name in saved else getattr(defaults.get(name), "default", None)
+        if norm(old) != norm(new.get(name)):
+            changes[name] = (old, new.get(name))
+    return changes
+
+
+def _cut_metrics(path: Path, step: int) -> list[dict]:
+    """Rows of ``path`` up to ``step`` (the checkpoint's), without test rows; ``path`` is
+    rewritten (atomically) to hold just them."""
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                # A line torn by the interruption: nothing after it was written cleanly.
+                break
+            if isinstance(row, dict) and row.get("split") != "test" and \
+                    isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+    write_jsonl(path, rows)
+    return rows
+
+
+def _finished_summary(out: Path, step: int, cfg: TrainConfig) -> dict | None:
+    """The recorded summary when the run in ``out`` already finished, else None."""
+    if step < cfg.steps or not (out / "summary.json").is_file() or \
+            not (out / "model" / "model.pt").is_file():
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(summary, dict) or not summary.get("finished"):
+        return None
+    return {**summary, "losses": [], "steps_run": 0, "already_finished": True}
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -78,6 +156,12 @@ def train(
     depend only on the step, so the continued run takes the same steps the uninterrupted
     one would. ``stop_after`` ends the run after that many steps (a checkpoint is written
     there), to interrupt it on purpose.
+
+    On resume, settings other than :data:`RESUMABLE_FIELDS` that differ from the
+    checkpoint's raise ``ValueError`` (each named, old -> new) before anything is written;
+    a damaged checkpoint raises :class:`linattn.CheckpointError`; a run that already
+    finished is left untouched and its recorded summary returned, with
+    ``"already_finished": True``.
     """
     rank, world, device = _dist_setup()
     if cfg.batch_size % world:
@@ -85,9 +169,26 @@ def train(
                          f"{world} processes")
     out = Path(out)
     main = rank == 0
+    ckpt = out / "checkpoint.pt"
+    state = None
+    if resume and ckpt.exists():
+        state = _load_checkpoint(ckpt, device)
+        changes = resume_changes(state["config"], cfg)
+        if changes:
+            raise ValueError(
+                f"cannot resume {out} with changed settings: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                + f" (only {', '.join(RESUMABLE_FIELDS)} may change on resume; train into "
+                "a new --out for other settings); the run was left untouched")
+        done = _finished_summary(out, int(state["step"]), cfg)
+        if done is not None:
+            return done
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if state is None:
+            # A fresh run: a summary left by an earlier run in ``out`` no longer applies.
+            (out / "summary.json").unlink(missing_ok=True)
+        write_json(out / "config.json", cfg.to_dict())
     task = task or build_task(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -99,16 +200,23 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     start = 0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        torch.set_rng_state(state["rng"]["cpu"])
+    last_eval = None
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+            torch.set_rng_state(state["rng"]["cpu"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{ckpt}: does not fit this run's model or optimizer "
+                                  f"({str(exc).strip()[:300]})") from exc
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        del state
+        if main:
+            kept = _cut_metrics(out / "metrics.jsonl", start)
+            last_eval = next((r for r in reversed(kept) if r["split"] == "val"), None)
     metrics = (out / "metrics.jsonl").open("a" if start else "w") if main else None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -131,7 +239,6 @@ def train(
                    file=sys.stderr)
     step_times: list[float] = []
     losses: list[float] = []
-    last_eval = None
     try:
         for step in range(start, end):
             batch = task.batch(step, rank, world, device)
@@ -163,11 +270,9 @@ def train(
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 last_eval = evaluate(step + 1, "val")
             if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "step": step + 1,
-                            "rng": _rng_state(device), "config": cfg.to_dict()}, tmp)
-                tmp.replace(ckpt)
+                            "rng": _rng_state(device), "config": cfg.to_dict()}, ckpt)
         finished = end == cfg.steps
         test = evaluate(cfg.steps, "test") if finished else None
     finally:
@@ -184,17 +289,26 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if main:
-        (out / "summary.json").write_text(json.dumps(
-            {k: v for k, v in summary.items() if k != "losses"}, indent=2))
         if finished:
             model.save(out / "model")
             plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric,
                         title=f"{cfg.task} / {cfg.attention}")
+        # The summary goes last: a finished summary.json means every other file is complete.
+        write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
     return summary
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The rows of a ``metrics.jsonl``; a line torn by an interruption ends them."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> None:
@@ -216,5 +330,5 @@ def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> N
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
+import shutil
 import types
+from pathlib import Path
 
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..._io import CheckpointError, atomic_directory, read_json
 from ...features import KERNELS
 from ...functional import _compute_dtype
 from .attention import NAME, register
@@ -191,12 +196,45 @@ def redraw_projections(model: nn.Module) -> None:
             state.redraw_projection()
 
 
-def save_converted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
+# Files a save_pretrained of the model writes (or stale ones of an earlier save); other
+# files already in the target folder (a tokenizer, notes) are kept when it is replaced.
+_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors",
+                "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or any(fnmatch.fnmatch(entry.name, pat)
+                                              for pat in _MODEL_FILES):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
+                   **kwargs) -> None:
     """``model.save_pretrained(path)``; the linear-attention state is saved with the
     weights and the conversion settings in ``config.json``, so :func:`load_converted`
-    reproduces the outputs exactly."""
+    reproduces the outputs exactly.
+
+    The save is atomic: everything is written to a temporary folder beside ``path``,
+    which then replaces ``path`` in one step (files already in ``path`` that are not
+    model files, e.g. a tokenizer, are kept). An interrupted save leaves the previous
+    content of ``path`` (or nothing). ``tokenizer``: saved into the same folder."""
     if getattr(model.config, CONFIG_KEY, None) is None:
         raise ValueError("model is not converted; save it with save_pretrained()")
+    with atomic_directory(path) as tmp:
+        _save_pretrained(model, tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _carry_over(Path(path), tmp)
+
+
+def _save_pretrained(model: nn.Module, path: Path, **kwargs) -> None:
     # Layerwise Linformer sharing registers its projection once (layer 0), so the saved
     # tensors have no aliases.
     quantizer = getattr(model, "hf_quantizer", None)
@@ -216,6 +254,10 @@ def save_converted(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
     model.save_pretrained(path, **kwargs)
 
 
+# What reading a damaged Hugging Face folder raises, depending on the file and version.
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
+
+
 def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Module:
     """Load a model saved by :func:`save_converted`.
 
@@ -224,12 +266,34 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
         model_class: the ``transformers`` class to load with (default: the first entry of
             ``config.architectures``).
         kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises :class:`linattn.CheckpointError` (a ``ValueError``) naming the folder or file
+    when the folder is missing, or its config or weights are missing or damaged.
     """
-    config = transformers.AutoConfig.from_pretrained(path)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such folder (load_converted takes a folder "
+                              "written by save_converted)")
+    raw = read_json(os.path.join(path, "config.json"), "model config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a JSON object")
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights file (an interrupted save, "
+                              "or not a folder written by save_converted)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a usable "
+                              f"transformers config ({str(exc).strip()[:300]})") from exc
     spec = getattr(config, CONFIG_KEY, None)
     if spec is None:
-        raise ValueError(f"{path} holds no linattn conversion ({CONFIG_KEY} missing from "
-                         "config.json); load it with from_pretrained()")
+        raise CheckpointError(f"{path} holds no linattn conversion ({CONFIG_KEY} missing from "
+                              "config.json); load it with from_pretrained()")
+    if not isinstance(spec, dict) or not isinstance(spec.get("options"), dict) or \
+            spec.get("method") not in ("favor", "linformer"):
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: malformed {CONFIG_KEY} "
+                              f"{spec!r}")
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch or "", None)
@@ -243,19 +307,27 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
     hf_logger.setLevel(logging.ERROR)
     try:
         model = model_class.from_pretrained(path, config=config, **kwargs)
+        saved = {}
+        for file in files:
+            saved.update({k: v for k, v in load_file(file).items() if ".linattn." in k})
+    except _LOAD_ERRORS as exc:
+        raise CheckpointError(f"{path}: the weights cannot be loaded (truncated, damaged or "
+                              f"not matching config.json): {str(exc).strip()[:300]}") from exc
     finally:
         hf_logger.setLevel(level)
     convert(model, spec["method"], **spec["options"])
     own = {k for k in model.state_dict() if ".linattn." in k}
-    saved = {}
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        saved.update({k: v for k, v in load_file(file).items() if ".linattn." in k})
     missing = sorted(own - set(saved))
     if missing:
-        raise ValueError(f"{path} lacks linear-attention tensors, e.g. {missing[:3]}")
-    result = model.load_state_dict(saved, strict=False)
+        raise CheckpointError(f"{path} lacks linear-attention tensors, e.g. {missing[:3]}")
+    try:
+        result = model.load_state_dict(saved, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the linear-attention tensors do not fit the "
+                              f"conversion in config.json: {str(exc).strip()[:300]}") from exc
     if result.unexpected_keys:
-        raise ValueError(f"unexpected linear-attention tensors {result.unexpected_keys[:3]}")
+        raise CheckpointError(f"{path}: unexpected linear-attention tensors "
+                              f"{result.unexpected_keys[:3]}")
     return model
 
 

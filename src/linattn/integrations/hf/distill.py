@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..._checks import check_positive_int
+from ..._io import write_json
 from ..._schedule import warmup_cosine
 from .convert import save_converted
 from .state import converted_layers
@@ -152,15 +154,21 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.steps) < 0:  # 0: measure the conversion only (experiment.run)
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("batch_size", "max_length", "eval_every", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # steps=0: no distillation (the converted model is measured and saved as it is).
+        for name, minimum in (("steps", 0), ("batch_size", 1), ("max_length", 1),
+                              ("eval_every", 1), ("eval_batch_size", 1), ("warmup", 0),
+                              ("checkpoint_every", 0), ("seed", 0)):
+            check_positive_int(name, getattr(self, name), minimum=minimum)
         if self.train not in ("all", "attention"):
             raise ValueError(f"train must be 'all' or 'attention', got {self.train!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be in (0, inf), got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be in [0, inf), got {self.weight_decay}")
 
 
 def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -210,8 +218,10 @@ def distill(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_json(out / "distill_config.json", asdict(cfg))
         log_file = (out / "log.jsonl").open("w")
+    # The checkpoint carries the tokenizer when it can be saved (a transformers one).
+    saved_tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -263,12 +273,12 @@ def distill(
                 key = "ppl_ratio" if "ppl_ratio" in log[-1] else "mean_cosine"
                 bar.set_postfix(loss=f"{running:.4f}", **{key: f"{log[-1][key]:.4f}"})
             if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_converted(student, out / "checkpoint")
+                save_converted(student, out / "checkpoint", tokenizer=saved_tokenizer)
     finally:
         bar.close()
         if out is not None:
             log_file.close()
     student.eval()
     if out is not None:
-        save_converted(student, out / "checkpoint")
+        save_converted(student, out / "checkpoint", tokenizer=saved_tokenizer)
     return log

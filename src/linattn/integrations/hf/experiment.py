@@ -11,16 +11,16 @@ distillation for each kernel and number of features).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from ..._io import save_figure, write_json
 from ..._plotting import pyplot
 from ...bench.speed import machine_info, write_results
 from ...data import gcide_passages, python_doc_passages, text_split
-from .convert import convert
+from .convert import convert, save_converted
 from .distill import DistillConfig, agreement, distill, is_causal_lm
 from .models import load_pretrained
 
@@ -80,12 +80,13 @@ def run(
     log: list[dict] = []
     t0 = time.perf_counter()
     if cfg.steps:
+        # The checkpoint (with its tokenizer) loads with load_converted.
         log = distill(student, teacher, tok, train, held_out, cfg, out_dir=out,
                       progress=progress)
+    else:
+        # No distillation: the converted model is saved as it is.
+        save_converted(student, out / "checkpoint", tokenizer=tok)
     distill_s = time.perf_counter() - t0
-    if cfg.steps:
-        # The checkpoint loads with load_converted; its tokenizer goes beside it.
-        tok.save_pretrained(out / "checkpoint")
     after = measure() if cfg.steps else before
     summary = {
         "model": model_name, "architecture": type(teacher).__name__,
@@ -97,7 +98,7 @@ def run(
         "before": before, "after": after, "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     if log:
         plot_log(log, out / "distill.png", title=f"{model_name} -> {method}")
     return summary
@@ -121,7 +122,7 @@ def plot_log(log: list[dict], path: Path, *, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -196,7 +197,7 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -1,0 +1,212 @@
+"""Crash-safe writes: every result, checkpoint and saved model goes through here.
+
+A file is written to a temporary file in its own directory, flushed and fsynced, then
+renamed over the target with :func:`os.replace` (atomic on POSIX and Windows): a reader
+sees the old file or the new one, never a half-written one. A directory of several files
+(a Hugging Face checkpoint) is written to a temporary sibling directory and swapped in
+(:func:`atomic_directory`). Loading errors raise :class:`CheckpointError`, which names
+the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class CheckpointError(ValueError):
+    """A saved model, checkpoint or result file that cannot be loaded as it is: missing,
+    empty, truncated, not what it claims to be, or inconsistent with its config. The
+    message names the file and what is wrong."""
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files or folders a killed earlier write of ``path`` left."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.suffix in (".tmp", ".old"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself lives in the directory entry: sync it too (POSIX only).
+    if os.name != "posix":  # pragma: no cover - Windows has no directory fds
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """``open(path, mode)`` whose content appears at ``path`` only when the block ends
+    without an exception (temporary file in the same directory, fsync, ``os.replace``).
+    ``mode``: ``"w"`` or ``"wb"`` (plus open's other keywords, e.g. ``newline``)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    _remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if mode == "w":
+            kwargs.setdefault("encoding", "utf-8")
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically replace ``path`` with ``text`` (UTF-8)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Atomically replace ``path`` with ``obj`` as JSON."""
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Atomically replace ``path`` with one JSON object per line."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """``fig.savefig(path, **kwargs)``, atomically (the format from ``path``'s suffix)."""
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, **kwargs)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the system cannot."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; when the block ends without an
+    exception its files are fsynced and it replaces ``path`` (an atomic exchange where
+    the system has one; otherwise two renames, with ``path`` absent in between, never
+    half-written). On an exception ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a directory")
+        if path.exists() and _exchange(tmp, path):
+            # tmp now holds the old content.
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
+                                        dir=path.parent))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """``json.loads`` of ``path``; a missing, unreadable or malformed file raises
+    :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} ({exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: the {what} is not valid JSON ({exc})") from exc
+
+
+def torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location=None) -> Any:
+    """``torch.load(path, weights_only=True)``; a missing, empty, truncated or foreign
+    file raises :class:`CheckpointError` naming it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} is missing")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: {what} is empty (an interrupted write?)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError,
+            OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # torch's own message may advise weights_only=False: never do that for a file
+        # that fails to load; it is damaged or not a linattn file.
+        if isinstance(exc, pickle.UnpicklingError):
+            why = "it holds objects other than tensors and plain containers"
+        elif isinstance(exc, RuntimeError | zipfile.BadZipFile | EOFError):
+            why = "truncated or damaged archive"
+        else:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        raise CheckpointError(f"{path}: not a readable {what} ({why}); it may be from an "
+                              "interrupted write or not a linattn file") from exc
