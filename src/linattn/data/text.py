@@ -29,11 +29,12 @@ class MissingDataError(FileNotFoundError):
     """A corpus is not installed; the message says which package provides it."""
 
 
-def _require(path: Path, package: str) -> Path:
+def _require(path: Path, package: str, variable: str, argument: str = "path") -> Path:
     if not path.exists():
         raise MissingDataError(
             f"{path} not found: install the Debian package {package!r} "
-            f"(sudo apt-get install {package}) or pass the path explicitly"
+            f"(sudo apt-get install {package}), or set the environment variable "
+            f"{variable} to its location (or pass {argument}=)"
         )
     return path
 
@@ -42,7 +43,7 @@ def _require(path: Path, package: str) -> Path:
 def gcide_text(path: str | os.PathLike | None = None) -> str:
     """The whole GCIDE dictionary as one string (about 40 MB, decompressed once per
     process)."""
-    p = _require(Path(path) if path else GCIDE_PATH, "dict-gcide")
+    p = _require(Path(path) if path else GCIDE_PATH, "dict-gcide", "LINATTN_GCIDE")
     with gzip.open(p, "rt", encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -71,7 +72,8 @@ def python_doc_passages(
 ) -> list[str]:
     """Prose paragraphs of the Python documentation: directives, code blocks, tables and
     section underlines dropped, roles like ``:func:`len``` reduced to their text."""
-    base = _require(Path(root) if root else PYTHON_DOC_ROOT, "python3.11-doc")
+    base = _require(Path(root) if root else PYTHON_DOC_ROOT, "python3.11-doc",
+                    "LINATTN_PYTHON_DOCS", "root")
     out = []
     for file in sorted(base.rglob("*.rst.txt")):
         text = file.read_text(encoding="utf-8", errors="replace")

@@ -4,7 +4,8 @@
 mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterface``
 under ``"linattn"``, attaches per-layer state to each attention module and selects it.
 See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
-:class:`FavorCache` and :mod:`.distill`.
+:class:`FavorCache` and :mod:`.distill`. :func:`load_pretrained` loads the packaged
+pretrained models (``"minilm"``, ``"smollm2"``) or a local folder, offline.
 """
 
 try:
@@ -24,6 +25,7 @@ from .convert import (
     redraw_projections,
     save_converted,
 )
+from .models import load_pretrained
 
 __all__ = [
     "NAME",
@@ -35,6 +37,7 @@ __all__ = [
     "linattn_mask",
     "linear_attention_states",
     "load_converted",
+    "load_pretrained",
     "redraw_projections",
     "register",
     "save_converted",

