@@ -408,6 +408,7 @@ def splits(
             try:
                 with os.fdopen(fd, "wb") as fh:
                     torch.save({"ids": ids, "offsets": offsets, "labels": labels}, fh)
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
