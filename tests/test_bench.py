@@ -195,3 +195,9 @@ def test_interleave_is_round_robin():
 
     speed.interleave([Rec("exact"), Rec("favor"), Rec("linformer")], 3)
     assert order == ["exact", "favor", "linformer"] * 3
+
+
+@pytest.mark.parametrize("suite", ["linformer", "generate"])
+def test_suites_without_passes_refuse_them(suite, tmp_path):
+    with pytest.raises(SystemExit, match="does not take --passes"):
+        main(["bench", "--suite", suite, "--passes", "fwd", "--out", str(tmp_path)])

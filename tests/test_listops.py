@@ -147,3 +147,11 @@ def test_generation_is_seeded_and_fast_at_the_training_default():
     for e in range(0, 600, 37):
         toks = [listops.VOCAB[i] for i in ids[offsets[e]:offsets[e + 1]].tolist()]
         assert stack_eval(toks) == labels[e].item()
+
+
+def test_encoded_splits_equal_encoded_token_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINATTN_CACHE", str(tmp_path))
+    kw = {"train": 20, "val": 4, "test": 4, "seed": 1, "min_length": 10, "max_length": 100}
+    tokens = listops.splits(**kw)
+    ids = listops.encoded_splits(**kw)
+    assert ids == {k: [(listops.encode(t), y) for t, y in v] for k, v in tokens.items()}

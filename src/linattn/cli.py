@@ -12,11 +12,16 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit(f"linattn bench needs the [bench] extra ({exc})") from exc
     preset = "full" if args.full else "quick"
+    if args.passes and args.suite in ("linformer", "generate"):
+        raise SystemExit(f"linattn bench: error: --suite {args.suite} does not take --passes "
+                         "(linformer: forward only, as the paper's Table 3; generate: "
+                         "decoding, no backward)")
     if args.suite == "linformer":
         from .bench import linformer_table
 
         result = linformer_table.run(args.out, preset=preset, heads=args.heads,
-                                     head_dim=args.head_dim, repeats=args.repeats or 3)
+                                     head_dim=args.head_dim, repeats=args.repeats or 5,
+                                     lengths=args.lengths)
         print(linformer_table.format_table(result))
         print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
         return 1 if any("error" in r for r in result["results"]) else 0
@@ -24,21 +29,23 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench import peers
 
         result = peers.run(args.out, preset=preset, heads=args.heads, head_dim=args.head_dim,
-                           num_features=args.num_features, repeats=args.repeats or 3)
+                           num_features=args.num_features, repeats=args.repeats or 5,
+                           lengths=args.lengths,
+                           passes=tuple(args.passes or ("fwd", "fwd+bwd")))
         print(peers.format_table(result))
         print(f"\nwrote {args.out}/peers.json, peers.csv")
         return 1 if any("error" in r for r in result["results"]) else 0
     if args.suite == "generate":
         from .bench import generation
 
-        result = generation.run(args.out, preset=preset)
+        result = generation.run(args.out, preset=preset, contexts=args.lengths)
         print(generation.format_table(result))
         print(f"\nwrote {args.out}/generate.json, generate.csv, generate.png")
         return 0
     result = speed.run(
         args.out, preset=preset, lengths=args.lengths, heads=args.heads,
         head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
-        passes=tuple(args.passes),
+        passes=tuple(args.passes or ("fwd", "fwd+bwd")),
     )
     print(speed.format_table(result))
     print(f"\nwrote {args.out}/bench.json, bench.csv, bench.png")
@@ -169,13 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate: per-token decoding cost against context length; peers: against "
                    "performer-pytorch and linformer")
     b.add_argument("--out", default="results/bench", help="output folder")
-    b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths")
+    b.add_argument("--lengths", type=int, nargs="+", help="override the preset's lengths "
+                   "(every suite; generate: the context lengths)")
     b.add_argument("--heads", type=int, default=8)
     b.add_argument("--head-dim", type=int, default=64)
     b.add_argument("--num-features", type=int, default=256)
     b.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
-    b.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"],
-                   choices=["fwd", "fwd+bwd"])
+    b.add_argument("--passes", nargs="+", default=None, choices=["fwd", "fwd+bwd"],
+                   help="favor and peers suites (default both); refused by linformer and "
+                   "generate")
     b.set_defaults(func=_bench)
     a = sub.add_parser(
         "approx", help="the Performer paper's approximation experiment (Figure 4)",

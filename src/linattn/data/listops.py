@@ -381,6 +381,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LINATTN_CACHE", Path.home() / ".cache" / "linattn"))
 
 
+def encoded_splits(**kwargs) -> dict[str, list[tuple[list[int], int]]]:
+    """:func:`splits` (same arguments) as ``(encode(tokens), label)``: token ids with a
+    leading ``<cls>``, built straight from the cached ids (no token strings)."""
+    ids, offsets, labels = _cached_ids(**kwargs)
+    flat, bounds, cls = ids.tolist(), offsets.tolist(), TOKEN_ID["<cls>"]
+    data = [([cls, *flat[bounds[e]:bounds[e + 1]]], y) for e, y in enumerate(labels.tolist())]
+    return _split(data, kwargs.get("train", 96_000), kwargs.get("val", 2_000))
+
+
+def _split(data: list, train: int, val: int) -> dict[str, list]:
+    return {"train": data[:train], "val": data[train:train + val],
+            "test": data[train + val:]}
+
+
 def splits(
     *, train: int = 96_000, val: int = 2_000, test: int = 2_000, seed: int = 0,
     min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10,
@@ -390,6 +404,18 @@ def splits(
     under :func:`cache_dir` keyed by every setting (a ``torch.save`` of the token ids,
     written to a temporary file and renamed, so concurrent ranks never read half a
     file). ``progress``: a tqdm bar while generating."""
+    ids, offsets, labels = _cached_ids(
+        train=train, val=val, test=test, seed=seed, min_length=min_length,
+        max_length=max_length, max_depth=max_depth, max_args=max_args, cache=cache,
+        progress=progress)
+    return _split(_to_examples(ids, offsets, labels), train, val)
+
+
+def _cached_ids(
+    *, train: int = 96_000, val: int = 2_000, test: int = 2_000, seed: int = 0,
+    min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10,
+    cache: bool = True, progress: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     spec = {"train": train, "val": val, "test": test, "seed": seed, "min_length": min_length,
             "max_length": max_length, "max_depth": max_depth, "max_args": max_args,
             "generator": 2}
@@ -413,9 +439,7 @@ def splits(
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-    data = _to_examples(ids, offsets, labels)
-    return {"train": data[:train], "val": data[train:train + val],
-            "test": data[train + val:]}
+    return ids, offsets, labels
 
 
 def encode(toks: list[str]) -> list[int]:
