@@ -46,7 +46,7 @@ def _speed_section(res: dict) -> str:
                      f"{ex['peak_added_bytes'] / 2**20:.0f}" if ex else ""])
     text = (f"Float32 matmul in the same run: {res['matmul_gflops']:.0f} GFLOP/s. Times are "
             "medians ± the interquartile range over the median; the cases of one length and "
-            "pass were timed in turn, one repeat each.\n\n"
+            "pass were timed in turn, one repeat of each per round.\n\n"
             + _md_table(["pass", "L", "FAVOR+", "exact ms", "FAVOR+ ms", "speed-up",
                          "FAVOR+ peak MB", "exact peak MB"], rows))
     if notes:
@@ -60,16 +60,16 @@ def _summary(suites: list[tuple[str, list[dict], object]], load: dict) -> str:
              "Machine load (1/5/15-minute averages): "
              + "; ".join(f"{name} {speed._fmt_load(v)}" for name, v in load.items()) + ".",
              ""]
-    flagged = [(suite, cell, reason) for suite, rows, label in suites
-               for cell, reason in checks.flagged(rows, label)]
+    flagged = [(suite, label(r), "; ".join(r["flags"])) for suite, rows, label in suites
+               for r in rows if r.get("flags")]
     if not flagged:
         lines.append("No cell was flagged: every spread is within "
                      f"{100 * checks.SPREAD_LIMIT:.0f}% and every curve within its "
                      "complexity (forward below forward+backward, time growing no faster "
                      "than L for linear methods and L² for exact attention).")
     else:
-        lines.append(f"{len(flagged)} flag(s) ({checks.WARN} in the tables, hollow points "
-                     "in the plots); treat these cells as untrustworthy:")
+        lines.append(f"{len(flagged)} cell(s) flagged ({checks.WARN} in the tables, hollow "
+                     "points in the plots); do not trust these numbers:")
         lines.append("")
         lines += [f"- {suite}, {cell}: {reason}" for suite, cell, reason in flagged]
     return "\n".join(lines) + "\n"
