@@ -271,20 +271,20 @@ def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
         if child_value is not None:
             cval, cparent = child_value
             # Per operator node: a histogram of its arguments' values.
-            hist = torch.zeros(nodes, 10, dtype=torch.long)
-            hist.index_put_((cparent, cval), torch.ones_like(cval), accumulate=True)
-            digits = torch.arange(10)
-            present = hist > 0
-            vmin = torch.where(present, digits, 10).amin(1)
-            vmax = torch.where(present, digits, -1).amax(1)
-            vsum = (hist * digits).sum(1) % 10
-            count = hist.sum(1)
+            inner = ~leaf
+            rank = inner.cumsum(0) - 1
+            hist = torch.zeros(nodes - nleaf, 10, dtype=torch.long)
+            hist.index_put_((rank[cparent], cval), torch.ones_like(cval), accumulate=True)
+            count = hist.sum(1, keepdim=True)
             cum = hist.cumsum(1)
-            hi = (cum <= (count // 2)[:, None]).sum(1)            # s[n // 2]
-            lo = (cum <= ((count - 1) // 2)[:, None]).sum(1)      # s[(n - 1) // 2]
-            vmed = torch.where(count % 2 == 1, hi, (lo + hi) // 2)
-            opv = torch.stack([vmin, vmax, vmed, vsum], 1).gather(1, op[:, None]).view(-1)
-            val[~leaf] = opv[~leaf]
+            vmin = (cum == 0).sum(1)                                # first value present
+            vmax = (cum < count).sum(1)                             # last value present
+            vsum = (hist * torch.arange(10)).sum(1) % 10
+            hi = (cum <= count // 2).sum(1)                         # s[n // 2]
+            lo = (cum <= (count - 1) // 2).sum(1)                   # s[(n - 1) // 2]
+            vmed = torch.where(count.view(-1) % 2 == 1, hi, (lo + hi) // 2)
+            val[inner] = torch.stack([vmin, vmax, vmed, vsum], 1).gather(
+                1, op[inner][:, None]).view(-1)
         ids[pos[leaf]] = (val[leaf] + _DIGIT0).to(torch.uint8)
         ids[pos[~leaf]] = (op[~leaf] + _OP0).to(torch.uint8)
         ids[(pos + size - 1)[~leaf]] = TOKEN_ID[END]
