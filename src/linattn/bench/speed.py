@@ -124,8 +124,14 @@ class _Worker:
         self.times: list[float] = []
 
     def _read(self) -> dict | None:
-        line = self.proc.stdout.readline()
-        return json.loads(line) if line.strip() else None
+        """The next protocol message (lines that are not JSON objects are skipped)."""
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+        return None
 
     def time_once(self) -> bool:
         try:

@@ -184,6 +184,8 @@ def measure(case: dict) -> dict:
 
 def serve(case: dict) -> None:
     """The ``--serve`` protocol (see the module docstring)."""
+    global _PROTOCOL
+    _PROTOCOL, sys.stdout = sys.stdout, sys.stderr  # what a library prints stays out
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())
     run = build(case)
     grad = case["pass"] == "fwd+bwd"
@@ -209,9 +211,12 @@ def serve(case: dict) -> None:
     _say({"done": True, **extra})
 
 
+_PROTOCOL = sys.stdout
+
+
 def _say(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    _PROTOCOL.write(json.dumps(obj) + "\n")
+    _PROTOCOL.flush()
 
 
 def main() -> None:
