@@ -17,13 +17,14 @@ def test_bench_cli_tiny(tmp_path, capsys):
                "--head-dim", "16", "--num-features", "32", "--repeats", "1"])
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert set(result) == {"machine", "matmul_gflops", "results"}
+    assert set(result) == {"machine", "matmul_gflops", "results", "load"}
     assert {"torch", "threads", "cpu_count"} <= set(result["machine"])
     rows = result["results"]
     assert len(rows) == 2 * 2 * len(speed.METHODS)  # quick: softmax kernel only
     assert {r["method"] for r in rows} == {"exact", "materialized", "favor"}
     for r in rows:
         assert r["median_s"] > 0 and r["peak_added_bytes"] >= 0
+        assert r["n"] == len(r["times_s"]) >= 1 and r["spread"] >= 0
         if r["method"] == "favor":
             assert r["speedup_vs_exact"] > 0
     with (tmp_path / "bench.csv").open() as f:
@@ -61,3 +62,142 @@ def test_generation_bench_tiny(tmp_path, monkeypatch):
     assert rows[("favor", 16)]["cache_bytes"] == rows[("favor", 64)]["cache_bytes"]
     assert rows[("softmax", 64)]["cache_bytes"] > rows[("softmax", 16)]["cache_bytes"]
     assert (tmp_path / "generate.png").stat().st_size > 10_000
+
+
+# --- statistics and flags on synthetic timings (no timing assertions) ---------------
+
+from linattn.bench import checks  # noqa: E402
+
+
+def _speed_rows(times: dict) -> list[dict]:
+    """Rows as the favor suite writes them from ``{(method, causal, pass, L): seconds}``."""
+    rows = []
+    for (method, causal, p, length), t in times.items():
+        rows.append({"method": method, "causal": causal, "kernel": "softmax", "pass": p,
+                     "length": length, "peak_added_bytes": 2**20,
+                     **checks.summarize([t * 0.99, t, t * 1.01])})
+    speed._add_ratios(rows)
+    return rows
+
+
+def _clean_times() -> dict:
+    out = {}
+    for length in (1024, 2048, 4096):
+        s = length / 1024
+        for p, k in (("fwd", 1.0), ("fwd+bwd", 2.5)):
+            out[("exact", False, p, length)] = 0.01 * k * s**2
+            out[("exact", True, p, length)] = 0.006 * k * s**2
+            out[("favor", False, p, length)] = 0.02 * k * s
+            out[("favor", True, p, length)] = 0.03 * k * s
+    return out
+
+
+def test_summary_statistics():
+    s = checks.summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (s["median_s"], s["q1_s"], s["q3_s"], s["n"]) == (3.0, 2.0, 4.0, 5)
+    assert s["spread"] == pytest.approx(2.0 / 3.0)
+    assert checks.spread([1.0, 1.2, 0.9]) == pytest.approx(0.3)  # range below 4 repeats
+    assert checks.spread([5.0]) == 0.0
+
+
+def test_clean_table_gets_no_flag():
+    rows = _speed_rows(_clean_times())
+    checks.flag_speed(rows)
+    assert checks.flagged(rows, speed._row_label) == []
+    assert "no cell flagged" in speed.format_table(
+        {"machine": {"processor": "x", "cpu_count": 2, "torch": "t", "threads": 2},
+         "matmul_gflops": 1.0, "results": rows})
+
+
+def test_forward_slower_than_forward_backward_is_flagged():
+    times = _clean_times()
+    # The report of issue 17: forward 685 ms, forward+backward 142 ms at L = 4096.
+    times[("favor", False, "fwd", 4096)] = 0.685
+    times[("favor", False, "fwd+bwd", 4096)] = 0.142
+    rows = _speed_rows(times)
+    checks.flag_speed(rows)
+    bad = {(r["pass"], r["length"], r["method"], r["causal"]): r["flags"]
+           for r in rows if r.get("flags")}
+    assert any("slower than forward+backward" in f for f in bad[("fwd", 4096, "favor", False)])
+    assert any("slower than forward+backward" in f
+               for f in bad[("fwd+bwd", 4096, "favor", False)])
+    # ... and the jump 0.04 s -> 0.685 s is steeper than O(L), the speed-up collapses.
+    assert any("steeper than O(L^1)" in f for f in bad[("fwd", 4096, "favor", False)])
+    assert any("speed-up fell" in f for f in bad[("fwd", 4096, "favor", False)])
+    text = speed.format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t",
+                                           "threads": 2}, "matmul_gflops": 1.0,
+                               "results": rows})
+    assert checks.WARN + "1" in text and "no cell flagged" not in text
+
+
+def test_exact_steeper_than_quadratic_is_flagged_not_linear_growth():
+    times = _clean_times()
+    times[("exact", False, "fwd", 4096)] *= 2.5   # 2048 -> 4096: x10, L^3.3
+    rows = _speed_rows(times)
+    checks.flag_speed(rows)
+    flagged = {(r["method"], r["pass"], r["length"]) for r in rows if r.get("flags")}
+    assert ("exact", "fwd", 4096) in flagged
+    assert not any(m == "favor" and p == "fwd+bwd" for m, p, _ in flagged)
+
+
+def test_generation_flags_favor_growing_with_context():
+    rows = [{"attention": a, "context": c, "ms_per_token": t, "spread": 0.05, "n": 30}
+            for a, c, t in [("favor", 256, 5.0), ("favor", 1024, 5.2), ("favor", 4096, 127.0),
+                            ("softmax", 256, 3.0), ("softmax", 1024, 4.0),
+                            ("softmax", 4096, 9.0)]]
+    checks.flag_generation(rows)
+    assert [(r["attention"], r["context"]) for r in rows if r.get("flags")] == [
+        ("favor", 4096)]
+
+
+class _FakeTimer:
+    """Replays given durations (a load spike in the first repeats)."""
+
+    def __init__(self, durations):
+        self.durations = list(durations)
+        self.times = []
+
+    def time_once(self):
+        self.times.append(self.durations.pop(0))
+        return True
+
+
+def test_unstable_cell_is_remeasured_and_round_robin():
+    steady = _FakeTimer([1.0] * 20)
+    shaky = _FakeTimer([1.0, 3.0, 1.0, 1.1] + [1.0] * 10)  # a spike in repeat 2
+    speed.interleave([steady, shaky], 4)
+    assert len(steady.times) == 4                # stable: no extra repeat
+    assert len(shaky.times) == 5                 # one extra repeat settles it
+    assert not checks.unstable(shaky.times)      # the extra repeats settled it
+
+
+def test_still_unstable_cell_is_flagged_after_bounded_extra_repeats():
+    shaky = _FakeTimer([1.0, 3.0] * 20)
+    speed.interleave([shaky], 4)
+    assert len(shaky.times) == 4 + checks.EXTRA_ROUNDS
+    row = {"method": "favor", "causal": False, "pass": "fwd", "length": 1024,
+           **checks.summarize(shaky.times)}
+    checks.flag_speed([row])
+    assert any(f.startswith("unstable") for f in row["flags"])
+
+
+def test_interleave_is_round_robin():
+    order = []
+
+    class Rec(_FakeTimer):
+        def __init__(self, name):
+            super().__init__([1.0] * 10)
+            self.name = name
+
+        def time_once(self):
+            order.append(self.name)
+            return super().time_once()
+
+    speed.interleave([Rec("exact"), Rec("favor"), Rec("linformer")], 3)
+    assert order == ["exact", "favor", "linformer"] * 3
+
+
+@pytest.mark.parametrize("suite", ["linformer", "generate"])
+def test_suites_without_passes_refuse_them(suite, tmp_path):
+    with pytest.raises(SystemExit, match="does not take --passes"):
+        main(["bench", "--suite", suite, "--passes", "fwd", "--out", str(tmp_path)])

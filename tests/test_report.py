@@ -65,4 +65,8 @@ def test_report_tiny(tmp_path, monkeypatch):
         assert f"## {title}" in text
     for png in ("bench.png", "linformer.png", "generate.png", "approx_mse.png"):
         assert f"({png})" in text and (tmp_path / png).exists()
+    # The page opens with the load and what was flagged (tiny sizes: anything may be).
+    head = text.split("## Speed and memory")[0]
+    assert "## Can these numbers be trusted?" in head and "Machine load" in head
+    assert "No cell was flagged" in head or "flagged" in head
 

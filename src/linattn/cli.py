@@ -133,9 +133,9 @@ def _positive_float(text: str) -> float:
 # use it is refused rather than silently ignored.
 _SUITE_OPTIONS = {
     "favor": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
-    "linformer": ("heads", "head_dim", "repeats"),
-    "peers": ("heads", "head_dim", "num_features", "repeats"),
-    "generate": (),
+    "linformer": ("lengths", "heads", "head_dim", "repeats"),
+    "peers": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
+    "generate": ("lengths",),
     "gpu": ("lengths", "passes", "repeats"),
 }
 _BENCH_DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256,
@@ -167,7 +167,8 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench import linformer_table
 
         result = linformer_table.run(args.out, preset=preset, heads=args.heads,
-                                     head_dim=args.head_dim, repeats=args.repeats or 3)
+                                     head_dim=args.head_dim, repeats=args.repeats or 5,
+                                     lengths=args.lengths)
         print(linformer_table.format_table(result))
         print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
         return 1 if any("error" in r for r in result["results"]) else 0
@@ -175,7 +176,9 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench import peers
 
         result = peers.run(args.out, preset=preset, heads=args.heads, head_dim=args.head_dim,
-                           num_features=args.num_features, repeats=args.repeats or 3)
+                           num_features=args.num_features, repeats=args.repeats or 5,
+                           lengths=args.lengths,
+                           passes=tuple(args.passes or ("fwd", "fwd+bwd")))
         print(peers.format_table(result))
         print(f"\nwrote {args.out}/peers.json, peers.csv")
         return 1 if any("error" in r for r in result["results"]) else 0
@@ -193,14 +196,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "generate":
         from .bench import generation
 
-        result = generation.run(args.out, preset=preset)
+        result = generation.run(args.out, preset=preset, contexts=args.lengths)
         print(generation.format_table(result))
         print(f"\nwrote {args.out}/generate.json, generate.csv, generate.png")
         return 0
     result = speed.run(
         args.out, preset=preset, lengths=args.lengths, heads=args.heads,
         head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
-        passes=tuple(args.passes),
+        passes=tuple(args.passes or ("fwd", "fwd+bwd")),
     )
     print(speed.format_table(result))
     print(f"\nwrote {args.out}/bench.json, bench.csv, bench.png")

@@ -4,15 +4,19 @@ For each sequence length ``n`` and projected length ``k < n``: forward time and 
 memory of Linformer attention against exact attention, both against
 ``scaled_dot_product_attention`` (today's real baseline, which no longer stores the
 ``n x n`` matrix) and against attention that materializes it (the paper's baseline).
-Ratios are "saved" factors: baseline / Linformer. One fresh process per case.
+Ratios are "saved" factors: baseline / Linformer. One fresh process per case; the cases
+of one length are timed interleaved, and every cell has its median, spread and flags
+(:mod:`linattn.bench.checks`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .._plotting import pyplot
-from .speed import machine_info, run_case, write_results
+from . import checks
+from .speed import footnotes, machine_info, run_cases, write_results
 
 PRESETS = {
     "quick": {"lengths": [512, 1024, 2048, 4096], "dims": [128, 256, 512]},
@@ -25,20 +29,23 @@ PAPER_TIME_SAVED = {(8192, 128): 5.5, (16384, 128): 8.6}
 MATERIALIZED_MAX = 16384
 
 
-def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=3, progress=True) -> dict:
-    from tqdm import tqdm
-
-    conf = PRESETS[preset]
+def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=5, lengths=None,
+        progress=True) -> dict:
+    conf = dict(PRESETS[preset])
+    if lengths:
+        conf["lengths"] = sorted(lengths)
     base = {"pass": "fwd", "batch": 1, "heads": heads, "head_dim": head_dim,
             "dtype": "float32", "repeats": repeats, "causal": False, "num_features": 0}
-    cases = []
+    groups = []
     for n in conf["lengths"]:
-        cases.append({**base, "method": "exact", "length": n})
+        cases = [{**base, "method": "exact", "length": n}]
         if n <= MATERIALIZED_MAX:
             cases.append({**base, "method": "materialized", "length": n})
         cases += [{**base, "method": "linformer", "length": n, "proj_dim": k}
                   for k in conf["dims"] if k < n]
-    rows = [run_case(c) for c in tqdm(cases, desc="linformer table", disable=not progress)]
+        groups.append(cases)
+    load_before = os.getloadavg()
+    rows = run_cases(groups, repeats=repeats, progress=progress, desc="linformer table")
     index = {(r["method"], r["length"]): r for r in rows if "median_s" in r}
     for r in rows:
         if r["method"] != "linformer" or "median_s" not in r:
@@ -52,13 +59,16 @@ def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=3, progress=Tr
         paper = PAPER_TIME_SAVED.get((r["length"], r["proj_dim"]))
         if paper is not None:
             r["paper_time_saved"] = paper
+    checks.flag_linformer(rows)
     result = {"machine": machine_info(), "config": base, "results": rows,
-              "lengths": conf["lengths"], "dims": conf["dims"]}
+              "lengths": conf["lengths"], "dims": conf["dims"],
+              "load": {"before": load_before, "after": os.getloadavg()}}
     out = Path(out_dir)
     write_results(out, "linformer", result, [
-        "method", "length", "proj_dim", "median_s", "peak_added_bytes", "time_saved_vs_exact",
-        "time_saved_vs_materialized", "memory_saved_vs_exact", "memory_saved_vs_materialized",
-        "paper_time_saved", "error"])
+        "method", "length", "proj_dim", "median_s", "q1_s", "q3_s", "spread", "n",
+        "peak_added_bytes", "time_saved_vs_exact", "time_saved_vs_materialized",
+        "memory_saved_vs_exact", "memory_saved_vs_materialized", "paper_time_saved", "flags",
+        "error"])
     plot(result, out / "linformer.png")
     return result
 
@@ -68,6 +78,9 @@ def format_table(result: dict) -> str:
     dims = result["dims"]
     cells = {(r["length"], r["proj_dim"]): r for r in result["results"]
              if r["method"] == "linformer" and "median_s" in r}
+    refs = {(r["method"], r["length"]): r for r in result["results"]
+            if r["method"] != "linformer" and "median_s" in r}
+    marks, notes = footnotes(result["results"], _row_label)
     m = result["machine"]
     lines = [f"Linformer forward, batch 1, {result['config']['heads']} heads, head_dim "
              f"{result['config']['head_dim']}, float32; {m['processor']}, {m['cpu_count']} "
@@ -83,14 +96,23 @@ def format_table(result: dict) -> str:
                 if r is None or f"time_saved_vs_{ref}" not in r:
                     row.append(f"{'-':<13}")
                     continue
-                row.append(f"{r[f'time_saved_vs_{ref}']:5.1f}x/{r[f'memory_saved_vs_{ref}']:5.1f}x")
+                bad = [marks[id(x)] for x in (r, refs.get((ref, n))) if x and id(x) in marks]
+                mark = (checks.WARN + ",".join(map(str, bad))) if bad else ""
+                row.append(f"{r[f'time_saved_vs_{ref}']:5.1f}x/"
+                           f"{r[f'memory_saved_vs_{ref}']:5.1f}x{mark}")
             lines.append(f"{n:>7} | " + " | ".join(row))
     paper = [f"n={n}, k={k}: paper {v}x (V100), here "
              f"{cells[(n, k)].get('time_saved_vs_materialized', float('nan')):.1f}x"
              for (n, k), v in PAPER_TIME_SAVED.items() if (n, k) in cells]
     if paper:
         lines += ["", "time saved vs the paper's baseline: " + "; ".join(paper)]
+    lines += [""] + (notes or ["no cell flagged (spread, growth within complexity)"])
     return "\n".join(lines)
+
+
+def _row_label(r: dict) -> str:
+    name = f"Linformer k={r['proj_dim']}" if r["method"] == "linformer" else r["method"]
+    return f"n={r['length']}, {name}"
 
 
 def plot(result: dict, path: Path) -> None:

@@ -3,6 +3,12 @@
 ``linattn bench`` runs this; results go to ``OUT/bench.json``, ``OUT/bench.csv`` and
 ``OUT/bench.png`` and a table is printed. Ratios are taken within one run, on the same
 machine, beside the matmul rate measured in the same run.
+
+The cases compared with each other (every method at one length and pass) are timed
+interleaved: one live worker process per case, one repeat of each in turn
+(:func:`run_cases`), so that a neighbouring load slows them alike. Every cell reports its
+median and spread; unstable cells get extra repeats, and cells that stay unstable or fail
+a consistency check are flagged (:mod:`linattn.bench.checks`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +28,10 @@ import torch
 
 from .._io import atomic_open, write_json
 from .._plotting import pyplot
+from . import checks
 
 PRESETS = {
-    "quick": {"lengths": [1024, 2048, 4096], "repeats": 3, "kernels": ["softmax"]},
+    "quick": {"lengths": [1024, 2048, 4096], "repeats": 5, "kernels": ["softmax"]},
     "full": {"lengths": [1024, 2048, 4096, 8192, 16384], "repeats": 5,
              "kernels": ["softmax", "softmax_hyp", "softmax_opt", "relu"]},
 }
@@ -92,6 +100,7 @@ def flops(case: dict) -> float:
 
 
 def run_case(case: dict) -> dict:
+    """One case alone in a fresh process (no interleaving): :func:`worker.measure`."""
     env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "linattn.bench.worker", json.dumps(case)],
@@ -100,6 +109,113 @@ def run_case(case: dict) -> dict:
     if proc.returncode != 0:
         return {**case, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class _Worker:
+    """A ``worker --serve`` process holding one case."""
+
+    def __init__(self, case: dict):
+        self.case = case
+        self.err = tempfile.TemporaryFile(mode="w+")  # never a full pipe
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "linattn.bench.worker", "--serve", json.dumps(case)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
+            text=True, env=dict(os.environ))
+        self.ready = self._read()
+        self.times: list[float] = []
+
+    def _read(self) -> dict | None:
+        """The next protocol message (lines that are not JSON objects are skipped)."""
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+        return None
+
+    def time_once(self) -> bool:
+        try:
+            self.proc.stdin.write("time\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return False
+        msg = self._read()
+        if msg is None:
+            return False
+        self.times.append(msg["t"])
+        return True
+
+    def finish(self) -> dict:
+        """The case's row (and the process's end)."""
+        done = None
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                done = self._read()
+            except OSError:
+                pass
+        self.proc.communicate()
+        self.err.seek(0)
+        err = self.err.read()
+        self.err.close()
+        if self.ready is None or (not self.times and done is None):
+            tail = err.strip().splitlines()[-1:] or ["failed"]
+            return {**self.case, "error": tail}
+        times = self.times or [self.ready["first_s"]]
+        row = {**self.case, **checks.summarize(times), "times_s": times,
+               "first_s": self.ready["first_s"],
+               "peak_added_bytes": self.ready["peak_added_bytes"],
+               "peak_exact": self.ready["peak_exact"]}
+        if done:
+            row.update({k: v for k, v in done.items() if k != "done"})
+        return row
+
+
+def interleave(timers: list, repeats: int, *, budget_s: float | None = None,
+               limit: float = checks.SPREAD_LIMIT, extra: int = checks.EXTRA_ROUNDS) -> None:
+    """Round-robin repeats: ``repeats`` rounds of one ``time_once()`` per timer, then up
+    to ``extra`` more rounds over the timers whose spread is above ``limit``. A timer
+    whose repeats already took ``budget_s`` gets no more (the slowest cells).
+
+    ``timers``: objects with ``times`` (a list the calls append to) and ``time_once()``
+    (returns False when it failed; that timer is dropped)."""
+    live = list(timers)
+
+    def spent(t) -> bool:
+        return budget_s is not None and len(t.times) >= 1 and sum(t.times) > budget_s
+
+    for _ in range(repeats):
+        live = [t for t in live if spent(t) or t.time_once()]
+    for _ in range(extra):
+        shaky = [t for t in live if not spent(t) and checks.unstable(t.times, limit)]
+        if not shaky:
+            break
+        for t in shaky:
+            if not t.time_once():
+                live.remove(t)
+
+
+def run_cases(groups: list[list[dict]], *, repeats: int, budget_s: float = 20.0,
+              progress: bool = True, desc: str = "bench") -> list[dict]:
+    """Time every case of ``groups``, each group interleaved (:func:`interleave`) with one
+    fresh ``worker --serve`` process per case (started one after the other, so that the
+    first call, which measures the peak memory, runs alone). Rows as :func:`run_case`
+    gives, plus the spread statistics of :func:`checks.summarize`."""
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="case",
+               disable=not progress)
+    for group in groups:
+        workers = [_Worker(case) for case in group]
+        interleave([w for w in workers if w.ready is not None], repeats, budget_s=budget_s)
+        for w in workers:
+            rows.append(w.finish())
+            bar.update(1)
+    bar.close()
+    return rows
 
 
 def run(
@@ -115,7 +231,6 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Run the benchmark and write its files; returns the results dict."""
-    from tqdm import tqdm
 
     conf = PRESETS[preset]
     lengths = lengths or conf["lengths"]
@@ -125,16 +240,20 @@ def run(
     base = {"batch": 1, "heads": heads, "head_dim": head_dim, "num_features": num_features,
             "dtype": "float32", "repeats": repeats}
     cases = list(_cases(lengths, passes, conf["kernels"], base))
+    groups: dict = {}
+    for case in cases:  # every method at one length and pass: timed interleaved
+        groups.setdefault((case["length"], case["pass"]), []).append(case)
+    load_before = os.getloadavg()
     rate = matmul_rate()
-    rows = []
-    for case in tqdm(cases, desc="bench", disable=not progress, unit="case"):
-        res = run_case(case)
+    rows = run_cases(list(groups.values()), repeats=repeats, progress=progress)
+    for res in rows:
         if "median_s" in res and res["pass"] == "fwd":
             res["gflops"] = flops(res) / res["median_s"] / 1e9
             res["pct_matmul"] = 100.0 * res["gflops"] / rate
-        rows.append(res)
     _add_ratios(rows)
-    result = {"machine": machine_info(), "matmul_gflops": rate, "results": rows}
+    checks.flag_speed(rows)
+    result = {"machine": machine_info(), "matmul_gflops": rate, "results": rows,
+              "load": {"before": load_before, "after": os.getloadavg()}}
     write_results(out, "bench", result, _CSV_FIELDS)
     plot(result, out / "bench.png")
     return result
@@ -163,9 +282,9 @@ def _add_ratios(rows: list[dict]) -> None:
 
 _CSV_FIELDS = [
     "method", "kernel", "causal", "pass", "length", "heads", "head_dim", "num_features",
-    "dtype", "median_s", "peak_added_bytes", "gflops", "pct_matmul", "speedup_vs_exact",
-    "speedup_vs_materialized",
-    "causal_over_bidirectional", "error",
+    "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "spread", "n", "peak_added_bytes",
+    "gflops", "pct_matmul", "speedup_vs_exact", "speedup_vs_materialized",
+    "causal_over_bidirectional", "flags", "error",
 ]
 
 
@@ -176,18 +295,49 @@ def write_results(out: Path, stem: str, result: dict, fields: list[str]) -> None
     with atomic_open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows(result["results"])
+        w.writerows({**r, "flags": "; ".join(r.get("flags", []))} for r in result["results"])
+
+
+def _load_line(result: dict) -> str:
+    load = result.get("load")
+    if not load:
+        return ""
+    return (f"machine load (1/5/15-min averages) before {_fmt_load(load['before'])}, "
+            f"after {_fmt_load(load['after'])}")
+
+
+def _fmt_load(avg) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
+
+
+def footnotes(rows: list[dict], label) -> tuple[dict[int, int], list[str]]:
+    """Footnote numbers for the flagged rows (by ``id``) and the footnote lines."""
+    marks, lines = {}, []
+    for r in rows:
+        if r.get("flags"):
+            marks[id(r)] = len(lines) + 1
+            lines.append(f"{checks.WARN}{len(lines) + 1} {label(r)}: " + "; ".join(r["flags"]))
+    return marks, lines
+
+
+def _row_label(r: dict) -> str:
+    return f"{r['pass']}, L={r['length']}, {_label(r['method'], r['causal'], r.get('kernel', 'softmax'))}"
 
 
 def format_table(result: dict) -> str:
-    """A plain-text table of the results (times in ms, memory in MB)."""
+    """A plain-text table of the results (times in ms, memory in MB); ``spread`` is the
+    interquartile range over the median (the range below 4 repeats), ``⚠n`` a flagged
+    cell, explained below the table."""
+    marks, notes = footnotes(result["results"], _row_label)
     lines = [
         f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"torch {result['machine']['torch']}, {result['machine']['threads']} threads; "
         f"float32 matmul {result['matmul_gflops']:.0f} GFLOP/s",
-        f"{'pass':8} {'L':>6} {'method':26} {'median ms':>10} {'peak MB':>9} "
-        f"{'speed-up':>9} {'GFLOP/s':>8} {'% mm':>5}",
+        f"{'pass':8} {'L':>6} {'method':26} {'median ms':>10} {'spread':>7} {'n':>3} "
+        f"{'peak MB':>9} {'speed-up':>9} {'GFLOP/s':>8} {'% mm':>5}",
     ]
+    if result.get("load"):
+        lines.insert(1, _load_line(result))
     for r in result["results"]:
         if "median_s" not in r:
             lines.append(f"{r['pass']:8} {r['length']:>6} "
@@ -197,12 +347,15 @@ def format_table(result: dict) -> str:
         sp = f"{r['speedup_vs_exact']:.1f}x" if "speedup_vs_exact" in r else ""
         gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
         pct = f"{r['pct_matmul']:.0f}" if "pct_matmul" in r else ""
+        spread = f"{100 * r['spread']:.0f}%" if "spread" in r else ""
+        mark = f" {checks.WARN}{marks[id(r)]}" if id(r) in marks else ""
         lines.append(
             f"{r['pass']:8} {r['length']:>6} "
             f"{_label(r['method'], r['causal'], r.get('kernel', 'softmax')):26} "
-            f"{1e3 * r['median_s']:>10.1f} {r['peak_added_bytes'] / 2**20:>9.1f} {sp:>9} "
-            f"{gf:>8} {pct:>5}"
+            f"{1e3 * r['median_s']:>10.1f} {spread:>7} {r.get('n', ''):>3} "
+            f"{r['peak_added_bytes'] / 2**20:>9.1f} {sp:>9} {gf:>8} {pct:>5}{mark}"
         )
+    lines += notes or ["no cell flagged (spread, fwd <= fwd+bwd, growth within complexity)"]
     return "\n".join(lines)
 
 
@@ -224,13 +377,11 @@ def plot(result: dict, path: Path) -> None:
         ):
             ax = axes[row][col]
             for (method, causal), (color, ls) in styles.items():
-                pts = sorted((r["length"], r[key] * scale) for r in rows
-                             if r["pass"] == p and r["method"] == method
-                             and r["causal"] == causal)
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o", color=color, ls=ls,
-                            label=_label(method, causal))
+                sel = sorted((r for r in rows if r["pass"] == p and r["method"] == method
+                              and r["causal"] == causal), key=lambda r: r["length"])
+                if sel:
+                    _curve(ax, sel, key, scale, color, ls, _label(method, causal),
+                           errors=key == "median_s")
             _guides(ax, [r["length"] for r in rows if r["pass"] == p])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -241,15 +392,37 @@ def plot(result: dict, path: Path) -> None:
             ax.legend(fontsize=8, loc="upper left")
     m = result["machine"]
     rs = rows[0] if rows else {}
+    flagged = sum(bool(r.get("flags")) for r in rows)
     fig.suptitle(
         f"linattn FAVOR+ vs exact attention: batch 1, {rs.get('heads')} heads, head_dim "
         f"{rs.get('head_dim')}, {rs.get('num_features')} features, float32\n"
-        f"{m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, torch {m['torch']}",
+        f"{m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, torch {m['torch']}"
+        f"; medians, bars: interquartile range"
+        + (f"; hollow {checks.WARN}: {flagged} flagged (see the table)" if flagged else ""),
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _curve(ax, rows: list[dict], key: str, scale: float, color, ls, label: str, *,
+           errors: bool, x: str = "length") -> None:
+    """A line through ``rows``; interquartile error bars when ``errors``; flagged points
+    hollow, with a ⚠ beside them."""
+    xs = [r[x] for r in rows]
+    ys = [r[key] * scale for r in rows]
+    ax.plot(xs, ys, color=color, ls=ls, label=label)
+    if errors and all("q1_s" in r for r in rows):
+        lo = [max(y - r["q1_s"] * scale, 0) for y, r in zip(ys, rows)]
+        hi = [max(r["q3_s"] * scale - y, 0) for y, r in zip(ys, rows)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=color, capsize=3, lw=1)
+    for xv, yv, r in zip(xs, ys, rows):
+        bad = bool(r.get("flags")) and errors
+        ax.plot([xv], [yv], marker="o", color=color, mfc="white" if bad else color, ms=6)
+        if bad:
+            ax.annotate(checks.WARN, (xv, yv), xytext=(4, 4), textcoords="offset points",
+                        color="red", fontsize=10)
 
 
 def _guides(ax, lengths: list[int]) -> None:

@@ -4,6 +4,12 @@ Prints one JSON line: median seconds over the repeats and the peak resident memo
 case added over its inputs: the kernel's high-water mark (``VmHWM``) is reset through
 ``/proc/self/clear_refs`` after the inputs exist, then read after the first call, before
 any timing loop, so every case starts from the same allocator state.
+
+``python -m linattn.bench.worker --serve '<json>'`` does the same first call, prints
+``{"ready": ..., "peak_added_bytes": ...}`` and then times one call per ``time`` line on
+its standard input (``{"t": seconds}``), until ``quit`` (``{"done": ...}``). The parent
+(:func:`linattn.bench.speed.run_cases`) keeps one such process per compared case and
+sends the ``time`` lines round-robin, so a passing load hits every case alike.
 """
 
 from __future__ import annotations
@@ -177,8 +183,48 @@ def measure(case: dict) -> dict:
     }
 
 
+def serve(case: dict) -> None:
+    """The ``--serve`` protocol (see the module docstring)."""
+    global _PROTOCOL
+    _PROTOCOL, sys.stdout = sys.stdout, sys.stderr  # what a library prints stays out
+    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    run = build(case)
+    grad = case["pass"] == "fwd+bwd"
+    with torch.set_grad_enabled(grad):
+        base = _rss_now()
+        exact_peak = _reset_peak()
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        peak = _rss_peak() - base
+    _say({"ready": True, "first_s": first, "peak_added_bytes": peak,
+          "peak_exact": exact_peak})
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        with torch.set_grad_enabled(grad):
+            t0 = time.perf_counter()
+            run()
+            _say({"t": time.perf_counter() - t0})
+    extra = {}
+    if case.get("error_vs_exact") and case["pass"] == "fwd":
+        extra["rel_error_vs_exact"] = relative_error(case)
+    _say({"done": True, **extra})
+
+
+_PROTOCOL = sys.stdout
+
+
+def _say(obj: dict) -> None:
+    _PROTOCOL.write(json.dumps(obj) + "\n")
+    _PROTOCOL.flush()
+
+
 def main() -> None:
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    if sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
+    else:
+        print(json.dumps(measure(json.loads(sys.argv[1]))))
 
 
 if __name__ == "__main__":

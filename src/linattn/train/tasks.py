@@ -163,10 +163,11 @@ class ListOps(_Classification):
         self.cfg = cfg
         self.vocab_size = len(listops.VOCAB)
         if splits is None:
-            splits = listops.splits(train=cfg.listops_train, val=cfg.listops_eval,
-                                    test=cfg.listops_eval, seed=0,
-                                    min_length=cfg.listops_min_len,
-                                    max_length=min(cfg.listops_max_len, cfg.seq_len - 1))
+            self.splits = listops.encoded_splits(
+                train=cfg.listops_train, val=cfg.listops_eval, test=cfg.listops_eval, seed=0,
+                min_length=cfg.listops_min_len,
+                max_length=min(cfg.listops_max_len, cfg.seq_len - 1))
+            return
         self.splits = {k: [(listops.encode(t), y) for t, y in v] for k, v in splits.items()}
 
 
