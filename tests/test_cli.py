@@ -39,14 +39,14 @@ def forbid(monkeypatch, module, name="run"):
         (["train", "--lr", "-1"], "lr must be"),
         (["train", "--task", "bytes", "--attention", "linformer"], "Linformer cannot be causal"),
         (["report", "--quick", "--full"], "not allowed with argument"),
-        (["bench", "--suite", "generate", "--lengths", "64"], "does not use --lengths"),
+        (["bench", "--suite", "generate", "--heads", "4"], "does not use --heads"),
         (["bench", "--suite", "linformer", "--passes", "fwd"], "does not use --passes"),
         (["convert", "--model", "no-such-model"], "expected 'minilm', 'smollm2' or a local"),
         (["convert", "--model", "minilm", "--kernel", "nope"], "invalid choice: 'nope'"),
         (["convert", "--model", "minilm", "--steps", "-1"], "--steps: must be >= 0"),
     ],
     ids=["steps-negative", "steps-text", "num-features-0", "task", "attention", "lr",
-         "bytes-linformer", "quick-full", "bench-lengths", "bench-passes", "convert-model",
+         "bytes-linformer", "quick-full", "bench-heads", "bench-passes", "convert-model",
          "convert-kernel", "convert-steps"],
 )
 def test_bad_values_give_one_line_and_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
