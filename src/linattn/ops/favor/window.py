@@ -284,9 +284,15 @@ def _scan_states(u: Tensor, e: Tensor, floor: float, reverse: bool) -> tuple[Ten
     return (res.flip(2), p.flip(-1)) if reverse else (res, p)
 
 
+# Largest spread of key log-scales for which one sequence-wide stabilizer is kept (exp of
+# -60 / -600 stays far above the float32 / float64 underflow); beyond, the recurrence.
+SPREAD_FLOAT32 = 60.0
+SPREAD_FLOAT64 = 600.0
+
+
 def far_block(window: int, length: int) -> int:
     """Rows per block of the bidirectional far part (block states every ``C`` keys)."""
-    return max(1, min(length, 32))
+    return max(1, min(length, 64))
 
 
 def favor_window_bidirectional(
@@ -340,10 +346,23 @@ def favor_window_bidirectional(
     with torch.no_grad():
         e = rkb.amax(-1)  # [B, H, nblk + 2 pad]
         e = torch.where(torch.isfinite(e), e, floor)
-    wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
-    u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
-    pre, p = _scan_states(u, e, floor, reverse=False)
-    suf, s = _scan_states(u, e, floor, reverse=True)
+        top = e.amax(-1, keepdim=True)
+        low = rk.masked_fill(~real[:, None, :], math.inf).amin(-1, keepdim=True)
+        # One stabilizer for the whole sequence is exact unless some key's weight
+        # exp(r_j - top) would underflow; then the running-maximum recurrence is used.
+        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+        single = bool(((top - low) < spread).all())
+    if single:
+        e = top.expand_as(e)
+        wk = torch.exp(rkb - top.unsqueeze(-1))
+        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))
+        pre, suf = u.cumsum(2), u.flip(2).cumsum(2).flip(2)
+        p = s = e
+    else:
+        wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
+        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
+        pre, p = _scan_states(u, e, floor, reverse=False)
+        suf, s = _scan_states(u, e, floor, reverse=True)
     # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
     # S at pad + t + D + 1 = t + 2 pad.
     left, pl = pre[:, :, :nblk], p[..., :nblk]
