@@ -106,8 +106,13 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .train import TrainConfig, train
-    from .train.compare import compare, format_markdown
+    from .train.compare import compare, format_markdown, spec_name
 
+    if args.compare and any(getattr(args, n) is not None
+                            for n in ("attention", "kernel", "window")):
+        raise SystemExit("with --compare, name the attention kinds with --attentions "
+                         "(specs such as exact favor favor-relu favor-hedgehog-w64), not "
+                         "--attention/--kernel/--window")
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
@@ -123,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(cfg, args.out, resume=args.resume)
     if summary["finished"]:
         m = summary["metric"]
-        print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
+        print(f"{cfg.task}/{spec_name(cfg)}: val {m} {summary['val'][m]:.4f}, test {m} "
               f"{summary['test'][m]:.4f}, median {summary['median_step_s']:.3f} s/step, "
               f"peak {summary['peak_memory_mb']:.0f} MB")
         print(f"wrote {args.out}/metrics.jsonl, summary.json, curves.png, checkpoint.pt, model/")
@@ -133,12 +138,25 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     import dataclasses
 
+    from .features import KERNELS
+    from .models.config import ATTENTIONS
     from .train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        if f.name == "betas":
+        if f.name == "attention":
+            t.add_argument(flag, choices=ATTENTIONS, default=None,
+                           help=f"exact softmax attention, FAVOR+ or Linformer (default "
+                           f"{default})")
+        elif f.name == "kernel":
+            t.add_argument(flag, choices=tuple(KERNELS), default=None,
+                           help=f"FAVOR+ feature map (default {default})")
+        elif f.name == "window":
+            t.add_argument(flag, type=int, default=None,
+                           help="FAVOR+ sliding-window hybrid: score the W nearest keys "
+                           "exactly (default: None, pure linear attention)")
+        elif f.name == "betas":
             t.add_argument(flag, type=float, nargs=2, default=None, help=f"default {default}")
         elif isinstance(default, bool):
             t.add_argument(flag, type=lambda x: x.lower() in ("1", "true", "yes"),
@@ -243,10 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="results/train", help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--compare", action="store_true",
-                   help="train once per attention kind (same budget) into OUT/<attention>/ "
+                   help="train once per attention kind (same budget) into OUT/<spec>/ "
                    "and write comparison.json/md/png")
-    t.add_argument("--attentions", nargs="+", help="with --compare (default: softmax favor "
-                   "relu, plus linformer for classification)")
+    t.add_argument("--attentions", nargs="+", metavar="SPEC",
+                   help="with --compare: attention specs <attention>[-<kernel>][-w<window>], "
+                   "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
+                   "favor favor-relu, plus linformer for classification)")
     _add_train_flags(t)
     t.set_defaults(func=_train)
     r = sub.add_parser(

@@ -30,7 +30,7 @@ def run(out_dir, *, preset="quick", dim=256, depth=4, heads=4, steps=32, progres
 
     contexts = PRESETS[preset]
     rows = []
-    for attention in ("favor", "softmax"):
+    for attention in ("favor", "exact"):
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=256, dim=dim, depth=depth, heads=heads, causal=True,
                           attention=attention, max_seq_len=max(contexts) + steps + 1)
@@ -74,7 +74,7 @@ def _plot(result: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for attention, label in (("favor", "FAVOR+ (recurrent state)"),
-                             ("softmax", "exact (key/value cache)")):
+                             ("exact", "exact (key/value cache)")):
         pts = sorted((r["context"], r["ms_per_token"], r["cache_bytes"] / 2**20)
                      for r in result["results"] if r["attention"] == attention)
         xs, ts, ms = zip(*pts)

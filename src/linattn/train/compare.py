@@ -8,14 +8,53 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .._checks import check_choice
 from .._plotting import pyplot
+from ..models.config import ATTENTIONS
 from .config import TrainConfig
 from .loop import read_metrics
 
 
+def parse_spec(spec: str) -> dict:
+    """An attention spec as the ``attention``, ``kernel`` and ``window`` fields.
+
+    A spec is ``<attention>[-<kernel>][-w<window>]``: ``"exact"``, ``"linformer"``,
+    ``"favor"`` (softmax kernel, no window), ``"favor-relu"``, ``"favor-hedgehog-w64"``,
+    ``"favor-w16"`` (softmax kernel, window 16). Kernel names are those of
+    :data:`linattn.KERNELS` (which use ``_``, never ``-``)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"attention spec must be a non-empty string, got {spec!r}")
+    attention, *rest = spec.split("-")
+    check_choice("attention", attention, ATTENTIONS)
+    fields: dict = {"attention": attention, "kernel": "softmax", "window": None}
+    kernel_given = False
+    for part in rest:
+        if part[:1] == "w" and part[1:].isdigit():
+            fields["window"] = int(part[1:])
+        elif part and not kernel_given and fields["window"] is None:
+            fields["kernel"], kernel_given = part, True
+        else:
+            raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
+                             "[-w<window>], e.g. 'exact', 'favor-relu', 'favor-hedgehog-w64'")
+    if attention != "favor" and (kernel_given or fields["window"] is not None):
+        raise ValueError(f"attention spec {spec!r}: a kernel and a window apply to 'favor' "
+                         "only")
+    return fields
+
+
+def spec_name(cfg: TrainConfig) -> str:
+    """The spec of ``cfg``'s attention (the inverse of :func:`parse_spec`)."""
+    name = cfg.attention
+    if cfg.attention == "favor" and cfg.kernel != "softmax":
+        name += f"-{cfg.kernel}"
+    if cfg.window is not None:
+        name += f"-w{cfg.window}"
+    return name
+
+
 def default_attentions(task: str) -> tuple[str, ...]:
     """Exact, FAVOR+ softmax, FAVOR+ ReLU, and Linformer where the task is not causal."""
-    base = ("softmax", "favor", "relu")
+    base = ("exact", "favor", "favor-relu")
     return base if task == "bytes" else (*base, "linformer")
 
 
@@ -23,26 +62,30 @@ def compare(
     base: TrainConfig, out: str | Path, *, attentions: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train ``base`` once per attention kind into ``out/<attention>/``; write
-    ``out/comparison.json``, ``out/comparison.md`` and ``out/comparison.png``.
+    """Train ``base`` once per attention spec (:func:`parse_spec`; default
+    :func:`default_attentions`) into ``out/<spec>/``; write ``out/comparison.json``,
+    ``out/comparison.md`` and ``out/comparison.png``. The spec sets ``attention``,
+    ``kernel`` and ``window``; every other field comes from ``base``.
 
     Each run is a fresh process (``python -m linattn train``), so that its peak memory
     is its own."""
     out = Path(out)
-    for attention in attentions or default_attentions(base.task):
-        cfg = replace(base, attention=attention)
-        run_dir = out / attention
+    specs = tuple(attentions or default_attentions(base.task))
+    # Every spec is checked before the first run starts.
+    configs = [replace(base, **parse_spec(spec)) for spec in specs]
+    for spec, cfg in zip(specs, configs):
+        run_dir = out / spec
         run_dir.mkdir(parents=True, exist_ok=True)
         request = run_dir / "request.json"
         request.write_text(json.dumps(cfg.to_dict(), indent=2))
         subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
                         "--out", str(run_dir)], check=True,
                        stderr=None if progress else subprocess.DEVNULL)
-    return summarize(base, out, attentions or default_attentions(base.task))
+    return summarize(base, out, specs)
 
 
 def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -> dict:
-    """Collect ``out/<attention>/summary.json`` of finished runs (also runs made by
+    """Collect ``out/<spec>/summary.json`` of finished runs (also runs made by
     separate ``--compare`` calls) into ``out/comparison.{json,md,png}``."""
     out = Path(out)
     rows = []
@@ -59,8 +102,15 @@ def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -
     return result
 
 
-LABELS = {"softmax": "exact softmax", "favor": "FAVOR+ (softmax kernel)",
-          "relu": "FAVOR+ ReLU", "linformer": "Linformer"}
+def spec_label(spec: str) -> str:
+    """A readable name for an attention spec ("FAVOR+ (relu kernel, window 16)")."""
+    f = parse_spec(spec)
+    if f["attention"] == "exact":
+        return "exact attention"
+    if f["attention"] == "linformer":
+        return "Linformer"
+    window = "" if f["window"] is None else f", window {f['window']}"
+    return f"FAVOR+ ({f['kernel']} kernel{window})"
 
 
 def format_markdown(result: dict) -> str:
@@ -75,7 +125,7 @@ def format_markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
-        lines.append(f"| {LABELS.get(r['attention'], r['attention'])} | {r['val']:.4f} | "
+        lines.append(f"| {spec_label(r['attention'])} | {r['val']:.4f} | "
                      f"{r['test']:.4f} | {r['median_step_s']:.3f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -91,7 +141,7 @@ def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
         m = read_metrics(out / r["attention"] / "metrics.jsonl")
         tr = [x for x in m if x["split"] == "train"]
         va = [x for x in m if x["split"] == "val"]
-        label = LABELS.get(r["attention"], r["attention"])
+        label = spec_label(r["attention"])
         axes[0].plot([x["step"] for x in tr], [x["loss"] for x in tr], label=label, lw=1)
         axes[1].plot([x["step"] for x in va], [x[metric] for x in va], marker="o", label=label)
     axes[0].set_ylabel("training loss")
