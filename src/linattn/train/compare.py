@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .._checks import check_choice
 from .._plotting import pyplot
+from ..features import KERNELS
 from ..models.config import ATTENTIONS
 from .config import TrainConfig
 from .loop import read_metrics
@@ -36,6 +37,7 @@ def parse_spec(spec: str) -> dict:
         else:
             raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
                              "[-w<window>], e.g. 'exact', 'favor-relu', 'favor-hedgehog-w64'")
+    check_choice("kernel", fields["kernel"], tuple(KERNELS))
     if attention != "favor" and (kernel_given or fields["window"] is not None):
         raise ValueError(f"attention spec {spec!r}: a kernel and a window apply to 'favor' "
                          "only")
