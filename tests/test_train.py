@@ -186,21 +186,25 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
      ("favor-relu", ("favor", "relu", None)), ("favor-w16", ("favor", "softmax", 16)),
      ("favor-hedgehog-w64", ("favor", "hedgehog", 64)),
      ("favor-softmax_hyp", ("favor", "softmax_hyp", None)),
+     ("favor-m128", ("favor", "softmax", None, 128)),
+     ("favor-hedgehog-m32-w8", ("favor", "hedgehog", 8, 32)),
      ("linformer", ("linformer", "softmax", None))],
     ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_attention_specs_round_trip(spec, fields):
     f = parse_spec(spec)
-    assert (f["attention"], f["kernel"], f["window"]) == fields
+    assert (f["attention"], f["kernel"], f["window"], *(
+        [f["num_features"]] if "num_features" in f else [])) == fields
     task = "listops" if spec == "linformer" else "bytes"
     assert spec_name(TrainConfig(task=task, **f)) == spec
     assert spec_label(spec)
 
 
 @pytest.mark.parametrize("spec", ["softmax", "relu", "exact-relu", "linformer-w8",
-                                  "favor-w8-relu", "favor-relu-relu", "favor-", ""])
+                                  "exact-m64", "favor-w8-relu", "favor-relu-relu",
+                                  "favor-w8-m4", "favor-cosine", "favor-", ""])
 def test_bad_attention_specs(spec):
-    with pytest.raises(ValueError, match="attention"):
+    with pytest.raises(ValueError, match="attention|kernel must be one of"):
         parse_spec(spec)
 
 

@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train once per attention kind (same budget) into OUT/<spec>/ "
                    "and write comparison.json/md/png")
     t.add_argument("--attentions", nargs="+", metavar="SPEC",
-                   help="with --compare: attention specs <attention>[-<kernel>][-w<window>], "
+                   help="with --compare: attention specs <attention>[-<kernel>][-m<features>]"
+                   "[-w<window>], "
                    "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
                    "favor favor-relu, plus linformer for classification)")
     _add_train_flags(t)

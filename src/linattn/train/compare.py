@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,32 +16,36 @@ from ..models.config import ATTENTIONS
 from .config import TrainConfig
 from .loop import read_metrics
 
+_SPEC = re.compile(r"(?P<attention>[a-z]+)(?:-(?P<kernel>[a-z_]+))?(?:-m(?P<m>\d+))?"
+                   r"(?:-w(?P<w>\d+))?")
+
 
 def parse_spec(spec: str) -> dict:
-    """An attention spec as the ``attention``, ``kernel`` and ``window`` fields.
+    """An attention spec as :class:`TrainConfig` fields.
 
-    A spec is ``<attention>[-<kernel>][-w<window>]``: ``"exact"``, ``"linformer"``,
-    ``"favor"`` (softmax kernel, no window), ``"favor-relu"``, ``"favor-hedgehog-w64"``,
-    ``"favor-w16"`` (softmax kernel, window 16). Kernel names are those of
-    :data:`linattn.KERNELS` (which use ``_``, never ``-``)."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"attention spec must be a non-empty string, got {spec!r}")
-    attention, *rest = spec.split("-")
+    A spec is ``<attention>[-<kernel>][-m<features>][-w<window>]``: ``"exact"``,
+    ``"linformer"``, ``"favor"`` (softmax kernel, no window), ``"favor-relu"``,
+    ``"favor-w16"`` (softmax kernel, window 16), ``"favor-m128"`` (128 random features),
+    ``"favor-hedgehog-w64"``. It always sets ``attention``, ``kernel`` and ``window``
+    (``"softmax"`` and None when not written), and ``num_features`` when ``-m`` is
+    written. Kernel names are those of :data:`linattn.KERNELS` (``_``, never ``-``)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"attention spec must be a string, got {spec!r}")
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
+                         "[-m<features>][-w<window>], e.g. 'exact', 'favor-relu', "
+                         "'favor-hedgehog-w64'")
+    attention, kernel, m, w = match.group("attention", "kernel", "m", "w")
     check_choice("attention", attention, ATTENTIONS)
-    fields: dict = {"attention": attention, "kernel": "softmax", "window": None}
-    kernel_given = False
-    for part in rest:
-        if part[:1] == "w" and part[1:].isdigit():
-            fields["window"] = int(part[1:])
-        elif part and not kernel_given and fields["window"] is None:
-            fields["kernel"], kernel_given = part, True
-        else:
-            raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
-                             "[-w<window>], e.g. 'exact', 'favor-relu', 'favor-hedgehog-w64'")
-    check_choice("kernel", fields["kernel"], tuple(KERNELS))
-    if attention != "favor" and (kernel_given or fields["window"] is not None):
-        raise ValueError(f"attention spec {spec!r}: a kernel and a window apply to 'favor' "
-                         "only")
+    if attention != "favor" and (kernel or m or w):
+        raise ValueError(f"attention spec {spec!r}: a kernel, features and a window apply "
+                         "to 'favor' only")
+    fields: dict = {"attention": attention,
+                    "kernel": check_choice("kernel", kernel or "softmax", tuple(KERNELS)),
+                    "window": None if w is None else int(w)}
+    if m is not None:
+        fields["num_features"] = int(m)
     return fields
 
 
@@ -49,6 +54,8 @@ def spec_name(cfg: TrainConfig) -> str:
     name = cfg.attention
     if cfg.attention == "favor" and cfg.kernel != "softmax":
         name += f"-{cfg.kernel}"
+    if cfg.attention == "favor" and cfg.num_features is not None:
+        name += f"-m{cfg.num_features}"
     if cfg.window is not None:
         name += f"-w{cfg.window}"
     return name
@@ -67,7 +74,8 @@ def compare(
     """Train ``base`` once per attention spec (:func:`parse_spec`; default
     :func:`default_attentions`) into ``out/<spec>/``; write ``out/comparison.json``,
     ``out/comparison.md`` and ``out/comparison.png``. The spec sets ``attention``,
-    ``kernel`` and ``window``; every other field comes from ``base``.
+    ``kernel``, ``window`` (and ``num_features`` if written); every other field comes
+    from ``base``.
 
     Each run is a fresh process (``python -m linattn train``), so that its peak memory
     is its own."""
@@ -111,8 +119,9 @@ def spec_label(spec: str) -> str:
         return "exact attention"
     if f["attention"] == "linformer":
         return "Linformer"
+    m = "" if "num_features" not in f else f", m = {f['num_features']}"
     window = "" if f["window"] is None else f", window {f['window']}"
-    return f"FAVOR+ ({f['kernel']} kernel{window})"
+    return f"FAVOR+ ({f['kernel']} kernel{m}{window})"
 
 
 def format_markdown(result: dict) -> str:
