@@ -204,7 +204,7 @@ def test_attention_specs_round_trip(spec, fields):
                                   "exact-m64", "favor-w8-relu", "favor-relu-relu",
                                   "favor-w8-m4", "favor-cosine", "favor-", ""])
 def test_bad_attention_specs(spec):
-    with pytest.raises(ValueError, match="attention|kernel must be one of"):
+    with pytest.raises(ValueError, match=r"attention|kernel must be one of"):
         parse_spec(spec)
 
 
