@@ -178,6 +178,12 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
     assert "| exact attention |" in md and "| Linformer |" in md
     assert "| FAVOR+ (hedgehog kernel, window 8) |" in md
     assert all(0 <= r["test"] <= 1 and r["peak_memory_mb"] > 0 for r in result["results"])
+    # Again with the same settings: the finished runs are kept, not trained again.
+    stamps = {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns for k in kinds}
+    again = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
+    assert again["results"] == result["results"]
+    assert stamps == {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns
+                      for k in kinds}
 
 
 @pytest.mark.parametrize(

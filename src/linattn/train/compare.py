@@ -78,7 +78,9 @@ def compare(
     from ``base``.
 
     Each run is a fresh process (``python -m linattn train``), so that its peak memory
-    is its own."""
+    is its own. Calling it again with the same ``out`` and settings skips the finished
+    runs and resumes an interrupted one from its checkpoint; a run whose settings
+    changed starts over."""
     out = Path(out)
     specs = tuple(attentions or default_attentions(base.task))
     # Every spec is checked before the first run starts.
@@ -87,9 +89,14 @@ def compare(
         run_dir = out / spec
         run_dir.mkdir(parents=True, exist_ok=True)
         request = run_dir / "request.json"
-        request.write_text(json.dumps(cfg.to_dict(), indent=2))
+        text = json.dumps(cfg.to_dict(), indent=2)
+        same = request.exists() and request.read_text() == text
+        summary = run_dir / "summary.json"
+        if same and summary.exists() and json.loads(summary.read_text()).get("finished"):
+            continue
+        request.write_text(text)
         subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
-                        "--out", str(run_dir)], check=True,
+                        "--out", str(run_dir), *(["--resume"] if same else [])], check=True,
                        stderr=None if progress else subprocess.DEVNULL)
     return summarize(base, out, specs)
 
