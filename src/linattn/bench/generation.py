@@ -19,7 +19,9 @@ def _cache_bytes(caches) -> int:
     total = 0
     for c in caches:
         for t in (c if isinstance(c, tuple) else (c,)):
-            total += t.numel() * t.element_size()
+            # A FAVOR+ state without a window has None in its window fields.
+            if t is not None:
+                total += t.numel() * t.element_size()
     return total
 
 
