@@ -14,7 +14,7 @@ E, H = 16, 4  # embed_dim, heads (head_dim 4)
 
 def _module(**kw):
     torch.manual_seed(0)
-    return linattn.PerformerAttention(E, H, dtype=torch.float64, **kw)
+    return linattn.PerformerAttention(E, H, dtype=torch.float64, batch_first=True, **kw)
 
 
 def _heads(m, x, offset=0):
@@ -86,14 +86,14 @@ def test_hedgehog_parameters_and_initialization():
 
 
 def test_per_head_random_projection_and_redraw():
-    m = linattn.PerformerAttention(E, H, per_head_projection=True, num_features=8,
+    m = linattn.PerformerAttention(E, H, batch_first=True, per_head_projection=True, num_features=8,
                                    redraw_interval=1, seed=3)
     assert m.projection.shape == (H, 8, E // H)
     assert not torch.equal(m.projection[0], m.projection[1])
     first = m.projection.clone()
     m(torch.randn(1, 5, E))
     assert int(m.draws) == 1 and not torch.equal(m.projection, first)
-    again = linattn.PerformerAttention(E, H, per_head_projection=True, num_features=8,
+    again = linattn.PerformerAttention(E, H, batch_first=True, per_head_projection=True, num_features=8,
                                        redraw_interval=1, seed=3)
     again.redraw_projection()
     assert torch.equal(again.projection, m.projection)
@@ -149,7 +149,8 @@ def test_state_dict_round_trip(kernel, kw):
     m = _module(kernel=kernel, **kw)
     _perturb(m)
     torch.manual_seed(1)
-    other = linattn.PerformerAttention(E, H, dtype=torch.float64, kernel=kernel, seed=9, **kw)
+    other = linattn.PerformerAttention(E, H, dtype=torch.float64, batch_first=True, kernel=kernel,
+                                       seed=9, **kw)
     other.load_state_dict(m.state_dict())
     x = torch.randn(2, 9, E, dtype=torch.float64)
     assert torch.equal(m(x)[0], other(x)[0])
