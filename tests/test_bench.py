@@ -60,7 +60,7 @@ def test_generation_bench_tiny(tmp_path, monkeypatch):
     rows = {(r["attention"], r["context"]): r for r in result["results"]}
     # The FAVOR state does not grow with the context; the key/value cache does.
     assert rows[("favor", 16)]["cache_bytes"] == rows[("favor", 64)]["cache_bytes"]
-    assert rows[("softmax", 64)]["cache_bytes"] > rows[("softmax", 16)]["cache_bytes"]
+    assert rows[("exact", 64)]["cache_bytes"] > rows[("exact", 16)]["cache_bytes"]
     assert (tmp_path / "generate.png").stat().st_size > 10_000
 
 

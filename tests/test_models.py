@@ -3,22 +3,41 @@
 import pytest
 import torch
 
-from linattn.models import CausalLM, ModelConfig, SequenceClassifier, load_model
+from linattn.models import CausalLM, Encoder, ModelConfig, SequenceClassifier, load_model
 
-ATTN = ["softmax", "favor", "relu"]
+# Attention kinds by the spec names of `linattn train --compare`.
+KINDS = {
+    "exact": {"attention": "exact"},
+    "favor": {"attention": "favor"},
+    "favor-relu": {"attention": "favor", "kernel": "relu"},
+    "favor-w8": {"attention": "favor", "window": 8},
+    "favor-hedgehog": {"attention": "favor", "kernel": "hedgehog"},
+    "favor-hedgehog-w8": {"attention": "favor", "kernel": "hedgehog", "window": 8},
+}
+ATTN = list(KINDS)
 
 
 def _lm(attention, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, dim=32, depth=2, heads=4, causal=True,
-                      attention=attention, max_seq_len=128, **kw)
+                      max_seq_len=128, **KINDS[attention], **kw)
     return CausalLM(cfg)
+
+
+def _perturb(m):
+    # Learned maps start at the identity: move them, so tests see a trained-like model.
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("projection", "linear_factor_logit")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("attention", ATTN)
 @pytest.mark.parametrize("position", ["rotary", "learned", "sinusoidal"])
 def test_incremental_logits_equal_parallel(attention, position):
     m = _lm(attention, position=position).double().eval()
+    _perturb(m)
     ids = torch.randint(0, 40, (2, 37))
     full = m(ids)
     logits, caches = m.step_logits(ids[:, :10], None, 0)
@@ -32,6 +51,7 @@ def test_incremental_logits_equal_parallel(attention, position):
 @pytest.mark.parametrize("attention", ATTN)
 def test_greedy_generate_equals_full_recompute(attention):
     m = _lm(attention).double().eval()
+    _perturb(m)
     prompt = torch.randint(0, 40, (2, 6))
     out = m.generate(prompt, 10, greedy=True)
     seq = prompt
@@ -40,12 +60,19 @@ def test_greedy_generate_equals_full_recompute(attention):
     assert torch.equal(out, seq)
 
 
-def test_favor_state_does_not_grow():
-    m = _lm("favor").eval()
+def _state_size(state) -> int:
+    return sum(t.numel() for t in state if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("attention", ["favor", "favor-hedgehog-w8"])
+def test_favor_state_does_not_grow(attention):
+    m = _lm(attention).eval()
     _, caches = m.step_logits(torch.randint(0, 40, (1, 100)), None, 0)
-    sizes = [c.kv.numel() for c in caches]
-    _, caches = m.step_logits(torch.randint(0, 40, (1, 1)), caches, 100)
-    assert [c.kv.numel() for c in caches] == sizes
+    sizes = [_state_size(c) for c in caches]
+    assert all(s > 0 for s in sizes)
+    for t in range(100, 103):
+        _, caches = m.step_logits(torch.randint(0, 40, (1, 1)), caches, t)
+        assert [_state_size(c) for c in caches] == sizes
 
 
 def test_sampling_seeded_and_filtered():
@@ -60,14 +87,18 @@ def test_sampling_seeded_and_filtered():
     assert torch.equal(one, m.generate(prompt, 5, greedy=True))
 
 
-@pytest.mark.parametrize("attention", ["softmax", "favor", "relu", "linformer"])
+CLASSIFIER_KINDS = {**KINDS, "linformer": {"attention": "linformer"}}
+
+
+@pytest.mark.parametrize("attention", list(CLASSIFIER_KINDS))
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_classifier_padding_aware(attention, pooling):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=30, dim=32, depth=2, heads=4, attention=attention,
+    cfg = ModelConfig(vocab_size=30, dim=32, depth=2, heads=4, **CLASSIFIER_KINDS[attention],
                       num_classes=3, pooling=pooling, max_seq_len=64, proj_dim=16,
                       position="learned" if attention == "linformer" else "rotary")
     m = SequenceClassifier(cfg).double().eval()
+    _perturb(m)
     ids = torch.randint(1, 30, (1, 20))
     ref = m(ids)
     padded = torch.cat([ids, torch.randint(1, 30, (1, 9))], 1)
@@ -75,11 +106,12 @@ def test_classifier_padding_aware(attention, pooling):
     torch.testing.assert_close(m(padded, mask), ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "favor", "relu", "linformer"])
+# (The learned map with a window trains in test_hedgehog_window_model_trains.)
+@pytest.mark.parametrize("attention", ["exact", "favor", "favor-relu", "linformer"])
 def test_tiny_model_overfits(attention):
     torch.manual_seed(0)
     causal = attention != "linformer"
-    cfg = ModelConfig(vocab_size=16, dim=32, depth=2, heads=4, attention=attention,
+    cfg = ModelConfig(vocab_size=16, dim=32, depth=2, heads=4, **CLASSIFIER_KINDS[attention],
                       causal=causal, max_seq_len=32, proj_dim=16,
                       position="learned" if attention == "linformer" else "rotary",
                       num_classes=None if causal else 4)
@@ -106,15 +138,18 @@ def test_tiny_model_overfits(attention):
     assert loss.item() < 0.25 * first and loss.item() < 0.6, (first, loss.item())
 
 
-@pytest.mark.parametrize("attention", ["favor", "linformer"])
+@pytest.mark.parametrize("attention", ["favor", "favor-hedgehog-w8", "linformer"])
 def test_save_load_round_trip(tmp_path, attention):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=20, dim=16, depth=2, heads=2, attention=attention,
-                      num_classes=2, max_seq_len=32, proj_dim=8, redraw_interval=1,
+    learned = attention == "favor-hedgehog-w8"
+    cfg = ModelConfig(vocab_size=20, dim=16, depth=2, heads=2, **CLASSIFIER_KINDS[attention],
+                      num_classes=2, max_seq_len=32, proj_dim=8,
+                      redraw_interval=None if learned else 1,
                       linformer_sharing="layerwise", linformer_projection="random",
                       position="learned" if attention == "linformer" else "rotary")
     m = SequenceClassifier(cfg)
     m(torch.randint(0, 20, (2, 10)))  # a training forward: redraw once
+    _perturb(m)
     m.eval()
     m.save(tmp_path)
     loaded = load_model(tmp_path).eval()
@@ -159,13 +194,69 @@ def test_torch_compile_matches_eager():
     [
         ({"dim": 30, "heads": 4}, r"dim \(30\) must be divisible by heads"),
         ({"attention": "sparse"}, "attention must be one of"),
+        ({"attention": "softmax"}, "attention must be one of"),
+        ({"attention": "relu"}, "attention must be one of"),
         ({"attention": "linformer", "causal": True}, "cannot be causal"),
         ({"attention": "linformer"}, "rotary positions are not defined for Linformer"),
         ({"vocab_size": 0}, "vocab_size must be a positive int"),
+        ({"kernel": "cosine"}, "kernel must be one of"),
+        ({"attention": "exact", "kernel": "relu"}, "needs attention='favor'"),
+        ({"attention": "exact", "window": 4}, "window applies to attention='favor' only"),
+        ({"window": -1}, "window must be None or an int >= 0"),
+        ({"kernel": "softmax_opt", "causal": True}, "bidirectional only"),
+        ({"kernel": "hedgehog", "redraw_interval": 5}, "not redrawn"),
     ],
-    ids=["divisible", "unknown", "linformer-causal", "linformer-rotary", "vocab"],
+    ids=["divisible", "unknown", "old-softmax", "old-relu", "linformer-causal",
+         "linformer-rotary", "vocab", "unknown-kernel", "kernel-without-favor",
+         "window-without-favor", "negative-window", "opt-causal", "hedgehog-redraw"],
 )
 def test_bad_config(kw, match):
     args = {"vocab_size": 10, **kw}
     with pytest.raises(ValueError, match=match):
         ModelConfig(**args)
+
+
+@pytest.mark.parametrize("model", ["encoder", "classifier", "lm"])
+def test_hedgehog_window_model_trains(model):
+    # A few steps move the loss, and every layer's map and window factor get gradients.
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=24, dim=32, depth=2, heads=4, attention="favor",
+                      kernel="hedgehog", window=8, causal=model == "lm", max_seq_len=64,
+                      num_classes=3 if model == "classifier" else None)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 24, (4, 29), generator=g)
+    if model == "lm":
+        m = CausalLM(cfg)
+        params = m.encoder
+
+        def loss_fn():
+            return m.loss(ids)
+    elif model == "classifier":
+        m = SequenceClassifier(cfg)
+        params = m.encoder
+        labels = torch.randint(0, 3, (4,), generator=g)
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(m(ids), labels)
+    else:
+        m = params = Encoder(cfg)
+        target = torch.randn(4, 29, 32, generator=g)
+
+        def loss_fn():
+            return (m(ids) - target).square().mean()
+    layers = params.performer_layers()
+    assert len(layers) == 2 and all(a.kernel == "hedgehog" and a.window == 8 for a in layers)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = loss_fn().item()
+    for _ in range(8):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        for a in layers:
+            assert a.projection.grad.abs().sum() > 0
+            assert a.linear_factor_logit.grad.abs().min() > 0
+        opt.step()
+    assert loss_fn().item() < first
+    # The map and the factors moved from their initial values.
+    eye = torch.eye(8).expand(4, 8, 8)
+    assert all(not torch.equal(a.projection.detach(), eye) for a in layers)

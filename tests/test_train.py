@@ -11,6 +11,7 @@ import torch
 from linattn.data import listops
 from linattn.models import load_model
 from linattn.train import TrainConfig, build_task, read_metrics, train
+from linattn.train.compare import parse_spec, spec_label, spec_name
 
 
 def tiny(task, **kw):
@@ -48,11 +49,13 @@ def make_task(cfg):
     return build_task(cfg, **{key: fn()})
 
 
-@pytest.mark.parametrize("task,attention", [("bytes", "favor"), ("bytes", "softmax"),
+@pytest.mark.parametrize("task,attention", [("bytes", "favor"), ("bytes", "exact"),
+                                            ("bytes", "favor-hedgehog-w16"),
                                             ("listops", "favor"), ("listops", "linformer"),
-                                            ("fortunes", "relu")])
+                                            ("listops", "favor-hedgehog-w8"),
+                                            ("fortunes", "favor-relu")])
 def test_short_run_learns_and_writes_its_files(tmp_path, task, attention):
-    cfg = tiny(task, attention=attention, steps=40 if task != "bytes" else 30)
+    cfg = tiny(task, **parse_spec(attention), steps=40 if task != "bytes" else 30)
     s = train(cfg, tmp_path, task=make_task(cfg), progress=False)
     assert s["finished"]
     first, last = sum(s["losses"][:5]) / 5, sum(s["losses"][-5:]) / 5
@@ -61,22 +64,25 @@ def test_short_run_learns_and_writes_its_files(tmp_path, task, attention):
                  "checkpoint.pt", "model/model.pt"):
         assert (tmp_path / name).exists(), name
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["split"] == "val"] == [15, 30] if task == "bytes" \
-        else [15, 30, 40]
+    expected = [15, 30] if task == "bytes" else [15, 30, 40]
+    assert [r["step"] for r in rows if r["split"] == "val"] == expected
     assert rows[-1]["split"] == "test"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["median_step_s"] > 0 and summary["peak_memory_mb"] > 0
     model = load_model(tmp_path / "model")
     assert sum(p.numel() for p in model.parameters()) == s["parameters"]
+    assert (model.cfg.attention, model.cfg.kernel, model.cfg.window) == (
+        cfg.attention, cfg.kernel, cfg.window)
     if task == "bytes":
         assert s["test"]["bits_per_byte"] < 8.0  # below the uniform 8 bits per byte
 
 
-@pytest.mark.parametrize("attention", ["favor", "softmax"])
+@pytest.mark.parametrize("attention", ["favor", "exact", "favor-hedgehog-w8"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, attention):
     # Dropout and FAVOR+ redraws make the RNG and redraw state part of what must resume.
-    cfg = tiny("bytes", attention=attention, steps=8, dropout=0.1, redraw_interval=3,
-               checkpoint_every=100, eval_every=100)
+    spec = parse_spec(attention)
+    cfg = tiny("bytes", **spec, steps=8, dropout=0.1, checkpoint_every=100, eval_every=100,
+               redraw_interval=None if spec["kernel"] == "hedgehog" else 3)
     full = train(cfg, tmp_path / "full", task=make_task(cfg), progress=False)
     part = train(cfg, tmp_path / "cut", task=make_task(cfg), progress=False, stop_after=5)
     assert not part["finished"] and len(part["losses"]) == 5
@@ -93,6 +99,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, attention):
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="causal"):
         TrainConfig(task="bytes", attention="linformer")
+    for old_name in ("softmax", "relu"):  # renamed: "exact", and "favor" with kernel="relu"
+        with pytest.raises(ValueError, match="attention must be one of"):
+            TrainConfig(attention=old_name)
+    with pytest.raises(ValueError, match="needs attention='favor'"):
+        TrainConfig(attention="exact", kernel="relu")
+    with pytest.raises(ValueError, match="window applies to attention='favor' only"):
+        TrainConfig(task="listops", attention="linformer", window=8)
+    with pytest.raises(ValueError, match="not redrawn"):
+        TrainConfig(kernel="hedgehog", redraw_interval=10)
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="imagenet")
     with pytest.raises(ValueError, match="unknown config keys"):
@@ -152,11 +167,69 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
                       steps=4, eval_every=4, eval_batches=1, log_every=1, warmup=1,
                       listops_train=32, listops_eval=8, listops_min_len=10,
                       listops_max_len=60, num_features=16, proj_dim=8)
-    result = compare(cfg, tmp_path / "cmp", attentions=("softmax", "linformer"),
-                     progress=False)
-    assert [r["attention"] for r in result["results"]] == ["softmax", "linformer"]
+    kinds = ("exact", "favor-hedgehog-w8", "linformer")
+    result = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
+    assert [r["attention"] for r in result["results"]] == list(kinds)
+    request = json.loads((tmp_path / "cmp" / "favor-hedgehog-w8" / "request.json").read_text())
+    assert (request["attention"], request["kernel"], request["window"]) == ("favor", "hedgehog", 8)
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (tmp_path / "cmp" / name).exists()
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| exact softmax |" in md and "| Linformer |" in md
+    assert "| exact attention |" in md and "| Linformer |" in md
+    assert "| FAVOR+ (hedgehog kernel, window 8) |" in md
     assert all(0 <= r["test"] <= 1 and r["peak_memory_mb"] > 0 for r in result["results"])
+    # Again with the same settings: the finished runs are kept, not trained again.
+    stamps = {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns for k in kinds}
+    again = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
+    assert again["results"] == result["results"]
+    assert stamps == {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns
+                      for k in kinds}
+
+
+@pytest.mark.parametrize(
+    "spec,fields",
+    [("exact", ("exact", "softmax", None)), ("favor", ("favor", "softmax", None)),
+     ("favor-relu", ("favor", "relu", None)), ("favor-w16", ("favor", "softmax", 16)),
+     ("favor-hedgehog-w64", ("favor", "hedgehog", 64)),
+     ("favor-softmax_hyp", ("favor", "softmax_hyp", None)),
+     ("favor-m128", ("favor", "softmax", None, 128)),
+     ("favor-hedgehog-m32-w8", ("favor", "hedgehog", 8, 32)),
+     ("linformer", ("linformer", "softmax", None))],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_attention_specs_round_trip(spec, fields):
+    f = parse_spec(spec)
+    assert (f["attention"], f["kernel"], f["window"], *(
+        [f["num_features"]] if "num_features" in f else [])) == fields
+    task = "listops" if spec == "linformer" else "bytes"
+    assert spec_name(TrainConfig(task=task, **f)) == spec
+    assert spec_label(spec)
+
+
+@pytest.mark.parametrize("spec", ["softmax", "relu", "exact-relu", "linformer-w8",
+                                  "exact-m64", "favor-w8-relu", "favor-relu-relu",
+                                  "favor-w8-m4", "favor-cosine", "favor-", ""])
+def test_bad_attention_specs(spec):
+    with pytest.raises(ValueError, match=r"attention|kernel must be one of"):
+        parse_spec(spec)
+
+
+def test_cli_trains_hedgehog_with_a_window(tmp_path, monkeypatch, capsys):
+    from linattn.cli import main
+
+    monkeypatch.setenv("LINATTN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["train", "--task", "listops", "--attention", "favor", "--kernel", "hedgehog",
+            "--window", "16", "--listops-train", "32", "--listops-eval", "8",
+            "--listops-min-len", "10", "--listops-max-len", "60", "--seq-len", "64",
+            "--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "4", "--steps",
+            "3", "--eval-every", "3", "--eval-batches", "1", "--log-every", "1", "--warmup",
+            "1", "--out", str(out)]
+    assert main(args) == 0
+    assert "listops/favor-hedgehog-w16" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["attention"], cfg["kernel"], cfg["window"]) == ("favor", "hedgehog", 16)
+    layers = load_model(out / "model").encoder.performer_layers()
+    assert layers and all(a.kernel == "hedgehog" and a.window == 16 for a in layers)
+    with pytest.raises(SystemExit, match="--attentions"):
+        main(["train", "--compare", "--kernel", "hedgehog", "--out", str(tmp_path / "c")])

@@ -288,8 +288,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
-    from .train.compare import compare, format_markdown
+    from .train.compare import compare, format_markdown, spec_name
 
+    if args.compare and any(getattr(args, n) is not None
+                            for n in ("attention", "kernel", "window")):
+        raise UsageError("with --compare, name the attention kinds with --attentions "
+                         "(specs such as exact favor favor-relu favor-hedgehog-w64), not "
+                         "--attention/--kernel/--window")
     if not args.config and args.resume and (Path(args.out) / "config.json").is_file():
         args.config = str(Path(args.out) / "config.json")  # resume with the run's settings
     base = _read_json(args.config) if args.config else {}
@@ -316,7 +321,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if summary["finished"]:
         m = summary["metric"]
-        print(f"{cfg.task}/{cfg.attention}: val {m} {summary['val'][m]:.4f}, test {m} "
+        print(f"{cfg.task}/{spec_name(cfg)}: val {m} {summary['val'][m]:.4f}, test {m} "
               f"{summary['test'][m]:.4f}, median {summary['median_step_s']:.3f} s/step, "
               f"peak {summary['peak_memory_mb']:.0f} MB")
         print(f"wrote {args.out}/metrics.jsonl, summary.json, curves.png, checkpoint.pt, model/")
@@ -326,8 +331,11 @@ def _train(args: argparse.Namespace) -> int:
 _TRAIN_HELP = {
     "task": "bytes: next-byte prediction on GCIDE; listops: LRA ListOps; fortunes: topic "
             "of a quotation",
-    "attention": "softmax is exact attention",
+    "attention": "exact: scaled_dot_product_attention; favor: FAVOR+ with --kernel; linformer",
     "num_features": "FAVOR+ random features (default: d log d)",
+    "kernel": "FAVOR+ feature map (hedgehog: learned, per head)",
+    "window": "FAVOR+ sliding-window hybrid: the W nearest keys scored exactly (default: "
+              "none, pure linear attention)",
     "proj_dim": "Linformer k",
     "redraw_interval": "FAVOR+: redraw the projection every N steps (default: never)",
     "seq_len": "window for bytes, maximum tokens for the classification tasks",
@@ -343,7 +351,8 @@ _TRAIN_HELP = {
 
 
 # Integer TrainConfig fields that may be 0 or negative (every other one must be >= 1).
-_INT_FLAGS = {"seed": int, "warmup": _non_negative, "listops_min_len": _non_negative}
+_INT_FLAGS = {"seed": int, "warmup": _non_negative, "listops_min_len": _non_negative,
+              "window": _non_negative}
 
 
 def _train_choices() -> dict[str, tuple[str, ...]]:
@@ -389,7 +398,6 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .features import KERNELS
-    from .models.config import ATTENTIONS
     from .nn.linformer import KINDS, SHARING
 
     kernels = tuple(KERNELS)
@@ -533,11 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
                    "a finished run is left as is")
     t.add_argument("--compare", action="store_true",
-                   help="train once per attention kind (same budget) into OUT/<attention>/ "
+                   help="train once per attention kind (same budget) into OUT/<spec>/ "
                    "and write comparison.json/md/png")
-    t.add_argument("--attentions", nargs="+", choices=ATTENTIONS,
-                   help="with --compare (default: softmax favor relu, plus linformer for "
-                   "classification)")
+    t.add_argument("--attentions", nargs="+", metavar="SPEC",
+                   help="with --compare: attention specs <attention>[-<kernel>][-m<features>]"
+                   "[-w<window>], "
+                   "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
+                   "favor favor-relu, plus linformer for classification)")
     _add_train_flags(t)
     t.set_defaults(func=_train)
     r = command(

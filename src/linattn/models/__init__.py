@@ -1,4 +1,5 @@
-"""Transformer models with attention chosen by name: exact, FAVOR+, ReLU, Linformer."""
+"""Transformer models with attention chosen by name: ``"exact"``, ``"favor"`` (with a
+FAVOR+ ``kernel`` and an optional ``window``), ``"linformer"``."""
 
 from .attention import ExactAttention, build_attention
 from .config import ModelConfig

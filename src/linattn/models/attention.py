@@ -1,5 +1,6 @@
-"""Attention layers chosen by name, with one interface: ``forward(x, key_padding_mask)``
-and, for causal kinds, ``step(x, cache, offset)`` for generation."""
+"""Attention layers chosen by name (``"exact"``, ``"favor"``, ``"linformer"``), with one
+interface: ``forward(x, key_padding_mask)`` and, for causal kinds, ``step(x, cache,
+offset)`` for generation."""
 
 from __future__ import annotations
 
@@ -80,22 +81,22 @@ class _Adapter(nn.Module):
 
     def step(self, x: Tensor, cache, offset: int):
         if not isinstance(self.inner, PerformerAttention):
-            raise ValueError("step() needs causal attention (favor, relu or softmax)")
+            raise ValueError("step() needs causal attention ('exact' or 'favor')")
         return self.inner.step(x, cache, offset)
 
 
 def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
     """The attention layer ``layer`` of a model described by ``cfg``."""
     rotary = cfg.position == "rotary"
-    if cfg.attention == "softmax":
+    if cfg.attention == "exact":
         return ExactAttention(cfg.dim, cfg.heads, causal=cfg.causal, rotary=rotary,
                               dropout=cfg.dropout)
-    if cfg.attention in ("favor", "relu"):
+    if cfg.attention == "favor":
         attn = PerformerAttention(
-            cfg.dim, cfg.heads, num_features=cfg.num_features,
-            kernel="softmax" if cfg.attention == "favor" else "relu", causal=cfg.causal,
-            redraw_interval=cfg.redraw_interval, seed=cfg.seed, layer_index=layer,
-            rotary=rotary, dropout=cfg.dropout, batch_first=True,
+            cfg.dim, cfg.heads, num_features=cfg.num_features, kernel=cfg.kernel,
+            causal=cfg.causal, window=cfg.window, redraw_interval=cfg.redraw_interval,
+            seed=cfg.seed, layer_index=layer, rotary=rotary, dropout=cfg.dropout,
+            batch_first=True,
         )
         # The model counts training steps itself (outside gradient checkpointing).
         attn.auto_tick = False

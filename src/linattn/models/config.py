@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-ATTENTIONS = ("softmax", "favor", "relu", "linformer")
+from ..features import KERNELS
+from ..nn.performer import LEARNED_KERNELS
+
+#: Attention kinds by name: exact softmax attention, FAVOR+ (with a ``kernel``), Linformer.
+ATTENTIONS = ("exact", "favor", "linformer")
 POSITIONS = ("rotary", "learned", "sinusoidal", "none")
 POOLINGS = ("mean", "cls")
 
@@ -28,10 +32,14 @@ class JsonConfig:
 class ModelConfig(JsonConfig):
     """Sizes and choices of a :mod:`linattn.models` Transformer.
 
-    ``attention``: ``"softmax"`` (exact, ``scaled_dot_product_attention``), ``"favor"``
-    (FAVOR+ softmax kernel), ``"relu"`` (generalized ReLU kernel), ``"linformer"``
-    (bidirectional only). ``position``: rotary (applied to q and k; exact and FAVOR
-    only), learned or sinusoidal absolute embeddings, or none.
+    ``attention``: ``"exact"`` (exact softmax attention, ``scaled_dot_product_attention``),
+    ``"favor"`` (FAVOR+, its feature map named by ``kernel``: ``"softmax"``, ``"relu"``,
+    ``"hedgehog"``, ... from :data:`linattn.KERNELS`) or ``"linformer"`` (bidirectional
+    only). ``window`` (FAVOR+ only): None for pure linear attention, or ``w >= 0`` for the
+    sliding-window hybrid (exact scores for the ``w`` nearest keys, see
+    :class:`linattn.PerformerAttention`). ``num_features``: ``m`` of FAVOR+ (default
+    ``d log d``; ``d`` for ``"hedgehog"``). ``position``: rotary (applied to q and k;
+    exact and FAVOR+ only), learned or sinusoidal absolute embeddings, or none.
     """
 
     vocab_size: int
@@ -41,6 +49,8 @@ class ModelConfig(JsonConfig):
     ff_mult: int = 4
     max_seq_len: int = 1024
     attention: str = "favor"
+    kernel: str = "softmax"
+    window: int | None = None
     causal: bool = False
     num_features: int | None = None
     redraw_interval: int | None = None
@@ -67,10 +77,29 @@ class ModelConfig(JsonConfig):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
                                  f"got {getattr(self, name)!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}; "
+                             f"got {self.kernel!r}")
+        if self.attention != "favor" and self.kernel != "softmax":
+            raise ValueError(f"kernel={self.kernel!r} names a FAVOR+ feature map; it needs "
+                             f"attention='favor', got attention={self.attention!r}")
+        if self.window is not None:
+            if self.attention != "favor":
+                raise ValueError(f"window applies to attention='favor' only, got "
+                                 f"attention={self.attention!r}")
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or \
+                    self.window < 0:
+                raise ValueError(f"window must be None or an int >= 0, got {self.window!r}")
+        if self.attention == "favor" and self.causal and not KERNELS[self.kernel].causal_ok:
+            raise ValueError(f"kernel={self.kernel!r} is bidirectional only; it cannot be "
+                             "causal")
+        if self.redraw_interval is not None and self.kernel in LEARNED_KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is learned: its projection is trained, "
+                             "not redrawn (redraw_interval must be None)")
         if self.attention == "linformer" and self.causal:
             raise ValueError(
                 "attention='linformer' cannot be causal: Linformer's projection along the "
-                "sequence mixes future keys into every position; use 'favor' or 'softmax'"
+                "sequence mixes future keys into every position; use 'favor' or 'exact'"
             )
         if self.attention == "linformer" and self.position == "rotary":
             raise ValueError(

@@ -176,9 +176,9 @@ class SequenceClassifier(_Saveable):
 class CausalLM(_Saveable):
     """Decoder-only language model with ``generate()``.
 
-    With FAVOR attention, generation carries each layer's recurrent state (``(M, d+1)``
-    per head), so a new token costs the same however long the context is. The exact
-    model uses a key/value cache.
+    With FAVOR+ attention, generation carries each layer's recurrent state (``(M, d+1)``
+    per head, plus the last ``window`` keys and values with a window), so a new token
+    costs the same however long the context is. The exact model uses a key/value cache.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive_int
 from ..features import KERNELS, draw_projection
@@ -30,41 +30,69 @@ def redraw_seed(base_seed: int, layer: int, draw: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+#: Kernels whose feature map is trained: their projection is a per-head parameter
+#: (never redrawn), and with a window they weight the linear part by a learned factor.
+LEARNED_KERNELS = ("hedgehog",)
+
+
 class RandomFeatures:
     """Mixin for modules that own a FAVOR+ projection: the ``projection`` buffer, its
     redraw counter and ``(seed, layer_index)``, all persistent, so ``state_dict``
     reproduces outputs and a reloaded module continues the same redraw sequence. Draw
     ``t`` comes from a generator seeded with ``redraw_seed(seed, layer_index, t)``, so
-    every rank of a distributed job draws the same matrix without communicating."""
+    every rank of a distributed job draws the same matrix without communicating.
+
+    ``heads=H`` draws one matrix per head, ``(H, m, d)`` (else one ``(m, d)`` shared by
+    the heads); ``learn=True`` makes the first draw a trainable ``nn.Parameter`` that is
+    never redrawn. Subclasses may override ``_initial`` (the matrix of draw 0)."""
 
     def _init_random_features(
         self, num_features: int, head_dim: int, *, orthogonal: bool, scaling: str,
         seed: int, layer_index: int, redraw_interval: int | None, device, dtype,
+        heads: int | None = None, learn: bool = False,
     ) -> None:
         self.num_features = check_positive_int("num_features", num_features)
         self.head_dim = head_dim
         if redraw_interval is not None:
             check_positive_int("redraw_interval", redraw_interval)
+            if learn:
+                raise ValueError(
+                    "a trained projection is not redrawn: redraw_interval must be None "
+                    f"with a learned projection, got {redraw_interval}"
+                )
         self.redraw_interval = redraw_interval
         self.orthogonal, self.scaling = orthogonal, scaling
+        self.projection_heads, self.learn_projection = heads, learn
         self.frozen = False
         self.register_buffer("redraw_key", torch.tensor([seed, layer_index], device=device))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer(
-            "projection", self._draw(0, device=device, dtype=dtype), persistent=True
-        )
+        w = self._initial(device=device, dtype=dtype)
+        if learn:
+            self.projection = nn.Parameter(w)
+        else:
+            self.register_buffer("projection", w, persistent=True)
+
+    def _initial(self, *, device=None, dtype=None) -> Tensor:
+        return self._draw(0, device=device, dtype=dtype)
 
     def _draw(self, draw: int, *, device=None, dtype=None) -> Tensor:
         seed, layer = (int(t) for t in self.redraw_key)
         g = torch.Generator().manual_seed(redraw_seed(seed, layer, draw))
-        w = draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
+        # Per head: H successive draws from the same generator.
+        w = torch.stack([
+            draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
                             scaling=self.scaling, generator=g, dtype=torch.float64)
+            for _ in range(self.projection_heads or 1)
+        ])
+        w = w if self.projection_heads else w[0]
         return w.to(device=device, dtype=dtype or torch.get_default_dtype())
 
     @torch.no_grad()
     def redraw_projection(self) -> None:
         """Draw the next projection (deterministic: ``(seed, layer_index, draws + 1)``)."""
+        if self.learn_projection:
+            raise ValueError("the projection is trained (a parameter); it cannot be redrawn")
         self.draws += 1
         w = self._draw(int(self.draws), device=self.projection.device,
                        dtype=self.projection.dtype)
@@ -85,17 +113,48 @@ class RandomFeatures:
             self.redraw_projection()
 
 
+def hedgehog_init(heads: int, num_features: int, head_dim: int, *,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Initial Hedgehog projection ``(heads, m, d)``: the identity when ``m == d`` (so
+    ``phi(x) = [softmax(x~), softmax(-x~)]``), else rows of unit norm in orthogonal
+    blocks (:func:`linattn.draw_projection` rescaled), one draw per head."""
+    if num_features == head_dim:
+        return torch.eye(head_dim, dtype=torch.float64).expand(heads, -1, -1).clone()
+    return torch.stack([
+        draw_projection(num_features, head_dim, scaling="sqrt_d", generator=generator,
+                        dtype=torch.float64) / math.sqrt(head_dim)
+        for _ in range(heads)
+    ])
+
+
 class PerformerAttention(RandomFeatures, MHAShaped):
     """FAVOR+ multi-head attention, a drop-in for ``nn.MultiheadAttention``.
 
     Args:
         embed_dim, num_heads: as ``nn.MultiheadAttention``.
-        num_features: random features ``m`` per head (default: ``d log d`` rounded up to a
-            multiple of 16, the paper's choice).
-        kernel: a :data:`linattn.KERNELS` name (``"softmax"``, ``"relu"``, ...).
+        num_features: projection rows ``m`` per head (default: ``d log d`` rounded up to a
+            multiple of 16, the paper's choice, for random features; ``d`` for
+            ``"hedgehog"``).
+        kernel: a :data:`linattn.KERNELS` name (``"softmax"``, ``"relu"``,
+            ``"hedgehog"``, ...). ``"hedgehog"`` is a learned map: its projection is an
+            ``nn.Parameter`` of shape ``(num_heads, m, d)``, the identity at
+            initialization when ``m == d``, trained with the rest and never redrawn.
         causal: attend to earlier positions only (self-attention).
+        window: ``None`` (pure linear attention) or ``w >= 0``: each query scores the
+            keys within ``w`` positions (``i - w < j <= i`` when causal, ``|i - j| <= w``
+            otherwise; self-attention) exactly and the others through the feature map,
+            under one normalizer (see :func:`linattn.favor_attention`). With a learned
+            kernel the linear part of head ``h`` is weighted by
+            ``sigmoid(linear_factor_logit[h])`` (a parameter, initially ~0.1); random
+            features keep the unweighted, unbiased estimate.
         redraw_interval: draw a fresh projection every this many training forward
-            passes (never in ``eval()``); None keeps it fixed.
+            passes (never in ``eval()``); None keeps it fixed. Not with a trained
+            projection.
+        learn_projection: make the random-feature projection a trainable parameter
+            (initialized with the draw; the estimate is then no longer unbiased). Always
+            on for learned kernels.
+        per_head_projection: one random projection per head, ``(num_heads, m, d)``,
+            instead of one ``(m, d)`` shared by the heads. Always on for learned kernels.
         orthogonal, scaling: of :func:`linattn.draw_projection`.
         seed, layer_index: the projection after ``t`` draws comes from a generator
             seeded with ``(seed, layer_index, t)``. That makes redraws identical on every
@@ -115,7 +174,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
 
     The projection is a persistent buffer (``state_dict`` reproduces outputs exactly),
     and so are the draw counter and ``(seed, layer_index)``, so a reloaded module goes on
-    with the same redraws.
+    with the same redraws; a trained projection is a parameter under the same name.
     """
 
     method = "FAVOR+"
@@ -128,7 +187,10 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         num_features: int | None = None,
         kernel: str = "softmax",
         causal: bool = False,
+        window: int | None = None,
         redraw_interval: int | None = None,
+        learn_projection: bool = False,
+        per_head_projection: bool = False,
         orthogonal: bool = True,
         scaling: str = "chi",
         seed: int = 0,
@@ -151,19 +213,48 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         check_choice("kernel", kernel, tuple(KERNELS))
         if causal and not KERNELS[kernel].causal_ok:
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
+        if window is not None:
+            check_positive_int("window", window, minimum=0)
         if rotary and self.head_dim % 2:
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
-        self.kernel, self.causal = kernel, causal
+        self.kernel, self.causal, self.window = kernel, causal, window
+        self.learned_kernel = kernel in LEARNED_KERNELS
+        if self.learned_kernel and redraw_interval is not None:
+            raise ValueError(f"kernel={kernel!r} is a learned feature map: its projection is "
+                             f"trained, not redrawn (redraw_interval must be None, got "
+                             f"{redraw_interval})")
         self.rotary, self.rotary_base = rotary, rotary_base
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        per_head = per_head_projection or self.learned_kernel
+        default_m = self.head_dim if self.learned_kernel else default_num_features(self.head_dim)
         self._init_random_features(
-            default_num_features(self.head_dim) if num_features is None else num_features,
-            self.head_dim,
+            default_m if num_features is None else num_features, self.head_dim,
             orthogonal=orthogonal, scaling=scaling, seed=seed, layer_index=layer_index,
             redraw_interval=redraw_interval, device=device, dtype=dtype,
+            heads=num_heads if per_head else None,
+            learn=learn_projection or self.learned_kernel,
         )
+        self.linear_factor_logit = None
+        if self.learned_kernel and window is not None:
+            # sigmoid(-2.197) ~ 0.1, LoLCATs' initial weight of the linear part.
+            self.linear_factor_logit = nn.Parameter(
+                torch.full((num_heads,), -2.197, **factory))
 
     auto_tick = True
+
+    def _initial(self, *, device=None, dtype=None) -> Tensor:
+        if not self.learned_kernel:
+            return super()._initial(device=device, dtype=dtype)
+        seed, layer = (int(t) for t in self.redraw_key)
+        g = torch.Generator().manual_seed(redraw_seed(seed, layer, 0))
+        w = hedgehog_init(self.num_heads, self.num_features, self.head_dim, generator=g)
+        return w.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+    def linear_factor(self) -> Tensor | None:
+        """The weight of the linear (far) part per head, ``(num_heads,)``, or None."""
+        if self.linear_factor_logit is None:
+            return None
+        return torch.sigmoid(self.linear_factor_logit)
 
     # ------------------------------------------------------------ forward
     def _rotate(self, x: Tensor, offset: int) -> Tensor:
@@ -196,7 +287,8 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         k = self._rotate(self._heads(self.k_proj(key)), 0)
         v = self._heads(self.v_proj(value))
         out = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=causal,
-                              key_padding_mask=key_padding_mask, chunk_size=self.chunk_size)
+                              key_padding_mask=key_padding_mask, window=self.window,
+                              linear_factor=self.linear_factor(), chunk_size=self.chunk_size)
         return self._layout(self._finish(out)), None
 
     def _finish(self, out: Tensor) -> Tensor:
@@ -207,14 +299,23 @@ class PerformerAttention(RandomFeatures, MHAShaped):
     ) -> tuple[Tensor, FavorState]:
         """Causal self-attention for new tokens ``x: (B, n, E)`` at positions
         ``offset..offset+n-1``, after ``state`` (None at the start). O(1) in the context
-        length. Returns ``(output (B, n, E), new_state)``."""
+        length (with a window the state also holds the last ``window`` keys and values).
+        Returns ``(output (B, n, E), new_state)``."""
         q = self._rotate(self._heads(self.q_proj(x)), offset)
         k = self._rotate(self._heads(self.k_proj(x)), offset)
         v = self._heads(self.v_proj(x))
-        out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel)
+        out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel,
+                                     window=self.window, linear_factor=self.linear_factor())
         return self._finish(out), state
 
     def extra_repr(self) -> str:
+        extra = ""
+        if self.window is not None:
+            extra += f", window={self.window}"
+        if self.projection_heads:
+            extra += ", per_head_projection=True"
+        if self.learn_projection:
+            extra += ", learn_projection=True"
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_features={self.num_features}, kernel={self.kernel!r}, "
-                f"causal={self.causal}, redraw_interval={self.redraw_interval}")
+                f"causal={self.causal}{extra}, redraw_interval={self.redraw_interval}")

@@ -3,20 +3,68 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .._checks import check_choice
 from .._io import save_figure, write_json, write_text
 from .._plotting import pyplot
+from ..features import KERNELS
+from ..models.config import ATTENTIONS
 from .config import TrainConfig
 from .loop import read_metrics
+
+_SPEC = re.compile(r"(?P<attention>[a-z]+)(?:-(?P<kernel>[a-z_]+))?(?:-m(?P<m>\d+))?"
+                   r"(?:-w(?P<w>\d+))?")
+
+
+def parse_spec(spec: str) -> dict:
+    """An attention spec as :class:`TrainConfig` fields.
+
+    A spec is ``<attention>[-<kernel>][-m<features>][-w<window>]``: ``"exact"``,
+    ``"linformer"``, ``"favor"`` (softmax kernel, no window), ``"favor-relu"``,
+    ``"favor-w16"`` (softmax kernel, window 16), ``"favor-m128"`` (128 random features),
+    ``"favor-hedgehog-w64"``. It always sets ``attention``, ``kernel`` and ``window``
+    (``"softmax"`` and None when not written), and ``num_features`` when ``-m`` is
+    written. Kernel names are those of :data:`linattn.KERNELS` (``_``, never ``-``)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"attention spec must be a string, got {spec!r}")
+    match = _SPEC.fullmatch(spec)
+    if match is None:
+        raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
+                         "[-m<features>][-w<window>], e.g. 'exact', 'favor-relu', "
+                         "'favor-hedgehog-w64'")
+    attention, kernel, m, w = match.group("attention", "kernel", "m", "w")
+    check_choice("attention", attention, ATTENTIONS)
+    if attention != "favor" and (kernel or m or w):
+        raise ValueError(f"attention spec {spec!r}: a kernel, features and a window apply "
+                         "to 'favor' only")
+    fields: dict = {"attention": attention,
+                    "kernel": check_choice("kernel", kernel or "softmax", tuple(KERNELS)),
+                    "window": None if w is None else int(w)}
+    if m is not None:
+        fields["num_features"] = int(m)
+    return fields
+
+
+def spec_name(cfg: TrainConfig) -> str:
+    """The spec of ``cfg``'s attention (the inverse of :func:`parse_spec`)."""
+    name = cfg.attention
+    if cfg.attention == "favor" and cfg.kernel != "softmax":
+        name += f"-{cfg.kernel}"
+    if cfg.attention == "favor" and cfg.num_features is not None:
+        name += f"-m{cfg.num_features}"
+    if cfg.window is not None:
+        name += f"-w{cfg.window}"
+    return name
 
 
 def default_attentions(task: str) -> tuple[str, ...]:
     """Exact, FAVOR+ softmax, FAVOR+ ReLU, and Linformer where the task is not causal."""
-    base = ("softmax", "favor", "relu")
+    base = ("exact", "favor", "favor-relu")
     return base if task == "bytes" else (*base, "linformer")
 
 
@@ -24,26 +72,38 @@ def compare(
     base: TrainConfig, out: str | Path, *, attentions: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train ``base`` once per attention kind into ``out/<attention>/``; write
-    ``out/comparison.json``, ``out/comparison.md`` and ``out/comparison.png``.
+    """Train ``base`` once per attention spec (:func:`parse_spec`; default
+    :func:`default_attentions`) into ``out/<spec>/``; write ``out/comparison.json``,
+    ``out/comparison.md`` and ``out/comparison.png``. The spec sets ``attention``,
+    ``kernel``, ``window`` (and ``num_features`` if written); every other field comes
+    from ``base``.
 
     Each run is a fresh process (``python -m linattn train``), so that its peak memory
-    is its own."""
+    is its own. Calling it again with the same ``out`` and settings skips the finished
+    runs and resumes an interrupted one from its checkpoint; a run whose settings
+    changed starts over."""
     out = Path(out)
-    for attention in attentions or default_attentions(base.task):
-        cfg = replace(base, attention=attention)
-        run_dir = out / attention
+    specs = tuple(attentions or default_attentions(base.task))
+    # Every spec is checked before the first run starts.
+    configs = [replace(base, **parse_spec(spec)) for spec in specs]
+    for spec, cfg in zip(specs, configs):
+        run_dir = out / spec
         run_dir.mkdir(parents=True, exist_ok=True)
         request = run_dir / "request.json"
-        write_json(request, cfg.to_dict())
+        text = json.dumps(cfg.to_dict(), indent=2)
+        same = request.exists() and request.read_text() == text
+        summary = run_dir / "summary.json"
+        if same and summary.exists() and json.loads(summary.read_text()).get("finished"):
+            continue
+        write_text(request, text)
         subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
-                        "--out", str(run_dir)], check=True,
+                        "--out", str(run_dir), *(["--resume"] if same else [])], check=True,
                        stderr=None if progress else subprocess.DEVNULL)
-    return summarize(base, out, attentions or default_attentions(base.task))
+    return summarize(base, out, specs)
 
 
 def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -> dict:
-    """Collect ``out/<attention>/summary.json`` of finished runs (also runs made by
+    """Collect ``out/<spec>/summary.json`` of finished runs (also runs made by
     separate ``--compare`` calls) into ``out/comparison.{json,md,png}``."""
     out = Path(out)
     rows = []
@@ -60,8 +120,16 @@ def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -
     return result
 
 
-LABELS = {"softmax": "exact softmax", "favor": "FAVOR+ (softmax kernel)",
-          "relu": "FAVOR+ ReLU", "linformer": "Linformer"}
+def spec_label(spec: str) -> str:
+    """A readable name for an attention spec ("FAVOR+ (relu kernel, window 16)")."""
+    f = parse_spec(spec)
+    if f["attention"] == "exact":
+        return "exact attention"
+    if f["attention"] == "linformer":
+        return "Linformer"
+    m = "" if "num_features" not in f else f", m = {f['num_features']}"
+    window = "" if f["window"] is None else f", window {f['window']}"
+    return f"FAVOR+ ({f['kernel']} kernel{m}{window})"
 
 
 def format_markdown(result: dict) -> str:
@@ -76,7 +144,7 @@ def format_markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
-        lines.append(f"| {LABELS.get(r['attention'], r['attention'])} | {r['val']:.4f} | "
+        lines.append(f"| {spec_label(r['attention'])} | {r['val']:.4f} | "
                      f"{r['test']:.4f} | {r['median_step_s']:.3f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +160,7 @@ def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
         m = read_metrics(out / r["attention"] / "metrics.jsonl")
         tr = [x for x in m if x["split"] == "train"]
         va = [x for x in m if x["split"] == "val"]
-        label = LABELS.get(r["attention"], r["attention"])
+        label = spec_label(r["attention"])
         axes[0].plot([x["step"] for x in tr], [x["loss"] for x in tr], label=label, lw=1)
         axes[1].plot([x["step"] for x in va], [x[metric] for x in va], marker="o", label=label)
     axes[0].set_ylabel("training loss")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._checks import check_choice, check_positive_int
-from ..models.config import ATTENTIONS, JsonConfig
+from ..models.config import ATTENTIONS, JsonConfig, ModelConfig
 from .tasks import TASKS
 
 
@@ -16,7 +16,9 @@ from .tasks import TASKS
 class TrainConfig(JsonConfig):
     """Everything a run depends on (saved beside its results).
 
-    Model: ``attention`` (``softmax``, ``favor``, ``relu``, ``linformer``), ``dim``,
+    Model: ``attention`` (``exact``, ``favor``, ``linformer``), ``kernel`` (the FAVOR+
+    feature map: ``softmax``, ``relu``, ``hedgehog``, ...), ``window`` (FAVOR+
+    sliding-window hybrid: None, or the number of nearest keys scored exactly), ``dim``,
     ``depth``, ``heads``, ``ff_mult``, ``num_features`` (FAVOR+), ``proj_dim``
     (Linformer), ``redraw_interval``, ``dropout``. Data: ``task`` (``bytes``,
     ``listops``, ``fortunes``), ``seq_len`` (window for ``bytes``, maximum tokens for the
@@ -32,6 +34,8 @@ class TrainConfig(JsonConfig):
 
     task: str = "bytes"
     attention: str = "favor"
+    kernel: str = "softmax"
+    window: int | None = None
     dim: int = 128
     depth: int = 2
     heads: int = 4
@@ -64,7 +68,7 @@ class TrainConfig(JsonConfig):
         check_choice("attention", self.attention, ATTENTIONS)
         if self.task == "bytes" and self.attention == "linformer":
             raise ValueError("task='bytes' is causal language modelling; Linformer cannot be "
-                             "causal (use softmax, favor or relu)")
+                             "causal (use exact or favor)")
         for name in ("dim", "depth", "heads", "seq_len", "batch_size", "steps", "eval_every",
                      "eval_batches", "log_every", "checkpoint_every"):
             check_positive_int(name, getattr(self, name))
@@ -95,13 +99,12 @@ class TrainConfig(JsonConfig):
                 not isinstance(b, bool) and isinstance(b, int | float) and 0.0 <= b < 1.0
                 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        # The model's checks of attention, kernel, window and redraws, written once there.
+        ModelConfig(vocab_size=2, dim=self.dim, heads=self.heads, attention=self.attention,
+                    kernel=self.kernel, window=self.window, causal=self.task == "bytes",
+                    redraw_interval=self.redraw_interval,
+                    position="rotary" if self.task == "bytes" else "learned")
         self.betas = tuple(self.betas)
-        # None means the default; 0 must not silently mean it too.
-        for name in ("num_features", "redraw_interval"):
-            if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
-        check_positive_int("proj_dim", self.proj_dim)
-        check_positive_int("warmup", self.warmup, minimum=0)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:

@@ -56,7 +56,8 @@ class ByteLM:
         c = self.cfg
         return ModelConfig(vocab_size=256, dim=c.dim, depth=c.depth, heads=c.heads,
                            ff_mult=c.ff_mult, max_seq_len=c.seq_len, attention=c.attention,
-                           causal=True, num_features=c.num_features,
+                           kernel=c.kernel, window=c.window, causal=True,
+                           num_features=c.num_features,
                            redraw_interval=c.redraw_interval, position="rotary",
                            dropout=c.dropout, seed=c.seed)
 
@@ -108,7 +109,8 @@ class _Classification:
         # has no rotary form) is compared on equal terms.
         return ModelConfig(vocab_size=self.vocab_size, dim=c.dim, depth=c.depth,
                            heads=c.heads, ff_mult=c.ff_mult, max_seq_len=c.seq_len,
-                           attention=c.attention, causal=False,
+                           attention=c.attention, kernel=c.kernel, window=c.window,
+                           causal=False,
                            num_features=c.num_features, redraw_interval=c.redraw_interval,
                            proj_dim=c.proj_dim, position="learned", dropout=c.dropout,
                            num_classes=self.num_classes, pooling="mean", seed=c.seed)
