@@ -260,3 +260,37 @@ def test_hedgehog_window_model_trains(model):
     # The map and the factors moved from their initial values.
     eye = torch.eye(8).expand(4, 8, 8)
     assert all(not torch.equal(a.projection.detach(), eye) for a in layers)
+
+
+# The FAVOR+ buffers of every layer: what a state_dict of another kind lacks.
+FAVOR_ONLY = ("projection", "redraw_key", "draws", "calls")
+
+
+@pytest.mark.parametrize("src,dst", [("exact", "favor"), ("favor", "exact"),
+                                     ("favor", "favor-relu")],
+                         ids=["exact-to-favor", "favor-to-exact", "favor-to-relu"])
+def test_state_dict_moves_between_attention_kinds(src, dst):
+    a, b = _lm(src), _lm(dst)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.1)
+    result = b.load_state_dict(a.state_dict(), strict=False)
+    favor_keys = {f"encoder.blocks.{i}.attn.inner.{n}" for i in range(2) for n in FAVOR_ONLY}
+    missing = favor_keys if src == "exact" else set()
+    unexpected = favor_keys if dst == "exact" else set()
+    assert set(result.missing_keys) == missing
+    assert set(result.unexpected_keys) == unexpected
+    # Every shared weight arrived (same names, same shapes).
+    sb = b.state_dict()
+    for name, t in a.state_dict().items():
+        if name.rsplit(".", 1)[-1] not in FAVOR_ONLY:
+            assert torch.equal(sb[name], t), name
+
+
+def test_exact_model_matches_favor_model_with_a_window_covering_the_sequence():
+    # The same weights under exact attention and under FAVOR+ with w >= L (exact inside
+    # the window): the outputs agree, so the parameters mean the same in both.
+    a, b = _lm("exact").double().eval(), _lm("favor", window=64).double().eval()
+    b.load_state_dict(a.state_dict(), strict=False)
+    ids = torch.randint(0, 40, (2, 23))
+    torch.testing.assert_close(b(ids), a(ids), rtol=1e-9, atol=1e-9)

@@ -7,7 +7,7 @@ Linformer (sequence-axis projection of keys and values), as functions and module
 from ._io import CheckpointError
 from .features import KERNELS
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
-from .nn import LinformerAttention, LinformerProjection, PerformerAttention
+from .nn import ExactAttention, LinformerAttention, LinformerProjection, PerformerAttention
 from .projection import draw_projection
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNELS",
     "CheckpointError",
+    "ExactAttention",
     "FavorState",
     "LinformerAttention",
     "LinformerProjection",

@@ -1,7 +1,7 @@
 """Transformer models with attention chosen by name: ``"exact"``, ``"favor"`` (with a
 FAVOR+ ``kernel`` and an optional ``window``), ``"linformer"``."""
 
-from .attention import ExactAttention, build_attention
+from .attention import build_attention
 from .config import ModelConfig
 from .transformer import (
     Block,
@@ -16,7 +16,6 @@ __all__ = [
     "Block",
     "CausalLM",
     "Encoder",
-    "ExactAttention",
     "ModelConfig",
     "SequenceClassifier",
     "build_attention",

@@ -1,9 +1,11 @@
 """Modules: own parameters, buffers and state; call the functional ops."""
 
+from .exact import ExactAttention
 from .linformer import LinformerAttention, LinformerProjection
 from .performer import PerformerAttention, default_num_features, redraw_seed
 
 __all__ = [
+    "ExactAttention",
     "LinformerAttention",
     "LinformerProjection",
     "PerformerAttention",

@@ -4,9 +4,11 @@ splitting."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int, shape_str
+from ..positional import apply_rotary, rotary_angles
 
 
 class MHAShaped(nn.Module):
@@ -60,6 +62,20 @@ class MHAShaped(nn.Module):
                              f"length; got query {shape_str(query)}, key {shape_str(key)}, "
                              f"value {shape_str(value)}")
         return query, key, value
+
+    def _init_rotary(self, rotary: bool, rotary_base: float) -> None:
+        if rotary and self.head_dim % 2:
+            raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
+        self.rotary, self.rotary_base = rotary, rotary_base
+
+    def _rotate(self, x: Tensor, offset: int) -> Tensor:
+        """Rotary position embedding of ``x: (B, H, L, d)`` at positions
+        ``offset..offset+L-1`` (identity without ``rotary``)."""
+        if not self.rotary:
+            return x
+        pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
+        cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
+        return apply_rotary(x, cos, sin)
 
     def _heads(self, x: Tensor) -> Tensor:
         # [B, L, E] -> [B, H, L, d]

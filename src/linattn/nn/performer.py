@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_positive_int
 from ..features import KERNELS, draw_projection
 from ..functional import FavorState, favor_attention, favor_recurrent
-from ..positional import apply_rotary, rotary_angles
 from ._mha import MHAShaped
 
 
@@ -215,15 +214,13 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
         if window is not None:
             check_positive_int("window", window, minimum=0)
-        if rotary and self.head_dim % 2:
-            raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
         self.kernel, self.causal, self.window = kernel, causal, window
         self.learned_kernel = kernel in LEARNED_KERNELS
         if self.learned_kernel and redraw_interval is not None:
             raise ValueError(f"kernel={kernel!r} is a learned feature map: its projection is "
                              f"trained, not redrawn (redraw_interval must be None, got "
                              f"{redraw_interval})")
-        self.rotary, self.rotary_base = rotary, rotary_base
+        self._init_rotary(rotary, rotary_base)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         per_head = per_head_projection or self.learned_kernel
         default_m = self.head_dim if self.learned_kernel else default_num_features(self.head_dim)
@@ -257,13 +254,6 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         return torch.sigmoid(self.linear_factor_logit)
 
     # ------------------------------------------------------------ forward
-    def _rotate(self, x: Tensor, offset: int) -> Tensor:
-        if not self.rotary:
-            return x
-        pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
-        cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
-        return apply_rotary(x, cos, sin)
-
     def forward(
         self,
         query: Tensor,
