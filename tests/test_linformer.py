@@ -82,6 +82,53 @@ def test_functional_errors(kw, exc, match):
                                     key_padding_mask=kw.get("mask"))
 
 
+def test_functional_compressed_equals_projecting_inside():
+    # compressed=True takes K' = E K, V' = F V as given: the same attention.
+    q, k, v = randn(2, 2, 9, 4, seed=0), randn(2, 2, 13, 4, seed=1), randn(2, 2, 13, 5, seed=2)
+    e, f = randn(6, 20, seed=3), randn(6, 20, seed=4)
+    ref = linattn.linformer_attention(q, k, v, e, f, scale=0.7)
+    out = linattn.linformer_attention(q, e[:, :13] @ k, f[:, :13] @ v, scale=0.7,
+                                      compressed=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({}, r"proj_k is required"),
+        ({"proj_k": randn(6, 20), "compressed": True}, r"proj_k must be None with compressed"),
+        ({"key_padding_mask": torch.zeros(1, 10, dtype=torch.bool), "compressed": True},
+         r"key_padding_mask must be None with compressed"),
+        ({"proj_k": randn(6, 20), "dropout_p": 1.0}, r"dropout_p must be a number in \[0, 1\)"),
+    ],
+    ids=["no-proj", "proj-and-compressed", "mask-and-compressed", "dropout"],
+)
+def test_functional_compressed_errors(kw, match):
+    q = randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match=match):
+        linattn.linformer_attention(q, q, q, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("compress_first", [False, True], ids=["project-first", "compress-first"])
+def test_module_calls_the_functional_path(kind, compress_first, monkeypatch):
+    # One path: the module's attention is linattn.linformer_attention, whatever the kind.
+    import linattn.nn.linformer as mod
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("compressed", False))
+        return linattn.functional.linformer_attention(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "linformer_attention", spy)
+    m = _module(kind, "headwise", compress_first=compress_first)
+    m(randn(2, 10, 12, seed=1), key_padding_mask=_mask([10, 6], 10))
+    assert len(calls) == 1
+    assert calls[0] == (kind not in ("linear", "random") or
+                        (compress_first and kind in ("linear", "random", "mean")))
+
+
 # ---------------------------------------------------------------- modules
 
 

@@ -360,11 +360,13 @@ def linformer_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    proj_k: Tensor,
+    proj_k: Tensor | None = None,
     proj_v: Tensor | None = None,
     *,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    compressed: bool = False,
 ) -> Tensor:
     """Linformer attention: keys and values projected along the sequence to ``kdim``.
 
@@ -378,6 +380,12 @@ def linformer_attention(
             out and the j-th real key meets column j, so real tokens' outputs do not
             depend on the amount, side or content of the padding.
         scale: default ``1 / sqrt(d)``.
+        dropout_p: dropout on the ``(Lq, kdim)`` attention weights (pass 0 in evaluation).
+        compressed: ``k: (..., kdim, d)`` and ``v: (..., kdim, dv)`` are already
+            compressed (by a compression that is not a matrix: pooling, convolution, or
+            one applied before the input projections, see
+            :class:`linattn.LinformerProjection`); then ``proj_k``, ``proj_v`` and
+            ``key_padding_mask`` must be None (padding was dropped by the compression).
 
     Returns:
         ``(..., Lq, dv)``. Linformer is not causal: a projection along the sequence mixes
@@ -385,21 +393,40 @@ def linformer_attention(
 
     Equivalent to, per sequence with real keys ``K``, ``V`` (``len`` rows)::
 
-        K' = proj_k[..., :len] @ K;  V' = proj_v[..., :len] @ V
+        K' = proj_k[..., :len] @ K;  V' = proj_v[..., :len] @ V   # compressed: K' = k
         out = softmax(q @ K'.T * scale) @ V'
     """
     q, k, v = check_qkv(q, k, v)
-    mask = check_key_padding_mask(key_padding_mask, k)
     scale = check_scale(scale, q.shape[-1])
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
+            0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(compressed, bool):
+        raise TypeError(f"compressed must be a bool, got {type(compressed).__name__}")
     q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-    pk = _check_linformer_projection("proj_k", proj_k, q4, k4.shape[-2])
-    pv = pk if proj_v is None else _check_linformer_projection("proj_v", proj_v, q4, k4.shape[-2])
-    if pv.shape[-2] != pk.shape[-2]:
-        raise ValueError(
-            f"proj_k and proj_v must project to the same kdim; got proj_k {shape_str(pk)}, "
-            f"proj_v {shape_str(pv)}"
-        )
-    kc, _ = compact_padding(k4, mask)
-    vc, _ = compact_padding(v4, mask)
-    out = projected_attention(q4, linear_compress(kc, pk), linear_compress(vc, pv), scale)
+    if compressed:
+        for name, value in (("proj_k", proj_k), ("proj_v", proj_v),
+                            ("key_padding_mask", key_padding_mask)):
+            if value is not None:
+                raise ValueError(f"{name} must be None with compressed=True (k and v are "
+                                 "already compressed, their padding already dropped)")
+        kc, vc = k4, v4
+    else:
+        if proj_k is None:
+            raise ValueError("proj_k is required: pass E of shape (kdim, n) or "
+                             "(heads, kdim, n), or compressed=True with k and v already "
+                             "compressed")
+        mask = check_key_padding_mask(key_padding_mask, k)
+        pk = _check_linformer_projection("proj_k", proj_k, q4, k4.shape[-2])
+        pv = pk if proj_v is None else _check_linformer_projection("proj_v", proj_v, q4,
+                                                                   k4.shape[-2])
+        if pv.shape[-2] != pk.shape[-2]:
+            raise ValueError(
+                f"proj_k and proj_v must project to the same kdim; got proj_k "
+                f"{shape_str(pk)}, proj_v {shape_str(pv)}"
+            )
+        kc, _ = compact_padding(k4, mask)
+        vc, _ = compact_padding(v4, mask)
+        kc, vc = linear_compress(kc, pk), linear_compress(vc, pv)
+    out = projected_attention(q4, kc, vc, scale, dropout_p=dropout_p)
     return out.reshape(*q.shape[:-1], v.shape[-1])

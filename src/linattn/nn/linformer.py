@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_key_padding_mask, check_positive_int
+from ..functional import linformer_attention
 from ..ops.linformer import (
     compact_padding,
     conv_compress,
     linear_compress,
     pool_compress,
     pool_matrix,
-    projected_attention,
 )
 from ._mha import MHAShaped
 
@@ -141,6 +142,22 @@ class LinformerProjection(nn.Module):
         v, _ = compact_padding(v, key_padding_mask)
         return self(k, v, lengths)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *,
+               key_padding_mask: Tensor | None = None, scale: float | None = None,
+               dropout_p: float = 0.0) -> Tensor:
+        """Linformer attention of ``q: (B, H, Lq, d)`` over ``k: (B, H, Lk, d)``,
+        ``v: (B, H, Lk, dv)`` compressed by this projection, through
+        :func:`linattn.linformer_attention` (the matrices ``E``, ``F`` for the linear kinds;
+        the keys and values compressed here for pooling and convolution). Returns
+        ``(B, H, Lq, dv)``."""
+        if self.kind in ("linear", "random"):
+            return linformer_attention(q, k, v, self.e, self.value_projection,
+                                       key_padding_mask=key_padding_mask, scale=scale,
+                                       dropout_p=dropout_p)
+        kc, vc = self.compress(k, v, key_padding_mask)
+        return linformer_attention(q, kc, vc, scale=scale, dropout_p=dropout_p,
+                                   compressed=True)
+
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
         if self.sharing != "none":
             w = w.repeat(self.num_heads, 1, 1)
@@ -151,7 +168,27 @@ class LinformerProjection(nn.Module):
                 f"sharing={self.sharing!r}")
 
 
-class LinformerAttention(MHAShaped):
+class UsesLinformerProjection:
+    """Mixin for modules that compute with a :class:`LinformerProjection`: their own,
+    registered as ``projection``, or a model-wide one (``sharing="layerwise"``) held by
+    reference and not registered, so the model that owns it saves it once and DDP sees
+    each of its parameters once. ``proj`` is the one in use."""
+
+    def _use_projection(self, shared: LinformerProjection | None,
+                        build: Callable[[], LinformerProjection]) -> None:
+        if shared is not None:
+            # Not a submodule: object.__setattr__ bypasses nn.Module's registration.
+            object.__setattr__(self, "_shared", shared)
+            self.projection = None
+        else:
+            self.projection = build()
+
+    @property
+    def proj(self) -> LinformerProjection:
+        return self.projection if self.projection is not None else self._shared
+
+
+class LinformerAttention(UsesLinformerProjection, MHAShaped):
     """Linformer self- or cross-attention, shaped like ``nn.MultiheadAttention``.
 
     Args:
@@ -231,20 +268,12 @@ class LinformerAttention(MHAShaped):
             if (shared_projection.num_heads, shared_projection.head_dim) != (
                     num_heads, self.head_dim):
                 raise ValueError("shared_projection was built for another head layout")
-            # Held by reference: the owning model registers it once.
-            object.__setattr__(self, "_shared", shared_projection)
-            self.projection = None
-        else:
-            if shared_projection is not None:
-                raise ValueError("shared_projection is only for sharing='layerwise'")
-            self.projection = LinformerProjection(
-                max_seq_len, proj_dim, num_heads, self.head_dim, kind=projection,
-                sharing=sharing, seed=seed, **factory,
-            )
-
-    @property
-    def proj(self) -> LinformerProjection:
-        return self.projection if self.projection is not None else self._shared
+        elif shared_projection is not None:
+            raise ValueError("shared_projection is only for sharing='layerwise'")
+        self._use_projection(shared_projection, lambda: LinformerProjection(
+            max_seq_len, proj_dim, num_heads, self.head_dim, kind=projection,
+            sharing=sharing, seed=seed, **factory,
+        ))
 
     def forward(
         self,
@@ -271,14 +300,14 @@ class LinformerAttention(MHAShaped):
         mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
         q = self._heads(self.q_proj(query))
         proj = self.proj
+        dropout_p = self.dropout if self.training else 0.0
         if self.compress_first and proj.head_shared_linear:
             kc, vc = self._compress_then_project(key, value, mask, proj)
+            out = linformer_attention(q, kc, vc, dropout_p=dropout_p, compressed=True)
         else:
-            kc, vc = proj.compress(self._heads(self.k_proj(key)),
-                                   self._heads(self.v_proj(value)), mask)
-        out = projected_attention(
-            q, kc, vc, None, dropout_p=self.dropout if self.training else 0.0
-        )
+            out = proj.attend(q, self._heads(self.k_proj(key)),
+                              self._heads(self.v_proj(value)), key_padding_mask=mask,
+                              dropout_p=dropout_p)
         return self._layout(self._merge(out)), None
 
     def _compress_then_project(self, key, value, mask, proj):
