@@ -1,5 +1,6 @@
-"""``linattn bench --suite gpu``: argument handling and the refusal without a GPU (the
-measurements themselves need CUDA and are never run by pytest)."""
+"""``linattn bench --suite gpu``: argument handling, the refusal without a GPU, the FLOP
+model and the ratio table. The timed measurements need CUDA and run through
+``linattn bench --suite gpu``, not here."""
 
 import pytest
 import torch

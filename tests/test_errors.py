@@ -62,3 +62,19 @@ def test_recurrent_state_errors():
         linattn.favor_recurrent(Q, Q, Q, W, state=(state.kv, state.stab, 1))
     with pytest.raises(ValueError, match=r"\(B, H, n, d\)"):
         linattn.favor_recurrent(Q[0], Q[0], Q[0], W)
+
+
+def test_kernel_literal_lists_every_kernel():
+    # The Literal used in annotations and the registry name the same kernels.
+    from typing import get_args
+
+    assert set(get_args(linattn.Kernel)) == set(linattn.KERNELS)
+    assert len(get_args(linattn.Kernel)) == len(linattn.KERNELS)
+
+
+def test_attention_literal_is_the_list_of_attention_kinds():
+    from typing import get_args
+
+    from linattn.models.config import ATTENTIONS, Attention
+
+    assert ATTENTIONS == get_args(Attention) == ("exact", "favor", "linformer")

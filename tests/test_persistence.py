@@ -296,11 +296,11 @@ def test_resume_with_changed_settings_is_refused_and_touches_nothing(tmp_path):
     cfg = tiny()
     train(cfg, tmp_path, task=task_for(cfg), progress=False, stop_after=5)
     before = snapshot(tmp_path)
-    changed = tiny(lr=0.5, dim=32, attention="relu")
+    changed = tiny(lr=0.5, dim=32, kernel="relu")
     with pytest.raises(ValueError) as info:
         train(changed, tmp_path, task=task_for(changed), progress=False, resume=True)
     msg = str(info.value)
-    for text in ("lr 0.003 -> 0.5", "dim 16 -> 32", "attention 'favor' -> 'relu'"):
+    for text in ("lr 0.003 -> 0.5", "dim 16 -> 32", "kernel 'softmax' -> 'relu'"):
         assert text in msg
     assert "num_features" not in msg and "eval_every" in msg  # named as allowed
     assert snapshot(tmp_path) == before

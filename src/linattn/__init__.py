@@ -5,11 +5,12 @@ Linformer (sequence-axis projection of keys and values), as functions and module
 """
 
 from ._io import CheckpointError
-from .features import KERNELS
+from .features import KERNELS, Kernel
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
 from .nn import ExactAttention, LinformerAttention, LinformerProjection, PerformerAttention
 from .projection import draw_projection
 
+# The one place the version is written (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "ExactAttention",
     "FavorState",
+    "Kernel",
     "LinformerAttention",
     "LinformerProjection",
     "PerformerAttention",

@@ -10,7 +10,8 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'linattn[bench]'") from exc
+        raise ImportError("plots need matplotlib: pip install 'linattn[train]' (or "
+                          "'linattn[bench]')") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from .projection import draw_projection
 __all__ = [
     "KERNELS",
     "FeatureMap",
+    "Kernel",
     "draw_projection",
     "exact_features",
     "get_feature_map",
@@ -374,6 +376,11 @@ class _Hedgehog(FeatureMap):
         return f, f.new_zeros(f.shape[:-1])
 
 
+#: The kernel names (feature maps) of :data:`KERNELS`, for type annotations.
+Kernel = Literal["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu",
+                 "hedgehog"]
+
+#: The FAVOR+ feature maps by name (the values of :data:`Kernel`).
 KERNELS: dict[str, FeatureMap] = {
     fm.name: fm
     for fm in (
@@ -388,7 +395,7 @@ KERNELS: dict[str, FeatureMap] = {
 }
 
 
-def get_feature_map(kernel: str) -> FeatureMap:
+def get_feature_map(kernel: Kernel) -> FeatureMap:
     """The :class:`FeatureMap` registered under ``kernel`` (see :data:`KERNELS`)."""
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(

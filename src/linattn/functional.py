@@ -19,7 +19,7 @@ from ._checks import (
     check_tensor,
     shape_str,
 )
-from .features import FeatureMap, get_feature_map
+from .features import FeatureMap, Kernel, get_feature_map
 from .ops.favor import (
     FavorState,
     favor_bidirectional,
@@ -146,7 +146,7 @@ def favor_attention(
     v: Tensor,
     projection: Tensor | None = None,
     *,
-    kernel: str = "softmax",
+    kernel: Kernel = "softmax",
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
@@ -250,7 +250,7 @@ def favor_recurrent(
     projection: Tensor | None = None,
     *,
     state: FavorState | None = None,
-    kernel: str = "softmax",
+    kernel: Kernel = "softmax",
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     window: int | None = None,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
-from ..features import KERNELS
+from ..features import KERNELS, Kernel
 from ..nn.performer import LEARNED_KERNELS
 
 #: Attention kinds by name: exact softmax attention, FAVOR+ (with a ``kernel``), Linformer.
-ATTENTIONS = ("exact", "favor", "linformer")
+Attention = Literal["exact", "favor", "linformer"]
+ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
 POSITIONS = ("rotary", "learned", "sinusoidal", "none")
 POOLINGS = ("mean", "cls")
 
@@ -48,8 +50,8 @@ class ModelConfig(JsonConfig):
     heads: int = 4
     ff_mult: int = 4
     max_seq_len: int = 1024
-    attention: str = "favor"
-    kernel: str = "softmax"
+    attention: Attention = "favor"
+    kernel: Kernel = "softmax"
     window: int | None = None
     causal: bool = False
     num_features: int | None = None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive_int
-from ..features import KERNELS, draw_projection
+from ..features import KERNELS, Kernel, draw_projection
 from ..functional import FavorState, favor_attention, favor_recurrent
 from ._mha import MHAShaped
 
@@ -184,7 +184,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         num_heads: int,
         *,
         num_features: int | None = None,
-        kernel: str = "softmax",
+        kernel: Kernel = "softmax",
         causal: bool = False,
         window: int | None = None,
         redraw_interval: int | None = None,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._checks import check_choice, check_positive_int
-from ..models.config import ATTENTIONS, JsonConfig, ModelConfig
+from ..features import Kernel
+from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
 from .tasks import TASKS
 
 
@@ -33,8 +34,8 @@ class TrainConfig(JsonConfig):
     """
 
     task: str = "bytes"
-    attention: str = "favor"
-    kernel: str = "softmax"
+    attention: Attention = "favor"
+    kernel: Kernel = "softmax"
     window: int | None = None
     dim: int = 128
     depth: int = 2

@@ -233,7 +233,11 @@ def train(
 
     bar = None
     if main and progress:
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError("linattn train shows its progress with tqdm: pip install "
+                              "'linattn[train]' (or pass progress=False)") from exc
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}",
                    file=sys.stderr)
