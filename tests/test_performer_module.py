@@ -147,3 +147,25 @@ def test_drop_in_for_mha_in_a_model():
         out, _ = attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool),
                       need_weights=False)
         assert out.shape == (2, 5, 16)
+
+
+def test_favor_options_are_the_module_and_model_defaults():
+    # One place for the FAVOR+ defaults: the module's signature and ModelConfig read them.
+    import dataclasses
+    import inspect
+
+    from linattn import FavorOptions, PerformerAttention
+    from linattn.models import ModelConfig
+
+    opts = FavorOptions()
+    sig = inspect.signature(PerformerAttention).parameters
+    model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for f in dataclasses.fields(FavorOptions):
+        assert sig[f.name].default == getattr(opts, f.name), f.name
+        if f.name in model:
+            assert model[f.name] == getattr(opts, f.name), f.name
+    # A module built from options reports them back.
+    custom = FavorOptions(num_features=32, kernel="relu", window=3, redraw_interval=5,
+                          orthogonal=False, scaling="sqrt_d")
+    m = PerformerAttention(16, 2, **vars(custom))
+    assert m.options() == custom

@@ -7,7 +7,13 @@ Linformer (sequence-axis projection of keys and values), as functions and module
 from ._io import CheckpointError
 from .features import KERNELS, Kernel
 from .functional import FavorState, favor_attention, favor_recurrent, linformer_attention
-from .nn import ExactAttention, LinformerAttention, LinformerProjection, PerformerAttention
+from .nn import (
+    ExactAttention,
+    FavorOptions,
+    LinformerAttention,
+    LinformerProjection,
+    PerformerAttention,
+)
 from .projection import draw_projection
 
 # The one place the version is written (pyproject.toml reads it from here).
@@ -17,6 +23,7 @@ __all__ = [
     "KERNELS",
     "CheckpointError",
     "ExactAttention",
+    "FavorOptions",
     "FavorState",
     "Kernel",
     "LinformerAttention",

@@ -36,8 +36,7 @@ def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
                                        dropout=cfg.dropout, batch_first=True))
     if cfg.attention == "favor":
         attn = PerformerAttention(
-            cfg.dim, cfg.heads, num_features=cfg.num_features, kernel=cfg.kernel,
-            causal=cfg.causal, window=cfg.window, redraw_interval=cfg.redraw_interval,
+            cfg.dim, cfg.heads, **vars(cfg.favor_options()), causal=cfg.causal,
             seed=cfg.seed, layer_index=layer, rotary=rotary, dropout=cfg.dropout,
             batch_first=True,
         )

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
 from ..features import KERNELS, Kernel
-from ..nn.performer import LEARNED_KERNELS
+from ..nn.performer import LEARNED_KERNELS, FavorOptions
 
 #: Attention kinds by name: exact softmax attention, FAVOR+ (with a ``kernel``), Linformer.
 Attention = Literal["exact", "favor", "linformer"]
@@ -51,11 +51,11 @@ class ModelConfig(JsonConfig):
     ff_mult: int = 4
     max_seq_len: int = 1024
     attention: Attention = "favor"
-    kernel: Kernel = "softmax"
-    window: int | None = None
+    kernel: Kernel = FavorOptions.kernel
+    window: int | None = FavorOptions.window
     causal: bool = False
-    num_features: int | None = None
-    redraw_interval: int | None = None
+    num_features: int | None = FavorOptions.num_features
+    redraw_interval: int | None = FavorOptions.redraw_interval
     proj_dim: int = 128
     linformer_sharing: str = "headwise"
     linformer_projection: str = "linear"
@@ -66,6 +66,12 @@ class ModelConfig(JsonConfig):
     tie_embeddings: bool = True
     checkpointing: bool = False
     seed: int = 0
+
+    def favor_options(self) -> FavorOptions:
+        """The FAVOR+ settings of ``attention="favor"`` layers (the rest at their
+        :class:`linattn.nn.FavorOptions` defaults)."""
+        return FavorOptions(num_features=self.num_features, kernel=self.kernel,
+                            window=self.window, redraw_interval=self.redraw_interval)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "ff_mult", "max_seq_len"):

@@ -2,10 +2,11 @@
 
 from .exact import ExactAttention
 from .linformer import LinformerAttention, LinformerProjection
-from .performer import PerformerAttention, default_num_features, redraw_seed
+from .performer import FavorOptions, PerformerAttention, default_num_features, redraw_seed
 
 __all__ = [
     "ExactAttention",
+    "FavorOptions",
     "LinformerAttention",
     "LinformerProjection",
     "PerformerAttention",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,32 @@ def redraw_seed(base_seed: int, layer: int, draw: int) -> int:
     x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 32
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class FavorOptions:
+    """The FAVOR+ settings and their defaults, written once: :class:`PerformerAttention`
+    and :class:`linattn.models.ModelConfig` take their defaults from here, and
+    ``PerformerAttention(..., **vars(options))`` builds a module from them.
+
+    Attributes:
+        num_features: projection rows ``m`` per head; None: ``d log d`` rounded up to a
+            multiple of 16 (:func:`default_num_features`) for random features, ``d`` for
+            learned kernels.
+        kernel: a :data:`linattn.KERNELS` name (the feature map).
+        window: None (pure linear) or ``w >= 0`` for the sliding-window hybrid.
+        redraw_interval: training forward passes between projection redraws; None keeps
+            the projection fixed.
+        orthogonal, scaling: how the random projection is drawn
+            (:func:`linattn.draw_projection`).
+    """
+
+    num_features: int | None = None
+    kernel: Kernel = "softmax"
+    window: int | None = None
+    redraw_interval: int | None = None
+    orthogonal: bool = True
+    scaling: str = "chi"
 
 
 #: Kernels whose feature map is trained: their projection is a per-head parameter
@@ -183,15 +210,15 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         embed_dim: int,
         num_heads: int,
         *,
-        num_features: int | None = None,
-        kernel: Kernel = "softmax",
+        num_features: int | None = FavorOptions.num_features,
+        kernel: Kernel = FavorOptions.kernel,
         causal: bool = False,
-        window: int | None = None,
-        redraw_interval: int | None = None,
+        window: int | None = FavorOptions.window,
+        redraw_interval: int | None = FavorOptions.redraw_interval,
         learn_projection: bool = False,
         per_head_projection: bool = False,
-        orthogonal: bool = True,
-        scaling: str = "chi",
+        orthogonal: bool = FavorOptions.orthogonal,
+        scaling: str = FavorOptions.scaling,
         seed: int = 0,
         layer_index: int = 0,
         rotary: bool = False,
@@ -297,6 +324,13 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel,
                                      window=self.window, linear_factor=self.linear_factor())
         return self._finish(out), state
+
+    def options(self) -> FavorOptions:
+        """This module's FAVOR+ settings (``PerformerAttention(E, H, **vars(options))``
+        builds one like it)."""
+        return FavorOptions(num_features=self.num_features, kernel=self.kernel,
+                            window=self.window, redraw_interval=self.redraw_interval,
+                            orthogonal=self.orthogonal, scaling=self.scaling)
 
     def extra_repr(self) -> str:
         extra = ""
