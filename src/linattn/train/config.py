@@ -10,6 +10,7 @@ from pathlib import Path
 from .._checks import check_choice, check_positive_int
 from ..features import Kernel
 from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
+from ..nn.performer import FavorOptions
 from .tasks import TASKS
 
 
@@ -35,15 +36,15 @@ class TrainConfig(JsonConfig):
 
     task: str = "bytes"
     attention: Attention = "favor"
-    kernel: Kernel = "softmax"
-    window: int | None = None
+    kernel: Kernel = FavorOptions.kernel
+    window: int | None = FavorOptions.window
     dim: int = 128
     depth: int = 2
     heads: int = 4
     ff_mult: int = 4
-    num_features: int | None = None
+    num_features: int | None = FavorOptions.num_features
     proj_dim: int = 128
-    redraw_interval: int | None = None
+    redraw_interval: int | None = FavorOptions.redraw_interval
     dropout: float = 0.0
     seq_len: int = 512
     batch_size: int = 16
