@@ -35,7 +35,7 @@ def forbid(monkeypatch, module, name="run"):
         (["train", "--steps", "abc"], "expected an integer, got 'abc'"),
         (["train", "--num-features", "0"], "--num-features: must be >= 1"),
         (["train", "--task", "nope"], "invalid choice: 'nope'"),
-        (["train", "--attention", "exact"], "invalid choice: 'exact'"),
+        (["train", "--attention", "relu"], "invalid choice: 'relu'"),
         (["train", "--lr", "-1"], "lr must be"),
         (["train", "--task", "bytes", "--attention", "linformer"], "Linformer cannot be causal"),
         (["report", "--quick", "--full"], "not allowed with argument"),
@@ -122,7 +122,8 @@ def test_help_lists_choices_and_defaults(capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--task {bytes,listops,fortunes}" in text
-    assert "--attention {softmax,favor,relu,linformer}" in text
+    assert "--attention {exact,favor,linformer}" in text
+    assert "--kernel {" + ",".join(KERNELS) + "}" in text
     assert "(default: 1000)" in text and "(default: favor)" in text
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
