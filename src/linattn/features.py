@@ -2,8 +2,9 @@
 drawn by :mod:`linattn.projection`).
 
 Shape legend: ``...`` leading (batch, heads) dims, ``n`` tokens, ``d`` head_dim,
-``m`` random projections (rows of ``W``), ``M`` features per token (``m``, or ``2m`` for
-the hyperbolic and trigonometric maps).
+``m`` projection rows (rows of ``W``), ``M`` features per token (``m``, or ``2m`` for
+the hyperbolic, trigonometric and hedgehog maps). ``W`` is ``(m, d)`` shared by the
+heads, or ``(H, m, d)`` one per head (then ``x`` is ``(B, H, n, d)``).
 
 Every feature map is defined exactly by :func:`exact_features` (the formula, used by
 the naive oracle). The fast paths call :meth:`FeatureMap.stabilized`, which returns the
@@ -41,7 +42,7 @@ __all__ = [
 class FeatureParams:
     """Per-call quantities a feature map needs besides the tokens.
 
-    ``weight``: ``(m, d)`` projection or None; ``scale``: the logit scale (``x~ = x *
+    ``weight``: ``(m, d)`` or per-head ``(H, m, d)`` projection, or None; ``scale``: the logit scale (``x~ = x *
     sqrt(scale)``); ``opt_a``/``opt_b``: FAVOR++'s ``A`` and ``B``, shape ``(...)`` (one
     per batch and head) or None.
     """
@@ -72,7 +73,15 @@ class FeatureMap:
 
     def num_features(self, weight: Tensor | None, head_dim: int) -> int:
         """Features per token ``M`` for a projection with ``m`` rows (or none)."""
-        return weight.shape[0] if weight is not None else head_dim
+        return weight.shape[-2] if weight is not None else head_dim
+
+    def log_const(self, params: FeatureParams) -> float | Tensor:
+        """``ln c`` of :meth:`stabilized` (a float, or ``(...)`` per batch and head).
+
+        Plain FAVOR drops it (it cancels); the window hybrid needs the features' true
+        scale to weigh them against the exact ``exp(scale q.k)`` scores.
+        """
+        return 0.0
 
     def prepare(
         self, weight: Tensor | None, q: Tensor, k: Tensor, key_padding_mask: Tensor | None,
@@ -136,15 +145,18 @@ class _PositiveSoftmax(FeatureMap):
         # norm folded into the matmul: [x, -s|x|^2/2] @ [c W, log2(e)]^T (no extra pass).
         w = self._weight(params) * (math.sqrt(params.scale) * _LOG2E)
         if not with_norm:
-            return x.contiguous() @ w.transpose(0, 1)
+            return x.contiguous() @ w.transpose(-2, -1)
         x_aug = torch.cat([x, -_sq_half(x, params.scale)], dim=-1)
-        w_aug = torch.cat([w, w.new_full((w.shape[0], 1), _LOG2E)], dim=-1)
-        return x_aug @ w_aug.transpose(0, 1)
+        w_aug = torch.cat([w, w.new_full((*w.shape[:-1], 1), _LOG2E)], dim=-1)
+        return x_aug @ w_aug.transpose(-2, -1)
+
+    def log_const(self, params):
+        return -0.5 * math.log(self._weight(params).shape[-2])
 
     def exact(self, x: Tensor, params: FeatureParams) -> Tensor:
         w = self._weight(params)
         xs = _scaled(x, params)
-        return torch.exp(xs @ w.transpose(0, 1) - _sq_half(xs)) / math.sqrt(w.shape[0])
+        return torch.exp(xs @ w.transpose(-2, -1) - _sq_half(xs)) / math.sqrt(w.shape[-2])
 
     def stabilized(self, x, params, *, is_query, inplace=False):
         # Queries: the -|q|^2/2 term is a per-row constant and cancels; skip it.
@@ -167,15 +179,10 @@ class _HyperbolicSoftmax(_PositiveSoftmax):
     name = "softmax_hyp"
 
     def num_features(self, weight, head_dim):
-        return 2 * weight.shape[0]
+        return 2 * weight.shape[-2]
 
     def _weight(self, params):
-        return torch.cat([params.weight, -params.weight], dim=0)
-
-    def exact(self, x, params):
-        w = self._weight(params)
-        xs = _scaled(x, params)
-        return torch.exp(xs @ w.transpose(0, 1) - _sq_half(xs)) / math.sqrt(w.shape[0])
+        return torch.cat([params.weight, -params.weight], dim=-2)
 
 
 class _OptimalPositiveSoftmax(_PositiveSoftmax):
@@ -221,17 +228,21 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         w_cols = [w * math.sqrt(params.scale), (w * w).sum(-1, keepdim=True)]
         if with_norm:
             cols.append(-_sq_half(x, params.scale))
-            w_cols.append(w.new_ones(w.shape[0], 1))
-        return torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(0, 1)
+            w_cols.append(w.new_ones(*w.shape[:-1], 1))
+        return torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(-2, -1)
+
+    def log_const(self, params):
+        m, d = params.weight.shape[-2:]
+        return (d / 4.0) * torch.log1p(-4.0 * params.opt_a) - 0.5 * math.log(m)
 
     def exact(self, x, params):
         w = params.weight
-        m, d = w.shape
+        m, d = w.shape[-2:]
         xs = _scaled(x, params)
         a = params.opt_a[..., None, None]
         b = params.opt_b[..., None, None]
         dconst = (1.0 - 4.0 * a) ** (d / 4.0)
-        logits = a * (w * w).sum(-1) + b * (xs @ w.transpose(0, 1)) - _sq_half(xs)
+        logits = a * (w * w).sum(-1).unsqueeze(-2) + b * (xs @ w.transpose(-2, -1)) - _sq_half(xs)
         return dconst / math.sqrt(m) * torch.exp(logits)
 
 
@@ -246,16 +257,19 @@ class _TrigSoftmax(FeatureMap):
     name = "softmax_trig"
 
     def num_features(self, weight, head_dim):
-        return 2 * weight.shape[0]
+        return 2 * weight.shape[-2]
+
+    def log_const(self, params):
+        return -0.5 * math.log(params.weight.shape[-2])
 
     def exact(self, x, params):
         xs = _scaled(x, params)
-        z = xs @ params.weight.transpose(0, 1)
-        factor = torch.exp(_sq_half(xs)) / math.sqrt(params.weight.shape[0])
+        z = xs @ params.weight.transpose(-2, -1)
+        factor = torch.exp(_sq_half(xs)) / math.sqrt(params.weight.shape[-2])
         return factor * torch.cat([torch.sin(z), torch.cos(z)], dim=-1)
 
     def stabilized(self, x, params, *, is_query, inplace=False):
-        z = x @ (params.weight * math.sqrt(params.scale)).transpose(0, 1)
+        z = x @ (params.weight * math.sqrt(params.scale)).transpose(-2, -1)
         feats = torch.cat([torch.sin(z), torch.cos(z)], dim=-1)
         return feats, _sq_half(x, params.scale).squeeze(-1)
 
@@ -268,8 +282,8 @@ class _Generalized(FeatureMap):
     def _pre(self, x: Tensor, params: FeatureParams) -> Tensor:
         if params.weight is None:
             return _scaled(x, params)
-        w = params.weight * math.sqrt(params.scale / params.weight.shape[0])
-        return x @ w.transpose(0, 1)
+        w = params.weight * math.sqrt(params.scale / params.weight.shape[-2])
+        return x @ w.transpose(-2, -1)
 
     def stabilized(self, x, params, *, is_query, inplace=False):
         f = self.exact(x, params)
@@ -298,6 +312,38 @@ class _Elu(_Generalized):
         return F.elu(self._pre(x, params)) + 1.0
 
 
+class _Hedgehog(FeatureMap):
+    """Hedgehog learned softmax features (Zhang et al., ICLR 2024), ``M = 2m``.
+
+    ``phi(x) = [softmax(W x~), softmax(-W x~)]`` (concatenated), each softmax over its
+    ``m`` features, with ``x~ = x * sqrt(scale)`` and ``W = projection``, ``(m, d)``
+    shared or ``(H, m, d)`` per head; ``projection=None`` means ``W = I`` (``m = d``),
+    which is also how the modules initialize their trainable ``W``. Not an estimate of
+    ``exp(q.k)``: a learned map, trained (attention transfer) so that
+    ``phi(q).phi(k)`` ranks keys as softmax does. Features lie in ``[0, 1]`` and each half
+    sums to 1, so ``0 < phi(q).phi(k) <= 2``: no stabilizer is needed (``r = 0``,
+    ``c = 1``). In the window hybrid the modules weigh this far part by a learned per-head
+    ``linear_factor``.
+    """
+
+    name = "hedgehog"
+    positive_exp = True
+    needs_projection = False
+
+    def num_features(self, weight, head_dim):
+        return 2 * (weight.shape[-2] if weight is not None else head_dim)
+
+    def exact(self, x, params):
+        z = _scaled(x, params)
+        if params.weight is not None:
+            z = z @ params.weight.transpose(-2, -1)
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+    def stabilized(self, x, params, *, is_query, inplace=False):
+        f = self.exact(x, params)
+        return f, f.new_zeros(f.shape[:-1])
+
+
 KERNELS: dict[str, FeatureMap] = {
     fm.name: fm
     for fm in (
@@ -307,6 +353,7 @@ KERNELS: dict[str, FeatureMap] = {
         _TrigSoftmax(),
         _Relu(),
         _Elu(),
+        _Hedgehog(),
     )
 }
 

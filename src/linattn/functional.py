@@ -3,7 +3,7 @@
 Shape legend (as ``torch.nn.functional.scaled_dot_product_attention``):
 ``B`` batch, ``H`` heads (any leading dims after the batch are folded into ``H``),
 ``Lq``/``Lk`` query/key lengths, ``d`` head_dim, ``dv`` value dim, ``m`` projection rows,
-``M`` features per token (``m`` or ``2m``).
+``M`` features per token (``m`` or ``2m``), ``w`` the hybrid's window.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from ._checks import (
     shape_str,
 )
 from .features import FeatureMap, get_feature_map
-from .ops.favor import FavorState, favor_bidirectional, favor_causal, favor_recurrent_step
+from .ops.favor import (
+    FavorState,
+    favor_bidirectional,
+    favor_causal,
+    favor_recurrent_step,
+    favor_window,
+)
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = ["FavorState", "favor_attention", "favor_recurrent", "linformer_attention"]
@@ -50,14 +56,51 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
             )
         return None
     w = check_tensor("projection", projection, min_dim=2)
-    if w.dim() != 2 or w.shape[1] != q.shape[-1]:
+    heads = _as_4d(q).shape[1]
+    d = q.shape[-1]
+    if w.dim() not in (2, 3) or w.shape[-1] != d or (w.dim() == 3 and w.shape[0] != heads):
         raise ValueError(
-            f"projection must have shape (num_features, head_dim) = (m, {q.shape[-1]}) for "
-            f"q {shape_str(q)}, got {shape_str(w)}"
+            f"projection must have shape (num_features, head_dim) = (m, {d}) or one per "
+            f"head (heads, m, head_dim) = ({heads}, m, {d}) for q {shape_str(q)}, got "
+            f"{shape_str(w)}"
         )
+    if w.shape[-2] == 0:
+        raise ValueError(f"projection must have at least one row, got {shape_str(w)}")
     if w.device != q.device:
         raise ValueError(f"projection is on {w.device} but q is on {q.device}")
     return w
+
+
+def _check_window(window: object, causal: bool, q: Tensor, k: Tensor) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int >= 0 or None, got {type(window).__name__}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (or None for pure linear), got {window}")
+    if not causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"window={window} needs Lq == Lk (self-attention: the window is centred on the "
+            f"query's own position); got q {shape_str(q)}, k {shape_str(k)}"
+        )
+    return window
+
+
+def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
+    if linear_factor is None:
+        return None
+    lf = check_tensor("linear_factor", linear_factor, min_dim=0)
+    heads = q4.shape[1]
+    if lf.dim() > 1 or (lf.dim() == 1 and lf.shape[0] != heads):
+        raise ValueError(
+            f"linear_factor must be a scalar tensor or have shape (heads,) = ({heads},), "
+            f"got {shape_str(lf)}"
+        )
+    if lf.device != q4.device:
+        raise ValueError(f"linear_factor is on {lf.device} but q is on {q4.device}")
+    if not torch.compiler.is_compiling() and bool((lf.detach() < 0).any()):
+        raise ValueError("linear_factor must be non-negative (e.g. sigmoid of a logit)")
+    return lf.to(q4.dtype)
 
 
 def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
@@ -73,6 +116,11 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
         )
     cdt = _compute_dtype(q.dtype)
     q4, k4, v4 = (_as_4d(t).to(cdt) for t in (q, k, v))
+    if mask is not None:
+        # Padded keys and values take no part, whatever they hold (NaN and inf included):
+        # zeroed here so that no 0 * NaN reaches a sum.
+        pad = mask[:, None, :, None]
+        k4, v4 = k4.masked_fill(pad, 0.0), v4.masked_fill(pad, 0.0)
     w = None if weight is None else weight.to(cdt)
     params = fm.prepare(w, q4, k4, mask, scale)
     return fm, params, q4, k4, v4, mask
@@ -88,25 +136,41 @@ def favor_attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    linear_factor: Tensor | None = None,
     chunk_size: int = 64,
     block_size: int | None = None,
 ) -> Tensor:
-    """FAVOR+ attention: softmax attention approximated by random features, O(L) time.
+    """FAVOR+ attention: softmax attention approximated by random features, O(L) time;
+    optionally the sliding-window hybrid (exact softmax near the diagonal).
 
     Args:
         q: ``(..., Lq, d)``; k: ``(..., Lk, d)``; v: ``(..., Lk, dv)``; leading dims
-            ``(B, H)`` as in ``scaled_dot_product_attention`` (any number >= 0).
-        projection: ``W: (m, d)`` from :func:`linattn.draw_projection` (required for the
-            random-feature kernels; optional for ``"relu"``/``"elu"``).
+            ``(B, H)`` as in ``scaled_dot_product_attention`` (any number >= 0; the
+            dims after the batch are the heads ``H``).
+        projection: ``W: (m, d)`` shared by the heads, or ``(H, m, d)`` one per head;
+            from :func:`linattn.draw_projection` for the random-feature kernels
+            (required), a learned matrix for ``"hedgehog"`` (None = identity); optional
+            for ``"relu"``/``"elu"``.
         kernel: ``"softmax"`` (positive features, FAVOR+), ``"softmax_hyp"``
             (hyperbolic), ``"softmax_opt"`` (FAVOR++, bidirectional only),
-            ``"softmax_trig"`` (trigonometric), ``"relu"``, ``"elu"``; formulas in
-            :mod:`linattn.features`.
+            ``"softmax_trig"`` (trigonometric), ``"relu"``, ``"elu"``, ``"hedgehog"``
+            (learned softmax features); formulas in :mod:`linattn.features`.
         causal: query ``i`` attends to keys ``j <= i`` (needs ``Lq == Lk``).
-        key_padding_mask: ``(B, Lk)`` bool, True marks padding to ignore.
+        key_padding_mask: ``(B, Lk)`` bool, True marks padding to ignore (its keys and
+            values may hold anything, NaN included).
         scale: logit scale, default ``1 / sqrt(d)``.
+        window: None: pure linear attention. ``w >= 0``: the hybrid; query ``i`` scores
+            the keys with ``|i - j| <= w`` (needs ``Lq == Lk``), or ``i - w < j <= i``
+            when causal, with the exact ``exp(scale q_i.k_j)``, and every other key with
+            ``linear_factor[h] * phi(q~_i).phi(k~_j)``, under one normalizer. Time and
+            memory O(L (w + m)). ``w >= L`` is exact softmax attention.
+        linear_factor: None (= 1), or a non-negative tensor of shape ``(H,)`` or ``()``
+            weighting the far (feature) scores of each head; differentiable. Used only
+            with a window (without one every score is far and it cancels).
         chunk_size: causal chunk length (a speed knob; results agree up to rounding).
-        block_size: rows per block in the bidirectional pass (default: automatic).
+        block_size: rows per block in the bidirectional pass, or per block of the
+            window's exact band (default: automatic).
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
@@ -114,12 +178,18 @@ def favor_attention(
     With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map, equivalent to::
 
         A = phi(q~) @ phi(k~).transpose(-2, -1)      # (..., Lq, Lk)
+        if window is not None:
+            i, j = arange(Lq)[:, None], arange(Lk)[None, :]
+            near = (i - window < j) & (j <= i) if causal else (i - j).abs() <= window
+            A = where(near, exp(scale * q @ k.transpose(-2, -1)),
+                      linear_factor[:, None, None] * A)
         A = A.masked_fill(key_padding_mask[:, None, None, :], 0)
         if causal: A = A.tril()
         out = (A @ v) / A.sum(-1, keepdim=True)      # rows with no visible key: 0
 
     For ``kernel="softmax"``, ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` and
-    ``phi(q~).phi(k~)`` is an unbiased estimate of ``exp(scale * q.k)``.
+    ``phi(q~).phi(k~)`` is an unbiased estimate of ``exp(scale * q.k)`` (so with
+    ``linear_factor=None`` the hybrid is unbiased too, and exact inside the window).
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
@@ -136,7 +206,14 @@ def favor_attention(
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, causal, key_padding_mask, scale
     )
-    if causal:
+    window = _check_window(window, causal, q, k)
+    lf = _check_linear_factor(linear_factor, q4)
+    if window is not None:
+        out = favor_window(
+            q4, k4, v4, fm, params, window=window, causal=causal, linear_factor=lf,
+            key_padding_mask=mask, chunk_size=chunk_size, block_size=block_size,
+        )
+    elif causal:
         out = favor_causal(
             q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size
         )[0]
@@ -157,6 +234,8 @@ def favor_recurrent(
     kernel: str = "softmax",
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    linear_factor: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """Causal FAVOR+ decoding step: consume ``n`` new tokens after ``state``.
 
@@ -164,13 +243,16 @@ def favor_recurrent(
         q, k: ``(B, H, n, d)``; v: ``(B, H, n, dv)``; the ``n >= 1`` new tokens (attending
             causally among themselves and to everything in ``state``).
         state: from the previous step, or None to start.
-        projection, kernel, key_padding_mask (``(B, n)``), scale: as
-            :func:`favor_attention`; use the same values at every step.
+        projection, kernel, key_padding_mask (``(B, n)``), scale, window,
+            linear_factor: as :func:`favor_attention`; use the same values at every step.
+            With a window the state also carries the last ``window`` keys and values
+            (and their padding): :class:`FavorState` ``keys``/``values``/``padding``.
 
     Returns:
         ``(out: (B, H, n, dv), new_state)``. Time and memory per token do not depend on
-        how many tokens the state has absorbed. Running it token by token equals
-        ``favor_attention(..., causal=True)`` on the concatenated tokens.
+        how many tokens the state has absorbed. Running it token by token (or ``n`` at a
+        time) equals ``favor_attention(..., causal=True, window=window)`` on the
+        concatenated tokens.
     """
     q, k, v = check_qkv(q, k, v)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
@@ -181,22 +263,49 @@ def favor_recurrent(
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
     )
+    window = _check_window(window, True, q, k)
+    lf = _check_linear_factor(linear_factor, q4)
     if state is not None:
-        if not isinstance(state, FavorState):
-            raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
-        m = fm.num_features(params.weight, q.shape[-1])
-        want = (*q.shape[:2], m, v.shape[-1] + 1)
-        if tuple(state.kv.shape) != want:
-            raise ValueError(
-                f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
-                f"{shape_str(state.kv)}"
-            )
-        state = FavorState(state.kv.to(q4.dtype), state.stab.to(q4.dtype))
+        state = _check_state(state, fm, params, q, v, window, q4.dtype)
     out, new_state = favor_recurrent_step(
-        q4, k4, v4, state, fm, params, key_padding_mask=mask
+        q4, k4, v4, state, fm, params, key_padding_mask=mask, window=window,
+        linear_factor=lf,
     )
     return out.to(q.dtype), new_state
 
+
+
+def _check_state(state, fm, params, q, v, window, dtype) -> FavorState:
+    if not isinstance(state, FavorState):
+        raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
+    m = fm.num_features(params.weight, q.shape[-1])
+    want = (*q.shape[:2], m, v.shape[-1] + 1)
+    if tuple(state.kv.shape) != want:
+        raise ValueError(
+            f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
+            f"{shape_str(state.kv)}"
+        )
+    if window is None:
+        if state.keys is not None:
+            raise ValueError("state carries a window's keys but window=None was passed")
+        return FavorState(state.kv.to(dtype), state.stab.to(dtype))
+    bsz, heads = q.shape[:2]
+    shapes = {
+        "keys": (state.keys, (bsz, heads, window, q.shape[-1])),
+        "values": (state.values, (bsz, heads, window, v.shape[-1])),
+        "padding": (state.padding, (bsz, window)),
+    }
+    for name, (t, shape) in shapes.items():
+        if t is None or tuple(t.shape) != shape:
+            got = "None" if t is None else shape_str(t)
+            raise ValueError(
+                f"state.{name} must have shape {shape} for window={window}, got {got} "
+                "(pass the state returned by the previous step with the same window)"
+            )
+    return FavorState(
+        state.kv.to(dtype), state.stab.to(dtype), state.keys.to(dtype),
+        state.values.to(dtype), state.padding,
+    )
 
 
 def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) -> Tensor:

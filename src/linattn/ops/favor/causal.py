@@ -50,19 +50,24 @@ def causal_segment(
     params: FeatureParams,
     keep: Tensor | None,
     chunk: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+    raw: bool = False,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """One segment of the causal scan; differentiable (autograd recomputes through it).
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)`` with ``n`` a multiple of
     ``chunk``; ``state: (B, H, M, dv + 1)`` and ``stab: (B, H)`` for the tokens before;
     ``keep: (B, n)`` (1 = real key, 0 = padding) or None.
-    Returns ``out: (B, H, n, dv)``, the new state and its stabilizer.
+    Returns ``out: (B, H, n, dv)``, the new state and its stabilizer. With ``raw``, ``out``
+    is instead the unnormalized ``[num, den]: (B, H, n, dv + 1)`` and a fourth tensor
+    ``g: (B, H, n)`` is returned: ``sum_j phi(q_i).phi(k_j) [v_j, 1] = c^2 exp(g_i) out_i``
+    (``c`` the map's :meth:`~linattn.features.FeatureMap.log_const`, the query's own
+    scale included), which the window hybrid needs.
     """
     bsz, heads, n, _ = q.shape
     dv = v.shape[-1]
     nc = n // chunk
     inplace = not torch.is_grad_enabled()
-    fq, _ = fm.stabilized(q, params, is_query=True, inplace=inplace)
+    fq, rq = fm.stabilized(q, params, is_query=not raw, inplace=inplace)
     fk, r = fm.stabilized(k, params, is_query=False, inplace=inplace)
     m = fq.shape[-1]
     if keep is not None:
@@ -100,6 +105,8 @@ def causal_segment(
     inter = fq @ torch.stack(entering, dim=2)
     inter = inter * torch.exp(prev.unsqueeze(-1) - c).unsqueeze(-1)
     out = (out + inter).reshape(bsz, heads, n, dv + 1)
+    if raw:
+        return out, state, ends[..., -1], c.reshape(bsz, heads, n) + rq
     num, den = out[..., :dv], out[..., dv:]
     out = num / safe_denominator(den, fm.positive_exp)
     last = ends[..., -1]
@@ -140,6 +147,22 @@ def causal_scan(q, k, v, state, stab, fm, params, keep, chunk, *, keep_states=Fa
         outs.append(out[..., : e - s, :])
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
     return out, state, stab, entering
+
+
+def causal_scan_raw(q, k, v, state, stab, fm, params, keep, chunk):
+    """The unnormalized causal scan (``raw=True`` of :func:`causal_segment`), under plain
+    autograd. Returns ``([num, den]: (B, H, L, dv + 1), g: (B, H, L), S, c)``."""
+    outs, scales = [], []
+    for s, e in _segments(q.shape[-2], chunk):
+        qs, ks, vs, ke = _segment_inputs(q, k, v, keep, s, e, chunk)
+        out, state, stab, g = causal_segment(
+            qs, ks, vs, state, stab, fm, params, ke, chunk, raw=True
+        )
+        outs.append(out[..., : e - s, :])
+        scales.append(g[..., : e - s])
+    if len(outs) == 1:
+        return outs[0], scales[0], state, stab
+    return torch.cat(outs, dim=-2), torch.cat(scales, dim=-1), state, stab
 
 
 class _FavorCausal(torch.autograd.Function):

@@ -12,6 +12,16 @@ from torch import Tensor
 from ...features import FeatureMap, FeatureParams
 
 
+def window_mask(lq: int, lk: int, window: int, causal: bool, device=None) -> Tensor:
+    """``near: (Lq, Lk)`` bool, the pairs scored exactly by the window hybrid:
+    ``i - window < j <= i`` when causal, else ``|i - j| <= window``."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    if causal:
+        return (j <= i) & (j > i - window)
+    return (i - j).abs() <= window
+
+
 def favor_naive(
     q: Tensor,
     k: Tensor,
@@ -21,20 +31,31 @@ def favor_naive(
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    linear_factor: Tensor | None = None,
 ) -> Tensor:
-    """Reference FAVOR attention.
+    """Reference FAVOR attention, optionally the sliding-window hybrid.
 
     Shapes: ``q: (B, H, Lq, d)``, ``k: (B, H, Lk, d)`` (raw; ``params.scale``
     applies), ``v: (B, H, Lk, dv)``, ``key_padding_mask: (B, Lk)`` bool (True =
-    ignore). Returns ``(B, H, Lq, dv)``; a query row with no visible key gets zeros.
+    ignore), ``linear_factor``: ``(H,)`` or ``()`` (used only with a window).
+    Returns ``(B, H, Lq, dv)``; a query row with no visible key gets zeros.
 
     Equivalent to::
 
         A = phi(q) @ phi(k).T          # (Lq, Lk), phi by the kernel's exact formula
+        if window is not None:         # near: |i - j| <= w, or i - w < j <= i if causal
+            A = where(near, exp(scale * q @ k.T), linear_factor[h] * A)
         A = A masked (padded keys, and j > i when causal) to 0
         out = (A @ v) / A.sum(-1)
     """
     a = fm.exact(q, params) @ fm.exact(k, params).transpose(-2, -1)
+    if window is not None:
+        if linear_factor is not None:
+            lf = linear_factor.reshape(-1, 1, 1) if linear_factor.dim() else linear_factor
+            a = a * lf
+        near = window_mask(q.shape[-2], k.shape[-2], window, causal, device=q.device)
+        a = torch.where(near, torch.exp(params.scale * (q @ k.transpose(-2, -1))), a)
     if key_padding_mask is not None:
         a = a.masked_fill(key_padding_mask[:, None, None, :], 0.0)
     if causal:

@@ -3,26 +3,53 @@
 The state after tokens ``1..t`` is ``S = sum_j exp(r_j - c) F_j^T [v_j, 1]``
 (``(M, dv + 1)``) with its stabilizer ``c = max_j r_j``; consuming one token (or a block)
 costs the same whatever ``t`` is. The step is the causal scan with the state carried in,
-so running it token by token reproduces :func:`favor_causal`.
+so running it token by token reproduces :func:`favor_causal`. With a window ``w`` the
+state also holds the last ``w`` keys and values (and which of them are padding), and
+``S`` only the keys older than them: stepping reproduces the causal window hybrid.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .causal import favor_causal
+from .causal import favor_causal, initial_state
+from .window import favor_window_step
 
 
 class FavorState(NamedTuple):
-    """Causal FAVOR state: ``kv: (B, H, M, dv + 1)`` (the last column sums ``phi(k)``) and
-    ``stab: (B, H)``, the log-scale ``kv`` is stored under (``kv * exp(stab)`` is the
-    unstabilized sum, up to the feature map's constant)."""
+    """Causal FAVOR state.
+
+    ``kv: (B, H, M, dv + 1)`` (the last column sums ``phi(k)``) and ``stab: (B, H)``, the
+    log-scale ``kv`` is stored under (``kv * exp(stab)`` is the unstabilized sum, up to
+    the feature map's constant). With a window ``w``: ``keys: (B, H, w, d)`` and
+    ``values: (B, H, w, dv)``, the last ``w`` tokens (oldest first), ``padding: (B, w)``
+    bool (True = padding or empty slot), and ``kv`` sums only the keys older than those;
+    None without a window.
+    """
 
     kv: Tensor
     stab: Tensor
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    padding: Tensor | None = None
+
+
+def empty_window_state(
+    bsz: int, heads: int, num_features: int, head_dim: int, dv: int, window: int, *,
+    dtype: torch.dtype, device: torch.device,
+) -> FavorState:
+    """The state before any token, for a window of ``window`` tokens."""
+    kv, stab = initial_state((bsz, heads), num_features, dv, dtype=dtype, device=device)
+    return FavorState(
+        kv, stab,
+        torch.zeros(bsz, heads, window, head_dim, dtype=dtype, device=device),
+        torch.zeros(bsz, heads, window, dv, dtype=dtype, device=device),
+        torch.ones(bsz, window, dtype=torch.bool, device=device),
+    )
 
 
 def favor_recurrent_step(
@@ -34,12 +61,26 @@ def favor_recurrent_step(
     params: FeatureParams,
     *,
     key_padding_mask: Tensor | None = None,
+    window: int | None = None,
+    linear_factor: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """Consume ``n >= 1`` new tokens (causally among themselves) after ``state``.
 
-    Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``. Returns
-    ``(out: (B, H, n, dv), new_state)``.
+    Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``linear_factor: (H,)``,
+    ``()`` or None (window only). Returns ``(out: (B, H, n, dv), new_state)``.
     """
+    if window is not None:
+        if state is None:
+            m = fm.num_features(params.weight, q.shape[-1])
+            state = empty_window_state(
+                q.shape[0], q.shape[1], m, q.shape[-1], v.shape[-1], window,
+                dtype=q.dtype, device=q.device,
+            )
+        out, new = favor_window_step(
+            q, k, v, fm, params, window=window, state=tuple(state),
+            linear_factor=linear_factor, key_padding_mask=key_padding_mask,
+        )
+        return out, FavorState(*new)
     initial = None if state is None else (state.kv, state.stab)
     out, kv, stab = favor_causal(
         q, k, v, fm, params, key_padding_mask=key_padding_mask,

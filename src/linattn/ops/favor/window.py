@@ -1,0 +1,251 @@
+"""Sliding-window hybrid: exact softmax scores near the diagonal, FAVOR features beyond.
+
+Query ``i`` scores the keys ``j`` of its window (``|i - j| <= w``, or ``i - w < j <= i``
+when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
+``lambda_h phi(q_i).phi(k_j)``, under one normalizer. Nothing ``L x L`` is formed:
+
+* near part (:func:`band_attention`): queries in blocks of ``b`` against the
+  ``b + width - 1`` keys that cover their windows (an ``unfold`` view), exact scores
+  masked to the band, stabilized by the row maximum;
+* far part (:func:`far_left`): the keys ``j <= i - s`` of query ``i`` are, after shifting
+  the key sequence ``s`` places to the right, exactly the causal keys ``j' <= i``, so the
+  chunked causal scan of ``causal.py`` (its leak-free prefix stabilizer included) gives
+  them, unnormalized, with their log-scale; ``s = w`` causal, ``s = w + 1`` for the left
+  side of the bidirectional window, and the right side is the same on the reversed
+  sequence. No subtraction ``all - near`` is ever formed: every sum only adds positive
+  terms (positive maps), so the denominators stay accurate in float32;
+* :func:`combine`: the parts, each ``exp(scale_p) * [num_p, den_p]``, are added under
+  their common maximum log-scale.
+
+Derivation and stabilizers: ``ops/favor/README.md``. Gradients: plain autograd (memory
+O(L (w + M)) plus the causal scan's per-chunk states).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...features import FeatureMap, FeatureParams
+from .causal import causal_scan_raw, initial_state
+from .common import ones_col, safe_denominator
+
+
+def shifted(x: Tensor, start: int, total: int, dim: int = -2) -> Tensor:
+    """``y`` of length ``total`` along ``dim`` with ``y[p] = x[p + start]``, zeros where
+    ``p + start`` falls outside ``x``."""
+    n = x.shape[dim]
+    lo, hi = max(0, start), min(n, start + total)
+    dim = dim % x.dim()
+    if hi <= lo:
+        shape = list(x.shape)
+        shape[dim] = total
+        return x.new_zeros(shape)
+    part = x.narrow(dim, lo, hi - lo)
+    left = lo - start
+    right = total - left - (hi - lo)
+    pad = [0, 0] * (x.dim() - 1 - dim) + [left, right]
+    return F.pad(part, pad)
+
+
+def band_block(window: int, length: int) -> int:
+    """Query rows per block of the exact band."""
+    return max(1, min(length, max(16, min(window, 128))))
+
+
+def band_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    window: int,
+    causal: bool,
+    scale: float,
+    *,
+    q_offset: int = 0,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact scores inside the window.
+
+    Shapes: ``q: (B, H, Lq, d)``, query ``a`` sitting at key position ``q_offset + a``;
+    ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)``, ``keep: (B, Lk)`` bool (True = real key)
+    or None. Returns ``nd: (B, H, Lq, dv + 1)`` and ``mx: (B, H, Lq)`` with
+    ``sum_{j near i, kept} exp(scale q_i.k_j) [v_j, 1] = exp(mx_i) nd_i``; ``mx`` is
+    ``-inf`` (and ``nd`` 0) where no key is near.
+    """
+    bsz, heads, lq, _ = q.shape
+    dv = v.shape[-1]
+    width = window if causal else 2 * window + 1
+    if width == 0:
+        return q.new_zeros(bsz, heads, lq, dv + 1), q.new_full((bsz, heads, lq), -math.inf)
+    b = block or band_block(window, lq)
+    nblk = -(-lq // b)
+    win = b + width - 1
+    total = (nblk - 1) * b + win
+    # Key column c of block t sits at key position t*b + start + c.
+    start = q_offset - window + (1 if causal else 0)
+    kw = shifted(k, start, total).unfold(-2, win, b)  # [B, H, nblk, d, win]
+    vw = shifted(ones_col(v), start, total).unfold(-2, win, b)  # [B, H, nblk, dv+1, win]
+    valid = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
+    if keep is not None:
+        valid = keep
+    valid = shifted(valid, start, total, dim=-1).unfold(-1, win, b)  # [B, nblk, win]
+    a = torch.arange(b, device=q.device)[:, None]
+    c = torch.arange(win, device=q.device)[None, :]
+    rel = (c - a >= 0) & (c - a < width)  # [b, win]
+    allowed = rel & valid[:, None, :, None, :]  # [B, 1, nblk, b, win]
+    qb = shifted(q, 0, nblk * b).reshape(bsz, heads, nblk, b, q.shape[-1])
+    scores = (qb @ kw) * scale
+    scores = scores.masked_fill(~allowed, -math.inf)
+    mx = scores.detach().amax(-1)
+    mx_safe = torch.where(torch.isfinite(mx), mx, 0.0)
+    e = torch.exp(scores - mx_safe.unsqueeze(-1))
+    nd = (e @ vw.transpose(-2, -1)).reshape(bsz, heads, nblk * b, dv + 1)[..., :lq, :]
+    return nd, mx.reshape(bsz, heads, nblk * b)[..., :lq]
+
+
+def far_left(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    fm: FeatureMap,
+    params: FeatureParams,
+    start: int,
+    chunk: int,
+    initial: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Linear scores of query ``a`` against the keys at positions ``j <= a + start``.
+
+    Shapes: ``q: (B, H, n, d)``, ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)``, ``keep:
+    (B, Lk)`` float (1 = real key) or None; ``initial``: a causal state for keys before
+    position 0. Returns ``nd: (B, H, n, dv + 1)``, ``g: (B, H, n)`` (the true sum
+    ``sum_j phi(q_a).phi(k_j) [v_j, 1] = exp(g_a) nd_a``) and the state ``(S, c)`` after
+    the keys ``j <= n - 1 + start``.
+    """
+    bsz, heads, n, _ = q.shape
+    ks, vs = shifted(k, start, n), shifted(v, start, n)
+    kept = keep if keep is not None else k.new_ones(k.shape[0], k.shape[-2])
+    ke = shifted(kept, start, n, dim=-1)
+    if initial is None:
+        m = fm.num_features(params.weight, q.shape[-1])
+        initial = initial_state((bsz, heads), m, v.shape[-1], dtype=q.dtype, device=q.device)
+    nd, g, state, stab = causal_scan_raw(
+        q, ks, vs, initial[0], initial[1], fm, params, ke, max(1, min(chunk, n))
+    )
+    lc = fm.log_const(params)
+    if isinstance(lc, Tensor):
+        lc = lc.unsqueeze(-1)
+    return nd, g + 2 * lc, state, stab
+
+
+def combine(parts: list[tuple[Tensor, Tensor]], positive: bool) -> Tensor:
+    """``out = sum_p exp(g_p) nd_p[:dv] / sum_p exp(g_p) nd_p[dv]`` under the common
+    maximum log-scale; ``parts``: ``(nd: (B, H, n, dv + 1), g: (B, H, n))``. Rows with
+    nothing visible are 0."""
+    top = parts[0][1].detach()
+    for _, g in parts[1:]:
+        top = torch.maximum(top, g.detach())
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    total = None
+    for nd, g in parts:
+        term = nd * torch.exp(g - top).unsqueeze(-1)
+        total = term if total is None else total + term
+    dv = total.shape[-1] - 1
+    return total[..., :dv] / safe_denominator(total[..., dv], positive).unsqueeze(-1)
+
+
+def _factor(linear_factor: Tensor | None) -> Tensor | None:
+    if linear_factor is None:
+        return None
+    return linear_factor.reshape(1, -1, 1, 1) if linear_factor.dim() else linear_factor
+
+
+def favor_window(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    causal: bool,
+    linear_factor: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    chunk_size: int = 64,
+    block_size: int | None = None,
+) -> Tensor:
+    """Sliding-window hybrid FAVOR attention, O(L (w + M)) time and memory.
+
+    Shapes: ``q, k: (B, H, L, d)`` (raw; ``params.scale`` applies), ``v: (B, H, L, dv)``,
+    ``key_padding_mask: (B, L)`` bool (True = ignore; padded keys and values must be
+    finite, callers zero them), ``linear_factor: (H,)`` or ``()`` or None (= 1).
+    Returns ``(B, H, L, dv)``.
+
+    Equivalent to :func:`favor_naive` with ``window`` and ``linear_factor``.
+    """
+    length = q.shape[-2]
+    keep = None if key_padding_mask is None else ~key_padding_mask
+    keep_f = None if keep is None else keep.to(q.dtype)
+    near = band_attention(q, k, v, keep, window, causal, params.scale, block=block_size)
+    parts = [near]
+    lf = _factor(linear_factor)
+    sides = [(q, k, v, keep_f)]
+    if not causal:
+        flip = [t.flip(-2) for t in (q, k, v)]
+        sides.append((*flip, None if keep_f is None else keep_f.flip(-1)))
+    # Far keys of query i: j <= i - w causal, j <= i - w - 1 (and mirrored) bidirectional.
+    start = -window if causal else -window - 1
+    if length + start > 0:
+        for idx, (qs, ks, vs, kp) in enumerate(sides):
+            nd, g, _, _ = far_left(qs, ks, vs, kp, fm, params, start, chunk_size)
+            if lf is not None:
+                nd = nd * lf
+            if idx == 1:
+                nd, g = nd.flip(-2), g.flip(-1)
+            parts.append((nd, g))
+    return combine(parts, fm.positive_exp)
+
+
+def favor_window_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    linear_factor: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
+
+    Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``key_padding_mask: (B, n)``;
+    ``state = (S: (B, H, M, dv + 1), c: (B, H), keys: (B, H, w, d), values:
+    (B, H, w, dv), padding: (B, w) bool)``: the linear state of every key older than the
+    window and the last ``w`` keys/values (padding True for empty slots). Returns
+    ``(out: (B, H, n, dv), new_state)``; stepping equals :func:`favor_window` (causal) on
+    the concatenated tokens.
+    """
+    kv, stab, wk, wv, wpad = state
+    n = q.shape[-2]
+    pad = key_padding_mask
+    if pad is None:
+        pad = torch.zeros(q.shape[0], n, dtype=torch.bool, device=q.device)
+    kc, vc = torch.cat([wk, k], dim=-2), torch.cat([wv, v], dim=-2)
+    padc = torch.cat([wpad, pad], dim=-1)
+    keep = ~padc
+    near = band_attention(q, kc, vc, keep, window, True, params.scale, q_offset=window)
+    nd, g, kv, stab = far_left(
+        q, kc, vc, keep.to(q.dtype), fm, params, 0, 64, initial=(kv, stab)
+    )
+    lf = _factor(linear_factor)
+    if lf is not None:
+        nd = nd * lf
+    out = combine([near, (nd, g)], fm.positive_exp)
+    new = (kv, stab, kc[..., n:, :], vc[..., n:, :], padc[:, n:])
+    return out, new

@@ -1,0 +1,279 @@
+"""The sliding-window hybrid (``window=``, ``linear_factor=``) against the float64 oracle
+that materializes the L x L matrix, in every path."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import linattn
+from conftest import projection, randn
+from linattn.features import get_feature_map
+from linattn.ops.favor import favor_naive
+
+KERNELS = ["softmax", "softmax_hyp", "relu", "elu", "hedgehog"]
+
+
+def oracle(q, k, v, w, *, kernel="softmax", causal=False, mask=None, window=None,
+           linear_factor=None, scale=None):
+    fm = get_feature_map(kernel)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    params = fm.prepare(w, q, k, mask, scale)
+    return favor_naive(q, k, v, fm, params, causal=causal, key_padding_mask=mask,
+                       window=window, linear_factor=linear_factor)
+
+
+def per_head(heads, m, d, dtype=torch.float64):
+    return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
+
+
+def pad_mask(b, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    mask = torch.arange(length)[None, :] >= lengths[:, None]
+    mask[0] = torch.flip(mask[0], [0])  # one left-padded row
+    return mask
+
+
+FACTOR = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("length", [1, 63, 200], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("window", [0, 1, 5, 300], ids=lambda w: f"w{w}")
+def test_hybrid_matches_oracle(kernel, causal, length, window):
+    q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=window,
+                                  chunk_size=16)
+    ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=window)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("length", [1, 63, 200], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("window", [0, 5, 64], ids=lambda w: f"w{w}")
+def test_hybrid_padding_per_head_factor_matches_oracle(kernel, causal, length, window):
+    q, k, v = (randn(3, 3, length, 8, seed=s) for s in range(3))
+    w = per_head(3, 12, 8)
+    mask = pad_mask(3, length, seed=length)
+    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=window,
+                                  linear_factor=FACTOR, key_padding_mask=mask,
+                                  chunk_size=16, block_size=7)
+    ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=window,
+                 linear_factor=FACTOR, mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_scalar_and_zero_factor(causal):
+    q, k, v = (randn(2, 3, 40, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    for lf in (torch.tensor(0.7, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)):
+        out = linattn.favor_attention(q, k, v, w, causal=causal, window=4, linear_factor=lf)
+        ref = oracle(q, k, v, w, causal=causal, window=4, linear_factor=lf)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_trig", "hedgehog", "relu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_window_covering_everything_is_softmax_attention(kernel, causal):
+    q, k, v = (randn(2, 3, 37, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = pad_mask(2, 37)
+    sdpa_mask = ~mask[:, None, None, :]
+    if causal:
+        sdpa_mask = sdpa_mask & torch.ones(37, 37, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
+    for window in (37, 1000) if causal else (36, 1000):
+        out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
+                                      window=window, key_padding_mask=mask)
+        real = ~mask[:, None, :, None].expand_as(out) if not causal else torch.ones_like(
+            out, dtype=torch.bool)
+        # Rows that see no key (causal, left padding) are 0 here, NaN in SDPA.
+        ok = real & torch.isfinite(ref)
+        torch.testing.assert_close(out[ok], ref[ok], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradcheck(kernel, causal):
+    q, k, v = (randn(2, 2, 11, 4, seed=s, requires_grad=True) for s in range(3))
+    w = per_head(2, 5, 4).requires_grad_()
+    lf = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    mask = pad_mask(2, 11, seed=3)
+
+    def fn(q, k, v, w, lf):
+        return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=2,
+                                       linear_factor=lf, key_padding_mask=mask,
+                                       chunk_size=3, block_size=4)
+
+    assert gradcheck(fn, (q, k, v, w, lf), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gradients_match_oracle(causal):
+    q, k, v = (randn(2, 3, 70, 8, seed=s, requires_grad=True) for s in range(3))
+    w = per_head(3, 8, 8).requires_grad_()
+    lf = FACTOR.clone().requires_grad_()
+    mask = pad_mask(2, 70, seed=5)
+    args = dict(causal=causal, window=9, linear_factor=lf)
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, chunk_size=16, **args)
+    ref = oracle(q, k, v, w, mask=mask, **args)
+    g = randn(*out.shape, seed=9)
+    # Padded query rows are arbitrary in both: compare the real ones only.
+    g = g.masked_fill(mask[:, None, :, None], 0.0)
+    grads = torch.autograd.grad(out, (q, k, v, w, lf), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, w, lf), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog", "elu"])
+@pytest.mark.parametrize("window", [0, 1, 6, 50], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("step", [1, 5], ids=lambda s: f"step{s}")
+def test_recurrent_equals_parallel(kernel, window, step):
+    length = 33
+    q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
+    w = per_head(3, 8, 8)
+    mask = torch.zeros(2, length, dtype=torch.bool)
+    mask[0, :6] = True  # left padding
+    mask[1, 20:24] = True  # a hole
+    par = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True, window=window,
+                                  linear_factor=FACTOR, key_padding_mask=mask, chunk_size=8)
+    state, outs = None, []
+    for s in range(0, length, step):
+        sl = slice(s, s + step)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], w, kernel=kernel, state=state,
+            window=window, linear_factor=FACTOR, key_padding_mask=mask[:, sl])
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
+    assert state.keys.shape == (2, 3, window, 8) and state.values.shape == (2, 3, window, 8)
+    assert state.padding.shape == (2, window)
+
+
+@pytest.mark.parametrize("causal,side", [(False, "right"), (False, "left"), (True, "right"),
+                                         (True, "left")],
+                         ids=["bidir-right", "bidir-left", "causal-right", "causal-left"])
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+def test_padding_invariance_with_garbage(causal, side, kernel):
+    b, length, pad = 2, 40, 13
+    q, k, v = (randn(b, 2, length, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    lf = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    kw = dict(kernel=kernel, causal=causal, window=5, linear_factor=lf, chunk_size=8)
+    ref = linattn.favor_attention(q, k, v, w, **kw)
+    junk = [randn(b, 2, pad, 8, seed=10 + s) * 50 for s in range(3)]
+    junk[1][..., 0, :] = float("nan")
+    junk[2][..., 1, :] = float("inf")
+    if side == "right":
+        qp, kp, vp = (torch.cat([t, j], dim=-2) for t, j in zip((q, k, v), junk))
+        mask = torch.arange(length + pad)[None].expand(b, -1) >= length
+        sl = slice(0, length)
+    else:
+        qp, kp, vp = (torch.cat([j, t], dim=-2) for t, j in zip((q, k, v), junk))
+        mask = torch.arange(length + pad)[None].expand(b, -1) < pad
+        sl = slice(pad, pad + length)
+    out = linattn.favor_attention(qp, kp, vp, w, key_padding_mask=mask, **kw)
+    if side == "left" and not causal:
+        torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-10, atol=1e-10)
+    elif side == "right":
+        torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-10, atol=1e-10)
+    else:
+        # Causal, left padding: positions move, so compare with the oracle directly.
+        clean = [t.masked_fill(mask[:, None, :, None], 0.0) for t in (qp, kp, vp)]
+        want = oracle(*clean, w, kernel=kernel, causal=True, window=5, linear_factor=lf,
+                      mask=mask)
+        torch.testing.assert_close(out[..., sl, :], want[..., sl, :], rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("window", [1, 16], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+def test_adversarial_future_keys_do_not_leak(dtype, window, kernel):
+    q, k, v = (randn(1, 2, 256, 16, seed=s, dtype=dtype) for s in range(3))
+    w = projection(32, 16, dtype=dtype)
+    kw = dict(kernel=kernel, causal=True, window=window, chunk_size=64)
+    base = linattn.favor_attention(q, k, v, w, **kw)
+    for p in (10, 63, 64, 100):
+        k2, v2 = k.clone(), v.clone()
+        k2[..., p + 1:, :] *= 60.0
+        v2[..., p + 1:, :] = 1e6
+        out = linattn.favor_attention(q, k2, v2, w, **kw)
+        assert torch.isfinite(out[..., : p + 1, :]).all()
+        torch.testing.assert_close(out[..., : p + 1, :], base[..., : p + 1, :],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+def test_float32_close_to_float64_oracle(causal, kernel):
+    # Large logits: exact scores up to exp(~40), features of very different scales.
+    q, k, v = (randn(2, 2, 300, 16, seed=s) for s in range(3))
+    q, k = q * 2.5, k * 2.5
+    w = projection(32, 16)
+    lf = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=8, linear_factor=lf)
+    out = linattn.favor_attention(*(t.float() for t in (q, k, v)), w.float(), kernel=kernel,
+                                  causal=causal, window=8, linear_factor=lf.float())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_half_precision(dtype, causal):
+    q, k, v = (randn(1, 2, 100, 16, seed=s, dtype=torch.float32) for s in range(3))
+    w = projection(32, 16, dtype=torch.float32)
+    lf = torch.tensor([0.5, 1.0])
+    out = linattn.favor_attention(*(t.to(dtype) for t in (q, k, v)), w.to(dtype),
+                                  causal=causal, window=7, linear_factor=lf.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    rounded = linattn.favor_attention(*(t.to(dtype).float() for t in (q, k, v)),
+                                      w.to(dtype).float(), causal=causal, window=7,
+                                      linear_factor=lf.to(dtype).float())
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), rounded, rtol=eps, atol=eps)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_no_quadratic_intermediate(causal):
+    # Every tensor autograd saves is O(L (w + M)): none has L*L elements.
+    length, window = 512, 4
+    q, k, v = (randn(1, 1, length, 8, seed=s, requires_grad=True) for s in range(3))
+    w = projection(16, 8)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = linattn.favor_attention(q, k, v, w, causal=causal, window=window)
+    out.sum().backward()
+    assert max(sizes) < length * length / 4
+
+
+def test_validation_errors():
+    q = randn(2, 3, 10, 8)
+    w = projection(16, 8)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        linattn.favor_attention(q, q, q, w, window=-1)
+    with pytest.raises(TypeError, match="window must be an int"):
+        linattn.favor_attention(q, q, q, w, window=2.0)
+    with pytest.raises(ValueError, match="Lq == Lk"):
+        linattn.favor_attention(q[..., :4, :], q, q, w, window=2)
+    with pytest.raises(ValueError, match=r"shape \(heads,\) = \(3,\)"):
+        linattn.favor_attention(q, q, q, w, window=2, linear_factor=torch.ones(2).double())
+    with pytest.raises(ValueError, match="non-negative"):
+        linattn.favor_attention(q, q, q, w, window=2,
+                                linear_factor=-torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"linear_factor must be a torch\.Tensor"):
+        linattn.favor_attention(q, q, q, w, window=2, linear_factor=0.5)
+    with pytest.raises(ValueError, match=r"\(heads, m, head_dim\) = \(3, m, 8\)"):
+        linattn.favor_attention(q, q, q, per_head(2, 16, 8))
+    _, state = linattn.favor_recurrent(q, q, q, w, window=3)
+    with pytest.raises(ValueError, match=r"state\.keys must have shape"):
+        linattn.favor_recurrent(q, q, q, w, window=4, state=state)
