@@ -112,8 +112,8 @@ def _convert(args: argparse.Namespace) -> int:
         summary = experiment.run_transfer(
             args.model, options=options, corpus=args.corpus,
             eval_lengths=tuple(args.eval_lengths), train_texts=args.train_texts,
-            eval_texts=args.eval_texts, transfer_config=tcfg, config=cfg, out=args.out,
-            resume=args.resume,
+            eval_texts=args.eval_texts, long_eval_texts=args.long_eval_texts,
+            transfer_config=tcfg, config=cfg, out=args.out, resume=args.resume,
         )
         print(experiment.format_transfer_summary(summary))
         print(f"\nwrote {args.out}/summary.json, transfer/, log.jsonl, distill.png, "
@@ -133,11 +133,11 @@ def _convert(args: argparse.Namespace) -> int:
 # transfer defaults are the recipe behind docs/results/hf_transfer.md's MiniLM numbers.
 RECIPE_DEFAULTS = {
     "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
-                "lr": 3e-4, "warmup": 30},
-    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 200,
-                 "transfer_batch_size": 8, "transfer_max_length": 512, "transfer_lr": 1e-2,
-                 "transfer_warmup": 10, "steps": 100, "batch_size": 8, "max_length": 512,
-                 "lr": 1e-4, "warmup": 10},
+                "lr": 3e-4, "warmup": 30, "eval_every": 50},
+    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 40,
+                 "transfer_batch_size": 4, "transfer_max_length": 512, "transfer_lr": 1e-2,
+                 "transfer_warmup": 3, "steps": 15, "batch_size": 4, "max_length": 512,
+                 "lr": 3e-4, "warmup": 2, "eval_every": 20},
 }
 
 
@@ -277,11 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--transfer-warmup", type=int, help="attention transfer warm-up (10)")
     c.add_argument("--eval-lengths", type=int, nargs="+", default=[128, 512],
                    help="--recipe transfer: held-out texts of these many tokens")
+    c.add_argument("--long-eval-texts", type=int, default=32, help="--recipe transfer: "
+                   "held-out texts at the longer --eval-lengths")
     c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
                    "interrupted run in --out (finished stages are not run again)")
     c.add_argument("--train", choices=["all", "attention"], default="all",
                    help="which parameters distillation updates")
-    c.add_argument("--eval-every", type=int, default=50)
+    c.add_argument("--eval-every", type=int, help="evaluate on held-out text every this "
+                   "many steps (50; transfer 20)")
     c.add_argument("--checkpoint-every", type=int, default=0)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--sweep", action="store_true",

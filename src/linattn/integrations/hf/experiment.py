@@ -236,12 +236,13 @@ def pack_texts(tokenizer, passages: list[str], min_tokens: int, count: int | Non
 
 
 def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_texts: int,
-              eval_texts: int, lengths: tuple[int, ...], seed: int = 0
-              ) -> dict[str, tuple[list[str], int]]:
+              eval_texts: int, lengths: tuple[int, ...], long_eval_texts: int | None = None,
+              seed: int = 0) -> dict[str, tuple[list[str], int]]:
     """Held-out texts per corpus and length: ``{"gcide@128": (texts, 128), ...}``. At the
-    shortest length, held-out passages as :func:`run` measures them (the same texts for
-    the same seed); at longer lengths, texts of that many tokens made by joining further
-    held-out passages (never the training ones)."""
+    shortest length, ``eval_texts`` held-out passages as :func:`run` measures them (the
+    same texts for the same seed); at longer lengths, ``long_eval_texts`` (default
+    ``eval_texts``) texts of that many tokens made by joining further held-out passages
+    (never the training ones)."""
     sets = {}
     for name in corpora:
         train = train_texts if name == train_corpus else 0
@@ -252,9 +253,10 @@ def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_t
             else:
                 pool = len(CORPORA[name]()) - train
                 # About 40 passages or more per 512 tokens of dictionary text: draw enough.
-                need = min(pool, eval_texts * max(8, length // 8))
+                count = long_eval_texts or eval_texts
+                need = min(pool, count * max(8, length // 8))
                 held = corpus_texts(name, train=train, test=need, seed=s)[1]
-                texts = pack_texts(tokenizer, held, length, eval_texts)
+                texts = pack_texts(tokenizer, held, length, count)
             sets[f"{name}@{length}"] = (texts, length)
     return sets
 
@@ -268,6 +270,8 @@ def run_transfer(
     eval_lengths: tuple[int, ...] = (128, 512),
     train_texts: int = 20000,
     eval_texts: int = 128,
+    long_eval_texts: int = 32,
+    curve_texts: int = 16,
     transfer_config: TransferConfig | None = None,
     config: DistillConfig | None = None,
     out: str | Path = "results/convert",
@@ -280,7 +284,10 @@ def run_transfer(
     ``transfer_config.max_length`` tokens), measure, distill end to end (``config``,
     on training passages joined to ``config.max_length`` tokens), measure. Measurements:
     :func:`~.distill.agreement` on held-out text of every ``eval_corpora`` at every
-    ``eval_lengths`` (:func:`eval_sets`). Either stage is skipped with 0 steps.
+    ``eval_lengths`` (:func:`eval_sets`: ``eval_texts`` passages at the shortest length,
+    ``long_eval_texts`` joined texts at the others); the curves during training use the
+    first ``curve_texts`` of the longest held-out set. Either stage is skipped with 0
+    steps.
 
     ``resume``: a stage whose results are in ``out`` is not run again, an interrupted
     attention transfer continues from its last checkpoint, an interrupted distillation
@@ -297,10 +304,12 @@ def run_transfer(
     student = convert(copy.deepcopy(teacher), "favor", **options)
     train, _ = corpus_texts(corpus, train=train_texts, test=0, seed=tcfg.seed)
     sets = eval_sets(tok, eval_corpora, train_corpus=corpus, train_texts=train_texts,
-                     eval_texts=eval_texts, lengths=eval_lengths, seed=tcfg.seed)
-    # Held-out texts for the curves during training: a quarter of the main set.
-    curve_key = f"{corpus}@{max(eval_lengths)}"
-    curve_texts = sets[curve_key][0][:max(8, eval_texts // 4)]
+                     eval_texts=eval_texts, lengths=eval_lengths,
+                     long_eval_texts=long_eval_texts, seed=tcfg.seed)
+    # Held-out texts for the curves during training: the first of the longest set.
+    curve = sets[f"{corpus}@{max(eval_lengths)}"][0][:curve_texts]
+    # The original model's outputs are the same at every measurement: computed once.
+    reference = teacher if is_causal_lm(teacher) else _Memo(teacher)
     partial = out / "summary.partial.json"
     summary = json.loads(partial.read_text()) if resume and partial.exists() else {}
     summary.update({
@@ -314,7 +323,7 @@ def run_transfer(
     })
 
     def measure(model) -> dict:
-        return {name: agreement(teacher, model, tok, texts, max_length=length,
+        return {name: agreement(reference, model, tok, texts, max_length=length,
                                 batch_size=cfg.eval_batch_size)
                 for name, (texts, length) in sets.items()}
 
@@ -332,7 +341,7 @@ def run_transfer(
         t0 = time.perf_counter()
         if tcfg.steps:
             long_train = pack_texts(tok, train, tcfg.max_length)
-            transfer(student, tok, long_train, curve_texts, tcfg, teacher=teacher,
+            transfer(student, tok, long_train, curve, tcfg, teacher=reference,
                      out_dir=tdir, resume=resume, progress=progress)
         summary["transfer_seconds"] = round(time.perf_counter() - t0, 1)
         summary["after_transfer"] = measure(student) if tcfg.steps else summary["before"]
@@ -342,7 +351,7 @@ def run_transfer(
         log: list[dict] = []
         if cfg.steps:
             long_train = pack_texts(tok, train, cfg.max_length)
-            log = distill(student, teacher, tok, long_train, curve_texts, cfg, out_dir=out,
+            log = distill(student, teacher, tok, long_train, curve, cfg, out_dir=out,
                           progress=progress)
             plot_log(log, out / "distill.png", title=f"{model_name} -> {options}")
         else:
@@ -356,6 +365,21 @@ def run_transfer(
                                      + time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _Memo(torch.nn.Module):
+    """An encoder whose outputs are remembered per input batch (evaluation only)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.memo: dict = {}
+
+    def forward(self, **batch):
+        key = tuple((k, v.shape, v.cpu().numpy().tobytes()) for k, v in sorted(batch.items()))
+        if key not in self.memo:
+            self.memo[key] = self.model(**batch)
+        return self.memo[key]
 
 
 def format_transfer_summary(summary: dict) -> str:
