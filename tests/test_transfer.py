@@ -76,10 +76,10 @@ def perturb(model, seed=0):
             if isinstance(s.projection, torch.nn.Parameter):
                 s.projection.add_(0.3 * torch.randn(s.projection.shape, generator=g,
                                                     dtype=s.projection.dtype))
-            if s.linear_factor_logit is not None:
-                s.linear_factor_logit.add_(torch.randn(s.linear_factor_logit.shape,
+            if s.log_linear_factor is not None:
+                s.log_linear_factor.add_(torch.randn(s.log_linear_factor.shape,
                                                        generator=g,
-                                                       dtype=s.linear_factor_logit.dtype))
+                                                       dtype=s.log_linear_factor.dtype))
     return model
 
 
@@ -236,7 +236,8 @@ def test_hedgehog_state_starts_at_the_identity_per_head():
         assert isinstance(s.projection, torch.nn.Parameter)
         assert s.projection.shape == (4, 8, 8)
         assert torch.equal(s.projection.detach(), torch.eye(8).expand(4, 8, 8))
-        assert torch.allclose(s.linear_factor(), torch.full((4,), 0.1), atol=1e-4)
+        # exp(log(m / 2)): phi(q).phi(k) ~ 2 / m against exp(scale q.k) ~ 1.
+        assert torch.allclose(s.linear_factor(), torch.full((4,), 4.0), atol=1e-5)
     assert model.config.linattn_conversion["options"]["window"] == 8
     other = convert(tiny_bert(), "favor", kernel="hedgehog", num_features=12)
     w = module_state(other).projection.detach()
@@ -265,7 +266,7 @@ def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make):
     loaded = load_converted(tmp_path).eval()
     for a, b in zip(converted_layers(model), converted_layers(loaded)):
         assert torch.equal(a.linattn.projection, b.linattn.projection)
-        assert torch.equal(a.linattn.linear_factor_logit, b.linattn.linear_factor_logit)
+        assert torch.equal(a.linattn.log_linear_factor, b.linattn.log_linear_factor)
     x = ids(2, 12)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0
@@ -312,7 +313,7 @@ def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, w
 def test_transfer_parameters_are_the_feature_maps_and_factors():
     model = convert(tiny_llama(), "favor", kernel="hedgehog", window=2)
     params = transfer_parameters(model)
-    assert len(params) == 4  # 2 layers x (projection, linear_factor_logit)
+    assert len(params) == 4  # 2 layers x (projection, log_linear_factor)
     random = convert(tiny_llama(), "favor")
     assert transfer_parameters(random) == []
     with pytest.raises(ValueError, match="trainable"):

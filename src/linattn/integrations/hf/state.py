@@ -8,6 +8,7 @@ as parameters sized to the model's maximum length). The registered attention fun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -49,11 +50,17 @@ class FavorLayerState(RandomFeatures, nn.Module):
             from the random draw; the estimator is then no longer unbiased for softmax,
             but closer to the pretrained model after training).
 
-    Learned maps also hold ``linear_factor_logit: (H,)`` (init -2.197, so
-    ``sigmoid = 0.1``, as LoLCATs): the per-head weight ``sigmoid(logit)`` of the
-    feature-map scores against the exact ones inside the window (it cancels without a
-    window). Random-feature kernels use no factor: their hybrid is then an unbiased
-    estimate of softmax attention, exact inside the window.
+    Learned maps also hold ``log_linear_factor: (H,)``: the per-head weight
+    ``exp(log_linear_factor)`` of the feature-map scores against the exact
+    ``exp(scale q.k)`` inside the window (it cancels without a window). It starts at
+    ``log(m / 2)``: hedgehog features are probabilities (each half sums to 1), so
+    ``phi(q).phi(k)`` is about ``2 / m`` for unrelated tokens where ``exp(scale q.k)`` is
+    about 1; the factor puts both on one scale. (LoLCATs' ``sigmoid(-2.197) = 0.1``
+    weighs a window part normalized by its row maximum; against the unnormalized
+    ``exp`` it leaves the far keys 5-400x too light and attention transfer cannot
+    recover, see docs/results/hf_transfer.md.) Random-feature kernels use no factor:
+    their hybrid is then an unbiased estimate of softmax attention, exact inside the
+    window.
 
     ``forward(q, k, v, *, key_padding_mask, causal, scale, cache_layer=None)`` takes
     ``q: (B, H, Lq, d)``, ``k, v: (B, H, Lk, d)`` and returns ``(B, H, Lq, d)``. With a
@@ -114,20 +121,20 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 self.projection = nn.Parameter(w)
             else:
                 self.register_buffer("projection", w)
-            self.linear_factor_logit = nn.Parameter(
-                torch.full((num_heads,), LINEAR_FACTOR_INIT, device=device))
+            self.log_linear_factor = nn.Parameter(
+                torch.full((num_heads,), math.log(num_features / 2), device=device))
         else:
-            self.linear_factor_logit = None
+            self.log_linear_factor = None
             if self.learn_projection:
                 # Start from the orthogonal random draw; training then adapts it.
                 w = self._buffers.pop("projection")
                 self.projection = nn.Parameter(w)
 
     def linear_factor(self) -> Tensor | None:
-        """``sigmoid(linear_factor_logit): (H,)`` for learned maps, else None."""
-        if self.linear_factor_logit is None:
+        """``exp(log_linear_factor): (H,)`` for learned maps, else None."""
+        if self.log_linear_factor is None:
             return None
-        return torch.sigmoid(self.linear_factor_logit)
+        return torch.exp(self.log_linear_factor)
 
     def redraw_projection(self) -> None:
         if self.learned:
@@ -172,8 +179,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
 
 # Feature maps whose projection is learned (one per head), not drawn at random.
 LEARNED_KERNELS = ("hedgehog",)
-# sigmoid(-2.197) = 0.1: LoLCATs' initial weight of the linear part against the window.
-LINEAR_FACTOR_INIT = -2.197
 
 
 def hedgehog_init(num_heads: int, num_features: int, head_dim: int, *, device=None,

@@ -2,7 +2,7 @@
 original attention (the first stage of a Hedgehog / LoLCATs-style conversion).
 
 Only the linear-attention parameters move (learned projections ``W_h`` and the window
-factors ``linear_factor_logit``; a trainable FAVOR+ projection too): the model's own
+factors ``log_linear_factor``; a trainable FAVOR+ projection too): the model's own
 weights stay as they are. Each batch runs one forward pass in *transfer mode*
 (:func:`attention_transfer_mode`): every converted layer computes both the exact softmax
 attention and its linear attention on the same ``q, k, v`` (detached), records their
