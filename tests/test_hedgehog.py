@@ -39,7 +39,7 @@ def test_formula_and_identity_default():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("length", [1, 63, 1000], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("length", [1, 63, 400], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_hedgehog_matches_oracle(causal, length, masked):
     q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
@@ -85,7 +85,7 @@ def test_gradcheck_hedgehog(causal, shared):
     assert gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp"])
+@pytest.mark.parametrize("kernel", ["softmax"])
 def test_gradcheck_per_head_random_features(kernel):
     q, k, v = (randn(1, 2, 9, 4, seed=s, requires_grad=True) for s in range(3))
     w = per_head(2, 6, 4).requires_grad_()

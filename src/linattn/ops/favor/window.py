@@ -187,6 +187,11 @@ def favor_window(
 
     Equivalent to :func:`favor_naive` with ``window`` and ``linear_factor``.
     """
+    if not causal:
+        return favor_window_bidirectional(
+            q, k, v, fm, params, window=window, linear_factor=linear_factor,
+            key_padding_mask=key_padding_mask, block_size=block_size,
+        )
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
     keep_f = None if keep is None else keep.to(q.dtype)
@@ -249,3 +254,141 @@ def favor_window_step(
     out = combine([near, (nd, g)], fm.positive_exp)
     new = (kv, stab, kc[..., n:, :], vc[..., n:, :], padc[:, n:])
     return out, new
+
+
+def _blocks(x: Tensor, nblk: int, c: int, pad_blocks: int) -> Tensor:
+    # (B, H, L, ...) -> (B, H, nblk + 2 pad, C, ...) zero-padded by ``pad_blocks`` blocks
+    # on both sides (so that block t + delta is index pad + t + delta).
+    y = shifted(x, -pad_blocks * c, (nblk + 2 * pad_blocks) * c, dim=2)
+    return y.reshape(*y.shape[:2], nblk + 2 * pad_blocks, c, *y.shape[3:])
+
+
+def _scan_states(u: Tensor, e: Tensor, floor: float, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Inclusive prefix (or suffix) sums of block states under running maxima.
+
+    ``u: (B, H, n, M, dv + 1)`` with ``u_t`` stored relative to ``exp(e_t)``, ``e: (B, H, n)``.
+    Returns ``P: (B, H, n, M, dv + 1)``, ``p: (B, H, n)`` with ``P_t exp(p_t) = sum_{s <= t}
+    u_s exp(e_s)`` (``s >= t`` if ``reverse``); every factor is ``exp`` of a number <= 0.
+    """
+    if reverse:
+        u, e = u.flip(2), e.flip(2)
+    p = torch.cummax(e, dim=-1).values
+    prev = torch.cat([torch.full_like(p[..., :1], floor), p[..., :-1]], dim=-1)
+    decay = torch.exp(prev - p)[..., None, None].unbind(2)
+    weight = torch.exp(e - p)[..., None, None].unbind(2)
+    out, state = [], None
+    for u_t, d_t, w_t in zip(u.unbind(2), decay, weight):
+        state = u_t * w_t if state is None else torch.addcmul(u_t * w_t, state, d_t)
+        out.append(state)
+    res = torch.stack(out, dim=2)
+    return (res.flip(2), p.flip(-1)) if reverse else (res, p)
+
+
+# Largest spread of key log-scales for which one sequence-wide stabilizer is kept (exp of
+# -60 / -600 stays far above the float32 / float64 underflow); beyond, the recurrence.
+SPREAD_FLOAT32 = 60.0
+SPREAD_FLOAT64 = 600.0
+
+
+def far_block(window: int, length: int) -> int:
+    """Rows per block of the bidirectional far part (block states every ``C`` keys)."""
+    return max(1, min(length, 64))
+
+
+def favor_window_bidirectional(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    linear_factor: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """Bidirectional hybrid by blocks of ``C`` tokens (see ``ops/favor/README.md``).
+
+    Shapes: ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, ``key_padding_mask: (B, L)``
+    (padded keys and values finite), ``linear_factor: (H,)``, ``()`` or None.
+    Returns ``(B, H, L, dv)``.
+
+    For query block ``t``, key blocks ``u`` with ``|u - t| > D = ceil(w / C)`` are wholly
+    far: they enter through the prefix sums ``P_{t-D-1}`` and suffix sums ``S_{t+D+1}`` of
+    the block states ``U_u = sum_{j in u} phi_j^T [v_j, 1]``; the blocks with
+    ``floor((w + 1) / C) <= |u - t| <= D`` are mixed and scored pair by pair; the near
+    pairs are :func:`band_attention`'s. Equivalent to :func:`favor_naive` with
+    ``window`` (``causal=False``).
+    """
+    bsz, heads, length, _ = q.shape
+    dv = v.shape[-1]
+    keep = None if key_padding_mask is None else ~key_padding_mask
+    near = band_attention(q, k, v, keep, window, False, params.scale, block=block_size)
+    if window + 1 >= length:
+        return combine([near], fm.positive_exp)
+    c = far_block(window, length)
+    nblk = -(-length // c)
+    big = -(-window // c)  # D
+    lo = (window + 1) // c
+    mixed = [dlt for dlt in range(-big, big + 1) if abs(dlt) >= lo]
+    floor = torch.finfo(q.dtype).min
+    fq, rq = fm.stabilized(q, params, is_query=False)
+    fk, rk = fm.stabilized(k, params, is_query=False)
+    real = torch.ones(bsz, length, dtype=torch.bool, device=q.device) if keep is None else keep
+    rk = rk.masked_fill(~real[:, None, :], -math.inf)
+    pad = big + 1
+    fkb = _blocks(fk, nblk, c, pad)  # [B, H, nblk + 2 pad, C, M]
+    rkb = _blocks(rk, nblk, c, pad)
+    realb = _blocks(real.unsqueeze(1), nblk, c, pad)  # [B, 1, nblk + 2 pad, C]
+    rkb = rkb.masked_fill(~realb, -math.inf)
+    v1b = _blocks(ones_col(v), nblk, c, pad)
+    fqb = _blocks(fq, nblk, c, 0)  # [B, H, nblk, C, M]
+    with torch.no_grad():
+        e = rkb.amax(-1)  # [B, H, nblk + 2 pad]
+        e = torch.where(torch.isfinite(e), e, floor)
+        top = e.amax(-1, keepdim=True)
+        low = rk.masked_fill(~real[:, None, :], math.inf).amin(-1, keepdim=True)
+        # One stabilizer for the whole sequence is exact unless some key's weight
+        # exp(r_j - top) would underflow; then the running-maximum recurrence is used.
+        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+        single = bool(((top - low) < spread).all())
+    if single:
+        e = top.expand_as(e)
+        wk = torch.exp(rkb - top.unsqueeze(-1))
+        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))
+        pre, suf = u.cumsum(2), u.flip(2).cumsum(2).flip(2)
+        p = s = e
+    else:
+        wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
+        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
+        pre, p = _scan_states(u, e, floor, reverse=False)
+        suf, s = _scan_states(u, e, floor, reverse=True)
+    # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
+    # S at pad + t + D + 1 = t + 2 pad.
+    left, pl = pre[:, :, :nblk], p[..., :nblk]
+    right, pr = suf[:, :, 2 * pad:], s[..., 2 * pad:]
+    with torch.no_grad():
+        g = torch.maximum(pl, pr)
+        for dlt in mixed:
+            g = torch.maximum(g, e[..., pad + dlt: pad + dlt + nblk])
+    state = (left * torch.exp(pl - g)[..., None, None]
+             + right * torch.exp(pr - g)[..., None, None])
+    far = fqb @ state  # [B, H, nblk, C, dv+1]
+    a = torch.arange(c, device=q.device)
+    for dlt in mixed:
+        sl = slice(pad + dlt, pad + dlt + nblk)
+        # Pair (a, b): query t C + a, key (t + dlt) C + b; far when |dlt C + b - a| > w.
+        is_far = (dlt * c + a[None, :] - a[:, None]).abs() > window  # [C, C]
+        wts = torch.exp(rkb[:, :, sl] - g.unsqueeze(-1)).unsqueeze(-2)  # [B, H, nblk, 1, C]
+        sc = (fqb @ fkb[:, :, sl].transpose(-2, -1)) * wts
+        sc = sc.masked_fill(~is_far, 0.0)
+        far = far + sc @ v1b[:, :, sl]
+    far = far.reshape(bsz, heads, nblk * c, dv + 1)[:, :, :length]
+    lc = fm.log_const(params)
+    if isinstance(lc, Tensor):
+        lc = lc.unsqueeze(-1)
+    scale_far = rq + g.repeat_interleave(c, dim=-1)[..., :length] + 2 * lc
+    lf = _factor(linear_factor)
+    if lf is not None:
+        far = far * lf
+    return combine([near, (far, scale_far)], fm.positive_exp)
