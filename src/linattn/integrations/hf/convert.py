@@ -25,7 +25,7 @@ from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
-FAVOR_OPTIONS = ("num_features", "kernel", "orthogonal", "scaling", "seed",
+FAVOR_OPTIONS = ("num_features", "kernel", "window", "orthogonal", "scaling", "seed",
                  "redraw_interval", "chunk_size", "learn_projection")
 LINFORMER_OPTIONS = ("proj_dim", "projection", "sharing", "max_seq_len", "seed")
 
@@ -48,6 +48,13 @@ def _head_dim(module: nn.Module) -> int:
             return getattr(module, attr)
     cfg = module.config
     return cfg.hidden_size // cfg.num_attention_heads
+
+
+def _num_heads(module: nn.Module) -> int:
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return module.config.num_attention_heads
 
 
 def _check_options(method: str, options: dict) -> None:
@@ -75,10 +82,14 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         method: ``"favor"`` (Performer FAVOR+; encoders and decoders) or ``"linformer"``
             (encoders only: Linformer cannot be causal).
         options:
-            for ``"favor"``: ``num_features`` (default ``d log d``), ``kernel``
-            (``"softmax"``), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
+            for ``"favor"``: ``num_features`` (default ``d log d``; ``d`` for learned
+            maps), ``kernel`` (``"softmax"``; ``"hedgehog"``: a learned map, one
+            trainable projection per head, see :class:`~.state.FavorLayerState`),
+            ``window`` (None: pure linear attention; ``w``: exact softmax scores for the
+            keys within ``w`` positions of each query, the model's own attention kept
+            there), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
             ``(seed, i)``), ``redraw_interval``, ``chunk_size``, ``learn_projection``
-            (train the projection during distillation);
+            (train the projection; default True for learned maps);
             for ``"linformer"``: ``proj_dim`` (128), ``projection`` (``"linear"``,
             ``"random"``, ``"mean"``, ``"max"``, ``"conv"``), ``sharing`` (``"headwise"``,
             ``"none"``, ``"kv"``, ``"layerwise"``), ``max_seq_len`` (default the model's
@@ -129,13 +140,14 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         head_dim = _head_dim(module)
         if method == "favor":
             state = FavorLayerState(
-                head_dim, num_features=options.get("num_features"),
-                kernel=options.get("kernel", "softmax"),
+                head_dim, num_heads=_num_heads(module),
+                num_features=options.get("num_features"),
+                kernel=options.get("kernel", "softmax"), window=options.get("window"),
                 orthogonal=options.get("orthogonal", True),
                 scaling=options.get("scaling", "chi"), seed=options.get("seed", 0),
                 layer_index=layer, redraw_interval=options.get("redraw_interval"),
                 chunk_size=options.get("chunk_size", 64),
-                learn_projection=options.get("learn_projection", False), device=device,
+                learn_projection=options.get("learn_projection"), device=device,
             )
             if causal and not KERNELS[state.kernel].causal_ok:
                 raise ValueError(
@@ -232,9 +244,10 @@ def linear_attention_states(model: nn.Module) -> list[nn.Module]:
 
 
 def redraw_projections(model: nn.Module) -> None:
-    """Draw fresh FAVOR+ projections in every converted layer (deterministic per layer)."""
+    """Draw fresh FAVOR+ projections in every converted layer (deterministic per layer;
+    learned maps are left as they are)."""
     for state in linear_attention_states(model):
-        if state.method == "favor":
+        if state.method == "favor" and not state.learned:
             state.redraw_projection()
 
 

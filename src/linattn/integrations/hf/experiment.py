@@ -1,28 +1,33 @@
 """``linattn convert``: convert a pretrained model, measure its agreement with the
-original on real text, distill, and write the numbers and curves.
+original on real text, train it back (recipe ``distill``: end-to-end distillation;
+recipe ``transfer``: attention transfer, then distillation), and write the numbers and
+curves.
 
 Outputs in ``out``: ``summary.json`` (settings, agreement before and after, timings,
 machine), ``log.jsonl`` (agreement during distillation), ``distill.png`` (curves),
-``checkpoint/`` (the distilled model, loadable with :func:`~.convert.load_converted`);
-with ``--sweep``: ``sweep.json``, ``sweep.csv``, ``sweep.png`` (agreement before
-distillation for each kernel and number of features).
+``checkpoint/`` (the trained model, loadable with :func:`~.convert.load_converted`);
+recipe ``transfer`` adds ``transfer/`` (its ``log.jsonl``, ``transfer.png``,
+``checkpoint/`` and resume state); with ``--sweep``: ``sweep.json``, ``sweep.csv``,
+``sweep.png`` (agreement before distillation for each kernel and number of features).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..._io import save_figure, write_json
+from ..._io import read_json, save_figure, write_json
 from ..._plotting import pyplot
 from ...bench.speed import machine_info, write_results
 from ...data import gcide_passages, python_doc_passages, text_split
 from .convert import convert, save_converted
 from .distill import DistillConfig, agreement, distill, is_causal_lm
 from .models import load_pretrained
+from .transfer import TransferConfig, transfer
 
 CORPORA = {"gcide": gcide_passages, "python-docs": python_doc_passages}
 
@@ -210,4 +215,181 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  {name:12} after {summary['distill']['steps']} steps "
                          f"({summary['distill_seconds']:.0f} s): "
                          f"{_headline(summary['after'][name])}")
+    return "\n".join(lines)
+
+
+def pack_texts(tokenizer, passages: list[str], min_tokens: int, count: int | None = None
+               ) -> list[str]:
+    """Join consecutive ``passages`` (with a space) into texts of at least ``min_tokens``
+    tokens (at most ``count`` texts; an unfinished last text is dropped)."""
+    out: list[str] = []
+    parts: list[str] = []
+    tokens = 0
+    for p in passages:
+        parts.append(p)
+        tokens += len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1
+        if tokens >= min_tokens:
+            out.append(" ".join(parts))
+            parts, tokens = [], 0
+            if count is not None and len(out) == count:
+                break
+    return out
+
+
+def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_texts: int,
+              eval_texts: int, lengths: tuple[int, ...], long_eval_texts: int | None = None,
+              seed: int = 0) -> dict[str, tuple[list[str], int]]:
+    """Held-out texts per corpus and length: ``{"gcide@128": (texts, 128), ...}``. At the
+    shortest length, ``eval_texts`` held-out passages as :func:`run` measures them (the
+    same texts for the same seed); at longer lengths, ``long_eval_texts`` (default
+    ``eval_texts``) texts of that many tokens made by joining further held-out passages
+    (never the training ones)."""
+    sets = {}
+    for name in corpora:
+        train = train_texts if name == train_corpus else 0
+        s = seed if name == train_corpus else seed + 1
+        for length in lengths:
+            if length == min(lengths):
+                texts = corpus_texts(name, train=train, test=eval_texts, seed=s)[1]
+            else:
+                pool = len(CORPORA[name]()) - train
+                # About 40 passages or more per 512 tokens of dictionary text: draw enough.
+                count = long_eval_texts or eval_texts
+                need = min(pool, count * max(8, length // 8))
+                held = corpus_texts(name, train=train, test=need, seed=s)[1]
+                texts = pack_texts(tokenizer, held, length, count)
+            sets[f"{name}@{length}"] = (texts, length)
+    return sets
+
+
+def run_transfer(
+    model_name: str,
+    *,
+    options: dict | None = None,
+    corpus: str = "gcide",
+    eval_corpora: tuple[str, ...] = ("gcide", "python-docs"),
+    eval_lengths: tuple[int, ...] = (128, 512),
+    train_texts: int = 20000,
+    eval_texts: int = 128,
+    long_eval_texts: int = 32,
+    curve_texts: int = 16,
+    transfer_config: TransferConfig | None = None,
+    config: DistillConfig | None = None,
+    out: str | Path = "results/convert",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Recipe ``transfer``: convert ``model_name`` (``options`` for ``convert(...,
+    "favor")``, e.g. ``kernel="hedgehog", window=16``), measure, run attention transfer
+    (``transfer_config``; its texts are training passages joined to
+    ``transfer_config.max_length`` tokens), measure, distill end to end (``config``,
+    on training passages joined to ``config.max_length`` tokens), measure. Measurements:
+    :func:`~.distill.agreement` on held-out text of every ``eval_corpora`` at every
+    ``eval_lengths`` (:func:`eval_sets`: ``eval_texts`` passages at the shortest length,
+    ``long_eval_texts`` joined texts at the others); the curves during training use the
+    first ``curve_texts`` of the longest held-out set. Either stage is skipped with 0
+    steps.
+
+    ``resume``: a stage whose results are in ``out`` is not run again, an interrupted
+    attention transfer continues from its last checkpoint, an interrupted distillation
+    restarts from the transferred model. Writes ``summary.json``, ``transfer/``,
+    ``log.jsonl``, ``distill.png`` and ``checkpoint/`` (the final model)."""
+    from .convert import load_converted, save_converted
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = transfer_config or TransferConfig()
+    cfg = config or DistillConfig()
+    options = {"kernel": "hedgehog", **(options or {})}
+    teacher, tok = load_pretrained(model_name)
+    student = convert(copy.deepcopy(teacher), "favor", **options)
+    train, _ = corpus_texts(corpus, train=train_texts, test=0, seed=tcfg.seed)
+    sets = eval_sets(tok, eval_corpora, train_corpus=corpus, train_texts=train_texts,
+                     eval_texts=eval_texts, lengths=eval_lengths,
+                     long_eval_texts=long_eval_texts, seed=tcfg.seed)
+    # Held-out texts for the curves during training: the first of the longest set.
+    curve = sets[f"{corpus}@{max(eval_lengths)}"][0][:curve_texts]
+    # The original model's outputs are the same at every measurement: computed once.
+    reference = teacher if is_causal_lm(teacher) else _Memo(teacher)
+    partial = out / "summary.partial.json"
+    summary = read_json(partial) if resume and partial.exists() else {}
+    summary.update({
+        "model": model_name, "architecture": type(teacher).__name__,
+        "kind": "decoder" if is_causal_lm(teacher) else "encoder", "recipe": "transfer",
+        "method": "favor", "options": student.config.linattn_conversion["options"],
+        "corpus": corpus, "train_texts": len(train), "eval_texts": eval_texts,
+        "eval_sets": {k: {"texts": len(v[0]), "max_length": v[1]} for k, v in sets.items()},
+        "transfer": asdict(tcfg), "distill": asdict(cfg),
+        "machine": machine_info(), "torch_threads": torch.get_num_threads(),
+    })
+
+    def measure(model) -> dict:
+        return {name: agreement(reference, model, tok, texts, max_length=length,
+                                batch_size=cfg.eval_batch_size)
+                for name, (texts, length) in sets.items()}
+
+    def save_partial() -> None:
+        write_json(partial, summary)
+
+    started = time.perf_counter()
+    if "before" not in summary:
+        summary["before"] = measure(student)
+        save_partial()
+    tdir = out / "transfer"
+    if "after_transfer" in summary:
+        student = load_converted(tdir / "checkpoint").eval()
+    else:
+        t0 = time.perf_counter()
+        if tcfg.steps:
+            long_train = pack_texts(tok, train, tcfg.max_length)
+            transfer(student, tok, long_train, curve, tcfg, teacher=reference,
+                     out_dir=tdir, resume=resume, progress=progress)
+        summary["transfer_seconds"] = round(time.perf_counter() - t0, 1)
+        summary["after_transfer"] = measure(student) if tcfg.steps else summary["before"]
+        save_partial()
+    if "after" not in summary:
+        t0 = time.perf_counter()
+        log: list[dict] = []
+        if cfg.steps:
+            long_train = pack_texts(tok, train, cfg.max_length)
+            log = distill(student, teacher, tok, long_train, curve, cfg, out_dir=out,
+                          progress=progress)
+            plot_log(log, out / "distill.png", title=f"{model_name} -> {options}")
+        else:
+            save_converted(student, out / "checkpoint")
+        summary["distill_seconds"] = round(time.perf_counter() - t0, 1)
+        summary["after"] = measure(student) if cfg.steps else summary["after_transfer"]
+        save_partial()
+    # The checkpoint loads with load_converted; its tokenizer goes beside it.
+    tok.save_pretrained(out / "checkpoint")
+    summary["total_seconds"] = round(summary.get("total_seconds", 0.0)
+                                     + time.perf_counter() - started, 1)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+class _Memo(torch.nn.Module):
+    """An encoder whose outputs are remembered per input batch (evaluation only)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.memo: dict = {}
+
+    def forward(self, **batch):
+        key = tuple((k, v.shape, v.cpu().numpy().tobytes()) for k, v in sorted(batch.items()))
+        if key not in self.memo:
+            self.memo[key] = self.model(**batch)
+        return self.memo[key]
+
+
+def format_transfer_summary(summary: dict) -> str:
+    """The measurements of :func:`run_transfer` as text, one line per held-out set and
+    stage."""
+    lines = [f"{summary['model']} ({summary['architecture']}) -> favor {summary['options']}"]
+    stages = [("before", "converted"), ("after_transfer", "after attention transfer"),
+              ("after", "after distillation")]
+    for name in summary["before"]:
+        for key, label in stages:
+            lines.append(f"  {name:16} {label:26}: {_headline(summary[key][name])}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ as parameters sized to the model's maximum length). The registered attention fun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -19,23 +20,47 @@ from ...functional import _compute_dtype, favor_attention, favor_recurrent
 from ...nn.linformer import LinformerProjection
 from ...nn.performer import RandomFeatures, default_num_features
 from ...ops.linformer import projected_attention
+from ...projection import draw_projection
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
-    """FAVOR+ state of one converted attention layer.
+    """FAVOR+ (or learned-feature-map) state of one converted attention layer.
 
     Args:
         head_dim: the model's per-head dimension ``d``.
-        num_features: random features ``m`` (default ``d log d``, rounded up to 16).
+        num_heads: the model's query heads ``H`` (needed by learned maps, which keep one
+            projection per head).
+        num_features: ``m``, rows of the projection (default: ``d log d`` rounded up to 16
+            for random features, ``d`` for learned maps, so that they start at the
+            identity).
         kernel: a :data:`linattn.KERNELS` name; causal models need a kernel with a causal
-            form (``"softmax"``, ``"softmax_hyp"``, ``"relu"``, ...).
+            form (``"softmax"``, ``"softmax_hyp"``, ``"relu"``, ``"hedgehog"``, ...).
+            ``"hedgehog"`` is a learned map: ``phi(x) = [softmax(x~ W_h^T),
+            softmax(-x~ W_h^T)]`` with a trainable ``W_h: (m, d)`` per head, initialized to
+            the identity when ``m == d`` (else to orthonormal rows).
+        window: ``None`` (pure linear attention) or ``w >= 0``: the keys within ``w``
+            positions of a query (``i - w < j <= i`` in causal models) get the exact
+            softmax score, the others the feature-map score, under one normalizer (see
+            :func:`linattn.favor_attention`).
         orthogonal, scaling, seed, layer_index, redraw_interval: as
-            :class:`linattn.PerformerAttention`.
+            :class:`linattn.PerformerAttention` (random-feature kernels).
         chunk_size: causal chunk length (speed only).
-        learn_projection: make the projection a trainable parameter (initialized with the
-            random draw) so that distillation can adapt the features to the model's
-            attention; the estimator is then no longer unbiased for softmax, but closer
-            to the pretrained model after distillation.
+        learn_projection: make the projection a trainable parameter. Default: True for
+            learned maps, False for random features (where a trained projection starts
+            from the random draw; the estimator is then no longer unbiased for softmax,
+            but closer to the pretrained model after training).
+
+    Learned maps also hold ``log_linear_factor: (H,)``: the per-head weight
+    ``exp(log_linear_factor)`` of the feature-map scores against the exact
+    ``exp(scale q.k)`` inside the window (it cancels without a window). It starts at
+    ``log(m / 2)``: hedgehog features are probabilities (each half sums to 1), so
+    ``phi(q).phi(k)`` is about ``2 / m`` for unrelated tokens where ``exp(scale q.k)`` is
+    about 1; the factor puts both on one scale. (LoLCATs' ``sigmoid(-2.197) = 0.1``
+    weighs a window part normalized by its row maximum; against the unnormalized
+    ``exp`` it leaves the far keys 5-400x too light and attention transfer cannot
+    recover, see docs/results/hf_transfer.md.) Random-feature kernels use no factor:
+    their hybrid is then an unbiased estimate of softmax attention, exact inside the
+    window.
 
     ``forward(q, k, v, *, key_padding_mask, causal, scale, cache_layer=None)`` takes
     ``q: (B, H, Lq, d)``, ``k, v: (B, H, Lk, d)`` and returns ``(B, H, Lq, d)``. With a
@@ -49,45 +74,84 @@ class FavorLayerState(RandomFeatures, nn.Module):
         self,
         head_dim: int,
         *,
+        num_heads: int | None = None,
         num_features: int | None = None,
         kernel: str = "softmax",
+        window: int | None = None,
         orthogonal: bool = True,
         scaling: str = "chi",
         seed: int = 0,
         layer_index: int = 0,
         redraw_interval: int | None = None,
         chunk_size: int = 64,
-        learn_projection: bool = False,
+        learn_projection: bool | None = None,
         device=None,
     ) -> None:
         super().__init__()
-        if learn_projection and redraw_interval is not None:
-            raise ValueError("learn_projection=True trains the projection; it cannot also be "
-                             "redrawn (redraw_interval must be None)")
         self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
+        self.learned = self.kernel in LEARNED_KERNELS
+        if learn_projection is None:
+            learn_projection = self.learned
+        if (learn_projection or self.learned) and redraw_interval is not None:
+            raise ValueError("a trained projection (learn_projection=True or a learned "
+                             f"kernel, here {self.kernel!r}) cannot also be redrawn "
+                             "(redraw_interval must be None)")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 0):
+            raise ValueError(f"window must be None or an int >= 0, got {window!r}")
+        self.window = window
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        if num_features is None:
+            num_features = head_dim if self.learned else default_num_features(head_dim)
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
-            default_num_features(head_dim) if num_features is None else num_features,
-            head_dim, orthogonal=orthogonal,
-            scaling=scaling, seed=seed, layer_index=layer_index,
-            redraw_interval=redraw_interval, device=device, dtype=torch.float32,
+            num_features, head_dim, orthogonal=orthogonal, scaling=scaling, seed=seed,
+            layer_index=layer_index, redraw_interval=redraw_interval, device=device,
+            dtype=torch.float32,
         )
-        self.learn_projection = learn_projection
-        if learn_projection:
-            # Start from the orthogonal random draw; distillation then adapts it.
-            w = self._buffers.pop("projection")
-            self.projection = nn.Parameter(w)
+        self.learn_projection = bool(learn_projection)
+        self.num_heads = num_heads
+        if self.learned:
+            if not isinstance(num_heads, int) or num_heads < 1:
+                raise ValueError(f"kernel={self.kernel!r} keeps one projection per head: "
+                                 f"pass num_heads (an int >= 1), got {num_heads!r}")
+            del self._buffers["projection"]
+            w = hedgehog_init(num_heads, num_features, head_dim, device=device)
+            if self.learn_projection:
+                self.projection = nn.Parameter(w)
+            else:
+                self.register_buffer("projection", w)
+            self.log_linear_factor = nn.Parameter(
+                torch.full((num_heads,), math.log(num_features / 2), device=device))
+        else:
+            self.log_linear_factor = None
+            if self.learn_projection:
+                # Start from the orthogonal random draw; training then adapts it.
+                w = self._buffers.pop("projection")
+                self.projection = nn.Parameter(w)
+
+    def linear_factor(self) -> Tensor | None:
+        """``exp(log_linear_factor): (H,)`` for learned maps, else None."""
+        if self.log_linear_factor is None:
+            return None
+        return torch.exp(self.log_linear_factor)
+
+    def redraw_projection(self) -> None:
+        if self.learned:
+            raise ValueError(f"kernel={self.kernel!r} is a learned map; it has no random "
+                             "projection to redraw")
+        super().redraw_projection()
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None,
         causal: bool, scale: float | None, cache_layer=None,
     ) -> Tensor:
         w = self.projection
+        kw = {"kernel": self.kernel, "scale": scale, "window": self.window,
+              "linear_factor": self.linear_factor()}
         if cache_layer is not None:
             out, cache_layer.state = favor_recurrent(
-                q, k, v, w, state=cache_layer.state, kernel=self.kernel,
-                key_padding_mask=key_padding_mask, scale=scale,
+                q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
             )
             return out
         lq, lk = q.shape[-2], k.shape[-2]
@@ -95,23 +159,42 @@ class FavorLayerState(RandomFeatures, nn.Module):
             # A key/value cache the model kept itself (not ours): the queries are the last
             # Lq positions. Zero queries in front give the same causal prefix sums.
             pad = q.new_zeros(*q.shape[:-2], lk - lq, q.shape[-1])
-            out = favor_attention(torch.cat([pad, q], dim=-2), k, v, w, kernel=self.kernel,
-                                  causal=True, key_padding_mask=key_padding_mask,
-                                  scale=scale, chunk_size=self.chunk_size)
+            out = favor_attention(torch.cat([pad, q], dim=-2), k, v, w, causal=True,
+                                  key_padding_mask=key_padding_mask,
+                                  chunk_size=self.chunk_size, **kw)
             return out[..., lk - lq:, :]
-        return favor_attention(q, k, v, w, kernel=self.kernel, causal=causal,
-                               key_padding_mask=key_padding_mask, scale=scale,
-                               chunk_size=self.chunk_size)
+        return favor_attention(q, k, v, w, causal=causal, key_padding_mask=key_padding_mask,
+                               chunk_size=self.chunk_size, **kw)
 
     def options(self) -> dict:
         return {"num_features": self.num_features, "kernel": self.kernel,
-                "orthogonal": self.orthogonal, "scaling": self.scaling,
-                "redraw_interval": self.redraw_interval, "chunk_size": self.chunk_size,
-                "learn_projection": self.learn_projection}
+                "window": self.window, "orthogonal": self.orthogonal,
+                "scaling": self.scaling, "redraw_interval": self.redraw_interval,
+                "chunk_size": self.chunk_size, "learn_projection": self.learn_projection}
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_features={self.num_features}, "
-                f"kernel={self.kernel!r}")
+                f"kernel={self.kernel!r}, window={self.window}")
+
+
+# Feature maps whose projection is learned (one per head), not drawn at random.
+LEARNED_KERNELS = ("hedgehog",)
+
+
+def hedgehog_init(num_heads: int, num_features: int, head_dim: int, *, device=None,
+                  dtype=torch.float32) -> Tensor:
+    """Initial per-head projection ``(H, m, d)`` of a learned map: the identity when
+    ``m == d``; else orthonormal rows (blocks of ``d``, drawn with a fixed seed)."""
+    if num_features == head_dim:
+        eye = torch.eye(head_dim, dtype=dtype, device=device)
+        return eye.expand(num_heads, head_dim, head_dim).clone()
+    g = torch.Generator().manual_seed(0)
+    w = torch.stack([
+        draw_projection(num_features, head_dim, scaling="sqrt_d", generator=g,
+                        dtype=torch.float64) / head_dim ** 0.5
+        for _ in range(num_heads)
+    ])
+    return w.to(device=device, dtype=dtype)
 
 
 class LinformerLayerState(nn.Module):
