@@ -29,7 +29,7 @@ def _perturb(m):
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name.endswith(("projection", "linear_factor_logit")):
+            if name.endswith(("projection", "log_linear_factor")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
@@ -254,7 +254,7 @@ def test_hedgehog_window_model_trains(model):
         loss.backward()
         for a in layers:
             assert a.projection.grad.abs().sum() > 0
-            assert a.linear_factor_logit.grad.abs().min() > 0
+            assert a.log_linear_factor.grad.abs().min() > 0
         opt.step()
     assert loss_fn().item() < first
     # The map and the factors moved from their initial values.

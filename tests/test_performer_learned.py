@@ -54,7 +54,7 @@ def test_module_equals_functional_with_its_parameters(kernel, kw, causal, window
     out, _ = m(x, key_padding_mask=mask)
     factor = None
     if kernel == "hedgehog" and window is not None:
-        factor = torch.sigmoid(m.linear_factor_logit)
+        factor = torch.exp(m.log_linear_factor)
     ref = linattn.favor_attention(*_heads(m, x), m.projection, kernel=kernel, causal=causal,
                                   key_padding_mask=mask, window=window, linear_factor=factor)
     torch.testing.assert_close(out, _merge(m, ref))
@@ -66,16 +66,16 @@ def test_hedgehog_parameters_and_initialization():
     assert isinstance(m.projection, torch.nn.Parameter) and m.projection.shape == (H, d, d)
     assert m.num_features == d  # default m = head_dim for a learned map
     torch.testing.assert_close(m.projection, torch.eye(d, dtype=torch.float64).expand(H, d, d))
-    assert m.linear_factor_logit.shape == (H,)
-    torch.testing.assert_close(m.linear_factor(), torch.full((H,), 0.1, dtype=torch.float64),
-                               atol=1e-4, rtol=0)
+    assert m.log_linear_factor.shape == (H,)
+    # m / 2: the learned scores (~2/m per key) on the scale of exp(s) inside the window.
+    torch.testing.assert_close(m.linear_factor(), torch.full((H,), d / 2, dtype=torch.float64))
     names = {n for n, _ in m.named_parameters()}
-    assert {"projection", "linear_factor_logit"} <= names
+    assert {"projection", "log_linear_factor"} <= names
     # Pure linear: the factor would cancel in the normalizer, so there is none.
-    assert _module(kernel="hedgehog").linear_factor_logit is None
+    assert _module(kernel="hedgehog").log_linear_factor is None
     # Random features: a buffer, no factor, also with a window.
     r = _module(kernel="softmax", window=4)
-    assert "projection" in dict(r.named_buffers()) and r.linear_factor_logit is None
+    assert "projection" in dict(r.named_buffers()) and r.log_linear_factor is None
     assert r.linear_factor() is None
     # m != d: rows of unit norm, one draw per head.
     w = hedgehog_init(3, 10, 4, generator=torch.Generator().manual_seed(0))
@@ -105,7 +105,7 @@ def test_gradients_reach_projection_and_linear_factor(causal):
     x = torch.randn(2, 13, E, dtype=torch.float64)
     out, _ = m(x)
     out.square().sum().backward()
-    for p in (m.projection, m.linear_factor_logit):
+    for p in (m.projection, m.log_linear_factor):
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert p.grad.abs().min() > 0, p.grad  # every head's parameter gets a gradient
 
@@ -116,10 +116,10 @@ def test_gradcheck_through_the_module():
     # The map's parameters (the input's gradient is the plain FAVOR+ path, tested there).
     x = torch.randn(1, 5, E, dtype=torch.float64)
     w, logit = (p.detach().clone().requires_grad_()
-                for p in (m.projection, m.linear_factor_logit))
+                for p in (m.projection, m.log_linear_factor))
 
     def f(x, w, logit):
-        params = {"projection": w, "linear_factor_logit": logit}
+        params = {"projection": w, "log_linear_factor": logit}
         return torch.func.functional_call(m, params, (x,))[0]
 
     assert torch.autograd.gradcheck(f, (x, w, logit))

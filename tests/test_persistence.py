@@ -38,10 +38,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def small_model(attention: str, seed: int = 0) -> CausalLM:
+def small_model(kind: str, seed: int = 0) -> CausalLM:
+    """A FAVOR+ LM; ``kind``: "favor" (softmax kernel) or "relu" (ReLU kernel)."""
     torch.manual_seed(seed)
     return CausalLM(ModelConfig(vocab_size=13, dim=16, depth=1, heads=2, causal=True,
-                                attention=attention, num_features=8, max_seq_len=32))
+                                attention="favor", kernel="softmax" if kind == "favor" else kind,
+                                num_features=8, max_seq_len=32))
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -121,7 +123,7 @@ def test_interrupted_model_save_never_loads_the_wrong_model(tmp_path, monkeypatc
     monkeypatch.undo()
     if fail_at == 1:
         loaded = load_model(tmp_path)
-        assert loaded.cfg.attention == "relu" and same_weights(loaded, old)
+        assert loaded.cfg.kernel == "relu" and same_weights(loaded, old)
     else:
         # New weights beside the old config: refused, not loaded as a relu model.
         with pytest.raises(CheckpointError, match="different saves"):
@@ -392,8 +394,9 @@ from linattn.models import CausalLM, ModelConfig
 def small(attention, seed):
     torch.manual_seed(seed)
     return CausalLM(ModelConfig(vocab_size=13, dim=16, depth=1, heads=2, causal=True,
-                                attention=attention, num_features=8, max_seq_len=32))
-models = [small("relu", 0), small("favor", 1)]
+                                attention="favor", kernel=attention, num_features=8,
+                                max_seq_len=32))
+models = [small("relu", 0), small("softmax", 1)]
 models[0].save("ref_relu"); models[1].save("ref_favor")
 models[0].save("target")
 pathlib.Path("ready").touch()
@@ -652,6 +655,7 @@ def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypat
                         lambda name: (tiny_bert().float(), SavingTokenizer()))
     monkeypatch.setattr(experiment, "corpus_texts",
                         lambda corpus, train, test, seed=0: (TEXTS[:train], TEXTS[:test]))
+    monkeypatch.setattr("linattn.cli._check_model", lambda name: None)
     code = main(["convert", "--model", "tiny", "--steps", "0", "--num-features", "16",
                  "--eval-texts", "8", "--train-texts", "8", "--out", str(tmp_path)])
     assert code == 0

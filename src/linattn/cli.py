@@ -316,6 +316,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 # Defaults of `linattn convert` per --recipe (flags given on the command line win). The
 # transfer defaults are the recipe behind docs/results/hf_transfer.md's MiniLM numbers.
+def _recipe_default(name: str) -> str:
+    """``default: distill X, transfer Y`` for a convert flag, from RECIPE_DEFAULTS."""
+    parts = [f"{recipe} {values[name]}" for recipe, values in RECIPE_DEFAULTS.items()
+             if name in values]
+    return "default: " + ", ".join(parts) if parts else "default: none"
+
+
 RECIPE_DEFAULTS = {
     "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
                 "lr": 3e-4, "warmup": 30, "eval_every": 50},
@@ -524,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention transfer (train the feature maps so that every layer's "
                    "attention matches the original's), then end-to-end distillation. "
                    "Defaults of the other flags follow the recipe (see RECIPE_DEFAULTS)")
-    c.add_argument("--method", choices=["favor", "linformer"], default="favor")
+    c.add_argument("--method", choices=["favor", "linformer"], default="favor",
+                   help="linear attention to convert to (linformer: encoders only)")
     c.add_argument("--num-features", type=_positive,
                    help="FAVOR+ features (default d log d; head_dim for learned maps)")
     c.add_argument("--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; default softmax, or "
@@ -542,23 +550,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--corpus", choices=["gcide", "python-docs"], default="gcide",
                    help="distillation text (Debian dict-gcide / python3.11-doc); held-out "
                    "text of both corpora is evaluated")
-    c.add_argument("--train-texts", type=_positive, default=20000)
-    c.add_argument("--eval-texts", type=_positive, default=128)
+    c.add_argument("--train-texts", type=_positive, default=20000,
+                   help="distillation texts drawn from --corpus")
+    c.add_argument("--eval-texts", type=_positive, default=128,
+                   help="held-out texts per corpus")
     c.add_argument("--steps", type=_non_negative,
-                   help="end-to-end distillation steps (0: none; default 300, transfer 100)")
-    c.add_argument("--batch-size", type=_positive, help="distillation texts per step (16; 8)")
-    c.add_argument("--max-length", type=_positive, help="distillation tokens per text (128; 512)")
-    c.add_argument("--lr", type=_positive_float, help="distillation learning rate (3e-4; 1e-4)")
-    c.add_argument("--warmup", type=_non_negative, help="distillation warm-up steps (30; 10)")
-    c.add_argument("--transfer-steps", type=_non_negative, help="--recipe transfer: attention-"
-                   "transfer steps (0: none; default 200)")
-    c.add_argument("--transfer-batch-size", type=_positive, help="attention transfer texts per "
-                   "step (8)")
-    c.add_argument("--transfer-max-length", type=_positive, help="attention transfer tokens per "
-                   "text (512)")
-    c.add_argument("--transfer-lr", type=_positive_float, help="attention transfer learning rate "
-                   "(1e-2, as LoLCATs)")
-    c.add_argument("--transfer-warmup", type=_non_negative, help="attention transfer warm-up (10)")
+                   help=f"end-to-end distillation steps (0: none; {_recipe_default('steps')})")
+    c.add_argument("--batch-size", type=_positive,
+                   help=f"distillation texts per step ({_recipe_default('batch_size')})")
+    c.add_argument("--max-length", type=_positive,
+                   help=f"distillation tokens per text ({_recipe_default('max_length')})")
+    c.add_argument("--lr", type=_positive_float,
+                   help=f"distillation learning rate ({_recipe_default('lr')})")
+    c.add_argument("--warmup", type=_non_negative,
+                   help=f"distillation warm-up steps ({_recipe_default('warmup')})")
+    c.add_argument("--transfer-steps", type=_non_negative,
+                   help=f"attention-transfer steps (0: none; {_recipe_default('transfer_steps')})")
+    c.add_argument("--transfer-batch-size", type=_positive, help=f"attention transfer texts "
+                   f"per step ({_recipe_default('transfer_batch_size')})")
+    c.add_argument("--transfer-max-length", type=_positive, help=f"attention transfer tokens "
+                   f"per text ({_recipe_default('transfer_max_length')})")
+    c.add_argument("--transfer-lr", type=_positive_float, help=f"attention transfer learning "
+                   f"rate ({_recipe_default('transfer_lr')}, as LoLCATs)")
+    c.add_argument("--transfer-warmup", type=_non_negative, help=f"attention transfer warm-up "
+                   f"steps ({_recipe_default('transfer_warmup')})")
     c.add_argument("--eval-lengths", type=_positive, nargs="+", default=[128, 512],
                    help="--recipe transfer: held-out texts of these many tokens")
     c.add_argument("--long-eval-texts", type=_positive, default=32, help="--recipe transfer: "
@@ -567,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "interrupted run in --out (finished stages are not run again)")
     c.add_argument("--train", choices=["all", "attention"], default="all",
                    help="which parameters distillation updates")
-    c.add_argument("--eval-every", type=_positive, help="evaluate on held-out text every this "
-                   "many steps (50; transfer 20)")
+    c.add_argument("--eval-every", type=_positive, help=f"evaluate on held-out text every "
+                   f"this many steps ({_recipe_default('eval_every')})")
     c.add_argument("--checkpoint-every", type=_non_negative, default=0,
                    help="save the student every N steps (0: at the end only)")
     c.add_argument("--seed", type=int, default=0, help="projection draws and batch order")

@@ -171,8 +171,10 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             otherwise; self-attention) exactly and the others through the feature map,
             under one normalizer (see :func:`linattn.favor_attention`). With a learned
             kernel the linear part of head ``h`` is weighted by
-            ``sigmoid(linear_factor_logit[h])`` (a parameter, initially ~0.1); random
-            features keep the unweighted, unbiased estimate.
+            ``exp(log_linear_factor[h])`` (a parameter, initially ``m / 2``: a learned
+            map's scores are about ``2 / m`` per key against ``exp(s)`` inside the window,
+            so this puts both parts on one scale, as the converted models' state does);
+            random features keep the unweighted, unbiased estimate.
         redraw_interval: draw a fresh projection every this many training forward
             passes (never in ``eval()``); None keeps it fixed. Not with a trained
             projection.
@@ -258,11 +260,11 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             heads=num_heads if per_head else None,
             learn=learn_projection or self.learned_kernel,
         )
-        self.linear_factor_logit = None
+        self.log_linear_factor = None
         if self.learned_kernel and window is not None:
-            # sigmoid(-2.197) ~ 0.1, LoLCATs' initial weight of the linear part.
-            self.linear_factor_logit = nn.Parameter(
-                torch.full((num_heads,), -2.197, **factory))
+            # Learned scores are ~2/m per key against exp(s) in the window: start at m/2.
+            self.log_linear_factor = nn.Parameter(
+                torch.full((num_heads,), math.log(self.num_features / 2), **factory))
 
     auto_tick = True
 
@@ -276,9 +278,9 @@ class PerformerAttention(RandomFeatures, MHAShaped):
 
     def linear_factor(self) -> Tensor | None:
         """The weight of the linear (far) part per head, ``(num_heads,)``, or None."""
-        if self.linear_factor_logit is None:
+        if self.log_linear_factor is None:
             return None
-        return torch.sigmoid(self.linear_factor_logit)
+        return torch.exp(self.log_linear_factor)
 
     # ------------------------------------------------------------ forward
     def forward(

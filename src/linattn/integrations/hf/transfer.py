@@ -17,9 +17,7 @@ The second stage is the end-to-end distillation of :mod:`.distill`.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..._io import save_figure, torch_save, write_json, write_jsonl
 from ..._plotting import pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
@@ -188,9 +187,7 @@ def _save_state(path: Path, model: nn.Module, opt, sched, step: int, log: list[d
     state = {"step": step, "log": log, "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(),
              "linattn": {k: v for k, v in model.state_dict().items() if ".linattn." in k}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch_save(state, path)
 
 
 def transfer(
@@ -238,7 +235,7 @@ def transfer(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "transfer_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_json(out / "transfer_config.json", asdict(cfg))
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -272,7 +269,7 @@ def transfer(
                                  max_length=cfg.max_length, batch_size=cfg.eval_batch_size))
         log.append(row)
         if out is not None:
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            write_jsonl(out / "log.jsonl", log)
 
     def checkpoint(step: int) -> None:
         if out is None:
@@ -349,7 +346,7 @@ def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transf
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
