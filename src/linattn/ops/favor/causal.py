@@ -16,14 +16,17 @@ which recomputes the segment under autograd: memory is O(L d + (L / segment) m d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...features import FeatureMap, FeatureParams
+from ...features import FeatureMap, FeatureParams, _PositiveSoftmax
 from .common import ones_col, safe_denominator
 
 _CHUNKS_PER_SEGMENT = 16
+_LN2 = math.log(2.0)
 
 
 def _neg_floor(dtype: torch.dtype) -> float:
@@ -180,6 +183,13 @@ def _intra_weights(r5: Tensor, c5: Tensor, chunk: int) -> Tensor:
     return log_p.masked_fill_(~tril, float("-inf")).exp_()
 
 
+def _bmm_add(acc: Tensor, x: Tensor, y: Tensor) -> None:
+    """``acc += x @ y`` in place for ``(B, H, nc, i, j)`` batches (one ``baddbmm_``)."""
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(
+        x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    )
+
+
 def _segment_forward(q, k, v, state, stab, fm, params, keep, chunk):
     """:func:`causal_segment` without autograd, in place where it can be.
 
@@ -254,10 +264,22 @@ def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, p
     bsz, heads, n, _ = q.shape
     dvd = v.shape[-1]
     nc = n // chunk
+    # Positive softmax maps: F = exp2(logits - max), so dlogits = ln2 * F * dF; only the
+    # logits' matmul goes through autograd (ln2 is applied to the gradients at the end).
+    exp2_map = isinstance(fm, _PositiveSoftmax)
     with torch.enable_grad():
-        fq, _ = fm.stabilized(q, params, is_query=True)
-        fk, r_g = fm.stabilized(k, params, is_query=False)
-    a, b, r = fq.detach(), fk.detach(), r_g.detach()
+        if exp2_map:
+            fq = fm._logits2(q, params, with_norm=False)
+            fk = fm._logits2(k, params, with_norm=True)
+            r_g = fk.detach().amax(dim=-1)
+            a = fq.detach().sub(fq.detach().amax(dim=-1, keepdim=True)).exp2_()
+            b = fk.detach().sub(r_g.unsqueeze(-1)).exp2_()
+            r_g = r_g.mul_(_LN2)
+        else:
+            fq, _ = fm.stabilized(q, params, is_query=True)
+            fk, r_g = fm.stabilized(k, params, is_query=False)
+            a, b = fq.detach(), fk.detach()
+    r = r_g.detach()
     want_r = r_g.requires_grad
     m = a.shape[-1]
     if keep is not None:
@@ -292,7 +314,7 @@ def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, p
     del scores, p
     # Inter-chunk: num_i += exp(e_{t-1} - c_i) F_i E_t.
     gq = gp.mul_(torch.exp(prev.unsqueeze(-1) - c5).unsqueeze(-1))
-    da.add_(torch.matmul(gq, ent.transpose(-2, -1)))
+    _bmm_add(da, gq, ent.transpose(-2, -1))
     d_ent = torch.matmul(a5.transpose(-2, -1), gq)
     del gq, ent
     # Reverse recurrence, in place: d_ent[t] becomes dU_t = dS_t (state after chunk t).
@@ -302,17 +324,23 @@ def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, p
         d_ent[:, :, t] = carry
         carry = prev_carry
     # U_t = F_t^T (w [v, 1]).
-    db.add_(torch.matmul(vw, d_ent.transpose(-2, -1)))
+    _bmm_add(db, vw, d_ent.transpose(-2, -1))
     d_vw = torch.matmul(b5, d_ent)
     del d_ent
     dv1.addcmul_(d_vw, kw)
     if want_r:
         dr.add_((d_vw * v1).sum(-1) * kw.squeeze(-1))
-    outs, grads_in = [fq, fk], [da.reshape(bsz, heads, n, m), db.reshape(bsz, heads, n, m)]
+    da, db = da.reshape(bsz, heads, n, m), db.reshape(bsz, heads, n, m)
+    if exp2_map:
+        da.mul_(a)
+        db.mul_(b)
+    outs, grads_in = [fq, fk], [da, db]
     if want_r:
         outs.append(r_g)
         grads_in.append(dr.reshape(bsz, heads, n))
     grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True) if inputs else ()
+    if exp2_map:
+        grads = tuple(None if gr is None else gr.mul_(_LN2) for gr in grads)
     dv = dv1.reshape(bsz, heads, n, dvd + 1)[..., :dvd]
     return grads, dv, carry
 
