@@ -338,7 +338,12 @@ def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, p
     if want_r:
         outs.append(r_g)
         grads_in.append(dr.reshape(bsz, heads, n))
-    grads = torch.autograd.grad(outs, inputs, grads_in, allow_unused=True) if inputs else ()
+    pairs = [(o, gi) for o, gi in zip(outs, grads_in) if o.requires_grad]
+    grads = ()
+    if inputs and pairs:
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], inputs, [gi for _, gi in pairs], allow_unused=True
+        )
     if exp2_map:
         grads = tuple(None if gr is None else gr.mul_(_LN2) for gr in grads)
     dv = dv1.reshape(bsz, heads, n, dvd + 1)[..., :dvd]
@@ -407,7 +412,7 @@ class _FavorCausal(torch.autograd.Function):
                 d_state, fm, params, chunk, inputs,
             )
             n = e - s
-            grads = list(grads)
+            grads = list(grads) or [None] * len(inputs)
             for acc, on in ((dq, want[0]), (dk, want[1])):
                 gr = grads.pop(0) if on else None
                 if acc is not None:
