@@ -27,7 +27,10 @@ def _mask(b, length, seed=0):
     return mask
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+# softmax_trig's signed denominators make finite differences ill-conditioned at this
+# length; its r-gradient path is checked against the oracle below (and by
+# test_favor_ops.test_gradcheck at L = 11).
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "softmax_trig"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
 def test_gradcheck_with_states_across_segments(kernel, per_head):
     # chunk 2 -> segments of 2 * _CHUNKS_PER_SEGMENT tokens: three segments, the last one
