@@ -190,6 +190,17 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor
     return mse + (1 - (_pool(ht, am) * _pool(hs, am)).sum(-1)).mean()
 
 
+def optimizer_step(loss: Tensor, opt, sched, params, running: float | None) -> float:
+    """One clipped AdamW/scheduler step on ``loss``; returns the running (EMA 0.9) loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    value = loss.item()
+    return value if running is None else 0.9 * running + 0.1 * value
+
+
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     if train == "all":
         return [p for p in student.parameters() if p.requires_grad]
@@ -259,13 +270,7 @@ def distill(
             texts, pool = pool[:cfg.batch_size], pool[cfg.batch_size:]
             batch = tokenize(tokenizer, texts, cfg.max_length, device)
             loss = distill_loss(teacher, student, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            value = loss.item()
-            running = value if running is None else 0.9 * running + 0.1 * value
+            running = optimizer_step(loss, opt, sched, params, running)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -32,7 +32,7 @@ from ..._io import save_figure, torch_save, write_json, write_jsonl
 from ..._plotting import pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
-from .distill import agreement, is_causal_lm, tokenize
+from .distill import agreement, is_causal_lm, optimizer_step, tokenize
 from .state import FavorLayerState, converted_layers
 
 STATE_FILE = "transfer_state.pt"
@@ -290,13 +290,7 @@ def transfer(
             with attention_transfer_mode(model) as rec:
                 _forward(model, batch)
                 loss = rec.loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            value = loss.item()
-            running = value if running is None else 0.9 * running + 0.1 * value
+            running = optimizer_step(loss, opt, sched, params, running)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
