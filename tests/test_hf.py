@@ -375,8 +375,54 @@ def test_distillation_improves_agreement_and_writes_its_log(tmp_path, make):
     assert a == b
 
 
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_lora_distillation_merges_into_a_plain_converted_model(tmp_path, make):
+    pytest.importorskip("peft")
+    from linattn.integrations.hf.distill import add_lora, lora_targets, merge_lora
+
+    teacher = peaky(make().float())
+    student = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=2)
+    names = lora_targets(student)
+    linear = {"query", "key", "value"} if make is tiny_bert else {
+        "q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {n.rsplit(".", 1)[1] for n in names} == linear and len(names) == 2 * len(linear)
+    # Injected adapters start at zero: the function is unchanged; merging keeps it.
+    x = ids(2, 12)
+    copy_ = copy.deepcopy(student)
+    add_lora(copy_, 4)
+    with torch.no_grad():
+        ref = student(x)[0]
+        for n, p in copy_.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a nonzero update, so that merging has something to fold
+        adapted = copy_(x)[0]
+    assert not torch.allclose(adapted, ref)
+    merge_lora(copy_)
+    assert not any("lora_" in n for n, _ in copy_.named_parameters())
+    torch.testing.assert_close(copy_(x)[0], adapted, rtol=1e-4, atol=1e-5)
+
+    frozen = {n: p.clone() for n, p in student.named_parameters()
+              if "embeddings" in n or "embed_tokens" in n}
+    cfg = DistillConfig(steps=30, batch_size=8, max_length=32, lr=3e-3, warmup=3,
+                        eval_every=15, checkpoint_every=15, train="lora", lora_rank=4)
+    log = distill(student, teacher, ByteTokenizer(), TEXTS[:48], TEXTS[48:], cfg,
+                  out_dir=tmp_path, progress=False)
+    key = "kl" if make is tiny_llama else "hidden_rel_error"
+    assert log[-1][key] < 0.8 * log[0][key]
+    # Only adapters and feature maps trained: the embeddings did not move, and the
+    # student is a plain converted model again, with every parameter trainable.
+    for n, p in student.named_parameters():
+        assert "lora_" not in n and p.requires_grad
+        if n in frozen:
+            assert torch.equal(p, frozen[n])
+    reloaded = load_converted(tmp_path / "checkpoint").eval()
+    torch.testing.assert_close(reloaded(x)[0], student(x)[0])
+
+
 def test_distill_config_is_checked():
     with pytest.raises(ValueError, match="steps"):
         DistillConfig(steps=-1)
     with pytest.raises(ValueError, match="train"):
         DistillConfig(train="some")
+    with pytest.raises(ValueError, match="lora_rank"):
+        DistillConfig(train="lora", lora_rank=0)

@@ -280,7 +280,8 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
                             max_length=args.max_length, lr=args.lr, warmup=args.warmup,
-                            train=args.train, eval_every=args.eval_every,
+                            train=args.train, lora_rank=args.lora_rank,
+                            eval_every=args.eval_every,
                             checkpoint_every=args.checkpoint_every, seed=args.seed)
         if args.recipe == "transfer":
             from .integrations.hf.transfer import TransferConfig
@@ -580,8 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "held-out texts at the longer --eval-lengths")
     c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
                    "interrupted run in --out (finished stages are not run again)")
-    c.add_argument("--train", choices=["all", "attention"], default="all",
-                   help="which parameters distillation updates")
+    c.add_argument("--train", choices=["all", "attention", "lora"], default="all",
+                   help="which parameters distillation updates: all, the attention modules', "
+                   "or LoRA adapters on the attention's linear layers (peft; merged into the "
+                   "weights at the end) plus the feature maps")
+    c.add_argument("--lora-rank", type=_positive, default=8, help="--train lora: the "
+                   "adapters' rank")
     c.add_argument("--eval-every", type=_positive, help=f"evaluate on held-out text every "
                    f"this many steps ({_recipe_default('eval_every')})")
     c.add_argument("--checkpoint-every", type=_non_negative, default=0,

@@ -16,6 +16,7 @@ held-out text every ``eval_every`` steps into ``log.jsonl``, and checkpoints sav
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -123,6 +124,10 @@ def agreement(teacher, student, tokenizer, texts, *, max_length: int, batch_size
     return fn(teacher, student, tokenizer, texts, max_length=max_length, batch_size=batch_size)
 
 
+#: What :func:`distill` trains (``DistillConfig.train``).
+TRAIN_CHOICES = ("all", "attention", "lora")
+
+
 @dataclass
 class DistillConfig:
     """Distillation settings.
@@ -131,7 +136,14 @@ class DistillConfig:
         steps: optimizer steps; batch_size: texts per step; max_length: tokens per text.
         lr, weight_decay, warmup: AdamW with linear warm-up over ``warmup`` steps, then
             cosine decay to 10% of ``lr``.
-        train: ``"all"`` parameters or only the ``"attention"`` modules'.
+        train: ``"all"`` parameters, only the ``"attention"`` modules', or ``"lora"``:
+            low-rank adapters (``peft``'s LoRA, rank ``lora_rank``, ``alpha = 2 rank``) on
+            the linear layers inside the converted attention modules, plus the
+            linear-attention parameters (learned feature maps, window factors); the
+            adapters are folded into the weights at the end (and in every checkpoint), so
+            the result is a plain converted model. LoRA keeps the pretrained weights in
+            place, which limits drift away from what the distillation texts cover.
+        lora_rank: the adapters' rank (``train="lora"`` only).
         eval_every: measure agreement on the held-out texts every this many steps (and at
             the end); checkpoint_every: save the student every this many steps (0: only at
             the end, when an output directory is given).
@@ -147,6 +159,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup: int = 20
     train: str = "all"
+    lora_rank: int = 8
     eval_every: int = 50
     eval_batch_size: int = 32
     checkpoint_every: int = 0
@@ -157,10 +170,11 @@ class DistillConfig:
         # steps=0: no distillation (the converted model is measured and saved as it is).
         for name, minimum in (("steps", 0), ("batch_size", 1), ("max_length", 1),
                               ("eval_every", 1), ("eval_batch_size", 1), ("warmup", 0),
-                              ("checkpoint_every", 0), ("seed", 0)):
+                              ("checkpoint_every", 0), ("seed", 0), ("lora_rank", 1)):
             check_positive_int(name, getattr(self, name), minimum=minimum)
-        if self.train not in ("all", "attention"):
-            raise ValueError(f"train must be 'all' or 'attention', got {self.train!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise ValueError(f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, "
+                             f"got {self.train!r}")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -204,8 +218,61 @@ def optimizer_step(loss: Tensor, opt, sched, params, running: float | None) -> f
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     if train == "all":
         return [p for p in student.parameters() if p.requires_grad]
+    if train == "lora":
+        params = {id(p): p for n, p in student.named_parameters() if "lora_" in n}
+        params.update({id(p): p for m in converted_layers(student)
+                       for p in m.linattn.parameters()})
+        return list(params.values())
     params = {id(p): p for m in converted_layers(student) for p in m.parameters()}
     return list(params.values())
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` layers inside the converted attention modules of
+    ``model`` (BERT: ``query``, ``key``, ``value``; Llama: ``q_proj`` ... ``o_proj``)."""
+    layers = {id(m) for m in converted_layers(model)}
+    return [f"{name}.{sub}" for name, module in model.named_modules() if id(module) in layers
+            for sub, child in module.named_modules() if sub and isinstance(child, nn.Linear)]
+
+
+def add_lora(model: nn.Module, rank: int) -> None:
+    """Inject LoRA adapters of ``rank`` (``alpha = 2 rank``, zero-initialized ``B``, so
+    the model's function is unchanged) into :func:`lora_targets` of ``model``, in place.
+    Needs ``peft``."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("train='lora' needs peft: pip install 'linattn[hf]'") from exc
+    targets = lora_targets(model)
+    if not targets:
+        raise ValueError("train='lora' needs a converted model with linear layers in its "
+                         "attention modules")
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                       target_modules=targets), model)
+    # peft freezes what it did not add; only the optimizer decides what moves here.
+    for p in model.parameters():
+        p.requires_grad_(flags.get(id(p), True))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter of ``model`` into its base layer's weight and put the base
+    layer back in its place (in place); returns ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    module.get_base_layer())
+    return model
+
+
+def _save_student(student: nn.Module, path: Path, tokenizer, lora: bool) -> None:
+    if lora:  # a plain converted model: the adapters merged into a copy
+        student = merge_lora(copy.deepcopy(student))
+    save_converted(student, path, tokenizer=tokenizer)
 
 
 def distill(
@@ -236,6 +303,9 @@ def distill(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    lora = cfg.train == "lora"
+    if lora:
+        add_lora(student, cfg.lora_rank)
     params = _trainable(student, cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -278,11 +348,13 @@ def distill(
                 key = "ppl_ratio" if "ppl_ratio" in log[-1] else "mean_cosine"
                 bar.set_postfix(loss=f"{running:.4f}", **{key: f"{log[-1][key]:.4f}"})
             if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_converted(student, out / "checkpoint", tokenizer=saved_tokenizer)
+                _save_student(student, out / "checkpoint", saved_tokenizer, lora)
     finally:
         bar.close()
         if out is not None:
             log_file.close()
+        if lora:
+            merge_lora(student)
     student.eval()
     if out is not None:
         save_converted(student, out / "checkpoint", tokenizer=saved_tokenizer)
