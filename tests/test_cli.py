@@ -131,7 +131,7 @@ def test_help_lists_choices_and_defaults(capsys):
     for flag, values in (("--kernel", KERNELS), ("--projection", KINDS),
                          ("--sharing", SHARING)):
         assert f"{flag} {{{','.join(values)}}}" in text
-    assert "default: distill 300, transfer 15" in text and "(default: results/convert)" in text
+    assert "default: distill 300, transfer 600" in text and "(default: results/convert)" in text
     for command in ("bench", "approx", "convert", "train", "report"):
         parser = cli.build_parser()
         sub = parser._subparsers._group_actions[0].choices[command]

@@ -326,11 +326,11 @@ def _recipe_default(name: str) -> str:
 
 RECIPE_DEFAULTS = {
     "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
-                "lr": 3e-4, "warmup": 30, "eval_every": 50},
-    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 40,
+                "lr": 3e-4, "warmup": 30, "eval_every": 50, "train": "all"},
+    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 400,
                  "transfer_batch_size": 4, "transfer_max_length": 512, "transfer_lr": 1e-2,
-                 "transfer_warmup": 3, "steps": 15, "batch_size": 4, "max_length": 512,
-                 "lr": 3e-4, "warmup": 2, "eval_every": 20},
+                 "transfer_warmup": 3, "steps": 600, "batch_size": 4, "max_length": 512,
+                 "lr": 1e-3, "warmup": 10, "eval_every": 100, "train": "lora"},
 }
 
 
@@ -581,10 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "held-out texts at the longer --eval-lengths")
     c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
                    "interrupted run in --out (finished stages are not run again)")
-    c.add_argument("--train", choices=["all", "attention", "lora"], default="all",
+    c.add_argument("--train", choices=["all", "attention", "lora"],
                    help="which parameters distillation updates: all, the attention modules', "
                    "or LoRA adapters on the attention's linear layers (peft; merged into the "
-                   "weights at the end) plus the feature maps")
+                   f"weights at the end) plus the feature maps ({_recipe_default('train')})")
     c.add_argument("--lora-rank", type=_positive, default=8, help="--train lora: the "
                    "adapters' rank")
     c.add_argument("--eval-every", type=_positive, help=f"evaluate on held-out text every "
