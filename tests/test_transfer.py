@@ -406,3 +406,37 @@ def test_minilm_short_attention_transfer(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).last_hidden_state,
                                    model(**batch).last_hidden_state, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------- training text
+class _WordTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_mixed_training_text_never_meets_a_held_out_passage(monkeypatch):
+    from linattn.integrations.hf import experiment
+
+    corpora = {
+        "gcide": lambda: [f"g{i} word word" for i in range(3000)],
+        "python-docs": lambda: [f"p{i} word word word" for i in range(2500)],
+    }
+    monkeypatch.setattr(experiment, "CORPORA", corpora)
+    tok = _WordTokenizer()
+    kw = dict(eval_texts=20, lengths=(8, 32), long_eval_texts=5)
+    sets = experiment.eval_sets(tok, ("gcide", "python-docs"), train_corpus="gcide",
+                                train_texts=1000, seed=0, **kw)
+    held = {w.strip() for t, _ in sets.values() for text in t for w in text.split()
+            if w != "word"}
+    mixed = experiment.mixed_training_texts(tok, ("gcide", "python-docs"), train_texts=1000,
+                                            max_length=32, seed=0, **kw)
+    words = [{w for w in text.split() if w != "word"} for text in mixed]
+    assert words and not set().union(*words) & held
+    # Equally many texts of each corpus, alternating.
+    kinds = [next(iter(w))[0] for w in words]
+    assert kinds[0::2] == ["g"] * (len(kinds) // 2) and kinds[1::2] == ["p"] * (len(kinds) // 2)
+    # One corpus: the training texts run_transfer always used.
+    alone = experiment.mixed_training_texts(tok, ("gcide",), train_texts=1000, max_length=32,
+                                            seed=0, **kw)
+    train = experiment.corpus_texts("gcide", train=1000, test=0, seed=0)[0]
+    assert alone == experiment.pack_texts(tok, train, 32)

@@ -253,11 +253,13 @@ def _convert(args: argparse.Namespace) -> int:
     for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if len(args.corpus) > 1 and (args.sweep or args.recipe != "transfer"):
+        raise UsageError("--corpus takes several corpora only with --recipe transfer")
     if args.sweep:
         _check_out(args.out)
         result = experiment.sweep(
             args.model, features=tuple(args.sweep_features), kernels=tuple(args.sweep_kernels),
-            corpus=args.corpus, eval_texts=args.eval_texts, max_length=args.max_length,
+            corpus=args.corpus[0], eval_texts=args.eval_texts, max_length=args.max_length,
             seeds=args.seeds, out=args.out,
         )
         for r in result["results"]:
@@ -296,7 +298,7 @@ def _convert(args: argparse.Namespace) -> int:
     _check_out(args.out)
     if args.recipe == "transfer":
         summary = experiment.run_transfer(
-            args.model, options=options, corpus=args.corpus,
+            args.model, options=options, corpus=tuple(args.corpus),
             eval_lengths=tuple(args.eval_lengths), train_texts=args.train_texts,
             eval_texts=args.eval_texts, long_eval_texts=args.long_eval_texts,
             transfer_config=tcfg, config=cfg, out=args.out, resume=args.resume,
@@ -306,7 +308,7 @@ def _convert(args: argparse.Namespace) -> int:
               "checkpoint/")
         return 0
     summary = experiment.run(
-        args.model, method=args.method, options=options, corpus=args.corpus,
+        args.model, method=args.method, options=options, corpus=args.corpus[0],
         train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
     )
     print(experiment.format_summary(summary))
@@ -548,9 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Linformer projection kind")
     c.add_argument("--sharing", choices=SHARING, default="headwise",
                    help="Linformer sharing mode")
-    c.add_argument("--corpus", choices=["gcide", "python-docs"], default="gcide",
-                   help="distillation text (Debian dict-gcide / python3.11-doc); held-out "
-                   "text of both corpora is evaluated")
+    c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
+                   default=["gcide"],
+                   help="distillation text (Debian dict-gcide / python3.11-doc); with "
+                   "--recipe transfer several corpora mix in equal parts (training passages "
+                   "never overlap any held-out set); held-out text of both corpora is "
+                   "evaluated")
     c.add_argument("--train-texts", type=_positive, default=20000,
                    help="distillation texts drawn from --corpus")
     c.add_argument("--eval-texts", type=_positive, default=128,

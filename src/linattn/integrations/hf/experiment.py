@@ -262,11 +262,44 @@ def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_t
     return sets
 
 
+def heldout_reserve(name: str, *, eval_texts: int, lengths: tuple[int, ...],
+                    long_eval_texts: int | None = None) -> int:
+    """How many passages of ``name``'s seeded order :func:`eval_sets` may draw as held-out
+    text when ``name`` is not the training corpus (its first ones)."""
+    pool = len(CORPORA[name]())
+    count = long_eval_texts or eval_texts
+    need = [eval_texts] + [min(pool, count * max(8, n // 8)) for n in lengths if n != min(lengths)]
+    return max(need)
+
+
+def mixed_training_texts(tokenizer, corpora: tuple[str, ...], *, train_texts: int,
+                         max_length: int, eval_texts: int, lengths: tuple[int, ...],
+                         long_eval_texts: int | None = None, seed: int = 0) -> list[str]:
+    """Training texts of ``max_length`` tokens from every corpus of ``corpora``, equally
+    many from each, alternating. The first corpus gives ``train_texts`` passages drawn as
+    :func:`eval_sets` draws its training passages; each further corpus gives up to
+    ``train_texts`` passages taken after all the passages :func:`eval_sets` may hold out
+    from it (:func:`heldout_reserve`), so every held-out set stays the one measured when
+    training on the first corpus alone and never meets a training text."""
+    packed = []
+    for i, name in enumerate(corpora):
+        if i == 0:
+            passages = corpus_texts(name, train=train_texts, test=0, seed=seed)[0]
+        else:
+            reserve = heldout_reserve(name, eval_texts=eval_texts, lengths=lengths,
+                                      long_eval_texts=long_eval_texts)
+            take = min(train_texts, len(CORPORA[name]()) - reserve)
+            passages = corpus_texts(name, train=reserve, test=take, seed=seed + 1)[1]
+        packed.append(pack_texts(tokenizer, passages, max_length))
+    count = min(len(p) for p in packed)
+    return [p[j] for j in range(count) for p in packed]
+
+
 def run_transfer(
     model_name: str,
     *,
     options: dict | None = None,
-    corpus: str = "gcide",
+    corpus: str | tuple[str, ...] = "gcide",
     eval_corpora: tuple[str, ...] = ("gcide", "python-docs"),
     eval_lengths: tuple[int, ...] = (128, 512),
     train_texts: int = 20000,
@@ -282,7 +315,8 @@ def run_transfer(
     """Recipe ``transfer``: convert ``model_name`` (``options`` for ``convert(...,
     "favor")``, e.g. ``kernel="hedgehog", window=16``), measure, run attention transfer
     (``transfer_config``; its texts are training passages joined to
-    ``transfer_config.max_length`` tokens), measure, distill end to end (``config``,
+    ``transfer_config.max_length`` tokens; ``corpus`` names one corpus or several, mixed
+    by :func:`mixed_training_texts`), measure, distill end to end (``config``,
     on training passages joined to ``config.max_length`` tokens), measure. Measurements:
     :func:`~.distill.agreement` on held-out text of every ``eval_corpora`` at every
     ``eval_lengths`` (:func:`eval_sets`: ``eval_texts`` passages at the shortest length,
@@ -303,6 +337,20 @@ def run_transfer(
     options = {"kernel": "hedgehog", **(options or {})}
     teacher, tok = load_pretrained(model_name)
     student = convert(copy.deepcopy(teacher), "favor", **options)
+    corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
+    if not corpora or len(set(corpora)) != len(corpora):
+        raise ValueError(f"corpus: expected distinct corpus names, got {corpus!r}")
+    for name in corpora:
+        if name not in CORPORA:
+            raise ValueError(f"corpus must be among {sorted(CORPORA)}, got {name!r}")
+    corpus = corpora[0]
+
+    def training(max_length: int) -> list[str]:
+        return mixed_training_texts(tok, corpora, train_texts=train_texts,
+                                    max_length=max_length, eval_texts=eval_texts,
+                                    lengths=eval_lengths, long_eval_texts=long_eval_texts,
+                                    seed=tcfg.seed)
+
     train, _ = corpus_texts(corpus, train=train_texts, test=0, seed=tcfg.seed)
     sets = eval_sets(tok, eval_corpora, train_corpus=corpus, train_texts=train_texts,
                      eval_texts=eval_texts, lengths=eval_lengths,
@@ -317,7 +365,8 @@ def run_transfer(
         "model": model_name, "architecture": type(teacher).__name__,
         "kind": "decoder" if is_causal_lm(teacher) else "encoder", "recipe": "transfer",
         "method": "favor", "options": student.config.linattn_conversion["options"],
-        "corpus": corpus, "train_texts": len(train), "eval_texts": eval_texts,
+        "corpus": corpus if len(corpora) == 1 else list(corpora),
+        "train_texts": len(train), "eval_texts": eval_texts,
         "eval_sets": {k: {"texts": len(v[0]), "max_length": v[1]} for k, v in sets.items()},
         "transfer": asdict(tcfg), "distill": asdict(cfg),
         "machine": machine_info(), "torch_threads": torch.get_num_threads(),
@@ -341,7 +390,7 @@ def run_transfer(
     else:
         t0 = time.perf_counter()
         if tcfg.steps:
-            long_train = pack_texts(tok, train, tcfg.max_length)
+            long_train = training(tcfg.max_length)
             transfer(student, tok, long_train, curve, tcfg, teacher=reference,
                      out_dir=tdir, resume=resume, progress=progress)
         summary["transfer_seconds"] = round(time.perf_counter() - t0, 1)
@@ -351,7 +400,7 @@ def run_transfer(
         t0 = time.perf_counter()
         log: list[dict] = []
         if cfg.steps:
-            long_train = pack_texts(tok, train, cfg.max_length)
+            long_train = training(cfg.max_length)
             log = distill(student, teacher, tok, long_train, curve, cfg, out_dir=out,
                           progress=progress)
             plot_log(log, out / "distill.png", title=f"{model_name} -> {options}")
