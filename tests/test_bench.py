@@ -201,3 +201,30 @@ def test_interleave_is_round_robin():
 def test_suites_without_passes_refuse_them(suite, tmp_path, capsys):
     assert main(["bench", "--suite", suite, "--passes", "fwd", "--out", str(tmp_path)]) == 2
     assert "does not use --passes" in capsys.readouterr().err
+
+
+def test_window_cases_are_timed_beside_pure_favor_and_compared_with_it():
+    base = {"batch": 1, "heads": 2, "head_dim": 8, "num_features": 16}
+    cases = list(speed._cases([256], ["fwd+bwd"], ["softmax"], base, windows=(16, 64)))
+    win = [c for c in cases if "window" in c]
+    assert {(c["window"], c["causal"]) for c in win} == {(16, False), (16, True),
+                                                        (64, False), (64, True)}
+    assert len(cases) == len(speed.METHODS) + len(win)
+    rows = _speed_rows(_clean_times())
+    for length in (1024, 2048, 4096):
+        for causal, t in ((False, 0.05), (True, 0.06)):
+            rows.append({"method": "favor", "causal": causal, "kernel": "softmax",
+                         "window": 64, "pass": "fwd+bwd", "length": length,
+                         "peak_added_bytes": 2**20,
+                         **checks.summarize([t * length / 1024] * 3)})
+    speed._add_ratios(rows)
+    checks.flag_speed(rows)
+    win = [r for r in rows if r.get("window") == 64]
+    # Over pure FAVOR+ of the same length, pass and causality (0.02 * 2.5 * L / 1024 ...).
+    assert [round(r["over_favor"], 3) for r in win] == [1.0, 0.8] * 3
+    assert all("over_favor" not in r for r in rows if r.get("window") is None)
+    assert checks.flagged(rows, speed._row_label) == []
+    text = speed.format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t",
+                                           "threads": 2}, "matmul_gflops": 1.0,
+                               "results": rows})
+    assert "FAVOR+ w64 causal" in text and "/FAVOR+" in text and "0.80x" in text

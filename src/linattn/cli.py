@@ -132,7 +132,7 @@ def _positive_float(text: str) -> float:
 # Which `linattn bench` options each suite uses; giving one to a suite that does not
 # use it is refused rather than silently ignored.
 _SUITE_OPTIONS = {
-    "favor": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
+    "favor": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats", "windows"),
     "linformer": ("lengths", "heads", "head_dim", "repeats"),
     "peers": ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
     "generate": ("lengths",),
@@ -153,7 +153,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise ImportError(f"linattn bench needs the [bench] extra: pip install "
                           f"'linattn[bench]' ({exc})") from exc
     used = _SUITE_OPTIONS[args.suite]
-    for name in ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"):
+    for name in ("lengths", "passes", "heads", "head_dim", "num_features", "repeats",
+                 "windows"):
         if getattr(args, name) is not None and name not in used:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"--suite {args.suite} does not use {flag} (used by: "
@@ -203,7 +204,7 @@ def _bench(args: argparse.Namespace) -> int:
     result = speed.run(
         args.out, preset=preset, lengths=args.lengths, heads=args.heads,
         head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
-        passes=tuple(args.passes or ("fwd", "fwd+bwd")),
+        passes=tuple(args.passes or ("fwd", "fwd+bwd")), windows=tuple(args.windows or ()),
     )
     print(speed.format_table(result))
     print(f"\nwrote {args.out}/bench.json, bench.csv, bench.png")
@@ -504,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive,
                    help=f"timed repeats per case, median reported (default: the preset's; "
                    f"suites: {_suites_using('repeats')})")
+    b.add_argument("--windows", type=_non_negative, nargs="+",
+                   help=f"also time the window hybrid (exact band of W keys + FAVOR+ "
+                   f"beyond) for each W, with its time over pure FAVOR+'s (suites: "
+                   f"{_suites_using('windows')})")
     b.set_defaults(func=_bench)
     a = command(
         "approx", help="the Performer paper's approximation experiment (Figure 4)",

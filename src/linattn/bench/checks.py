@@ -116,25 +116,27 @@ def flag_speed(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
     """Flag the rows of ``linattn bench --suite favor`` (and ``peers``) in place."""
     ok = [r for r in rows if "median_s" in r]
     _flag_spread(ok, limit)
-    index = {(r["method"], r.get("causal", False), r.get("kernel", "softmax"), r["pass"],
-              r["length"]): r for r in ok}
-    for (method, causal, kernel, p, length), r in index.items():
+    index = {(r["method"], r.get("causal", False), r.get("kernel", "softmax"), r.get("window"),
+              r["pass"], r["length"]): r for r in ok}
+    for (method, causal, kernel, window, p, length), r in index.items():
         if p != "fwd":
             continue
-        both = index.get((method, causal, kernel, "fwd+bwd", length))
+        both = index.get((method, causal, kernel, window, "fwd+bwd", length))
         if both is not None and r["median_s"] > both["median_s"]:
             msg = (f"forward ({1e3 * r['median_s']:.1f} ms) slower than forward+backward "
                    f"({1e3 * both['median_s']:.1f} ms) at L={length}")
             add_flag(r, msg)
             add_flag(both, msg)
     _flag_slopes(ok, lambda r: (r["method"], r.get("causal", False),
-                                r.get("kernel", "softmax"), r["pass"]), _complexity)
+                                r.get("kernel", "softmax"), r.get("window"), r["pass"]),
+                 _complexity)
     # Speed-ups over exact attention: a collapse from one length to the next.
     ratios: dict = {}
     for r in ok:
         if "speedup_vs_exact" in r:
             ratios.setdefault((r["method"], r.get("causal", False),
-                               r.get("kernel", "softmax"), r["pass"]), []).append(r)
+                               r.get("kernel", "softmax"), r.get("window"), r["pass"]),
+                              []).append(r)
     for group in ratios.values():
         group.sort(key=lambda r: r["length"])
         for a, b in itertools.pairwise(group):

@@ -47,14 +47,21 @@ METHODS = [
 MATERIALIZED_MAX = 8192
 
 
-def _label(method: str, causal: bool, kernel: str = "softmax") -> str:
+def _label(method: str, causal: bool, kernel: str = "softmax", window: int | None = None
+           ) -> str:
     name = {"exact": "exact (SDPA)", "materialized": "exact (n x n)"}.get(method)
     if name is None:
         name = "FAVOR+" if kernel == "softmax" else f"FAVOR {kernel}"
+        if window is not None:
+            name += f" w{window}"
     return f"{name}{' causal' if causal else ''}"
 
 
-def _cases(lengths, passes, kernels, base):
+def _row_name(r: dict) -> str:
+    return _label(r["method"], r["causal"], r.get("kernel", "softmax"), r.get("window"))
+
+
+def _cases(lengths, passes, kernels, base, windows=()):
     for length in lengths:
         for p in passes:
             for method, causal in METHODS:
@@ -65,6 +72,10 @@ def _cases(lengths, passes, kernels, base):
                         continue
                     yield {**base, "method": method, "causal": causal, "pass": p,
                            "length": length, "kernel": kernel}
+                # The window hybrid (exact band + FAVOR+ beyond), softmax features.
+                for window in windows if method == "favor" else ():
+                    yield {**base, "method": method, "causal": causal, "pass": p,
+                           "length": length, "kernel": "softmax", "window": window}
 
 
 def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
@@ -91,10 +102,13 @@ def machine_info() -> dict:
 
 
 def flops(case: dict) -> float:
-    """Forward FLOPs: 8 L m d per head for FAVOR+, 4 L^2 d for exact (half if causal)."""
+    """Forward FLOPs: 8 L m d per head for FAVOR+ (plus 4 L b d for a window's exact band
+    of b = 2w + 1 keys, w causal), 4 L^2 d for exact (half if causal)."""
     length, d, heads = case["length"], case["head_dim"], case["heads"] * case["batch"]
     if case["method"] == "favor":
-        return 8.0 * length * case["num_features"] * d * heads
+        window = case.get("window")
+        band = 0 if window is None else (window if case.get("causal") else 2 * window + 1)
+        return (8.0 * case["num_features"] + 4.0 * band) * length * d * heads
     full = 4.0 * length * length * d * heads
     return full / 2 if case.get("causal") else full
 
@@ -228,9 +242,12 @@ def run(
     num_features: int = 256,
     passes: tuple[str, ...] = ("fwd", "fwd+bwd"),
     repeats: int | None = None,
+    windows: tuple[int, ...] = (),
     progress: bool = True,
 ) -> dict:
-    """Run the benchmark and write its files; returns the results dict."""
+    """Run the benchmark and write its files; returns the results dict. ``windows``: also
+    time the window hybrid (``favor_attention(..., window=w)``, softmax features) for each
+    ``w``, interleaved with the rest, with its time over pure FAVOR+'s (``over_favor``)."""
 
     conf = PRESETS[preset]
     lengths = lengths or conf["lengths"]
@@ -239,7 +256,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     base = {"batch": 1, "heads": heads, "head_dim": head_dim, "num_features": num_features,
             "dtype": "float32", "repeats": repeats}
-    cases = list(_cases(lengths, passes, conf["kernels"], base))
+    cases = list(_cases(lengths, passes, conf["kernels"], base, windows))
     groups: dict = {}
     for case in cases:  # every method at one length and pass: timed interleaved
         groups.setdefault((case["length"], case["pass"]), []).append(case)
@@ -263,12 +280,16 @@ def _add_ratios(rows: list[dict]) -> None:
     """speedup = exact time / FAVOR+ time for the same length, pass and causality."""
     index = {
         (r["method"], r["causal"], r["pass"], r["length"], r.get("kernel", "softmax")): r
-        for r in rows if "median_s" in r
+        for r in rows if "median_s" in r and r.get("window") is None
     }
     for r in rows:
         if r["method"] != "favor" or "median_s" not in r:
             continue
         kernel = r.get("kernel", "softmax")
+        if r.get("window") is not None:
+            pure = index.get(("favor", r["causal"], r["pass"], r["length"], kernel))
+            if pure is not None:
+                r["over_favor"] = r["median_s"] / pure["median_s"]
         ref = index.get(("exact", r["causal"], r["pass"], r["length"], "softmax"))
         if ref is not None:
             r["speedup_vs_exact"] = ref["median_s"] / r["median_s"]
@@ -284,7 +305,7 @@ _CSV_FIELDS = [
     "method", "kernel", "causal", "pass", "length", "heads", "head_dim", "num_features",
     "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "spread", "n", "peak_added_bytes",
     "gflops", "pct_matmul", "speedup_vs_exact", "speedup_vs_materialized",
-    "causal_over_bidirectional", "flags", "error",
+    "causal_over_bidirectional", "window", "over_favor", "flags", "error",
 ]
 
 
@@ -321,27 +342,28 @@ def footnotes(rows: list[dict], label) -> tuple[dict[int, int], list[str]]:
 
 
 def _row_label(r: dict) -> str:
-    return f"{r['pass']}, L={r['length']}, {_label(r['method'], r['causal'], r.get('kernel', 'softmax'))}"
+    return f"{r['pass']}, L={r['length']}, {_row_name(r)}"
 
 
 def format_table(result: dict) -> str:
     """A plain-text table of the results (times in ms, memory in MB); ``spread`` is the
     interquartile range over the median (the range below 4 repeats), ``⚠n`` a flagged
-    cell, explained below the table."""
+    cell, explained below the table; ``/FAVOR+``: a window hybrid's time over pure
+    FAVOR+'s."""
     marks, notes = footnotes(result["results"], _row_label)
     lines = [
         f"machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"torch {result['machine']['torch']}, {result['machine']['threads']} threads; "
         f"float32 matmul {result['matmul_gflops']:.0f} GFLOP/s",
         f"{'pass':8} {'L':>6} {'method':26} {'median ms':>10} {'spread':>7} {'n':>3} "
-        f"{'peak MB':>9} {'speed-up':>9} {'GFLOP/s':>8} {'% mm':>5}",
+        f"{'peak MB':>9} {'speed-up':>9} {'GFLOP/s':>8} {'% mm':>5}"
+        + (f" {'/FAVOR+':>7}" if any("window" in r for r in result["results"]) else ""),
     ]
     if result.get("load"):
         lines.insert(1, _load_line(result))
     for r in result["results"]:
         if "median_s" not in r:
-            lines.append(f"{r['pass']:8} {r['length']:>6} "
-                         f"{_label(r['method'], r['causal'], r.get('kernel', 'softmax')):26}"
+            lines.append(f"{r['pass']:8} {r['length']:>6} {_row_name(r):26}"
                          f" failed: {r.get('error')}")
             continue
         sp = f"{r['speedup_vs_exact']:.1f}x" if "speedup_vs_exact" in r else ""
@@ -349,11 +371,11 @@ def format_table(result: dict) -> str:
         pct = f"{r['pct_matmul']:.0f}" if "pct_matmul" in r else ""
         spread = f"{100 * r['spread']:.0f}%" if "spread" in r else ""
         mark = f" {checks.WARN}{marks[id(r)]}" if id(r) in marks else ""
+        over = f" {r['over_favor']:>6.2f}x" if "over_favor" in r else ""
         lines.append(
-            f"{r['pass']:8} {r['length']:>6} "
-            f"{_label(r['method'], r['causal'], r.get('kernel', 'softmax')):26} "
+            f"{r['pass']:8} {r['length']:>6} {_row_name(r):26} "
             f"{1e3 * r['median_s']:>10.1f} {spread:>7} {r.get('n', ''):>3} "
-            f"{r['peak_added_bytes'] / 2**20:>9.1f} {sp:>9} {gf:>8} {pct:>5}{mark}"
+            f"{r['peak_added_bytes'] / 2**20:>9.1f} {sp:>9} {gf:>8} {pct:>5}{over}{mark}"
         )
     lines += notes or ["no cell flagged (spread, fwd <= fwd+bwd, growth within complexity)"]
     return "\n".join(lines)
@@ -370,6 +392,7 @@ def plot(result: dict, path: Path) -> None:
               ("materialized", False): ("C2", ":"),
               ("favor", False): ("C3", "-"), ("favor", True): ("C3", "--")}
     rows = [r for r in rows if r.get("kernel", "softmax") == "softmax"]
+    windows = sorted({r["window"] for r in rows if r.get("window") is not None})
     for col, p in enumerate(passes):
         for row, (key, unit, scale, title) in enumerate(
             [("median_s", "time (s)", 1.0, "time"),
@@ -378,10 +401,19 @@ def plot(result: dict, path: Path) -> None:
             ax = axes[row][col]
             for (method, causal), (color, ls) in styles.items():
                 sel = sorted((r for r in rows if r["pass"] == p and r["method"] == method
-                              and r["causal"] == causal), key=lambda r: r["length"])
+                              and r["causal"] == causal and r.get("window") is None),
+                             key=lambda r: r["length"])
                 if sel:
                     _curve(ax, sel, key, scale, color, ls, _label(method, causal),
                            errors=key == "median_s")
+            for i, window in enumerate(windows):
+                for causal in (False, True):
+                    sel = sorted((r for r in rows if r["pass"] == p and r["causal"] == causal
+                                  and r.get("window") == window), key=lambda r: r["length"])
+                    if sel:
+                        _curve(ax, sel, key, scale, f"C{4 + i}", "--" if causal else "-",
+                               _label("favor", causal, window=window),
+                               errors=key == "median_s")
             _guides(ax, [r["length"] for r in rows if r["pass"] == p])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

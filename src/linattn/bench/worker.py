@@ -80,7 +80,8 @@ def build(case: dict):
         kernel = case.get("kernel", "softmax")
 
         def fn():
-            return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal)
+            return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
+                                           window=case.get("window"))
     elif method == "materialized":
         # The Linformer paper's baseline: softmax(Q K^T / sqrt(d)) V with the L x L matrix.
         def fn():
