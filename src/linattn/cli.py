@@ -507,8 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"suites: {_suites_using('repeats')})")
     b.add_argument("--windows", type=_non_negative, nargs="+",
                    help=f"also time the window hybrid (exact band of W keys + FAVOR+ "
-                   f"beyond) for each W, with its time over pure FAVOR+'s (suites: "
-                   f"{_suites_using('windows')})")
+                   f"beyond) for each W, with its time over pure FAVOR+'s (default: none; "
+                   f"suites: {_suites_using('windows')})")
     b.set_defaults(func=_bench)
     a = command(
         "approx", help="the Performer paper's approximation experiment (Figure 4)",
