@@ -284,6 +284,51 @@ def _scan_states(u: Tensor, e: Tensor, floor: float, reverse: bool) -> tuple[Ten
     return (res.flip(2), p.flip(-1)) if reverse else (res, p)
 
 
+def far_block_sums_reference(u: Tensor, reach: int) -> Tensor:
+    """``F_t = sum_{|s - t| > reach} u_s`` along dim 2, by an ``n x n`` mask (the oracle
+    of :func:`far_block_sums`). Shapes: ``u: (B, H, n, ...)``, result like ``u``."""
+    n = u.shape[2]
+    idx = torch.arange(n, device=u.device)
+    far = ((idx[:, None] - idx[None, :]).abs() > reach).to(u.dtype)  # [t, s]
+    return torch.einsum("ts,bhs...->bht...", far, u)
+
+
+def _far_sums(u: Tensor, reach: int) -> Tensor:
+    # Running sums from the left and from the right, written into one output; in place
+    # on contiguous block slices (``cumsum`` over a middle axis is several times slower).
+    n = u.shape[2]
+    out = torch.zeros_like(u)
+    acc = torch.zeros_like(u[:, :, 0])
+    for t in range(reach + 1, n):
+        acc.add_(u[:, :, t - reach - 1])
+        out[:, :, t].copy_(acc)
+    acc.zero_()
+    for t in range(n - reach - 2, -1, -1):
+        acc.add_(u[:, :, t + reach + 1])
+        out[:, :, t].add_(acc)
+    return out
+
+
+class _FarBlockSums(torch.autograd.Function):
+    # The map u -> F is linear and symmetric (s is far from t iff t is far from s), so its
+    # backward is the same map applied to the incoming gradient.
+    @staticmethod
+    def forward(ctx, u: Tensor, reach: int) -> Tensor:
+        ctx.reach = reach
+        return _far_sums(u, reach)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _FarBlockSums.apply(grad.contiguous(), ctx.reach), None
+
+
+def far_block_sums(u: Tensor, reach: int) -> Tensor:
+    """``F_t = sum_{|s - t| > reach} u_s`` along dim 2 (the far state of every block) in
+    O(n) block additions, forward and backward. Shapes: ``u: (B, H, n, ...)``, result
+    like ``u``. Equivalent to :func:`far_block_sums_reference`."""
+    return _FarBlockSums.apply(u.contiguous(), reach)
+
+
 # Largest spread of key log-scales for which one sequence-wide stabilizer is kept (exp of
 # -60 / -600 stays far above the float32 / float64 underflow); beyond, the recurrence.
 SPREAD_FLOAT32 = 60.0
@@ -353,26 +398,30 @@ def favor_window_bidirectional(
         spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
         single = bool(((top - low) < spread).all())
     if single:
+        # Every weight relative to the one stabilizer: the far state of block t is the sum
+        # of the block states farther than D blocks away (no prefix stacks, no flips).
         e = top.expand_as(e)
-        wk = torch.exp(rkb - top.unsqueeze(-1))
-        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))
-        pre, suf = u.cumsum(2), u.flip(2).cumsum(2).flip(2)
-        p = s = e
+        real_blocks = slice(pad, pad + nblk)
+        wk = torch.exp(rkb[:, :, real_blocks] - top.unsqueeze(-1))
+        u = fkb[:, :, real_blocks].transpose(-2, -1) @ (v1b[:, :, real_blocks]
+                                                        * wk.unsqueeze(-1))
+        state = far_block_sums(u, big)  # [B, H, nblk, M, dv+1]
+        g = top.expand(bsz, heads, nblk)
     else:
         wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
         u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
         pre, p = _scan_states(u, e, floor, reverse=False)
         suf, s = _scan_states(u, e, floor, reverse=True)
-    # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
-    # S at pad + t + D + 1 = t + 2 pad.
-    left, pl = pre[:, :, :nblk], p[..., :nblk]
-    right, pr = suf[:, :, 2 * pad:], s[..., 2 * pad:]
-    with torch.no_grad():
-        g = torch.maximum(pl, pr)
-        for dlt in mixed:
-            g = torch.maximum(g, e[..., pad + dlt: pad + dlt + nblk])
-    state = (left * torch.exp(pl - g)[..., None, None]
-             + right * torch.exp(pr - g)[..., None, None])
+        # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
+        # S at pad + t + D + 1 = t + 2 pad.
+        left, pl = pre[:, :, :nblk], p[..., :nblk]
+        right, pr = suf[:, :, 2 * pad:], s[..., 2 * pad:]
+        with torch.no_grad():
+            g = torch.maximum(pl, pr)
+            for dlt in mixed:
+                g = torch.maximum(g, e[..., pad + dlt: pad + dlt + nblk])
+        state = (left * torch.exp(pl - g)[..., None, None]
+                 + right * torch.exp(pr - g)[..., None, None])
     far = fqb @ state  # [B, H, nblk, C, dv+1]
     a = torch.arange(c, device=q.device)
     for dlt in mixed:
