@@ -25,7 +25,7 @@ from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
-FAVOR_OPTIONS = ("num_features", "kernel", "window", "orthogonal", "scaling", "seed",
+FAVOR_OPTIONS = ("num_features", "kernel", "window", "sinks", "orthogonal", "scaling", "seed",
                  "redraw_interval", "chunk_size", "learn_projection")
 LINFORMER_OPTIONS = ("proj_dim", "projection", "sharing", "max_seq_len", "seed")
 
@@ -87,7 +87,9 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
             trainable projection per head, see :class:`~.state.FavorLayerState`),
             ``window`` (None: pure linear attention; ``w``: exact softmax scores for the
             keys within ``w`` positions of each query, the model's own attention kept
-            there), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
+            there), ``sinks`` (0: none; ``s``: the first ``s`` unpadded tokens of each
+            text, e.g. ``[CLS]`` or BOS, keep the model's exact scores for every query,
+            with or without a window), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
             ``(seed, i)``), ``redraw_interval``, ``chunk_size``, ``learn_projection``
             (train the projection; default True for learned maps);
             for ``"linformer"``: ``proj_dim`` (128), ``projection`` (``"linear"``,
@@ -143,6 +145,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 head_dim, num_heads=_num_heads(module),
                 num_features=options.get("num_features"),
                 kernel=options.get("kernel", "softmax"), window=options.get("window"),
+                sinks=options.get("sinks", 0),
                 orthogonal=options.get("orthogonal", True),
                 scaling=options.get("scaling", "chi"), seed=options.get("seed", 0),
                 layer_index=layer, redraw_interval=options.get("redraw_interval"),
