@@ -279,7 +279,7 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         if args.recipe == "transfer" or (args.window is not None and args.window >= 0) or (
                 args.sinks):
-            raise SystemExit("--recipe transfer, --window and --sinks need --method favor")
+            raise UsageError("--recipe transfer, --window and --sinks need --method favor")
         options = {"proj_dim": args.proj_dim, "projection": args.projection,
                    "sharing": args.sharing, "seed": args.seed}
     try:
