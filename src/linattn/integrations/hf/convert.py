@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import inspect
 import logging
 import os
 import shutil
@@ -229,13 +230,20 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _cache_key(model: nn.Module) -> str:
+    # Newer transformers name generate()'s cache "cache" (past_key_values is deprecated):
+    # the key its model_kwargs use is the one prepare_inputs_for_generation takes.
+    params = inspect.signature(type(model).prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
     :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
-    if (model_kwargs.get("past_key_values") is None
+    if (model_kwargs.get("past_key_values") is None and model_kwargs.get("cache") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None):
-        model_kwargs["past_key_values"] = FavorCache(self)
+        model_kwargs[_cache_key(self)] = FavorCache(self)
     return type(self)._prepare_cache_for_generation(
         self, generation_config, model_kwargs, *args, **kwargs
     )
