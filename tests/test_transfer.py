@@ -250,6 +250,20 @@ def test_batched_generation_with_a_window_and_left_padding_equals_one_by_one(sin
         assert torch.equal(batch[row, -6:], alone[0, -6:])
 
 
+@pytest.mark.parametrize("window", [None, 2], ids=lambda w: f"w{w}")
+def test_beam_search_reorders_the_sink_state(window):
+    # Beams reorder every per-sequence field of the state (sink slots, real-token count):
+    # the constant-size cache gives the beams a key/value cache (recomputation) gives.
+    # A 1-token prompt: sinks 2 and 3 are generated, so they differ between beams.
+    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=window,
+                            sinks=3).double())
+    prompt = ids(2, 1, seed=4)
+    beams = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
+    exact_cache = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False,
+                                 past_key_values=transformers.DynamicCache())
+    assert torch.equal(beams, exact_cache)
+
+
 # ----------------------------------------------------------------- conversion options
 def test_hedgehog_state_starts_at_the_identity_per_head():
     model = convert(tiny_llama(), "favor", kernel="hedgehog", window=8)
