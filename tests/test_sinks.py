@@ -564,3 +564,24 @@ def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
     assert main([*base, "--method", "linformer", "--sinks", "1"]) == 2
     assert "--sinks need --method favor" in capsys.readouterr().err
     assert "attention sinks" in _help(["convert", "--help"], capsys)
+
+
+def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
+    # The fused kernels cover sinks=0 (no sinks) and nothing else: a non-None argument
+    # they do not know sends the call to the eager path.
+    from linattn import functional
+    from linattn.ops.favor.triton import maybe_favor_triton
+
+    seen = []
+
+    def spy(**kwargs):
+        seen.append(kwargs["sinks"])
+        return maybe_favor_triton(**kwargs)
+
+    monkeypatch.setattr(functional, "maybe_favor_triton", spy)
+    q = randn(1, 2, 8, 4)
+    w = projection(8, 4)
+    linattn.favor_attention(q, q, q, w)
+    linattn.favor_attention(q, q, q, w, sinks=0)
+    linattn.favor_attention(q, q, q, w, sinks=2)
+    assert seen == [None, None, 2]
