@@ -45,18 +45,24 @@ def favor_phi(x, w, scale):
     return torch.exp(xs @ w.T - xs.square().sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
 
 
-def hybrid_oracle(q, k, v, phi, *, window, factor, causal, mask, scale):
+def hybrid_oracle(q, k, v, phi, *, window, factor, causal, mask, scale, sinks=0):
     """The window hybrid written out with the full ``(Lq, Lk)`` score matrix: exact
-    ``exp(scale q.k)`` inside the window, ``factor[h] * phi(q).phi(k)`` outside, one
-    normalizer, padded keys (``mask`` True) and future keys (causal) dropped."""
+    ``exp(scale q.k)`` inside the window and for the sinks (the first ``sinks`` real keys
+    of each sequence), ``factor[h] * phi(q).phi(k)`` elsewhere, one normalizer, padded
+    keys (``mask`` True) and future keys (causal) dropped."""
     a = phi(q) @ phi(k).transpose(-2, -1)
     lq, lk = q.shape[-2], k.shape[-2]
     i = torch.arange(lq)[:, None] + (lk - lq)
     j = torch.arange(lk)[None, :]
-    if window is not None:
+    if window is not None or sinks:
         if factor is not None:
             a = a * factor.reshape(-1, 1, 1)
-        near = ((j <= i) & (j > i - window)) if causal else (i - j).abs() <= window
+        near = torch.zeros(lq, lk, dtype=torch.bool)
+        if window is not None:
+            near = ((j <= i) & (j > i - window)) if causal else (i - j).abs() <= window
+        real = torch.ones(q.shape[0], lk, dtype=torch.bool) if mask is None else ~mask
+        sink = real & (real.long().cumsum(-1) <= sinks)
+        near = near | sink[:, None, None, :]
         a = torch.where(near, torch.exp(scale * q @ k.transpose(-2, -1)), a)
     if mask is not None:
         a = a.masked_fill(mask[:, None, None, :], 0.0)
@@ -84,15 +90,17 @@ def perturb(model, seed=0):
 
 
 CASES = [
-    ("hedgehog", None), ("hedgehog", 0), ("hedgehog", 3), ("softmax", 3), ("softmax", None),
+    ("hedgehog", None, 0), ("hedgehog", 0, 0), ("hedgehog", 3, 0), ("softmax", 3, 0),
+    ("softmax", None, 0), ("hedgehog", 3, 1), ("hedgehog", None, 2), ("hedgehog", 0, 2),
+    ("softmax", 2, 3), ("softmax", None, 1),
 ]
-CASE_IDS = [f"{k}-w{w}" for k, w in CASES]
+CASE_IDS = [f"{k}-w{w}" + (f"-s{s}" if s else "") for k, w, s in CASES]
 
 
-@pytest.mark.parametrize("kernel,window", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kernel,window,sinks", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama-gqa"])
-def test_attention_function_equals_the_float64_oracle(make, kernel, window):
-    opts = {"kernel": kernel, "window": window}
+def test_attention_function_equals_the_float64_oracle(make, kernel, window, sinks):
+    opts = {"kernel": kernel, "window": window, "sinks": sinks}
     if kernel == "softmax":
         opts["num_features"] = 64
     model = perturb(convert(make(), "favor", **opts).double())
@@ -123,7 +131,7 @@ def test_attention_function_equals_the_float64_oracle(make, kernel, window):
     assert (factor is None) == (kernel != "hedgehog")
     ref = hybrid_oracle(q, kr, vr, phi, window=window,
                         factor=None if factor is None else factor.double(), causal=causal,
-                        mask=~keep, scale=module.scaling)
+                        mask=~keep, scale=module.scaling, sinks=sinks)
     got = out.transpose(1, 2)
     real = slice(3, None) if causal else slice(None)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
@@ -166,8 +174,11 @@ def test_exact_attention_of_a_query_without_keys_is_zero():
 # ----------------------------------------------------------------- padding, decoding
 @pytest.mark.parametrize("kernel", ["hedgehog", "softmax"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_encoder_padding_is_exact_with_a_window(kernel, side):
-    model = perturb(convert(tiny_bert(), "favor", kernel=kernel, window=2).double())
+@pytest.mark.parametrize("window,sinks", [(2, 0), (2, 1), (None, 2)],
+                         ids=["w2", "w2-s1", "s2"])
+def test_encoder_padding_is_exact_with_a_window(kernel, side, window, sinks):
+    model = perturb(convert(tiny_bert(), "favor", kernel=kernel, window=window,
+                            sinks=sinks).double())
     lengths = [13, 7, 10]
     seqs = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
@@ -185,8 +196,10 @@ def test_encoder_padding_is_exact_with_a_window(kernel, side):
 
 
 @pytest.mark.parametrize("kernel", ["hedgehog", "softmax"])
-def test_decoder_left_padding_is_exact_with_a_window(kernel):
-    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=3).double())
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+def test_decoder_left_padding_is_exact_with_a_window(kernel, sinks):
+    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=3,
+                            sinks=sinks).double())
     a, b = ids(1, 11, seed=1), ids(1, 6, seed=2)
     x, mask = left_padded(a, b)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
@@ -195,10 +208,14 @@ def test_decoder_left_padding_is_exact_with_a_window(kernel):
     torch.testing.assert_close(out[1, 5:], model(b).logits[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel,window", [("hedgehog", 4), ("softmax", 4), ("hedgehog", 1)],
-                         ids=["hedgehog-w4", "softmax-w4", "hedgehog-w1"])
-def test_cache_steps_and_generate_equal_recomputation_with_a_window(kernel, window):
-    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=window).double())
+@pytest.mark.parametrize("kernel,window,sinks", [
+    ("hedgehog", 4, 0), ("softmax", 4, 0), ("hedgehog", 1, 0), ("hedgehog", 4, 2),
+    ("softmax", None, 1), ("hedgehog", 0, 3),
+], ids=["hedgehog-w4", "softmax-w4", "hedgehog-w1", "hedgehog-w4-s2", "softmax-s1",
+        "hedgehog-w0-s3"])
+def test_cache_steps_and_generate_equal_recomputation_with_a_window(kernel, window, sinks):
+    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=window,
+                            sinks=sinks).double())
     x = ids(2, 15)
     full = model(x).logits
     cache = FavorCache(model)
@@ -221,14 +238,30 @@ def test_cache_steps_and_generate_equal_recomputation_with_a_window(kernel, wind
     assert short.state_bytes() == res.past_key_values.state_bytes() > 0
 
 
-def test_batched_generation_with_a_window_and_left_padding_equals_one_by_one():
-    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=3).double())
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+def test_batched_generation_with_a_window_and_left_padding_equals_one_by_one(sinks):
+    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=3,
+                            sinks=sinks).double())
     a, b = ids(1, 10, seed=1), ids(1, 6, seed=2)
     x, mask = left_padded(a, b)
     batch = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
     for row, p in ((0, a), (1, b)):
         alone = model.generate(p, max_new_tokens=6, do_sample=False)
         assert torch.equal(batch[row, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("window", [None, 2], ids=lambda w: f"w{w}")
+def test_beam_search_reorders_the_sink_state(window):
+    # Beams reorder every per-sequence field of the state (sink slots, real-token count):
+    # the constant-size cache gives the beams a key/value cache (recomputation) gives.
+    # A 1-token prompt: sinks 2 and 3 are generated, so they differ between beams.
+    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=window,
+                            sinks=3).double())
+    prompt = ids(2, 1, seed=4)
+    beams = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
+    exact_cache = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False,
+                                 past_key_values=transformers.DynamicCache())
+    assert torch.equal(beams, exact_cache)
 
 
 # ----------------------------------------------------------------- conversion options
@@ -254,20 +287,28 @@ def test_hedgehog_state_starts_at_the_identity_per_head():
     ({"window": -1}, ValueError, "window"),
     ({"window": 2.5}, ValueError, "window"),
     ({"window": True}, ValueError, "window"),
-], ids=["hedgehog-redraw", "negative-window", "float-window", "bool-window"])
+    ({"sinks": -1}, ValueError, "sinks"),
+    ({"sinks": 1.0}, ValueError, "sinks"),
+    ({"sinks": True}, ValueError, "sinks"),
+    ({"sinks": None}, ValueError, "sinks"),
+], ids=["hedgehog-redraw", "negative-window", "float-window", "bool-window",
+        "negative-sinks", "float-sinks", "bool-sinks", "none-sinks"])
 def test_bad_window_options_raise(opts, exc, match):
     with pytest.raises(exc, match=match):
         convert(tiny_bert(), "favor", **opts)
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
-def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make):
-    model = perturb(convert(make(), "favor", kernel="hedgehog", window=3))
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, sinks):
+    model = perturb(convert(make(), "favor", kernel="hedgehog", window=3, sinks=sinks))
     save_converted(model, tmp_path)
     spec = json.loads((tmp_path / "config.json").read_text())["linattn_conversion"]
     assert spec["options"]["kernel"] == "hedgehog" and spec["options"]["window"] == 3
+    assert spec["options"]["sinks"] == sinks
     loaded = load_converted(tmp_path).eval()
     for a, b in zip(converted_layers(model), converted_layers(loaded)):
+        assert a.linattn.sinks == b.linattn.sinks == sinks
         assert torch.equal(a.linattn.projection, b.linattn.projection)
         assert torch.equal(a.linattn.log_linear_factor, b.linattn.log_linear_factor)
     x = ids(2, 12)
@@ -280,13 +321,16 @@ def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make):
 
 
 # ----------------------------------------------------------------- attention transfer
-@pytest.mark.parametrize("make,kernel,window", [
-    (tiny_bert, "hedgehog", None), (tiny_bert, "hedgehog", 2), (tiny_llama, "hedgehog", 2),
-    (tiny_llama, "hedgehog", None),
-], ids=["bert-hedgehog", "bert-hedgehog-w2", "llama-hedgehog-w2", "llama-hedgehog"])
-def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, window):
+@pytest.mark.parametrize("make,kernel,window,sinks", [
+    (tiny_bert, "hedgehog", None, 0), (tiny_bert, "hedgehog", 2, 0),
+    (tiny_llama, "hedgehog", 2, 0), (tiny_llama, "hedgehog", None, 0),
+    (tiny_bert, "hedgehog", 2, 1), (tiny_llama, "hedgehog", None, 1),
+], ids=["bert-hedgehog", "bert-hedgehog-w2", "llama-hedgehog-w2", "llama-hedgehog",
+        "bert-hedgehog-w2-s1", "llama-hedgehog-s1"])
+def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, window, sinks):
     teacher = peaky(make().float())
-    model = convert(copy.deepcopy(teacher), "favor", kernel=kernel, window=window)
+    model = convert(copy.deepcopy(teacher), "favor", kernel=kernel, window=window,
+                    sinks=sinks)
     weights = {k: v.clone() for k, v in teacher.state_dict().items()}
     tok = ByteTokenizer()
     cfg = TransferConfig(steps=60, batch_size=8, max_length=32, lr=3e-2, warmup=3,

@@ -275,9 +275,12 @@ def _convert(args: argparse.Namespace) -> int:
             options["num_features"] = args.num_features
         if args.window is not None and args.window >= 0:
             options["window"] = args.window
+        if args.sinks:
+            options["sinks"] = args.sinks
     else:
-        if args.recipe == "transfer" or (args.window is not None and args.window >= 0):
-            raise SystemExit("--recipe transfer and --window need --method favor")
+        if args.recipe == "transfer" or (args.window is not None and args.window >= 0) or (
+                args.sinks):
+            raise UsageError("--recipe transfer, --window and --sinks need --method favor")
         options = {"proj_dim": args.proj_dim, "projection": args.projection,
                    "sharing": args.sharing, "seed": args.seed}
     try:
@@ -342,10 +345,10 @@ def _train(args: argparse.Namespace) -> int:
     from .train.compare import compare, format_markdown, spec_name
 
     if args.compare and any(getattr(args, n) is not None
-                            for n in ("attention", "kernel", "window")):
+                            for n in ("attention", "kernel", "window", "sinks")):
         raise UsageError("with --compare, name the attention kinds with --attentions "
-                         "(specs such as exact favor favor-relu favor-hedgehog-w64), not "
-                         "--attention/--kernel/--window")
+                         "(specs such as exact favor favor-relu favor-hedgehog-w64-s1), not "
+                         "--attention/--kernel/--window/--sinks")
     if not args.config and args.resume and (Path(args.out) / "config.json").is_file():
         args.config = str(Path(args.out) / "config.json")  # resume with the run's settings
     base = _read_json(args.config) if args.config else {}
@@ -387,6 +390,8 @@ _TRAIN_HELP = {
     "kernel": "FAVOR+ feature map (hedgehog: learned, per head)",
     "window": "FAVOR+ sliding-window hybrid: the W nearest keys scored exactly (default: "
               "none, pure linear attention)",
+    "sinks": "FAVOR+ attention sinks: the first S unpadded keys scored exactly by every "
+             "query, with or without --window (default: 0, none)",
     "proj_dim": "Linformer k",
     "redraw_interval": "FAVOR+: redraw the projection every N steps (default: never)",
     "seq_len": "window for bytes, maximum tokens for the classification tasks",
@@ -403,7 +408,7 @@ _TRAIN_HELP = {
 
 # Integer TrainConfig fields that may be 0 or negative (every other one must be >= 1).
 _INT_FLAGS = {"seed": int, "warmup": _non_negative, "listops_min_len": _non_negative,
-              "window": _non_negative}
+              "window": _non_negative, "sinks": _non_negative}
 
 
 def _train_choices() -> dict[str, tuple[str, ...]]:
@@ -548,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, help="exact softmax over the keys within W "
                    "positions of each query, linear attention beyond (default: none, or 16 "
                    "with --recipe transfer; -1: none)")
+    c.add_argument("--sinks", type=_non_negative, default=0,
+                   help="attention sinks: the first S unpadded tokens of each text (e.g. "
+                   "[CLS] or BOS) are scored with the exact softmax by every query, with or "
+                   "without --window; the rest as usual (default: 0, none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
     c.add_argument("--proj-dim", type=_positive, default=128, help="Linformer k")
@@ -636,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and write comparison.json/md/png")
     t.add_argument("--attentions", nargs="+", metavar="SPEC",
                    help="with --compare: attention specs <attention>[-<kernel>][-m<features>]"
-                   "[-w<window>], "
+                   "[-w<window>][-s<sinks>], "
                    "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
                    "favor favor-relu, plus linformer for classification)")
     _add_train_flags(t)

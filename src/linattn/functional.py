@@ -3,7 +3,8 @@
 Shape legend (as ``torch.nn.functional.scaled_dot_product_attention``):
 ``B`` batch, ``H`` heads (any leading dims after the batch are folded into ``H``),
 ``Lq``/``Lk`` query/key lengths, ``d`` head_dim, ``dv`` value dim, ``m`` projection rows,
-``M`` features per token (``m`` or ``2m``), ``w`` the hybrid's window.
+``M`` features per token (``m`` or ``2m``), ``w`` the hybrid's window, ``s`` its sink
+keys.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ def _check_window(window: object, causal: bool, q: Tensor, k: Tensor) -> int | N
     return window
 
 
+def _check_sinks(sinks: object) -> int:
+    if isinstance(sinks, bool) or not isinstance(sinks, int):
+        raise TypeError(f"sinks must be an int >= 0, got {type(sinks).__name__}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0 (0: no sink keys), got {sinks}")
+    return sinks
+
+
+def _check_hybrid_lengths(sinks: int, causal: bool, q: Tensor, k: Tensor) -> None:
+    # The bidirectional hybrid (window or sinks) works on blocks of aligned q and k.
+    if sinks and not causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"sinks={sinks} needs Lq == Lk (self-attention; the hybrid's blocks pair query "
+            f"and key positions); got q {shape_str(q)}, k {shape_str(k)}"
+        )
+
+
 def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
     if linear_factor is None:
         return None
@@ -154,9 +172,11 @@ def favor_attention(
     linear_factor: Tensor | None = None,
     chunk_size: int = 64,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> Tensor:
     """FAVOR+ attention: softmax attention approximated by random features, O(L) time;
-    optionally the sliding-window hybrid (exact softmax near the diagonal).
+    optionally the sliding-window hybrid (exact softmax near the diagonal and for the
+    first ``sinks`` keys).
 
     Args:
         q: ``(..., Lq, d)``; k: ``(..., Lk, d)``; v: ``(..., Lk, dv)``; leading dims
@@ -181,10 +201,18 @@ def favor_attention(
             memory O(L (w + m)). ``w >= L`` is exact softmax attention.
         linear_factor: None (= 1), or a non-negative tensor of shape ``(H,)`` or ``()``
             weighting the far (feature) scores of each head; differentiable. Used only
-            with a window (without one every score is far and it cancels).
+            by the hybrid, a window or ``sinks > 0`` (without either every score is far
+            and it cancels).
         chunk_size: causal chunk length (a speed knob; results agree up to rounding).
         block_size: rows per block in the bidirectional pass, or per block of the
             window's exact band (default: automatic).
+        sinks: ``s >= 0`` attention-sink keys: the first ``s`` unpadded keys of each
+            sequence (a left-padded sequence's first real tokens, so outputs stay
+            padding-invariant) are scored with the exact ``exp(scale q_i.k_j)`` by every
+            query that sees them (``j <= i`` when causal), inside its window or not, and
+            leave the linear part. With ``window=None`` the sinks are the only exact keys
+            (the hybrid with no band). ``0``: no sinks (the plain window hybrid, or pure
+            linear attention). Needs ``Lq == Lk``. Time and memory O(L (w + m + s)).
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
@@ -192,9 +220,13 @@ def favor_attention(
     With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map, equivalent to::
 
         A = phi(q~) @ phi(k~).transpose(-2, -1)      # (..., Lq, Lk)
-        if window is not None:
+        if window is not None or sinks:
             i, j = arange(Lq)[:, None], arange(Lk)[None, :]
             near = (i - window < j) & (j <= i) if causal else (i - j).abs() <= window
+            # (near = False everywhere when window is None)
+            real = ~key_padding_mask                  # (B, Lk)
+            sink = real & (real.cumsum(-1) <= sinks)  # first `sinks` real keys
+            near = near | sink[:, None, None, :]
             A = where(near, exp(scale * q @ k.transpose(-2, -1)),
                       linear_factor[:, None, None] * A)
         A = A.masked_fill(key_padding_mask[:, None, None, :], 0)
@@ -210,6 +242,7 @@ def favor_attention(
     check_positive_int("chunk_size", chunk_size)
     if block_size is not None:
         check_positive_int("block_size", block_size)
+    sinks = _check_sinks(sinks)
     if causal and isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() >= 2 and (
         k.dim() >= 2 and q.shape[-2] != k.shape[-2]
     ):
@@ -218,19 +251,22 @@ def favor_attention(
             f"k {shape_str(k)}"
         )
     # Fused Triton kernels for CUDA tensors (ops/favor/triton); None: not covered, eager.
-    # locals() = every argument, so new ones (e.g. window) send the call to the eager path.
-    fast = maybe_favor_triton(**locals())
+    # locals() = every argument, so new ones (e.g. window) send the call to the eager path;
+    # sinks=0 is "no sinks" (None to the kernels), which they cover.
+    fast = maybe_favor_triton(**{**locals(), "sinks": sinks or None})
     if fast is not None:
         return fast
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, causal, key_padding_mask, scale
     )
     window = _check_window(window, causal, q, k)
+    _check_hybrid_lengths(sinks, causal, q, k)
     lf = _check_linear_factor(linear_factor, q4)
-    if window is not None:
+    if window is not None or sinks:
         out = favor_window(
             q4, k4, v4, fm, params, window=window, causal=causal, linear_factor=lf,
             key_padding_mask=mask, chunk_size=chunk_size, block_size=block_size,
+            sinks=sinks,
         )
     elif causal:
         out = favor_causal(
@@ -255,6 +291,7 @@ def favor_recurrent(
     scale: float | None = None,
     window: int | None = None,
     linear_factor: Tensor | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, FavorState]:
     """Causal FAVOR+ decoding step: consume ``n`` new tokens after ``state``.
 
@@ -266,12 +303,17 @@ def favor_recurrent(
             linear_factor: as :func:`favor_attention`; use the same values at every step.
             With a window the state also carries the last ``window`` keys and values
             (and their padding): :class:`FavorState` ``keys``/``values``/``padding``.
+        sinks: as :func:`favor_attention` (the same value at every step). With
+            ``sinks > 0`` the state also carries the sinks that have left the window and
+            the number of real keys consumed per sequence (:class:`FavorState`
+            ``sink_keys``/``sink_values``/``sink_padding``/``seen``); with
+            ``window=None`` the window part of the state is empty (window 0).
 
     Returns:
         ``(out: (B, H, n, dv), new_state)``. Time and memory per token do not depend on
         how many tokens the state has absorbed. Running it token by token (or ``n`` at a
-        time) equals ``favor_attention(..., causal=True, window=window)`` on the
-        concatenated tokens.
+        time) equals ``favor_attention(..., causal=True, window=window, sinks=sinks)``
+        on the concatenated tokens.
     """
     q, k, v = check_qkv(q, k, v)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
@@ -283,18 +325,19 @@ def favor_recurrent(
         q, k, v, projection, kernel, True, key_padding_mask, scale
     )
     window = _check_window(window, True, q, k)
+    sinks = _check_sinks(sinks)
     lf = _check_linear_factor(linear_factor, q4)
     if state is not None:
-        state = _check_state(state, fm, params, q, v, window, q4.dtype)
+        state = _check_state(state, fm, params, q, v, window, q4.dtype, sinks)
     out, new_state = favor_recurrent_step(
         q4, k4, v4, state, fm, params, key_padding_mask=mask, window=window,
-        linear_factor=lf,
+        linear_factor=lf, sinks=sinks,
     )
     return out.to(q.dtype), new_state
 
 
 
-def _check_state(state, fm, params, q, v, window, dtype) -> FavorState:
+def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
     if not isinstance(state, FavorState):
         raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
     m = fm.num_features(params.weight, q.shape[-1])
@@ -312,27 +355,43 @@ def _check_state(state, fm, params, q, v, window, dtype) -> FavorState:
         raise ValueError(
             f"state.stab must have shape (B, H) = {want[:2]}, got {shape_str(state.stab)}"
         )
-    if window is None:
+    if window is None and not sinks:
         if state.keys is not None:
             raise ValueError("state carries a window's keys but window=None was passed")
+        if state.sink_keys is not None:
+            raise ValueError("state carries sink keys but sinks=0 was passed")
         return FavorState(state.kv.to(dtype), state.stab.to(dtype))
+    # sinks without a window: the hybrid's state with an empty window.
+    band = 0 if window is None else window
     bsz, heads = q.shape[:2]
     shapes = {
-        "keys": (state.keys, (bsz, heads, window, q.shape[-1])),
-        "values": (state.values, (bsz, heads, window, v.shape[-1])),
-        "padding": (state.padding, (bsz, window)),
+        "keys": (state.keys, (bsz, heads, band, q.shape[-1])),
+        "values": (state.values, (bsz, heads, band, v.shape[-1])),
+        "padding": (state.padding, (bsz, band)),
     }
+    if sinks:
+        shapes.update({
+            "sink_keys": (state.sink_keys, (bsz, heads, sinks, q.shape[-1])),
+            "sink_values": (state.sink_values, (bsz, heads, sinks, v.shape[-1])),
+            "sink_padding": (state.sink_padding, (bsz, sinks)),
+            "seen": (state.seen, (bsz,)),
+        })
+    elif state.sink_keys is not None:
+        raise ValueError("state carries sink keys but sinks=0 was passed")
     for name, (t, shape) in shapes.items():
         if t is None or tuple(t.shape) != shape:
             got = "None" if t is None else shape_str(t)
             raise ValueError(
-                f"state.{name} must have shape {shape} for window={window}, got {got} "
-                "(pass the state returned by the previous step with the same window)"
+                f"state.{name} must have shape {shape} for window={window}, sinks={sinks}, "
+                f"got {got} (pass the state returned by the previous step with the same "
+                "window and sinks)"
             )
-    return FavorState(
-        state.kv.to(dtype), state.stab.to(dtype), state.keys.to(dtype),
-        state.values.to(dtype), state.padding,
-    )
+    fields = [state.kv.to(dtype), state.stab.to(dtype), state.keys.to(dtype),
+              state.values.to(dtype), state.padding]
+    if sinks:
+        fields += [state.sink_keys.to(dtype), state.sink_values.to(dtype),
+                   state.sink_padding, state.seen]
+    return FavorState(*fields)
 
 
 def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) -> Tensor:

@@ -39,7 +39,9 @@ class ModelConfig(JsonConfig):
     ``"hedgehog"``, ... from :data:`linattn.KERNELS`) or ``"linformer"`` (bidirectional
     only). ``window`` (FAVOR+ only): None for pure linear attention, or ``w >= 0`` for the
     sliding-window hybrid (exact scores for the ``w`` nearest keys, see
-    :class:`linattn.PerformerAttention`). ``num_features``: ``m`` of FAVOR+ (default
+    :class:`linattn.PerformerAttention`). ``sinks`` (FAVOR+ only): the first ``sinks``
+    unpadded keys scored exactly by every query (attention sinks; 0: none).
+    ``num_features``: ``m`` of FAVOR+ (default
     ``d log d``; ``d`` for ``"hedgehog"``). ``position``: rotary (applied to q and k;
     exact and FAVOR+ only), learned or sinusoidal absolute embeddings, or none.
     """
@@ -53,6 +55,7 @@ class ModelConfig(JsonConfig):
     attention: Attention = "favor"
     kernel: Kernel = FavorOptions.kernel
     window: int | None = FavorOptions.window
+    sinks: int = FavorOptions.sinks
     causal: bool = False
     num_features: int | None = FavorOptions.num_features
     redraw_interval: int | None = FavorOptions.redraw_interval
@@ -71,7 +74,8 @@ class ModelConfig(JsonConfig):
         """The FAVOR+ settings of ``attention="favor"`` layers (the rest at their
         :class:`linattn.nn.FavorOptions` defaults)."""
         return FavorOptions(num_features=self.num_features, kernel=self.kernel,
-                            window=self.window, redraw_interval=self.redraw_interval)
+                            window=self.window, sinks=self.sinks,
+                            redraw_interval=self.redraw_interval)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "ff_mult", "max_seq_len"):
@@ -98,6 +102,11 @@ class ModelConfig(JsonConfig):
             if isinstance(self.window, bool) or not isinstance(self.window, int) or \
                     self.window < 0:
                 raise ValueError(f"window must be None or an int >= 0, got {self.window!r}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        if self.sinks and self.attention != "favor":
+            raise ValueError(f"sinks applies to attention='favor' only, got "
+                             f"attention={self.attention!r}")
         if self.attention == "favor" and self.causal and not KERNELS[self.kernel].causal_ok:
             raise ValueError(f"kernel={self.kernel!r} is bidirectional only; it cannot be "
                              "causal")

@@ -42,6 +42,8 @@ class FavorOptions:
             learned kernels.
         kernel: a :data:`linattn.KERNELS` name (the feature map).
         window: None (pure linear) or ``w >= 0`` for the sliding-window hybrid.
+        sinks: ``s >= 0`` attention-sink keys (the first ``s`` unpadded keys, scored
+            exactly by every query; with ``window=None`` the only exact keys); 0: none.
         redraw_interval: training forward passes between projection redraws; None keeps
             the projection fixed.
         orthogonal, scaling: how the random projection is drawn
@@ -51,6 +53,7 @@ class FavorOptions:
     num_features: int | None = None
     kernel: Kernel = "softmax"
     window: int | None = None
+    sinks: int = 0
     redraw_interval: int | None = None
     orthogonal: bool = True
     scaling: str = "chi"
@@ -175,6 +178,12 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             map's scores are about ``2 / m`` per key against ``exp(s)`` inside the window,
             so this puts both parts on one scale, as the converted models' state does);
             random features keep the unweighted, unbiased estimate.
+        sinks: ``s >= 0`` attention-sink keys: the first ``s`` unpadded keys of each
+            sequence are scored exactly by every query that sees them, inside its window
+            or not (``window=None``: the sinks are the only exact keys); 0 (default): none.
+            A learned kernel weights the linear part by ``exp(log_linear_factor)`` as with
+            a window. The recurrent state (:meth:`step`) then also keeps ``s`` sink keys
+            and values.
         redraw_interval: draw a fresh projection every this many training forward
             passes (never in ``eval()``); None keeps it fixed. Not with a trained
             projection.
@@ -216,6 +225,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         kernel: Kernel = FavorOptions.kernel,
         causal: bool = False,
         window: int | None = FavorOptions.window,
+        sinks: int = FavorOptions.sinks,
         redraw_interval: int | None = FavorOptions.redraw_interval,
         learn_projection: bool = False,
         per_head_projection: bool = False,
@@ -243,6 +253,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
         if window is not None:
             check_positive_int("window", window, minimum=0)
+        self.sinks = check_positive_int("sinks", sinks, minimum=0)
         self.kernel, self.causal, self.window = kernel, causal, window
         self.learned_kernel = kernel in LEARNED_KERNELS
         if self.learned_kernel and redraw_interval is not None:
@@ -261,7 +272,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             learn=learn_projection or self.learned_kernel,
         )
         self.log_linear_factor = None
-        if self.learned_kernel and window is not None:
+        if self.learned_kernel and (window is not None or self.sinks):
             # Learned scores are ~2/m per key against exp(s) in the window: start at m/2.
             self.log_linear_factor = nn.Parameter(
                 torch.full((num_heads,), math.log(self.num_features / 2), **factory))
@@ -307,7 +318,8 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         v = self._heads(self.v_proj(value))
         out = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=causal,
                               key_padding_mask=key_padding_mask, window=self.window,
-                              linear_factor=self.linear_factor(), chunk_size=self.chunk_size)
+                              linear_factor=self.linear_factor(), chunk_size=self.chunk_size,
+                              sinks=self.sinks)
         return self._layout(self._finish(out)), None
 
     def _finish(self, out: Tensor) -> Tensor:
@@ -318,26 +330,31 @@ class PerformerAttention(RandomFeatures, MHAShaped):
     ) -> tuple[Tensor, FavorState]:
         """Causal self-attention for new tokens ``x: (B, n, E)`` at positions
         ``offset..offset+n-1``, after ``state`` (None at the start). O(1) in the context
-        length (with a window the state also holds the last ``window`` keys and values).
+        length (with a window the state also holds the last ``window`` keys and values,
+        with sinks the ``sinks`` sink keys and values)).
         Returns ``(output (B, n, E), new_state)``."""
         q = self._rotate(self._heads(self.q_proj(x)), offset)
         k = self._rotate(self._heads(self.k_proj(x)), offset)
         v = self._heads(self.v_proj(x))
         out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel,
-                                     window=self.window, linear_factor=self.linear_factor())
+                                     window=self.window, linear_factor=self.linear_factor(),
+                                     sinks=self.sinks)
         return self._finish(out), state
 
     def options(self) -> FavorOptions:
         """This module's FAVOR+ settings (``PerformerAttention(E, H, **vars(options))``
         builds one like it)."""
         return FavorOptions(num_features=self.num_features, kernel=self.kernel,
-                            window=self.window, redraw_interval=self.redraw_interval,
+                            window=self.window, sinks=self.sinks,
+                            redraw_interval=self.redraw_interval,
                             orthogonal=self.orthogonal, scaling=self.scaling)
 
     def extra_repr(self) -> str:
         extra = ""
         if self.window is not None:
             extra += f", window={self.window}"
+        if self.sinks:
+            extra += f", sinks={self.sinks}"
         if self.projection_heads:
             extra += ", per_head_projection=True"
         if self.learn_projection:

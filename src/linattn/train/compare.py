@@ -18,33 +18,36 @@ from .config import TrainConfig
 from .loop import read_metrics
 
 _SPEC = re.compile(r"(?P<attention>[a-z]+)(?:-(?P<kernel>[a-z_]+))?(?:-m(?P<m>\d+))?"
-                   r"(?:-w(?P<w>\d+))?")
+                   r"(?:-w(?P<w>\d+))?(?:-s(?P<s>\d+))?")
 
 
 def parse_spec(spec: str) -> dict:
     """An attention spec as :class:`TrainConfig` fields.
 
-    A spec is ``<attention>[-<kernel>][-m<features>][-w<window>]``: ``"exact"``,
+    A spec is ``<attention>[-<kernel>][-m<features>][-w<window>][-s<sinks>]``: ``"exact"``,
     ``"linformer"``, ``"favor"`` (softmax kernel, no window), ``"favor-relu"``,
     ``"favor-w16"`` (softmax kernel, window 16), ``"favor-m128"`` (128 random features),
-    ``"favor-hedgehog-w64"``. It always sets ``attention``, ``kernel`` and ``window``
-    (``"softmax"`` and None when not written), and ``num_features`` when ``-m`` is
+    ``"favor-hedgehog-w64"``, ``"favor-hedgehog-w16-s1"`` (and one attention sink). It
+    always sets ``attention``, ``kernel``, ``window`` and ``sinks`` (``"softmax"``, None
+    and 0 when not written), and ``num_features`` when ``-m`` is
     written. Kernel names are those of :data:`linattn.KERNELS` (``_``, never ``-``)."""
     if not isinstance(spec, str):
         raise ValueError(f"attention spec must be a string, got {spec!r}")
     match = _SPEC.fullmatch(spec)
     if match is None:
         raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
-                         "[-m<features>][-w<window>], e.g. 'exact', 'favor-relu', "
+                         "[-m<features>][-w<window>][-s<sinks>], e.g. 'exact', "
+                         "'favor-relu', "
                          "'favor-hedgehog-w64'")
-    attention, kernel, m, w = match.group("attention", "kernel", "m", "w")
+    attention, kernel, m, w, sinks = match.group("attention", "kernel", "m", "w", "s")
     check_choice("attention", attention, ATTENTIONS)
-    if attention != "favor" and (kernel or m or w):
-        raise ValueError(f"attention spec {spec!r}: a kernel, features and a window apply "
-                         "to 'favor' only")
+    if attention != "favor" and (kernel or m or w or sinks):
+        raise ValueError(f"attention spec {spec!r}: a kernel, features, a window and sinks "
+                         "apply to 'favor' only")
     fields: dict = {"attention": attention,
                     "kernel": check_choice("kernel", kernel or "softmax", tuple(KERNELS)),
-                    "window": None if w is None else int(w)}
+                    "window": None if w is None else int(w),
+                    "sinks": 0 if sinks is None else int(sinks)}
     if m is not None:
         fields["num_features"] = int(m)
     return fields
@@ -59,6 +62,8 @@ def spec_name(cfg: TrainConfig) -> str:
         name += f"-m{cfg.num_features}"
     if cfg.window is not None:
         name += f"-w{cfg.window}"
+    if cfg.sinks:
+        name += f"-s{cfg.sinks}"
     return name
 
 
@@ -75,7 +80,7 @@ def compare(
     """Train ``base`` once per attention spec (:func:`parse_spec`; default
     :func:`default_attentions`) into ``out/<spec>/``; write ``out/comparison.json``,
     ``out/comparison.md`` and ``out/comparison.png``. The spec sets ``attention``,
-    ``kernel``, ``window`` (and ``num_features`` if written); every other field comes
+    ``kernel``, ``window``, ``sinks`` (and ``num_features`` if written); every other field comes
     from ``base``.
 
     Each run is a fresh process (``python -m linattn train``), so that its peak memory
@@ -129,7 +134,8 @@ def spec_label(spec: str) -> str:
         return "Linformer"
     m = "" if "num_features" not in f else f", m = {f['num_features']}"
     window = "" if f["window"] is None else f", window {f['window']}"
-    return f"FAVOR+ ({f['kernel']} kernel{m}{window})"
+    sinks = "" if not f["sinks"] else f", {f['sinks']} sink{'s' if f['sinks'] > 1 else ''}"
+    return f"FAVOR+ ({f['kernel']} kernel{m}{window}{sinks})"
 
 
 def format_markdown(result: dict) -> str:

@@ -20,7 +20,8 @@ class TrainConfig(JsonConfig):
 
     Model: ``attention`` (``exact``, ``favor``, ``linformer``), ``kernel`` (the FAVOR+
     feature map: ``softmax``, ``relu``, ``hedgehog``, ...), ``window`` (FAVOR+
-    sliding-window hybrid: None, or the number of nearest keys scored exactly), ``dim``,
+    sliding-window hybrid: None, or the number of nearest keys scored exactly), ``sinks``
+    (FAVOR+: the first ``sinks`` keys scored exactly by every query; 0: none), ``dim``,
     ``depth``, ``heads``, ``ff_mult``, ``num_features`` (FAVOR+), ``proj_dim``
     (Linformer), ``redraw_interval``, ``dropout``. Data: ``task`` (``bytes``,
     ``listops``, ``fortunes``), ``seq_len`` (window for ``bytes``, maximum tokens for the
@@ -38,6 +39,7 @@ class TrainConfig(JsonConfig):
     attention: Attention = "favor"
     kernel: Kernel = FavorOptions.kernel
     window: int | None = FavorOptions.window
+    sinks: int = FavorOptions.sinks
     dim: int = 128
     depth: int = 2
     heads: int = 4
@@ -103,7 +105,8 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         # The model's checks of attention, kernel, window and redraws, written once there.
         ModelConfig(vocab_size=2, dim=self.dim, heads=self.heads, attention=self.attention,
-                    kernel=self.kernel, window=self.window, causal=self.task == "bytes",
+                    kernel=self.kernel, window=self.window, sinks=self.sinks,
+                    causal=self.task == "bytes",
                     redraw_interval=self.redraw_interval,
                     position="rotary" if self.task == "bytes" else "learned")
         self.betas = tuple(self.betas)

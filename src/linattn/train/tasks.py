@@ -56,7 +56,7 @@ class ByteLM:
         c = self.cfg
         return ModelConfig(vocab_size=256, dim=c.dim, depth=c.depth, heads=c.heads,
                            ff_mult=c.ff_mult, max_seq_len=c.seq_len, attention=c.attention,
-                           kernel=c.kernel, window=c.window, causal=True,
+                           kernel=c.kernel, window=c.window, sinks=c.sinks, causal=True,
                            num_features=c.num_features,
                            redraw_interval=c.redraw_interval, position="rotary",
                            dropout=c.dropout, seed=c.seed)
@@ -110,6 +110,7 @@ class _Classification:
         return ModelConfig(vocab_size=self.vocab_size, dim=c.dim, depth=c.depth,
                            heads=c.heads, ff_mult=c.ff_mult, max_seq_len=c.seq_len,
                            attention=c.attention, kernel=c.kernel, window=c.window,
+                           sinks=c.sinks,
                            causal=False,
                            num_features=c.num_features, redraw_interval=c.redraw_interval,
                            proj_dim=c.proj_dim, position="learned", dropout=c.dropout,

@@ -2,8 +2,9 @@
 
 With :class:`FavorCache`, a converted decoder's ``generate()`` costs the same per token
 whatever the context length: each layer keeps ``(B, H, M, d + 1)`` numbers (plus, with a
-window ``w``, the last ``w`` keys and values), not a key/value cache that grows with every
-token. :func:`~.convert.convert` makes it the
+window ``w``, the last ``w`` keys and values, and with ``sinks=s`` the ``s`` sink keys and
+values and a count of real tokens per sequence), not a key/value cache that grows with
+every token. :func:`~.convert.convert` makes it the
 default cache of a converted causal model's ``generate()``.
 """
 
@@ -68,7 +69,8 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def _map(self, fn) -> None:
         # Every per-sequence tensor of the state (the sums, their stabilizer and, with a
-        # window, the last keys/values and their padding) follows the batch reordering.
+        # window, the last keys/values and their padding; with sinks, the sink slots and
+        # the real-token count) follows the batch reordering.
         if self.state is not None:
             self.state = _map_state(self.state, fn)
 

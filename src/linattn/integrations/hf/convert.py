@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import inspect
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
-FAVOR_OPTIONS = ("num_features", "kernel", "window", "orthogonal", "scaling", "seed",
+FAVOR_OPTIONS = ("num_features", "kernel", "window", "sinks", "orthogonal", "scaling", "seed",
                  "redraw_interval", "chunk_size", "learn_projection")
 LINFORMER_OPTIONS = ("proj_dim", "projection", "sharing", "max_seq_len", "seed")
 
@@ -87,7 +88,9 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
             trainable projection per head, see :class:`~.state.FavorLayerState`),
             ``window`` (None: pure linear attention; ``w``: exact softmax scores for the
             keys within ``w`` positions of each query, the model's own attention kept
-            there), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
+            there), ``sinks`` (0: none; ``s``: the first ``s`` unpadded tokens of each
+            text, e.g. ``[CLS]`` or BOS, keep the model's exact scores for every query,
+            with or without a window), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
             ``(seed, i)``), ``redraw_interval``, ``chunk_size``, ``learn_projection``
             (train the projection; default True for learned maps);
             for ``"linformer"``: ``proj_dim`` (128), ``projection`` (``"linear"``,
@@ -143,6 +146,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 head_dim, num_heads=_num_heads(module),
                 num_features=options.get("num_features"),
                 kernel=options.get("kernel", "softmax"), window=options.get("window"),
+                sinks=options.get("sinks", 0),
                 orthogonal=options.get("orthogonal", True),
                 scaling=options.get("scaling", "chi"), seed=options.get("seed", 0),
                 layer_index=layer, redraw_interval=options.get("redraw_interval"),
@@ -226,13 +230,20 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _cache_key(model: nn.Module) -> str:
+    # Newer transformers name generate()'s cache "cache" (past_key_values is deprecated):
+    # the key its model_kwargs use is the one prepare_inputs_for_generation takes.
+    params = inspect.signature(type(model).prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
     :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
-    if (model_kwargs.get("past_key_values") is None
+    if (model_kwargs.get("past_key_values") is None and model_kwargs.get("cache") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None):
-        model_kwargs["past_key_values"] = FavorCache(self)
+        model_kwargs[_cache_key(self)] = FavorCache(self)
     return type(self)._prepare_cache_for_generation(
         self, generation_config, model_kwargs, *args, **kwargs
     )

@@ -42,6 +42,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             positions of a query (``i - w < j <= i`` in causal models) get the exact
             softmax score, the others the feature-map score, under one normalizer (see
             :func:`linattn.favor_attention`).
+        sinks: ``s >= 0`` attention sinks: the first ``s`` unpadded tokens of each text
+            (BERT's ``[CLS]``, a decoder's BOS) get the exact softmax score from every
+            query that sees them, inside its window or not (``window=None``: the sinks are
+            the only exact keys); 0: none. Decoding (:class:`~.cache.FavorCache`) keeps
+            their keys and values in the recurrent state.
         orthogonal, scaling, seed, layer_index, redraw_interval: as
             :class:`linattn.PerformerAttention` (random-feature kernels).
         chunk_size: causal chunk length (speed only).
@@ -52,7 +57,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
 
     Learned maps also hold ``log_linear_factor: (H,)``: the per-head weight
     ``exp(log_linear_factor)`` of the feature-map scores against the exact
-    ``exp(scale q.k)`` inside the window (it cancels without a window). It starts at
+    ``exp(scale q.k)`` inside the window and for the sinks (it cancels without either). It starts at
     ``log(m / 2)``: hedgehog features are probabilities (each half sums to 1), so
     ``phi(q).phi(k)`` is about ``2 / m`` for unrelated tokens where ``exp(scale q.k)`` is
     about 1; the factor puts both on one scale. (LoLCATs' ``sigmoid(-2.197) = 0.1``
@@ -78,6 +83,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         num_features: int | None = None,
         kernel: str = "softmax",
         window: int | None = None,
+        sinks: int = 0,
         orthogonal: bool = True,
         scaling: str = "chi",
         seed: int = 0,
@@ -99,7 +105,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or window < 0):
             raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-        self.window = window
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+        self.window, self.sinks = window, sinks
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         if num_features is None:
             num_features = head_dim if self.learned else default_num_features(head_dim)
@@ -148,7 +156,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ) -> Tensor:
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, "window": self.window,
-              "linear_factor": self.linear_factor()}
+              "sinks": self.sinks, "linear_factor": self.linear_factor()}
         if cache_layer is not None:
             out, cache_layer.state = favor_recurrent(
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
@@ -168,13 +176,14 @@ class FavorLayerState(RandomFeatures, nn.Module):
 
     def options(self) -> dict:
         return {"num_features": self.num_features, "kernel": self.kernel,
-                "window": self.window, "orthogonal": self.orthogonal,
+                "window": self.window, "sinks": self.sinks, "orthogonal": self.orthogonal,
                 "scaling": self.scaling, "redraw_interval": self.redraw_interval,
                 "chunk_size": self.chunk_size, "learn_projection": self.learn_projection}
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_features={self.num_features}, "
-                f"kernel={self.kernel!r}, window={self.window}")
+                f"kernel={self.kernel!r}, window={self.window}"
+                + (f", sinks={self.sinks}" if self.sinks else ""))
 
 
 # Feature maps whose projection is learned (one per head), not drawn at random.

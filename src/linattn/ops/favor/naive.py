@@ -22,6 +22,16 @@ def window_mask(lq: int, lk: int, window: int, causal: bool, device=None) -> Ten
     return (i - j).abs() <= window
 
 
+def sink_mask(key_padding_mask: Tensor | None, lk: int, sinks: int, device=None) -> Tensor:
+    """``is_sink: (B, Lk)`` (or ``(Lk,)`` without a mask) bool: the first ``sinks``
+    unpadded keys of each sequence (a left-padded sequence's sinks are its first real
+    tokens); all False when ``sinks == 0``."""
+    if key_padding_mask is None:
+        return torch.arange(lk, device=device) < sinks
+    keep = ~key_padding_mask
+    return keep & (keep.long().cumsum(-1) <= sinks)
+
+
 def favor_naive(
     q: Tensor,
     k: Tensor,
@@ -33,28 +43,40 @@ def favor_naive(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     linear_factor: Tensor | None = None,
+    sinks: int = 0,
 ) -> Tensor:
-    """Reference FAVOR attention, optionally the sliding-window hybrid.
+    """Reference FAVOR attention, optionally the sliding-window hybrid with sink keys.
 
     Shapes: ``q: (B, H, Lq, d)``, ``k: (B, H, Lk, d)`` (raw; ``params.scale``
     applies), ``v: (B, H, Lk, dv)``, ``key_padding_mask: (B, Lk)`` bool (True =
-    ignore), ``linear_factor``: ``(H,)`` or ``()`` (used only with a window).
+    ignore), ``linear_factor``: ``(H,)`` or ``()`` (used only by the hybrid: a window or
+    ``sinks > 0``), ``sinks``: the number of sink keys (the first ``sinks`` unpadded keys
+    of each sequence), scored exactly by every query that sees them, window or not.
     Returns ``(B, H, Lq, dv)``; a query row with no visible key gets zeros.
 
     Equivalent to::
 
         A = phi(q) @ phi(k).T          # (Lq, Lk), phi by the kernel's exact formula
-        if window is not None:         # near: |i - j| <= w, or i - w < j <= i if causal
+        if window is not None or sinks:
+            # near: |i - j| <= w, or i - w < j <= i if causal (none if window is None),
+            # or j among the first `sinks` unpadded keys of the sequence
             A = where(near, exp(scale * q @ k.T), linear_factor[h] * A)
         A = A masked (padded keys, and j > i when causal) to 0
         out = (A @ v) / A.sum(-1)
     """
     a = fm.exact(q, params) @ fm.exact(k, params).transpose(-2, -1)
-    if window is not None:
+    if window is not None or sinks:
         if linear_factor is not None:
             lf = linear_factor.reshape(-1, 1, 1) if linear_factor.dim() else linear_factor
             a = a * lf
-        near = window_mask(q.shape[-2], k.shape[-2], window, causal, device=q.device)
+        lq, lk = q.shape[-2], k.shape[-2]
+        near = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
+        if window is not None:
+            near = window_mask(lq, lk, window, causal, device=q.device)
+        if sinks:
+            is_sink = sink_mask(key_padding_mask, lk, sinks, device=q.device)
+            # [B, 1, 1, Lk] (or [Lk]) against the [Lq, Lk] band
+            near = near | (is_sink[:, None, None, :] if is_sink.dim() == 2 else is_sink)
         a = torch.where(near, torch.exp(params.scale * (q @ k.transpose(-2, -1))), a)
     if key_padding_mask is not None:
         a = a.masked_fill(key_padding_mask[:, None, None, :], 0.0)

@@ -5,7 +5,10 @@ The state after tokens ``1..t`` is ``S = sum_j exp(r_j - c) F_j^T [v_j, 1]``
 costs the same whatever ``t`` is. The step is the causal scan with the state carried in,
 so running it token by token reproduces :func:`favor_causal`. With a window ``w`` the
 state also holds the last ``w`` keys and values (and which of them are padding), and
-``S`` only the keys older than them: stepping reproduces the causal window hybrid.
+``S`` only the keys older than them: stepping reproduces the causal window hybrid. With
+``sinks = s`` it also holds the sink keys that have left the window (``S`` never sums a
+sink) and how many real keys each sequence has consumed (which tells whether a new key is
+one of the first ``s``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ class FavorState(NamedTuple):
     the feature map's constant). With a window ``w``: ``keys: (B, H, w, d)`` and
     ``values: (B, H, w, dv)``, the last ``w`` tokens (oldest first), ``padding: (B, w)``
     bool (True = padding or empty slot), and ``kv`` sums only the keys older than those;
-    None without a window.
+    None without a window. With ``sinks = s > 0`` (the window is then ``w``, or 0 for
+    ``window=None``): ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s, dv)`` and
+    ``sink_padding: (B, s)`` bool (True = empty slot), the sinks (first ``s`` real keys)
+    that have left the window, and ``seen: (B,)`` long, the real keys consumed so far;
+    None when ``sinks == 0``. ``kv`` never sums a sink.
     """
 
     kv: Tensor
@@ -36,19 +43,33 @@ class FavorState(NamedTuple):
     keys: Tensor | None = None
     values: Tensor | None = None
     padding: Tensor | None = None
+    sink_keys: Tensor | None = None
+    sink_values: Tensor | None = None
+    sink_padding: Tensor | None = None
+    seen: Tensor | None = None
 
 
 def empty_window_state(
     bsz: int, heads: int, num_features: int, head_dim: int, dv: int, window: int, *,
-    dtype: torch.dtype, device: torch.device,
+    dtype: torch.dtype, device: torch.device, sinks: int = 0,
 ) -> FavorState:
-    """The state before any token, for a window of ``window`` tokens."""
+    """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
+    slots, all empty)."""
     kv, stab = initial_state((bsz, heads), num_features, dv, dtype=dtype, device=device)
+    sink_fields = ()
+    if sinks:
+        sink_fields = (
+            torch.zeros(bsz, heads, sinks, head_dim, dtype=dtype, device=device),
+            torch.zeros(bsz, heads, sinks, dv, dtype=dtype, device=device),
+            torch.ones(bsz, sinks, dtype=torch.bool, device=device),
+            torch.zeros(bsz, dtype=torch.long, device=device),
+        )
     return FavorState(
         kv, stab,
         torch.zeros(bsz, heads, window, head_dim, dtype=dtype, device=device),
         torch.zeros(bsz, heads, window, dv, dtype=dtype, device=device),
         torch.ones(bsz, window, dtype=torch.bool, device=device),
+        *sink_fields,
     )
 
 
@@ -63,22 +84,28 @@ def favor_recurrent_step(
     key_padding_mask: Tensor | None = None,
     window: int | None = None,
     linear_factor: Tensor | None = None,
+    sinks: int = 0,
 ) -> tuple[Tensor, FavorState]:
     """Consume ``n >= 1`` new tokens (causally among themselves) after ``state``.
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``linear_factor: (H,)``,
-    ``()`` or None (window only). Returns ``(out: (B, H, n, dv), new_state)``.
+    ``()`` or None (hybrid only: a window or sinks). ``sinks > 0`` with
+    ``window=None`` steps the hybrid with an empty band (window 0). Returns
+    ``(out: (B, H, n, dv), new_state)``.
     """
+    if window is None and sinks:
+        window = 0
     if window is not None:
         if state is None:
             m = fm.num_features(params.weight, q.shape[-1])
             state = empty_window_state(
                 q.shape[0], q.shape[1], m, q.shape[-1], v.shape[-1], window,
-                dtype=q.dtype, device=q.device,
+                dtype=q.dtype, device=q.device, sinks=sinks,
             )
+        fields = tuple(state) if sinks else tuple(state)[:5]
         out, new = favor_window_step(
-            q, k, v, fm, params, window=window, state=tuple(state),
-            linear_factor=linear_factor, key_padding_mask=key_padding_mask,
+            q, k, v, fm, params, window=window, state=fields,
+            linear_factor=linear_factor, key_padding_mask=key_padding_mask, sinks=sinks,
         )
         return out, FavorState(*new)
     initial = None if state is None else (state.kv, state.stab)

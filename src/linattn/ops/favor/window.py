@@ -14,11 +14,15 @@ when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
   side of the bidirectional window, and the right side is the same on the reversed
   sequence. No subtraction ``all - near`` is ever formed: every sum only adds positive
   terms (positive maps), so the denominators stay accurate in float32;
+* sinks (:func:`sink_attention`, ``sinks=s``): the first ``s`` unpadded keys of each
+  sequence are scored exactly by every query that sees them; they are gathered
+  (``(B, H, s, d)``), scored against every query where they are outside its window
+  (inside it the band has them), and taken out of the far parts;
 * :func:`combine`: the parts, each ``exp(scale_p) * [num_p, den_p]``, are added under
   their common maximum log-scale.
 
 Derivation and stabilizers: ``ops/favor/README.md``. Gradients: plain autograd (memory
-O(L (w + M)) plus the causal scan's per-chunk states).
+O(L (w + M + s)) plus the causal scan's per-chunk states).
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def band_attention(
     bsz, heads, lq, _ = q.shape
     dv = v.shape[-1]
     width = window if causal else 2 * window + 1
-    if width == 0:
+    # No band: causal window 0, or the empty bidirectional band of window=None (w = -1).
+    if width <= 0:
         return q.new_zeros(bsz, heads, lq, dv + 1), q.new_full((bsz, heads, lq), -math.inf)
     b = block or band_block(window, lq)
     nblk = -(-lq // b)
@@ -105,6 +110,77 @@ def band_attention(
     e = torch.exp(scores - mx_safe.unsqueeze(-1))
     nd = (e @ vw.transpose(-2, -1)).reshape(bsz, heads, nblk * b, dv + 1)[..., :lq, :]
     return nd, mx.reshape(bsz, heads, nblk * b)[..., :lq]
+
+
+def sink_slots(
+    keep: Tensor | None, bsz: int, length: int, sinks: int, device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The sink keys of each sequence: its first ``sinks`` unpadded keys.
+
+    Shapes: ``keep: (B, L)`` bool (True = real key) or None. Returns ``is_sink: (B, L)``
+    bool, ``idx: (B, s')`` long and ``valid: (B, s')`` bool with ``s' = min(sinks, L)``:
+    slot ``r`` holds the position of the ``r``-th real key where ``valid`` (a sequence
+    with fewer than ``sinks`` real keys has invalid slots at the end).
+    """
+    if keep is None:
+        keep = torch.ones(bsz, length, dtype=torch.bool, device=device)
+    is_sink = keep & (keep.long().cumsum(-1) <= sinks)
+    return (is_sink, *first_true(is_sink, min(sinks, length)))
+
+
+def first_true(flags: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """``idx: (B, count)`` the positions of the first ``count`` True entries of ``flags:
+    (B, n)`` in order (stable sort), and ``valid: (B, count)`` whether each is True."""
+    order = torch.sort((~flags).to(torch.uint8), dim=-1, stable=True).indices[:, :count]
+    return order, flags.gather(-1, order)
+
+
+def gather_slots(x: Tensor, idx: Tensor) -> Tensor:
+    """``x: (B, H, L, e)`` at the positions ``idx: (B, s)`` of each sequence:
+    ``(B, H, s, e)``."""
+    index = idx[:, None, :, None].expand(x.shape[0], x.shape[1], idx.shape[-1], x.shape[-1])
+    return x.gather(-2, index)
+
+
+def sink_attention(
+    q: Tensor, ks: Tensor, vs: Tensor, allowed: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Exact scores of every query against gathered sink keys.
+
+    Shapes: ``q: (B, H, n, d)``, ``ks: (B, H, s, d)``, ``vs: (B, H, s, dv)``,
+    ``allowed: (B, 1, n, s)`` bool (the pairs this part counts). Returns ``nd: (B, H, n,
+    dv + 1)`` and ``mx: (B, H, n)`` with ``sum_{allowed} exp(scale q.k) [v, 1] =
+    exp(mx) nd`` (``mx = -inf``, ``nd = 0`` where nothing is allowed), as
+    :func:`band_attention`.
+    """
+    scores = (q @ ks.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~allowed, -math.inf)
+    mx = scores.detach().amax(-1)
+    mx_safe = torch.where(torch.isfinite(mx), mx, 0.0)
+    e = torch.exp(scores - mx_safe.unsqueeze(-1))
+    return e @ ones_col(vs), mx
+
+
+def sink_part(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, sinks: int, window: int,
+    causal: bool, scale: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The sinks of a whole sequence (parallel form).
+
+    Shapes: ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, ``keep: (B, L)`` or None.
+    Returns ``keep_far: (B, L)`` bool (real keys that are not sinks: what the far parts
+    see) and the part ``(nd, mx)`` of :func:`sink_attention` over the sinks outside each
+    query's window (``|i - j| > w``; causal ``j <= i - w``; ``w = -1``: every sink).
+    """
+    bsz, _, length, _ = k.shape
+    is_sink, idx, valid = sink_slots(keep, bsz, length, sinks, k.device)
+    far = keep if keep is not None else torch.ones_like(is_sink)
+    i = torch.arange(q.shape[-2], device=q.device)[:, None]
+    pos = idx[:, None, :]  # [B, 1, s']
+    outside = (pos <= i - window) if causal else ((i - pos).abs() > window)  # [B, n, s']
+    allowed = (valid[:, None, :] & outside).unsqueeze(1)  # [B, 1, n, s']
+    part = sink_attention(q, gather_slots(k, idx), gather_slots(v, idx), allowed, scale)
+    return far & ~is_sink, part
 
 
 def far_left(
@@ -171,32 +247,43 @@ def favor_window(
     fm: FeatureMap,
     params: FeatureParams,
     *,
-    window: int,
+    window: int | None,
     causal: bool,
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     chunk_size: int = 64,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> Tensor:
-    """Sliding-window hybrid FAVOR attention, O(L (w + M)) time and memory.
+    """Sliding-window hybrid FAVOR attention with optional sink keys, O(L (w + M + s))
+    time and memory.
 
     Shapes: ``q, k: (B, H, L, d)`` (raw; ``params.scale`` applies), ``v: (B, H, L, dv)``,
     ``key_padding_mask: (B, L)`` bool (True = ignore; padded keys and values must be
     finite, callers zero them), ``linear_factor: (H,)`` or ``()`` or None (= 1).
-    Returns ``(B, H, L, dv)``.
+    ``window``: ``w >= 0``, or None for no band (then ``sinks`` should be > 0: the sinks
+    are the only exact keys). ``sinks``: the first ``sinks`` unpadded keys of each
+    sequence are scored exactly by every query that sees them. Returns ``(B, H, L, dv)``.
 
-    Equivalent to :func:`favor_naive` with ``window`` and ``linear_factor``.
+    Equivalent to :func:`favor_naive` with ``window``, ``linear_factor`` and ``sinks``.
     """
+    if window is None:
+        # No band: causal window 0 is empty; bidirectionally |i - j| <= -1 is.
+        window = 0 if causal else -1
     if not causal:
         return favor_window_bidirectional(
             q, k, v, fm, params, window=window, linear_factor=linear_factor,
-            key_padding_mask=key_padding_mask, block_size=block_size,
+            key_padding_mask=key_padding_mask, block_size=block_size, sinks=sinks,
         )
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    keep_f = None if keep is None else keep.to(q.dtype)
     near = band_attention(q, k, v, keep, window, causal, params.scale, block=block_size)
     parts = [near]
+    keep_far = keep
+    if sinks:
+        keep_far, part = sink_part(q, k, v, keep, sinks, window, True, params.scale)
+        parts.append(part)
+    keep_f = None if keep_far is None else keep_far.to(q.dtype)
     lf = _factor(linear_factor)
     sides = [(q, k, v, keep_f)]
     if not causal:
@@ -223,20 +310,24 @@ def favor_window_step(
     params: FeatureParams,
     *,
     window: int,
-    state: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    state: tuple[Tensor, ...],
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    sinks: int = 0,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``key_padding_mask: (B, n)``;
     ``state = (S: (B, H, M, dv + 1), c: (B, H), keys: (B, H, w, d), values:
     (B, H, w, dv), padding: (B, w) bool)``: the linear state of every key older than the
-    window and the last ``w`` keys/values (padding True for empty slots). Returns
-    ``(out: (B, H, n, dv), new_state)``; stepping equals :func:`favor_window` (causal) on
-    the concatenated tokens.
+    window and the last ``w`` keys/values (padding True for empty slots). With
+    ``sinks = s > 0`` four more: ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s,
+    dv)``, ``sink_padding: (B, s)`` bool (True = empty slot), the sinks that have left
+    the window (``S`` never holds a sink), and ``seen: (B,)`` long, the real keys consumed
+    so far. Returns ``(out: (B, H, n, dv), new_state)``; stepping equals
+    :func:`favor_window` (causal, same ``sinks``) on the concatenated tokens.
     """
-    kv, stab, wk, wv, wpad = state
+    kv, stab, wk, wv, wpad = state[:5]
     n = q.shape[-2]
     pad = key_padding_mask
     if pad is None:
@@ -245,15 +336,58 @@ def favor_window_step(
     padc = torch.cat([wpad, pad], dim=-1)
     keep = ~padc
     near = band_attention(q, kc, vc, keep, window, True, params.scale, q_offset=window)
+    parts = [near]
+    keep_far = keep
+    if sinks:
+        keep_far, part, sink_state = _step_sinks(q, kc, vc, keep, state[5:], n, sinks,
+                                                 params.scale)
+        parts.append(part)
     nd, g, kv, stab = far_left(
-        q, kc, vc, keep.to(q.dtype), fm, params, 0, 64, initial=(kv, stab)
+        q, kc, vc, keep_far.to(q.dtype), fm, params, 0, 64, initial=(kv, stab)
     )
     lf = _factor(linear_factor)
     if lf is not None:
         nd = nd * lf
-    out = combine([near, (nd, g)], fm.positive_exp)
+    parts.append((nd, g))
+    out = combine(parts, fm.positive_exp)
     new = (kv, stab, kc[..., n:, :], vc[..., n:, :], padc[:, n:])
+    if sinks:
+        new = new + sink_state
     return out, new
+
+
+def _step_sinks(
+    q: Tensor, kc: Tensor, vc: Tensor, keep: Tensor, state: tuple[Tensor, ...], n: int,
+    sinks: int, scale: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The sinks of one decoding step (:func:`favor_window_step`).
+
+    Shapes: ``kc: (B, H, w + n, d)``, ``vc``, ``keep: (B, w + n)`` over the window's keys
+    then the ``n`` new ones; ``state = (sink_keys, sink_values, sink_padding, seen)``.
+    Returns ``keep_far: (B, w + n)`` (real, not a sink), the sink part ``(nd, mx)`` and
+    the new ``(sink_keys, sink_values, sink_padding, seen)``. The sinks in the state are
+    older than every key of ``kc``, so every new query scores them; slot ``p < n`` of
+    ``kc`` leaves the window for the queries ``a >= p``.
+    """
+    sk, sv, spad, seen = state
+    w = kc.shape[-2] - n
+    real = keep.long()
+    total = seen + real[:, w:].sum(-1)  # [B]
+    # Rank (0-based, among real keys) of slot p = real keys before it.
+    rank = total[:, None] - real.flip(-1).cumsum(-1).flip(-1)
+    is_sink = keep & (rank < sinks)
+    idx, valid = first_true(is_sink[:, :n], min(sinks, n))
+    a = torch.arange(n, device=q.device)[:, None]
+    leaving = valid[:, None, :] & (idx[:, None, :] <= a)  # [B, n, s']
+    old = (~spad)[:, None, :].expand(-1, n, -1)  # [B, n, s]
+    allowed = torch.cat([old, leaving], dim=-1).unsqueeze(1)
+    ck = torch.cat([sk, gather_slots(kc, idx)], dim=-2)
+    cv = torch.cat([sv, gather_slots(vc, idx)], dim=-2)
+    part = sink_attention(q, ck, cv, allowed, scale)
+    # After the step every candidate has left the window: at most `sinks` are real.
+    keep_slots, kept = first_true(torch.cat([~spad, valid], dim=-1), sinks)
+    new = (gather_slots(ck, keep_slots), gather_slots(cv, keep_slots), ~kept, total)
+    return keep & ~is_sink, part, new
 
 
 def _blocks(x: Tensor, nblk: int, c: int, pad_blocks: int) -> Tensor:
@@ -351,11 +485,14 @@ def favor_window_bidirectional(
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> Tensor:
     """Bidirectional hybrid by blocks of ``C`` tokens (see ``ops/favor/README.md``).
 
     Shapes: ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, ``key_padding_mask: (B, L)``
     (padded keys and values finite), ``linear_factor: (H,)``, ``()`` or None.
+    ``window = -1``: no band (the empty ``|i - j| <= -1``). ``sinks``: the first ``sinks``
+    real keys are scored exactly (:func:`sink_part`) and left out of the far part.
     Returns ``(B, H, L, dv)``.
 
     For query block ``t``, key blocks ``u`` with ``|u - t| > D = ceil(w / C)`` are wholly
@@ -370,7 +507,12 @@ def favor_window_bidirectional(
     keep = None if key_padding_mask is None else ~key_padding_mask
     near = band_attention(q, k, v, keep, window, False, params.scale, block=block_size)
     if window + 1 >= length:
+        # Every key is inside every window (sinks included): exact attention.
         return combine([near], fm.positive_exp)
+    parts = [near]
+    if sinks:
+        keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
+        parts.append(part)
     c = far_block(window, length)
     nblk = -(-length // c)
     big = -(-window // c)  # D
@@ -440,4 +582,4 @@ def favor_window_bidirectional(
     lf = _factor(linear_factor)
     if lf is not None:
         far = far * lf
-    return combine([near, (far, scale_far)], fm.positive_exp)
+    return combine([*parts, (far, scale_far)], fm.positive_exp)

@@ -1,0 +1,587 @@
+"""Attention-sink keys in the window hybrid (``sinks=s``): the first ``s`` unpadded keys
+of each sequence are scored exactly by every query that sees them. Every path against
+the float64 oracle (itself checked against a per-pair definition), gradients, padding
+invariance, causal leak-freeness, recurrent decoding, the module, the model config and
+the command line. The Hugging Face conversions are in ``test_transfer.py``."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import linattn
+from conftest import projection, randn
+from linattn.features import get_feature_map
+from linattn.models import ModelConfig
+from linattn.ops.favor import favor_naive
+
+FACTOR = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
+WINDOWS = [None, 0, 2, 200]
+SINKS = [1, 3, 200]
+
+
+def oracle(q, k, v, w, *, kernel="softmax", causal=False, mask=None, window=None,
+           linear_factor=None, sinks=0, scale=None):
+    """``favor_naive`` (float64, L x L) with the same data-dependent feature parameters;
+    padded keys and values zeroed first, as ``favor_attention`` does."""
+    if mask is not None:
+        pad = mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    fm = get_feature_map(kernel)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    params = fm.prepare(w, q, k, mask, scale)
+    return favor_naive(q, k, v, fm, params, causal=causal, key_padding_mask=mask,
+                       window=window, linear_factor=linear_factor, sinks=sinks)
+
+
+def per_head(heads, m, d, dtype=torch.float64):
+    return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
+
+
+def mixed_mask(b, length, seed=0):
+    """Row 0 unpadded, then left-padded, right-padded and holed rows (cycled)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    for row in range(1, b):
+        n = int(torch.randint(0, max(1, length // 2) + 1, (1,), generator=g))
+        kind = row % 3
+        if kind == 1:
+            mask[row, :n] = True
+        elif kind == 2:
+            mask[row, length - n:] = True
+        else:
+            start = int(torch.randint(0, length, (1,), generator=g))
+            mask[row, start:start + n] = True
+    return mask
+
+
+def garbage(x, mask, seed=0):
+    """``x`` with NaN, inf and 1e30 in the padded slots (they must never reach a sum)."""
+    g = torch.Generator().manual_seed(seed)
+    junk = torch.randn(x.shape, generator=g, dtype=x.dtype) * 1e30
+    junk[..., 0] = float("nan")
+    junk[..., 1] = float("inf")
+    return torch.where(mask[:, None, :, None], junk, x)
+
+
+# ----------------------------------------------------------------- the oracle itself
+def by_pairs(q, k, v, phi, *, causal, mask, window, factor, sinks, scale):
+    """The semantics written pair by pair in Python: key j is exact for query i iff it
+    is visible and (in i's window or among the first `sinks` real keys)."""
+    bsz, heads, length, _ = q.shape
+    out = torch.zeros(bsz, heads, length, v.shape[-1], dtype=torch.float64)
+    for b in range(bsz):
+        real = [j for j in range(length) if mask is None or not bool(mask[b, j])]
+        sink = set(real[:sinks])
+        for h in range(heads):
+            for i in range(length):
+                num, den = torch.zeros(v.shape[-1], dtype=torch.float64), 0.0
+                for j in real:
+                    if causal and j > i:
+                        continue
+                    near = window is not None and (
+                        (i - window < j <= i) if causal else abs(i - j) <= window)
+                    if near or j in sink:
+                        a = math.exp(scale * float(q[b, h, i] @ k[b, h, j]))
+                    else:
+                        f = 1.0 if factor is None else float(factor[h])
+                        a = f * float(phi(q[b, h, i], h) @ phi(k[b, h, j], h))
+                    num, den = num + a * v[b, h, j], den + a
+                if den > 0:
+                    out[b, h, i] = num / den
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("window", [None, 0, 2], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("sinks", [1, 2, 20], ids=lambda s: f"s{s}")
+def test_oracle_is_the_pairwise_definition(causal, window, sinks):
+    q, k, v = (randn(3, 2, 9, 4, seed=s) for s in range(3))
+    w = projection(6, 4)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[1, :3] = True  # left padding: the sinks are positions 3, 4, ...
+    mask[2, 1:4] = True  # a hole after the first key
+    k, v = k.masked_fill(mask[:, None, :, None], 0.0), v.masked_fill(mask[:, None, :, None], 0.0)
+    scale = 0.5
+    factor = torch.tensor([0.4, 2.5], dtype=torch.float64)
+
+    def phi(x, h):
+        xs = x * math.sqrt(scale)
+        return torch.exp(w @ xs - xs.square().sum() / 2) / math.sqrt(w.shape[0])
+
+    got = oracle(q, k, v, w, causal=causal, mask=mask, window=window, linear_factor=factor,
+                 sinks=sinks, scale=scale)
+    want = by_pairs(q, k, v, phi, causal=causal, mask=mask, window=window, factor=factor,
+                    sinks=sinks, scale=scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # The sinks matter: without them the result is different.
+    plain = oracle(q, k, v, w, causal=causal, mask=mask, window=window, linear_factor=factor,
+                   scale=scale)
+    assert (plain - got).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------- fast paths
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("length", [1, 9, 150], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("sinks", SINKS, ids=lambda s: f"s{s}")
+def test_sinks_match_oracle_with_padding_garbage(kernel, causal, length, window, sinks):
+    q, k, v = (randn(4, 3, length, 8, seed=s) for s in range(3))
+    w = per_head(3, 12, 8)
+    mask = mixed_mask(4, length, seed=length)
+    kw = dict(kernel=kernel, causal=causal, window=window, linear_factor=FACTOR, sinks=sinks)
+    out = linattn.favor_attention(q, garbage(k, mask), garbage(v, mask, seed=1), w,
+                                  key_padding_mask=mask, chunk_size=16, block_size=7, **kw)
+    ref = oracle(q, k, v, w, mask=mask, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["softmax_hyp", "elu", "relu", "softmax_trig"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("window", [None, 3], ids=lambda w: f"w{w}")
+def test_other_kernels_match_oracle(kernel, causal, window):
+    q, k, v = (randn(3, 3, 70, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = mixed_mask(3, 70, seed=4)
+    kw = dict(kernel=kernel, causal=causal, window=window, sinks=2)
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, chunk_size=16, **kw)
+    ref = oracle(q, k, v, w, mask=mask, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(params=["one-stabilizer", "running-max"])
+def stabilizer(request, monkeypatch):
+    # The bidirectional far part has two stabilizer paths (README): exercise both.
+    if request.param == "running-max":
+        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT32", -1.0)
+    return request.param
+
+
+@pytest.mark.parametrize("window", [None, 0, 5, 70], ids=lambda w: f"w{w}")
+def test_bidirectional_stabilizer_paths(window, stabilizer):
+    q, k, v = (randn(3, 3, 200, 8, seed=s) for s in range(3))
+    w = per_head(3, 12, 8)
+    mask = mixed_mask(3, 200, seed=7)
+    kw = dict(window=window, linear_factor=FACTOR, sinks=3)
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, **kw)
+    ref = oracle(q, k, v, w, mask=mask, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_sinks_zero_is_the_plain_hybrid():
+    q, k, v = (randn(2, 3, 50, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = mixed_mask(2, 50)
+    for causal in (False, True):
+        for window in (None, 4):
+            kw = dict(causal=causal, window=window, key_padding_mask=mask)
+            assert torch.equal(linattn.favor_attention(q, k, v, w, sinks=0, **kw),
+                               linattn.favor_attention(q, k, v, w, **kw))
+            assert not torch.equal(linattn.favor_attention(q, k, v, w, sinks=1, **kw),
+                                   linattn.favor_attention(q, k, v, w, **kw))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_window_none_sinks_are_the_only_exact_keys(causal):
+    # With a zero linear factor, only the sinks count: exact softmax over the sinks.
+    q, k, v = (randn(2, 2, 30, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, :5] = True
+    out = linattn.favor_attention(q, k, v, w, causal=causal, sinks=2, key_padding_mask=mask,
+                                  linear_factor=torch.zeros((), dtype=torch.float64))
+    for b, first in ((0, 0), (1, 5)):
+        ks, vs = k[b, :, first:first + 2], v[b, :, first:first + 2]
+        want = torch.softmax(q[b] @ ks.transpose(-2, -1) / math.sqrt(8), -1) @ vs
+        rows = slice(first + 1, None) if causal else slice(None)
+        torch.testing.assert_close(out[b, :, rows], want[:, rows], rtol=1e-10, atol=1e-10)
+    if causal:  # query `first` sees one sink only
+        torch.testing.assert_close(out[1, :, 5], v[1, :, 5], rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------- gradients
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("window", [None, 2], ids=lambda w: f"w{w}")
+def test_gradcheck(kernel, causal, window):
+    q, k, v = (randn(2, 2, 11, 4, seed=s, requires_grad=True) for s in range(3))
+    w = per_head(2, 5, 4).requires_grad_()
+    lf = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 11, dtype=torch.bool)
+    mask[1, :3] = True
+
+    def fn(q, k, v, w, lf):
+        return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
+                                       window=window, sinks=2, linear_factor=lf,
+                                       key_padding_mask=mask, chunk_size=3, block_size=4)
+
+    assert gradcheck(fn, (q, k, v, w, lf), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("window", [None, 9], ids=lambda w: f"w{w}")
+def test_gradients_match_oracle(causal, window):
+    q, k, v = (randn(3, 3, 70, 8, seed=s, requires_grad=True) for s in range(3))
+    w = per_head(3, 8, 8).requires_grad_()
+    lf = FACTOR.clone().requires_grad_()
+    mask = mixed_mask(3, 70, seed=5)
+    args = dict(causal=causal, window=window, linear_factor=lf, sinks=3)
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, chunk_size=16, **args)
+    ref = oracle(q, k, v, w, mask=mask, **args)
+    g = randn(*out.shape, seed=9).masked_fill(mask[:, None, :, None], 0.0)
+    grads = torch.autograd.grad(out, (q, k, v, w, lf), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, w, lf), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+# ----------------------------------------------------------------- invariances
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("window", [None, 3], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+def test_padding_invariance(causal, side, window, kernel):
+    b, length, pad = 2, 40, 13
+    q, k, v = (randn(b, 2, length, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    lf = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    kw = dict(kernel=kernel, causal=causal, window=window, linear_factor=lf, sinks=2,
+              chunk_size=8)
+    ref = linattn.favor_attention(q, k, v, w, **kw)
+    junk = [randn(b, 2, pad, 8, seed=10 + s) * 1e30 for s in range(3)]
+    junk[1][..., 0, :] = float("nan")
+    junk[2][..., 1, :] = float("inf")
+    if side == "right":
+        qp, kp, vp = (torch.cat([t, j], dim=-2) for t, j in zip((q, k, v), junk))
+        mask = torch.arange(length + pad)[None].expand(b, -1) >= length
+        sl = slice(0, length)
+    else:
+        qp, kp, vp = (torch.cat([j, t], dim=-2) for t, j in zip((q, k, v), junk))
+        mask = torch.arange(length + pad)[None].expand(b, -1) < pad
+        sl = slice(pad, pad + length)
+    out = linattn.favor_attention(qp, kp, vp, w, key_padding_mask=mask, **kw)
+    torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("window", [None, 1, 16], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+def test_adversarial_future_keys_do_not_leak(dtype, window, kernel):
+    q, k, v = (randn(2, 2, 256, 16, seed=s, dtype=dtype) for s in range(3))
+    w = projection(32, 16, dtype=dtype)
+    # Row 1: 70 padded keys first, so its sinks (positions 70..74) come late.
+    mask = torch.zeros(2, 256, dtype=torch.bool)
+    mask[1, :70] = True
+    kw = dict(kernel=kernel, causal=True, window=window, sinks=5, chunk_size=64,
+              key_padding_mask=mask)
+    base = linattn.favor_attention(q, k, v, w, **kw)
+    for p in (2, 10, 63, 72, 100):
+        k2, v2 = k.clone(), v.clone()
+        k2[..., p + 1:, :] *= 60.0
+        v2[..., p + 1:, :] = 1e6
+        out = linattn.favor_attention(q, k2, v2, w, **kw)
+        assert torch.isfinite(out[..., : p + 1, :]).all()
+        torch.testing.assert_close(out[..., : p + 1, :], base[..., : p + 1, :],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=lambda w: f"w{w}")
+def test_causal_prefix_consistency(window):
+    q, k, v = (randn(3, 2, 90, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = mixed_mask(3, 90, seed=2)
+    kw = dict(causal=True, window=window, sinks=3, chunk_size=16)
+    full = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, **kw)
+    for n in (1, 5, 41):
+        part = linattn.favor_attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], w,
+                                       key_padding_mask=mask[:, :n], **kw)
+        torch.testing.assert_close(part, full[..., :n, :], rtol=1e-10, atol=1e-10)
+
+
+def test_float32_close_to_float64_oracle():
+    # Large logits: exact scores up to exp(~40), features of very different scales.
+    q, k, v = (randn(2, 2, 300, 16, seed=s) for s in range(3))
+    q, k = q * 2.5, k * 2.5
+    w = projection(32, 16)
+    lf = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    for causal in (False, True):
+        for window in (None, 8):
+            kw = dict(kernel="softmax", causal=causal, window=window, sinks=2)
+            ref = oracle(q, k, v, w, linear_factor=lf, **kw)
+            out = linattn.favor_attention(*(t.float() for t in (q, k, v)), w.float(),
+                                          linear_factor=lf.float(), **kw)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_no_quadratic_intermediate(causal):
+    length = 512
+    q, k, v = (randn(1, 1, length, 8, seed=s, requires_grad=True) for s in range(3))
+    w = projection(16, 8)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = linattn.favor_attention(q, k, v, w, causal=causal, window=4, sinks=4)
+        out2 = linattn.favor_attention(q, k, v, w, causal=causal, sinks=4)
+    (out + out2).sum().backward()
+    assert max(sizes) < length * length / 4
+
+
+# ----------------------------------------------------------------- recurrent decoding
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("window", [None, 0, 1, 6, 50], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("sinks", [1, 3, 40], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("step", [1, 4, 7], ids=lambda s: f"step{s}")
+def test_recurrent_equals_parallel(kernel, window, sinks, step):
+    length = 33
+    q, k, v = (randn(3, 3, length, 8, seed=s) for s in range(3))
+    w = per_head(3, 8, 8)
+    mask = torch.zeros(3, length, dtype=torch.bool)
+    mask[0, :6] = True  # left padding longer than a step
+    mask[1, 1:5] = True  # a hole between the first and the second sink
+    mask[1, 20:24] = True
+    kw = dict(kernel=kernel, window=window, sinks=sinks, linear_factor=FACTOR)
+    par = linattn.favor_attention(q, garbage(k, mask), v, w, causal=True,
+                                  key_padding_mask=mask, chunk_size=8, **kw)
+    state, outs = None, []
+    for s in range(0, length, step):
+        sl = slice(s, s + step)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], garbage(k, mask)[..., sl, :], v[..., sl, :], w, state=state,
+            key_padding_mask=mask[:, sl], **kw)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
+    band = 0 if window is None else window
+    assert state.keys.shape == (3, 3, band, 8)
+    assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3,
+                                                                                      sinks, 8)
+    assert state.sink_padding.shape == (3, sinks)
+    assert state.seen.tolist() == (~mask).sum(-1).tolist()
+    # The sinks that left the window are kept, the others are empty slots.
+    left = min(sinks, max(0, length - band))
+    assert (~state.sink_padding).sum(-1).max() <= min(sinks, left)
+
+
+def test_recurrent_state_has_no_sink_fields_without_sinks():
+    q = randn(2, 3, 5, 8)
+    w = projection(16, 8)
+    _, state = linattn.favor_recurrent(q, q, q, w, window=3)
+    assert state.sink_keys is None and state.seen is None
+    _, state = linattn.favor_recurrent(q, q, q, w)
+    assert state.keys is None and state.sink_keys is None
+
+
+def test_recurrent_state_checks():
+    q = randn(2, 3, 5, 8)
+    w = projection(16, 8)
+    _, state = linattn.favor_recurrent(q, q, q, w, window=3, sinks=2)
+    with pytest.raises(ValueError, match=r"state\.sink_keys must have shape"):
+        linattn.favor_recurrent(q, q, q, w, window=3, sinks=3, state=state)
+    with pytest.raises(ValueError, match="sinks=0"):
+        linattn.favor_recurrent(q, q, q, w, window=3, state=state)
+    with pytest.raises(ValueError, match="sinks=0"):
+        linattn.favor_recurrent(q, q, q, w, state=state._replace(keys=None))
+    _, plain = linattn.favor_recurrent(q, q, q, w, window=3)
+    with pytest.raises(ValueError, match=r"state\.sink_keys must have shape"):
+        linattn.favor_recurrent(q, q, q, w, window=3, sinks=2, state=plain)
+    _, nowin = linattn.favor_recurrent(q, q, q, w, sinks=2)
+    assert nowin.keys.shape == (2, 3, 0, 8)
+    linattn.favor_recurrent(q, q, q, w, sinks=2, state=nowin)
+
+
+# ----------------------------------------------------------------- validation
+@pytest.mark.parametrize("value,exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                       ("2", TypeError), (None, TypeError)],
+                         ids=["negative", "float", "bool", "str", "none"])
+def test_bad_sinks_raise(value, exc):
+    q = randn(2, 3, 10, 8)
+    w = projection(16, 8)
+    with pytest.raises(exc, match="sinks"):
+        linattn.favor_attention(q, q, q, w, window=2, sinks=value)
+    with pytest.raises(exc, match="sinks"):
+        linattn.favor_recurrent(q, q, q, w, sinks=value)
+    with pytest.raises((ValueError, TypeError), match="sinks"):
+        linattn.PerformerAttention(16, 2, sinks=value)
+    with pytest.raises((ValueError, TypeError), match="sinks"):
+        ModelConfig(vocab_size=10, dim=16, heads=2, sinks=value)
+
+
+def test_sinks_need_self_attention():
+    q, k = randn(2, 3, 10, 8), randn(2, 3, 7, 8)
+    with pytest.raises(ValueError, match="sinks=2 needs Lq == Lk"):
+        linattn.favor_attention(q, k, k, projection(16, 8), sinks=2)
+    with pytest.raises(ValueError, match="sinks applies to attention='favor' only"):
+        ModelConfig(vocab_size=10, dim=16, heads=2, attention="exact", sinks=1)
+
+
+# ----------------------------------------------------------------- module and model
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("window", [None, 3], ids=lambda w: f"w{w}")
+def test_module_forward_step_and_state_dict(kernel, window):
+    torch.manual_seed(0)
+    kw = dict(kernel=kernel, causal=True, window=window, sinks=2, batch_first=True,
+              dtype=torch.float64)
+    attn = linattn.PerformerAttention(16, 2, **kw)
+    assert attn.sinks == 2 and attn.options().sinks == 2
+    assert "sinks=2" in repr(attn)
+    if kernel == "hedgehog":
+        # The linear part is weighed against exact scores: a factor, window or not.
+        assert attn.log_linear_factor is not None
+        with torch.no_grad():
+            attn.log_linear_factor.add_(torch.tensor([0.5, -0.7], dtype=torch.float64))
+    x = randn(2, 13, 16, seed=3)
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[1, :4] = True
+    out = attn(x, key_padding_mask=mask)[0]
+    # The oracle on the module's own projections.
+    q, k, v = (attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    ref = oracle(q, k, v, attn.projection.detach(), kernel=kernel, causal=True, mask=mask,
+                 window=window, sinks=2, linear_factor=attn.linear_factor())
+    torch.testing.assert_close(out, attn._finish(ref), rtol=1e-10, atol=1e-10)
+    # Recurrent steps equal the parallel form (no padding here: step takes none).
+    state, outs = None, []
+    for t in range(0, 13, 5):
+        o, state = attn.step(x[:, t:t + 5], state, t)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), attn(x)[0], rtol=1e-10, atol=1e-10)
+    # state_dict round trip: a fresh module with the same options reproduces the outputs.
+    again = linattn.PerformerAttention(16, 2, **{**kw, **vars(attn.options())})
+    again.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(again(x, key_padding_mask=mask)[0], out, rtol=0, atol=0)
+
+
+def test_module_sinks_change_the_output():
+    torch.manual_seed(0)
+    a = linattn.PerformerAttention(16, 2, window=2, sinks=1, batch_first=True,
+                                   dtype=torch.float64)
+    b = linattn.PerformerAttention(16, 2, window=2, batch_first=True, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    x = randn(2, 20, 16)
+    assert (a(x)[0] - b(x)[0]).abs().max() > 1e-4
+
+
+def test_model_config_reaches_the_layers_and_generation():
+    from linattn.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=50, dim=16, depth=2, heads=2, attention="favor", window=2,
+                      sinks=3, causal=True, max_seq_len=64)
+    assert cfg.favor_options().sinks == 3
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sinks == 3
+    model = CausalLM(cfg).double().eval()
+    layers = model.encoder.performer_layers()
+    assert layers and all(a.sinks == 3 and a.window == 2 for a in layers)
+    ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    logits, caches = model.step_logits(ids[:, :6], None, 0)
+    steps = [logits]
+    for t in range(6, 17):
+        logits, caches = model.step_logits(ids[:, t:t + 1], caches, t)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------- command line
+def test_train_flag_reaches_the_model(monkeypatch, tmp_path, capsys):
+    from linattn import train as train_pkg
+    from linattn.cli import main
+    from linattn.models import CausalLM
+    from linattn.train.tasks import ByteLM
+
+    seen = {}
+
+    def fake_train(cfg, out, resume=False):
+        seen["cfg"] = cfg
+        return {"finished": False}
+
+    monkeypatch.setattr(train_pkg, "train", fake_train)
+    assert main(["train", "--attention", "favor", "--window", "4", "--sinks", "2",
+                 "--dim", "16", "--heads", "2", "--out", str(tmp_path / "run")]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.window, cfg.sinks) == (4, 2)
+    layers = CausalLM(ByteLM(cfg, data={}).model_config()).encoder.performer_layers()
+    assert layers and all(a.sinks == 2 and a.window == 4 for a in layers)
+    assert main(["train", "--sinks", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--sinks: must be >= 0" in capsys.readouterr().err
+    assert main(["train", "--attention", "exact", "--sinks", "1",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "sinks applies to attention='favor' only" in capsys.readouterr().err
+    assert "attention sinks" in _help(["train", "--help"], capsys)
+
+
+def _help(argv, capsys):
+    from linattn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    return capsys.readouterr().out
+
+
+def test_compare_spec_with_sinks():
+    from linattn.train import TrainConfig
+    from linattn.train.compare import parse_spec, spec_label, spec_name
+
+    f = parse_spec("favor-hedgehog-w16-s2")
+    assert (f["kernel"], f["window"], f["sinks"]) == ("hedgehog", 16, 2)
+    assert spec_name(TrainConfig(**f)) == "favor-hedgehog-w16-s2"
+    assert "2 sinks" in spec_label("favor-hedgehog-w16-s2")
+    assert parse_spec("favor-s1")["sinks"] == 1 and parse_spec("favor")["sinks"] == 0
+    with pytest.raises(ValueError, match="favor' only"):
+        parse_spec("exact-s1")
+
+
+def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from linattn.cli import main
+    from linattn.integrations.hf import experiment
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    seen = {}
+
+    def fake_run(model, **kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "format_summary", lambda s: "")
+    base = ["convert", "--model", str(tmp_path / "model"), "--steps", "0",
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--window", "4", "--sinks", "2"]) == 0
+    assert seen["options"]["sinks"] == 2 and seen["options"]["window"] == 4
+    seen.clear()
+    assert main(base) == 0
+    assert "sinks" not in seen["options"]  # default: none, the conversion's own default
+    assert main([*base, "--sinks", "-2"]) == 2
+    assert "--sinks: must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--method", "linformer", "--sinks", "1"]) == 2
+    assert "--sinks need --method favor" in capsys.readouterr().err
+    assert "attention sinks" in _help(["convert", "--help"], capsys)
+
+
+def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
+    # The fused kernels cover sinks=0 (no sinks) and nothing else: a non-None argument
+    # they do not know sends the call to the eager path.
+    from linattn import functional
+    from linattn.ops.favor.triton import maybe_favor_triton
+
+    seen = []
+
+    def spy(**kwargs):
+        seen.append(kwargs["sinks"])
+        return maybe_favor_triton(**kwargs)
+
+    monkeypatch.setattr(functional, "maybe_favor_triton", spy)
+    q = randn(1, 2, 8, 4)
+    w = projection(8, 4)
+    linattn.favor_attention(q, q, q, w)
+    linattn.favor_attention(q, q, q, w, sinks=0)
+    linattn.favor_attention(q, q, q, w, sinks=2)
+    assert seen == [None, None, 2]
