@@ -115,7 +115,7 @@ def test_debug_shows_the_traceback(monkeypatch):
 
 def test_help_lists_choices_and_defaults(capsys):
     from linattn import KERNELS
-    from linattn.nn.linformer import KINDS, SHARING
+    from linattn.nn.linformer import PROJ_KINDS, SHARING
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
@@ -128,7 +128,7 @@ def test_help_lists_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, values in (("--kernel", KERNELS), ("--projection", KINDS),
+    for flag, values in (("--kernel", KERNELS), ("--proj-kind", PROJ_KINDS),
                          ("--sharing", SHARING)):
         assert f"{flag} {{{','.join(values)}}}" in text
     assert "default: distill 300, transfer 600" in text and "(default: results/convert)" in text

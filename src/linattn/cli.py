@@ -277,8 +277,8 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         if args.recipe == "transfer" or (args.window is not None and args.window >= 0):
             raise SystemExit("--recipe transfer and --window need --method favor")
-        options = {"proj_dim": args.proj_dim, "projection": args.projection,
-                   "sharing": args.sharing, "seed": args.seed}
+        options = {"proj_dim": args.proj_dim, "sharing": args.sharing,
+                   "proj_kind": args.proj_kind, "seed": args.seed}
     try:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
                             max_length=args.max_length, lr=args.lr, warmup=args.warmup,
@@ -409,12 +409,11 @@ def _train_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of TrainConfig's string fields, taken from the library."""
     from .features import KERNELS
     from .models.config import ATTENTIONS
-    from .nn.linformer import KINDS, SHARING
+    from .nn.linformer import PROJ_KINDS, SHARING
     from .train.tasks import TASKS
 
     return {"task": TASKS, "attention": ATTENTIONS, "kernel": tuple(KERNELS),
-            "projection": KINDS, "linformer_projection": KINDS, "sharing": SHARING,
-            "linformer_sharing": SHARING}
+            "proj_kind": PROJ_KINDS, "linformer_sharing": SHARING}
 
 
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
@@ -448,7 +447,7 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .features import KERNELS
-    from .nn.linformer import KINDS, SHARING
+    from .nn.linformer import PROJ_KINDS, SHARING, LinformerOptions
 
     kernels = tuple(KERNELS)
     parser = _Parser(
@@ -545,11 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --recipe transfer; -1: none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
-    c.add_argument("--proj-dim", type=_positive, default=128, help="Linformer k")
-    c.add_argument("--projection", choices=KINDS, default="linear",
-                   help="Linformer projection kind")
-    c.add_argument("--sharing", choices=SHARING, default="headwise",
+    c.add_argument("--proj-dim", type=_positive, default=LinformerOptions.proj_dim,
+                   help="Linformer compressed length")
+    c.add_argument("--sharing", choices=SHARING, default=LinformerOptions.sharing,
                    help="Linformer sharing mode")
+    c.add_argument("--proj-kind", choices=PROJ_KINDS, default=LinformerOptions.proj_kind,
+                   help="what compresses Linformer's sequence")
     c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
                    default=["gcide"],
                    help="distillation text (Debian dict-gcide / python3.11-doc); with "
