@@ -293,7 +293,7 @@ def favor_recurrent(
 def _check_state(state, fm, params, q, v, window, dtype) -> FavorState:
     if not isinstance(state, FavorState):
         raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
-    m = fm.num_features(params.weight, q.shape[-1])
+    m = fm.feature_dim(params.weight, q.shape[-1])
     want = (*q.shape[:2], m, v.shape[-1] + 1)
     for name, t in (("state.kv", state.kv), ("state.stab", state.stab)):
         check_tensor(name, t, min_dim=0)
