@@ -41,7 +41,7 @@ def test_gradcheck_with_states_across_segments(kernel, per_head):
     w = (projection(2, 3, seed=4).expand(2, 2, 3).clone() if per_head
          else projection(4, 3)).requires_grad_()
     fm = get_feature_map(kernel)
-    m = fm.num_features(w, 3)
+    m = fm.feature_dim(w, 3)
     s0 = (randn(1, 2, m, 4, seed=5).abs() + 0.1).requires_grad_()
     c0 = randn(1, 2, seed=6)
     mask = _mask(1, length, seed=3)

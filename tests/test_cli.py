@@ -115,7 +115,7 @@ def test_debug_shows_the_traceback(monkeypatch):
 
 def test_help_lists_choices_and_defaults(capsys):
     from linattn import KERNELS
-    from linattn.nn.linformer import KINDS, SHARING
+    from linattn.nn.linformer import PROJ_KINDS, SHARING
 
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
@@ -128,7 +128,7 @@ def test_help_lists_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, values in (("--kernel", KERNELS), ("--projection", KINDS),
+    for flag, values in (("--kernel", KERNELS), ("--proj-kind", PROJ_KINDS),
                          ("--sharing", SHARING)):
         assert f"{flag} {{{','.join(values)}}}" in text
     assert "default: distill 300, transfer 600" in text and "(default: results/convert)" in text
@@ -162,3 +162,72 @@ def test_entry_point_prints_one_line():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "linattn train: error: argument --steps: must be >= 1, got -5"
+
+
+def test_linformer_flag_defaults_are_linformer_options():
+    from linattn import LinformerOptions
+
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["convert"]
+    defaults = {a.dest: a.default for a in sub._actions}
+    assert {k: defaults[k] for k in vars(LinformerOptions())} == vars(LinformerOptions())
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    # train's flags default to None and take TrainConfig's (LinformerOptions') values.
+    assert {a.dest: a.default for a in train._actions}["proj_dim"] is None
+
+
+def test_recipe_defaults_are_the_config_dataclasses():
+    pytest.importorskip("transformers")
+    from linattn import FavorOptions
+    from linattn.experiments.convert import RECIPES
+    from linattn.integrations.hf.distill import DistillConfig
+    from linattn.integrations.hf.transfer import TransferConfig
+
+    distill = cli.recipe_defaults("distill")
+    assert distill["kernel"] == FavorOptions().kernel and distill["window"] is None
+    for name in ("steps", "batch_size", "max_length", "lr", "warmup", "eval_every", "train",
+                 "lora_rank", "checkpoint_every"):
+        assert distill[name] == getattr(DistillConfig(), name), name
+    assert not any(k.startswith("transfer_") for k in distill)
+    transfer = cli.recipe_defaults("transfer")
+    for name in ("steps", "batch_size", "max_length", "lr", "warmup"):
+        assert transfer["transfer_" + name] == getattr(TransferConfig(), name), name
+    assert RECIPES["transfer"].transfer == TransferConfig()
+    # The documented recipe (docs/results/hf_transfer.md): 400 transfer steps, then 600
+    # LoRA distillation steps at lr 1e-3 with 10 warm-up steps.
+    assert (transfer["transfer_steps"], transfer["steps"], transfer["lr"], transfer["warmup"],
+            transfer["train"], transfer["kernel"], transfer["window"]) == (
+        400, 600, 1e-3, 10, "lora", "hedgehog", 16)
+
+
+@pytest.mark.parametrize("recipe", ["distill", "transfer"])
+def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    from linattn.experiments import convert as experiment
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(experiment, "run", fake)
+    monkeypatch.setattr(experiment, "run_transfer", fake)
+    monkeypatch.setattr(experiment, "format_summary", lambda s: "")
+    monkeypatch.setattr(experiment, "format_transfer_summary", lambda s: "")
+    monkeypatch.setattr(cli, "_check_model", lambda name: None)
+    argv = ["convert", "--model", "m", "--recipe", recipe, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    r = experiment.RECIPES[recipe]
+    assert seen["config"] == r.distill
+    assert seen["options"]["kernel"] == r.favor.kernel
+    if recipe == "transfer":
+        assert seen["options"]["window"] == r.favor.window
+        # One --eval-every for both stages; a transfer checkpoint at each evaluation.
+        assert seen["transfer_config"] == dataclasses.replace(
+            r.transfer, eval_every=r.distill.eval_every,
+            checkpoint_every=r.distill.eval_every)
+    # A flag replaces the recipe's value.
+    assert main([*argv, "--lr", "0.5", "--steps", "7"]) == 0
+    assert seen["config"] == dataclasses.replace(r.distill, lr=0.5, steps=7)

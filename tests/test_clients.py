@@ -15,8 +15,8 @@ from transformers import (  # noqa: E402
     pipeline,
 )
 
+from linattn.experiments.pretrained import available, load_pretrained, package_dir  # noqa: E402
 from linattn.integrations.hf import convert  # noqa: E402
-from linattn.integrations.hf.models import available, load_pretrained, package_dir  # noqa: E402
 
 
 def word_tokenizer(vocab_size=100):

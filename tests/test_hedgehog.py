@@ -18,8 +18,8 @@ def per_head(heads, m, d, dtype=torch.float64):
 
 def test_listed():
     assert "hedgehog" in linattn.KERNELS
-    assert linattn.KERNELS["hedgehog"].num_features(projection(12, 8), 8) == 24
-    assert linattn.KERNELS["hedgehog"].num_features(None, 8) == 16
+    assert linattn.KERNELS["hedgehog"].feature_dim(projection(12, 8), 8) == 24
+    assert linattn.KERNELS["hedgehog"].feature_dim(None, 8) == 16
 
 
 def test_formula_and_identity_default():

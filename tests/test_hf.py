@@ -131,7 +131,7 @@ def test_attention_function_equals_favor_oracle():
                                          ("favor", {"kernel": "softmax_opt"}),
                                          ("linformer", {"proj_dim": 8}),
                                          ("linformer", {"sharing": "layerwise", "proj_dim": 8}),
-                                         ("linformer", {"projection": "conv", "proj_dim": 8})],
+                                         ("linformer", {"proj_kind": "conv", "proj_dim": 8})],
                          ids=["favor", "relu", "favor++", "linformer", "linformer-layerwise",
                               "linformer-conv"])
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -180,6 +180,22 @@ def test_decoder_stays_causal_without_a_mask():
     torch.testing.assert_close(model(x[:, :7]).logits, lx[:, :7], rtol=1e-10, atol=1e-10)
 
 
+def test_conversion_defaults_are_the_options_dataclasses():
+    # convert() reads FavorOptions and LinformerOptions, and records what it used.
+    import dataclasses
+
+    from linattn import FavorOptions, LinformerOptions
+
+    options = convert(tiny_bert(), "linformer").config.linattn_conversion["options"]
+    assert {k: options[k] for k in vars(LinformerOptions())} == vars(LinformerOptions())
+    options = convert(tiny_bert(), "favor").config.linattn_conversion["options"]
+    for f in dataclasses.fields(FavorOptions):
+        if f.name != "num_features":  # None: resolved to d log d per layer
+            assert options[f.name] == getattr(FavorOptions(), f.name), f.name
+    with pytest.raises(TypeError, match="unknown option"):
+        convert(tiny_bert(), "linformer", projection="linear")
+
+
 def test_linformer_on_a_decoder_is_an_error():
     with pytest.raises(ValueError, match="causal"):
         convert(tiny_llama(), "linformer")
@@ -221,14 +237,14 @@ def test_unconverted_module_is_explained():
 @pytest.mark.parametrize("make,method,opts", [
     (tiny_bert, "favor", {"num_features": 48, "kernel": "softmax_hyp", "seed": 3}),
     (tiny_bert, "linformer", {"proj_dim": 8, "sharing": "layerwise"}),
-    (tiny_bert, "linformer", {"proj_dim": 8, "projection": "random", "sharing": "none"}),
+    (tiny_bert, "linformer", {"proj_dim": 8, "proj_kind": "random", "sharing": "none"}),
     (tiny_llama, "favor", {"num_features": 32}),
 ], ids=["bert-favor-hyp", "bert-linformer-layerwise", "bert-linformer-random", "llama-favor"])
 def test_save_load_round_trip(tmp_path, make, method, opts):
     model = convert(make(), method, **opts)
     if method == "favor":
         redraw_projections(model)  # a non-initial draw must survive too
-    if method == "linformer" and opts.get("projection", "linear") == "linear":
+    if method == "linformer" and opts.get("proj_kind", "linear") == "linear":
         with torch.no_grad():
             for layer in converted_layers(model):
                 if layer.linattn.projection is not None:

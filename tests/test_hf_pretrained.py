@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from linattn.experiments.pretrained import available, load_pretrained
 from linattn.integrations.hf import FavorCache, convert, load_converted, save_converted
 from linattn.integrations.hf.distill import (
     embedding_agreement,
     lm_agreement,
     tokenize,
 )
-from linattn.integrations.hf.models import available, load_pretrained
 
 pytestmark = [pytest.mark.slow, pytest.mark.pretrained]
 

@@ -87,7 +87,7 @@ def test_recurrent_equals_parallel(kernel, step):
                                            kernel=kernel, state=state)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
-    m = linattn.KERNELS[kernel].num_features(w, 8)
+    m = linattn.KERNELS[kernel].feature_dim(w, 8)
     assert state.kv.shape == (2, 3, m, 9) and state.stab.shape == (2, 3)
 
 

@@ -68,8 +68,8 @@ def test_functional_padding_invariance(side):
     [
         ({"e": randn(6, 8)}, ValueError, r"sequence length 10 exceeds the 8 columns of proj_k"),
         ({"e": randn(3, 6, 20)}, ValueError,
-         r"proj_k must have shape \(kdim, n\) or \(heads, kdim, n\) = \(2, kdim, n\)"),
-        ({"f": randn(5, 20)}, ValueError, r"same kdim"),
+         r"proj_k must have shape \(proj_dim, n\) or \(heads, proj_dim, n\) = \(2, proj_dim, n\)"),
+        ({"f": randn(5, 20)}, ValueError, r"same proj_dim"),
         ({"e": randn(6, 20).float()}, TypeError, r"proj_k has dtype torch.float32"),
         ({"mask": torch.zeros(1, 10)}, TypeError, r"key_padding_mask must have dtype"),
     ],
@@ -135,10 +135,10 @@ def test_module_calls_the_functional_path(kind, compress_first, monkeypatch):
 def _module(kind, sharing, *, n=24, kdim=5, embed=12, heads=3, **kw):
     shared = None
     if sharing == "layerwise":
-        shared = linattn.LinformerProjection(n, kdim, heads, embed // heads, kind=kind,
+        shared = linattn.LinformerProjection(n, kdim, heads, embed // heads, proj_kind=kind,
                                              sharing="layerwise", seed=3, dtype=torch.float64)
     m = linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim, sharing=sharing,
-                                   projection=kind, shared_projection=shared, seed=3,
+                                   proj_kind=kind, shared_projection=shared, seed=3,
                                    dtype=torch.float64, **{"batch_first": True, **kw})
     # Non-trivial conv weights (they start as a mean).
     if kind == "conv":
@@ -155,12 +155,12 @@ def _compress_oracle(proj, x, head):
     def mat(t):
         return t[head] if t.dim() == 3 else t
 
-    if proj.kind in ("linear", "random"):
+    if proj.proj_kind in ("linear", "random"):
         return mat(proj.e)[:, :length] @ x, mat(proj.value_projection)[:, :length] @ x
-    if proj.kind == "mean":
+    if proj.proj_kind == "mean":
         pm = pool_matrix(length, kdim, length, dtype=x.dtype)
         return pm @ x, pm @ x
-    if proj.kind == "max":
+    if proj.proj_kind == "max":
         pooled = F.adaptive_max_pool1d(x.T[None], kdim)[0].T
         return pooled, pooled
     d = x.shape[1]
@@ -239,7 +239,7 @@ def test_module_padding_invariance(kind, side):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_pooled_and_conv_have_exactly_kdim_positions(kind):
-    proj = linattn.LinformerProjection(23, 7, 2, 3, kind=kind, dtype=torch.float64)
+    proj = linattn.LinformerProjection(23, 7, 2, 3, proj_kind=kind, dtype=torch.float64)
     for length in (1, 5, 7, 13, 23):
         k = randn(2, 2, length, 3)
         kc, vc = proj(k, k, None)
@@ -321,7 +321,7 @@ def test_module_errors():
     with pytest.raises(ValueError, match="sharing must be one of"):
         linattn.LinformerAttention(8, 2, max_seq_len=16, sharing="all")
     with pytest.raises(ValueError, match="kind must be one of"):
-        linattn.LinformerAttention(8, 2, max_seq_len=16, projection="fft")
+        linattn.LinformerAttention(8, 2, max_seq_len=16, proj_kind="fft")
     with pytest.raises(ValueError, match="needs shared_projection"):
         linattn.LinformerAttention(8, 2, max_seq_len=16, sharing="layerwise")
     m = linattn.LinformerAttention(8, 2, max_seq_len=16, proj_dim=4, batch_first=True)
@@ -345,3 +345,28 @@ def test_pool_matrix_is_adaptive_average_pooling(length, kdim):
     m = pool_matrix(length, kdim, 80, dtype=torch.float64)
     assert m.shape == (kdim, 80) and not m[:, length:].any()
     torch.testing.assert_close(m[:, :length] @ x, ref)
+
+
+def test_linformer_options_are_every_default():
+    # One place for Linformer's defaults: the modules' signatures, ModelConfig and
+    # TrainConfig read LinformerOptions.
+    import dataclasses
+    import inspect
+
+    from linattn import LinformerOptions
+    from linattn.models import ModelConfig
+    from linattn.train import TrainConfig
+
+    opts = LinformerOptions()
+    for cls in (linattn.LinformerAttention, linattn.LinformerProjection):
+        sig = inspect.signature(cls).parameters
+        for f in dataclasses.fields(LinformerOptions):
+            if f.name in sig and sig[f.name].default is not inspect.Parameter.empty:
+                assert sig[f.name].default == getattr(opts, f.name), (cls.__name__, f.name)
+    assert linattn.LinformerAttention(8, 2, max_seq_len=16).options() == opts
+    assert ModelConfig(vocab_size=4, attention="linformer",
+                       position="learned").linformer_options() == opts
+    assert TrainConfig().proj_dim == opts.proj_dim
+    # A module built from options reports them back.
+    custom = LinformerOptions(proj_dim=3, sharing="kv", proj_kind="max")
+    assert linattn.LinformerAttention(8, 2, max_seq_len=16, **vars(custom)).options() == custom

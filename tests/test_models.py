@@ -145,7 +145,7 @@ def test_save_load_round_trip(tmp_path, attention):
     cfg = ModelConfig(vocab_size=20, dim=16, depth=2, heads=2, **CLASSIFIER_KINDS[attention],
                       num_classes=2, max_seq_len=32, proj_dim=8,
                       redraw_interval=None if learned else 1,
-                      linformer_sharing="layerwise", linformer_projection="random",
+                      linformer_sharing="layerwise", proj_kind="random",
                       position="learned" if attention == "linformer" else "rotary")
     m = SequenceClassifier(cfg)
     m(torch.randint(0, 20, (2, 10)))  # a training forward: redraw once

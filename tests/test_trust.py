@@ -119,7 +119,7 @@ def test_modules_padding_contents_do_not_matter(module):
         attn = linattn.PerformerAttention(16, 2, batch_first=True, dtype=torch.float64)
     else:
         kind = "linear" if module == "linformer" else "mean"
-        attn = linattn.LinformerAttention(16, 2, max_seq_len=16, proj_dim=4, projection=kind,
+        attn = linattn.LinformerAttention(16, 2, max_seq_len=16, proj_dim=4, proj_kind=kind,
                                           sharing="headwise", batch_first=True,
                                           dtype=torch.float64)
     x = randn(2, 6, 16)
@@ -324,7 +324,7 @@ def _modules(batch_first=None):
         "performer": linattn.PerformerAttention(16, 4, dtype=torch.float64, **kw),
         # Mean pooling to one position: uniform weights over the real keys, exactly.
         "linformer": linattn.LinformerAttention(16, 4, max_seq_len=16, proj_dim=1,
-                                                projection="mean", sharing="headwise",
+                                                proj_kind="mean", sharing="headwise",
                                                 dtype=torch.float64, **kw),
     }
 

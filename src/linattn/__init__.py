@@ -11,6 +11,7 @@ from .nn import (
     ExactAttention,
     FavorOptions,
     LinformerAttention,
+    LinformerOptions,
     LinformerProjection,
     PerformerAttention,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "FavorState",
     "Kernel",
     "LinformerAttention",
+    "LinformerOptions",
     "LinformerProjection",
     "PerformerAttention",
     "__version__",

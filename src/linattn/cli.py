@@ -233,25 +233,70 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_model(name: str) -> None:
-    from .integrations.hf import models
+    from .experiments import pretrained
 
-    if name in models.PACKAGES:
-        models.package_dir(name)  # ModuleNotFoundError naming the package to install
+    if name in pretrained.PACKAGES:
+        pretrained.package_dir(name)  # ModuleNotFoundError naming the package to install
     elif not (Path(name) / "config.json").is_file():
         raise UsageError(f"--model {name!r}: expected 'minilm', 'smollm2' or a local model "
                          "folder holding config.json")
 
 
+# `linattn convert` flags whose defaults follow --recipe: flag -> (part, field) of a
+# linattn.experiments.convert.Recipe. The values are written there, once.
+_RECIPE_FLAGS = {
+    "kernel": ("favor", "kernel"), "window": ("favor", "window"),
+    "steps": ("distill", "steps"), "batch_size": ("distill", "batch_size"),
+    "max_length": ("distill", "max_length"), "lr": ("distill", "lr"),
+    "warmup": ("distill", "warmup"), "eval_every": ("distill", "eval_every"),
+    "train": ("distill", "train"), "lora_rank": ("distill", "lora_rank"),
+    "checkpoint_every": ("distill", "checkpoint_every"),
+    "transfer_steps": ("transfer", "steps"), "transfer_batch_size": ("transfer", "batch_size"),
+    "transfer_max_length": ("transfer", "max_length"), "transfer_lr": ("transfer", "lr"),
+    "transfer_warmup": ("transfer", "warmup"),
+}
+
+
+def recipe_defaults(recipe: str) -> dict:
+    """The defaults of the `linattn convert` flags under ``--recipe recipe`` (flag
+    destination -> value), read from :data:`linattn.experiments.convert.RECIPES`."""
+    from .experiments.convert import RECIPES
+
+    out = {}
+    for flag, (part, field) in _RECIPE_FLAGS.items():
+        stage = getattr(RECIPES[recipe], part)
+        if stage is not None:
+            out[flag] = getattr(stage, field)
+    return out
+
+
+class _RecipeDefault:
+    """``default: distill X, transfer Y`` for a convert flag's help (``%(recipe_default)s``),
+    read from the recipes when the help is printed: building the parser imports no
+    ``transformers``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        try:
+            from .experiments.convert import RECIPES
+        except ImportError:  # pragma: no cover - without the [hf] extra
+            return "default: per --recipe (install linattn[hf] to see them)"
+        parts = [f"{recipe} {values[self.name]}" for recipe in RECIPES
+                 if self.name in (values := recipe_defaults(recipe))]
+        return "default: " + ", ".join(parts)
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
-        from .integrations.hf import experiment
-        from .integrations.hf.distill import DistillConfig
+        from .experiments import convert as experiment
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"linattn convert needs the [hf] extra: pip install "
                           f"'linattn[hf]' ({exc})") from exc
     _check_model(args.model)
-    recipe = RECIPE_DEFAULTS[args.recipe]
-    for name, value in recipe.items():
+    recipe = experiment.RECIPES[args.recipe]
+    for name, value in recipe_defaults(args.recipe).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if len(args.corpus) > 1 and (args.sweep or args.recipe != "transfer"):
@@ -281,22 +326,24 @@ def _convert(args: argparse.Namespace) -> int:
         if args.recipe == "transfer" or (args.window is not None and args.window >= 0) or (
                 args.sinks):
             raise UsageError("--recipe transfer, --window and --sinks need --method favor")
-        options = {"proj_dim": args.proj_dim, "projection": args.projection,
-                   "sharing": args.sharing, "seed": args.seed}
-    try:
-        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size,
-                            max_length=args.max_length, lr=args.lr, warmup=args.warmup,
-                            train=args.train, lora_rank=args.lora_rank,
-                            eval_every=args.eval_every,
-                            checkpoint_every=args.checkpoint_every, seed=args.seed)
-        if args.recipe == "transfer":
-            from .integrations.hf.transfer import TransferConfig
+        options = {"proj_dim": args.proj_dim, "sharing": args.sharing,
+                   "proj_kind": args.proj_kind, "seed": args.seed}
 
-            tcfg = TransferConfig(
-                steps=args.transfer_steps, batch_size=args.transfer_batch_size,
-                max_length=args.transfer_max_length, lr=args.transfer_lr,
-                warmup=args.transfer_warmup, eval_every=args.eval_every,
-                checkpoint_every=args.checkpoint_every or args.eval_every, seed=args.seed)
+    def stage(config, prefix: str = ""):
+        # The recipe's settings, with the flags given on the command line.
+        given = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config)
+                 if getattr(args, prefix + f.name, None) is not None}
+        return dataclasses.replace(config, **given)
+
+    try:
+        cfg = stage(recipe.distill)
+        if args.recipe == "transfer":
+            # One --eval-every for both stages; the transfer checkpoints at each evaluation
+            # unless --checkpoint-every says otherwise.
+            tcfg = dataclasses.replace(stage(recipe.transfer, "transfer_"),
+                                       eval_every=args.eval_every, seed=args.seed,
+                                       checkpoint_every=args.checkpoint_every
+                                       or args.eval_every)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     _check_out(args.out)
@@ -319,25 +366,6 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.out}/summary.json" + (
         ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
     return 0
-
-
-# Defaults of `linattn convert` per --recipe (flags given on the command line win). The
-# transfer defaults are the recipe behind docs/results/hf_transfer.md's MiniLM numbers.
-def _recipe_default(name: str) -> str:
-    """``default: distill X, transfer Y`` for a convert flag, from RECIPE_DEFAULTS."""
-    parts = [f"{recipe} {values[name]}" for recipe, values in RECIPE_DEFAULTS.items()
-             if name in values]
-    return "default: " + ", ".join(parts) if parts else "default: none"
-
-
-RECIPE_DEFAULTS = {
-    "distill": {"kernel": "softmax", "steps": 300, "batch_size": 16, "max_length": 128,
-                "lr": 3e-4, "warmup": 30, "eval_every": 50, "train": "all"},
-    "transfer": {"kernel": "hedgehog", "window": 16, "transfer_steps": 400,
-                 "transfer_batch_size": 4, "transfer_max_length": 512, "transfer_lr": 1e-2,
-                 "transfer_warmup": 3, "steps": 600, "batch_size": 4, "max_length": 512,
-                 "lr": 1e-3, "warmup": 10, "eval_every": 100, "train": "lora"},
-}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -415,12 +443,11 @@ def _train_choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of TrainConfig's string fields, taken from the library."""
     from .features import KERNELS
     from .models.config import ATTENTIONS
-    from .nn.linformer import KINDS, SHARING
+    from .nn.linformer import PROJ_KINDS, SHARING
     from .train.tasks import TASKS
 
     return {"task": TASKS, "attention": ATTENTIONS, "kernel": tuple(KERNELS),
-            "projection": KINDS, "linformer_projection": KINDS, "sharing": SHARING,
-            "linformer_sharing": SHARING}
+            "proj_kind": PROJ_KINDS, "linformer_sharing": SHARING}
 
 
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
@@ -454,7 +481,7 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .features import KERNELS
-    from .nn.linformer import KINDS, SHARING
+    from .nn.linformer import PROJ_KINDS, SHARING, LinformerOptions
 
     kernels = tuple(KERNELS)
     parser = _Parser(
@@ -543,27 +570,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distill: end-to-end distillation of the converted model; transfer: "
                    "attention transfer (train the feature maps so that every layer's "
                    "attention matches the original's), then end-to-end distillation. "
-                   "Defaults of the other flags follow the recipe (see RECIPE_DEFAULTS)")
+                   "Defaults of the other flags follow the recipe "
+                   "(linattn.experiments.convert.RECIPES)")
     c.add_argument("--method", choices=["favor", "linformer"], default="favor",
                    help="linear attention to convert to (linformer: encoders only)")
     c.add_argument("--num-features", type=_positive,
                    help="FAVOR+ features (default d log d; head_dim for learned maps)")
-    c.add_argument("--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; default softmax, or "
-                   "hedgehog with --recipe transfer)")
+    c.add_argument("--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; "
+                   "%(recipe_default)s)")
     c.add_argument("--window", type=int, help="exact softmax over the keys within W "
-                   "positions of each query, linear attention beyond (default: none, or 16 "
-                   "with --recipe transfer; -1: none)")
+                   "positions of each query, linear attention beyond (-1: none; "
+                   "%(recipe_default)s)")
     c.add_argument("--sinks", type=_non_negative, default=0,
                    help="attention sinks: the first S unpadded tokens of each text (e.g. "
                    "[CLS] or BOS) are scored with the exact softmax by every query, with or "
                    "without --window; the rest as usual (default: 0, none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
-    c.add_argument("--proj-dim", type=_positive, default=128, help="Linformer k")
-    c.add_argument("--projection", choices=KINDS, default="linear",
-                   help="Linformer projection kind")
-    c.add_argument("--sharing", choices=SHARING, default="headwise",
+    c.add_argument("--proj-dim", type=_positive, default=LinformerOptions.proj_dim,
+                   help="Linformer compressed length")
+    c.add_argument("--sharing", choices=SHARING, default=LinformerOptions.sharing,
                    help="Linformer sharing mode")
+    c.add_argument("--proj-kind", choices=PROJ_KINDS, default=LinformerOptions.proj_kind,
+                   help="what compresses Linformer's sequence")
     c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
                    default=["gcide"],
                    help="distillation text (Debian dict-gcide / python3.11-doc); with "
@@ -575,25 +604,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-texts", type=_positive, default=128,
                    help="held-out texts per corpus")
     c.add_argument("--steps", type=_non_negative,
-                   help=f"end-to-end distillation steps (0: none; {_recipe_default('steps')})")
+                   help="end-to-end distillation steps (0: none; %(recipe_default)s)")
     c.add_argument("--batch-size", type=_positive,
-                   help=f"distillation texts per step ({_recipe_default('batch_size')})")
+                   help="distillation texts per step (%(recipe_default)s)")
     c.add_argument("--max-length", type=_positive,
-                   help=f"distillation tokens per text ({_recipe_default('max_length')})")
+                   help="distillation tokens per text (%(recipe_default)s)")
     c.add_argument("--lr", type=_positive_float,
-                   help=f"distillation learning rate ({_recipe_default('lr')})")
+                   help="distillation learning rate (%(recipe_default)s)")
     c.add_argument("--warmup", type=_non_negative,
-                   help=f"distillation warm-up steps ({_recipe_default('warmup')})")
+                   help="distillation warm-up steps (%(recipe_default)s)")
     c.add_argument("--transfer-steps", type=_non_negative,
-                   help=f"attention-transfer steps (0: none; {_recipe_default('transfer_steps')})")
-    c.add_argument("--transfer-batch-size", type=_positive, help=f"attention transfer texts "
-                   f"per step ({_recipe_default('transfer_batch_size')})")
-    c.add_argument("--transfer-max-length", type=_positive, help=f"attention transfer tokens "
-                   f"per text ({_recipe_default('transfer_max_length')})")
-    c.add_argument("--transfer-lr", type=_positive_float, help=f"attention transfer learning "
-                   f"rate ({_recipe_default('transfer_lr')}, as LoLCATs)")
-    c.add_argument("--transfer-warmup", type=_non_negative, help=f"attention transfer warm-up "
-                   f"steps ({_recipe_default('transfer_warmup')})")
+                   help="attention-transfer steps (0: none; %(recipe_default)s)")
+    c.add_argument("--transfer-batch-size", type=_positive, help="attention transfer texts "
+                   "per step (%(recipe_default)s)")
+    c.add_argument("--transfer-max-length", type=_positive, help="attention transfer tokens "
+                   "per text (%(recipe_default)s)")
+    c.add_argument("--transfer-lr", type=_positive_float, help="attention transfer learning "
+                   "rate (%(recipe_default)s, as LoLCATs)")
+    c.add_argument("--transfer-warmup", type=_non_negative, help="attention transfer warm-up "
+                   "steps (%(recipe_default)s)")
     c.add_argument("--eval-lengths", type=_positive, nargs="+", default=[128, 512],
                    help="--recipe transfer: held-out texts of these many tokens")
     c.add_argument("--long-eval-texts", type=_positive, default=32, help="--recipe transfer: "
@@ -603,13 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train", choices=["all", "attention", "lora"],
                    help="which parameters distillation updates: all, the attention modules', "
                    "or LoRA adapters on the attention's linear layers (peft; merged into the "
-                   f"weights at the end) plus the feature maps ({_recipe_default('train')})")
-    c.add_argument("--lora-rank", type=_positive, default=8, help="--train lora: the "
-                   "adapters' rank")
-    c.add_argument("--eval-every", type=_positive, help=f"evaluate on held-out text every "
-                   f"this many steps ({_recipe_default('eval_every')})")
-    c.add_argument("--checkpoint-every", type=_non_negative, default=0,
-                   help="save the student every N steps (0: at the end only)")
+                   "weights at the end) plus the feature maps (%(recipe_default)s)")
+    c.add_argument("--lora-rank", type=_positive, help="--train lora: the adapters' rank "
+                   "(%(recipe_default)s)")
+    c.add_argument("--eval-every", type=_positive, help="evaluate on held-out text every "
+                   "this many steps (%(recipe_default)s)")
+    c.add_argument("--checkpoint-every", type=_non_negative,
+                   help="save the student every N steps (0: at the end only; "
+                   "%(recipe_default)s)")
     c.add_argument("--seed", type=int, default=0, help="projection draws and batch order")
     c.add_argument("--sweep", action="store_true",
                    help="only measure agreement before distillation, for every "
@@ -623,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection draws per sweep cell")
     c.add_argument("--out", default="results/convert", help="output folder")
     c.set_defaults(func=_convert)
+    for action in c._actions:
+        if action.dest in _RECIPE_FLAGS:
+            action.recipe_default = _RecipeDefault(action.dest)
     t = command(
         "train", help="train a model on a task (also under torchrun)",
         description="Train on byte-level language modelling (GCIDE), LRA ListOps or "

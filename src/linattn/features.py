@@ -75,8 +75,9 @@ class FeatureMap:
     needs_projection = True
     causal_ok = True
 
-    def num_features(self, weight: Tensor | None, head_dim: int) -> int:
-        """Features per token ``M`` for a projection with ``m`` rows (or none)."""
+    def feature_dim(self, weight: Tensor | None, head_dim: int) -> int:
+        """The feature width ``M`` per token (``m``, or ``2m`` for the maps that stack two
+        halves) for a projection with ``m`` rows, or none. ``num_features`` is ``m``."""
         return weight.shape[-2] if weight is not None else head_dim
 
     def log_const(self, params: FeatureParams) -> float | Tensor:
@@ -184,7 +185,7 @@ class _HyperbolicSoftmax(_PositiveSoftmax):
 
     name = "softmax_hyp"
 
-    def num_features(self, weight, head_dim):
+    def feature_dim(self, weight, head_dim):
         return 2 * weight.shape[-2]
 
     def _weight(self, params):
@@ -288,7 +289,7 @@ class _TrigSoftmax(FeatureMap):
 
     name = "softmax_trig"
 
-    def num_features(self, weight, head_dim):
+    def feature_dim(self, weight, head_dim):
         return 2 * weight.shape[-2]
 
     def log_const(self, params):
@@ -362,7 +363,7 @@ class _Hedgehog(FeatureMap):
     positive_exp = True
     needs_projection = False
 
-    def num_features(self, weight, head_dim):
+    def feature_dim(self, weight, head_dim):
         return 2 * (weight.shape[-2] if weight is not None else head_dim)
 
     def exact(self, x, params):

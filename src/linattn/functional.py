@@ -20,6 +20,7 @@ from ._checks import (
     check_tensor,
     shape_str,
 )
+from ._dtype import compute_dtype
 from .features import FeatureMap, Kernel, get_feature_map
 from .ops.favor import (
     FavorState,
@@ -32,11 +33,6 @@ from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = ["FavorState", "favor_attention", "favor_recurrent", "linformer_attention"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Exponentials, key sums and normalizers accumulate in float32 for half inputs.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -146,7 +142,7 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
             f"kernel={kernel!r} depends on every query and key of the call, so it cannot be "
             "causal; use kernel='softmax' or 'softmax_hyp' with causal=True"
         )
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     q4, k4, v4 = (_as_4d(t).to(cdt) for t in (q, k, v))
     if mask is not None:
         # Padded keys and values take no part, whatever they hold (NaN and inf included):
@@ -340,7 +336,7 @@ def favor_recurrent(
 def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
     if not isinstance(state, FavorState):
         raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
-    m = fm.num_features(params.weight, q.shape[-1])
+    m = fm.feature_dim(params.weight, q.shape[-1])
     want = (*q.shape[:2], m, v.shape[-1] + 1)
     for name, t in (("state.kv", state.kv), ("state.stab", state.stab)):
         check_tensor(name, t, min_dim=0)
@@ -399,7 +395,8 @@ def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) ->
     heads = q4.shape[1]
     if p.dim() not in (2, 3) or (p.dim() == 3 and p.shape[0] != heads):
         raise ValueError(
-            f"{name} must have shape (kdim, n) or (heads, kdim, n) = ({heads}, kdim, n), "
+            f"{name} must have shape (proj_dim, n) or (heads, proj_dim, n) = "
+            f"({heads}, proj_dim, n), "
             f"got {shape_str(p)}"
         )
     if lk > p.shape[-1]:
@@ -427,20 +424,21 @@ def linformer_attention(
     dropout_p: float = 0.0,
     compressed: bool = False,
 ) -> Tensor:
-    """Linformer attention: keys and values projected along the sequence to ``kdim``.
+    """Linformer attention: keys and values projected along the sequence to ``proj_dim``.
 
     Args:
         q: ``(..., Lq, d)``; k: ``(..., Lk, d)``; v: ``(..., Lk, dv)`` (leading dims
             ``(B, H)``).
-        proj_k: ``E: (kdim, n)`` shared by the heads, or ``(H, kdim, n)`` one per head,
-            with ``Lk <= n``: the first ``Lk`` columns are used.
+        proj_k: ``E: (proj_dim, n)`` shared by the heads, or ``(H, proj_dim, n)`` one per
+            head, with ``Lk <= n``: the first ``Lk`` columns are used.
         proj_v: ``F``, same shapes; default ``proj_k`` (key-value sharing).
         key_padding_mask: ``(B, Lk)`` bool, True = padding. Padded keys and values drop
             out and the j-th real key meets column j, so real tokens' outputs do not
             depend on the amount, side or content of the padding.
         scale: default ``1 / sqrt(d)``.
-        dropout_p: dropout on the ``(Lq, kdim)`` attention weights (pass 0 in evaluation).
-        compressed: ``k: (..., kdim, d)`` and ``v: (..., kdim, dv)`` are already
+        dropout_p: dropout on the ``(Lq, proj_dim)`` attention weights (pass 0 in
+            evaluation).
+        compressed: ``k: (..., proj_dim, d)`` and ``v: (..., proj_dim, dv)`` are already
             compressed (by a compression that is not a matrix: pooling, convolution, or
             one applied before the input projections, see
             :class:`linattn.LinformerProjection`); then ``proj_k``, ``proj_v`` and
@@ -472,8 +470,8 @@ def linformer_attention(
         kc, vc = k4, v4
     else:
         if proj_k is None:
-            raise ValueError("proj_k is required: pass E of shape (kdim, n) or "
-                             "(heads, kdim, n), or compressed=True with k and v already "
+            raise ValueError("proj_k is required: pass E of shape (proj_dim, n) or "
+                             "(heads, proj_dim, n), or compressed=True with k and v already "
                              "compressed")
         mask = check_key_padding_mask(key_padding_mask, k)
         pk = _check_linformer_projection("proj_k", proj_k, q4, k4.shape[-2])
@@ -481,7 +479,7 @@ def linformer_attention(
                                                                    k4.shape[-2])
         if pv.shape[-2] != pk.shape[-2]:
             raise ValueError(
-                f"proj_k and proj_v must project to the same kdim; got proj_k "
+                f"proj_k and proj_v must project to the same proj_dim; got proj_k "
                 f"{shape_str(pk)}, proj_v {shape_str(pv)}"
             )
         kc, _ = compact_padding(k4, mask)

@@ -44,8 +44,7 @@ def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
         attn.auto_tick = False
         return _Adapter(attn)
     return _Adapter(LinformerAttention(
-        cfg.dim, cfg.heads, max_seq_len=cfg.max_seq_len, proj_dim=cfg.proj_dim,
-        sharing=cfg.linformer_sharing, projection=cfg.linformer_projection,
+        cfg.dim, cfg.heads, max_seq_len=cfg.max_seq_len, **vars(cfg.linformer_options()),
         shared_projection=shared, dropout=cfg.dropout, seed=cfg.seed + layer,
         batch_first=True,
     ))

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
 from ..features import KERNELS, Kernel
+from ..nn.linformer import PROJ_KINDS, SHARING, LinformerOptions, ProjKind, Sharing
 from ..nn.performer import LEARNED_KERNELS, FavorOptions
 
 #: Attention kinds by name: exact softmax attention, FAVOR+ (with a ``kernel``), Linformer.
@@ -42,7 +43,9 @@ class ModelConfig(JsonConfig):
     :class:`linattn.PerformerAttention`). ``sinks`` (FAVOR+ only): the first ``sinks``
     unpadded keys scored exactly by every query (attention sinks; 0: none).
     ``num_features``: ``m`` of FAVOR+ (default
-    ``d log d``; ``d`` for ``"hedgehog"``). ``position``: rotary (applied to q and k;
+    ``d log d``; ``d`` for ``"hedgehog"``). ``proj_dim``, ``linformer_sharing``,
+    ``proj_kind``: Linformer's settings (:class:`linattn.LinformerOptions`, whose
+    ``sharing`` is ``linformer_sharing`` here). ``position``: rotary (applied to q and k;
     exact and FAVOR+ only), learned or sinusoidal absolute embeddings, or none.
     """
 
@@ -59,9 +62,9 @@ class ModelConfig(JsonConfig):
     causal: bool = False
     num_features: int | None = FavorOptions.num_features
     redraw_interval: int | None = FavorOptions.redraw_interval
-    proj_dim: int = 128
-    linformer_sharing: str = "headwise"
-    linformer_projection: str = "linear"
+    proj_dim: int = LinformerOptions.proj_dim
+    linformer_sharing: Sharing = LinformerOptions.sharing
+    proj_kind: ProjKind = LinformerOptions.proj_kind
     position: str = "rotary"
     dropout: float = 0.0
     num_classes: int | None = None
@@ -77,6 +80,11 @@ class ModelConfig(JsonConfig):
                             window=self.window, sinks=self.sinks,
                             redraw_interval=self.redraw_interval)
 
+    def linformer_options(self) -> LinformerOptions:
+        """The Linformer settings of ``attention="linformer"`` layers."""
+        return LinformerOptions(proj_dim=self.proj_dim, sharing=self.linformer_sharing,
+                                proj_kind=self.proj_kind)
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "ff_mult", "max_seq_len"):
             value = getattr(self, name)
@@ -85,7 +93,8 @@ class ModelConfig(JsonConfig):
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         for name, choices in (("attention", ATTENTIONS), ("position", POSITIONS),
-                              ("pooling", POOLINGS)):
+                              ("pooling", POOLINGS), ("linformer_sharing", SHARING),
+                              ("proj_kind", PROJ_KINDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
                                  f"got {getattr(self, name)!r}")

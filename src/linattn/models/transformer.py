@@ -70,7 +70,7 @@ class Encoder(nn.Module):
             # One projection for every layer, owned here (DDP sees it once).
             self.shared = LinformerProjection(
                 cfg.max_seq_len, cfg.proj_dim, cfg.heads, cfg.dim // cfg.heads,
-                kind=cfg.linformer_projection, sharing="layerwise", seed=cfg.seed,
+                proj_kind=cfg.proj_kind, sharing="layerwise", seed=cfg.seed,
             )
         self.blocks = nn.ModuleList(Block(cfg, i, self.shared) for i in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.dim)

@@ -77,6 +77,14 @@ class MHAShaped(nn.Module):
         cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
         return apply_rotary(x, cos, sin)
 
+    def _qkv(self, query: Tensor, key: Tensor, value: Tensor, offset: int = 0
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """The heads ``(B, H, L, d)`` of the projected inputs ``(B, L, E)``, queries and
+        keys rotated for positions from ``offset`` (with ``rotary``)."""
+        q = self._rotate(self._heads(self.q_proj(query)), offset)
+        k = self._rotate(self._heads(self.k_proj(key)), offset)
+        return q, k, self._heads(self.v_proj(value))
+
     def _heads(self, x: Tensor) -> Tensor:
         # [B, L, E] -> [B, H, L, d]
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)

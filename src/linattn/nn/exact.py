@@ -91,9 +91,7 @@ class ExactAttention(MHAShaped):
             raise ValueError(f"causal attention needs Lq == Lk (self-attention); got query "
                              f"{shape_str(query)}, key {shape_str(key)}")
         mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
-        q = self._rotate(self._heads(self.q_proj(query)), 0)
-        k = self._rotate(self._heads(self.k_proj(key)), 0)
-        v = self._heads(self.v_proj(value))
+        q, k, v = self._qkv(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
@@ -114,9 +112,7 @@ class ExactAttention(MHAShaped):
         """Causal self-attention for new tokens ``x: (B, n, E)`` at positions
         ``offset..offset+n-1``, after the keys and values in ``cache`` (None at the start).
         Returns ``(output (B, n, E), new_cache)``; the cache grows by ``n`` positions."""
-        q = self._rotate(self._heads(self.q_proj(x)), offset)
-        k = self._rotate(self._heads(self.k_proj(x)), offset)
-        v = self._heads(self.v_proj(x))
+        q, k, v = self._qkv(x, x, x, offset)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=-2), torch.cat([cache[1], v], dim=-2)
         n, total = q.shape[-2], k.shape[-2]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,31 @@ from ..ops.linformer import (
 )
 from ._mha import MHAShaped
 
-SHARING = ("none", "headwise", "kv", "layerwise")
-KINDS = ("linear", "random", "mean", "max", "conv")
+#: How the compressions are shared: per head, by the heads, keys with values, by layers.
+Sharing = Literal["none", "headwise", "kv", "layerwise"]
+SHARING: tuple[Sharing, ...] = get_args(Sharing)
+#: What compresses the sequence: a learned or fixed matrix, pooling, a convolution.
+ProjKind = Literal["linear", "random", "mean", "max", "conv"]
+PROJ_KINDS: tuple[ProjKind, ...] = get_args(ProjKind)
+
+
+@dataclass(frozen=True)
+class LinformerOptions:
+    """The Linformer settings and their defaults, written once: :class:`LinformerAttention`,
+    :class:`LinformerProjection`, :class:`linattn.models.ModelConfig`,
+    :class:`linattn.train.TrainConfig`, ``convert(model, "linformer")`` and the command
+    line take their defaults from here; ``LinformerAttention(..., **vars(options))``
+    builds a module from them.
+
+    Attributes:
+        proj_dim: the compressed length (rows of ``E`` and ``F``; the paper's ``k``).
+        sharing: a :data:`SHARING` mode (see :class:`LinformerProjection`).
+        proj_kind: a :data:`PROJ_KINDS` name: what compresses the sequence.
+    """
+
+    proj_dim: int = 128
+    sharing: Sharing = "headwise"
+    proj_kind: ProjKind = "linear"
 
 
 class LinformerProjection(nn.Module):
@@ -29,19 +54,19 @@ class LinformerProjection(nn.Module):
 
     Args:
         max_seq_len: ``n``, the longest sequence the projection accepts.
-        proj_dim: ``kdim``, the compressed length.
+        proj_dim: the compressed length.
         num_heads, head_dim: of the attention it serves.
-        kind: ``"linear"`` (learned, initialized ``N(0, 1/kdim)``, the Johnson-Lindenstrauss
-            scale), ``"random"`` (fixed ``N(0, 1/kdim)`` from ``seed``, a persistent buffer),
-            ``"mean"``/``"max"`` (pooling over the sequence into ``kdim`` windows, no
-            parameters), ``"conv"`` (learned depthwise convolution with kernel and stride
-            ``ceil(n / kdim)``).
+        proj_kind: ``"linear"`` (learned, initialized ``N(0, 1/proj_dim)``, the
+            Johnson-Lindenstrauss scale), ``"random"`` (fixed ``N(0, 1/proj_dim)`` from
+            ``seed``, a persistent buffer), ``"mean"``/``"max"`` (pooling over the sequence
+            into ``proj_dim`` windows, no parameters), ``"conv"`` (learned depthwise
+            convolution with kernel and stride ``ceil(n / proj_dim)``).
         sharing: ``"none"`` (one ``E`` and one ``F`` per head), ``"headwise"`` (one ``E``,
             one ``F`` for all heads), ``"kv"`` (``E = F``, shared by heads),
             ``"layerwise"`` (as ``"kv"``; the one module is shared by every layer of a
             model: create it once and pass it to each layer).
 
-    A 12-layer, 12-head model holds 288 / 24 / 12 / 1 ``(kdim, n)`` matrices in the four
+    A 12-layer, 12-head model holds 288 / 24 / 12 / 1 ``(proj_dim, n)`` matrices in the four
     modes (the Linformer paper's count).
     """
 
@@ -52,8 +77,8 @@ class LinformerProjection(nn.Module):
         num_heads: int,
         head_dim: int,
         *,
-        kind: str = "linear",
-        sharing: str = "none",
+        proj_kind: ProjKind = LinformerOptions.proj_kind,
+        sharing: Sharing = LinformerOptions.sharing,
         seed: int = 0,
         device=None,
         dtype=None,
@@ -63,12 +88,12 @@ class LinformerProjection(nn.Module):
         self.proj_dim = check_positive_int("proj_dim", proj_dim)
         self.num_heads = check_positive_int("num_heads", num_heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
-        self.kind = check_choice("kind", kind, KINDS)
+        self.proj_kind = check_choice("proj_kind", proj_kind, PROJ_KINDS)
         self.sharing = check_choice("sharing", sharing, SHARING)
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         per_head = sharing == "none"
         separate_v = sharing in ("none", "headwise")
-        if kind in ("linear", "random"):
+        if proj_kind in ("linear", "random"):
             shape = (num_heads, proj_dim, max_seq_len) if per_head else (proj_dim, max_seq_len)
             g = torch.Generator().manual_seed(seed)
             mats = [
@@ -77,11 +102,11 @@ class LinformerProjection(nn.Module):
             ]
             mats = [m.to(**factory) for m in mats]
             for name, mat in zip(("e", "f"), mats):
-                if kind == "linear":
+                if proj_kind == "linear":
                     self.register_parameter(name, nn.Parameter(mat))
                 else:
                     self.register_buffer(name, mat, persistent=True)
-        elif kind == "conv":
+        elif proj_kind == "conv":
             self.stride = math.ceil(max_seq_len / proj_dim)
             chans = num_heads * head_dim if per_head else head_dim
             for name in ("e", "f")[: 2 if separate_v else 1]:
@@ -102,15 +127,15 @@ class LinformerProjection(nn.Module):
     def head_shared_linear(self) -> bool:
         """The compression is one linear map of the sequence for every head, so it can be
         applied before the key/value input projections."""
-        return self.kind in ("linear", "random", "mean") and self.sharing != "none"
+        return self.proj_kind in ("linear", "random", "mean") and self.sharing != "none"
 
     def matrices(
         self, length: int, lengths: Tensor | None, like: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``(E, F)`` restricted to ``length`` columns for the head-shared linear kinds:
-        ``(kdim, L)``, or ``(B, kdim, L)`` for mean pooling with per-sequence lengths
+        ``(proj_dim, L)``, or ``(B, proj_dim, L)`` for mean pooling with per-sequence lengths
         (built in ``like``'s dtype and device)."""
-        if self.kind == "mean":
+        if self.proj_kind == "mean":
             m = self._pool_matrices(length, lengths, like)
             return m, m
         return self.e[..., :length], self.value_projection[..., :length]
@@ -125,19 +150,19 @@ class LinformerProjection(nn.Module):
         return torch.stack([mats[n] for n in lengths.tolist()])
 
     def forward(self, k: Tensor, v: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Compress compacted ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``kdim``
-        positions (``lengths: (B,)`` real lengths or None)."""
-        if self.kind in ("linear", "random"):
+        """Compress compacted ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to
+        ``proj_dim`` positions (``lengths: (B,)`` real lengths or None)."""
+        if self.proj_kind in ("linear", "random"):
             return linear_compress(k, self.e), linear_compress(v, self.value_projection)
-        if self.kind in ("mean", "max"):
-            return (pool_compress(k, self.proj_dim, self.kind, lengths),
-                    pool_compress(v, self.proj_dim, self.kind, lengths))
+        if self.proj_kind in ("mean", "max"):
+            return (pool_compress(k, self.proj_dim, self.proj_kind, lengths),
+                    pool_compress(v, self.proj_dim, self.proj_kind, lengths))
         return self._conv(k, self.e), self._conv(v, self.value_projection)
 
     def compress(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
                  ) -> tuple[Tensor, Tensor]:
         """Drop padded keys and values (the j-th real key meets column j), then compress
-        ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``kdim`` positions."""
+        ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``proj_dim`` positions."""
         k, lengths = compact_padding(k, key_padding_mask)
         v, _ = compact_padding(v, key_padding_mask)
         return self(k, v, lengths)
@@ -150,7 +175,7 @@ class LinformerProjection(nn.Module):
         :func:`linattn.linformer_attention` (the matrices ``E``, ``F`` for the linear kinds;
         the keys and values compressed here for pooling and convolution). Returns
         ``(B, H, Lq, dv)``."""
-        if self.kind in ("linear", "random"):
+        if self.proj_kind in ("linear", "random"):
             return linformer_attention(q, k, v, self.e, self.value_projection,
                                        key_padding_mask=key_padding_mask, scale=scale,
                                        dropout_p=dropout_p)
@@ -163,9 +188,14 @@ class LinformerProjection(nn.Module):
             w = w.repeat(self.num_heads, 1, 1)
         return conv_compress(x, w, self.proj_dim)
 
+    def options(self) -> LinformerOptions:
+        """``proj_dim``, ``sharing`` and ``proj_kind`` of this projection."""
+        return LinformerOptions(proj_dim=self.proj_dim, sharing=self.sharing,
+                                proj_kind=self.proj_kind)
+
     def extra_repr(self) -> str:
-        return (f"max_seq_len={self.max_seq_len}, proj_dim={self.proj_dim}, kind={self.kind!r}, "
-                f"sharing={self.sharing!r}")
+        return (f"max_seq_len={self.max_seq_len}, proj_dim={self.proj_dim}, proj_kind="
+                f"{self.proj_kind!r}, sharing={self.sharing!r}")
 
 
 class UsesLinformerProjection:
@@ -196,17 +226,17 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
             ``num_heads``).
         max_seq_len: longest key/value sequence (``n``); shorter inputs use the first
             columns of the projections.
-        proj_dim: compressed length ``kdim`` (a different one per layer is fine, except
-            under ``"layerwise"`` sharing).
-        sharing, projection: see :class:`LinformerProjection` (``projection`` is its
-            ``kind``).
+        proj_dim: the compressed length (a different one per layer is fine, except under
+            ``"layerwise"`` sharing).
+        sharing, proj_kind: see :class:`LinformerProjection`. The defaults of
+            ``proj_dim``, ``sharing`` and ``proj_kind`` are :class:`LinformerOptions`'.
         shared_projection: the model-wide :class:`LinformerProjection` for
             ``sharing="layerwise"``. It is held by reference, not registered, so the
             model that owns it saves it and DDP sees each parameter once.
         dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``
             (``batch_first=False`` by default: inputs ``(L, B, E)``).
         compress_first: where ``E`` is one linear map for all heads, compress the
-            sequence before the key/value input projections (cost ``kdim d^2`` instead of
+            sequence before the key/value input projections (cost ``proj_dim d^2`` instead of
             ``n d^2``). This is exact: the bias contributes ``rowsum(E) b^T``, which is
             added explicitly. Without that term it would differ.
         causal: must be False. Linformer cannot be causal, because every compressed
@@ -227,9 +257,9 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
         num_heads: int,
         *,
         max_seq_len: int,
-        proj_dim: int = 256,
-        sharing: str = "none",
-        projection: str = "linear",
+        proj_dim: int = LinformerOptions.proj_dim,
+        sharing: Sharing = LinformerOptions.sharing,
+        proj_kind: ProjKind = LinformerOptions.proj_kind,
         shared_projection: LinformerProjection | None = None,
         dropout: float = 0.0,
         bias: bool = True,
@@ -271,9 +301,14 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
         elif shared_projection is not None:
             raise ValueError("shared_projection is only for sharing='layerwise'")
         self._use_projection(shared_projection, lambda: LinformerProjection(
-            max_seq_len, proj_dim, num_heads, self.head_dim, kind=projection,
+            max_seq_len, proj_dim, num_heads, self.head_dim, proj_kind=proj_kind,
             sharing=sharing, seed=seed, **factory,
         ))
+
+    def options(self) -> LinformerOptions:
+        """This module's Linformer settings (``LinformerAttention(E, H, max_seq_len=n,
+        **vars(options))`` builds a module with the same ones)."""
+        return self.proj.options()
 
     def forward(
         self,
@@ -323,7 +358,7 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
         for mat, x, lin in ((e, kx, self.k_proj), (f, vx, self.v_proj)):
             xc = F.linear(mat @ x, lin.weight)
             if lin.bias is not None:
-                # [B, kdim, 1]: rowsum of E over each sequence's real columns.
+                # [B, proj_dim, 1]: rowsum of E over each sequence's real columns.
                 xc = xc + (mat @ live.unsqueeze(-1)) * lin.bias
             out.append(self._heads(xc))
         return out[0], out[1]

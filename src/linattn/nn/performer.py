@@ -313,9 +313,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         if self.auto_tick:
             self.tick()
         causal = self.causal or is_causal
-        q = self._rotate(self._heads(self.q_proj(query)), 0)
-        k = self._rotate(self._heads(self.k_proj(key)), 0)
-        v = self._heads(self.v_proj(value))
+        q, k, v = self._qkv(query, key, value)
         out = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=causal,
                               key_padding_mask=key_padding_mask, window=self.window,
                               linear_factor=self.linear_factor(), chunk_size=self.chunk_size,
@@ -333,9 +331,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         length (with a window the state also holds the last ``window`` keys and values,
         with sinks the ``sinks`` sink keys and values)).
         Returns ``(output (B, n, E), new_state)``."""
-        q = self._rotate(self._heads(self.q_proj(x)), offset)
-        k = self._rotate(self._heads(self.k_proj(x)), offset)
-        v = self._heads(self.v_proj(x))
+        q, k, v = self._qkv(x, x, x, offset)
         out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel,
                                      window=self.window, linear_factor=self.linear_factor(),
                                      sinks=self.sinks)

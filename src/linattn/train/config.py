@@ -10,6 +10,7 @@ from pathlib import Path
 from .._checks import check_choice, check_positive_int
 from ..features import Kernel
 from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
+from ..nn.linformer import LinformerOptions
 from ..nn.performer import FavorOptions
 from .tasks import TASKS
 
@@ -45,7 +46,7 @@ class TrainConfig(JsonConfig):
     heads: int = 4
     ff_mult: int = 4
     num_features: int | None = FavorOptions.num_features
-    proj_dim: int = 128
+    proj_dim: int = LinformerOptions.proj_dim
     redraw_interval: int | None = FavorOptions.redraw_interval
     dropout: float = 0.0
     seq_len: int = 512

@@ -5,8 +5,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from linattn.integrations.hf import convert
-from linattn.integrations.hf.models import load_pretrained
-from linattn.integrations.hf.experiment import corpus_texts, pack_texts
+from linattn.experiments.pretrained import load_pretrained
+from linattn.experiments.convert import corpus_texts, pack_texts
 from linattn.integrations.hf.transfer import transfer, TransferConfig, attention_errors
 from linattn.integrations.hf.state import FavorLayerState
 
@@ -48,7 +48,7 @@ teacher, tok = load_pretrained("minilm")
 student = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=W)
 train, _ = corpus_texts("gcide", train=20000, test=0, seed=0)
 long_train = pack_texts(tok, train[:6000], 512)
-from linattn.integrations.hf.experiment import eval_sets
+from linattn.experiments.convert import eval_sets
 sets = eval_sets(tok, ("gcide",), train_corpus="gcide", train_texts=20000, eval_texts=16,
                  lengths=(128, 512), long_eval_texts=16, seed=0)
 curve = sets["gcide@512"][0][:16]

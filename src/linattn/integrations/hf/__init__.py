@@ -4,8 +4,9 @@
 mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterface``
 under ``"linattn"``, attaches per-layer state to each attention module and selects it.
 See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
-:class:`FavorCache` and :mod:`.distill`. :func:`load_pretrained` loads the packaged
-pretrained models (``"minilm"``, ``"smollm2"``) or a local folder, offline.
+:class:`FavorCache`, :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
+and the experiments of ``linattn convert`` are application code, in
+:mod:`linattn.experiments`.
 """
 
 try:
@@ -25,7 +26,6 @@ from .convert import (
     redraw_projections,
     save_converted,
 )
-from .models import load_pretrained
 
 __all__ = [
     "NAME",
@@ -37,7 +37,6 @@ __all__ = [
     "linattn_mask",
     "linear_attention_states",
     "load_converted",
-    "load_pretrained",
     "redraw_projections",
     "register",
     "save_converted",

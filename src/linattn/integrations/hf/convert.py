@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import types
+from dataclasses import fields
 from pathlib import Path
 
 import transformers
@@ -17,18 +18,22 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive_int
+from ..._dtype import compute_dtype
 from ..._io import CheckpointError, atomic_directory, read_json
 from ...features import KERNELS
-from ...functional import _compute_dtype
+from ...nn.linformer import LinformerOptions
+from ...nn.performer import FavorOptions
 from .attention import NAME, register
 from .cache import FavorCache
 from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
-FAVOR_OPTIONS = ("num_features", "kernel", "window", "sinks", "orthogonal", "scaling", "seed",
-                 "redraw_interval", "chunk_size", "learn_projection")
-LINFORMER_OPTIONS = ("proj_dim", "projection", "sharing", "max_seq_len", "seed")
+#: Each method's options: the algorithm's settings (their defaults in the dataclass), then
+#: what the conversion adds (defaults: the layer states', ``max_seq_len`` the model's).
+OPTIONS = {"favor": FavorOptions, "linformer": LinformerOptions}
+STATE_OPTIONS = {"favor": ("seed", "chunk_size", "learn_projection"),
+                 "linformer": ("seed", "max_seq_len")}
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -58,8 +63,10 @@ def _num_heads(module: nn.Module) -> int:
     return module.config.num_attention_heads
 
 
-def _check_options(method: str, options: dict) -> None:
-    allowed = FAVOR_OPTIONS if method == "favor" else LINFORMER_OPTIONS
+def _split_options(method: str, options: dict) -> tuple[FavorOptions | LinformerOptions, dict]:
+    """``options`` as the method's options dataclass and the conversion's own ones."""
+    own = [f.name for f in fields(OPTIONS[method])]
+    allowed = own + [n for n in STATE_OPTIONS[method] if n not in own]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(
@@ -72,6 +79,8 @@ def _check_options(method: str, options: dict) -> None:
             check_positive_int(name, options[name])
     if "seed" in options:
         check_int("seed", options["seed"])
+    return (OPTIONS[method](**{k: v for k, v in options.items() if k in own}),
+            {k: v for k, v in options.items() if k not in own})
 
 
 def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
@@ -93,10 +102,11 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
             with or without a window), ``orthogonal``, ``scaling``, ``seed`` (layer ``i`` draws from
             ``(seed, i)``), ``redraw_interval``, ``chunk_size``, ``learn_projection``
             (train the projection; default True for learned maps);
-            for ``"linformer"``: ``proj_dim`` (128), ``projection`` (``"linear"``,
-            ``"random"``, ``"mean"``, ``"max"``, ``"conv"``), ``sharing`` (``"headwise"``,
-            ``"none"``, ``"kv"``, ``"layerwise"``), ``max_seq_len`` (default the model's
-            ``max_position_embeddings``), ``seed``.
+            for ``"linformer"``: ``proj_dim``, ``sharing`` (``"headwise"``, ``"none"``,
+            ``"kv"``, ``"layerwise"``), ``proj_kind`` (``"linear"``, ``"random"``,
+            ``"mean"``, ``"max"``, ``"conv"``), defaults :class:`linattn.LinformerOptions`';
+            ``max_seq_len`` (default the model's ``max_position_embeddings``), ``seed``.
+            The FAVOR+ settings' defaults are :class:`linattn.FavorOptions`'.
 
     Returns:
         ``model``, with its weights untouched: each attention module gains a ``linattn``
@@ -110,7 +120,7 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     """
     if method not in ("favor", "linformer"):
         raise ValueError(f"method must be 'favor' or 'linformer', got {method!r}")
-    _check_options(method, options)
+    algorithm, extra = _split_options(method, options)
     if getattr(getattr(model, "config", None), CONFIG_KEY, None) is not None:
         raise ValueError("model is already converted to linear attention")
     modules = _attention_modules(model)
@@ -135,41 +145,32 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     first = next(model.parameters())
     device = first.device
     # Linformer's E/F follow the model's precision (float32 under half precision).
-    state_dtype = _compute_dtype(first.dtype)
+    state_dtype = compute_dtype(first.dtype)
     config = model.config
     shared = None
     for index, module in enumerate(modules):
         layer = module.layer_idx if isinstance(module.layer_idx, int) else index
         head_dim = _head_dim(module)
         if method == "favor":
-            state = FavorLayerState(
-                head_dim, num_heads=_num_heads(module),
-                num_features=options.get("num_features"),
-                kernel=options.get("kernel", "softmax"), window=options.get("window"),
-                sinks=options.get("sinks", 0),
-                orthogonal=options.get("orthogonal", True),
-                scaling=options.get("scaling", "chi"), seed=options.get("seed", 0),
-                layer_index=layer, redraw_interval=options.get("redraw_interval"),
-                chunk_size=options.get("chunk_size", 64),
-                learn_projection=options.get("learn_projection"), device=device,
-            )
+            state = FavorLayerState(head_dim, num_heads=_num_heads(module),
+                                    **vars(algorithm), **extra, layer_index=layer,
+                                    device=device)
             if causal and not KERNELS[state.kernel].causal_ok:
                 raise ValueError(
                     f"kernel={state.kernel!r} has no causal form; a decoder needs e.g. "
                     "kernel='softmax', 'softmax_hyp' or 'relu'"
                 )
         else:
-            max_len = options.get("max_seq_len")
+            max_len = extra.get("max_seq_len")
             if max_len is None:
                 max_len = getattr(config, "max_position_embeddings", None)
             if not max_len:
                 raise ValueError("pass max_seq_len: the model's config has no "
                                  "max_position_embeddings")
-            sharing = options.get("sharing", "headwise")
+            sharing = algorithm.sharing
             heads = config.num_attention_heads
-            kw = {"proj_dim": options.get("proj_dim", 128),
-                  "projection": options.get("projection", "linear"), "sharing": sharing,
-                  "seed": options.get("seed", 0) + (0 if sharing == "layerwise" else layer)}
+            kw = {**vars(algorithm),
+                  "seed": extra.get("seed", 0) + (0 if sharing == "layerwise" else layer)}
             if sharing == "layerwise" and shared is not None:
                 state = LinformerLayerState(heads, head_dim, max_len, shared=shared, **kw)
             else:

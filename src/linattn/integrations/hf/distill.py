@@ -130,7 +130,8 @@ TRAIN_CHOICES = ("all", "attention", "lora")
 
 @dataclass
 class DistillConfig:
-    """Distillation settings.
+    """Distillation settings. The defaults are ``linattn convert --recipe distill``'s;
+    :data:`linattn.experiments.convert.RECIPES` holds the other recipes' settings.
 
     Attributes:
         steps: optimizer steps; batch_size: texts per step; max_length: tokens per text.
@@ -152,12 +153,12 @@ class DistillConfig:
         seed: batch order.
     """
 
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 16
     max_length: int = 128
-    lr: float = 1e-4
+    lr: float = 3e-4
     weight_decay: float = 0.0
-    warmup: int = 20
+    warmup: int = 30
     train: str = "all"
     lora_rank: int = 8
     eval_every: int = 50

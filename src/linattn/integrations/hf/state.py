@@ -15,12 +15,23 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import check_choice, check_positive_int
-from ...features import KERNELS
-from ...functional import _compute_dtype, favor_attention, favor_recurrent
-from ...nn.linformer import LinformerProjection
-from ...nn.performer import RandomFeatures, default_num_features
-from ...ops.linformer import projected_attention
-from ...projection import draw_projection
+from ..._dtype import compute_dtype
+from ...features import KERNELS, Kernel
+from ...functional import favor_attention, favor_recurrent
+from ...nn.linformer import (
+    LinformerOptions,
+    LinformerProjection,
+    ProjKind,
+    Sharing,
+    UsesLinformerProjection,
+)
+from ...nn.performer import (
+    LEARNED_KERNELS,
+    FavorOptions,
+    RandomFeatures,
+    default_num_features,
+    hedgehog_init,
+)
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -80,15 +91,15 @@ class FavorLayerState(RandomFeatures, nn.Module):
         head_dim: int,
         *,
         num_heads: int | None = None,
-        num_features: int | None = None,
-        kernel: str = "softmax",
-        window: int | None = None,
-        sinks: int = 0,
-        orthogonal: bool = True,
-        scaling: str = "chi",
+        num_features: int | None = FavorOptions.num_features,
+        kernel: Kernel = FavorOptions.kernel,
+        window: int | None = FavorOptions.window,
+        sinks: int = FavorOptions.sinks,
+        orthogonal: bool = FavorOptions.orthogonal,
+        scaling: str = FavorOptions.scaling,
         seed: int = 0,
         layer_index: int = 0,
-        redraw_interval: int | None = None,
+        redraw_interval: int | None = FavorOptions.redraw_interval,
         chunk_size: int = 64,
         learn_projection: bool | None = None,
         device=None,
@@ -124,7 +135,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 raise ValueError(f"kernel={self.kernel!r} keeps one projection per head: "
                                  f"pass num_heads (an int >= 1), got {num_heads!r}")
             del self._buffers["projection"]
-            w = hedgehog_init(num_heads, num_features, head_dim, device=device)
+            # Orthonormal rows (m != d) from a fixed seed, the same in every layer.
+            w = hedgehog_init(num_heads, num_features, head_dim,
+                              generator=torch.Generator().manual_seed(0)).to(device=device,
+                                                                             dtype=torch.float32)
             if self.learn_projection:
                 self.projection = nn.Parameter(w)
             else:
@@ -186,39 +200,20 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 + (f", sinks={self.sinks}" if self.sinks else ""))
 
 
-# Feature maps whose projection is learned (one per head), not drawn at random.
-LEARNED_KERNELS = ("hedgehog",)
-
-
-def hedgehog_init(num_heads: int, num_features: int, head_dim: int, *, device=None,
-                  dtype=torch.float32) -> Tensor:
-    """Initial per-head projection ``(H, m, d)`` of a learned map: the identity when
-    ``m == d``; else orthonormal rows (blocks of ``d``, drawn with a fixed seed)."""
-    if num_features == head_dim:
-        eye = torch.eye(head_dim, dtype=dtype, device=device)
-        return eye.expand(num_heads, head_dim, head_dim).clone()
-    g = torch.Generator().manual_seed(0)
-    w = torch.stack([
-        draw_projection(num_features, head_dim, scaling="sqrt_d", generator=g,
-                        dtype=torch.float64) / head_dim ** 0.5
-        for _ in range(num_heads)
-    ])
-    return w.to(device=device, dtype=dtype)
-
-
-class LinformerLayerState(nn.Module):
+class LinformerLayerState(UsesLinformerProjection, nn.Module):
     """Linformer state of one converted (bidirectional) attention layer.
 
     Args:
         num_heads, head_dim: the model's query heads and per-head dimension.
         max_seq_len: ``n``, the columns of ``E``/``F`` (the model's maximum length).
-        proj_dim: ``kdim``, the compressed length.
-        projection, sharing, seed: as :class:`linattn.LinformerProjection`
-            (``sharing="layerwise"``: pass the model-wide projection as ``shared``; it is
-            held by reference and registered once, on the first layer).
+        proj_dim, sharing, proj_kind: :class:`linattn.LinformerOptions` (its defaults).
+        seed: as :class:`linattn.LinformerProjection`.
+        shared: with ``sharing="layerwise"``, the model-wide projection (from the first
+            layer), held by reference and registered once, on the first layer.
 
     ``forward(q, k, v, *, key_padding_mask, causal, scale)``: ``q: (B, H, Lq, d)``,
-    ``k, v: (B, H, Lk, d)`` with ``Lk <= max_seq_len``; returns ``(B, H, Lq, d)``.
+    ``k, v: (B, H, Lk, d)`` with ``Lk <= max_seq_len``; returns ``(B, H, Lq, d)``,
+    through :meth:`linattn.LinformerProjection.attend` (:func:`linattn.linformer_attention`).
     """
 
     method = "linformer"
@@ -229,27 +224,19 @@ class LinformerLayerState(nn.Module):
         head_dim: int,
         max_seq_len: int,
         *,
-        proj_dim: int = 128,
-        projection: str = "linear",
-        sharing: str = "headwise",
+        proj_dim: int = LinformerOptions.proj_dim,
+        sharing: Sharing = LinformerOptions.sharing,
+        proj_kind: ProjKind = LinformerOptions.proj_kind,
         seed: int = 0,
         shared: LinformerProjection | None = None,
         device=None,
         dtype=torch.float32,
     ) -> None:
         super().__init__()
-        if shared is not None:
-            object.__setattr__(self, "_shared", shared)
-            self.projection = None
-        else:
-            self.projection = LinformerProjection(
-                max_seq_len, proj_dim, num_heads, head_dim, kind=projection, sharing=sharing,
-                seed=seed, device=device, dtype=dtype,
-            )
-
-    @property
-    def proj(self) -> LinformerProjection:
-        return self.projection if self.projection is not None else self._shared
+        self._use_projection(shared, lambda: LinformerProjection(
+            max_seq_len, proj_dim, num_heads, head_dim, proj_kind=proj_kind, sharing=sharing,
+            seed=seed, device=device, dtype=dtype,
+        ))
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None,
@@ -269,13 +256,10 @@ class LinformerLayerState(nn.Module):
             )
         dtype = q.dtype
         q, k, v = (t.to(proj_dtype(proj, dtype)) for t in (q, k, v))
-        kc, vc = proj.compress(k, v, key_padding_mask)
-        return projected_attention(q, kc, vc, scale).to(dtype)
+        return proj.attend(q, k, v, key_padding_mask=key_padding_mask, scale=scale).to(dtype)
 
     def options(self) -> dict:
-        p = self.proj
-        return {"proj_dim": p.proj_dim, "projection": p.kind, "sharing": p.sharing,
-                "max_seq_len": p.max_seq_len}
+        return {**vars(self.proj.options()), "max_seq_len": self.proj.max_seq_len}
 
 
 def proj_dtype(proj: LinformerProjection, like: torch.dtype) -> torch.dtype:
@@ -285,7 +269,7 @@ def proj_dtype(proj: LinformerProjection, like: torch.dtype) -> torch.dtype:
     for t in (proj.e, proj.f):
         if t is not None:
             return t.dtype
-    return _compute_dtype(like)
+    return compute_dtype(like)
 
 
 def converted_layers(model: nn.Module) -> Iterator[nn.Module]:

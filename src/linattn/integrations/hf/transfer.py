@@ -133,7 +133,8 @@ def attention_errors(
 
 @dataclass
 class TransferConfig:
-    """Attention-transfer settings.
+    """Attention-transfer settings. The defaults are ``linattn convert --recipe
+    transfer``'s first stage (docs/results/hf_transfer.md's MiniLM recipe).
 
     Attributes:
         steps: optimizer steps (0: none); batch_size: texts per step; max_length: tokens
@@ -147,15 +148,15 @@ class TransferConfig:
         seed: batch order.
     """
 
-    steps: int = 200
-    batch_size: int = 8
+    steps: int = 400
+    batch_size: int = 4
     max_length: int = 512
     lr: float = 1e-2
     weight_decay: float = 0.0
-    warmup: int = 10
-    eval_every: int = 50
+    warmup: int = 3
+    eval_every: int = 100
     eval_batch_size: int = 16
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:

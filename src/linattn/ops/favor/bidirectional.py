@@ -182,7 +182,7 @@ def favor_bidirectional(
     Equivalent to :func:`favor_naive` with ``causal=False``.
     """
     keep = None if key_padding_mask is None else (~key_padding_mask).to(k.dtype)
-    m = fm.num_features(params.weight, q.shape[-1])
+    m = fm.feature_dim(params.weight, q.shape[-1])
     lead = q.shape[0] * q.shape[1]
     rows_q = block_rows(lead, m, q.shape[-2], block_size)
     rows_k = block_rows(lead, m, k.shape[-2], block_size)

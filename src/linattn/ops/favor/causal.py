@@ -451,7 +451,7 @@ def favor_causal(
     tokens).
     """
     bsz, heads, length, _ = q.shape
-    m = fm.num_features(params.weight, q.shape[-1])
+    m = fm.feature_dim(params.weight, q.shape[-1])
     if initial is None:
         initial = initial_state((bsz, heads), m, v.shape[-1], dtype=q.dtype, device=q.device)
     state, stab = initial

@@ -97,7 +97,7 @@ def favor_recurrent_step(
         window = 0
     if window is not None:
         if state is None:
-            m = fm.num_features(params.weight, q.shape[-1])
+            m = fm.feature_dim(params.weight, q.shape[-1])
             state = empty_window_state(
                 q.shape[0], q.shape[1], m, q.shape[-1], v.shape[-1], window,
                 dtype=q.dtype, device=q.device, sinks=sinks,

@@ -207,7 +207,7 @@ def far_left(
     kept = keep if keep is not None else k.new_ones(k.shape[0], k.shape[-2])
     ke = shifted(kept, start, n, dim=-1)
     if initial is None:
-        m = fm.num_features(params.weight, q.shape[-1])
+        m = fm.feature_dim(params.weight, q.shape[-1])
         initial = initial_state((bsz, heads), m, v.shape[-1], dtype=q.dtype, device=q.device)
     nd, g, state, stab = causal_scan_raw(
         q, ks, vs, initial[0], initial[1], fm, params, ke, max(1, min(chunk, n))

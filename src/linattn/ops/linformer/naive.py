@@ -19,7 +19,7 @@ def linformer_naive(
     """Reference Linformer attention, one sequence at a time.
 
     Shapes: ``q: (B, H, Lq, d)``, ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)``,
-    ``proj_k``/``proj_v``: ``(kdim, n)`` or ``(H, kdim, n)``, ``key_padding_mask: (B, Lk)``.
+    ``proj_k``/``proj_v``: ``(proj_dim, n)`` or ``(H, proj_dim, n)``, ``key_padding_mask: (B, Lk)``.
 
     Equivalent to, for each sequence ``b`` with real keys ``K_b`` (``len_b`` rows)::
 

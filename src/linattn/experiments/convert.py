@@ -5,7 +5,8 @@ curves.
 
 Outputs in ``out``: ``summary.json`` (settings, agreement before and after, timings,
 machine), ``log.jsonl`` (agreement during distillation), ``distill.png`` (curves),
-``checkpoint/`` (the trained model, loadable with :func:`~.convert.load_converted`);
+``checkpoint/`` (the trained model, loadable with
+:func:`~linattn.integrations.hf.load_converted`);
 recipe ``transfer`` adds ``transfer/`` (its ``log.jsonl``, ``transfer.png``,
 ``checkpoint/`` and resume state); with ``--sweep``: ``sweep.json``, ``sweep.csv``,
 ``sweep.png`` (agreement before distillation for each kernel and number of features).
@@ -14,22 +15,53 @@ recipe ``transfer`` adds ``transfer/`` (its ``log.jsonl``, ``transfer.png``,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..._io import read_json, save_figure, write_json
-from ..._plotting import pyplot
-from ...bench.speed import machine_info, write_results
-from ...data import gcide_passages, python_doc_passages, text_split
-from .convert import convert, save_converted
-from .distill import DistillConfig, agreement, distill, is_causal_lm
-from .models import load_pretrained
-from .transfer import TransferConfig, transfer
+from .._io import read_json, save_figure, write_json
+from .._plotting import pyplot
+from ..bench.speed import machine_info, write_results
+from ..data import gcide_passages, python_doc_passages, text_split
+from ..integrations.hf.convert import convert, load_converted, save_converted
+from ..integrations.hf.distill import DistillConfig, agreement, distill, is_causal_lm
+from ..integrations.hf.transfer import TransferConfig, transfer
+from ..nn.performer import FavorOptions
+from .pretrained import load_pretrained
 
 CORPORA = {"gcide": gcide_passages, "python-docs": python_doc_passages}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A ``linattn convert --recipe``: the FAVOR+ settings it converts with and the
+    settings of its training stages (``transfer`` None: no attention transfer). The
+    command line's defaults are these values; a flag replaces one."""
+
+    favor: FavorOptions
+    distill: DistillConfig
+    transfer: TransferConfig | None = None
+
+    def favor_options(self) -> dict:
+        """The FAVOR+ settings as ``convert(model, "favor", **options)`` takes them."""
+        return vars(self.favor).copy()
+
+
+RECIPES = {
+    # End-to-end distillation: the defaults of FavorOptions and DistillConfig.
+    "distill": Recipe(FavorOptions(), DistillConfig()),
+    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with a 16-key window,
+    # TransferConfig's 400 attention-transfer steps, then 600 LoRA distillation steps.
+    "transfer": Recipe(
+        FavorOptions(kernel="hedgehog", window=16),
+        DistillConfig(steps=600, batch_size=4, max_length=512, lr=1e-3, warmup=10,
+                      eval_every=100, train="lora"),
+        TransferConfig(),
+    ),
+}
 
 
 def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
@@ -65,7 +97,7 @@ def run(
     skips distillation) and measure again on held-out text of every ``eval_corpora``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config or DistillConfig()
+    cfg = config or dataclasses.replace(RECIPES["distill"].distill)
     options = dict(options or {})
     teacher, tok = load_pretrained(model_name)
     student = convert(copy.deepcopy(teacher), method, **options)
@@ -313,7 +345,7 @@ def run_transfer(
     progress: bool = True,
 ) -> dict:
     """Recipe ``transfer``: convert ``model_name`` (``options`` for ``convert(...,
-    "favor")``, e.g. ``kernel="hedgehog", window=16``), measure, run attention transfer
+    "favor")`` over the recipe's, ``kernel="hedgehog", window=16``), measure, run attention transfer
     (``transfer_config``; its texts are training passages joined to
     ``transfer_config.max_length`` tokens; ``corpus`` names one corpus or several, mixed
     by :func:`mixed_training_texts`), measure, distill end to end (``config``,
@@ -328,13 +360,12 @@ def run_transfer(
     attention transfer continues from its last checkpoint, an interrupted distillation
     restarts from the transferred model. Writes ``summary.json``, ``transfer/``,
     ``log.jsonl``, ``distill.png`` and ``checkpoint/`` (the final model)."""
-    from .convert import load_converted, save_converted
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tcfg = transfer_config or TransferConfig()
-    cfg = config or DistillConfig()
-    options = {"kernel": "hedgehog", **(options or {})}
+    recipe = RECIPES["transfer"]
+    tcfg = transfer_config or dataclasses.replace(recipe.transfer)
+    cfg = config or dataclasses.replace(recipe.distill)
+    options = {**recipe.favor_options(), **(options or {})}
     teacher, tok = load_pretrained(model_name)
     student = convert(copy.deepcopy(teacher), "favor", **options)
     corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
