@@ -540,7 +540,7 @@ def test_compare_spec_with_sinks():
 def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
     pytest.importorskip("transformers")
     from linattn.cli import main
-    from linattn.integrations.hf import experiment
+    from linattn.experiments import convert as experiment
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
