@@ -421,6 +421,8 @@ _TRAIN_HELP = {
     "sinks": "FAVOR+ attention sinks: the first S unpadded keys scored exactly by every "
              "query, with or without --window (default: 0, none)",
     "proj_dim": "Linformer k",
+    "linformer_sharing": "Linformer sharing of E/F: none, headwise (one per layer), kv (E = "
+                         "F) or layerwise (one for the model)",
     "redraw_interval": "FAVOR+: redraw the projection every N steps (default: never)",
     "seq_len": "window for bytes, maximum tokens for the classification tasks",
     "batch_size": "global batch, split over torchrun's processes",

@@ -44,8 +44,8 @@ class LinformerOptions:
         proj_kind: a :data:`PROJ_KINDS` name: what compresses the sequence.
     """
 
-    proj_dim: int = 128
-    sharing: Sharing = "headwise"
+    proj_dim: int = 256
+    sharing: Sharing = "none"
     proj_kind: ProjKind = "linear"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .._checks import check_choice, check_positive_int
 from ..features import Kernel
 from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
-from ..nn.linformer import LinformerOptions
+from ..nn.linformer import SHARING, LinformerOptions, Sharing
 from ..nn.performer import FavorOptions
 from .tasks import TASKS
 
@@ -23,8 +23,8 @@ class TrainConfig(JsonConfig):
     feature map: ``softmax``, ``relu``, ``hedgehog``, ...), ``window`` (FAVOR+
     sliding-window hybrid: None, or the number of nearest keys scored exactly), ``sinks``
     (FAVOR+: the first ``sinks`` keys scored exactly by every query; 0: none), ``dim``,
-    ``depth``, ``heads``, ``ff_mult``, ``num_features`` (FAVOR+), ``proj_dim``
-    (Linformer), ``redraw_interval``, ``dropout``. Data: ``task`` (``bytes``,
+    ``depth``, ``heads``, ``ff_mult``, ``num_features`` (FAVOR+), ``proj_dim`` and
+    ``linformer_sharing`` (Linformer), ``redraw_interval``, ``dropout``. Data: ``task`` (``bytes``,
     ``listops``, ``fortunes``), ``seq_len`` (window for ``bytes``, maximum tokens for the
     classification tasks), ``batch_size`` (the global batch, split over ranks),
     ``listops_train`` / ``listops_eval`` (LRA: 96000 / 2000) and
@@ -47,6 +47,7 @@ class TrainConfig(JsonConfig):
     ff_mult: int = 4
     num_features: int | None = FavorOptions.num_features
     proj_dim: int = LinformerOptions.proj_dim
+    linformer_sharing: Sharing = LinformerOptions.sharing
     redraw_interval: int | None = FavorOptions.redraw_interval
     dropout: float = 0.0
     seq_len: int = 512
@@ -71,6 +72,7 @@ class TrainConfig(JsonConfig):
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("linformer_sharing", self.linformer_sharing, SHARING)
         if self.task == "bytes" and self.attention == "linformer":
             raise ValueError("task='bytes' is causal language modelling; Linformer cannot be "
                              "causal (use exact or favor)")

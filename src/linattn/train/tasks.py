@@ -113,7 +113,8 @@ class _Classification:
                            sinks=c.sinks,
                            causal=False,
                            num_features=c.num_features, redraw_interval=c.redraw_interval,
-                           proj_dim=c.proj_dim, position="learned", dropout=c.dropout,
+                           proj_dim=c.proj_dim, linformer_sharing=c.linformer_sharing,
+                           position="learned", dropout=c.dropout,
                            num_classes=self.num_classes, pooling="mean", seed=c.seed)
 
     def build_model(self) -> nn.Module:
