@@ -109,6 +109,13 @@ class FeatureMap:
         """
         raise NotImplementedError
 
+    def stabilized_query(self, x: Tensor, params: FeatureParams) -> tuple[Tensor, Tensor]:
+        """Queries' ``(F, r)`` as :meth:`stabilized` with ``r`` kept (``phi(q) = c * F *
+        exp(r)`` exactly): the window hybrid weighs them against exact scores, so the
+        row scale does not cancel there. Same as the keys' form unless the map treats
+        the two sides differently (FAVOR++'s per-feature shift)."""
+        return self.stabilized(x, params, is_query=False)
+
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -246,7 +253,13 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         # Sequences with every key padded: no shift (their outputs are 0 anyway).
         return torch.where(torch.isfinite(shift), shift, 0.0)
 
-    def _logits2(self, x, params, with_norm):
+    def stabilized_query(self, x, params):
+        # With the norm term (the true scale), and the query's side of the shift.
+        logits = self._logits2(x, params, with_norm=True, query=True)
+        r2 = logits.detach().amax(dim=-1)
+        return torch.exp2(logits - r2.unsqueeze(-1)), r2 * _LN2
+
+    def _logits2(self, x, params, with_norm, query=None):
         # log2(e) * (B w.x~ + A|w|^2 - |x~|^2/2) as one matmul:
         # [B x, A, -s|x|^2/2] @ log2(e) [sqrt(s) W, |w|^2, 1]^T.
         w = params.weight
@@ -260,9 +273,11 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         logits = torch.cat(cols, dim=-1) @ (torch.cat(w_cols, dim=-1) * _LOG2E).transpose(-2, -1)
         if params.opt_shift is None:
             return logits
-        # Keys (with the norm) give up the per-feature shift, queries take it.
+        # Keys give up the per-feature shift, queries take it (``query``: default, the
+        # side without the norm term).
         shift = params.opt_shift.unsqueeze(-2).to(logits.dtype)
-        return logits - shift if with_norm else logits + shift
+        query = not with_norm if query is None else query
+        return logits + shift if query else logits - shift
 
     def log_const(self, params):
         m, d = params.weight.shape[-2:]

@@ -519,7 +519,7 @@ def favor_window_bidirectional(
     lo = (window + 1) // c
     mixed = [dlt for dlt in range(-big, big + 1) if abs(dlt) >= lo]
     floor = torch.finfo(q.dtype).min
-    fq, rq = fm.stabilized(q, params, is_query=False)
+    fq, rq = fm.stabilized_query(q, params)
     fk, rk = fm.stabilized(k, params, is_query=False)
     real = torch.ones(bsz, length, dtype=torch.bool, device=q.device) if keep is None else keep
     rk = rk.masked_fill(~real[:, None, :], -math.inf)
