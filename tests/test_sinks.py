@@ -562,7 +562,7 @@ def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
     assert main([*base, "--sinks", "-2"]) == 2
     assert "--sinks: must be >= 0" in capsys.readouterr().err
     assert main([*base, "--method", "linformer", "--sinks", "1"]) == 2
-    assert "--sinks need --method favor" in capsys.readouterr().err
+    assert "--sinks: FAVOR+ only" in capsys.readouterr().err
     assert "attention sinks" in _help(["convert", "--help"], capsys)
 
 

@@ -288,6 +288,43 @@ class _RecipeDefault:
         return "default: " + ", ".join(parts)
 
 
+# `linattn convert` flags that only one method (or not --sweep) reads: giving one where it
+# is not read is refused rather than silently ignored.
+_FAVOR_FLAGS = ("kernel", "num_features", "window", "sinks", "learn_projection")
+_LINFORMER_FLAGS = ("proj_dim", "sharing", "proj_kind")
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+
+
+def _check_convert_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen work does not read (before any model is loaded)."""
+    if args.window is not None and args.window < -1:
+        raise UsageError(f"--window: expected -1 (none) or a number of keys >= 0, got "
+                         f"{args.window}")
+    if args.sweep:
+        unused = _given(args, (*_FAVOR_FLAGS, *_LINFORMER_FLAGS, "steps"))
+        if args.recipe != "distill" or args.method != "favor":
+            unused.append(f"--recipe {args.recipe} / --method {args.method}")
+        if unused:
+            raise UsageError(f"--sweep measures --sweep-kernels x --sweep-features before any "
+                             f"training; it does not use {', '.join(unused)}")
+        return
+    if args.method == "linformer":
+        unused = _given(args, _FAVOR_FLAGS)
+        if args.recipe == "transfer":
+            unused.insert(0, "--recipe transfer")
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: FAVOR+ only, not for --method linformer")
+    else:
+        unused = _given(args, _LINFORMER_FLAGS)
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: Linformer only (--method linformer)")
+    if len(set(args.corpus)) != len(args.corpus):
+        raise UsageError(f"--corpus: each corpus once, got {' '.join(args.corpus)}")
+
+
 def _convert(args: argparse.Namespace) -> int:
     try:
         from .experiments import convert as experiment
@@ -295,6 +332,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ImportError(f"linattn convert needs the [hf] extra: pip install "
                           f"'linattn[hf]' ({exc})") from exc
     _check_model(args.model)
+    _check_convert_flags(args)
     recipe = experiment.RECIPES[args.recipe]
     for name, value in recipe_defaults(args.recipe).items():
         if getattr(args, name, None) is None:
@@ -318,16 +356,16 @@ def _convert(args: argparse.Namespace) -> int:
             options["learn_projection"] = True
         if args.num_features is not None:
             options["num_features"] = args.num_features
-        if args.window is not None and args.window >= 0:
-            options["window"] = args.window
+        if args.window is not None:
+            # -1: no window, also where the recipe has one.
+            options["window"] = args.window if args.window >= 0 else None
         if args.sinks:
             options["sinks"] = args.sinks
     else:
-        if args.recipe == "transfer" or (args.window is not None and args.window >= 0) or (
-                args.sinks):
-            raise UsageError("--recipe transfer, --window and --sinks need --method favor")
-        options = {"proj_dim": args.proj_dim, "sharing": args.sharing,
-                   "proj_kind": args.proj_kind, "seed": args.seed}
+        options = {"seed": args.seed}
+        for name in ("proj_dim", "sharing", "proj_kind"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
 
     def stage(config, prefix: str = ""):
         # The recipe's settings, with the flags given on the command line.
@@ -583,18 +621,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, help="exact softmax over the keys within W "
                    "positions of each query, linear attention beyond (-1: none; "
                    "%(recipe_default)s)")
-    c.add_argument("--sinks", type=_non_negative, default=0,
+    c.add_argument("--sinks", type=_non_negative,
                    help="attention sinks: the first S unpadded tokens of each text (e.g. "
                    "[CLS] or BOS) are scored with the exact softmax by every query, with or "
                    "without --window; the rest as usual (default: 0, none)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
-    c.add_argument("--proj-dim", type=_positive, default=LinformerOptions.proj_dim,
-                   help="Linformer compressed length")
-    c.add_argument("--sharing", choices=SHARING, default=LinformerOptions.sharing,
-                   help="Linformer sharing mode")
-    c.add_argument("--proj-kind", choices=PROJ_KINDS, default=LinformerOptions.proj_kind,
-                   help="what compresses Linformer's sequence")
+    c.add_argument("--proj-dim", type=_positive,
+                   help=f"Linformer compressed length (default: {LinformerOptions.proj_dim})")
+    c.add_argument("--sharing", choices=SHARING,
+                   help=f"Linformer sharing mode (default: {LinformerOptions.sharing})")
+    c.add_argument("--proj-kind", choices=PROJ_KINDS,
+                   help=f"what compresses Linformer's sequence (default: "
+                   f"{LinformerOptions.proj_kind})")
     c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
                    default=["gcide"],
                    help="distillation text (Debian dict-gcide / python3.11-doc); with "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -327,6 +328,29 @@ def mixed_training_texts(tokenizer, corpora: tuple[str, ...], *, train_texts: in
     return [p[j] for j in range(count) for p in packed]
 
 
+# Settings a resumed run may change: when and how much it measures and saves.
+_RESUMABLE = {"eval_every", "checkpoint_every", "eval_batch_size"}
+
+
+def _refuse_changed_settings(old: dict, new: dict) -> None:
+    """``--resume`` continues the saved run: a changed setting (other than
+    :data:`_RESUMABLE`) is an error naming each one, old -> new."""
+    changes = []
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            for field in sorted(set(value) | set(before)):
+                if field not in _RESUMABLE and before.get(field) != value.get(field):
+                    changes.append(f"{key}.{field}: {before.get(field)!r} -> "
+                                   f"{value.get(field)!r}")
+        elif before != value:
+            changes.append(f"{key}: {before!r} -> {value!r}")
+    if changes:
+        raise ValueError("resume: the run in this folder was made with other settings ("
+                         + "; ".join(changes) + "); resume with the same flags, or use "
+                         "another --out")
+
+
 def run_transfer(
     model_name: str,
     *,
@@ -366,8 +390,6 @@ def run_transfer(
     tcfg = transfer_config or dataclasses.replace(recipe.transfer)
     cfg = config or dataclasses.replace(recipe.distill)
     options = {**recipe.favor_options(), **(options or {})}
-    teacher, tok = load_pretrained(model_name)
-    student = convert(copy.deepcopy(teacher), "favor", **options)
     corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
     if not corpora or len(set(corpora)) != len(corpora):
         raise ValueError(f"corpus: expected distinct corpus names, got {corpus!r}")
@@ -375,6 +397,8 @@ def run_transfer(
         if name not in CORPORA:
             raise ValueError(f"corpus must be among {sorted(CORPORA)}, got {name!r}")
     corpus = corpora[0]
+    teacher, tok = load_pretrained(model_name)
+    student = convert(copy.deepcopy(teacher), "favor", **options)
 
     def training(max_length: int) -> list[str]:
         return mixed_training_texts(tok, corpora, train_texts=train_texts,
@@ -392,6 +416,14 @@ def run_transfer(
     reference = teacher if is_causal_lm(teacher) else _Memo(teacher)
     partial = out / "summary.partial.json"
     summary = read_json(partial) if resume and partial.exists() else {}
+    settings = {
+        "model": model_name, "options": student.config.linattn_conversion["options"],
+        "corpus": corpus if len(corpora) == 1 else list(corpora),
+        "train_texts": len(train), "transfer": asdict(tcfg), "distill": asdict(cfg),
+    }
+    if summary:
+        # As the saved file has them (tuples are lists in JSON).
+        _refuse_changed_settings(summary, json.loads(json.dumps(settings)))
     summary.update({
         "model": model_name, "architecture": type(teacher).__name__,
         "kind": "decoder" if is_causal_lm(teacher) else "encoder", "recipe": "transfer",
