@@ -240,3 +240,11 @@ def test_window_cases_are_timed_beside_pure_favor_and_compared_with_it():
                                            "threads": 2}, "matmul_gflops": 1.0,
                                "results": rows})
     assert "FAVOR+ w64 causal" in text and "/FAVOR+" in text and "0.80x" in text
+
+
+def test_spread_and_mark_cells():
+    flagged, clean, unmeasured = {"spread": 0.123, "flags": ["x"]}, {"spread": 0.05}, {}
+    marks, _ = speed.footnotes([clean, flagged, unmeasured], lambda r: "cell")
+    assert speed.spread_and_mark(flagged, marks) == ("12%", f" {checks.WARN}1")
+    assert speed.spread_and_mark(clean, marks) == ("5%", "")
+    assert speed.spread_and_mark(unmeasured, marks) == ("", "")

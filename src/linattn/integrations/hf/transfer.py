@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..._io import save_figure, torch_save, write_json, write_jsonl
-from ..._plotting import pyplot
+from ..._io import torch_save, write_json, write_jsonl
+from ..._plotting import curve, finish, optional_pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
 from .distill import agreement, is_causal_lm, optimizer_step, tokenize
@@ -314,9 +314,8 @@ def transfer(
 def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transfer") -> None:
     """Per-layer attention-output error (and the end-to-end agreement, if measured)
     against transfer steps."""
-    try:
-        plt = pyplot()
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
+    plt = optional_pyplot()
+    if plt is None:
         return
     steps = [r["step"] for r in log]
     extra = next((k for k in ("mean_cosine", "ppl_ratio") if k in log[0]), None)
@@ -334,15 +333,9 @@ def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transf
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if extra:
-        ax = axes[0][1]
-        ax.plot(steps, [r[extra] for r in log], marker="o")
-        ax.set_xlabel("transfer step")
-        ax.set_ylabel(extra.replace("_", " "))
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+        curve(axes[0][1], steps, [r[extra] for r in log], xlabel="transfer step",
+              ylabel=extra.replace("_", " "), marker="o")
+    finish(fig, path, title=title)
 
 
 __all__ = [
