@@ -32,7 +32,7 @@ from ..._io import torch_save, write_json, write_jsonl
 from ..._plotting import curve, finish, optional_pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
-from .distill import agreement, is_causal_lm, optimizer_step, tokenize
+from .distill import agreement, check_run_settings, is_causal_lm, optimizer_step, tokenize
 from .state import FavorLayerState, converted_layers
 
 STATE_FILE = "transfer_state.pt"
@@ -160,15 +160,7 @@ class TransferConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.steps) < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("batch_size", "max_length", "eval_every", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_run_settings(self)
 
 
 def batch_texts(texts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
