@@ -140,6 +140,18 @@ def test_exact_steeper_than_quadratic_is_flagged_not_linear_growth():
     assert not any(m == "favor" and p == "fwd+bwd" for m, p, _ in flagged)
 
 
+def test_linformer_time_saved_collapse_is_flagged_per_proj_dim():
+    # Time saved 4x -> 3x -> 1x with proj_dim 64: only the fall by more than RATIO_DROP
+    # (3x -> 1x at n = 1024) is flagged; proj_dim 128 is its own series.
+    rows = [{"method": "linformer", "proj_dim": k, "length": n, "median_s": 1e-3 * n,
+             "time_saved_vs_exact": s}
+            for k, n, s in [(64, 256, 4.0), (64, 512, 3.0), (64, 1024, 1.0),
+                            (128, 256, 1.0), (128, 512, 4.0)]]
+    checks.flag_linformer(rows)
+    assert [(r["proj_dim"], r["length"], r["flags"]) for r in rows if r.get("flags")] == [
+        (64, 1024, ["time saved fell from 3.00x at n=512 to 1.00x at n=1024"])]
+
+
 def test_generation_flags_favor_growing_with_context():
     rows = [{"attention": a, "context": c, "ms_per_token": t, "spread": 0.05, "n": 30}
             for a, c, t in [("favor", 256, 5.0), ("favor", 1024, 5.2), ("favor", 4096, 127.0),
@@ -228,3 +240,11 @@ def test_window_cases_are_timed_beside_pure_favor_and_compared_with_it():
                                            "threads": 2}, "matmul_gflops": 1.0,
                                "results": rows})
     assert "FAVOR+ w64 causal" in text and "/FAVOR+" in text and "0.80x" in text
+
+
+def test_spread_and_mark_cells():
+    flagged, clean, unmeasured = {"spread": 0.123, "flags": ["x"]}, {"spread": 0.05}, {}
+    marks, _ = speed.footnotes([clean, flagged, unmeasured], lambda r: "cell")
+    assert speed.spread_and_mark(flagged, marks) == ("12%", f" {checks.WARN}1")
+    assert speed.spread_and_mark(clean, marks) == ("5%", "")
+    assert speed.spread_and_mark(unmeasured, marks) == ("", "")

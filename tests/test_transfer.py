@@ -419,6 +419,13 @@ def test_transfer_config_is_checked():
     with pytest.raises(ValueError, match="lr"):
         TransferConfig(lr=0)
     TransferConfig(steps=0)
+    # The checks DistillConfig has (check_run_settings): whole counts, finite rates.
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        TransferConfig(batch_size=2.5)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TransferConfig(weight_decay=-1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        TransferConfig(warmup=-1)
 
 
 # ----------------------------------------------------------------- real model

@@ -123,6 +123,19 @@ def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
+def check_real(name: str, value: object, low: float, high: float, *,
+               low_inclusive: bool = False, high_inclusive: bool = False) -> float:
+    """``value``: a real number (an int or a float, not a bool) in the interval from
+    ``low`` to ``high`` (open ends unless ``low_inclusive`` / ``high_inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not ((low <= value if low_inclusive else low < value)
+            and (value <= high if high_inclusive else value < high)):
+        raise ValueError(f"{name} must be in {'[' if low_inclusive else '('}{low:g}, {high:g}"
+                         f"{']' if high_inclusive else ')'}, got {value}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

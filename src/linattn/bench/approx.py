@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .._plotting import pyplot
+from .._plotting import finish, log_axes, pyplot
 from ..features import FeatureParams, draw_projection, get_feature_map
 from ..functional import favor_attention
 from .speed import machine_info, write_results
@@ -175,17 +175,14 @@ def plot(result: dict, out: Path) -> None:
             ax.errorbar([r["m"] for r in rs], [r["mse_mean"] for r in rs],
                         yerr=[r["mse_std"] for r in rs], marker="o", capsize=3,
                         ls="-" if orthogonal else "--", label=label)
-        ax.set_yscale("log")
-        ax.set_xlabel("number of random features m")
-        ax.set_ylabel("MSE of attention output vs exact")
-        ax.set_title(f"L={result['config']['length']}, d=16, q,k ~ N(0, {std}² I)")
-        ax.grid(True, which="both", alpha=0.3)
+        log_axes(ax, xlabel="number of random features m",
+                 ylabel="MSE of attention output vs exact",
+                 title=f"L={result['config']['length']}, d=16, q,k ~ N(0, {std}² I)",
+                 logx=False)
         ax.legend(fontsize=7)
-    fig.suptitle("FAVOR approximation error (the Performer paper's Figure 4, extended)",
-                 fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out / "approx_mse.png", dpi=110)
-    plt.close(fig)
+    finish(fig, out / "approx_mse.png", dpi=110,
+           title="FAVOR approximation error (the Performer paper's Figure 4, extended)",
+           fontsize=11)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for kernel, color in (("softmax", "C0"), ("softmax_trig", "C3")):
@@ -198,12 +195,7 @@ def plot(result: dict, out: Path) -> None:
         # Markers, not a line: the trigonometric form depends on |x - y| as well.
         ax.plot(xs, [r["closed_form"] for r in rs], "x", ms=7, color=color,
                 label=f"{name}: Lemma 2 (closed form)")
-    ax.set_yscale("log")
-    ax.set_xlabel("|x + y|")
-    ax.set_ylabel("MSE of the kernel estimate (m = 16, iid)")
-    ax.set_title("Kernel-estimate MSE against the closed form")
-    ax.grid(True, which="both", alpha=0.3)
+    log_axes(ax, xlabel="|x + y|", ylabel="MSE of the kernel estimate (m = 16, iid)",
+             title="Kernel-estimate MSE against the closed form", logx=False)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "approx_variance.png", dpi=110)
-    plt.close(fig)
+    finish(fig, out / "approx_variance.png", dpi=110)

@@ -108,8 +108,31 @@ def _flag_slopes(rows: list[dict], key, complexity, *, value: str = "median_s",
                             f"({scale * b[value]:.1f} ms): steeper than O(L^{p:g})")
 
 
+def _flag_ratio_drops(rows: list[dict], key, ratio: str, *, what: str, axis: str,
+                      why: str = "", drop: float = RATIO_DROP) -> None:
+    """Between neighbouring lengths of the same ``key(row)``, flag the longer cell when
+    ``row[ratio]`` (a gain over exact attention) fell by more than ``drop``; the reason
+    reads ``"{what} fell from 3.00x at {axis}=64 to 1.00x at {axis}=128{why}"``."""
+    groups: dict = {}
+    for r in rows:
+        if ratio in r:
+            groups.setdefault(key(r), []).append(r)
+    for group in groups.values():
+        group.sort(key=lambda r: r["length"])
+        for a, b in itertools.pairwise(group):
+            if b[ratio] * drop < a[ratio]:
+                add_flag(b, f"{what} fell from {a[ratio]:.2f}x at {axis}={a['length']} "
+                            f"to {b[ratio]:.2f}x at {axis}={b['length']}{why}")
+
+
 def _complexity(row: dict) -> int | None:
     return COMPLEXITY.get(row["method"])
+
+
+def _speed_case(row: dict) -> tuple:
+    """The timed case of a speed row, all but its length."""
+    return (row["method"], row.get("causal", False), row.get("kernel", "softmax"),
+            row.get("window"), row["pass"])
 
 
 def flag_speed(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
@@ -127,23 +150,10 @@ def flag_speed(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
                    f"({1e3 * both['median_s']:.1f} ms) at L={length}")
             add_flag(r, msg)
             add_flag(both, msg)
-    _flag_slopes(ok, lambda r: (r["method"], r.get("causal", False),
-                                r.get("kernel", "softmax"), r.get("window"), r["pass"]),
-                 _complexity)
+    _flag_slopes(ok, _speed_case, _complexity)
     # Speed-ups over exact attention: a collapse from one length to the next.
-    ratios: dict = {}
-    for r in ok:
-        if "speedup_vs_exact" in r:
-            ratios.setdefault((r["method"], r.get("causal", False),
-                               r.get("kernel", "softmax"), r.get("window"), r["pass"]),
-                              []).append(r)
-    for group in ratios.values():
-        group.sort(key=lambda r: r["length"])
-        for a, b in itertools.pairwise(group):
-            if b["speedup_vs_exact"] * RATIO_DROP < a["speedup_vs_exact"]:
-                add_flag(b, f"speed-up fell from {a['speedup_vs_exact']:.2f}x at "
-                            f"L={a['length']} to {b['speedup_vs_exact']:.2f}x at "
-                            f"L={b['length']}: implausible for linear vs quadratic")
+    _flag_ratio_drops(ok, _speed_case, "speedup_vs_exact", what="speed-up", axis="L",
+                      why=": implausible for linear vs quadratic")
 
 
 def flag_linformer(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
@@ -151,17 +161,8 @@ def flag_linformer(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
     ok = [r for r in rows if "median_s" in r]
     _flag_spread(ok, limit)
     _flag_slopes(ok, lambda r: (r["method"], r.get("proj_dim")), _complexity)
-    ratios: dict = {}
-    for r in ok:
-        if "time_saved_vs_exact" in r:
-            ratios.setdefault(r["proj_dim"], []).append(r)
-    for group in ratios.values():
-        group.sort(key=lambda r: r["length"])
-        for a, b in itertools.pairwise(group):
-            if b["time_saved_vs_exact"] * RATIO_DROP < a["time_saved_vs_exact"]:
-                add_flag(b, f"time saved fell from {a['time_saved_vs_exact']:.2f}x at "
-                            f"n={a['length']} to {b['time_saved_vs_exact']:.2f}x at "
-                            f"n={b['length']}")
+    _flag_ratio_drops(ok, lambda r: r["proj_dim"], "time_saved_vs_exact",
+                      what="time saved", axis="n")
 
 
 def flag_generation(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:

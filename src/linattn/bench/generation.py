@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .._plotting import pyplot
+from .._plotting import finish, log_axes, pyplot
 from . import checks
-from .speed import _curve, footnotes, machine_info, write_results
+from .speed import _curve, footnotes, machine_info, spread_and_mark, write_results
 
 PRESETS = {"quick": [256, 1024, 4096], "full": [1024, 4096, 16384]}
 
@@ -100,8 +100,7 @@ def format_table(result: dict) -> str:
              f"median over about {c['steps']} new tokens (the two models in turn)",
              f"{'attention':10} {'context':>8} {'ms/token':>9} {'spread':>7} {'cache MB':>9}"]
     for r in result["results"]:
-        spread = f"{100 * r['spread']:.0f}%" if "spread" in r else ""
-        mark = f" {checks.WARN}{marks[id(r)]}" if id(r) in marks else ""
+        spread, mark = spread_and_mark(r, marks)
         lines.append(f"{r['attention']:10} {r['context']:>8} {r['ms_per_token']:>9.2f} "
                      f"{spread:>7} {r['cache_bytes'] / 2**20:>9.2f}{mark}")
     lines += notes or ["no cell flagged (spread, growth with the context)"]
@@ -124,14 +123,8 @@ def _plot(result: dict, path: Path) -> None:
                x="context")
         axes[1].plot([r["context"] for r in rows], [r["cache_bytes"] / 2**20 for r in rows],
                      marker="o", color=color, label=label)
-    for ax, ylabel in zip(axes, ("time per new token (ms)", "cache size (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+    for ax, ylabel, logy in zip(axes, ("time per new token (ms)", "cache size (MB)"),
+                                (False, True)):
+        log_axes(ax, xlabel="context length (tokens)", ylabel=ylabel, logy=logy)
         ax.legend(fontsize=8)
-    axes[1].set_yscale("log")
-    fig.suptitle("Generation cost against context length", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, dpi=110, title="Generation cost against context length", fontsize=11)

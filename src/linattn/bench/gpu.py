@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._plotting import pyplot
+from .._plotting import finish, log_axes, pyplot
 from .speed import write_results
 
 PRESETS = {
@@ -337,16 +337,10 @@ def plot(result: dict, path: Path) -> None:
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, marker="o", color=color, label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("L (tokens)")
-            ax.set_ylabel(unit)
-            ax.set_title(f"{'causal' if causal else 'bidirectional'}, {pas}")
-            ax.grid(True, which="both", alpha=0.3)
+            log_axes(ax, xlabel="L (tokens)", ylabel=unit,
+                     title=f"{'causal' if causal else 'bidirectional'}, {pas}")
             if ax.get_lines():
                 ax.legend(fontsize=8)
-    fig.suptitle(f"{result['machine']['gpu']}: bf16, batch {b}, {HEADS} heads, head_dim {d}, "
-                 f"m = {m}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish(fig, path, dpi=100, fontsize=11,
+           title=f"{result['machine']['gpu']}: bf16, batch {b}, {HEADS} heads, "
+                 f"head_dim {d}, m = {m}")

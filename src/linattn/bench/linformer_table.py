@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .._plotting import pyplot
+from .._plotting import finish, log_axes, pyplot
 from . import checks
 from .speed import footnotes, machine_info, run_cases, write_results
 
@@ -133,15 +133,10 @@ def plot(result: dict, path: Path) -> None:
                 ax.scatter([n], [v], marker="*", s=120, color="black", zorder=5,
                            label=f"paper, V100, k = {k}" if n == 8192 else None)
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n (tokens)")
-        ax.set_ylabel("time saved (baseline time / Linformer time)")
-        ax.set_title("vs attention materializing n x n (the paper's baseline)"
-                     if ref == "materialized" else "vs scaled_dot_product_attention")
-        ax.grid(True, which="both", alpha=0.3)
+        log_axes(ax, xlabel="sequence length n (tokens)",
+                 ylabel="time saved (baseline time / Linformer time)",
+                 title="vs attention materializing n x n (the paper's baseline)"
+                 if ref == "materialized" else "vs scaled_dot_product_attention")
         ax.legend(fontsize=8)
-    fig.suptitle("Linformer forward time saved (the paper's Table 3 on this CPU)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, dpi=110,
+           title="Linformer forward time saved (the paper's Table 3 on this CPU)", fontsize=11)

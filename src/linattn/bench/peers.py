@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from . import checks
-from .speed import footnotes, machine_info, run_cases, write_results
+from .speed import footnotes, machine_info, run_cases, spread_and_mark, write_results
 
 PRESETS = {"quick": [1024, 2048], "full": [1024, 2048, 4096]}
 
@@ -100,8 +100,7 @@ def format_table(result: dict) -> str:
         err = f"{r['rel_error_vs_exact']:.3f}" if "rel_error_vs_exact" in r else ""
         sp = f"{r['speedup_vs_peer']:.1f}x" if "speedup_vs_peer" in r else ""
         mem = f"{r['memory_ratio_vs_peer']:.1f}x" if "memory_ratio_vs_peer" in r else ""
-        spread = f"{100 * r['spread']:.0f}%" if "spread" in r else ""
-        mark = f" {checks.WARN}{marks[id(r)]}" if id(r) in marks else ""
+        spread, mark = spread_and_mark(r, marks)
         lines.append(f"{r['pass']:8} {r['length']:>5} {name:24} {1e3 * r['median_s']:>10.1f} "
                      f"{spread:>7} {r['peak_added_bytes'] / 2**20:>9.1f} {err:>9} {sp:>7} "
                      f"{mem:>9}{mark}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_open, write_json
-from .._plotting import pyplot
+from .._plotting import finish, log_axes, pyplot
 from . import checks
 
 PRESETS = {
@@ -341,6 +341,14 @@ def footnotes(rows: list[dict], label) -> tuple[dict[int, int], list[str]]:
     return marks, lines
 
 
+def spread_and_mark(row: dict, marks: dict[int, int]) -> tuple[str, str]:
+    """A table row's spread cell (``"12%"``; empty when not measured) and its footnote
+    mark (``" ⚠2"``, from :func:`footnotes`' ``marks``; empty when not flagged)."""
+    spread = f"{100 * row['spread']:.0f}%" if "spread" in row else ""
+    mark = f" {checks.WARN}{marks[id(row)]}" if id(row) in marks else ""
+    return spread, mark
+
+
 def _row_label(r: dict) -> str:
     return f"{r['pass']}, L={r['length']}, {_row_name(r)}"
 
@@ -369,8 +377,7 @@ def format_table(result: dict) -> str:
         sp = f"{r['speedup_vs_exact']:.1f}x" if "speedup_vs_exact" in r else ""
         gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
         pct = f"{r['pct_matmul']:.0f}" if "pct_matmul" in r else ""
-        spread = f"{100 * r['spread']:.0f}%" if "spread" in r else ""
-        mark = f" {checks.WARN}{marks[id(r)]}" if id(r) in marks else ""
+        spread, mark = spread_and_mark(r, marks)
         over = f" {r['over_favor']:>6.2f}x" if "over_favor" in r else ""
         lines.append(
             f"{r['pass']:8} {r['length']:>6} {_row_name(r):26} "
@@ -415,27 +422,21 @@ def plot(result: dict, path: Path) -> None:
                                _label("favor", causal, window=window),
                                errors=key == "median_s")
             _guides(ax, [r["length"] for r in rows if r["pass"] == p])
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length L (tokens)")
-            ax.set_ylabel(unit)
-            ax.set_title(f"{title}, {p}")
-            ax.grid(True, which="both", alpha=0.3)
+            log_axes(ax, xlabel="sequence length L (tokens)", ylabel=unit,
+                     title=f"{title}, {p}")
             ax.legend(fontsize=8, loc="upper left")
     m = result["machine"]
     rs = rows[0] if rows else {}
     flagged = sum(bool(r.get("flags")) for r in rows)
-    fig.suptitle(
-        f"linattn FAVOR+ vs exact attention: batch 1, {rs.get('heads')} heads, head_dim "
+    finish(
+        fig, path, dpi=110,
+        title=f"linattn FAVOR+ vs exact attention: batch 1, {rs.get('heads')} heads, head_dim "
         f"{rs.get('head_dim')}, {rs.get('num_features')} features, float32\n"
         f"{m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, torch {m['torch']}"
         f"; medians, bars: interquartile range"
         + (f"; hollow {checks.WARN}: {flagged} flagged (see the table)" if flagged else ""),
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _curve(ax, rows: list[dict], key: str, scale: float, color, ls, label: str, *,

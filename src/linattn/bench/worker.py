@@ -153,30 +153,46 @@ def relative_error(case: dict) -> float:
     return ((out.double() - ref.double()).square().mean() / ref.double().square().mean()).item()
 
 
-def measure(case: dict) -> dict:
+def _timed(run) -> float:
+    """Seconds one call of ``run`` takes."""
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def _prepare(case: dict):
+    """Build ``case`` on its thread count and make the first call (warm-up, and the peak
+    memory it adds): ``(run, grad, first_s, peak_added_bytes, peak_exact)``."""
     torch.set_num_threads(case.get("threads") or torch.get_num_threads())
     run = build(case)
-    with torch.set_grad_enabled(case["pass"] == "fwd+bwd"):
+    grad = case["pass"] == "fwd+bwd"
+    with torch.set_grad_enabled(grad):
         base = _rss_now()
         exact_peak = _reset_peak()
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
+        first = _timed(run)
         peak = _rss_peak() - base
-        times = []
-        budget = case.get("budget_s", 20.0)
+    return run, grad, first, peak, exact_peak
+
+
+def _error_fields(case: dict) -> dict:
+    """``{"rel_error_vs_exact": ...}`` where the case asks for it (forward only)."""
+    if case.get("error_vs_exact") and case["pass"] == "fwd":
+        return {"rel_error_vs_exact": relative_error(case)}
+    return {}
+
+
+def measure(case: dict) -> dict:
+    run, grad, first, peak, exact_peak = _prepare(case)
+    times = []
+    budget = case.get("budget_s", 20.0)
+    with torch.set_grad_enabled(grad):
         for _ in range(case.get("repeats", 5)):
             if sum(times) + first > budget and len(times) >= 1:
                 break
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    extra = {}
-    if case.get("error_vs_exact") and case["pass"] == "fwd":
-        extra["rel_error_vs_exact"] = relative_error(case)
+            times.append(_timed(run))
     return {
         **case,
-        **extra,
+        **_error_fields(case),
         "median_s": statistics.median(times) if times else first,
         "times_s": times,
         "peak_added_bytes": peak,
@@ -188,29 +204,15 @@ def serve(case: dict) -> None:
     """The ``--serve`` protocol (see the module docstring)."""
     global _PROTOCOL
     _PROTOCOL, sys.stdout = sys.stdout, sys.stderr  # what a library prints stays out
-    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
-    run = build(case)
-    grad = case["pass"] == "fwd+bwd"
-    with torch.set_grad_enabled(grad):
-        base = _rss_now()
-        exact_peak = _reset_peak()
-        t0 = time.perf_counter()
-        run()
-        first = time.perf_counter() - t0
-        peak = _rss_peak() - base
+    run, grad, first, peak, exact_peak = _prepare(case)
     _say({"ready": True, "first_s": first, "peak_added_bytes": peak,
           "peak_exact": exact_peak})
     for line in sys.stdin:
         if line.strip() != "time":
             break
         with torch.set_grad_enabled(grad):
-            t0 = time.perf_counter()
-            run()
-            _say({"t": time.perf_counter() - t0})
-    extra = {}
-    if case.get("error_vs_exact") and case["pass"] == "fwd":
-        extra["rel_error_vs_exact"] = relative_error(case)
-    _say({"done": True, **extra})
+            _say({"t": _timed(run)})
+    _say({"done": True, **_error_fields(case)})
 
 
 _PROTOCOL = sys.stdout

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .._io import read_json, save_figure, write_json
-from .._plotting import pyplot
+from .._io import read_json, write_json
+from .._plotting import curve, finish, optional_pyplot, pyplot
 from ..bench.speed import machine_info, write_results
 from ..data import gcide_passages, python_doc_passages, text_split
 from ..integrations.hf.convert import convert, load_converted, save_converted
@@ -145,23 +145,17 @@ def run(
 def plot_log(log: list[dict], path: Path, *, title: str) -> None:
     """Agreement against distillation steps (cosine for encoders, perplexity ratio and
     top-1 agreement for decoders)."""
-    try:
-        plt = pyplot()
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
+    plt = optional_pyplot()
+    if plt is None:
         return
     steps = [r["step"] for r in log]
     keys = (["ppl_ratio", "top1_agreement"] if "ppl_ratio" in log[0]
             else ["mean_cosine", "hidden_rel_error"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, keys):
-        ax.plot(steps, [r[key] for r in log], marker="o")
-        ax.set_xlabel("distillation step")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+        curve(ax, steps, [r[key] for r in log], xlabel="distillation step",
+              ylabel=key.replace("_", " "), marker="o")
+    finish(fig, path, title=title)
 
 
 def sweep(
@@ -234,9 +228,7 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']}: conversion without training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def format_summary(summary: dict) -> str:

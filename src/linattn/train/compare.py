@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .._checks import check_choice
-from .._io import save_figure, write_json, write_text
-from .._plotting import pyplot
+from .._io import write_json, write_text
+from .._plotting import finish, optional_pyplot
 from ..features import KERNELS
 from ..models.config import ATTENTIONS
 from .config import TrainConfig
@@ -156,9 +156,8 @@ def format_markdown(result: dict) -> str:
 
 
 def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
-    try:
-        plt = pyplot()
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
+    plt = optional_pyplot()
+    if plt is None:
         return
     metric = rows[0]["metric"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -175,7 +174,4 @@ def plot_comparison(out: Path, rows: list[dict], base: TrainConfig) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{base.task}: same budget, every attention")
-    fig.tight_layout()
-    save_figure(fig, out / "comparison.png", dpi=120)
-    plt.close(fig)
+    finish(fig, out / "comparison.png", title=f"{base.task}: same budget, every attention")

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_positive_int, check_real
 from ..features import Kernel
 from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
 from ..nn.linformer import SHARING, LinformerOptions, Sharing
@@ -95,13 +95,8 @@ class TrainConfig(JsonConfig):
                 ("lr", 0.0, math.inf, False, False), ("weight_decay", 0.0, math.inf, True, False),
                 ("min_lr_ratio", 0.0, 1.0, True, True), ("grad_clip", 0.0, math.inf, True, False),
                 ("dropout", 0.0, 1.0, True, False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not ((lo <= value if lo_in else lo < value)
-                    and (value <= hi if hi_in else value < hi)):
-                raise ValueError(f"{name} must be in {'[' if lo_in else '('}{lo:g}, {hi:g}"
-                                 f"{']' if hi_in else ')'}, got {value}")
+            check_real(name, getattr(self, name), lo, hi, low_inclusive=lo_in,
+                       high_inclusive=hi_in)
         if not isinstance(self.betas, tuple | list) or len(self.betas) != 2 or not all(
                 not isinstance(b, bool) and isinstance(b, int | float) and 0.0 <= b < 1.0
                 for b in self.betas):

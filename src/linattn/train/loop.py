@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._io import CheckpointError, save_figure, torch_load, torch_save, write_json, write_jsonl
-from .._plotting import pyplot
+from .._io import CheckpointError, torch_load, torch_save, write_json, write_jsonl
+from .._plotting import curve, finish, optional_pyplot
 from .._schedule import warmup_cosine
 from .config import TrainConfig
 from .tasks import build_task
@@ -317,22 +317,15 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> None:
     """Training loss and the validation metric against steps."""
-    try:
-        plt = pyplot()
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
+    plt = optional_pyplot()
+    if plt is None:
         return
     rows = read_metrics(metrics_file)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set_ylabel("training loss")
-    axes[1].plot([r["step"] for r in val], [r[metric] for r in val], marker="o")
-    axes[1].set_ylabel(f"validation {metric.replace('_', ' ')}")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    curve(axes[0], [r["step"] for r in train], [r["loss"] for r in train], xlabel="step",
+          ylabel="training loss")
+    curve(axes[1], [r["step"] for r in val], [r[metric] for r in val], xlabel="step",
+          ylabel=f"validation {metric.replace('_', ' ')}", marker="o")
+    finish(fig, path, title=title)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..._checks import check_positive_int
+from ..._checks import check_positive_int, check_real
 from ..._io import write_json
 from ..._schedule import warmup_cosine
 from .convert import save_converted
@@ -124,6 +124,20 @@ def agreement(teacher, student, tokenizer, texts, *, max_length: int, batch_size
     return fn(teacher, student, tokenizer, texts, max_length=max_length, batch_size=batch_size)
 
 
+def check_run_settings(config) -> None:
+    """The checks :class:`DistillConfig` and :class:`~.transfer.TransferConfig` share:
+    whole ``steps``, ``warmup``, ``checkpoint_every``, ``seed`` >= 0 (``steps=0``: no
+    training, the converted model is measured and saved as it is); ``batch_size``,
+    ``max_length``, ``eval_every``, ``eval_batch_size`` >= 1; ``lr`` in (0, inf),
+    ``weight_decay`` in [0, inf)."""
+    for name, minimum in (("steps", 0), ("batch_size", 1), ("max_length", 1),
+                          ("eval_every", 1), ("eval_batch_size", 1), ("warmup", 0),
+                          ("checkpoint_every", 0), ("seed", 0)):
+        check_positive_int(name, getattr(config, name), minimum=minimum)
+    check_real("lr", config.lr, 0.0, math.inf)
+    check_real("weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True)
+
+
 #: What :func:`distill` trains (``DistillConfig.train``).
 TRAIN_CHOICES = ("all", "attention", "lora")
 
@@ -168,22 +182,11 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # steps=0: no distillation (the converted model is measured and saved as it is).
-        for name, minimum in (("steps", 0), ("batch_size", 1), ("max_length", 1),
-                              ("eval_every", 1), ("eval_batch_size", 1), ("warmup", 0),
-                              ("checkpoint_every", 0), ("seed", 0), ("lora_rank", 1)):
-            check_positive_int(name, getattr(self, name), minimum=minimum)
+        check_run_settings(self)
+        check_positive_int("lora_rank", self.lora_rank)
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, "
                              f"got {self.train!r}")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be in (0, inf), got {self.lr}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay must be in [0, inf), got {self.weight_decay}")
 
 
 def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..._io import save_figure, torch_save, write_json, write_jsonl
-from ..._plotting import pyplot
+from ..._io import torch_save, write_json, write_jsonl
+from ..._plotting import curve, finish, optional_pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
-from .distill import agreement, is_causal_lm, optimizer_step, tokenize
+from .distill import agreement, check_run_settings, is_causal_lm, optimizer_step, tokenize
 from .state import FavorLayerState, converted_layers
 
 STATE_FILE = "transfer_state.pt"
@@ -160,15 +160,7 @@ class TransferConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if int(self.steps) < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        for name in ("batch_size", "max_length", "eval_every", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.checkpoint_every) < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_run_settings(self)
 
 
 def batch_texts(texts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
@@ -314,9 +306,8 @@ def transfer(
 def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transfer") -> None:
     """Per-layer attention-output error (and the end-to-end agreement, if measured)
     against transfer steps."""
-    try:
-        plt = pyplot()
-    except ImportError:  # pragma: no cover - matplotlib ships with [bench]/[dev]/[hf]
+    plt = optional_pyplot()
+    if plt is None:
         return
     steps = [r["step"] for r in log]
     extra = next((k for k in ("mean_cosine", "ppl_ratio") if k in log[0]), None)
@@ -334,15 +325,9 @@ def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transf
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if extra:
-        ax = axes[0][1]
-        ax.plot(steps, [r[extra] for r in log], marker="o")
-        ax.set_xlabel("transfer step")
-        ax.set_ylabel(extra.replace("_", " "))
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+        curve(axes[0][1], steps, [r[extra] for r in log], xlabel="transfer step",
+              ylabel=extra.replace("_", " "), marker="o")
+    finish(fig, path, title=title)
 
 
 __all__ = [

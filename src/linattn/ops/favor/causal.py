@@ -176,6 +176,21 @@ def _stabilizers(r: Tensor, stab: Tensor, nc: int, chunk: int):
     return c, ends, prev, torch.exp(prev - ends)
 
 
+def _chunk_operands(a: Tensor, b: Tensor, r: Tensor, v: Tensor, keep, stab: Tensor,
+                    chunk: int):
+    """A segment's operands cut into chunks, for :func:`_segment_forward` and
+    :func:`_segment_backward` alike: query and key features ``a5, b5: (B, H, nc, C, M)``,
+    key log-scales ``r5: (B, H, nc, C)`` (``-inf`` where ``keep`` is 0),
+    ``v1 = [v, 1]: (B, H, nc, C, dv + 1)`` and :func:`_stabilizers`' ``c5, ends, prev,
+    decay`` of those log-scales, entering with ``stab``."""
+    nc = r.shape[-1] // chunk
+    if keep is not None:
+        r = r.masked_fill(keep[:, None, :] == 0, float("-inf"))
+    c5, ends, prev, decay = _stabilizers(r, stab, nc, chunk)
+    return (_chunked(a, nc, chunk), _chunked(b, nc, chunk), _chunked(r, nc, chunk),
+            _chunked(ones_col(v), nc, chunk), c5, ends, prev, decay)
+
+
 def _intra_weights(r5: Tensor, c5: Tensor, chunk: int) -> Tensor:
     """``P_ij = exp(r_j - c_i)`` for ``j <= i`` in a chunk, else 0: ``(B, H, nc, C, C)``."""
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=r5.device).tril()
@@ -202,12 +217,7 @@ def _segment_forward(q, k, v, state, stab, fm, params, keep, chunk):
     nc = n // chunk
     a, _ = fm.stabilized(q, params, is_query=True, inplace=True)
     b, r = fm.stabilized(k, params, is_query=False, inplace=True)
-    if keep is not None:
-        r = r.masked_fill(keep[:, None, :] == 0, float("-inf"))
-    c5, ends, prev, decay = _stabilizers(r, stab, nc, chunk)
-    r5 = _chunked(r, nc, chunk)
-    a5, b5 = _chunked(a, nc, chunk), _chunked(b, nc, chunk)
-    v1 = _chunked(ones_col(v), nc, chunk)
+    a5, b5, r5, v1, c5, ends, prev, decay = _chunk_operands(a, b, r, v, keep, stab, chunk)
     # Intra-chunk: (F_i . F_j) exp(r_j - c_i) for j <= i.
     scores = torch.matmul(a5, b5.transpose(-2, -1)).mul_(_intra_weights(r5, c5, chunk))
     nd = torch.matmul(scores, v1)
@@ -282,12 +292,7 @@ def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, p
     r = r_g.detach()
     want_r = r_g.requires_grad
     m = a.shape[-1]
-    if keep is not None:
-        r = r.masked_fill(keep[:, None, :] == 0, float("-inf"))
-    c5, ends, prev, decay = _stabilizers(r, stab, nc, chunk)
-    r5 = _chunked(r, nc, chunk)
-    a5, b5 = _chunked(a, nc, chunk), _chunked(b, nc, chunk)
-    v1 = _chunked(ones_col(v), nc, chunk)
+    a5, b5, r5, v1, c5, ends, prev, decay = _chunk_operands(a, b, r, v, keep, stab, chunk)
     dec = decay[..., None, None]
     # Recompute the states entering each chunk: E_0 = S, E_{t+1} = decay_t E_t + U_t.
     kw = torch.exp(r5 - ends.unsqueeze(-1)).unsqueeze(-1)
