@@ -82,3 +82,23 @@ def test_resume_refuses_changed_settings_naming_each():
     text = str(err.value)
     assert "options.sinks: 0 -> 2" in text and "transfer.lr: 0.01 -> 0.001" in text
     assert "distill" not in text and "eval_every" not in text
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda o: o.update(projection=o.pop("proj_kind")), "'projection' is now 'proj_kind'"),
+    (lambda o: o.update(sharing="diagonal"), "options cannot be applied"),
+])
+def test_a_saved_conversion_with_old_or_bad_options_names_the_file(tmp_path, edit, match):
+    import json
+
+    from linattn import CheckpointError
+    from linattn.integrations.hf import convert, load_converted, save_converted
+    from test_hf import tiny_bert
+
+    save_converted(convert(tiny_bert(), "linformer", proj_dim=8), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    edit(cfg["linattn_conversion"]["options"])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_converted(tmp_path / "m")
+    assert "config.json" in str(err.value)

@@ -370,3 +370,13 @@ def test_linformer_options_are_every_default():
     # A module built from options reports them back.
     custom = LinformerOptions(proj_dim=3, sharing="kv", proj_kind="max")
     assert linattn.LinformerAttention(8, 2, max_seq_len=16, **vars(custom)).options() == custom
+
+
+def test_a_projection_that_does_not_compress_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match="proj_dim=256 >= max_seq_len=64"):
+        linattn.LinformerAttention(16, 2, max_seq_len=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linattn.LinformerAttention(16, 2, max_seq_len=64, proj_dim=16)

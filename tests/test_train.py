@@ -234,3 +234,17 @@ def test_cli_trains_hedgehog_with_a_window(tmp_path, monkeypatch, capsys):
     assert layers and all(a.kernel == "hedgehog" and a.window == 16 for a in layers)
     assert main(["train", "--compare", "--kernel", "hedgehog", "--out", str(tmp_path / "c")]) == 2
     assert "--attentions" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_linformer_sharing_resumes_as_it_was_built():
+    # Runs saved before TrainConfig.linformer_sharing existed built headwise Linformers.
+    from linattn.train.config import TrainConfig
+    from linattn.train.loop import resume_changes
+
+    old = TrainConfig(task="fortunes", attention="linformer").to_dict()
+    old.pop("linformer_sharing")
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.linformer_sharing == "headwise"
+    assert resume_changes(old, cfg) == {}
+    now = TrainConfig(task="fortunes", attention="linformer")  # today's default: "none"
+    assert resume_changes(old, now) == {"linformer_sharing": ("headwise", "none")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -90,6 +91,11 @@ class LinformerProjection(nn.Module):
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.proj_kind = check_choice("proj_kind", proj_kind, PROJ_KINDS)
         self.sharing = check_choice("sharing", sharing, SHARING)
+        if self.proj_dim >= self.max_seq_len:
+            warnings.warn(
+                f"Linformer proj_dim={proj_dim} >= max_seq_len={max_seq_len}: the keys are "
+                f"not compressed (it costs more than exact attention); pass a smaller "
+                f"proj_dim", stacklevel=3)
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         per_head = sharing == "none"
         separate_v = sharing in ("none", "headwise")

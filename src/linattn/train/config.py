@@ -14,6 +14,11 @@ from ..nn.linformer import SHARING, LinformerOptions, Sharing
 from ..nn.performer import FavorOptions
 from .tasks import TASKS
 
+# Fields added to TrainConfig after runs were saved without them, and the value those
+# runs used (their models were built with it): linformer_sharing came in 0.2.0, when
+# Linformer's default became "none"; runs before it had ModelConfig's "headwise".
+LEGACY_VALUES = {"linformer_sharing": "headwise"}
+
 
 @dataclass
 class TrainConfig(JsonConfig):
@@ -68,6 +73,12 @@ class TrainConfig(JsonConfig):
     log_every: int = 10
     checkpoint_every: int = 500
     seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """A saved config: fields it predates take the value such runs used
+        (:data:`LEGACY_VALUES`), not today's default."""
+        return super().from_dict({**LEGACY_VALUES, **data})
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

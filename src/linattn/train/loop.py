@@ -40,7 +40,7 @@ from torch import nn
 from .._io import CheckpointError, torch_load, torch_save, write_json, write_jsonl
 from .._plotting import curve, finish, optional_pyplot
 from .._schedule import warmup_cosine
-from .config import TrainConfig
+from .config import LEGACY_VALUES, TrainConfig
 from .tasks import build_task
 
 
@@ -102,7 +102,8 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     for name in sorted(set(saved) | set(new)):
         if name in RESUMABLE_FIELDS:
             continue
-        old = saved[name] if name in saved else getattr(defaults.get(name), "default", None)
+        old = saved[name] if name in saved else LEGACY_VALUES.get(
+            name, getattr(defaults.get(name), "default", None))
         if norm(old) != norm(new.get(name)):
             changes[name] = (old, new.get(name))
     return changes

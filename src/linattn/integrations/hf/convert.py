@@ -382,7 +382,17 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
                               f"not matching config.json): {str(exc).strip()[:300]}") from exc
     finally:
         hf_logger.setLevel(level)
-    convert(model, spec["method"], **spec["options"])
+    options = dict(spec["options"])
+    if spec["method"] == "linformer" and "projection" in options:
+        raise CheckpointError(
+            f"{os.path.join(path, 'config.json')}: a Linformer conversion saved before 0.2.0 "
+            f"(its option 'projection' is now 'proj_kind'): rename that key in "
+            f"{CONFIG_KEY}.options to load it")
+    try:
+        convert(model, spec["method"], **options)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: its {CONFIG_KEY} options "
+                              f"cannot be applied: {exc}") from exc
     own = {k for k in model.state_dict() if ".linattn." in k}
     missing = sorted(own - set(saved))
     if missing:
