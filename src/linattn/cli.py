@@ -578,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"timed repeats per case, median reported (default: the preset's; "
                    f"suites: {_suites_using('repeats')})")
     b.add_argument("--windows", type=_non_negative, nargs="+",
-                   help=f"also time the window hybrid (exact band of W keys + FAVOR+ "
-                   f"beyond) for each W, with its time over pure FAVOR+'s (default: none; "
+                   help=f"also time the window hybrid (exact band |i - j| <= W, i - W < j <= i "
+                   f"causal, + FAVOR+ beyond) for each W, with its time over pure FAVOR+'s (default: none; "
                    f"suites: {_suites_using('windows')})")
     b.set_defaults(func=_bench)
     a = command(
