@@ -245,7 +245,8 @@ def _check_model(name: str) -> None:
 # `linattn convert` flags whose defaults follow --recipe: flag -> (part, field) of a
 # linattn.experiments.convert.Recipe. The values are written there, once.
 _RECIPE_FLAGS = {
-    "kernel": ("favor", "kernel"), "window": ("favor", "window"),
+    "kernel": ("favor", "kernel"), "window": ("favor", "window"), "sinks": ("favor", "sinks"),
+    "corpus": (None, "corpora"),
     "steps": ("distill", "steps"), "batch_size": ("distill", "batch_size"),
     "max_length": ("distill", "max_length"), "lr": ("distill", "lr"),
     "warmup": ("distill", "warmup"), "eval_every": ("distill", "eval_every"),
@@ -264,9 +265,10 @@ def recipe_defaults(recipe: str) -> dict:
 
     out = {}
     for flag, (part, field) in _RECIPE_FLAGS.items():
-        stage = getattr(RECIPES[recipe], part)
+        stage = RECIPES[recipe] if part is None else getattr(RECIPES[recipe], part)
         if stage is not None:
-            out[flag] = getattr(stage, field)
+            value = getattr(stage, field)
+            out[flag] = list(value) if isinstance(value, tuple) else value
     return out
 
 
@@ -321,7 +323,7 @@ def _check_convert_flags(args: argparse.Namespace) -> None:
         unused = _given(args, _LINFORMER_FLAGS)
         if unused:
             raise UsageError(f"{', '.join(unused)}: Linformer only (--method linformer)")
-    if len(set(args.corpus)) != len(args.corpus):
+    if args.corpus and len(set(args.corpus)) != len(args.corpus):
         raise UsageError(f"--corpus: each corpus once, got {' '.join(args.corpus)}")
 
 
@@ -624,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sinks", type=_non_negative,
                    help="attention sinks: the first S unpadded tokens of each text (e.g. "
                    "[CLS] or BOS) are scored with the exact softmax by every query, with or "
-                   "without --window; the rest as usual (default: 0, none)")
+                   "without --window; the rest as usual (0: none; %(recipe_default)s)")
     c.add_argument("--learn-projection", action="store_true",
                    help="FAVOR+: let distillation train the projection W")
     c.add_argument("--proj-dim", type=_positive,
@@ -635,11 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"what compresses Linformer's sequence (default: "
                    f"{LinformerOptions.proj_kind})")
     c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
-                   default=["gcide"],
                    help="distillation text (Debian dict-gcide / python3.11-doc); with "
                    "--recipe transfer several corpora mix in equal parts (training passages "
                    "never overlap any held-out set); held-out text of both corpora is "
-                   "evaluated")
+                   "evaluated (%(recipe_default)s)")
     c.add_argument("--train-texts", type=_positive, default=20000,
                    help="distillation texts drawn from --corpus")
     c.add_argument("--eval-texts", type=_positive, default=128,

@@ -45,6 +45,9 @@ class Recipe:
     favor: FavorOptions
     distill: DistillConfig
     transfer: TransferConfig | None = None
+    #: the training text: one corpus of :data:`CORPORA`, or several mixed in equal parts
+    #: (:func:`mixed_training_texts`).
+    corpora: tuple[str, ...] = ("gcide",)
 
     def favor_options(self) -> dict:
         """The FAVOR+ settings as ``convert(model, "favor", **options)`` takes them."""
@@ -54,13 +57,15 @@ class Recipe:
 RECIPES = {
     # End-to-end distillation: the defaults of FavorOptions and DistillConfig.
     "distill": Recipe(FavorOptions(), DistillConfig()),
-    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with a 16-key window,
-    # TransferConfig's 400 attention-transfer steps, then 600 LoRA distillation steps.
+    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with a 16-key window and
+    # one exact sink key, TransferConfig's 400 attention-transfer steps, then 600 LoRA
+    # distillation steps, on GCIDE and Python documentation text mixed.
     "transfer": Recipe(
-        FavorOptions(kernel="hedgehog", window=16),
+        FavorOptions(kernel="hedgehog", window=16, sinks=1),
         DistillConfig(steps=600, batch_size=4, max_length=512, lr=1e-3, warmup=10,
                       eval_every=100, train="lora"),
         TransferConfig(),
+        corpora=("gcide", "python-docs"),
     ),
 }
 
@@ -347,7 +352,7 @@ def run_transfer(
     model_name: str,
     *,
     options: dict | None = None,
-    corpus: str | tuple[str, ...] = "gcide",
+    corpus: str | tuple[str, ...] | None = None,
     eval_corpora: tuple[str, ...] = ("gcide", "python-docs"),
     eval_lengths: tuple[int, ...] = (128, 512),
     train_texts: int = 20000,
@@ -364,7 +369,7 @@ def run_transfer(
     "favor")`` over the recipe's, ``kernel="hedgehog", window=16``), measure, run attention transfer
     (``transfer_config``; its texts are training passages joined to
     ``transfer_config.max_length`` tokens; ``corpus`` names one corpus or several, mixed
-    by :func:`mixed_training_texts`), measure, distill end to end (``config``,
+    by :func:`mixed_training_texts`; default: the recipe's), measure, distill end to end (``config``,
     on training passages joined to ``config.max_length`` tokens), measure. Measurements:
     :func:`~.distill.agreement` on held-out text of every ``eval_corpora`` at every
     ``eval_lengths`` (:func:`eval_sets`: ``eval_texts`` passages at the shortest length,
@@ -382,6 +387,8 @@ def run_transfer(
     tcfg = transfer_config or dataclasses.replace(recipe.transfer)
     cfg = config or dataclasses.replace(recipe.distill)
     options = {**recipe.favor_options(), **(options or {})}
+    if corpus is None:
+        corpus = recipe.corpora
     corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
     if not corpora or len(set(corpora)) != len(corpora):
         raise ValueError(f"corpus: expected distinct corpus names, got {corpus!r}")
