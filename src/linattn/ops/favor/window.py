@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
+from .blocks import band_blocks, far_blocks, far_sums
 from .causal import causal_scan_raw, initial_state
 from .common import ones_col, safe_denominator
 
@@ -277,7 +278,8 @@ def favor_window(
         )
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_attention(q, k, v, keep, window, causal, params.scale, block=block_size)
+    near = band_blocks(q, k, v, keep, window, True, params.scale,
+                       block_size or band_block(window, length))
     parts = [near]
     keep_far = keep
     if sinks:
@@ -427,29 +429,13 @@ def far_block_sums_reference(u: Tensor, reach: int) -> Tensor:
     return torch.einsum("ts,bhs...->bht...", far, u)
 
 
-def _far_sums(u: Tensor, reach: int) -> Tensor:
-    # Running sums from the left and from the right, written into one output; in place
-    # on contiguous block slices (``cumsum`` over a middle axis is several times slower).
-    n = u.shape[2]
-    out = torch.zeros_like(u)
-    acc = torch.zeros_like(u[:, :, 0])
-    for t in range(reach + 1, n):
-        acc.add_(u[:, :, t - reach - 1])
-        out[:, :, t].copy_(acc)
-    acc.zero_()
-    for t in range(n - reach - 2, -1, -1):
-        acc.add_(u[:, :, t + reach + 1])
-        out[:, :, t].add_(acc)
-    return out
-
-
 class _FarBlockSums(torch.autograd.Function):
     # The map u -> F is linear and symmetric (s is far from t iff t is far from s), so its
     # backward is the same map applied to the incoming gradient.
     @staticmethod
     def forward(ctx, u: Tensor, reach: int) -> Tensor:
         ctx.reach = reach
-        return _far_sums(u, reach)
+        return far_sums(u, reach)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -503,9 +489,9 @@ def favor_window_bidirectional(
     ``window`` (``causal=False``).
     """
     bsz, heads, length, _ = q.shape
-    dv = v.shape[-1]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_attention(q, k, v, keep, window, False, params.scale, block=block_size)
+    near = band_blocks(q, k, v, keep, window, False, params.scale,
+                       block_size or band_block(window, length))
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
         return combine([near], fm.positive_exp)
@@ -513,6 +499,48 @@ def favor_window_bidirectional(
     if sinks:
         keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
         parts.append(part)
+    with torch.no_grad():
+        fk, rk = fm.stabilized(k, params, is_query=False, inplace=True)
+        if keep is not None:
+            rk = rk.masked_fill(~keep[:, None, :], -math.inf)
+        top = rk.amax(-1)
+        low = rk.masked_fill(rk == -math.inf, math.inf).amin(-1)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        # One stabilizer for the whole sequence is exact unless some key's weight
+        # exp(r_j - top) would underflow; then the running-maximum recurrence is used.
+        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+        single = bool(((top - low) < spread).all())
+    lc = fm.log_const(params)
+    if isinstance(lc, Tensor):
+        lc = lc.unsqueeze(-1)
+    if single:
+        far, rq = far_blocks(q, k, v, fm, params, fk, rk, top, window,
+                             far_block(window, length))
+        scale_far = rq + top.unsqueeze(-1) + 2 * lc
+    else:
+        del fk, rk
+        far, scale_far = far_running_max(q, k, v, keep, fm, params, window)
+        scale_far = scale_far + 2 * lc
+    lf = _factor(linear_factor)
+    if lf is not None:
+        far = far * lf
+    return combine([*parts, (far, scale_far)], fm.positive_exp)
+
+
+def far_running_max(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, fm: FeatureMap,
+    params: FeatureParams, window: int,
+) -> tuple[Tensor, Tensor]:
+    """The bidirectional far part under running-maximum block stabilizers (plain
+    autograd): for keys whose log-scales spread too far for one stabilizer, and the
+    reference of :func:`~linattn.ops.favor.blocks.far_blocks`.
+
+    Shapes: ``keep: (B, L)`` bool (True = a key the far part sees) or None. Returns
+    ``nd: (B, H, L, dv + 1)`` and ``g: (B, H, L)`` with the far sum
+    ``sum_{|j - i| > w} F_qi.F_kj exp(r_qi + r_kj) [v_j, 1] = exp(g_i) nd_i``.
+    """
+    bsz, heads, length, _ = q.shape
+    dv = v.shape[-1]
     c = far_block(window, length)
     nblk = -(-length // c)
     big = -(-window // c)  # D
@@ -575,11 +603,4 @@ def favor_window_bidirectional(
         sc = sc.masked_fill(~is_far, 0.0)
         far = far + sc @ v1b[:, :, sl]
     far = far.reshape(bsz, heads, nblk * c, dv + 1)[:, :, :length]
-    lc = fm.log_const(params)
-    if isinstance(lc, Tensor):
-        lc = lc.unsqueeze(-1)
-    scale_far = rq + g.repeat_interleave(c, dim=-1)[..., :length] + 2 * lc
-    lf = _factor(linear_factor)
-    if lf is not None:
-        far = far * lf
-    return combine([*parts, (far, scale_far)], fm.positive_exp)
+    return far, rq + g.repeat_interleave(c, dim=-1)[..., :length]
