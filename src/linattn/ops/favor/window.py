@@ -435,7 +435,7 @@ class _FarBlockSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, reach: int) -> Tensor:
         ctx.reach = reach
-        return far_sums(u, reach)
+        return far_sums(u.movedim(2, 0).contiguous(), reach).movedim(0, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -499,26 +499,15 @@ def favor_window_bidirectional(
     if sinks:
         keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
         parts.append(part)
-    with torch.no_grad():
-        fk, rk = fm.stabilized(k, params, is_query=False, inplace=True)
-        if keep is not None:
-            rk = rk.masked_fill(~keep[:, None, :], -math.inf)
-        top = rk.amax(-1)
-        low = rk.masked_fill(rk == -math.inf, math.inf).amin(-1)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        # One stabilizer for the whole sequence is exact unless some key's weight
-        # exp(r_j - top) would underflow; then the running-maximum recurrence is used.
-        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
-        single = bool(((top - low) < spread).all())
     lc = fm.log_const(params)
     if isinstance(lc, Tensor):
         lc = lc.unsqueeze(-1)
-    if single:
-        far, rq = far_blocks(q, k, v, fm, params, fk, rk, top, window,
-                             far_block(window, length))
+    spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+    fast = far_blocks(q, k, v, keep, fm, params, window, far_block(window, length), spread)
+    if fast is not None:
+        far, rq, top = fast
         scale_far = rq + top.unsqueeze(-1) + 2 * lc
     else:
-        del fk, rk
         far, scale_far = far_running_max(q, k, v, keep, fm, params, window)
         scale_far = scale_far + 2 * lc
     lf = _factor(linear_factor)
