@@ -185,10 +185,13 @@ def band_blocks(
 
 def far_sums(u: Tensor, reach: int) -> Tensor:
     """``F_t = sum_{|s - t| > reach} u_s`` along dim 0 (no autograd): running sums from
-    the left and from the right, written into one output, in place on contiguous
-    slices. The map is symmetric, so it is also its own adjoint."""
+    the left (copied into ``F``) and from the right (added, or copied where nothing came
+    from the left), in place on contiguous slices; no pass zeroes ``F``. The map is
+    symmetric, so it is also its own adjoint."""
     n = u.shape[0]
-    out = torch.zeros_like(u)
+    out = torch.empty_like(u)
+    # Blocks with no far block on either side.
+    out[max(0, n - reach - 1): reach + 1].zero_()
     if n <= reach + 1:
         return out
     acc = u[0].clone()
@@ -197,10 +200,13 @@ def far_sums(u: Tensor, reach: int) -> Tensor:
         acc.add_(u[t - reach - 1])
         out[t].copy_(acc)
     acc.copy_(u[n - 1])
-    out[n - reach - 2].add_(acc)
-    for t in range(n - reach - 3, -1, -1):
-        acc.add_(u[t + reach + 1])
-        out[t].add_(acc)
+    for t in range(n - reach - 2, -1, -1):
+        if t < n - reach - 2:
+            acc.add_(u[t + reach + 1])
+        if t > reach:
+            out[t].add_(acc)
+        else:
+            out[t].copy_(acc)
     return out
 
 
@@ -212,20 +218,25 @@ def far_deltas(window: int, c: int) -> tuple[int, list[int]]:
     return reach, [dlt for dlt in range(-reach, reach + 1) if abs(dlt) >= lo]
 
 
-def _features(fm: FeatureMap, params: FeatureParams, x: Tensor):
-    """Key-style features of ``x`` (``is_query=False``) under autograd, for a backward
-    pass: ``(out, r_out, F, exp2)``. ``F`` is detached; the gradient of ``F`` goes into
-    ``out`` as :func:`_grad_of` says; ``r_out`` is ``r`` when it carries a gradient (else
-    None)."""
+def _features(fm: FeatureMap, params: FeatureParams, x: Tensor, graph: bool):
+    """Key-style features ``F, r`` of ``x`` (``is_query=False``), detached, and (with
+    ``graph``) the autograd graph that maps their gradient back: ``(F, r, out, r_out,
+    exp2)``; send ``dF`` into ``out`` as :func:`_grad_of` says and ``dr`` into ``r_out``
+    (None when ``r`` carries no gradient)."""
+    if not graph:
+        feats, r = fm.stabilized(x, params, is_query=False, inplace=True)
+        return feats, r, None, None, False
     with torch.enable_grad():
         if isinstance(fm, _PositiveSoftmax):
             # F = exp2(logits - max): dlogits = ln2 F dF; only the logits' matmul is
-            # differentiated by autograd (max, the stabilizer, is a constant).
+            # differentiated by autograd (max, the stabilizer, is a constant). F takes
+            # the logits' memory: the matmul's backward does not need its output.
             logits = fm._logits2(x, params, with_norm=True)
             r2 = logits.detach().amax(dim=-1, keepdim=True)
-            return logits, None, logits.detach().sub(r2).exp2_(), True
+            feats = logits.detach().sub_(r2).exp2_()
+            return feats, r2.squeeze(-1).mul_(_LN2), logits, None, True
         feats, r = fm.stabilized(x, params, is_query=False)
-        return feats, (r if r.requires_grad else None), feats.detach(), False
+        return (feats.detach(), r.detach(), feats, r if r.requires_grad else None, False)
 
 
 def _grad_of(feats: Tensor, dfeats: Tensor, exp2: bool) -> Tensor:
@@ -234,51 +245,62 @@ def _grad_of(feats: Tensor, dfeats: Tensor, exp2: bool) -> Tensor:
 
 
 class _FarBlocks(torch.autograd.Function):
+    # The forward keeps the features F (O(L M)) and the small autograd graphs from the
+    # inputs to them (the logits' matmul), so the backward recomputes neither.
     @staticmethod
-    def forward(ctx, q, k, v, weight, fm, params, fkb, rkb, top, window, c):
-        length = q.shape[-2]
-        nblk = fkb.shape[0]
+    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep):
+        bsz, heads, length, _ = q.shape
+        nblk = -(-length // c)
+        want = ctx.needs_input_grad
+        want_w = weight is not None and want[3]
+        graph = want[0] or want[1] or want_w
+        q_leaf = block_major(q, nblk, c).requires_grad_(want[0])
+        k_leaf = block_major(k, nblk, c).requires_grad_(want[1])
+        w_leaf = weight.detach().requires_grad_() if want_w else weight
+        fparams = params.replace_weight(w_leaf)
+        fkb, rkb, k_out, rk_out, exp2 = _features(fm, fparams, k_leaf, graph)
+        real = block_flags(keep, bsz, length, nblk, c, q.device)  # [nblk, B, 1, C]
+        rkb = rkb.masked_fill(~real, -math.inf)
+        top = rkb.amax(-1).amax(0)  # [B, H]
+        low = rkb.masked_fill(~real, math.inf).amin(-1).amin(0)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        ok = bool(((top - low) < spread).all())
+        ctx.ok = ok
+        if not ok:
+            # Too wide a spread for one stabilizer: the caller takes the running maxima.
+            return q.new_zeros(()), q.new_zeros(()), top
         reach, mixed = far_deltas(window, c)
-        fq, rq = fm.stabilized(block_major(q, nblk, c), params, is_query=False, inplace=True)
+        fq, rq, q_out, rq_out, _ = _features(fm, fparams, q_leaf, graph)
         # [nblk, B, H, C, 1]: exp(r_j - top) <= 1, 0 for padding (r = -inf) and sinks.
         wk = torch.exp(rkb - top.unsqueeze(-1)).unsqueeze(-1)
-        vwb = block_major(ones_col(v), nblk, c).mul_(wk)
+        v1b = block_major(ones_col(v), nblk, c)
+        vwb = v1b * wk
         state = far_sums(torch.matmul(fkb.transpose(-2, -1), vwb), reach)
         nd = torch.matmul(fq, state)  # [nblk, B, H, C, dv+1]
+        pairs = []
         for dlt in mixed:
             span = _span(nblk, dlt)
             if span is not None:
                 ts, us = span
                 p = torch.matmul(fq[ts], fkb[us].transpose(-2, -1))
-                _bmm_add(nd[ts], p.mul_(far_mask(c, dlt, window, q.dtype, q.device)),
-                         vwb[us])
-        ctx.fm, ctx.params, ctx.conf = fm, params, (window, c, length)
-        ctx.save_for_backward(q, k, v, weight, rkb, top, state)
+                p.mul_(far_mask(c, dlt, window, q.dtype, q.device))
+                _bmm_add(nd[ts], p, vwb[us])
+                pairs.append(p)
+        ctx.conf = (window, c, length, exp2, want_w)
+        ctx.graph = (q_leaf, k_leaf, w_leaf, q_out, rq_out, k_out, rk_out) if graph else None
+        ctx.save_for_backward(fq, fkb, v1b, wk, state, *pairs)
+        ctx.mark_non_differentiable(top)
         rq = from_block_major(rq.unsqueeze(-1), length).squeeze(-1)
-        return from_block_major(nd, length), rq
+        return from_block_major(nd, length), rq, top
 
     @staticmethod
     @first_order_only("favor_attention with window=")
-    def backward(ctx, grad_nd, grad_rq):
-        q, k, v, weight, rkb, top, state = ctx.saved_tensors
-        fm, (window, c, length) = ctx.fm, ctx.conf
-        nblk = rkb.shape[0]
+    def backward(ctx, grad_nd, grad_rq, _grad_top):
+        fq, fk, v1b, wk, state, *pairs = ctx.saved_tensors
+        window, c, length, exp2, want_w = ctx.conf
         want = ctx.needs_input_grad
-        want_w = weight is not None and want[3]
+        nblk = fq.shape[0]
         reach, mixed = far_deltas(window, c)
-        q_leaf = block_major(q, nblk, c).requires_grad_(want[0])
-        k_leaf = block_major(k, nblk, c).requires_grad_(want[1])
-        w_leaf = weight.detach().requires_grad_() if want_w else weight
-        params = ctx.params.replace_weight(w_leaf)
-        grad_feats = want[0] or want[1] or want_w
-        if grad_feats:
-            q_out, rq_out, fq, exp2 = _features(fm, params, q_leaf)
-            k_out, rk_out, fk, _ = _features(fm, params, k_leaf)
-        else:
-            fq, _ = fm.stabilized(q_leaf, params, is_query=False, inplace=True)
-            fk, _ = fm.stabilized(k_leaf, params, is_query=False, inplace=True)
-        wk = torch.exp(rkb - top.unsqueeze(-1)).unsqueeze(-1)
-        v1b = block_major(ones_col(v), nblk, c)
         vwb = v1b * wk
         gb = block_major(grad_nd, nblk, c)
         # Queries: nd = F_q state; the state sums the far key blocks (a symmetric map).
@@ -287,21 +309,18 @@ class _FarBlocks(torch.autograd.Function):
         dfk = torch.matmul(vwb, d_state.transpose(-2, -1))
         dvw = torch.matmul(fk, d_state)  # [nblk, B, H, C, dv+1]
         del d_state
-        for dlt in mixed:
-            span = _span(nblk, dlt)
-            if span is None:
-                continue
-            ts, us = span
-            far = far_mask(c, dlt, window, q.dtype, q.device)
+        spans = [sp for sp in (_span(nblk, dlt) for dlt in mixed) if sp is not None]
+        for dlt, (ts, us), p in zip([d for d in mixed if _span(nblk, d)], spans, pairs):
             g = gb[ts]
-            p = torch.matmul(fq[ts], fk[us].transpose(-2, -1)).mul_(far)
             _bmm_add(dvw[us], p.transpose(-2, -1), g)
-            dp = torch.matmul(g, vwb[us].transpose(-2, -1)).mul_(far)
+            dp = torch.matmul(g, vwb[us].transpose(-2, -1))
+            dp.mul_(far_mask(c, dlt, window, fq.dtype, fq.device))
             _bmm_add(dfq[ts], dp, fk[us])
             _bmm_add(dfk[us], dp.transpose(-2, -1), fq[ts])
         dv = from_block_major(dvw[..., :-1] * wk, length) if want[2] else None
         dq = dk = dw = None
-        if grad_feats:
+        if ctx.graph is not None:
+            q_leaf, k_leaf, w_leaf, q_out, rq_out, k_out, rk_out = ctx.graph
             outs, grads = [], []
             if q_out.requires_grad:
                 outs.append(q_out)
@@ -318,12 +337,13 @@ class _FarBlocks(torch.autograd.Function):
                 grads.append((dvw * v1b).sum(-1) * wk.squeeze(-1))
             inputs = [t for t, on in ((q_leaf, want[0]), (k_leaf, want[1]), (w_leaf, want_w))
                       if on]
-            res = list(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
+            res = list(torch.autograd.grad(outs, inputs, grads, allow_unused=True,
+                                           retain_graph=True))
             res = [torch.zeros_like(t) if r is None else r for t, r in zip(inputs, res)]
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
             dw = res.pop(0) if want_w else None
-        return dq, dk, dv, dw, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None, None, None
 
 
 def far_blocks(
@@ -340,21 +360,12 @@ def far_blocks(
     and ``top: (B, H)`` with
     ``sum_{|j - i| > w, kept} phi(q_i).phi(k_j) [v_j, 1] = c^2 exp(rq_i + top) nd_i``
     (``c`` the map's :meth:`~linattn.features.FeatureMap.log_const`); differentiable in
-    ``q, k, v`` and the projection. Equivalent to
+    ``q, k, v`` and the projection. Memory O(L (M + C) + (L / C) M dv). Equivalent to
     :func:`~linattn.ops.favor.window.far_running_max`.
     """
-    bsz, heads, length, _ = q.shape
-    c = max(1, min(block, length))
-    nblk = -(-length // c)
-    with torch.no_grad():
-        fkb, rkb = fm.stabilized(block_major(k, nblk, c), params, is_query=False,
-                                 inplace=True)
-        real = block_flags(keep, bsz, length, nblk, c, q.device)  # [nblk, B, 1, C]
-        rkb = rkb.masked_fill(~real, -math.inf)
-        top = rkb.amax(-1).amax(0)  # [B, H]
-        low = rkb.masked_fill(~real, math.inf).amin(-1).amin(0)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        if not bool(((top - low) < spread).all()):
-            return None
-    nd, rq = _FarBlocks.apply(q, k, v, params.weight, fm, params, fkb, rkb, top, window, c)
+    c = max(1, min(block, q.shape[-2]))
+    nd, rq, top = _FarBlocks.apply(q, k, v, params.weight, fm, params, window, c, spread,
+                                   keep)
+    if nd.dim() == 0:
+        return None
     return nd, rq, top
