@@ -96,12 +96,6 @@ def near_mask(c: int, dlt: int, window: int, causal: bool, device) -> Tensor:
     return rel.abs() <= window
 
 
-def far_mask(c: int, dlt: int, window: int, dtype, device) -> Tensor:
-    """``(C, C)`` 0/1 of ``dtype``: the pairs of block offset ``dlt`` outside the
-    (bidirectional) window."""
-    return (pair_offsets(c, dlt, device).abs() > window).to(dtype)
-
-
 class _BandBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, keep, window, causal, scale, c):
@@ -183,39 +177,61 @@ def band_blocks(
     return _BandBlocks.apply(q, k, v, keep, window, causal, scale, c)
 
 
-def far_sums(u: Tensor, reach: int) -> Tensor:
-    """``F_t = sum_{|s - t| > reach} u_s`` along dim 0 (no autograd): running sums from
-    the left (copied into ``F``) and from the right (added, or copied where nothing came
-    from the left), in place on contiguous slices; no pass zeroes ``F``. The map is
-    symmetric, so it is also its own adjoint."""
+def far_sums(u: Tensor, reach: int, side: str = "both") -> Tensor:
+    """``F_t = sum_{|s - t| > reach} u_s`` along dim 0 (no autograd); ``side="left"``:
+    only ``s < t - reach``, ``"right"``: only ``s > t + reach`` (the adjoint of
+    ``"left"``; ``"both"`` is symmetric, its own adjoint). Running sums from the left
+    (copied into ``F``) and from the right (added, or copied where nothing came from the
+    left), in place on contiguous slices; no pass zeroes all of ``F``."""
     n = u.shape[0]
     out = torch.empty_like(u)
-    # Blocks with no far block on either side.
-    out[max(0, n - reach - 1): reach + 1].zero_()
+    left, right = side in ("both", "left"), side in ("both", "right")
+    # Blocks that no pass writes.
+    lo = reach + 1 if left else 0
+    hi = n - reach - 1 if right else n
+    if not right:
+        out[: min(n, lo)].zero_()
+    elif not left:
+        out[max(0, hi):].zero_()
+    else:
+        out[max(0, hi): lo].zero_()
     if n <= reach + 1:
         return out
-    acc = u[0].clone()
-    out[reach + 1].copy_(acc)
-    for t in range(reach + 2, n):
-        acc.add_(u[t - reach - 1])
-        out[t].copy_(acc)
-    acc.copy_(u[n - 1])
-    for t in range(n - reach - 2, -1, -1):
-        if t < n - reach - 2:
-            acc.add_(u[t + reach + 1])
-        if t > reach:
-            out[t].add_(acc)
-        else:
+    acc = u[0].clone() if left else u[n - 1].clone()
+    if left:
+        out[reach + 1].copy_(acc)
+        for t in range(reach + 2, n):
+            acc.add_(u[t - reach - 1])
             out[t].copy_(acc)
+        if right:
+            acc.copy_(u[n - 1])
+    if right:
+        for t in range(n - reach - 2, -1, -1):
+            if t < n - reach - 2:
+                acc.add_(u[t + reach + 1])
+            if left and t > reach:
+                out[t].add_(acc)
+            else:
+                out[t].copy_(acc)
     return out
 
 
-def far_deltas(window: int, c: int) -> tuple[int, list[int]]:
-    """``D`` (key blocks farther than ``D`` blocks are wholly far) and the offsets of the
-    mixed blocks (some far pair, and some near one or the query's own block)."""
+def far_deltas(window: int, c: int, causal: bool = False) -> tuple[int, list[int]]:
+    """``D`` (key blocks more than ``D`` blocks away, before the query's block when
+    causal, are wholly far) and the offsets of the mixed blocks (some far pair, and some
+    near or future one). Far: ``|j - i| > w``; causal ``j - i <= -w``."""
+    if causal:
+        reach = -(-(window - 1) // c) if window > 1 else 0
+        return reach, list(range(-reach, min(0, (c - 1 - window) // c) + 1))
     reach = -(-window // c) if window >= 0 else 0
     lo = (window + 1) // c
     return reach, [dlt for dlt in range(-reach, reach + 1) if abs(dlt) >= lo]
+
+
+def far_mask(c: int, dlt: int, window: int, dtype, device, causal: bool = False) -> Tensor:
+    """``(C, C)`` 0/1 of ``dtype``: the far pairs of block offset ``dlt``."""
+    rel = pair_offsets(c, dlt, device)
+    return (rel <= -window if causal else rel.abs() > window).to(dtype)
 
 
 def _features(fm: FeatureMap, params: FeatureParams, x: Tensor, graph: bool):
@@ -248,7 +264,7 @@ class _FarBlocks(torch.autograd.Function):
     # The forward keeps the features F (O(L M)) and the small autograd graphs from the
     # inputs to them (the logits' matmul), so the backward recomputes neither.
     @staticmethod
-    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep):
+    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep, causal):
         bsz, heads, length, _ = q.shape
         nblk = -(-length // c)
         want = ctx.needs_input_grad
@@ -269,13 +285,14 @@ class _FarBlocks(torch.autograd.Function):
         if not ok:
             # Too wide a spread for one stabilizer: the caller takes the running maxima.
             return q.new_zeros(()), q.new_zeros(()), top
-        reach, mixed = far_deltas(window, c)
+        reach, mixed = far_deltas(window, c, causal)
         fq, rq, q_out, rq_out, _ = _features(fm, fparams, q_leaf, graph)
         # [nblk, B, H, C, 1]: exp(r_j - top) <= 1, 0 for padding (r = -inf) and sinks.
         wk = torch.exp(rkb - top.unsqueeze(-1)).unsqueeze(-1)
         v1b = block_major(ones_col(v), nblk, c)
         vwb = v1b * wk
-        state = far_sums(torch.matmul(fkb.transpose(-2, -1), vwb), reach)
+        state = far_sums(torch.matmul(fkb.transpose(-2, -1), vwb), reach,
+                         "left" if causal else "both")
         nd = torch.matmul(fq, state)  # [nblk, B, H, C, dv+1]
         pairs = []
         for dlt in mixed:
@@ -283,10 +300,10 @@ class _FarBlocks(torch.autograd.Function):
             if span is not None:
                 ts, us = span
                 p = torch.matmul(fq[ts], fkb[us].transpose(-2, -1))
-                p.mul_(far_mask(c, dlt, window, q.dtype, q.device))
+                p.mul_(far_mask(c, dlt, window, q.dtype, q.device, causal))
                 _bmm_add(nd[ts], p, vwb[us])
                 pairs.append(p)
-        ctx.conf = (window, c, length, exp2, want_w)
+        ctx.conf = (window, c, length, exp2, want_w, causal)
         ctx.graph = (q_leaf, k_leaf, w_leaf, q_out, rq_out, k_out, rk_out) if graph else None
         ctx.save_for_backward(fq, fkb, v1b, wk, state, *pairs)
         ctx.mark_non_differentiable(top)
@@ -297,15 +314,16 @@ class _FarBlocks(torch.autograd.Function):
     @first_order_only("favor_attention with window=")
     def backward(ctx, grad_nd, grad_rq, _grad_top):
         fq, fk, v1b, wk, state, *pairs = ctx.saved_tensors
-        window, c, length, exp2, want_w = ctx.conf
+        window, c, length, exp2, want_w, causal = ctx.conf
         want = ctx.needs_input_grad
         nblk = fq.shape[0]
-        reach, mixed = far_deltas(window, c)
+        reach, mixed = far_deltas(window, c, causal)
         vwb = v1b * wk
         gb = block_major(grad_nd, nblk, c)
         # Queries: nd = F_q state; the state sums the far key blocks (a symmetric map).
         dfq = torch.matmul(gb, state.transpose(-2, -1))  # [nblk, B, H, C, M]
-        d_state = far_sums(torch.matmul(fq.transpose(-2, -1), gb), reach)
+        d_state = far_sums(torch.matmul(fq.transpose(-2, -1), gb), reach,
+                           "right" if causal else "both")
         dfk = torch.matmul(vwb, d_state.transpose(-2, -1))
         dvw = torch.matmul(fk, d_state)  # [nblk, B, H, C, dv+1]
         del d_state
@@ -314,7 +332,7 @@ class _FarBlocks(torch.autograd.Function):
             g = gb[ts]
             _bmm_add(dvw[us], p.transpose(-2, -1), g)
             dp = torch.matmul(g, vwb[us].transpose(-2, -1))
-            dp.mul_(far_mask(c, dlt, window, fq.dtype, fq.device))
+            dp.mul_(far_mask(c, dlt, window, fq.dtype, fq.device, causal))
             _bmm_add(dfq[ts], dp, fk[us])
             _bmm_add(dfk[us], dp.transpose(-2, -1), fq[ts])
         dv = from_block_major(dvw[..., :-1] * wk, length) if want[2] else None
@@ -343,14 +361,14 @@ class _FarBlocks(torch.autograd.Function):
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
             dw = res.pop(0) if want_w else None
-        return dq, dk, dv, dw, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None, None, None, None
 
 
 def far_blocks(
     q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, fm: FeatureMap,
-    params: FeatureParams, window: int, block: int, spread: float,
+    params: FeatureParams, window: int, block: int, spread: float, causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The bidirectional far part under one key stabilizer, by block pairs.
+    """The far part under one key stabilizer, by block pairs.
 
     Shapes: ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, ``keep: (B, L)`` bool (True =
     a key this part sees: not padding, not a sink) or None. ``window = -1``: every key
@@ -359,13 +377,14 @@ def far_blocks(
     uses the running-maximum form), else ``nd: (B, H, L, dv + 1)``, ``rq: (B, H, L)``
     and ``top: (B, H)`` with
     ``sum_{|j - i| > w, kept} phi(q_i).phi(k_j) [v_j, 1] = c^2 exp(rq_i + top) nd_i``
+    (causal: the keys ``j <= i - w``)
     (``c`` the map's :meth:`~linattn.features.FeatureMap.log_const`); differentiable in
     ``q, k, v`` and the projection. Memory O(L (M + C) + (L / C) M dv). Equivalent to
     :func:`~linattn.ops.favor.window.far_running_max`.
     """
     c = max(1, min(block, q.shape[-2]))
     nd, rq, top = _FarBlocks.apply(q, k, v, params.weight, fm, params, window, c, spread,
-                                   keep)
+                                   keep, causal)
     if nd.dim() == 0:
         return None
     return nd, rq, top

@@ -285,22 +285,26 @@ def favor_window(
     if sinks:
         keep_far, part = sink_part(q, k, v, keep, sinks, window, True, params.scale)
         parts.append(part)
-    keep_f = None if keep_far is None else keep_far.to(q.dtype)
     lf = _factor(linear_factor)
-    sides = [(q, k, v, keep_f)]
-    if not causal:
-        flip = [t.flip(-2) for t in (q, k, v)]
-        sides.append((*flip, None if keep_f is None else keep_f.flip(-1)))
-    # Far keys of query i: j <= i - w causal, j <= i - w - 1 (and mirrored) bidirectional.
-    start = -window if causal else -window - 1
-    if length + start > 0:
-        for idx, (qs, ks, vs, kp) in enumerate(sides):
-            nd, g, _, _ = far_left(qs, ks, vs, kp, fm, params, start, chunk_size)
-            if lf is not None:
-                nd = nd * lf
-            if idx == 1:
-                nd, g = nd.flip(-2), g.flip(-1)
-            parts.append((nd, g))
+    # Far keys of query i: j <= i - w. One stabilizer for the sequence when the keys'
+    # log-scales allow it (then only rounding depends on later keys), else the
+    # leak-free prefix-maximum scan.
+    if length - window > 0:
+        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+        fast = far_blocks(q, k, v, keep_far, fm, params, window, far_block(window, length),
+                          spread, causal=True)
+        if fast is not None:
+            nd, rq, top = fast
+            lc = fm.log_const(params)
+            if isinstance(lc, Tensor):
+                lc = lc.unsqueeze(-1)
+            g = rq + top.unsqueeze(-1) + 2 * lc
+        else:
+            keep_f = None if keep_far is None else keep_far.to(q.dtype)
+            nd, g, _, _ = far_left(q, k, v, keep_f, fm, params, -window, chunk_size)
+        if lf is not None:
+            nd = nd * lf
+        parts.append((nd, g))
     return combine(parts, fm.positive_exp)
 
 
