@@ -264,10 +264,10 @@ class _FarBlocks(torch.autograd.Function):
     # The forward keeps the features F (O(L M)) and the small autograd graphs from the
     # inputs to them (the logits' matmul), so the backward recomputes neither.
     @staticmethod
-    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep, causal):
-        bsz, heads, length, _ = q.shape
+    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep, causal, grad):
+        bsz, length = q.shape[0], q.shape[-2]
         nblk = -(-length // c)
-        want = ctx.needs_input_grad
+        want = [grad and on for on in ctx.needs_input_grad]
         want_w = weight is not None and want[3]
         graph = want[0] or want[1] or want_w
         q_leaf = block_major(q, nblk, c).requires_grad_(want[0])
@@ -361,7 +361,7 @@ class _FarBlocks(torch.autograd.Function):
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
             dw = res.pop(0) if want_w else None
-        return dq, dk, dv, dw, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None, None, None, None, None
 
 
 def far_blocks(
@@ -383,8 +383,9 @@ def far_blocks(
     :func:`~linattn.ops.favor.window.far_running_max`.
     """
     c = max(1, min(block, q.shape[-2]))
+    grad = torch.is_grad_enabled()
     nd, rq, top = _FarBlocks.apply(q, k, v, params.weight, fm, params, window, c, spread,
-                                   keep, causal)
+                                   keep, causal, grad)
     if nd.dim() == 0:
         return None
     return nd, rq, top

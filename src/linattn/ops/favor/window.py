@@ -492,7 +492,7 @@ def favor_window_bidirectional(
     pairs are :func:`band_attention`'s. Equivalent to :func:`favor_naive` with
     ``window`` (``causal=False``).
     """
-    bsz, heads, length, _ = q.shape
+    length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
     near = band_blocks(q, k, v, keep, window, False, params.scale,
                        block_size or band_block(window, length))
@@ -536,7 +536,7 @@ def far_running_max(
     dv = v.shape[-1]
     c = far_block(window, length)
     nblk = -(-length // c)
-    big = -(-window // c)  # D
+    big = -(-window // c) if window >= 0 else 0  # D
     lo = (window + 1) // c
     mixed = [dlt for dlt in range(-big, big + 1) if abs(dlt) >= lo]
     floor = torch.finfo(q.dtype).min
