@@ -280,9 +280,7 @@ class _FarBlocks(torch.autograd.Function):
         top = rkb.amax(-1).amax(0)  # [B, H]
         low = rkb.masked_fill(~real, math.inf).amin(-1).amin(0)
         top = torch.where(torch.isfinite(top), top, 0.0)
-        ok = bool(((top - low) < spread).all())
-        ctx.ok = ok
-        if not ok:
+        if not bool(((top - low) < spread).all()):
             # Too wide a spread for one stabilizer: the caller takes the running maxima.
             return q.new_zeros(()), q.new_zeros(()), top
         reach, mixed = far_deltas(window, c, causal)

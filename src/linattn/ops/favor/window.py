@@ -4,16 +4,23 @@ Query ``i`` scores the keys ``j`` of its window (``|i - j| <= w``, or ``i - w < 
 when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
 ``lambda_h phi(q_i).phi(k_j)``, under one normalizer. Nothing ``L x L`` is formed:
 
-* near part (:func:`band_attention`): queries in blocks of ``b`` against the
-  ``b + width - 1`` keys that cover their windows (an ``unfold`` view), exact scores
-  masked to the band, stabilized by the row maximum;
-* far part (:func:`far_left`): the keys ``j <= i - s`` of query ``i`` are, after shifting
-  the key sequence ``s`` places to the right, exactly the causal keys ``j' <= i``, so the
-  chunked causal scan of ``causal.py`` (its leak-free prefix stabilizer included) gives
-  them, unnormalized, with their log-scale; ``s = w`` causal, ``s = w + 1`` for the left
-  side of the bidirectional window, and the right side is the same on the reversed
-  sequence. No subtraction ``all - near`` is ever formed: every sum only adds positive
-  terms (positive maps), so the denominators stay accurate in float32;
+* near part (:func:`~linattn.ops.favor.blocks.band_blocks`): queries in aligned blocks
+  of ``C`` against the key blocks that hold their windows, exact scores masked to the
+  band, stabilized by the row maximum, hand-written backward. :func:`band_attention`
+  (an ``unfold`` of the keys, plain autograd) is its reference, and the decoding step's
+  band (queries at an offset);
+* far part, when one stabilizer for the whole sequence is exact (the keys' log-scales
+  spread by less than 60 in float32, 600 in float64: hedgehog and typical inputs):
+  :func:`~linattn.ops.favor.blocks.far_blocks`, block states summed over the key blocks
+  wholly outside each query block's window (both sides; causal: the earlier ones) plus
+  the far pairs of the mixed blocks, hand-written backward;
+* far part otherwise, and the references of the above: causal :func:`far_left` (the
+  keys ``j <= i - s`` of query ``i`` are, after shifting the key sequence ``s = w``
+  places to the right, exactly the causal keys ``j' <= i``, so the chunked causal scan
+  of ``causal.py`` with its leak-free prefix stabilizer gives them, unnormalized, with
+  their log-scale), bidirectional :func:`far_running_max` (prefix and suffix block sums
+  under running maxima). No subtraction ``all - near`` is ever formed: every sum only
+  adds positive terms (positive maps), so the denominators stay accurate in float32;
 * sinks (:func:`sink_attention`, ``sinks=s``): the first ``s`` unpadded keys of each
   sequence are scored exactly by every query that sees them; they are gathered
   (``(B, H, s, d)``), scored against every query where they are outside its window
@@ -21,8 +28,9 @@ when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
 * :func:`combine`: the parts, each ``exp(scale_p) * [num_p, den_p]``, are added under
   their common maximum log-scale.
 
-Derivation and stabilizers: ``ops/favor/README.md``. Gradients: plain autograd (memory
-O(L (w + M + s)) plus the causal scan's per-chunk states).
+Derivation and stabilizers: ``ops/favor/README.md``. Gradients: hand-written for the
+block-pair paths (``blocks.py``), plain autograd for the sinks, :func:`combine` and the
+running-maximum fallbacks; memory O(L (w + M + s)) plus the far block states, O((L / C) M dv).
 """
 
 from __future__ import annotations
