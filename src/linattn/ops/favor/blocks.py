@@ -289,9 +289,11 @@ class _FarBlocks(torch.autograd.Function):
         wk = torch.exp(rkb - top.unsqueeze(-1)).unsqueeze(-1)
         v1b = block_major(ones_col(v), nblk, c)
         vwb = v1b * wk
-        state = far_sums(torch.matmul(fkb.transpose(-2, -1), vwb), reach,
+        # The block states transposed, [nblk, B, H, dv+1, M] ([v, 1]^T F: the faster
+        # layout for these short-contraction batched matmuls).
+        state = far_sums(torch.matmul(vwb.transpose(-2, -1), fkb), reach,
                          "left" if causal else "both")
-        nd = torch.matmul(fq, state)  # [nblk, B, H, C, dv+1]
+        nd = torch.matmul(fq, state.transpose(-2, -1))  # [nblk, B, H, C, dv+1]
         pairs = []
         for dlt in mixed:
             span = _span(nblk, dlt)
@@ -319,11 +321,11 @@ class _FarBlocks(torch.autograd.Function):
         vwb = v1b * wk
         gb = block_major(grad_nd, nblk, c)
         # Queries: nd = F_q state; the state sums the far key blocks (a symmetric map).
-        dfq = torch.matmul(gb, state.transpose(-2, -1))  # [nblk, B, H, C, M]
-        d_state = far_sums(torch.matmul(fq.transpose(-2, -1), gb), reach,
-                           "right" if causal else "both")
-        dfk = torch.matmul(vwb, d_state.transpose(-2, -1))
-        dvw = torch.matmul(fk, d_state)  # [nblk, B, H, C, dv+1]
+        dfq = torch.matmul(gb, state)  # [nblk, B, H, C, M]
+        d_state = far_sums(torch.matmul(gb.transpose(-2, -1), fq), reach,
+                           "right" if causal else "both")  # [nblk, B, H, dv+1, M]
+        dfk = torch.matmul(vwb, d_state)
+        dvw = torch.matmul(fk, d_state.transpose(-2, -1))  # [nblk, B, H, C, dv+1]
         del d_state
         spans = [sp for sp in (_span(nblk, dlt) for dlt in mixed) if sp is not None]
         for dlt, (ts, us), p in zip([d for d in mixed if _span(nblk, d)], spans, pairs):
