@@ -173,3 +173,16 @@ def test_far_blocks_decline_a_spread_too_wide_for_one_stabilizer():
     assert far_sum(q, k, v, None, "softmax", w, 2, False, 4, spread=600.0) is not None
     assert far_sum(q, k, v, None, "softmax", w, 2, False, 4, spread=0.0) is None
     assert far_sum(q, k, v, None, "softmax", w, 2, True, 4, spread=0.0) is None
+
+
+@pytest.mark.parametrize("length", [1, 4, 9], ids=lambda n: f"L{n}")
+def test_inputs_are_left_unchanged(length):
+    # One block (C >= L): the block-major copies must still be copies, never views.
+    q, k, v = (randn(2, 2, length, 3, seed=s, requires_grad=True) for s in range(3))
+    before = [t.detach().clone() for t in (q, k, v)]
+    w = projection(4, 3)
+    nd, _ = band_blocks(q, k, v, None, 2, False, 0.5, 16)
+    out = far_sum(q, k, v, None, "softmax", w, 0, False, 16)
+    (nd.sum() + out.sum()).backward()
+    for t, b in zip((q, k, v), before):
+        assert torch.equal(t.detach(), b)

@@ -28,17 +28,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams, _PositiveSoftmax
-from .common import first_order_only, ones_col
+from .common import first_order_only
 
 _LN2 = math.log(2.0)
 
 
 def block_major(x: Tensor, nblk: int, c: int) -> Tensor:
-    """``(B, H, L, e) -> (nblk, B, H, C, e)`` contiguous, zero-padded at the end."""
+    """``(B, H, L, e) -> (nblk, B, H, C, e)``: a contiguous copy, zero-padded at the end."""
     bsz, heads, length, e = x.shape
     if nblk * c > length:
         x = F.pad(x, (0, 0, 0, nblk * c - length))
-    return x.reshape(bsz, heads, nblk, c, e).permute(2, 0, 1, 3, 4).contiguous()
+    # Always a new tensor (never a view of x: callers write into it).
+    return x.reshape(bsz, heads, nblk, c, e).permute(2, 0, 1, 3, 4).clone(
+        memory_format=torch.contiguous_format)
+
+
+def block_major_ones(v: Tensor, nblk: int, c: int) -> Tensor:
+    """``[v, 1]`` block-major (:func:`block_major` of ``ones_col(v)``) in one copy; the
+    padded tail is 0 in every column."""
+    bsz, heads, length, dv = v.shape
+    out = v.new_empty(nblk, bsz, heads, c, dv + 1)
+    flat = out.view(nblk, bsz, heads, c * (dv + 1))
+    full = length // c
+    out[:full, ..., :dv] = v[:, :, : full * c].reshape(bsz, heads, full, c, dv).permute(
+        2, 0, 1, 3, 4)
+    out[:full, ..., dv] = 1.0
+    if full < nblk:
+        flat[full:].zero_()
+        out[full, :, :, : length - full * c, :dv] = v[:, :, full * c:].permute(0, 1, 2, 3)
+        out[full, :, :, : length - full * c, dv] = 1.0
+    return out
 
 
 def from_block_major(y: Tensor, length: int) -> Tensor:
@@ -102,8 +121,9 @@ class _BandBlocks(torch.autograd.Function):
         bsz, heads, length, _ = q.shape
         dvd = v.shape[-1]
         nblk = -(-length // c)
-        qb, kb = block_major(q, nblk, c), block_major(k, nblk, c)
-        v1b = block_major(ones_col(v), nblk, c)
+        # The scale folded into the queries (an (L, d) pass instead of one per score).
+        qb, kb = block_major(q, nblk, c).mul_(scale), block_major(k, nblk, c)
+        v1b = block_major_ones(v, nblk, c)
         validb = block_flags(keep, bsz, length, nblk, c, q.device).unsqueeze(-2)
         mx = q.new_full((nblk, bsz, heads, c), -math.inf)
         spans, es = [], []
@@ -112,7 +132,7 @@ class _BandBlocks(torch.autograd.Function):
             if span is None:
                 continue
             ts, us = span
-            s = torch.matmul(qb[ts], kb[us].transpose(-2, -1)).mul_(scale)
+            s = torch.matmul(qb[ts], kb[us].transpose(-2, -1))
             allowed = near_mask(c, dlt, window, causal, q.device) & validb[us]
             s.masked_fill_(~allowed, -math.inf)
             mx[ts] = torch.maximum(mx[ts], s.amax(-1))
@@ -151,7 +171,7 @@ class _BandBlocks(torch.autograd.Function):
             if dk is not None:
                 _bmm_add(dk[us], ds.transpose(-2, -1), qb[ts])
         dq = None if dq is None else from_block_major(dq.mul_(ctx.scale), length)
-        dk = None if dk is None else from_block_major(dk.mul_(ctx.scale), length)
+        dk = None if dk is None else from_block_major(dk, length)
         dv1 = None if dv1 is None else from_block_major(dv1[..., :-1], length)
         return dq, dk, dv1, None, None, None, None, None
 
@@ -287,7 +307,7 @@ class _FarBlocks(torch.autograd.Function):
         fq, rq, q_out, rq_out, _ = _features(fm, fparams, q_leaf, graph)
         # [nblk, B, H, C, 1]: exp(r_j - top) <= 1, 0 for padding (r = -inf) and sinks.
         wk = torch.exp(rkb - top.unsqueeze(-1)).unsqueeze(-1)
-        v1b = block_major(ones_col(v), nblk, c)
+        v1b = block_major_ones(v, nblk, c)
         vwb = v1b * wk
         # The block states transposed, [nblk, B, H, dv+1, M] ([v, 1]^T F: the faster
         # layout for these short-contraction batched matmuls).
