@@ -10,11 +10,14 @@ accumulated in place (``baddbmm_``) into preallocated block tensors:
 
 * :func:`band_blocks`: the exact scores inside the window (what
   :func:`~linattn.ops.favor.window.band_attention` computes, its plain reference);
-* :func:`far_blocks`: the bidirectional far part under one sequence-wide key
-  stabilizer: the far state of each query block (:func:`far_sums`, the key blocks more
-  than ``D`` blocks away) plus the far pairs of the mixed blocks. Its backward recomputes
-  the features (as ``_FavorBidirectional`` does) instead of saving their autograd graph.
-  Reference: the autograd form in ``favor_window_bidirectional``.
+* :func:`far_blocks`: the far part (bidirectional, or causal) under one sequence-wide
+  key stabilizer: the far state of each query block (:func:`far_sums`, the key blocks
+  more than ``D`` blocks away, or only the earlier ones) plus the far pairs of the mixed
+  blocks. The forward keeps the features and the small graphs from the inputs to them,
+  so the backward recomputes neither. References:
+  :func:`~linattn.ops.favor.window.far_running_max` (bidirectional) and
+  :func:`~linattn.ops.favor.window.far_left` (causal), which the hybrid also falls back
+  to when the keys' log-scales spread too far for one stabilizer.
 
 Derivations: ``ops/favor/README.md`` (sliding-window hybrid).
 """
@@ -55,7 +58,7 @@ def block_major_ones(v: Tensor, nblk: int, c: int) -> Tensor:
     out[:full, ..., dv] = 1.0
     if full < nblk:
         flat[full:].zero_()
-        out[full, :, :, : length - full * c, :dv] = v[:, :, full * c:].permute(0, 1, 2, 3)
+        out[full, :, :, : length - full * c, :dv] = v[:, :, full * c:]
         out[full, :, :, : length - full * c, dv] = 1.0
     return out
 
