@@ -155,12 +155,15 @@ def test_favor_nan_in_real_key_propagates():
 
 
 # ------------------------------------------------------------------ 3. double backward
-@pytest.mark.parametrize("path", ["bidirectional", "causal", "recurrent"])
+@pytest.mark.parametrize("path", ["bidirectional", "causal", "recurrent", "window-bidirectional",
+                                  "window-causal"])
 def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
     q, k, v = (randn(1, 2, 5, 8, seed=s, requires_grad=True) for s in range(3))
     w = projection(16, 8)
     if path == "recurrent":
         out, _ = linattn.favor_recurrent(q, k, v, w)
+    elif path.startswith("window"):
+        out = linattn.favor_attention(q, k, v, w, causal=path.endswith("causal"), window=1)
     else:
         out = linattn.favor_attention(q, k, v, w, causal=path == "causal")
     # First-order gradients with create_graph=True are still right ...

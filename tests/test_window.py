@@ -62,7 +62,7 @@ def stabilizer(request, monkeypatch):
 @pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("length", [1, 63, 200], ids=lambda n: f"L{n}")
-@pytest.mark.parametrize("window", [0, 5, 64], ids=lambda w: f"w{w}")
+@pytest.mark.parametrize("window", [0, 5, 37, 64, 150], ids=lambda w: f"w{w}")
 def test_hybrid_padding_per_head_factor_matches_oracle(kernel, causal, length, window,
                                                        stabilizer):
     q, k, v = (randn(3, 3, length, 8, seed=s) for s in range(3))

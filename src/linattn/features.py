@@ -154,7 +154,8 @@ class _PositiveSoftmax(FeatureMap):
     def _weight(self, params: FeatureParams) -> Tensor:
         return params.weight
 
-    def _logits2(self, x: Tensor, params: FeatureParams, with_norm: bool) -> Tensor:
+    def _logits2(self, x: Tensor, params: FeatureParams, with_norm: bool,
+                 query: bool | None = None) -> Tensor:
         # log2(e) * (W x~ - |x~|^2 / 2), with sqrt(scale) and log2(e) folded into W and the
         # norm folded into the matmul: [x, -s|x|^2/2] @ [c W, log2(e)]^T (no extra pass).
         w = self._weight(params) * (math.sqrt(params.scale) * _LOG2E)

@@ -4,16 +4,23 @@ Query ``i`` scores the keys ``j`` of its window (``|i - j| <= w``, or ``i - w < 
 when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
 ``lambda_h phi(q_i).phi(k_j)``, under one normalizer. Nothing ``L x L`` is formed:
 
-* near part (:func:`band_attention`): queries in blocks of ``b`` against the
-  ``b + width - 1`` keys that cover their windows (an ``unfold`` view), exact scores
-  masked to the band, stabilized by the row maximum;
-* far part (:func:`far_left`): the keys ``j <= i - s`` of query ``i`` are, after shifting
-  the key sequence ``s`` places to the right, exactly the causal keys ``j' <= i``, so the
-  chunked causal scan of ``causal.py`` (its leak-free prefix stabilizer included) gives
-  them, unnormalized, with their log-scale; ``s = w`` causal, ``s = w + 1`` for the left
-  side of the bidirectional window, and the right side is the same on the reversed
-  sequence. No subtraction ``all - near`` is ever formed: every sum only adds positive
-  terms (positive maps), so the denominators stay accurate in float32;
+* near part (:func:`~linattn.ops.favor.blocks.band_blocks`): queries in aligned blocks
+  of ``C`` against the key blocks that hold their windows, exact scores masked to the
+  band, stabilized by the row maximum, hand-written backward. :func:`band_attention`
+  (an ``unfold`` of the keys, plain autograd) is its reference, and the decoding step's
+  band (queries at an offset);
+* far part, when one stabilizer for the whole sequence is exact (the keys' log-scales
+  spread by less than 60 in float32, 600 in float64: hedgehog and typical inputs):
+  :func:`~linattn.ops.favor.blocks.far_blocks`, block states summed over the key blocks
+  wholly outside each query block's window (both sides; causal: the earlier ones) plus
+  the far pairs of the mixed blocks, hand-written backward;
+* far part otherwise, and the references of the above: causal :func:`far_left` (the
+  keys ``j <= i - s`` of query ``i`` are, after shifting the key sequence ``s = w``
+  places to the right, exactly the causal keys ``j' <= i``, so the chunked causal scan
+  of ``causal.py`` with its leak-free prefix stabilizer gives them, unnormalized, with
+  their log-scale), bidirectional :func:`far_running_max` (prefix and suffix block sums
+  under running maxima). No subtraction ``all - near`` is ever formed: every sum only
+  adds positive terms (positive maps), so the denominators stay accurate in float32;
 * sinks (:func:`sink_attention`, ``sinks=s``): the first ``s`` unpadded keys of each
   sequence are scored exactly by every query that sees them; they are gathered
   (``(B, H, s, d)``), scored against every query where they are outside its window
@@ -21,8 +28,9 @@ when causal) with ``exp(scale q_i.k_j)`` and every other unpadded key with
 * :func:`combine`: the parts, each ``exp(scale_p) * [num_p, den_p]``, are added under
   their common maximum log-scale.
 
-Derivation and stabilizers: ``ops/favor/README.md``. Gradients: plain autograd (memory
-O(L (w + M + s)) plus the causal scan's per-chunk states).
+Derivation and stabilizers: ``ops/favor/README.md``. Gradients: hand-written for the
+block-pair paths (``blocks.py``), plain autograd for the sinks, :func:`combine` and the
+running-maximum fallbacks; memory O(L (w + M + s)) plus the far block states, O((L / C) M dv).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
+from .blocks import band_blocks, far_blocks, far_sums
 from .causal import causal_scan_raw, initial_state
 from .common import ones_col, safe_denominator
 
@@ -55,9 +64,12 @@ def shifted(x: Tensor, start: int, total: int, dim: int = -2) -> Tensor:
     return F.pad(part, pad)
 
 
-def band_block(window: int, length: int) -> int:
-    """Query rows per block of the exact band."""
-    return max(1, min(length, max(16, min(window, 128))))
+def band_block(window: int, length: int, causal: bool = False) -> int:
+    """Query rows per block of the exact band: about ``w`` (``w / 2`` causal, whose
+    offsets ``-1`` and ``0`` are both triangles: smaller blocks waste less), clamped to
+    ``[16, 128]`` (measured at ``w = 64``)."""
+    rows = (window + 1) // 2 if causal else window
+    return max(1, min(length, max(16, min(rows, 128))))
 
 
 def band_attention(
@@ -277,28 +289,33 @@ def favor_window(
         )
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_attention(q, k, v, keep, window, causal, params.scale, block=block_size)
+    near = band_blocks(q, k, v, keep, window, True, params.scale,
+                       block_size or band_block(window, length, causal=True))
     parts = [near]
     keep_far = keep
     if sinks:
         keep_far, part = sink_part(q, k, v, keep, sinks, window, True, params.scale)
         parts.append(part)
-    keep_f = None if keep_far is None else keep_far.to(q.dtype)
     lf = _factor(linear_factor)
-    sides = [(q, k, v, keep_f)]
-    if not causal:
-        flip = [t.flip(-2) for t in (q, k, v)]
-        sides.append((*flip, None if keep_f is None else keep_f.flip(-1)))
-    # Far keys of query i: j <= i - w causal, j <= i - w - 1 (and mirrored) bidirectional.
-    start = -window if causal else -window - 1
-    if length + start > 0:
-        for idx, (qs, ks, vs, kp) in enumerate(sides):
-            nd, g, _, _ = far_left(qs, ks, vs, kp, fm, params, start, chunk_size)
-            if lf is not None:
-                nd = nd * lf
-            if idx == 1:
-                nd, g = nd.flip(-2), g.flip(-1)
-            parts.append((nd, g))
+    # Far keys of query i: j <= i - w. One stabilizer for the sequence when the keys'
+    # log-scales allow it (then only rounding depends on later keys), else the
+    # leak-free prefix-maximum scan.
+    if length - window > 0:
+        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+        fast = far_blocks(q, k, v, keep_far, fm, params, window, far_block(window, length),
+                          spread, causal=True)
+        if fast is not None:
+            nd, rq, top = fast
+            lc = fm.log_const(params)
+            if isinstance(lc, Tensor):
+                lc = lc.unsqueeze(-1)
+            g = rq + top.unsqueeze(-1) + 2 * lc
+        else:
+            keep_f = None if keep_far is None else keep_far.to(q.dtype)
+            nd, g, _, _ = far_left(q, k, v, keep_f, fm, params, -window, chunk_size)
+        if lf is not None:
+            nd = nd * lf
+        parts.append((nd, g))
     return combine(parts, fm.positive_exp)
 
 
@@ -427,29 +444,13 @@ def far_block_sums_reference(u: Tensor, reach: int) -> Tensor:
     return torch.einsum("ts,bhs...->bht...", far, u)
 
 
-def _far_sums(u: Tensor, reach: int) -> Tensor:
-    # Running sums from the left and from the right, written into one output; in place
-    # on contiguous block slices (``cumsum`` over a middle axis is several times slower).
-    n = u.shape[2]
-    out = torch.zeros_like(u)
-    acc = torch.zeros_like(u[:, :, 0])
-    for t in range(reach + 1, n):
-        acc.add_(u[:, :, t - reach - 1])
-        out[:, :, t].copy_(acc)
-    acc.zero_()
-    for t in range(n - reach - 2, -1, -1):
-        acc.add_(u[:, :, t + reach + 1])
-        out[:, :, t].add_(acc)
-    return out
-
-
 class _FarBlockSums(torch.autograd.Function):
     # The map u -> F is linear and symmetric (s is far from t iff t is far from s), so its
     # backward is the same map applied to the incoming gradient.
     @staticmethod
     def forward(ctx, u: Tensor, reach: int) -> Tensor:
         ctx.reach = reach
-        return _far_sums(u, reach)
+        return far_sums(u.movedim(2, 0).contiguous(), reach).movedim(0, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -470,8 +471,18 @@ SPREAD_FLOAT64 = 600.0
 
 
 def far_block(window: int, length: int) -> int:
-    """Rows per block of the bidirectional far part (block states every ``C`` keys)."""
-    return max(1, min(length, 64))
+    """Rows per block of the far part (block states every ``C`` keys).
+
+    ``C`` dividing ``w`` or ``w + 1`` leaves only the two (bidirectional; causal: one)
+    triangular mixed offsets; ``C = 64`` measured best for ``w = 64`` (smaller blocks
+    cost more in block states than they save in pairs) and is used for small windows."""
+    c = 64
+    if 32 <= window <= 128:
+        c = window
+    elif window > 128:
+        c = next((c for c in range(128, 31, -1) if window % c == 0 or (window + 1) % c == 0),
+                 64)
+    return max(1, min(length, c))
 
 
 def favor_window_bidirectional(
@@ -502,10 +513,10 @@ def favor_window_bidirectional(
     pairs are :func:`band_attention`'s. Equivalent to :func:`favor_naive` with
     ``window`` (``causal=False``).
     """
-    bsz, heads, length, _ = q.shape
-    dv = v.shape[-1]
+    length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_attention(q, k, v, keep, window, False, params.scale, block=block_size)
+    near = band_blocks(q, k, v, keep, window, False, params.scale,
+                       block_size or band_block(window, length))
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
         return combine([near], fm.positive_exp)
@@ -513,9 +524,40 @@ def favor_window_bidirectional(
     if sinks:
         keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
         parts.append(part)
+    lc = fm.log_const(params)
+    if isinstance(lc, Tensor):
+        lc = lc.unsqueeze(-1)
+    spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
+    fast = far_blocks(q, k, v, keep, fm, params, window, far_block(window, length), spread)
+    if fast is not None:
+        far, rq, top = fast
+        scale_far = rq + top.unsqueeze(-1) + 2 * lc
+    else:
+        far, scale_far = far_running_max(q, k, v, keep, fm, params, window)
+        scale_far = scale_far + 2 * lc
+    lf = _factor(linear_factor)
+    if lf is not None:
+        far = far * lf
+    return combine([*parts, (far, scale_far)], fm.positive_exp)
+
+
+def far_running_max(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, fm: FeatureMap,
+    params: FeatureParams, window: int,
+) -> tuple[Tensor, Tensor]:
+    """The bidirectional far part under running-maximum block stabilizers (plain
+    autograd): for keys whose log-scales spread too far for one stabilizer, and the
+    reference of :func:`~linattn.ops.favor.blocks.far_blocks`.
+
+    Shapes: ``keep: (B, L)`` bool (True = a key the far part sees) or None. Returns
+    ``nd: (B, H, L, dv + 1)`` and ``g: (B, H, L)`` with the far sum
+    ``sum_{|j - i| > w} F_qi.F_kj exp(r_qi + r_kj) [v_j, 1] = exp(g_i) nd_i``.
+    """
+    bsz, heads, length, _ = q.shape
+    dv = v.shape[-1]
     c = far_block(window, length)
     nblk = -(-length // c)
-    big = -(-window // c)  # D
+    big = -(-window // c) if window >= 0 else 0  # D
     lo = (window + 1) // c
     mixed = [dlt for dlt in range(-big, big + 1) if abs(dlt) >= lo]
     floor = torch.finfo(q.dtype).min
@@ -575,11 +617,4 @@ def favor_window_bidirectional(
         sc = sc.masked_fill(~is_far, 0.0)
         far = far + sc @ v1b[:, :, sl]
     far = far.reshape(bsz, heads, nblk * c, dv + 1)[:, :, :length]
-    lc = fm.log_const(params)
-    if isinstance(lc, Tensor):
-        lc = lc.unsqueeze(-1)
-    scale_far = rq + g.repeat_interleave(c, dim=-1)[..., :length] + 2 * lc
-    lf = _factor(linear_factor)
-    if lf is not None:
-        far = far * lf
-    return combine([*parts, (far, scale_far)], fm.positive_exp)
+    return far, rq + g.repeat_interleave(c, dim=-1)[..., :length]
