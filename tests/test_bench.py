@@ -13,8 +13,24 @@ from linattn.cli import main
 
 
 def test_bench_cli_tiny(tmp_path, capsys):
-    rc = main(["bench", "--out", str(tmp_path), "--lengths", "64", "128", "--heads", "2",
-               "--head-dim", "16", "--num-features", "32", "--repeats", "1"])
+    rc = main(
+        [
+            "bench",
+            "--out",
+            str(tmp_path),
+            "--lengths",
+            "64",
+            "128",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--num-features",
+            "32",
+            "--repeats",
+            "1",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert set(result) == {"machine", "matmul_gflops", "results", "load"}
@@ -36,10 +52,22 @@ def test_bench_cli_tiny(tmp_path, capsys):
 def test_linformer_table_tiny(tmp_path, monkeypatch, capsys):
     from linattn.bench import linformer_table
 
-    monkeypatch.setitem(linformer_table.PRESETS, "quick",
-                        {"lengths": [64, 256], "dims": [16, 128]})
-    rc = main(["bench", "--suite", "linformer", "--out", str(tmp_path), "--heads", "2",
-               "--head-dim", "16", "--repeats", "1"])
+    monkeypatch.setitem(linformer_table.PRESETS, "quick", {"lengths": [64, 256], "dims": [16, 128]})
+    rc = main(
+        [
+            "bench",
+            "--suite",
+            "linformer",
+            "--out",
+            str(tmp_path),
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--repeats",
+            "1",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "linformer.json").read_text())
     lin = [r for r in result["results"] if r["method"] == "linformer"]
@@ -73,9 +101,17 @@ def _speed_rows(times: dict) -> list[dict]:
     """Rows as the favor suite writes them from ``{(method, causal, pass, L): seconds}``."""
     rows = []
     for (method, causal, p, length), t in times.items():
-        rows.append({"method": method, "causal": causal, "kernel": "softmax", "pass": p,
-                     "length": length, "peak_added_bytes": 2**20,
-                     **checks.summarize([t * 0.99, t, t * 1.01])})
+        rows.append(
+            {
+                "method": method,
+                "causal": causal,
+                "kernel": "softmax",
+                "pass": p,
+                "length": length,
+                "peak_added_bytes": 2**20,
+                **checks.summarize([t * 0.99, t, t * 1.01]),
+            }
+        )
     speed._add_ratios(rows)
     return rows
 
@@ -105,8 +141,12 @@ def test_clean_table_gets_no_flag():
     checks.flag_speed(rows)
     assert checks.flagged(rows, speed._row_label) == []
     assert "no cell flagged" in speed.format_table(
-        {"machine": {"processor": "x", "cpu_count": 2, "torch": "t", "threads": 2},
-         "matmul_gflops": 1.0, "results": rows})
+        {
+            "machine": {"processor": "x", "cpu_count": 2, "torch": "t", "threads": 2},
+            "matmul_gflops": 1.0,
+            "results": rows,
+        }
+    )
 
 
 def test_forward_slower_than_forward_backward_is_flagged():
@@ -116,23 +156,29 @@ def test_forward_slower_than_forward_backward_is_flagged():
     times[("favor", False, "fwd+bwd", 4096)] = 0.142
     rows = _speed_rows(times)
     checks.flag_speed(rows)
-    bad = {(r["pass"], r["length"], r["method"], r["causal"]): r["flags"]
-           for r in rows if r.get("flags")}
+    bad = {
+        (r["pass"], r["length"], r["method"], r["causal"]): r["flags"]
+        for r in rows
+        if r.get("flags")
+    }
     assert any("slower than forward+backward" in f for f in bad[("fwd", 4096, "favor", False)])
-    assert any("slower than forward+backward" in f
-               for f in bad[("fwd+bwd", 4096, "favor", False)])
+    assert any("slower than forward+backward" in f for f in bad[("fwd+bwd", 4096, "favor", False)])
     # ... and the jump 0.04 s -> 0.685 s is steeper than O(L), the speed-up collapses.
     assert any("steeper than O(L^1)" in f for f in bad[("fwd", 4096, "favor", False)])
     assert any("speed-up fell" in f for f in bad[("fwd", 4096, "favor", False)])
-    text = speed.format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t",
-                                           "threads": 2}, "matmul_gflops": 1.0,
-                               "results": rows})
+    text = speed.format_table(
+        {
+            "machine": {"processor": "x", "cpu_count": 2, "torch": "t", "threads": 2},
+            "matmul_gflops": 1.0,
+            "results": rows,
+        }
+    )
     assert checks.WARN + "1" in text and "no cell flagged" not in text
 
 
 def test_exact_steeper_than_quadratic_is_flagged_not_linear_growth():
     times = _clean_times()
-    times[("exact", False, "fwd", 4096)] *= 2.5   # 2048 -> 4096: x10, L^3.3
+    times[("exact", False, "fwd", 4096)] *= 2.5  # 2048 -> 4096: x10, L^3.3
     rows = _speed_rows(times)
     checks.flag_speed(rows)
     flagged = {(r["method"], r["pass"], r["length"]) for r in rows if r.get("flags")}
@@ -143,23 +189,42 @@ def test_exact_steeper_than_quadratic_is_flagged_not_linear_growth():
 def test_linformer_time_saved_collapse_is_flagged_per_proj_dim():
     # Time saved 4x -> 3x -> 1x with proj_dim 64: only the fall by more than RATIO_DROP
     # (3x -> 1x at n = 1024) is flagged; proj_dim 128 is its own series.
-    rows = [{"method": "linformer", "proj_dim": k, "length": n, "median_s": 1e-3 * n,
-             "time_saved_vs_exact": s}
-            for k, n, s in [(64, 256, 4.0), (64, 512, 3.0), (64, 1024, 1.0),
-                            (128, 256, 1.0), (128, 512, 4.0)]]
+    rows = [
+        {
+            "method": "linformer",
+            "proj_dim": k,
+            "length": n,
+            "median_s": 1e-3 * n,
+            "time_saved_vs_exact": s,
+        }
+        for k, n, s in [
+            (64, 256, 4.0),
+            (64, 512, 3.0),
+            (64, 1024, 1.0),
+            (128, 256, 1.0),
+            (128, 512, 4.0),
+        ]
+    ]
     checks.flag_linformer(rows)
     assert [(r["proj_dim"], r["length"], r["flags"]) for r in rows if r.get("flags")] == [
-        (64, 1024, ["time saved fell from 3.00x at n=512 to 1.00x at n=1024"])]
+        (64, 1024, ["time saved fell from 3.00x at n=512 to 1.00x at n=1024"])
+    ]
 
 
 def test_generation_flags_favor_growing_with_context():
-    rows = [{"attention": a, "context": c, "ms_per_token": t, "spread": 0.05, "n": 30}
-            for a, c, t in [("favor", 256, 5.0), ("favor", 1024, 5.2), ("favor", 4096, 127.0),
-                            ("softmax", 256, 3.0), ("softmax", 1024, 4.0),
-                            ("softmax", 4096, 9.0)]]
+    rows = [
+        {"attention": a, "context": c, "ms_per_token": t, "spread": 0.05, "n": 30}
+        for a, c, t in [
+            ("favor", 256, 5.0),
+            ("favor", 1024, 5.2),
+            ("favor", 4096, 127.0),
+            ("softmax", 256, 3.0),
+            ("softmax", 1024, 4.0),
+            ("softmax", 4096, 9.0),
+        ]
+    ]
     checks.flag_generation(rows)
-    assert [(r["attention"], r["context"]) for r in rows if r.get("flags")] == [
-        ("favor", 4096)]
+    assert [(r["attention"], r["context"]) for r in rows if r.get("flags")] == [("favor", 4096)]
 
 
 class _FakeTimer:
@@ -178,17 +243,22 @@ def test_unstable_cell_is_remeasured_and_round_robin():
     steady = _FakeTimer([1.0] * 20)
     shaky = _FakeTimer([1.0, 3.0, 1.0, 1.1] + [1.0] * 10)  # a spike in repeat 2
     speed.interleave([steady, shaky], 4)
-    assert len(steady.times) == 4                # stable: no extra repeat
-    assert len(shaky.times) == 5                 # one extra repeat settles it
-    assert not checks.unstable(shaky.times)      # the extra repeats settled it
+    assert len(steady.times) == 4  # stable: no extra repeat
+    assert len(shaky.times) == 5  # one extra repeat settles it
+    assert not checks.unstable(shaky.times)  # the extra repeats settled it
 
 
 def test_still_unstable_cell_is_flagged_after_bounded_extra_repeats():
     shaky = _FakeTimer([1.0, 3.0] * 20)
     speed.interleave([shaky], 4)
     assert len(shaky.times) == 4 + checks.EXTRA_ROUNDS
-    row = {"method": "favor", "causal": False, "pass": "fwd", "length": 1024,
-           **checks.summarize(shaky.times)}
+    row = {
+        "method": "favor",
+        "causal": False,
+        "pass": "fwd",
+        "length": 1024,
+        **checks.summarize(shaky.times),
+    }
     checks.flag_speed([row])
     assert any(f.startswith("unstable") for f in row["flags"])
 
@@ -219,16 +289,28 @@ def test_window_cases_are_timed_beside_pure_favor_and_compared_with_it():
     base = {"batch": 1, "heads": 2, "head_dim": 8, "num_features": 16}
     cases = list(speed._cases([256], ["fwd+bwd"], ["softmax"], base, windows=(16, 64)))
     win = [c for c in cases if "window" in c]
-    assert {(c["window"], c["causal"]) for c in win} == {(16, False), (16, True),
-                                                        (64, False), (64, True)}
+    assert {(c["window"], c["causal"]) for c in win} == {
+        (16, False),
+        (16, True),
+        (64, False),
+        (64, True),
+    }
     assert len(cases) == len(speed.METHODS) + len(win)
     rows = _speed_rows(_clean_times())
     for length in (1024, 2048, 4096):
         for causal, t in ((False, 0.05), (True, 0.06)):
-            rows.append({"method": "favor", "causal": causal, "kernel": "softmax",
-                         "window": 64, "pass": "fwd+bwd", "length": length,
-                         "peak_added_bytes": 2**20,
-                         **checks.summarize([t * length / 1024] * 3)})
+            rows.append(
+                {
+                    "method": "favor",
+                    "causal": causal,
+                    "kernel": "softmax",
+                    "window": 64,
+                    "pass": "fwd+bwd",
+                    "length": length,
+                    "peak_added_bytes": 2**20,
+                    **checks.summarize([t * length / 1024] * 3),
+                }
+            )
     speed._add_ratios(rows)
     checks.flag_speed(rows)
     win = [r for r in rows if r.get("window") == 64]
@@ -236,9 +318,13 @@ def test_window_cases_are_timed_beside_pure_favor_and_compared_with_it():
     assert [round(r["over_favor"], 3) for r in win] == [1.0, 0.8] * 3
     assert all("over_favor" not in r for r in rows if r.get("window") is None)
     assert checks.flagged(rows, speed._row_label) == []
-    text = speed.format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t",
-                                           "threads": 2}, "matmul_gflops": 1.0,
-                               "results": rows})
+    text = speed.format_table(
+        {
+            "machine": {"processor": "x", "cpu_count": 2, "torch": "t", "threads": 2},
+            "matmul_gflops": 1.0,
+            "results": rows,
+        }
+    )
     assert "FAVOR+ w64 causal" in text and "/FAVOR+" in text and "0.80x" in text
 
 

@@ -46,13 +46,15 @@ def test_full_grid_is_the_issues():
     # fla's chunk_linear_attn is causal only; exact attention does not depend on m.
     assert all(r["causal"] for r in rows if r["method"] == "fla")
     flash = [r for r in rows if r["method"] == "flash"]
-    assert len(flash) == len({(r["batch"], r["head_dim"], r["length"], r["causal"], r["pass"])
-                              for r in flash})
+    assert len(flash) == len(
+        {(r["batch"], r["head_dim"], r["length"], r["causal"], r["pass"]) for r in flash}
+    )
 
 
 def test_overrides():
-    rows = gpu.cases("quick", lengths=[1024], passes=("fwd",), repeats=2,
-                     methods=("flash", "triton"))
+    rows = gpu.cases(
+        "quick", lengths=[1024], passes=("fwd",), repeats=2, methods=("flash", "triton")
+    )
     assert {r["length"] for r in rows} == {1024}
     assert {r["pass"] for r in rows} == {"fwd"}
     assert {r["repeats"] for r in rows} == {2}
@@ -70,21 +72,40 @@ def test_flop_model():
 
 
 def _row(method, ms, causal=True, m=256):
-    return {"method": method, "causal": causal, "pass": "fwd+bwd", "batch": 1, "heads": 16,
-            "length": 4096, "head_dim": 128, "num_features": m, "median_ms": ms,
-            "peak_bytes": 2**20, "tflops": 1.0, "pct_peak": 1.0}
+    return {
+        "method": method,
+        "causal": causal,
+        "pass": "fwd+bwd",
+        "batch": 1,
+        "heads": 16,
+        "length": 4096,
+        "head_dim": 128,
+        "num_features": m,
+        "median_ms": ms,
+        "peak_bytes": 2**20,
+        "tflops": 1.0,
+        "pct_peak": 1.0,
+    }
 
 
 def test_ratios_table_and_plot(tmp_path):
-    rows = [_row("flash", 10.0), _row("triton", 2.0), _row("eager", 8.0), _row("fla", 3.0),
-            {**_row("triton", 1.0), "median_ms": None, "error": "out of memory"}]
+    rows = [
+        _row("flash", 10.0),
+        _row("triton", 2.0),
+        _row("eager", 8.0),
+        _row("fla", 3.0),
+        {**_row("triton", 1.0), "median_ms": None, "error": "out of memory"},
+    ]
     del rows[-1]["median_ms"]
     gpu._add_ratios(rows)
     assert rows[1]["speedup_vs_flash"] == 5.0
     assert rows[1]["speedup_vs_fla"] == 1.5
     assert rows[1]["speedup_vs_eager"] == 4.0
-    result = {"machine": {"gpu": "test", "sms": 1, "torch": "x", "triton": "y", "fla": None},
-              "matmul_bf16_tflops": 100.0, "results": rows}
+    result = {
+        "machine": {"gpu": "test", "sms": 1, "torch": "x", "triton": "y", "fla": None},
+        "matmul_bf16_tflops": 100.0,
+        "results": rows,
+    }
     table = gpu.format_table(result)
     assert "5.0x" in table and "failed: out of memory" in table
     gpu.plot(result, tmp_path / "gpu.png")

@@ -38,8 +38,9 @@ def test_gradcheck_with_states_across_segments(kernel, per_head):
     chunk = 2
     length = 2 * chunk * _CHUNKS_PER_SEGMENT + 5
     q, k, v = (randn(1, 2, length, 3, seed=s, requires_grad=True) for s in range(3))
-    w = (projection(2, 3, seed=4).expand(2, 2, 3).clone() if per_head
-         else projection(4, 3)).requires_grad_()
+    w = (
+        projection(2, 3, seed=4).expand(2, 2, 3).clone() if per_head else projection(4, 3)
+    ).requires_grad_()
     fm = get_feature_map(kernel)
     m = fm.feature_dim(w, 3)
     s0 = (randn(1, 2, m, 4, seed=5).abs() + 0.1).requires_grad_()
@@ -48,8 +49,9 @@ def test_gradcheck_with_states_across_segments(kernel, per_head):
 
     def fn(q, k, v, w, s0):
         params = fm.prepare(w, q, k, mask, 0.7)
-        out, state, stab = favor_causal(q, k, v, fm, params, key_padding_mask=mask,
-                                        chunk_size=chunk, initial=(s0, c0))
+        out, state, stab = favor_causal(
+            q, k, v, fm, params, key_padding_mask=mask, chunk_size=chunk, initial=(s0, c0)
+        )
         # The state is S with a detached log-scale c (a stabilizer, no gradient): the
         # quantity it stands for, S exp(c), is what must be differentiable.
         return out, state * stab.exp()[..., None, None]
@@ -64,8 +66,9 @@ def test_float64_gradients_match_oracle(kernel, chunk):
     w = projection(16, 8).requires_grad_()
     mask = _mask(2, 1000, seed=1)
     g = randn(2, 2, 1000, 8, seed=7)
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True,
-                                  key_padding_mask=mask, chunk_size=chunk)
+    out = linattn.favor_attention(
+        q, k, v, w, kernel=kernel, causal=True, key_padding_mask=mask, chunk_size=chunk
+    )
     ref = naive(q, k, v, w, kernel=kernel, causal=True, mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     grads = torch.autograd.grad(out, (q, k, v, w), g)
@@ -82,8 +85,9 @@ def test_float32_gradients_match_float64_oracle(kernel):
     mask = _mask(1, 1000, seed=2)
     g = randn(1, 2, 1000, 16, seed=8)
     ins = [t.float().requires_grad_() for t in (q, k, v)] + [w.float().requires_grad_()]
-    out = linattn.favor_attention(*ins[:3], ins[3], kernel=kernel, causal=True,
-                                  key_padding_mask=mask)
+    out = linattn.favor_attention(
+        *ins[:3], ins[3], kernel=kernel, causal=True, key_padding_mask=mask
+    )
     grads = torch.autograd.grad(out, ins, g.float())
     ref_ins = [t.requires_grad_() for t in (q, k, v, w)]
     ref = naive(*ref_ins, kernel=kernel, causal=True, mask=mask)
@@ -91,8 +95,9 @@ def test_float32_gradients_match_float64_oracle(kernel):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     for name, a, b in zip("qkvw", grads, ref_grads):
         scale = b.abs().max()
-        torch.testing.assert_close(a.double() / scale, b / scale, rtol=1e-4, atol=1e-5,
-                                   msg=f"d{name}")
+        torch.testing.assert_close(
+            a.double() / scale, b / scale, rtol=1e-4, atol=1e-5, msg=f"d{name}"
+        )
 
 
 def test_only_some_inputs_need_gradients():

@@ -9,15 +9,22 @@ from linattn._checks import check_real
 
 @pytest.mark.parametrize(
     "value,low,high,low_in,high_in,ok",
-    [(0.5, 0.0, 1.0, False, False, True), (0, 0.0, 1.0, False, False, False),
-     (0, 0.0, 1.0, True, False, True), (1.0, 0.0, 1.0, True, False, False),
-     (1.0, 0.0, 1.0, True, True, True), (math.inf, 0.0, math.inf, False, False, False),
-     (3, 0.0, math.inf, False, False, True)],
-    ids=["inside", "open-low", "closed-low", "open-high", "closed-high", "inf", "int"])
+    [
+        (0.5, 0.0, 1.0, False, False, True),
+        (0, 0.0, 1.0, False, False, False),
+        (0, 0.0, 1.0, True, False, True),
+        (1.0, 0.0, 1.0, True, False, False),
+        (1.0, 0.0, 1.0, True, True, True),
+        (math.inf, 0.0, math.inf, False, False, False),
+        (3, 0.0, math.inf, False, False, True),
+    ],
+    ids=["inside", "open-low", "closed-low", "open-high", "closed-high", "inf", "int"],
+)
 def test_check_real_interval(value, low, high, low_in, high_in, ok):
     if ok:
-        assert check_real("x", value, low, high, low_inclusive=low_in,
-                          high_inclusive=high_in) == value
+        assert (
+            check_real("x", value, low, high, low_inclusive=low_in, high_inclusive=high_in) == value
+        )
     else:
         with pytest.raises(ValueError, match=r"x must be in [\[(]"):
             check_real("x", value, low, high, low_inclusive=low_in, high_inclusive=high_in)

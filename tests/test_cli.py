@@ -45,9 +45,21 @@ def forbid(monkeypatch, module, name="run"):
         (["convert", "--model", "minilm", "--kernel", "nope"], "invalid choice: 'nope'"),
         (["convert", "--model", "minilm", "--steps", "-1"], "--steps: must be >= 0"),
     ],
-    ids=["steps-negative", "steps-text", "num-features-0", "task", "attention", "lr",
-         "bytes-linformer", "quick-full", "bench-heads", "bench-passes", "convert-model",
-         "convert-kernel", "convert-steps"],
+    ids=[
+        "steps-negative",
+        "steps-text",
+        "num-features-0",
+        "task",
+        "attention",
+        "lr",
+        "bytes-linformer",
+        "quick-full",
+        "bench-heads",
+        "bench-passes",
+        "convert-model",
+        "convert-kernel",
+        "convert-steps",
+    ],
 )
 def test_bad_values_give_one_line_and_exit_2(argv, needle, tmp_path, monkeypatch, capsys):
     from linattn import train as train_pkg
@@ -61,8 +73,9 @@ def test_bad_values_give_one_line_and_exit_2(argv, needle, tmp_path, monkeypatch
     assert needle in one_line_error(capsys, f"linattn {argv[0]}")
 
 
-@pytest.mark.parametrize("content", ["{bad", "[1, 2]", '{"stepz": 3}'],
-                         ids=["bad-json", "not-object", "unknown-key"])
+@pytest.mark.parametrize(
+    "content", ["{bad", "[1, 2]", '{"stepz": 3}'], ids=["bad-json", "not-object", "unknown-key"]
+)
 def test_bad_config_file(content, tmp_path, monkeypatch, capsys):
     from linattn import train as train_pkg
 
@@ -84,8 +97,7 @@ def test_unwritable_out_is_refused_before_any_work(command, tmp_path, monkeypatc
     from linattn import train as train_pkg
     from linattn.bench import approx, report, speed
 
-    for module, name in ((approx, "run"), (report, "run"), (speed, "run"),
-                         (train_pkg, "train")):
+    for module, name in ((approx, "run"), (report, "run"), (speed, "run"), (train_pkg, "train")):
         forbid(monkeypatch, module, name)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -99,8 +111,26 @@ def test_missing_data_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
     from linattn.data import fortunes
 
     monkeypatch.setattr(fortunes, "FORTUNES_DIR", tmp_path / "none")
-    assert main(["train", "--task", "fortunes", "--steps", "1", "--dim", "16", "--depth", "1",
-                 "--heads", "1", "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "fortunes",
+                "--steps",
+                "1",
+                "--dim",
+                "16",
+                "--depth",
+                "1",
+                "--heads",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     line = one_line_error(capsys, "linattn train")
     assert "apt-get install fortunes" in line and "LINATTN_FORTUNES" in line
 
@@ -128,8 +158,11 @@ def test_help_lists_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, values in (("--kernel", KERNELS), ("--proj-kind", PROJ_KINDS),
-                         ("--sharing", SHARING)):
+    for flag, values in (
+        ("--kernel", KERNELS),
+        ("--proj-kind", PROJ_KINDS),
+        ("--sharing", SHARING),
+    ):
         assert f"{flag} {{{','.join(values)}}}" in text
     assert "default: distill 300, transfer 600" in text and "(default: results/convert)" in text
     for command in ("bench", "approx", "convert", "train", "report"):
@@ -140,8 +173,7 @@ def test_help_lists_choices_and_defaults(capsys):
             if action.option_strings and action.dest not in ("help", "debug"):
                 assert action.help, (command, action.dest)
                 shown = sub.formatter_class("x")._get_help_string(action)
-                assert action.default in (None, False) or "default" in shown, (
-                    command, action.dest)
+                assert action.default in (None, False) or "default" in shown, (command, action.dest)
                 if action.default is None and not action.required:  # stated in words
                     assert "default" in action.help, (command, action.dest)
 
@@ -150,16 +182,19 @@ def test_version_and_bare_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.strip() == (
-        f"linattn {importlib.metadata.version('linattn')}")
+    assert capsys.readouterr().out.strip() == (f"linattn {importlib.metadata.version('linattn')}")
     assert main([]) == 2
     out = capsys.readouterr().out
     assert out.startswith("usage: linattn") and "train" in out and "report" in out
 
 
 def test_entry_point_prints_one_line():
-    r = subprocess.run([sys.executable, "-m", "linattn", "train", "--steps", "-5"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "linattn", "train", "--steps", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == "linattn train: error: argument --steps: must be >= 1, got -5"
 
@@ -188,8 +223,17 @@ def test_recipe_defaults_are_the_config_dataclasses():
 
     distill = cli.recipe_defaults("distill")
     assert distill["kernel"] == FavorOptions().kernel and distill["window"] is None
-    for name in ("steps", "batch_size", "max_length", "lr", "warmup", "eval_every", "train",
-                 "lora_rank", "checkpoint_every"):
+    for name in (
+        "steps",
+        "batch_size",
+        "max_length",
+        "lr",
+        "warmup",
+        "eval_every",
+        "train",
+        "lora_rank",
+        "checkpoint_every",
+    ):
         assert distill[name] == getattr(DistillConfig(), name), name
     assert not any(k.startswith("transfer_") for k in distill)
     transfer = cli.recipe_defaults("transfer")
@@ -198,9 +242,15 @@ def test_recipe_defaults_are_the_config_dataclasses():
     assert RECIPES["transfer"].transfer == TransferConfig()
     # The documented recipe (docs/results/hf_transfer.md): 400 transfer steps, then 600
     # LoRA distillation steps at lr 1e-3 with 10 warm-up steps.
-    assert (transfer["transfer_steps"], transfer["steps"], transfer["lr"], transfer["warmup"],
-            transfer["train"], transfer["kernel"], transfer["window"]) == (
-        400, 600, 1e-3, 10, "lora", "hedgehog", 16)
+    assert (
+        transfer["transfer_steps"],
+        transfer["steps"],
+        transfer["lr"],
+        transfer["warmup"],
+        transfer["train"],
+        transfer["kernel"],
+        transfer["window"],
+    ) == (400, 600, 1e-3, 10, "lora", "hedgehog", 16)
 
 
 @pytest.mark.parametrize("recipe", ["distill", "transfer"])
@@ -230,8 +280,8 @@ def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
         assert seen["options"]["window"] == r.favor.window
         # One --eval-every for both stages; a transfer checkpoint at each evaluation.
         assert seen["transfer_config"] == dataclasses.replace(
-            r.transfer, eval_every=r.distill.eval_every,
-            checkpoint_every=r.distill.eval_every)
+            r.transfer, eval_every=r.distill.eval_every, checkpoint_every=r.distill.eval_every
+        )
     # A flag replaces the recipe's value.
     assert main([*argv, "--lr", "0.5", "--steps", "7"]) == 0
     assert seen["config"] == dataclasses.replace(r.distill, lr=0.5, steps=7)

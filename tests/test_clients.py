@@ -31,16 +31,31 @@ def word_tokenizer(vocab_size=100):
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=0, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_bert():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return BertModel(cfg).eval()
 
 
@@ -54,7 +69,7 @@ def test_converted_decoder_in_text_generation_pipeline():
     out = pipe(PROMPT, max_new_tokens=6, do_sample=False, return_full_text=False)
     ids = tok(PROMPT, return_tensors="pt")
     ref = model.generate(**ids, max_new_tokens=6, do_sample=False)
-    expected = tok.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = tok.decode(ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert out[0]["generated_text"].strip() == expected.strip()
     assert len(expected.split()) >= 1
 
@@ -101,8 +116,9 @@ def test_sentence_transformers_encode_save_load(tmp_path, monkeypatch):
     torch.testing.assert_close(reloaded.encode(SENTENCES, convert_to_tensor=True), emb)
     # Plain sentence-transformers loading gives the exact model back.
     plain = st.SentenceTransformer(str(tmp_path / "st"), device="cpu")
-    torch.testing.assert_close(plain.encode(SENTENCES, convert_to_tensor=True), exact,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        plain.encode(SENTENCES, convert_to_tensor=True), exact, rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(TypeError, match="SentenceTransformer"):
         convert_sentence_transformer(torch.nn.Linear(2, 2))
 
@@ -118,5 +134,6 @@ def test_smollm2_converted_in_text_generation_pipeline():
     out = pipe(prompt, max_new_tokens=8, do_sample=False, return_full_text=False)
     ids = tok(prompt, return_tensors="pt")
     ref = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert out[0]["generated_text"] == tok.decode(ref[0, ids["input_ids"].shape[1]:],
-                                                  skip_special_tokens=True)
+    assert out[0]["generated_text"] == tok.decode(
+        ref[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+    )

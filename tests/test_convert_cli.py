@@ -32,22 +32,26 @@ def seen(monkeypatch):
     return got
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--method", "linformer", "--kernel", "hedgehog"], "--kernel: FAVOR+ only"),
-    (["--method", "linformer", "--num-features", "64", "--learn-projection"],
-     "--num-features, --learn-projection: FAVOR+ only"),
-    (["--method", "linformer", "--window", "4"], "--window: FAVOR+ only"),
-    (["--method", "linformer", "--sinks", "1"], "--sinks: FAVOR+ only"),
-    (["--method", "linformer", "--recipe", "transfer"], "--recipe transfer: FAVOR+ only"),
-    (["--proj-dim", "64", "--sharing", "kv"], "--proj-dim, --sharing: Linformer only"),
-    (["--sweep", "--sinks", "3", "--window", "8"], "it does not use --window, --sinks"),
-    (["--sweep", "--steps", "10"], "it does not use --steps"),
-    (["--sweep", "--recipe", "transfer"], "does not use --recipe transfer"),
-    (["--window", "-5"], "--window: expected -1 (none)"),
-    (["--recipe", "transfer", "--corpus", "gcide", "gcide"], "--corpus: each corpus once"),
-])
-def test_flags_that_would_be_ignored_are_refused(model_dir, seen, tmp_path, capsys, flags,
-                                                 message):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--method", "linformer", "--kernel", "hedgehog"], "--kernel: FAVOR+ only"),
+        (
+            ["--method", "linformer", "--num-features", "64", "--learn-projection"],
+            "--num-features, --learn-projection: FAVOR+ only",
+        ),
+        (["--method", "linformer", "--window", "4"], "--window: FAVOR+ only"),
+        (["--method", "linformer", "--sinks", "1"], "--sinks: FAVOR+ only"),
+        (["--method", "linformer", "--recipe", "transfer"], "--recipe transfer: FAVOR+ only"),
+        (["--proj-dim", "64", "--sharing", "kv"], "--proj-dim, --sharing: Linformer only"),
+        (["--sweep", "--sinks", "3", "--window", "8"], "it does not use --window, --sinks"),
+        (["--sweep", "--steps", "10"], "it does not use --steps"),
+        (["--sweep", "--recipe", "transfer"], "does not use --recipe transfer"),
+        (["--window", "-5"], "--window: expected -1 (none)"),
+        (["--recipe", "transfer", "--corpus", "gcide", "gcide"], "--corpus: each corpus once"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(model_dir, seen, tmp_path, capsys, flags, message):
     rc = main(["convert", "--model", model_dir, "--out", str(tmp_path / "o"), *flags])
     assert rc == 2
     assert message in capsys.readouterr().err
@@ -59,24 +63,34 @@ def test_window_minus_one_drops_the_recipes_window(model_dir, seen, tmp_path):
     assert main(["convert", "--model", model_dir, "--recipe", "transfer", *out]) == 0
     assert seen["options"]["window"] == 16  # the recipe's
     seen.clear()
-    assert main(["convert", "--model", model_dir, "--recipe", "transfer", "--window", "-1",
-                 *out]) == 0
+    assert (
+        main(["convert", "--model", model_dir, "--recipe", "transfer", "--window", "-1", *out]) == 0
+    )
     assert "window" in seen["options"] and seen["options"]["window"] is None
     seen.clear()
-    assert main(["convert", "--model", model_dir, "--method", "linformer", "--proj-dim", "64",
-                 *out]) == 0
+    assert (
+        main(["convert", "--model", model_dir, "--method", "linformer", "--proj-dim", "64", *out])
+        == 0
+    )
     assert seen["options"] == {"seed": 0, "proj_dim": 64}  # the rest: LinformerOptions
 
 
 def test_resume_refuses_changed_settings_naming_each():
-    old = {"model": "minilm", "options": {"window": 16, "sinks": 0, "kernel": "hedgehog"},
-           "corpus": "gcide", "train_texts": 100,
-           "transfer": {"steps": 400, "lr": 0.01, "eval_every": 100},
-           "distill": {"steps": 600}}
+    old = {
+        "model": "minilm",
+        "options": {"window": 16, "sinks": 0, "kernel": "hedgehog"},
+        "corpus": "gcide",
+        "train_texts": 100,
+        "transfer": {"steps": 400, "lr": 0.01, "eval_every": 100},
+        "distill": {"steps": 600},
+    }
     same = {**old, "transfer": {**old["transfer"], "eval_every": 50}}
     experiment._refuse_changed_settings(old, same)  # evaluation cadence may change
-    new = {**old, "options": {**old["options"], "sinks": 2},
-           "transfer": {**old["transfer"], "lr": 0.001}}
+    new = {
+        **old,
+        "options": {**old["options"], "sinks": 2},
+        "transfer": {**old["transfer"], "lr": 0.001},
+    }
     with pytest.raises(ValueError) as err:
         experiment._refuse_changed_settings(old, new)
     text = str(err.value)
@@ -84,10 +98,13 @@ def test_resume_refuses_changed_settings_naming_each():
     assert "distill" not in text and "eval_every" not in text
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda o: o.update(projection=o.pop("proj_kind")), "'projection' is now 'proj_kind'"),
-    (lambda o: o.update(sharing="diagonal"), "options cannot be applied"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda o: o.update(projection=o.pop("proj_kind")), "'projection' is now 'proj_kind'"),
+        (lambda o: o.update(sharing="diagonal"), "options cannot be applied"),
+    ],
+)
 def test_a_saved_conversion_with_old_or_bad_options_names_the_file(tmp_path, edit, match):
     import json
 

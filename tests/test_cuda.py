@@ -25,8 +25,15 @@ def test_cuda_matches_oracle_with_grads(kernel, causal):
     w = projection(16, 8)
     mask = torch.arange(130)[None].expand(2, -1) >= torch.tensor([[130], [77]])
     ins = [t.cuda().requires_grad_() for t in (q, k, v)]
-    out = linattn.favor_attention(*ins, w.cuda(), kernel=kernel, causal=causal,
-                                  key_padding_mask=mask.cuda(), chunk_size=32, block_size=40)
+    out = linattn.favor_attention(
+        *ins,
+        w.cuda(),
+        kernel=kernel,
+        causal=causal,
+        key_padding_mask=mask.cuda(),
+        chunk_size=32,
+        block_size=40,
+    )
     assert out.device.type == "cuda"
     ref_ins = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = naive(*ref_ins, w, kernel=kernel, causal=causal, mask=mask)
@@ -43,11 +50,13 @@ def test_cuda_matches_oracle_with_grads(kernel, causal):
 def test_cuda_low_precision(dtype, causal):
     q, k, v = (randn(2, 4, 1000, 64, seed=s, dtype=torch.float32) * 3 for s in range(3))
     w = projection(128, 64, dtype=torch.float32)
-    out = linattn.favor_attention(*(t.cuda().to(dtype) for t in (q, k, v)),
-                                  w.cuda().to(dtype), causal=causal)
+    out = linattn.favor_attention(
+        *(t.cuda().to(dtype) for t in (q, k, v)), w.cuda().to(dtype), causal=causal
+    )
     assert out.dtype == dtype and torch.isfinite(out).all()
-    rounded = linattn.favor_attention(*(t.to(dtype).float() for t in (q, k, v)),
-                                      w.to(dtype).float(), causal=causal)
+    rounded = linattn.favor_attention(
+        *(t.to(dtype).float() for t in (q, k, v)), w.to(dtype).float(), causal=causal
+    )
     # float32 accumulation on the GPU (TF32 off by default for matmuls in torch)
     tol = max(torch.finfo(dtype).eps, 1e-4)
     torch.testing.assert_close(out.float().cpu(), rounded, rtol=tol, atol=tol)
@@ -61,8 +70,9 @@ def test_cuda_projection_and_recurrent():
     par = linattn.favor_attention(q, k, v, w, causal=True)
     state, outs = None, []
     for t in range(20):
-        o, state = linattn.favor_recurrent(q[..., t:t + 1, :], k[..., t:t + 1, :],
-                                           v[..., t:t + 1, :], w, state=state)
+        o, state = linattn.favor_recurrent(
+            q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], w, state=state
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, -2), par, rtol=1e-5, atol=1e-5)
 
@@ -73,13 +83,29 @@ def test_cuda_models_match_cpu(attention):
 
     torch.manual_seed(0)
     if attention == "linformer":
-        cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, attention=attention,
-                          num_classes=3, max_seq_len=64, proj_dim=16, position="learned",
-                          linformer_sharing="layerwise")
+        cfg = ModelConfig(
+            vocab_size=50,
+            dim=32,
+            depth=2,
+            heads=4,
+            attention=attention,
+            num_classes=3,
+            max_seq_len=64,
+            proj_dim=16,
+            position="learned",
+            linformer_sharing="layerwise",
+        )
         model = SequenceClassifier(cfg).double().eval()
     else:
-        cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, attention=attention,
-                          causal=True, max_seq_len=64)
+        cfg = ModelConfig(
+            vocab_size=50,
+            dim=32,
+            depth=2,
+            heads=4,
+            attention=attention,
+            causal=True,
+            max_seq_len=64,
+        )
         model = CausalLM(cfg).double().eval()
     ids = torch.randint(0, 50, (2, 30))
     ref = model(ids)

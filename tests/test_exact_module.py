@@ -13,10 +13,10 @@ def _mha_pair(batch_first, seed=0):
     ours = ExactAttention(24, 3, batch_first=batch_first).double()
     mha = nn.MultiheadAttention(24, 3, batch_first=batch_first).double()
     with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight,
-                                            ours.v_proj.weight]))
-        mha.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias,
-                                          ours.v_proj.bias]))
+        mha.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
+        mha.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
         mha.out_proj.weight.copy_(ours.out_proj.weight)
         mha.out_proj.bias.copy_(ours.out_proj.bias)
     return ours, mha
@@ -50,8 +50,7 @@ def test_causal_equals_multihead_attention_with_a_causal_mask():
     ours.causal = True
     x = torch.randn(2, 13, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     mask = nn.Transformer.generate_square_subsequent_mask(13, dtype=torch.float64)
-    torch.testing.assert_close(ours(x)[0], mha(x, x, x, attn_mask=mask)[0],
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours(x)[0], mha(x, x, x, attn_mask=mask)[0], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
@@ -63,7 +62,7 @@ def test_step_with_cache_equals_parallel_causal(rotary):
     out, cache = m.step(x[:, :5], None, 0)
     outs = [out]
     for t, n in ((5, 1), (6, 4), (10, 9)):
-        out, cache = m.step(x[:, t:t + n], cache, t)
+        out, cache = m.step(x[:, t : t + n], cache, t)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
     assert cache[0].shape == (2, 2, 19, 8)
@@ -85,12 +84,16 @@ def test_parameter_names_match_performer_attention():
     assert {n: p.shape for n, p in exact.items()} == {n: p.shape for n, p in favor.items()}
 
 
-@pytest.mark.parametrize("kwargs,call,match", [
-    ({}, {"need_weights": True}, "need_weights"),
-    ({}, {"attn_mask": torch.zeros(4, 4)}, "attn_mask"),
-    ({"rotary": True, "num_heads": 4}, {}, "even head_dim"),
-    ({}, {"key_padding_mask": torch.zeros(2, 3, dtype=torch.bool)}, "key_padding_mask"),
-], ids=["need-weights", "attn-mask", "odd-rotary", "mask-shape"])
+@pytest.mark.parametrize(
+    "kwargs,call,match",
+    [
+        ({}, {"need_weights": True}, "need_weights"),
+        ({}, {"attn_mask": torch.zeros(4, 4)}, "attn_mask"),
+        ({"rotary": True, "num_heads": 4}, {}, "even head_dim"),
+        ({}, {"key_padding_mask": torch.zeros(2, 3, dtype=torch.bool)}, "key_padding_mask"),
+    ],
+    ids=["need-weights", "attn-mask", "odd-rotary", "mask-shape"],
+)
 def test_errors_name_the_argument(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
         kw = {"num_heads": 2, **kwargs}

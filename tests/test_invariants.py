@@ -13,8 +13,15 @@ def test_causal_prefix_consistency(kernel):
     w = projection(16, 8)
     full = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True, chunk_size=32)
     for n in (1, 31, 64, 150):
-        part = linattn.favor_attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], w,
-                                       kernel=kernel, causal=True, chunk_size=32)
+        part = linattn.favor_attention(
+            q[..., :n, :],
+            k[..., :n, :],
+            v[..., :n, :],
+            w,
+            kernel=kernel,
+            causal=True,
+            chunk_size=32,
+        )
         torch.testing.assert_close(part, full[..., :n, :], rtol=1e-10, atol=1e-10)
 
 
@@ -27,19 +34,27 @@ def test_adversarial_future_keys_do_not_leak(dtype):
     base = linattn.favor_attention(q, k, v, w, causal=True, chunk_size=64)
     for p in (10, 63, 64, 100):
         k2, v2 = k.clone(), v.clone()
-        k2[..., p + 1:, :] *= 60.0
-        v2[..., p + 1:, :] = 1e6
+        k2[..., p + 1 :, :] *= 60.0
+        v2[..., p + 1 :, :] = 1e6
         out = linattn.favor_attention(q, k2, v2, w, causal=True, chunk_size=64)
         assert torch.isfinite(out[..., : p + 1, :]).all()
-        torch.testing.assert_close(out[..., : p + 1, :], base[..., : p + 1, :],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out[..., : p + 1, :], base[..., : p + 1, :], rtol=1e-5, atol=1e-5
+        )
 
 
 # Causal with left padding is test_left_padding_causal_matches_unpadded below.
-@pytest.mark.parametrize("causal,side,kernel", [
-    (False, "right", "softmax"), (False, "left", "softmax"), (True, "right", "softmax"),
-    (False, "right", "softmax_opt"), (False, "left", "softmax_opt")],
-    ids=["bidir-right", "bidir-left", "causal-right", "favor++-right", "favor++-left"])
+@pytest.mark.parametrize(
+    "causal,side,kernel",
+    [
+        (False, "right", "softmax"),
+        (False, "left", "softmax"),
+        (True, "right", "softmax"),
+        (False, "right", "softmax_opt"),
+        (False, "left", "softmax_opt"),
+    ],
+    ids=["bidir-right", "bidir-left", "causal-right", "favor++-right", "favor++-left"],
+)
 def test_padding_invariance(causal, side, kernel):
     # FAVOR++'s A comes from query and key statistics: padded positions must not move it.
     b, length, pad = 3, 40, 13
@@ -55,8 +70,9 @@ def test_padding_invariance(causal, side, kernel):
         qp, kp, vp = (torch.cat([j, t], dim=-2) for t, j in zip((q, k, v), junk))
         mask = torch.arange(length + pad)[None].expand(b, -1) < pad
         sl = slice(pad, pad + length)
-    out = linattn.favor_attention(qp, kp, vp, w, causal=causal, key_padding_mask=mask,
-                                  kernel=kernel)
+    out = linattn.favor_attention(
+        qp, kp, vp, w, causal=causal, key_padding_mask=mask, kernel=kernel
+    )
     torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-10, atol=1e-10)
 
 
@@ -69,8 +85,7 @@ def test_left_padding_causal_matches_unpadded():
     junk = [randn(1, 2, pad, 8, seed=20 + s) * 30 for s in range(3)]
     qp, kp, vp = (torch.cat([j, t], dim=-2) for t, j in zip((q, k, v), junk))
     mask = torch.arange(length + pad)[None] < pad
-    out = linattn.favor_attention(qp, kp, vp, w, causal=True, key_padding_mask=mask,
-                                  chunk_size=8)
+    out = linattn.favor_attention(qp, kp, vp, w, causal=True, key_padding_mask=mask, chunk_size=8)
     torch.testing.assert_close(out[..., pad:, :], ref, rtol=1e-10, atol=1e-10)
 
 
@@ -83,8 +98,9 @@ def test_recurrent_equals_parallel(kernel, step):
     state, outs = None, []
     for s in range(0, 47, step):
         sl = slice(s, s + step)
-        o, state = linattn.favor_recurrent(q[..., sl, :], k[..., sl, :], v[..., sl, :], w,
-                                           kernel=kernel, state=state)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], w, kernel=kernel, state=state
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     m = linattn.KERNELS[kernel].feature_dim(w, 8)
@@ -98,13 +114,13 @@ def test_half_precision_large_norms(dtype, causal):
     q, k = q * 6.0, k * 6.0  # |x~|^2 / 2 ~ 100: exp would overflow without stabilizers
     w = projection(64, 32, dtype=torch.float32)
     ref = linattn.favor_attention(q, k, v, w, causal=causal)
-    out = linattn.favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype),
-                                  causal=causal)
+    out = linattn.favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), causal=causal)
     assert out.dtype == dtype and torch.isfinite(out).all()
     # Computation in float32: equal to float32 on the same rounded inputs up to the
     # output's rounding.
-    rounded = linattn.favor_attention(*(t.to(dtype).float() for t in (q, k, v)),
-                                      w.to(dtype).float(), causal=causal)
+    rounded = linattn.favor_attention(
+        *(t.to(dtype).float() for t in (q, k, v)), w.to(dtype).float(), causal=causal
+    )
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), rounded, rtol=eps, atol=eps)
     # And close to the float32 result: the inputs' rounding moves logits by ~|w||x| eps.

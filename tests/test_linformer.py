@@ -67,8 +67,11 @@ def test_functional_padding_invariance(side):
     "kw,exc,match",
     [
         ({"e": randn(6, 8)}, ValueError, r"sequence length 10 exceeds the 8 columns of proj_k"),
-        ({"e": randn(3, 6, 20)}, ValueError,
-         r"proj_k must have shape \(proj_dim, n\) or \(heads, proj_dim, n\) = \(2, proj_dim, n\)"),
+        (
+            {"e": randn(3, 6, 20)},
+            ValueError,
+            r"proj_k must have shape \(proj_dim, n\) or \(heads, proj_dim, n\) = \(2, proj_dim, n\)",
+        ),
         ({"f": randn(5, 20)}, ValueError, r"same proj_dim"),
         ({"e": randn(6, 20).float()}, TypeError, r"proj_k has dtype torch.float32"),
         ({"mask": torch.zeros(1, 10)}, TypeError, r"key_padding_mask must have dtype"),
@@ -78,8 +81,9 @@ def test_functional_padding_invariance(side):
 def test_functional_errors(kw, exc, match):
     q = randn(1, 2, 10, 4)
     with pytest.raises(exc, match=match):
-        linattn.linformer_attention(q, q, q, kw.get("e", randn(6, 20)), kw.get("f"),
-                                    key_padding_mask=kw.get("mask"))
+        linattn.linformer_attention(
+            q, q, q, kw.get("e", randn(6, 20)), kw.get("f"), key_padding_mask=kw.get("mask")
+        )
 
 
 def test_functional_compressed_equals_projecting_inside():
@@ -87,8 +91,7 @@ def test_functional_compressed_equals_projecting_inside():
     q, k, v = randn(2, 2, 9, 4, seed=0), randn(2, 2, 13, 4, seed=1), randn(2, 2, 13, 5, seed=2)
     e, f = randn(6, 20, seed=3), randn(6, 20, seed=4)
     ref = linattn.linformer_attention(q, k, v, e, f, scale=0.7)
-    out = linattn.linformer_attention(q, e[:, :13] @ k, f[:, :13] @ v, scale=0.7,
-                                      compressed=True)
+    out = linattn.linformer_attention(q, e[:, :13] @ k, f[:, :13] @ v, scale=0.7, compressed=True)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -97,8 +100,10 @@ def test_functional_compressed_equals_projecting_inside():
     [
         ({}, r"proj_k is required"),
         ({"proj_k": randn(6, 20), "compressed": True}, r"proj_k must be None with compressed"),
-        ({"key_padding_mask": torch.zeros(1, 10, dtype=torch.bool), "compressed": True},
-         r"key_padding_mask must be None with compressed"),
+        (
+            {"key_padding_mask": torch.zeros(1, 10, dtype=torch.bool), "compressed": True},
+            r"key_padding_mask must be None with compressed",
+        ),
         ({"proj_k": randn(6, 20), "dropout_p": 1.0}, r"dropout_p must be a number in \[0, 1\)"),
     ],
     ids=["no-proj", "proj-and-compressed", "mask-and-compressed", "dropout"],
@@ -125,8 +130,10 @@ def test_module_calls_the_functional_path(kind, compress_first, monkeypatch):
     m = _module(kind, "headwise", compress_first=compress_first)
     m(randn(2, 10, 12, seed=1), key_padding_mask=_mask([10, 6], 10))
     assert len(calls) == 1
-    assert calls[0] == (kind not in ("linear", "random") or
-                        (compress_first and kind in ("linear", "random", "mean")))
+    assert calls[0] == (
+        kind not in ("linear", "random")
+        or (compress_first and kind in ("linear", "random", "mean"))
+    )
 
 
 # ---------------------------------------------------------------- modules
@@ -135,11 +142,28 @@ def test_module_calls_the_functional_path(kind, compress_first, monkeypatch):
 def _module(kind, sharing, *, n=24, kdim=5, embed=12, heads=3, **kw):
     shared = None
     if sharing == "layerwise":
-        shared = linattn.LinformerProjection(n, kdim, heads, embed // heads, proj_kind=kind,
-                                             sharing="layerwise", seed=3, dtype=torch.float64)
-    m = linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim, sharing=sharing,
-                                   proj_kind=kind, shared_projection=shared, seed=3,
-                                   dtype=torch.float64, **{"batch_first": True, **kw})
+        shared = linattn.LinformerProjection(
+            n,
+            kdim,
+            heads,
+            embed // heads,
+            proj_kind=kind,
+            sharing="layerwise",
+            seed=3,
+            dtype=torch.float64,
+        )
+    m = linattn.LinformerAttention(
+        embed,
+        heads,
+        max_seq_len=n,
+        proj_dim=kdim,
+        sharing=sharing,
+        proj_kind=kind,
+        shared_projection=shared,
+        seed=3,
+        dtype=torch.float64,
+        **{"batch_first": True, **kw},
+    )
     # Non-trivial conv weights (they start as a mean).
     if kind == "conv":
         with torch.no_grad():
@@ -166,7 +190,7 @@ def _compress_oracle(proj, x, head):
     d = x.shape[1]
     outs = []
     for w in (proj.e, proj.value_projection):
-        w = w[head * d:(head + 1) * d] if proj.sharing == "none" else w
+        w = w[head * d : (head + 1) * d] if proj.sharing == "none" else w
         xp = F.pad(x.T[None], (0, kdim * proj.stride - length))
         outs.append(F.conv1d(xp, w, stride=proj.stride, groups=d)[0].T)
     return outs
@@ -219,8 +243,9 @@ def test_compress_first_is_exact(kind, sharing):
     assert fast.proj.head_shared_linear
     x = randn(2, 20, 12, seed=2)
     mask = _mask([20, 7], 20)
-    torch.testing.assert_close(fast(x, key_padding_mask=mask)[0],
-                               slow(x, key_padding_mask=mask)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        fast(x, key_padding_mask=mask)[0], slow(x, key_padding_mask=mask)[0], rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -247,13 +272,15 @@ def test_pooled_and_conv_have_exactly_kdim_positions(kind):
 
 
 def test_cross_attention_and_batch_first_false():
-    m = linattn.LinformerAttention(8, 2, max_seq_len=30, proj_dim=4, kdim=6, vdim=5,
-                                   batch_first=True, dtype=torch.float64)
+    m = linattn.LinformerAttention(
+        8, 2, max_seq_len=30, proj_dim=4, kdim=6, vdim=5, batch_first=True, dtype=torch.float64
+    )
     q, k, v = randn(2, 7, 8), randn(2, 30, 6, seed=1), randn(2, 30, 5, seed=2)
     out = m(q, k, v)[0]
     assert out.shape == (2, 7, 8)
-    m2 = linattn.LinformerAttention(8, 2, max_seq_len=30, proj_dim=4, kdim=6, vdim=5,
-                                    batch_first=False, dtype=torch.float64)
+    m2 = linattn.LinformerAttention(
+        8, 2, max_seq_len=30, proj_dim=4, kdim=6, vdim=5, batch_first=False, dtype=torch.float64
+    )
     m2.load_state_dict(m.state_dict())
     out2 = m2(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))[0]
     torch.testing.assert_close(out2.transpose(0, 1), out)
@@ -271,7 +298,8 @@ def test_state_dict_round_trip_and_to(kind):
     assert torch.equal(m(x)[0], other(x)[0])
     if kind == "random":
         assert "projection.e" in m.state_dict() and not any(
-            n.startswith("projection.e") for n, _ in m.named_parameters())
+            n.startswith("projection.e") for n, _ in m.named_parameters()
+        )
     m32 = m.to(torch.float32)
     for t in list(m32.parameters()) + list(m32.buffers()):
         assert t.dtype == torch.float32
@@ -289,23 +317,33 @@ def _count_matrices(modules, kdim, n):
     return total
 
 
-@pytest.mark.parametrize("sharing,expected", [("none", 288), ("headwise", 24), ("kv", 12),
-                                              ("layerwise", 1)])
+@pytest.mark.parametrize(
+    "sharing,expected", [("none", 288), ("headwise", 24), ("kv", 12), ("layerwise", 1)]
+)
 def test_paper_matrix_counts(sharing, expected):
     n, kdim, heads, embed = 64, 8, 12, 48
-    shared = linattn.LinformerProjection(n, kdim, heads, embed // heads,
-                                         sharing="layerwise") if sharing == "layerwise" else None
-    layers = [linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim,
-                                         sharing=sharing, shared_projection=shared)
-              for _ in range(12)]
+    shared = (
+        linattn.LinformerProjection(n, kdim, heads, embed // heads, sharing="layerwise")
+        if sharing == "layerwise"
+        else None
+    )
+    layers = [
+        linattn.LinformerAttention(
+            embed, heads, max_seq_len=n, proj_dim=kdim, sharing=sharing, shared_projection=shared
+        )
+        for _ in range(12)
+    ]
     assert _count_matrices(layers, kdim, n) == expected
 
 
 def test_nonuniform_proj_dim_per_layer():
     dims = [16, 12, 8, 4]
-    layers = [linattn.LinformerAttention(8, 2, max_seq_len=32, proj_dim=k, sharing="headwise",
-                                         batch_first=True)
-              for k in dims]
+    layers = [
+        linattn.LinformerAttention(
+            8, 2, max_seq_len=32, proj_dim=k, sharing="headwise", batch_first=True
+        )
+        for k in dims
+    ]
     assert [lyr.proj.e.shape[0] for lyr in layers] == dims
     x = torch.randn(2, 32, 8)
     for lyr in layers:
@@ -364,8 +402,10 @@ def test_linformer_options_are_every_default():
             if f.name in sig and sig[f.name].default is not inspect.Parameter.empty:
                 assert sig[f.name].default == getattr(opts, f.name), (cls.__name__, f.name)
     assert linattn.LinformerAttention(8, 2, max_seq_len=16).options() == opts
-    assert ModelConfig(vocab_size=4, attention="linformer",
-                       position="learned").linformer_options() == opts
+    assert (
+        ModelConfig(vocab_size=4, attention="linformer", position="learned").linformer_options()
+        == opts
+    )
     assert TrainConfig().proj_dim == opts.proj_dim
     # A module built from options reports them back.
     custom = LinformerOptions(proj_dim=3, sharing="kv", proj_kind="max")

@@ -18,13 +18,20 @@ class TinyLinformer(nn.Module):
     def __init__(self, layers=3, embed=16, heads=4, n=32, kdim=8):
         super().__init__()
         # The model owns the one projection; each layer holds a reference.
-        self.shared = linattn.LinformerProjection(n, kdim, heads, embed // heads,
-                                                  sharing="layerwise")
+        self.shared = linattn.LinformerProjection(
+            n, kdim, heads, embed // heads, sharing="layerwise"
+        )
         self.inp = nn.Linear(5, embed)
         self.layers = nn.ModuleList(
-            linattn.LinformerAttention(embed, heads, max_seq_len=n, proj_dim=kdim,
-                                       sharing="layerwise", shared_projection=self.shared,
-                                       batch_first=True)
+            linattn.LinformerAttention(
+                embed,
+                heads,
+                max_seq_len=n,
+                proj_dim=kdim,
+                sharing="layerwise",
+                shared_projection=self.shared,
+                batch_first=True,
+            )
             for _ in range(layers)
         )
         self.head = nn.Linear(embed, 3)
@@ -38,8 +45,7 @@ class TinyLinformer(nn.Module):
 
 
 def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = TinyLinformer()
     ddp = nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False
@@ -54,8 +60,10 @@ def _worker(rank, world, init_file, out_dir):
         loss.backward()
         opt.step()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.save({"params": flat, "shared_grad": model.shared.e.grad is not None},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"params": flat, "shared_grad": model.shared.e.grad is not None},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

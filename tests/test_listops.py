@@ -50,8 +50,7 @@ def test_labels_match_an_independent_evaluator_and_lengths_are_in_range():
 
 
 def test_structure_respects_depth_and_arity():
-    data = listops.generate(50, seed=2, min_length=20, max_length=400, max_depth=4,
-                            max_args=3)
+    data = listops.generate(50, seed=2, min_length=20, max_length=400, max_depth=4, max_args=3)
     for toks, _ in data:
         depth = max_depth = 0
         counts: list[int] = []
@@ -72,8 +71,8 @@ def test_structure_respects_depth_and_arity():
 
 
 def test_median_follows_lra():
-    assert listops.apply_op("[MED", [1, 2, 4, 9]) == 3   # int((2 + 4) / 2)
-    assert listops.apply_op("[MED", [1, 2]) == 1         # int(1.5)
+    assert listops.apply_op("[MED", [1, 2, 4, 9]) == 3  # int((2 + 4) / 2)
+    assert listops.apply_op("[MED", [1, 2]) == 1  # int(1.5)
     assert listops.apply_op("[MED", [7, 1, 3]) == 3
 
 
@@ -110,8 +109,9 @@ def test_size_tables_are_the_exact_length_distribution():
     # Depth 3 (one level above forced values): an operator over 2 or 3 values.
     assert f[3, 1].item() == pytest.approx(0.75)
     assert f[3, 4].item() == pytest.approx(0.125) and f[3, 5].item() == pytest.approx(0.125)
-    conv = torch.tensor([sum(f[2, x] * f[2, s - x] for x in range(s + 1)) for s in range(61)],
-                        dtype=torch.float64)
+    conv = torch.tensor(
+        [sum(f[2, x] * f[2, s - x] for x in range(s + 1)) for s in range(61)], dtype=torch.float64
+    )
     assert torch.allclose(g[2, 2], conv, rtol=1e-12, atol=0)
 
 
@@ -145,7 +145,7 @@ def test_generation_is_seeded_and_fast_at_the_training_default():
     lengths = offsets[1:] - offsets[:-1]
     assert ((lengths > 500) & (lengths < 511)).all() and len(labels) == 600
     for e in range(0, 600, 37):
-        toks = [listops.VOCAB[i] for i in ids[offsets[e]:offsets[e + 1]].tolist()]
+        toks = [listops.VOCAB[i] for i in ids[offsets[e] : offsets[e + 1]].tolist()]
         assert stack_eval(toks) == labels[e].item()
 
 

@@ -19,8 +19,16 @@ ATTN = list(KINDS)
 
 def _lm(attention, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, dim=32, depth=2, heads=4, causal=True,
-                      max_seq_len=128, **KINDS[attention], **kw)
+    cfg = ModelConfig(
+        vocab_size=40,
+        dim=32,
+        depth=2,
+        heads=4,
+        causal=True,
+        max_seq_len=128,
+        **KINDS[attention],
+        **kw,
+    )
     return CausalLM(cfg)
 
 
@@ -43,7 +51,7 @@ def test_incremental_logits_equal_parallel(attention, position):
     logits, caches = m.step_logits(ids[:, :10], None, 0)
     outs = [logits]
     for t in range(10, 37):
-        logits, caches = m.step_logits(ids[:, t:t + 1], caches, t)
+        logits, caches = m.step_logits(ids[:, t : t + 1], caches, t)
         outs.append(logits)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
 
@@ -78,10 +86,12 @@ def test_favor_state_does_not_grow(attention):
 def test_sampling_seeded_and_filtered():
     m = _lm("favor").eval()
     prompt = torch.randint(0, 40, (3, 4))
-    a = m.generate(prompt, 8, top_k=5, top_p=0.8, temperature=0.7,
-                   generator=torch.Generator().manual_seed(1))
-    b = m.generate(prompt, 8, top_k=5, top_p=0.8, temperature=0.7,
-                   generator=torch.Generator().manual_seed(1))
+    a = m.generate(
+        prompt, 8, top_k=5, top_p=0.8, temperature=0.7, generator=torch.Generator().manual_seed(1)
+    )
+    b = m.generate(
+        prompt, 8, top_k=5, top_p=0.8, temperature=0.7, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(a, b) and a.shape == (3, 12)
     one = m.generate(prompt, 5, top_k=1, generator=torch.Generator().manual_seed(2))
     assert torch.equal(one, m.generate(prompt, 5, greedy=True))
@@ -94,9 +104,18 @@ CLASSIFIER_KINDS = {**KINDS, "linformer": {"attention": "linformer"}}
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_classifier_padding_aware(attention, pooling):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=30, dim=32, depth=2, heads=4, **CLASSIFIER_KINDS[attention],
-                      num_classes=3, pooling=pooling, max_seq_len=64, proj_dim=16,
-                      position="learned" if attention == "linformer" else "rotary")
+    cfg = ModelConfig(
+        vocab_size=30,
+        dim=32,
+        depth=2,
+        heads=4,
+        **CLASSIFIER_KINDS[attention],
+        num_classes=3,
+        pooling=pooling,
+        max_seq_len=64,
+        proj_dim=16,
+        position="learned" if attention == "linformer" else "rotary",
+    )
     m = SequenceClassifier(cfg).double().eval()
     _perturb(m)
     ids = torch.randint(1, 30, (1, 20))
@@ -111,10 +130,18 @@ def test_classifier_padding_aware(attention, pooling):
 def test_tiny_model_overfits(attention):
     torch.manual_seed(0)
     causal = attention != "linformer"
-    cfg = ModelConfig(vocab_size=16, dim=32, depth=2, heads=4, **CLASSIFIER_KINDS[attention],
-                      causal=causal, max_seq_len=32, proj_dim=16,
-                      position="learned" if attention == "linformer" else "rotary",
-                      num_classes=None if causal else 4)
+    cfg = ModelConfig(
+        vocab_size=16,
+        dim=32,
+        depth=2,
+        heads=4,
+        **CLASSIFIER_KINDS[attention],
+        causal=causal,
+        max_seq_len=32,
+        proj_dim=16,
+        position="learned" if attention == "linformer" else "rotary",
+        num_classes=None if causal else 4,
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 16, (8, 24), generator=g)
     if causal:
@@ -128,6 +155,7 @@ def test_tiny_model_overfits(attention):
 
         def loss_fn():
             return torch.nn.functional.cross_entropy(m(ids), labels)
+
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     first = loss_fn().item()
     for _ in range(150):
@@ -142,11 +170,20 @@ def test_tiny_model_overfits(attention):
 def test_save_load_round_trip(tmp_path, attention):
     torch.manual_seed(0)
     learned = attention == "favor-hedgehog-w8"
-    cfg = ModelConfig(vocab_size=20, dim=16, depth=2, heads=2, **CLASSIFIER_KINDS[attention],
-                      num_classes=2, max_seq_len=32, proj_dim=8,
-                      redraw_interval=None if learned else 1,
-                      linformer_sharing="layerwise", proj_kind="random",
-                      position="learned" if attention == "linformer" else "rotary")
+    cfg = ModelConfig(
+        vocab_size=20,
+        dim=16,
+        depth=2,
+        heads=2,
+        **CLASSIFIER_KINDS[attention],
+        num_classes=2,
+        max_seq_len=32,
+        proj_dim=8,
+        redraw_interval=None if learned else 1,
+        linformer_sharing="layerwise",
+        proj_kind="random",
+        position="learned" if attention == "linformer" else "rotary",
+    )
     m = SequenceClassifier(cfg)
     m(torch.randint(0, 20, (2, 10)))  # a training forward: redraw once
     _perturb(m)
@@ -206,9 +243,21 @@ def test_torch_compile_matches_eager():
         ({"kernel": "softmax_opt", "causal": True}, "bidirectional only"),
         ({"kernel": "hedgehog", "redraw_interval": 5}, "not redrawn"),
     ],
-    ids=["divisible", "unknown", "old-softmax", "old-relu", "linformer-causal",
-         "linformer-rotary", "vocab", "unknown-kernel", "kernel-without-favor",
-         "window-without-favor", "negative-window", "opt-causal", "hedgehog-redraw"],
+    ids=[
+        "divisible",
+        "unknown",
+        "old-softmax",
+        "old-relu",
+        "linformer-causal",
+        "linformer-rotary",
+        "vocab",
+        "unknown-kernel",
+        "kernel-without-favor",
+        "window-without-favor",
+        "negative-window",
+        "opt-causal",
+        "hedgehog-redraw",
+    ],
 )
 def test_bad_config(kw, match):
     args = {"vocab_size": 10, **kw}
@@ -220,9 +269,18 @@ def test_bad_config(kw, match):
 def test_hedgehog_window_model_trains(model):
     # A few steps move the loss, and every layer's map and window factor get gradients.
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=24, dim=32, depth=2, heads=4, attention="favor",
-                      kernel="hedgehog", window=8, causal=model == "lm", max_seq_len=64,
-                      num_classes=3 if model == "classifier" else None)
+    cfg = ModelConfig(
+        vocab_size=24,
+        dim=32,
+        depth=2,
+        heads=4,
+        attention="favor",
+        kernel="hedgehog",
+        window=8,
+        causal=model == "lm",
+        max_seq_len=64,
+        num_classes=3 if model == "classifier" else None,
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 24, (4, 29), generator=g)
     if model == "lm":
@@ -244,6 +302,7 @@ def test_hedgehog_window_model_trains(model):
 
         def loss_fn():
             return (m(ids) - target).square().mean()
+
     layers = params.performer_layers()
     assert len(layers) == 2 and all(a.kernel == "hedgehog" and a.window == 8 for a in layers)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -266,9 +325,11 @@ def test_hedgehog_window_model_trains(model):
 FAVOR_ONLY = ("projection", "redraw_key", "draws", "calls")
 
 
-@pytest.mark.parametrize("src,dst", [("exact", "favor"), ("favor", "exact"),
-                                     ("favor", "favor-relu")],
-                         ids=["exact-to-favor", "favor-to-exact", "favor-to-relu"])
+@pytest.mark.parametrize(
+    "src,dst",
+    [("exact", "favor"), ("favor", "exact"), ("favor", "favor-relu")],
+    ids=["exact-to-favor", "favor-to-exact", "favor-to-relu"],
+)
 def test_state_dict_moves_between_attention_kinds(src, dst):
     a, b = _lm(src), _lm(dst)
     with torch.no_grad():

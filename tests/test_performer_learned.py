@@ -19,8 +19,9 @@ def _module(**kw):
 
 def _heads(m, x, offset=0):
     b, n, _ = x.shape
-    return [t.view(b, n, H, E // H).transpose(1, 2)
-            for t in (m.q_proj(x), m.k_proj(x), m.v_proj(x))]
+    return [
+        t.view(b, n, H, E // H).transpose(1, 2) for t in (m.q_proj(x), m.k_proj(x), m.v_proj(x))
+    ]
 
 
 def _merge(m, out):
@@ -37,8 +38,13 @@ def _perturb(m):
 
 
 WINDOWS = [None, 0, 3]
-CASES = [("hedgehog", {}), ("softmax", {}), ("softmax", {"per_head_projection": True}),
-         ("softmax_hyp", {"learn_projection": True}), ("relu", {})]
+CASES = [
+    ("hedgehog", {}),
+    ("softmax", {}),
+    ("softmax", {"per_head_projection": True}),
+    ("softmax_hyp", {"learn_projection": True}),
+    ("relu", {}),
+]
 CASE_IDS = ["hedgehog", "softmax", "softmax-per-head", "softmax_hyp-learned", "relu"]
 
 
@@ -55,8 +61,15 @@ def test_module_equals_functional_with_its_parameters(kernel, kw, causal, window
     factor = None
     if kernel == "hedgehog" and window is not None:
         factor = torch.exp(m.log_linear_factor)
-    ref = linattn.favor_attention(*_heads(m, x), m.projection, kernel=kernel, causal=causal,
-                                  key_padding_mask=mask, window=window, linear_factor=factor)
+    ref = linattn.favor_attention(
+        *_heads(m, x),
+        m.projection,
+        kernel=kernel,
+        causal=causal,
+        key_padding_mask=mask,
+        window=window,
+        linear_factor=factor,
+    )
     torch.testing.assert_close(out, _merge(m, ref))
 
 
@@ -86,15 +99,17 @@ def test_hedgehog_parameters_and_initialization():
 
 
 def test_per_head_random_projection_and_redraw():
-    m = linattn.PerformerAttention(E, H, batch_first=True, per_head_projection=True, num_features=8,
-                                   redraw_interval=1, seed=3)
+    m = linattn.PerformerAttention(
+        E, H, batch_first=True, per_head_projection=True, num_features=8, redraw_interval=1, seed=3
+    )
     assert m.projection.shape == (H, 8, E // H)
     assert not torch.equal(m.projection[0], m.projection[1])
     first = m.projection.clone()
     m(torch.randn(1, 5, E))
     assert int(m.draws) == 1 and not torch.equal(m.projection, first)
-    again = linattn.PerformerAttention(E, H, batch_first=True, per_head_projection=True, num_features=8,
-                                       redraw_interval=1, seed=3)
+    again = linattn.PerformerAttention(
+        E, H, batch_first=True, per_head_projection=True, num_features=8, redraw_interval=1, seed=3
+    )
     again.redraw_projection()
     assert torch.equal(again.projection, m.projection)
 
@@ -115,8 +130,7 @@ def test_gradcheck_through_the_module():
     _perturb(m)
     # The map's parameters (the input's gradient is the plain FAVOR+ path, tested there).
     x = torch.randn(1, 5, E, dtype=torch.float64)
-    w, logit = (p.detach().clone().requires_grad_()
-                for p in (m.projection, m.log_linear_factor))
+    w, logit = (p.detach().clone().requires_grad_() for p in (m.projection, m.log_linear_factor))
 
     def f(x, w, logit):
         params = {"projection": w, "log_linear_factor": logit}
@@ -136,21 +150,27 @@ def test_step_equals_causal_forward(kernel, window, chunk):
     full, _ = m(x)
     outs, state = [], None
     for t in range(0, 14, chunk):
-        y, state = m.step(x[:, t:t + chunk], state, t)
+        y, state = m.step(x[:, t : t + chunk], state, t)
         outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel,kw", [("hedgehog", {"window": 3}),
-                                       ("softmax", {"per_head_projection": True}),
-                                       ("softmax", {"learn_projection": True, "window": 2})],
-                         ids=["hedgehog-w3", "softmax-per-head", "softmax-learned-w2"])
+@pytest.mark.parametrize(
+    "kernel,kw",
+    [
+        ("hedgehog", {"window": 3}),
+        ("softmax", {"per_head_projection": True}),
+        ("softmax", {"learn_projection": True, "window": 2}),
+    ],
+    ids=["hedgehog-w3", "softmax-per-head", "softmax-learned-w2"],
+)
 def test_state_dict_round_trip(kernel, kw):
     m = _module(kernel=kernel, **kw)
     _perturb(m)
     torch.manual_seed(1)
-    other = linattn.PerformerAttention(E, H, dtype=torch.float64, batch_first=True, kernel=kernel,
-                                       seed=9, **kw)
+    other = linattn.PerformerAttention(
+        E, H, dtype=torch.float64, batch_first=True, kernel=kernel, seed=9, **kw
+    )
     other.load_state_dict(m.state_dict())
     x = torch.randn(2, 9, E, dtype=torch.float64)
     assert torch.equal(m(x)[0], other(x)[0])
@@ -163,14 +183,12 @@ def _exact(m, x, mask, causal):
     if mask is not None:
         bias = bias.masked_fill(mask[:, None, None, :], float("-inf"))
     if causal:
-        bias = bias.masked_fill(torch.ones(x.shape[1], x.shape[1]).triu(1).bool(),
-                                float("-inf"))
+        bias = bias.masked_fill(torch.ones(x.shape[1], x.shape[1]).triu(1).bool(), float("-inf"))
     return _merge(m, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "softmax_trig", "relu",
-                                    "hedgehog"])
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "softmax_trig", "relu", "hedgehog"])
 def test_window_covering_the_sequence_is_exact_attention(kernel, causal):
     m = _module(kernel=kernel, causal=causal, window=12)
     _perturb(m)
@@ -201,8 +219,7 @@ def test_extra_repr_names_window_and_kernel():
         ({"window": 2.0}, TypeError, "window must be an int"),
         ({"kernel": "softmax_opt", "causal": True}, ValueError, "bidirectional only"),
     ],
-    ids=["hedgehog-redraw", "learned-redraw", "negative-window", "float-window",
-         "opt-causal"],
+    ids=["hedgehog-redraw", "learned-redraw", "negative-window", "float-window", "opt-causal"],
 )
 def test_bad_arguments(kw, err, match):
     with pytest.raises(err, match=match):

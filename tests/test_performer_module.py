@@ -24,8 +24,9 @@ def test_module_matches_functional(causal, kernel):
     out, w = m(x, key_padding_mask=mask)
     assert w is None
     heads = [t.view(2, 9, 4, 4).transpose(1, 2) for t in (m.q_proj(x), m.k_proj(x), m.v_proj(x))]
-    ref = linattn.favor_attention(*heads, m.projection, kernel=kernel, causal=causal,
-                                  key_padding_mask=mask)
+    ref = linattn.favor_attention(
+        *heads, m.projection, kernel=kernel, causal=causal, key_padding_mask=mask
+    )
     ref = m.out_proj(ref.transpose(1, 2).reshape(2, 9, 16))
     torch.testing.assert_close(out, ref)
 
@@ -39,8 +40,7 @@ def test_mha_call_patterns():
     assert out.shape == (3, 7, 16) and weights is None
     mtf = linattn.PerformerAttention(16, 4, kdim=6, vdim=5, batch_first=False)
     mtf.load_state_dict(m.state_dict())
-    out2, _ = mtf(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                  key_padding_mask=mask)
+    out2, _ = mtf(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), key_padding_mask=mask)
     torch.testing.assert_close(out2.transpose(0, 1), out)
     # Same parameter names and shapes as nn.MultiheadAttention's separate projections.
     assert {n for n, _ in m.named_parameters()} >= {"q_proj.weight", "out_proj.weight"}
@@ -99,13 +99,14 @@ def test_to_dtype_moves_projection():
 
 
 def test_rotary_recurrent_equals_parallel():
-    m = linattn.PerformerAttention(16, 4, causal=True, rotary=True, dtype=torch.float64,
-                                  batch_first=True)
+    m = linattn.PerformerAttention(
+        16, 4, causal=True, rotary=True, dtype=torch.float64, batch_first=True
+    )
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     full = m(x)[0]
     outs, state = [], None
     for t in range(0, 13, 3):
-        o, state = m.step(x[:, t:t + 3], state, t)
+        o, state = m.step(x[:, t : t + 3], state, t)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), full)
 
@@ -141,11 +142,14 @@ def test_forward_errors():
 
 def test_drop_in_for_mha_in_a_model():
     # The same surrounding code works with either module.
-    for attn in (nn.MultiheadAttention(16, 4, batch_first=True),
-                 linattn.PerformerAttention(16, 4, batch_first=True)):
+    for attn in (
+        nn.MultiheadAttention(16, 4, batch_first=True),
+        linattn.PerformerAttention(16, 4, batch_first=True),
+    ):
         x = torch.randn(2, 5, 16)
-        out, _ = attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool),
-                      need_weights=False)
+        out, _ = attn(
+            x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool), need_weights=False
+        )
         assert out.shape == (2, 5, 16)
 
 
@@ -165,7 +169,13 @@ def test_favor_options_are_the_module_and_model_defaults():
         if f.name in model:
             assert model[f.name] == getattr(opts, f.name), f.name
     # A module built from options reports them back.
-    custom = FavorOptions(num_features=32, kernel="relu", window=3, redraw_interval=5,
-                          orthogonal=False, scaling="sqrt_d")
+    custom = FavorOptions(
+        num_features=32,
+        kernel="relu",
+        window=3,
+        redraw_interval=5,
+        orthogonal=False,
+        scaling="sqrt_d",
+    )
     m = PerformerAttention(16, 2, **vars(custom))
     assert m.options() == custom

@@ -41,9 +41,19 @@ def _one_thread():
 def small_model(kind: str, seed: int = 0) -> CausalLM:
     """A FAVOR+ LM; ``kind``: "favor" (softmax kernel) or "relu" (ReLU kernel)."""
     torch.manual_seed(seed)
-    return CausalLM(ModelConfig(vocab_size=13, dim=16, depth=1, heads=2, causal=True,
-                                attention="favor", kernel="softmax" if kind == "favor" else kind,
-                                num_features=8, max_seq_len=32))
+    return CausalLM(
+        ModelConfig(
+            vocab_size=13,
+            dim=16,
+            depth=1,
+            heads=2,
+            causal=True,
+            attention="favor",
+            kernel="softmax" if kind == "favor" else kind,
+            num_features=8,
+            max_seq_len=32,
+        )
+    )
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -52,8 +62,11 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ------------------------------------------------------------------ the write helper
@@ -95,11 +108,16 @@ def test_result_writers_go_through_the_atomic_helpers(package):
     import re
 
     root = Path(linattn.__file__).parent / package
-    pattern = re.compile(r"\.write_text\(|\.write_bytes\(|torch\.save\(|\.savefig\(|"
-                         r"open\(\s*[\"']w|\.open\(\s*[\"']w")
-    offenders = [f"{f.name}:{i}: {line.strip()}" for f in sorted(root.glob("*.py"))
-                 for i, line in enumerate(f.read_text().splitlines(), 1)
-                 if pattern.search(line) and "log.jsonl" not in line]
+    pattern = re.compile(
+        r"\.write_text\(|\.write_bytes\(|torch\.save\(|\.savefig\(|"
+        r"open\(\s*[\"']w|\.open\(\s*[\"']w"
+    )
+    offenders = [
+        f"{f.name}:{i}: {line.strip()}"
+        for f in sorted(root.glob("*.py"))
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if pattern.search(line) and "log.jsonl" not in line
+    ]
     assert offenders == []
 
 
@@ -157,8 +175,9 @@ def _damage(d: Path, how: str) -> None:
     elif how == "not-a-state-dict":
         torch.save({"weights": [1, 2, 3]}, weights)
     elif how == "mis-shaped":
-        torch.save(small_model("favor").state_dict() | {
-            "encoder.tok.weight": torch.zeros(3, 3)}, weights)
+        torch.save(
+            small_model("favor").state_dict() | {"encoder.tok.weight": torch.zeros(3, 3)}, weights
+        )
     elif how == "missing-keys":
         torch.save({"encoder.tok.weight": torch.zeros(13, 16)}, weights)
     elif how == "missing-weights":
@@ -181,9 +200,22 @@ def _damage(d: Path, how: str) -> None:
         d.rmdir()
 
 
-DAMAGE = ["truncated", "empty", "random", "pickled-object", "not-a-state-dict", "mis-shaped",
-          "missing-keys", "missing-weights", "missing-config", "bad-json",
-          "config-not-object", "unknown-class", "invalid-config", "missing-folder"]
+DAMAGE = [
+    "truncated",
+    "empty",
+    "random",
+    "pickled-object",
+    "not-a-state-dict",
+    "mis-shaped",
+    "missing-keys",
+    "missing-weights",
+    "missing-config",
+    "bad-json",
+    "config-not-object",
+    "unknown-class",
+    "invalid-config",
+    "missing-folder",
+]
 
 
 @pytest.mark.parametrize("how", DAMAGE)
@@ -215,9 +247,23 @@ def test_load_model_reads_weights_with_weights_only(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ training: resume
 def tiny(**kw) -> TrainConfig:
-    base = dict(task="bytes", attention="favor", dim=16, depth=1, heads=2, seq_len=32,
-                batch_size=4, steps=12, lr=3e-3, warmup=2, eval_every=6, eval_batches=1,
-                log_every=1, checkpoint_every=4, num_features=8)
+    base = dict(
+        task="bytes",
+        attention="favor",
+        dim=16,
+        depth=1,
+        heads=2,
+        seq_len=32,
+        batch_size=4,
+        steps=12,
+        lr=3e-3,
+        warmup=2,
+        eval_every=6,
+        eval_batches=1,
+        log_every=1,
+        checkpoint_every=4,
+        num_features=8,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -262,10 +308,12 @@ def test_sigint_then_resume_gives_the_same_weights_and_no_duplicate_steps(tmp_pa
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     strip = ("step_s", "tokens_per_s")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in full]
-    assert same_weights(load_model(tmp_path / "full" / "model"),
-                        load_model(tmp_path / "cut" / "model"))
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == [
+        {k: v for k, v in r.items() if k not in strip} for r in full
+    ]
+    assert same_weights(
+        load_model(tmp_path / "full" / "model"), load_model(tmp_path / "cut" / "model")
+    )
 
 
 def test_resume_of_a_finished_run_touches_nothing(tmp_path):
@@ -281,11 +329,41 @@ def test_resume_of_a_finished_run_touches_nothing(tmp_path):
 def test_cli_resume_of_a_finished_run_is_a_clear_no_op(tmp_path, capsys):
     from linattn.cli import main
 
-    args = ["train", "--task", "listops", "--listops-train", "32", "--listops-eval", "8",
-            "--listops-min-len", "10", "--listops-max-len", "40", "--seq-len", "48",
-            "--dim", "16", "--depth", "1", "--heads", "2", "--num-features", "8",
-            "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--eval-batches", "1",
-            "--warmup", "1", "--out", str(tmp_path)]
+    args = [
+        "train",
+        "--task",
+        "listops",
+        "--listops-train",
+        "32",
+        "--listops-eval",
+        "8",
+        "--listops-min-len",
+        "10",
+        "--listops-max-len",
+        "40",
+        "--seq-len",
+        "48",
+        "--dim",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--num-features",
+        "8",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     before = snapshot(tmp_path)
     capsys.readouterr()
@@ -345,35 +423,56 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
 
 BAD_TRAIN_CONFIGS = [
-    (dict(warmup=-3), "warmup"), (dict(lr=float("nan")), "lr"), (dict(lr=0.0), "lr"),
-    (dict(weight_decay=-0.1), "weight_decay"), (dict(min_lr_ratio=1.5), "min_lr_ratio"),
-    (dict(grad_clip=-1.0), "grad_clip"), (dict(dropout=1.0), "dropout"),
-    (dict(betas=(0.9, 1.2)), "betas"), (dict(betas=(0.9,)), "betas"),
-    (dict(num_features=0), "num_features"), (dict(redraw_interval=0), "redraw_interval"),
-    (dict(proj_dim=0), "proj_dim"), (dict(ff_mult=0), "ff_mult"), (dict(seed=-1), "seed"),
-    (dict(listops_train=0), "listops_train"), (dict(steps=-5), "steps"),
+    (dict(warmup=-3), "warmup"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(lr=0.0), "lr"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+    (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(betas=(0.9, 1.2)), "betas"),
+    (dict(betas=(0.9,)), "betas"),
+    (dict(num_features=0), "num_features"),
+    (dict(redraw_interval=0), "redraw_interval"),
+    (dict(proj_dim=0), "proj_dim"),
+    (dict(ff_mult=0), "ff_mult"),
+    (dict(seed=-1), "seed"),
+    (dict(listops_train=0), "listops_train"),
+    (dict(steps=-5), "steps"),
     (dict(listops_min_len=50, listops_max_len=10), "listops_min_len"),
-    (dict(eval_every=1.5), "eval_every"), (dict(lr="fast"), "lr"),
+    (dict(eval_every=1.5), "eval_every"),
+    (dict(lr="fast"), "lr"),
 ]
 
 
-@pytest.mark.parametrize("kw,field", BAD_TRAIN_CONFIGS, ids=[
-    f"{field}={next(iter(kw.values()))!r}" for kw, field in BAD_TRAIN_CONFIGS])
+@pytest.mark.parametrize(
+    "kw,field",
+    BAD_TRAIN_CONFIGS,
+    ids=[f"{field}={next(iter(kw.values()))!r}" for kw, field in BAD_TRAIN_CONFIGS],
+)
 def test_train_config_range_checks_name_the_field(kw, field):
     with pytest.raises((ValueError, TypeError), match=field):
         TrainConfig(**kw)
 
 
 # ------------------------------------------------------------------ SIGKILL at random points
-def _killed_at_random(script: str, tmp_path: Path, ready: Path, seed: int,
-                      spread: float) -> None:
+def _killed_at_random(script: str, tmp_path: Path, ready: Path, seed: int, spread: float) -> None:
     """Run ``script`` in a fresh process; once it has created ``ready``, SIGKILL it after
     a random delay in [0, spread) seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env,
-                            cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([SRC, TESTS]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while not ready.exists():
         if proc.poll() is not None:
@@ -419,8 +518,7 @@ def test_model_save_killed_at_random_loads_old_or_new_or_raises(tmp_path, seed):
     assert got is None or any(got.cfg == r.cfg and same_weights(got, r) for r in refs)
     # The next save works and clears what the killed one left behind.
     refs[0].save(tmp_path / "target")
-    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["config.json",
-                                                                       "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "target").iterdir()) == ["config.json", "model.pt"]
     assert same_weights(load_model(tmp_path / "target"), refs[0])
 
 
@@ -458,8 +556,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(2))
 def test_training_killed_at_random_resumes_to_the_same_result(tmp_path, seed, uninterrupted):
-    _killed_at_random(TRAIN_RUN.format(tests=TESTS), tmp_path, tmp_path / "ready",
-                      seed, spread=4.0)
+    _killed_at_random(TRAIN_RUN.format(tests=TESTS), tmp_path, tmp_path / "ready", seed, spread=4.0)
     run = tmp_path / "run"
     reference = load_model(uninterrupted / "model").state_dict()
     if (run / "model").exists():
@@ -481,8 +578,9 @@ def test_training_killed_at_random_resumes_to_the_same_result(tmp_path, seed, un
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, TRAIN_STEPS + 1))
     assert [r["step"] for r in rows if r["split"] == "val"] == [7, 14, 21, 24]
     assert [r["split"] for r in rows].count("test") == 1
-    torch.testing.assert_close(load_model(run / "model").state_dict(), reference,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        load_model(run / "model").state_dict(), reference, rtol=1e-5, atol=1e-6
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["val"]["step"] == TRAIN_STEPS
 
@@ -507,7 +605,8 @@ def _matches(model, ref, x) -> bool:
     # Reloaded float64 weights may take other BLAS paths (~1e-16); the two saved models
     # differ at order 1.
     return type(model) is type(ref) and torch.allclose(
-        model(x).last_hidden_state, ref(x).last_hidden_state, rtol=0, atol=1e-10)
+        model(x).last_hidden_state, ref(x).last_hidden_state, rtol=0, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("where", ["weights-half-written", "before-swap", "between-renames"])
@@ -528,8 +627,9 @@ def test_interrupted_save_converted_never_loads_wrong(tmp_path, monkeypatch, whe
 
         monkeypatch.setattr(type(new), "save_pretrained", crash)
     elif where == "before-swap":
-        monkeypatch.setattr(_io, "_exchange", lambda a, b: (_ for _ in ()).throw(
-            OSError("simulated crash")))
+        monkeypatch.setattr(
+            _io, "_exchange", lambda a, b: (_ for _ in ()).throw(OSError("simulated crash"))
+        )
     else:
         # No atomic exchange on this system, and a crash between the two renames.
         monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
@@ -564,8 +664,18 @@ def test_save_converted_replaces_and_keeps_other_files(tmp_path):
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("how", ["missing-folder", "missing-config", "bad-json",
-                                 "missing-weights", "truncated", "empty", "random"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "missing-folder",
+        "missing-config",
+        "bad-json",
+        "missing-weights",
+        "truncated",
+        "empty",
+        "random",
+    ],
+)
 def test_damaged_converted_model_raises_checkpoint_error(tmp_path, how):
     _, _, _, load_converted, save_converted = _hf()
     old, _, _ = _converted_pair()
@@ -577,7 +687,7 @@ def test_damaged_converted_model_raises_checkpoint_error(tmp_path, how):
     elif how == "missing-config":
         (d / "config.json").unlink()
     elif how == "bad-json":
-        (d / "config.json").write_text("{\"a\": ")
+        (d / "config.json").write_text('{"a": ')
     elif how == "missing-weights":
         weights.unlink()
     elif how == "truncated":
@@ -612,8 +722,9 @@ while True:
 @pytest.mark.parametrize("seed", range(2))
 def test_save_converted_killed_at_random_loads_old_or_new_or_raises(tmp_path, seed):
     _, ids, _, load_converted, _ = _hf()
-    _killed_at_random(CONVERT_LOOP.format(tests=TESTS), tmp_path, tmp_path / "ready", seed,
-                      spread=0.6)
+    _killed_at_random(
+        CONVERT_LOOP.format(tests=TESTS), tmp_path, tmp_path / "ready", seed, spread=0.6
+    )
     x = ids(2, 9)
     refs = [load_converted(tmp_path / "ref_a").eval(), load_converted(tmp_path / "ref_b").eval()]
     try:
@@ -623,8 +734,7 @@ def test_save_converted_killed_at_random_loads_old_or_new_or_raises(tmp_path, se
     assert got is None or any(_matches(got, r, x) for r in refs)
     # The next save works and clears what the killed one left behind.
     _hf()[4](refs[1], tmp_path / "target")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ready", "ref_a", "ref_b",
-                                                          "target"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ready", "ref_a", "ref_b", "target"]
     assert _matches(load_converted(tmp_path / "target").eval(), refs[1], x)
 
 
@@ -651,13 +761,32 @@ def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypat
     from linattn.experiments import convert as experiment
     from test_hf import TEXTS
 
-    monkeypatch.setattr(experiment, "load_pretrained",
-                        lambda name: (tiny_bert().float(), SavingTokenizer()))
-    monkeypatch.setattr(experiment, "corpus_texts",
-                        lambda corpus, train, test, seed=0: (TEXTS[:train], TEXTS[:test]))
+    monkeypatch.setattr(
+        experiment, "load_pretrained", lambda name: (tiny_bert().float(), SavingTokenizer())
+    )
+    monkeypatch.setattr(
+        experiment,
+        "corpus_texts",
+        lambda corpus, train, test, seed=0: (TEXTS[:train], TEXTS[:test]),
+    )
     monkeypatch.setattr("linattn.cli._check_model", lambda name: None)
-    code = main(["convert", "--model", "tiny", "--steps", "0", "--num-features", "16",
-                 "--eval-texts", "8", "--train-texts", "8", "--out", str(tmp_path)])
+    code = main(
+        [
+            "convert",
+            "--model",
+            "tiny",
+            "--steps",
+            "0",
+            "--num-features",
+            "16",
+            "--eval-texts",
+            "8",
+            "--train-texts",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["distill"]["steps"] == 0 and summary["after"] == summary["before"]

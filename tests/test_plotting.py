@@ -21,8 +21,9 @@ def test_finish_titles_saves_atomically_and_closes(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
 
 
-@pytest.mark.parametrize("logx,logy", [(True, True), (False, True), (True, False)],
-                         ids=["loglog", "logy", "logx"])
+@pytest.mark.parametrize(
+    "logx,logy", [(True, True), (False, True), (True, False)], ids=["loglog", "logy", "logx"]
+)
 def test_log_axes_scales_labels_and_title(logx, logy):
     plt = optional_pyplot()
     fig, ax = plt.subplots()

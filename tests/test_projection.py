@@ -40,10 +40,17 @@ def test_haar_sign_correction():
     # Without Q * sign(diag(R)) the first coordinate of the first direction is biased
     # (QR's sign convention); with it, each orthonormal row is uniform on the sphere.
     g = gen(3)
-    firsts = torch.stack([
-        linattn.draw_projection(4, 4, scaling="sqrt_d", dtype=torch.float64, generator=g)[0, 0]
-        for _ in range(3000)
-    ]) / 2.0
+    firsts = (
+        torch.stack(
+            [
+                linattn.draw_projection(4, 4, scaling="sqrt_d", dtype=torch.float64, generator=g)[
+                    0, 0
+                ]
+                for _ in range(3000)
+            ]
+        )
+        / 2.0
+    )
     # Uniform on the sphere in 4 dims: E = 0, Var = 1/4.
     assert abs(firsts.mean().item()) < 4 * math.sqrt(0.25 / 3000)
 

@@ -23,19 +23,29 @@ CAUSAL_KERNELS = [k for k in KERNELS if get_feature_map(k).causal_ok]
 PATTERNS = ["none", "right", "left", "random", "all-but-one"]
 CONTENTS = ["nan", "inf", "-inf", "1e30", "garbage"]
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @st.composite
 def cases(draw, *, kernels=KERNELS):
     return {
-        "b": draw(st.integers(1, 3)), "h": draw(st.integers(1, 2)),
-        "length": draw(st.integers(1, 11)), "d": draw(st.integers(1, 8)),
-        "dv": draw(st.integers(1, 5)), "m": draw(st.sampled_from([4, 16])),
+        "b": draw(st.integers(1, 3)),
+        "h": draw(st.integers(1, 2)),
+        "length": draw(st.integers(1, 11)),
+        "d": draw(st.integers(1, 8)),
+        "dv": draw(st.integers(1, 5)),
+        "m": draw(st.sampled_from([4, 16])),
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
-        "kernel": draw(st.sampled_from(kernels)), "pattern": draw(st.sampled_from(PATTERNS)),
-        "content": draw(st.sampled_from(CONTENTS)), "seed": draw(st.integers(0, 2**31 - 1)),
+        "kernel": draw(st.sampled_from(kernels)),
+        "pattern": draw(st.sampled_from(PATTERNS)),
+        "content": draw(st.sampled_from(CONTENTS)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 
@@ -62,8 +72,7 @@ def _mask(c, g):
 def _inputs(c):
     g = torch.Generator().manual_seed(c["seed"])
     shape = (c["b"], c["h"], c["length"])
-    q, k = (torch.randn(*shape, c["d"], generator=g, dtype=torch.float64) * 0.7
-            for _ in range(2))
+    q, k = (torch.randn(*shape, c["d"], generator=g, dtype=torch.float64) * 0.7 for _ in range(2))
     v = torch.randn(*shape, c["dv"], generator=g, dtype=torch.float64)
     mask = _mask(c, g)
     w = linattn.draw_projection(c["m"], c["d"], generator=g, dtype=torch.float64)
@@ -90,9 +99,9 @@ def _check_rows(out, alone_fn, q, k, v, mask, c):
     assert out.dtype == q.dtype and out.shape == (*q.shape[:-1], v.shape[-1])
     for row in range(q.shape[0]):
         real = ~mask[row]
-        args = [t[row:row + 1][..., real, :] for t in (q, k, v)]
+        args = [t[row : row + 1][..., real, :] for t in (q, k, v)]
         ref = alone_fn(*args)
-        got = out[row:row + 1][..., real, :]
+        got = out[row : row + 1][..., real, :]
         assert torch.isfinite(got).all(), "real outputs must be finite for finite inputs"
         torch.testing.assert_close(got, ref, **_tolerance(c))
 
@@ -112,9 +121,15 @@ def test_favor_bidirectional_real_outputs_equal_the_sequence_alone(c):
     g = torch.Generator().manual_seed(c["seed"] + 1)
     kp, vp = _fill(k, mask, c["content"], g), _fill(v, mask, c["content"], g)
     out = linattn.favor_attention(q, kp, vp, w, kernel=c["kernel"], key_padding_mask=mask)
-    _check_rows(out, lambda q1, k1, v1: linattn.favor_attention(q1, k1, v1, w,
-                                                                  kernel=c["kernel"]),
-                q, k, v, mask, c)
+    _check_rows(
+        out,
+        lambda q1, k1, v1: linattn.favor_attention(q1, k1, v1, w, kernel=c["kernel"]),
+        q,
+        k,
+        v,
+        mask,
+        c,
+    )
 
 
 @SETTINGS
@@ -129,16 +144,23 @@ def test_favor_causal_and_recurrent_real_outputs_equal_the_sequence_alone(c, ste
     def alone(q1, k1, v1):
         return linattn.favor_attention(q1, k1, v1, w, kernel=c["kernel"], causal=True)
 
-    out = linattn.favor_attention(q, kp, vp, w, kernel=c["kernel"], causal=True,
-                                  key_padding_mask=mask, chunk_size=step)
+    out = linattn.favor_attention(
+        q, kp, vp, w, kernel=c["kernel"], causal=True, key_padding_mask=mask, chunk_size=step
+    )
     _check_rows(out, alone, q, k, v, mask, c)
     # The recurrent form, `step` tokens at a time.
     state, outs = None, []
     for s in range(0, c["length"], step):
         sl = slice(s, s + step)
-        o, state = linattn.favor_recurrent(q[..., sl, :], kp[..., sl, :], vp[..., sl, :], w,
-                                           state=state, kernel=c["kernel"],
-                                           key_padding_mask=mask[:, sl])
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :],
+            kp[..., sl, :],
+            vp[..., sl, :],
+            w,
+            state=state,
+            kernel=c["kernel"],
+            key_padding_mask=mask[:, sl],
+        )
         outs.append(o)
     _check_rows(torch.cat(outs, dim=-2), alone, q, k, v, mask, c)
 
@@ -150,12 +172,12 @@ def test_linformer_real_outputs_equal_the_sequence_alone(c, kdim, per_head):
     g = torch.Generator().manual_seed(c["seed"] + 2)
     n = c["length"] + 3
     shape = (c["h"], kdim, n) if per_head else (kdim, n)
-    e = (torch.randn(*shape, generator=g, dtype=torch.float64) / math.sqrt(kdim)).to(
-        c["dtype"])
+    e = (torch.randn(*shape, generator=g, dtype=torch.float64) / math.sqrt(kdim)).to(c["dtype"])
     kp, vp = _fill(k, mask, c["content"], g), _fill(v, mask, c["content"], g)
     out = linattn.linformer_attention(q, kp, vp, e, key_padding_mask=mask)
-    _check_rows(out, lambda q1, k1, v1: linattn.linformer_attention(q1, k1, v1, e),
-                q, k, v, mask, c)
+    _check_rows(
+        out, lambda q1, k1, v1: linattn.linformer_attention(q1, k1, v1, e), q, k, v, mask, c
+    )
 
 
 @SETTINGS
@@ -174,8 +196,9 @@ def test_nan_in_a_real_key_is_never_hidden(c, path):
         out = linattn.linformer_attention(q, k, v, e, key_padding_mask=mask)
         rows = slice(None)
     else:
-        out = linattn.favor_attention(q, k, v, w, kernel=c["kernel"],
-                                      causal=path == "causal", key_padding_mask=mask)
+        out = linattn.favor_attention(
+            q, k, v, w, kernel=c["kernel"], causal=path == "causal", key_padding_mask=mask
+        )
         # Causal: the queries at or after the NaN key see it.
         rows = slice(j, None) if path == "causal" else slice(None)
     assert out[0, 0, rows].isnan().any(dim=-1).all()

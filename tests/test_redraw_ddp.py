@@ -15,11 +15,18 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=30, dim=32, depth=2, heads=4, causal=True,
-                      attention="favor", redraw_interval=2, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=30,
+        dim=32,
+        depth=2,
+        heads=4,
+        causal=True,
+        attention="favor",
+        redraw_interval=2,
+        max_seq_len=64,
+    )
     model = CausalLM(cfg)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
@@ -32,11 +39,14 @@ def _worker(rank, world, init_file, out_dir):
         loss.backward()
         opt.step()
     layers = model.encoder.performer_layers()
-    torch.save({
-        "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-        "projections": torch.stack([m.projection for m in layers]),
-        "draws": [int(m.draws) for m in layers],
-    }, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
+            "projections": torch.stack([m.projection for m in layers]),
+            "draws": [int(m.draws) for m in layers],
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 

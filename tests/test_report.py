@@ -27,8 +27,11 @@ def test_lemma2_closed_form_matches_empirical():
 
 
 def test_approx_cli_tiny(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(approx.PRESETS, "quick", {"length": 128, "features": [8, 32],
-                                                  "draws": 2, "pairs": 6, "lemma_draws": 50})
+    monkeypatch.setitem(
+        approx.PRESETS,
+        "quick",
+        {"length": 128, "features": [8, 32], "draws": 2, "pairs": 6, "lemma_draws": 50},
+    )
     assert main(["approx", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "approx.json").read_text())
     assert len(res["results"]) == 2 * len(approx.VARIANTS) * 2
@@ -40,28 +43,45 @@ def test_approx_cli_tiny(tmp_path, monkeypatch, capsys):
 
 def test_peers_skip_cleanly_when_missing(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("performer_pytorch", "linformer", "fla")
-                        else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            None if name in ("performer_pytorch", "linformer", "fla") else real(name, *a)
+        ),
+    )
     notes = peers.available()
-    assert all(notes[n] and "not installed" in notes[n]
-               for n in ("performer-pytorch", "linformer", "flash-linear-attention"))
+    assert all(
+        notes[n] and "not installed" in notes[n]
+        for n in ("performer-pytorch", "linformer", "flash-linear-attention")
+    )
 
 
 def test_report_tiny(tmp_path, monkeypatch):
-    monkeypatch.setitem(speed.PRESETS, "quick", {"lengths": [64], "repeats": 1,
-                                                 "kernels": ["softmax"]})
+    monkeypatch.setitem(
+        speed.PRESETS, "quick", {"lengths": [64], "repeats": 1, "kernels": ["softmax"]}
+    )
     monkeypatch.setitem(linformer_table.PRESETS, "quick", {"lengths": [64], "dims": [16]})
     monkeypatch.setitem(generation.PRESETS, "quick", [16])
-    monkeypatch.setitem(approx.PRESETS, "quick", {"length": 64, "features": [8], "draws": 2,
-                                                  "pairs": 4, "lemma_draws": 20})
+    monkeypatch.setitem(
+        approx.PRESETS,
+        "quick",
+        {"length": 64, "features": [8], "draws": 2, "pairs": 4, "lemma_draws": 20},
+    )
     monkeypatch.setitem(peers.PRESETS, "quick", [64])
-    monkeypatch.setattr(generation, "run", functools.partial(generation.run, dim=16, depth=1,
-                                                             heads=2, steps=3))
+    monkeypatch.setattr(
+        generation, "run", functools.partial(generation.run, dim=16, depth=1, heads=2, steps=3)
+    )
     index = report.run(tmp_path, preset="quick", progress=False)
     text = index.read_text()
-    for title in ("Speed and memory", "Linformer", "Generation", "Approximation error",
-                  "Against the other libraries", "Training"):
+    for title in (
+        "Speed and memory",
+        "Linformer",
+        "Generation",
+        "Approximation error",
+        "Against the other libraries",
+        "Training",
+    ):
         assert f"## {title}" in text
     for png in ("bench.png", "linformer.png", "generate.png", "approx_mse.png"):
         assert f"({png})" in text and (tmp_path / png).exists()
@@ -69,4 +89,3 @@ def test_report_tiny(tmp_path, monkeypatch):
     head = text.split("## Speed and memory")[0]
     assert "## Can these numbers be trusted?" in head and "Machine load" in head
     assert "No cell was flagged" in head or "flagged" in head
-

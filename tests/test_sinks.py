@@ -22,8 +22,20 @@ WINDOWS = [None, 0, 2, 200]
 SINKS = [1, 3, 200]
 
 
-def oracle(q, k, v, w, *, kernel="softmax", causal=False, mask=None, window=None,
-           linear_factor=None, sinks=0, scale=None):
+def oracle(
+    q,
+    k,
+    v,
+    w,
+    *,
+    kernel="softmax",
+    causal=False,
+    mask=None,
+    window=None,
+    linear_factor=None,
+    sinks=0,
+    scale=None,
+):
     """``favor_naive`` (float64, L x L) with the same data-dependent feature parameters;
     padded keys and values zeroed first, as ``favor_attention`` does."""
     if mask is not None:
@@ -32,8 +44,18 @@ def oracle(q, k, v, w, *, kernel="softmax", causal=False, mask=None, window=None
     fm = get_feature_map(kernel)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     params = fm.prepare(w, q, k, mask, scale)
-    return favor_naive(q, k, v, fm, params, causal=causal, key_padding_mask=mask,
-                       window=window, linear_factor=linear_factor, sinks=sinks)
+    return favor_naive(
+        q,
+        k,
+        v,
+        fm,
+        params,
+        causal=causal,
+        key_padding_mask=mask,
+        window=window,
+        linear_factor=linear_factor,
+        sinks=sinks,
+    )
 
 
 def per_head(heads, m, d, dtype=torch.float64):
@@ -50,10 +72,10 @@ def mixed_mask(b, length, seed=0):
         if kind == 1:
             mask[row, :n] = True
         elif kind == 2:
-            mask[row, length - n:] = True
+            mask[row, length - n :] = True
         else:
             start = int(torch.randint(0, length, (1,), generator=g))
-            mask[row, start:start + n] = True
+            mask[row, start : start + n] = True
     return mask
 
 
@@ -82,7 +104,8 @@ def by_pairs(q, k, v, phi, *, causal, mask, window, factor, sinks, scale):
                     if causal and j > i:
                         continue
                     near = window is not None and (
-                        (i - window < j <= i) if causal else abs(i - j) <= window)
+                        (i - window < j <= i) if causal else abs(i - j) <= window
+                    )
                     if near or j in sink:
                         a = math.exp(scale * float(q[b, h, i] @ k[b, h, j]))
                     else:
@@ -111,14 +134,35 @@ def test_oracle_is_the_pairwise_definition(causal, window, sinks):
         xs = x * math.sqrt(scale)
         return torch.exp(w @ xs - xs.square().sum() / 2) / math.sqrt(w.shape[0])
 
-    got = oracle(q, k, v, w, causal=causal, mask=mask, window=window, linear_factor=factor,
-                 sinks=sinks, scale=scale)
-    want = by_pairs(q, k, v, phi, causal=causal, mask=mask, window=window, factor=factor,
-                    sinks=sinks, scale=scale)
+    got = oracle(
+        q,
+        k,
+        v,
+        w,
+        causal=causal,
+        mask=mask,
+        window=window,
+        linear_factor=factor,
+        sinks=sinks,
+        scale=scale,
+    )
+    want = by_pairs(
+        q,
+        k,
+        v,
+        phi,
+        causal=causal,
+        mask=mask,
+        window=window,
+        factor=factor,
+        sinks=sinks,
+        scale=scale,
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # The sinks matter: without them the result is different.
-    plain = oracle(q, k, v, w, causal=causal, mask=mask, window=window, linear_factor=factor,
-                   scale=scale)
+    plain = oracle(
+        q, k, v, w, causal=causal, mask=mask, window=window, linear_factor=factor, scale=scale
+    )
     assert (plain - got).abs().max() > 1e-3
 
 
@@ -133,8 +177,16 @@ def test_sinks_match_oracle_with_padding_garbage(kernel, causal, length, window,
     w = per_head(3, 12, 8)
     mask = mixed_mask(4, length, seed=length)
     kw = dict(kernel=kernel, causal=causal, window=window, linear_factor=FACTOR, sinks=sinks)
-    out = linattn.favor_attention(q, garbage(k, mask), garbage(v, mask, seed=1), w,
-                                  key_padding_mask=mask, chunk_size=16, block_size=7, **kw)
+    out = linattn.favor_attention(
+        q,
+        garbage(k, mask),
+        garbage(v, mask, seed=1),
+        w,
+        key_padding_mask=mask,
+        chunk_size=16,
+        block_size=7,
+        **kw,
+    )
     ref = oracle(q, k, v, w, mask=mask, **kw)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
@@ -179,10 +231,14 @@ def test_sinks_zero_is_the_plain_hybrid():
     for causal in (False, True):
         for window in (None, 4):
             kw = dict(causal=causal, window=window, key_padding_mask=mask)
-            assert torch.equal(linattn.favor_attention(q, k, v, w, sinks=0, **kw),
-                               linattn.favor_attention(q, k, v, w, **kw))
-            assert not torch.equal(linattn.favor_attention(q, k, v, w, sinks=1, **kw),
-                                   linattn.favor_attention(q, k, v, w, **kw))
+            assert torch.equal(
+                linattn.favor_attention(q, k, v, w, sinks=0, **kw),
+                linattn.favor_attention(q, k, v, w, **kw),
+            )
+            assert not torch.equal(
+                linattn.favor_attention(q, k, v, w, sinks=1, **kw),
+                linattn.favor_attention(q, k, v, w, **kw),
+            )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -192,10 +248,18 @@ def test_window_none_sinks_are_the_only_exact_keys(causal):
     w = projection(16, 8)
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask[1, :5] = True
-    out = linattn.favor_attention(q, k, v, w, causal=causal, sinks=2, key_padding_mask=mask,
-                                  linear_factor=torch.zeros((), dtype=torch.float64))
+    out = linattn.favor_attention(
+        q,
+        k,
+        v,
+        w,
+        causal=causal,
+        sinks=2,
+        key_padding_mask=mask,
+        linear_factor=torch.zeros((), dtype=torch.float64),
+    )
     for b, first in ((0, 0), (1, 5)):
-        ks, vs = k[b, :, first:first + 2], v[b, :, first:first + 2]
+        ks, vs = k[b, :, first : first + 2], v[b, :, first : first + 2]
         want = torch.softmax(q[b] @ ks.transpose(-2, -1) / math.sqrt(8), -1) @ vs
         rows = slice(first + 1, None) if causal else slice(None)
         torch.testing.assert_close(out[b, :, rows], want[:, rows], rtol=1e-10, atol=1e-10)
@@ -215,9 +279,20 @@ def test_gradcheck(kernel, causal, window):
     mask[1, :3] = True
 
     def fn(q, k, v, w, lf):
-        return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
-                                       window=window, sinks=2, linear_factor=lf,
-                                       key_padding_mask=mask, chunk_size=3, block_size=4)
+        return linattn.favor_attention(
+            q,
+            k,
+            v,
+            w,
+            kernel=kernel,
+            causal=causal,
+            window=window,
+            sinks=2,
+            linear_factor=lf,
+            key_padding_mask=mask,
+            chunk_size=3,
+            block_size=4,
+        )
 
     assert gradcheck(fn, (q, k, v, w, lf), eps=1e-6, atol=1e-6)
 
@@ -249,8 +324,7 @@ def test_padding_invariance(causal, side, window, kernel):
     q, k, v = (randn(b, 2, length, 8, seed=s) for s in range(3))
     w = projection(16, 8)
     lf = torch.tensor([0.3, 2.0], dtype=torch.float64)
-    kw = dict(kernel=kernel, causal=causal, window=window, linear_factor=lf, sinks=2,
-              chunk_size=8)
+    kw = dict(kernel=kernel, causal=causal, window=window, linear_factor=lf, sinks=2, chunk_size=8)
     ref = linattn.favor_attention(q, k, v, w, **kw)
     junk = [randn(b, 2, pad, 8, seed=10 + s) * 1e30 for s in range(3)]
     junk[1][..., 0, :] = float("nan")
@@ -276,17 +350,19 @@ def test_adversarial_future_keys_do_not_leak(dtype, window, kernel):
     # Row 1: 70 padded keys first, so its sinks (positions 70..74) come late.
     mask = torch.zeros(2, 256, dtype=torch.bool)
     mask[1, :70] = True
-    kw = dict(kernel=kernel, causal=True, window=window, sinks=5, chunk_size=64,
-              key_padding_mask=mask)
+    kw = dict(
+        kernel=kernel, causal=True, window=window, sinks=5, chunk_size=64, key_padding_mask=mask
+    )
     base = linattn.favor_attention(q, k, v, w, **kw)
     for p in (2, 10, 63, 72, 100):
         k2, v2 = k.clone(), v.clone()
-        k2[..., p + 1:, :] *= 60.0
-        v2[..., p + 1:, :] = 1e6
+        k2[..., p + 1 :, :] *= 60.0
+        v2[..., p + 1 :, :] = 1e6
         out = linattn.favor_attention(q, k2, v2, w, **kw)
         assert torch.isfinite(out[..., : p + 1, :]).all()
-        torch.testing.assert_close(out[..., : p + 1, :], base[..., : p + 1, :],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out[..., : p + 1, :], base[..., : p + 1, :], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("window", [None, 4], ids=lambda w: f"w{w}")
@@ -297,8 +373,9 @@ def test_causal_prefix_consistency(window):
     kw = dict(causal=True, window=window, sinks=3, chunk_size=16)
     full = linattn.favor_attention(q, k, v, w, key_padding_mask=mask, **kw)
     for n in (1, 5, 41):
-        part = linattn.favor_attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], w,
-                                       key_padding_mask=mask[:, :n], **kw)
+        part = linattn.favor_attention(
+            q[..., :n, :], k[..., :n, :], v[..., :n, :], w, key_padding_mask=mask[:, :n], **kw
+        )
         torch.testing.assert_close(part, full[..., :n, :], rtol=1e-10, atol=1e-10)
 
 
@@ -312,8 +389,9 @@ def test_float32_close_to_float64_oracle():
         for window in (None, 8):
             kw = dict(kernel="softmax", causal=causal, window=window, sinks=2)
             ref = oracle(q, k, v, w, linear_factor=lf, **kw)
-            out = linattn.favor_attention(*(t.float() for t in (q, k, v)), w.float(),
-                                          linear_factor=lf.float(), **kw)
+            out = linattn.favor_attention(
+                *(t.float() for t in (q, k, v)), w.float(), linear_factor=lf.float(), **kw
+            )
             torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -349,20 +427,26 @@ def test_recurrent_equals_parallel(kernel, window, sinks, step):
     mask[1, 1:5] = True  # a hole between the first and the second sink
     mask[1, 20:24] = True
     kw = dict(kernel=kernel, window=window, sinks=sinks, linear_factor=FACTOR)
-    par = linattn.favor_attention(q, garbage(k, mask), v, w, causal=True,
-                                  key_padding_mask=mask, chunk_size=8, **kw)
+    par = linattn.favor_attention(
+        q, garbage(k, mask), v, w, causal=True, key_padding_mask=mask, chunk_size=8, **kw
+    )
     state, outs = None, []
     for s in range(0, length, step):
         sl = slice(s, s + step)
         o, state = linattn.favor_recurrent(
-            q[..., sl, :], garbage(k, mask)[..., sl, :], v[..., sl, :], w, state=state,
-            key_padding_mask=mask[:, sl], **kw)
+            q[..., sl, :],
+            garbage(k, mask)[..., sl, :],
+            v[..., sl, :],
+            w,
+            state=state,
+            key_padding_mask=mask[:, sl],
+            **kw,
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     band = 0 if window is None else window
     assert state.keys.shape == (3, 3, band, 8)
-    assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3,
-                                                                                      sinks, 8)
+    assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3, sinks, 8)
     assert state.sink_padding.shape == (3, sinks)
     assert state.seen.tolist() == (~mask).sum(-1).tolist()
     # The sinks that left the window are kept, the others are empty slots.
@@ -398,9 +482,11 @@ def test_recurrent_state_checks():
 
 
 # ----------------------------------------------------------------- validation
-@pytest.mark.parametrize("value,exc", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
-                                       ("2", TypeError), (None, TypeError)],
-                         ids=["negative", "float", "bool", "str", "none"])
+@pytest.mark.parametrize(
+    "value,exc",
+    [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError), (None, TypeError)],
+    ids=["negative", "float", "bool", "str", "none"],
+)
 def test_bad_sinks_raise(value, exc):
     q = randn(2, 3, 10, 8)
     w = projection(16, 8)
@@ -427,8 +513,9 @@ def test_sinks_need_self_attention():
 @pytest.mark.parametrize("window", [None, 3], ids=lambda w: f"w{w}")
 def test_module_forward_step_and_state_dict(kernel, window):
     torch.manual_seed(0)
-    kw = dict(kernel=kernel, causal=True, window=window, sinks=2, batch_first=True,
-              dtype=torch.float64)
+    kw = dict(
+        kernel=kernel, causal=True, window=window, sinks=2, batch_first=True, dtype=torch.float64
+    )
     attn = linattn.PerformerAttention(16, 2, **kw)
     assert attn.sinks == 2 and attn.options().sinks == 2
     assert "sinks=2" in repr(attn)
@@ -443,13 +530,23 @@ def test_module_forward_step_and_state_dict(kernel, window):
     out = attn(x, key_padding_mask=mask)[0]
     # The oracle on the module's own projections.
     q, k, v = (attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    ref = oracle(q, k, v, attn.projection.detach(), kernel=kernel, causal=True, mask=mask,
-                 window=window, sinks=2, linear_factor=attn.linear_factor())
+    ref = oracle(
+        q,
+        k,
+        v,
+        attn.projection.detach(),
+        kernel=kernel,
+        causal=True,
+        mask=mask,
+        window=window,
+        sinks=2,
+        linear_factor=attn.linear_factor(),
+    )
     torch.testing.assert_close(out, attn._finish(ref), rtol=1e-10, atol=1e-10)
     # Recurrent steps equal the parallel form (no padding here: step takes none).
     state, outs = None, []
     for t in range(0, 13, 5):
-        o, state = attn.step(x[:, t:t + 5], state, t)
+        o, state = attn.step(x[:, t : t + 5], state, t)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), attn(x)[0], rtol=1e-10, atol=1e-10)
     # state_dict round trip: a fresh module with the same options reproduces the outputs.
@@ -460,8 +557,7 @@ def test_module_forward_step_and_state_dict(kernel, window):
 
 def test_module_sinks_change_the_output():
     torch.manual_seed(0)
-    a = linattn.PerformerAttention(16, 2, window=2, sinks=1, batch_first=True,
-                                   dtype=torch.float64)
+    a = linattn.PerformerAttention(16, 2, window=2, sinks=1, batch_first=True, dtype=torch.float64)
     b = linattn.PerformerAttention(16, 2, window=2, batch_first=True, dtype=torch.float64)
     b.load_state_dict(a.state_dict())
     x = randn(2, 20, 16)
@@ -471,8 +567,17 @@ def test_module_sinks_change_the_output():
 def test_model_config_reaches_the_layers_and_generation():
     from linattn.models import CausalLM, ModelConfig
 
-    cfg = ModelConfig(vocab_size=50, dim=16, depth=2, heads=2, attention="favor", window=2,
-                      sinks=3, causal=True, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=50,
+        dim=16,
+        depth=2,
+        heads=2,
+        attention="favor",
+        window=2,
+        sinks=3,
+        causal=True,
+        max_seq_len=64,
+    )
     assert cfg.favor_options().sinks == 3
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sinks == 3
     model = CausalLM(cfg).double().eval()
@@ -483,7 +588,7 @@ def test_model_config_reaches_the_layers_and_generation():
     logits, caches = model.step_logits(ids[:, :6], None, 0)
     steps = [logits]
     for t in range(6, 17):
-        logits, caches = model.step_logits(ids[:, t:t + 1], caches, t)
+        logits, caches = model.step_logits(ids[:, t : t + 1], caches, t)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
 
@@ -502,16 +607,35 @@ def test_train_flag_reaches_the_model(monkeypatch, tmp_path, capsys):
         return {"finished": False}
 
     monkeypatch.setattr(train_pkg, "train", fake_train)
-    assert main(["train", "--attention", "favor", "--window", "4", "--sinks", "2",
-                 "--dim", "16", "--heads", "2", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--attention",
+                "favor",
+                "--window",
+                "4",
+                "--sinks",
+                "2",
+                "--dim",
+                "16",
+                "--heads",
+                "2",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     cfg = seen["cfg"]
     assert (cfg.window, cfg.sinks) == (4, 2)
     layers = CausalLM(ByteLM(cfg, data={}).model_config()).encoder.performer_layers()
     assert layers and all(a.sinks == 2 and a.window == 4 for a in layers)
     assert main(["train", "--sinks", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "--sinks: must be >= 0" in capsys.readouterr().err
-    assert main(["train", "--attention", "exact", "--sinks", "1",
-                 "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["train", "--attention", "exact", "--sinks", "1", "--out", str(tmp_path / "y")]) == 2
+    )
     assert "sinks applies to attention='favor' only" in capsys.readouterr().err
     assert "attention sinks" in _help(["train", "--help"], capsys)
 
@@ -552,8 +676,15 @@ def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(experiment, "run", fake_run)
     monkeypatch.setattr(experiment, "format_summary", lambda s: "")
-    base = ["convert", "--model", str(tmp_path / "model"), "--steps", "0",
-            "--out", str(tmp_path / "out")]
+    base = [
+        "convert",
+        "--model",
+        str(tmp_path / "model"),
+        "--steps",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*base, "--window", "4", "--sinks", "2"]) == 0
     assert seen["options"]["sinks"] == 2 and seen["options"]["window"] == 4
     seen.clear()

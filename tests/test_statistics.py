@@ -11,8 +11,10 @@ from linattn.features import FeatureParams, exact_features, get_feature_map
 
 def _draws(n, m, d, *, orthogonal=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [linattn.draw_projection(m, d, orthogonal=orthogonal, generator=g,
-                                    dtype=torch.float64) for _ in range(n)]
+    return [
+        linattn.draw_projection(m, d, orthogonal=orthogonal, generator=g, dtype=torch.float64)
+        for _ in range(n)
+    ]
 
 
 def _kernel_estimates(kernel, x, y, draws, params_fn=None):
@@ -36,8 +38,11 @@ def test_kernel_estimate_unbiased(kernel, orthogonal):
 
     def params_fn(w):
         # FAVOR++ with its data-dependent A for these points (unbiased for any A < 1/8).
-        return fm.prepare(w, x[None], y[None], None, 1.0) if kernel == "softmax_opt" else \
-            FeatureParams(w, 1.0)
+        return (
+            fm.prepare(w, x[None], y[None], None, 1.0)
+            if kernel == "softmax_opt"
+            else FeatureParams(w, 1.0)
+        )
 
     if kernel == "softmax_opt":
         p = params_fn(torch.eye(d, dtype=torch.float64))
@@ -46,8 +51,9 @@ def test_kernel_estimate_unbiased(kernel, orthogonal):
         def params_fn(w, p=p):
             return FeatureParams(w, 1.0, p.opt_a, p.opt_b)
 
-    est = _kernel_estimates(kernel, x[None], y[None], _draws(4000, m, d, orthogonal=orthogonal),
-                            params_fn)
+    est = _kernel_estimates(
+        kernel, x[None], y[None], _draws(4000, m, d, orthogonal=orthogonal), params_fn
+    )
     mean, se = est.mean(0), est.std(0) / math.sqrt(est.shape[0])
     target = torch.exp((x * y).sum(-1))[None]
     z = ((mean - target) / se).abs()

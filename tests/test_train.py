@@ -15,9 +15,23 @@ from linattn.train.compare import parse_spec, spec_label, spec_name
 
 
 def tiny(task, **kw):
-    base = dict(task=task, attention="favor", dim=32, depth=1, heads=2, seq_len=64,
-                batch_size=8, steps=30, lr=3e-3, warmup=3, eval_every=15, eval_batches=2,
-                log_every=1, checkpoint_every=10, num_features=16)
+    base = dict(
+        task=task,
+        attention="favor",
+        dim=32,
+        depth=1,
+        heads=2,
+        seq_len=64,
+        batch_size=8,
+        steps=30,
+        lr=3e-3,
+        warmup=3,
+        eval_every=15,
+        eval_batches=2,
+        log_every=1,
+        checkpoint_every=10,
+        num_features=16,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -31,8 +45,9 @@ def byte_data():
 
 def listops_splits():
     # 16 training examples: 40 steps of 8 are 20 epochs, so the loss must fall (memorized).
-    return listops.splits(train=16, val=32, test=32, seed=0, min_length=10, max_length=60,
-                          cache=False)
+    return listops.splits(
+        train=16, val=32, test=32, seed=0, min_length=10, max_length=60, cache=False
+    )
 
 
 def fortunes_dataset():
@@ -41,28 +56,44 @@ def fortunes_dataset():
     return {"labels": ["greek", "numbers"], "train": rows[:100], "test": rows[100:]}
 
 
-DATA = {"bytes": {"data": byte_data}, "listops": {"splits": listops_splits},
-        "fortunes": {"dataset": fortunes_dataset}}
+DATA = {
+    "bytes": {"data": byte_data},
+    "listops": {"splits": listops_splits},
+    "fortunes": {"dataset": fortunes_dataset},
+}
 
 
 def make_task(cfg):
-    (key, fn), = DATA[cfg.task].items()
+    ((key, fn),) = DATA[cfg.task].items()
     return build_task(cfg, **{key: fn()})
 
 
-@pytest.mark.parametrize("task,attention", [("bytes", "favor"), ("bytes", "exact"),
-                                            ("bytes", "favor-hedgehog-w16"),
-                                            ("listops", "favor"), ("listops", "linformer"),
-                                            ("listops", "favor-hedgehog-w8"),
-                                            ("fortunes", "favor-relu")])
+@pytest.mark.parametrize(
+    "task,attention",
+    [
+        ("bytes", "favor"),
+        ("bytes", "exact"),
+        ("bytes", "favor-hedgehog-w16"),
+        ("listops", "favor"),
+        ("listops", "linformer"),
+        ("listops", "favor-hedgehog-w8"),
+        ("fortunes", "favor-relu"),
+    ],
+)
 def test_short_run_learns_and_writes_its_files(tmp_path, task, attention):
     cfg = tiny(task, **parse_spec(attention), steps=40 if task != "bytes" else 30)
     s = train(cfg, tmp_path, task=make_task(cfg), progress=False)
     assert s["finished"]
     first, last = sum(s["losses"][:5]) / 5, sum(s["losses"][-5:]) / 5
     assert last < first
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png",
-                 "checkpoint.pt", "model/model.pt"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "checkpoint.pt",
+        "model/model.pt",
+    ):
         assert (tmp_path / name).exists(), name
     rows = read_metrics(tmp_path / "metrics.jsonl")
     expected = [15, 30] if task == "bytes" else [15, 30, 40]
@@ -73,7 +104,10 @@ def test_short_run_learns_and_writes_its_files(tmp_path, task, attention):
     model = load_model(tmp_path / "model")
     assert sum(p.numel() for p in model.parameters()) == s["parameters"]
     assert (model.cfg.attention, model.cfg.kernel, model.cfg.window) == (
-        cfg.attention, cfg.kernel, cfg.window)
+        cfg.attention,
+        cfg.kernel,
+        cfg.window,
+    )
     if task == "bytes":
         assert s["test"]["bits_per_byte"] < 8.0  # below the uniform 8 bits per byte
 
@@ -82,8 +116,15 @@ def test_short_run_learns_and_writes_its_files(tmp_path, task, attention):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, attention):
     # Dropout and FAVOR+ redraws make the RNG and redraw state part of what must resume.
     spec = parse_spec(attention)
-    cfg = tiny("bytes", **spec, steps=8, dropout=0.1, checkpoint_every=100, eval_every=100,
-               redraw_interval=None if spec["kernel"] == "hedgehog" else 3)
+    cfg = tiny(
+        "bytes",
+        **spec,
+        steps=8,
+        dropout=0.1,
+        checkpoint_every=100,
+        eval_every=100,
+        redraw_interval=None if spec["kernel"] == "hedgehog" else 3,
+    )
     full = train(cfg, tmp_path / "full", task=make_task(cfg), progress=False)
     part = train(cfg, tmp_path / "cut", task=make_task(cfg), progress=False, stop_after=5)
     assert not part["finished"] and len(part["losses"]) == 5
@@ -92,8 +133,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, attention):
     a = load_model(tmp_path / "full" / "model").state_dict()
     b = load_model(tmp_path / "cut" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")
-             if r["split"] == "train"]
+    steps = [
+        r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if r["split"] == "train"
+    ]
     assert steps == list(range(1, 9))
 
 
@@ -125,15 +167,58 @@ def test_missing_corpus_says_what_to_install(tmp_path, monkeypatch):
 
 
 def _cli(out, nproc=None):
-    args = ["-m", "linattn", "train", "--task", "listops", "--attention", "favor",
-            "--listops-train", "64", "--listops-eval", "16", "--listops-min-len", "10",
-            "--listops-max-len", "60", "--seq-len", "64", "--dim", "32", "--depth", "2",
-            "--heads", "2", "--num-features", "16", "--redraw-interval", "2",
-            "--batch-size", "8", "--steps", "5", "--eval-every", "5", "--eval-batches", "1",
-            "--log-every", "1", "--warmup", "1", "--out", str(out)]
+    args = [
+        "-m",
+        "linattn",
+        "train",
+        "--task",
+        "listops",
+        "--attention",
+        "favor",
+        "--listops-train",
+        "64",
+        "--listops-eval",
+        "16",
+        "--listops-min-len",
+        "10",
+        "--listops-max-len",
+        "60",
+        "--seq-len",
+        "64",
+        "--dim",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--num-features",
+        "16",
+        "--redraw-interval",
+        "2",
+        "--batch-size",
+        "8",
+        "--steps",
+        "5",
+        "--eval-every",
+        "5",
+        "--eval-batches",
+        "1",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     if nproc:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
     return [sys.executable, *args]
 
 
@@ -142,8 +227,7 @@ def _cli(out, nproc=None):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "LINATTN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     for out, nproc in ((tmp_path / "one", None), (tmp_path / "two", 2)):
-        r = subprocess.run(_cli(out, nproc), env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(_cli(out, nproc), env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if r["split"] == "train"]
     two = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["split"] == "train"]
@@ -164,10 +248,25 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
     from linattn.train.compare import compare
 
     monkeypatch.setenv("LINATTN_CACHE", str(tmp_path / "cache"))
-    cfg = TrainConfig(task="listops", dim=32, depth=1, heads=2, seq_len=64, batch_size=8,
-                      steps=4, eval_every=4, eval_batches=1, log_every=1, warmup=1,
-                      listops_train=32, listops_eval=8, listops_min_len=10,
-                      listops_max_len=60, num_features=16, proj_dim=8)
+    cfg = TrainConfig(
+        task="listops",
+        dim=32,
+        depth=1,
+        heads=2,
+        seq_len=64,
+        batch_size=8,
+        steps=4,
+        eval_every=4,
+        eval_batches=1,
+        log_every=1,
+        warmup=1,
+        listops_train=32,
+        listops_eval=8,
+        listops_min_len=10,
+        listops_max_len=60,
+        num_features=16,
+        proj_dim=8,
+    )
     kinds = ("exact", "favor-hedgehog-w8", "linformer")
     result = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
     assert [r["attention"] for r in result["results"]] == list(kinds)
@@ -183,33 +282,53 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
     stamps = {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns for k in kinds}
     again = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
     assert again["results"] == result["results"]
-    assert stamps == {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns
-                      for k in kinds}
+    assert stamps == {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns for k in kinds}
 
 
 @pytest.mark.parametrize(
     "spec,fields",
-    [("exact", ("exact", "softmax", None)), ("favor", ("favor", "softmax", None)),
-     ("favor-relu", ("favor", "relu", None)), ("favor-w16", ("favor", "softmax", 16)),
-     ("favor-hedgehog-w64", ("favor", "hedgehog", 64)),
-     ("favor-softmax_hyp", ("favor", "softmax_hyp", None)),
-     ("favor-m128", ("favor", "softmax", None, 128)),
-     ("favor-hedgehog-m32-w8", ("favor", "hedgehog", 8, 32)),
-     ("linformer", ("linformer", "softmax", None))],
+    [
+        ("exact", ("exact", "softmax", None)),
+        ("favor", ("favor", "softmax", None)),
+        ("favor-relu", ("favor", "relu", None)),
+        ("favor-w16", ("favor", "softmax", 16)),
+        ("favor-hedgehog-w64", ("favor", "hedgehog", 64)),
+        ("favor-softmax_hyp", ("favor", "softmax_hyp", None)),
+        ("favor-m128", ("favor", "softmax", None, 128)),
+        ("favor-hedgehog-m32-w8", ("favor", "hedgehog", 8, 32)),
+        ("linformer", ("linformer", "softmax", None)),
+    ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_attention_specs_round_trip(spec, fields):
     f = parse_spec(spec)
-    assert (f["attention"], f["kernel"], f["window"], *(
-        [f["num_features"]] if "num_features" in f else [])) == fields
+    assert (
+        f["attention"],
+        f["kernel"],
+        f["window"],
+        *([f["num_features"]] if "num_features" in f else []),
+    ) == fields
     task = "listops" if spec == "linformer" else "bytes"
     assert spec_name(TrainConfig(task=task, **f)) == spec
     assert spec_label(spec)
 
 
-@pytest.mark.parametrize("spec", ["softmax", "relu", "exact-relu", "linformer-w8",
-                                  "exact-m64", "favor-w8-relu", "favor-relu-relu",
-                                  "favor-w8-m4", "favor-cosine", "favor-", ""])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "softmax",
+        "relu",
+        "exact-relu",
+        "linformer-w8",
+        "exact-m64",
+        "favor-w8-relu",
+        "favor-relu-relu",
+        "favor-w8-m4",
+        "favor-cosine",
+        "favor-",
+        "",
+    ],
+)
 def test_bad_attention_specs(spec):
     with pytest.raises(ValueError, match=r"attention|kernel must be one of"):
         parse_spec(spec)
@@ -220,12 +339,47 @@ def test_cli_trains_hedgehog_with_a_window(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("LINATTN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    args = ["train", "--task", "listops", "--attention", "favor", "--kernel", "hedgehog",
-            "--window", "16", "--listops-train", "32", "--listops-eval", "8",
-            "--listops-min-len", "10", "--listops-max-len", "60", "--seq-len", "64",
-            "--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "4", "--steps",
-            "3", "--eval-every", "3", "--eval-batches", "1", "--log-every", "1", "--warmup",
-            "1", "--out", str(out)]
+    args = [
+        "train",
+        "--task",
+        "listops",
+        "--attention",
+        "favor",
+        "--kernel",
+        "hedgehog",
+        "--window",
+        "16",
+        "--listops-train",
+        "32",
+        "--listops-eval",
+        "8",
+        "--listops-min-len",
+        "10",
+        "--listops-max-len",
+        "60",
+        "--seq-len",
+        "64",
+        "--dim",
+        "16",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--log-every",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "listops/favor-hedgehog-w16" in capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())

@@ -80,19 +80,29 @@ def perturb(model, seed=0):
         for m in converted_layers(model):
             s = m.linattn
             if isinstance(s.projection, torch.nn.Parameter):
-                s.projection.add_(0.3 * torch.randn(s.projection.shape, generator=g,
-                                                    dtype=s.projection.dtype))
+                s.projection.add_(
+                    0.3 * torch.randn(s.projection.shape, generator=g, dtype=s.projection.dtype)
+                )
             if s.log_linear_factor is not None:
-                s.log_linear_factor.add_(torch.randn(s.log_linear_factor.shape,
-                                                       generator=g,
-                                                       dtype=s.log_linear_factor.dtype))
+                s.log_linear_factor.add_(
+                    torch.randn(
+                        s.log_linear_factor.shape, generator=g, dtype=s.log_linear_factor.dtype
+                    )
+                )
     return model
 
 
 CASES = [
-    ("hedgehog", None, 0), ("hedgehog", 0, 0), ("hedgehog", 3, 0), ("softmax", 3, 0),
-    ("softmax", None, 0), ("hedgehog", 3, 1), ("hedgehog", None, 2), ("hedgehog", 0, 2),
-    ("softmax", 2, 3), ("softmax", None, 1),
+    ("hedgehog", None, 0),
+    ("hedgehog", 0, 0),
+    ("hedgehog", 3, 0),
+    ("softmax", 3, 0),
+    ("softmax", None, 0),
+    ("hedgehog", 3, 1),
+    ("hedgehog", None, 2),
+    ("hedgehog", 0, 2),
+    ("softmax", 2, 3),
+    ("softmax", None, 1),
 ]
 CASE_IDS = [f"{k}-w{w}" + (f"-s{s}" if s else "") for k, w, s in CASES]
 
@@ -125,13 +135,24 @@ def test_attention_function_equals_the_float64_oracle(make, kernel, window, sink
         def phi(x):
             return hedgehog_phi(x, w, module.scaling)
     else:
+
         def phi(x):
             return favor_phi(x, w, module.scaling)
+
     factor = state.linear_factor()
     assert (factor is None) == (kernel != "hedgehog")
-    ref = hybrid_oracle(q, kr, vr, phi, window=window,
-                        factor=None if factor is None else factor.double(), causal=causal,
-                        mask=~keep, scale=module.scaling, sinks=sinks)
+    ref = hybrid_oracle(
+        q,
+        kr,
+        vr,
+        phi,
+        window=window,
+        factor=None if factor is None else factor.double(),
+        causal=causal,
+        mask=~keep,
+        scale=module.scaling,
+        sinks=sinks,
+    )
     got = out.transpose(1, 2)
     real = slice(3, None) if causal else slice(None)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
@@ -174,11 +195,11 @@ def test_exact_attention_of_a_query_without_keys_is_zero():
 # ----------------------------------------------------------------- padding, decoding
 @pytest.mark.parametrize("kernel", ["hedgehog", "softmax"])
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("window,sinks", [(2, 0), (2, 1), (None, 2)],
-                         ids=["w2", "w2-s1", "s2"])
+@pytest.mark.parametrize("window,sinks", [(2, 0), (2, 1), (None, 2)], ids=["w2", "w2-s1", "s2"])
 def test_encoder_padding_is_exact_with_a_window(kernel, side, window, sinks):
-    model = perturb(convert(tiny_bert(), "favor", kernel=kernel, window=window,
-                            sinks=sinks).double())
+    model = perturb(
+        convert(tiny_bert(), "favor", kernel=kernel, window=window, sinks=sinks).double()
+    )
     lengths = [13, 7, 10]
     seqs = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
@@ -198,8 +219,7 @@ def test_encoder_padding_is_exact_with_a_window(kernel, side, window, sinks):
 @pytest.mark.parametrize("kernel", ["hedgehog", "softmax"])
 @pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
 def test_decoder_left_padding_is_exact_with_a_window(kernel, sinks):
-    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=3,
-                            sinks=sinks).double())
+    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=3, sinks=sinks).double())
     a, b = ids(1, 11, seed=1), ids(1, 6, seed=2)
     x, mask = left_padded(a, b)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
@@ -208,40 +228,56 @@ def test_decoder_left_padding_is_exact_with_a_window(kernel, sinks):
     torch.testing.assert_close(out[1, 5:], model(b).logits[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("kernel,window,sinks", [
-    ("hedgehog", 4, 0), ("softmax", 4, 0), ("hedgehog", 1, 0), ("hedgehog", 4, 2),
-    ("softmax", None, 1), ("hedgehog", 0, 3),
-], ids=["hedgehog-w4", "softmax-w4", "hedgehog-w1", "hedgehog-w4-s2", "softmax-s1",
-        "hedgehog-w0-s3"])
+@pytest.mark.parametrize(
+    "kernel,window,sinks",
+    [
+        ("hedgehog", 4, 0),
+        ("softmax", 4, 0),
+        ("hedgehog", 1, 0),
+        ("hedgehog", 4, 2),
+        ("softmax", None, 1),
+        ("hedgehog", 0, 3),
+    ],
+    ids=[
+        "hedgehog-w4",
+        "softmax-w4",
+        "hedgehog-w1",
+        "hedgehog-w4-s2",
+        "softmax-s1",
+        "hedgehog-w0-s3",
+    ],
+)
 def test_cache_steps_and_generate_equal_recomputation_with_a_window(kernel, window, sinks):
-    model = perturb(convert(tiny_llama(), "favor", kernel=kernel, window=window,
-                            sinks=sinks).double())
+    model = perturb(
+        convert(tiny_llama(), "favor", kernel=kernel, window=window, sinks=sinks).double()
+    )
     x = ids(2, 15)
     full = model(x).logits
     cache = FavorCache(model)
     out = [model(x[:, :6], past_key_values=cache, use_cache=True).logits]
     for t in range(6, 15):
-        out.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-10, atol=1e-10)
 
     prompt = ids(1, 9, seed=3)
-    res = model.generate(prompt, max_new_tokens=10, do_sample=False,
-                         return_dict_in_generate=True)
+    res = model.generate(prompt, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     assert isinstance(res.past_key_values, FavorCache)
     seq = prompt
     for _ in range(10):
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(res.sequences, seq)
-    short = model.generate(prompt, max_new_tokens=2, do_sample=False,
-                           return_dict_in_generate=True).past_key_values
+    short = model.generate(
+        prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True
+    ).past_key_values
     # The window's keys and values are bounded: the state does not grow with the text.
     assert short.state_bytes() == res.past_key_values.state_bytes() > 0
 
 
 @pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
 def test_batched_generation_with_a_window_and_left_padding_equals_one_by_one(sinks):
-    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=3,
-                            sinks=sinks).double())
+    model = perturb(
+        convert(tiny_llama(), "favor", kernel="hedgehog", window=3, sinks=sinks).double()
+    )
     a, b = ids(1, 10, seed=1), ids(1, 6, seed=2)
     x, mask = left_padded(a, b)
     batch = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False)
@@ -255,12 +291,18 @@ def test_beam_search_reorders_the_sink_state(window):
     # Beams reorder every per-sequence field of the state (sink slots, real-token count):
     # the constant-size cache gives the beams a key/value cache (recomputation) gives.
     # A 1-token prompt: sinks 2 and 3 are generated, so they differ between beams.
-    model = perturb(convert(tiny_llama(), "favor", kernel="hedgehog", window=window,
-                            sinks=3).double())
+    model = perturb(
+        convert(tiny_llama(), "favor", kernel="hedgehog", window=window, sinks=3).double()
+    )
     prompt = ids(2, 1, seed=4)
     beams = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
-    exact_cache = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False,
-                                 past_key_values=transformers.DynamicCache())
+    exact_cache = model.generate(
+        prompt,
+        max_new_tokens=6,
+        num_beams=3,
+        do_sample=False,
+        past_key_values=transformers.DynamicCache(),
+    )
     assert torch.equal(beams, exact_cache)
 
 
@@ -282,17 +324,29 @@ def test_hedgehog_state_starts_at_the_identity_per_head():
     torch.testing.assert_close(w[0, :8] @ w[0, :8].T, torch.eye(8), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("opts,exc,match", [
-    ({"kernel": "hedgehog", "redraw_interval": 5}, ValueError, "redraw"),
-    ({"window": -1}, ValueError, "window"),
-    ({"window": 2.5}, ValueError, "window"),
-    ({"window": True}, ValueError, "window"),
-    ({"sinks": -1}, ValueError, "sinks"),
-    ({"sinks": 1.0}, ValueError, "sinks"),
-    ({"sinks": True}, ValueError, "sinks"),
-    ({"sinks": None}, ValueError, "sinks"),
-], ids=["hedgehog-redraw", "negative-window", "float-window", "bool-window",
-        "negative-sinks", "float-sinks", "bool-sinks", "none-sinks"])
+@pytest.mark.parametrize(
+    "opts,exc,match",
+    [
+        ({"kernel": "hedgehog", "redraw_interval": 5}, ValueError, "redraw"),
+        ({"window": -1}, ValueError, "window"),
+        ({"window": 2.5}, ValueError, "window"),
+        ({"window": True}, ValueError, "window"),
+        ({"sinks": -1}, ValueError, "sinks"),
+        ({"sinks": 1.0}, ValueError, "sinks"),
+        ({"sinks": True}, ValueError, "sinks"),
+        ({"sinks": None}, ValueError, "sinks"),
+    ],
+    ids=[
+        "hedgehog-redraw",
+        "negative-window",
+        "float-window",
+        "bool-window",
+        "negative-sinks",
+        "float-sinks",
+        "bool-sinks",
+        "none-sinks",
+    ],
+)
 def test_bad_window_options_raise(opts, exc, match):
     with pytest.raises(exc, match=match):
         convert(tiny_bert(), "favor", **opts)
@@ -321,22 +375,36 @@ def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, sinks):
 
 
 # ----------------------------------------------------------------- attention transfer
-@pytest.mark.parametrize("make,kernel,window,sinks", [
-    (tiny_bert, "hedgehog", None, 0), (tiny_bert, "hedgehog", 2, 0),
-    (tiny_llama, "hedgehog", 2, 0), (tiny_llama, "hedgehog", None, 0),
-    (tiny_bert, "hedgehog", 2, 1), (tiny_llama, "hedgehog", None, 1),
-], ids=["bert-hedgehog", "bert-hedgehog-w2", "llama-hedgehog-w2", "llama-hedgehog",
-        "bert-hedgehog-w2-s1", "llama-hedgehog-s1"])
+@pytest.mark.parametrize(
+    "make,kernel,window,sinks",
+    [
+        (tiny_bert, "hedgehog", None, 0),
+        (tiny_bert, "hedgehog", 2, 0),
+        (tiny_llama, "hedgehog", 2, 0),
+        (tiny_llama, "hedgehog", None, 0),
+        (tiny_bert, "hedgehog", 2, 1),
+        (tiny_llama, "hedgehog", None, 1),
+    ],
+    ids=[
+        "bert-hedgehog",
+        "bert-hedgehog-w2",
+        "llama-hedgehog-w2",
+        "llama-hedgehog",
+        "bert-hedgehog-w2-s1",
+        "llama-hedgehog-s1",
+    ],
+)
 def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, window, sinks):
     teacher = peaky(make().float())
-    model = convert(copy.deepcopy(teacher), "favor", kernel=kernel, window=window,
-                    sinks=sinks)
+    model = convert(copy.deepcopy(teacher), "favor", kernel=kernel, window=window, sinks=sinks)
     weights = {k: v.clone() for k, v in teacher.state_dict().items()}
     tok = ByteTokenizer()
-    cfg = TransferConfig(steps=60, batch_size=8, max_length=32, lr=3e-2, warmup=3,
-                         eval_every=30, checkpoint_every=30)
-    log = transfer(model, tok, TEXTS[:48], TEXTS[48:], cfg, teacher=teacher,
-                   out_dir=tmp_path, progress=False)
+    cfg = TransferConfig(
+        steps=60, batch_size=8, max_length=32, lr=3e-2, warmup=3, eval_every=30, checkpoint_every=30
+    )
+    log = transfer(
+        model, tok, TEXTS[:48], TEXTS[48:], cfg, teacher=teacher, out_dir=tmp_path, progress=False
+    )
     assert [r["step"] for r in log] == [0, 30, 60]
     # A lot, not marginally: the mean teacher-forced attention error at least halves.
     assert log[-1]["attn_rel_error"] < 0.5 * log[0]["attn_rel_error"]
@@ -353,8 +421,7 @@ def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, w
     back = load_converted(tmp_path / "checkpoint").eval()
     x = ids(2, 20)
     key = "last_hidden_state" if make is tiny_bert else "logits"
-    torch.testing.assert_close(getattr(back(x), key), getattr(model(x), key), rtol=0,
-                               atol=1e-6)
+    torch.testing.assert_close(getattr(back(x), key), getattr(model(x), key), rtol=0, atol=1e-6)
 
 
 def test_transfer_parameters_are_the_feature_maps_and_factors():
@@ -386,19 +453,42 @@ class FailingTokenizer(ByteTokenizer):
 
 def test_transfer_resumes_where_it_stopped(tmp_path):
     teacher = peaky(tiny_bert().float())
-    cfg = TransferConfig(steps=12, batch_size=4, max_length=24, lr=1e-2, warmup=2,
-                         eval_every=4, checkpoint_every=4)
+    cfg = TransferConfig(
+        steps=12, batch_size=4, max_length=24, lr=1e-2, warmup=2, eval_every=4, checkpoint_every=4
+    )
     whole = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=1)
-    log = transfer(whole, ByteTokenizer(), TEXTS[:40], TEXTS[40:48], cfg,
-                   out_dir=tmp_path / "a", progress=False)
+    log = transfer(
+        whole,
+        ByteTokenizer(),
+        TEXTS[:40],
+        TEXTS[40:48],
+        cfg,
+        out_dir=tmp_path / "a",
+        progress=False,
+    )
     part = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=1)
     # Calls: evaluation at 0 (2 batches), steps 1..4, evaluation (2): stop in step 6.
     with pytest.raises(Interrupt):
-        transfer(part, FailingTokenizer(fail_at=2 + 4 + 2 + 2), TEXTS[:40], TEXTS[40:48],
-                 cfg, out_dir=tmp_path / "b", progress=False)
+        transfer(
+            part,
+            FailingTokenizer(fail_at=2 + 4 + 2 + 2),
+            TEXTS[:40],
+            TEXTS[40:48],
+            cfg,
+            out_dir=tmp_path / "b",
+            progress=False,
+        )
     fresh = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=1)
-    log2 = transfer(fresh, ByteTokenizer(), TEXTS[:40], TEXTS[40:48], cfg,
-                    out_dir=tmp_path / "b", resume=True, progress=False)
+    log2 = transfer(
+        fresh,
+        ByteTokenizer(),
+        TEXTS[:40],
+        TEXTS[40:48],
+        cfg,
+        out_dir=tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
     assert [r["step"] for r in log2] == [0, 4, 8, 12]
     for a, b in zip(transfer_parameters(whole), transfer_parameters(fresh)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -445,18 +535,21 @@ def test_minilm_short_attention_transfer(tmp_path):
         "Bread is made from flour, water, salt and yeast, then baked in an oven. " * 3,
     ]
     model = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=4)
-    cfg = TransferConfig(steps=8, batch_size=4, max_length=64, lr=3e-2, warmup=1,
-                         eval_every=8, checkpoint_every=0)
-    log = transfer(model, tok, sentences, sentences, cfg, teacher=teacher,
-                   out_dir=tmp_path, progress=False)
+    cfg = TransferConfig(
+        steps=8, batch_size=4, max_length=64, lr=3e-2, warmup=1, eval_every=8, checkpoint_every=0
+    )
+    log = transfer(
+        model, tok, sentences, sentences, cfg, teacher=teacher, out_dir=tmp_path, progress=False
+    )
     # 8 steps only: a clear drop (the full recipe: docs/results/hf_transfer.md).
     assert log[-1]["attn_rel_error"] < 0.95 * log[0]["attn_rel_error"]
     assert log[-1]["mean_cosine"] > log[0]["mean_cosine"]
     back = load_converted(tmp_path / "checkpoint").eval()
     batch = tok(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(back(**batch).last_hidden_state,
-                                   model(**batch).last_hidden_state, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            back(**batch).last_hidden_state, model(**batch).last_hidden_state, rtol=0, atol=1e-5
+        )
 
 
 # ----------------------------------------------------------------- training text
@@ -475,19 +568,21 @@ def test_mixed_training_text_never_meets_a_held_out_passage(monkeypatch):
     monkeypatch.setattr(experiment, "CORPORA", corpora)
     tok = _WordTokenizer()
     kw = dict(eval_texts=20, lengths=(8, 32), long_eval_texts=5)
-    sets = experiment.eval_sets(tok, ("gcide", "python-docs"), train_corpus="gcide",
-                                train_texts=1000, seed=0, **kw)
-    held = {w.strip() for t, _ in sets.values() for text in t for w in text.split()
-            if w != "word"}
-    mixed = experiment.mixed_training_texts(tok, ("gcide", "python-docs"), train_texts=1000,
-                                            max_length=32, seed=0, **kw)
+    sets = experiment.eval_sets(
+        tok, ("gcide", "python-docs"), train_corpus="gcide", train_texts=1000, seed=0, **kw
+    )
+    held = {w.strip() for t, _ in sets.values() for text in t for w in text.split() if w != "word"}
+    mixed = experiment.mixed_training_texts(
+        tok, ("gcide", "python-docs"), train_texts=1000, max_length=32, seed=0, **kw
+    )
     words = [{w for w in text.split() if w != "word"} for text in mixed]
     assert words and not set().union(*words) & held
     # Equally many texts of each corpus, alternating.
     kinds = [next(iter(w))[0] for w in words]
     assert kinds[0::2] == ["g"] * (len(kinds) // 2) and kinds[1::2] == ["p"] * (len(kinds) // 2)
     # One corpus: the training texts run_transfer always used.
-    alone = experiment.mixed_training_texts(tok, ("gcide",), train_texts=1000, max_length=32,
-                                            seed=0, **kw)
+    alone = experiment.mixed_training_texts(
+        tok, ("gcide",), train_texts=1000, max_length=32, seed=0, **kw
+    )
     train = experiment.corpus_texts("gcide", train=1000, test=0, seed=0)[0]
     assert alone == experiment.pack_texts(tok, train, 32)

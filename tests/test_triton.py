@@ -40,11 +40,19 @@ def _oracle(q, k, v, w, kernel, causal, mask):
     """float64 naive attention and its gradients for ``sum(out * g)``."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     if w.dim() == 3:  # one projection per head
-        out = torch.cat([
-            naive(*(t[:, h:h + 1] for t in leaves), w[h], kernel=kernel, causal=causal,
-                  mask=mask)
-            for h in range(w.shape[0])
-        ], dim=1)
+        out = torch.cat(
+            [
+                naive(
+                    *(t[:, h : h + 1] for t in leaves),
+                    w[h],
+                    kernel=kernel,
+                    causal=causal,
+                    mask=mask,
+                )
+                for h in range(w.shape[0])
+            ],
+            dim=1,
+        )
     else:
         out = naive(*leaves, w, kernel=kernel, causal=causal, mask=mask)
     g = randn(*out.shape, seed=7)
@@ -54,20 +62,37 @@ def _oracle(q, k, v, w, kernel, causal, mask):
 def _padding(bsz, length, seed=0):
     # Batch 0 padded at the end, batch 1 at the start (left padding), the rest unpadded.
     mask = torch.zeros(bsz, length, dtype=torch.bool)
-    mask[0, -(length // 4):] = True
+    mask[0, -(length // 4) :] = True
     if bsz > 1:
         mask[1, : length // 5] = True
     return mask
 
 
-def _check(kernel, causal, padded, dtype, *, b=2, h=2, lq=40, lk=None, d=16, dv=16, m=16,
-           per_head=False, cfg=SMALL):
+def _check(
+    kernel,
+    causal,
+    padded,
+    dtype,
+    *,
+    b=2,
+    h=2,
+    lq=40,
+    lk=None,
+    d=16,
+    dv=16,
+    m=16,
+    per_head=False,
+    cfg=SMALL,
+):
     lk = lq if lk is None else lk
     q = randn(b, h, lq, d, seed=1)
     k = randn(b, h, lk, d, seed=2)
     v = randn(b, h, lk, dv, seed=3)
-    w = (torch.stack([projection(m, d, seed=10 + i) for i in range(h)]) if per_head
-         else projection(m, d))
+    w = (
+        torch.stack([projection(m, d, seed=10 + i) for i in range(h)])
+        if per_head
+        else projection(m, d)
+    )
     mask = _padding(b, lk) if padded else None
     ref, ref_grads, g = _oracle(q, k, v, w, kernel, causal, mask)
     ins = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
@@ -93,8 +118,12 @@ def test_matches_oracle_fp32(causal, kernel, padded):
 
 @pytest.mark.parametrize(
     "dtype,causal,padded",
-    [(torch.bfloat16, False, True), (torch.bfloat16, True, True),
-     (torch.float16, False, False), (torch.float16, True, True)],
+    [
+        (torch.bfloat16, False, True),
+        (torch.bfloat16, True, True),
+        (torch.float16, False, False),
+        (torch.float16, True, True),
+    ],
     ids=["bf16-bidir", "bf16-causal", "fp16-bidir", "fp16-causal"],
 )
 def test_matches_oracle_half(dtype, causal, padded):
@@ -106,13 +135,33 @@ def test_odd_sizes_per_head_projection(causal):
     # Lengths, head dims and feature counts that are not tile multiples; several causal
     # segments of two chunks; cross-attention lengths when bidirectional.
     cfg = _ops.Config(block_l=16, block_m=16, chunk=16, seg_chunks=2, splits=3)
-    _check("softmax_hyp", causal, True, torch.float32, lq=53, lk=53 if causal else 37,
-           d=24, dv=20, m=12, per_head=True, cfg=cfg)
+    _check(
+        "softmax_hyp",
+        causal,
+        True,
+        torch.float32,
+        lq=53,
+        lk=53 if causal else 37,
+        d=24,
+        dv=20,
+        m=12,
+        per_head=True,
+        cfg=cfg,
+    )
 
 
 def test_d32_m32_default_tiles():
-    _check("softmax", True, True, torch.float32, lq=64, d=32, dv=32, m=32,
-           cfg=_ops.Config(block_l=32, block_m=32, chunk=32))
+    _check(
+        "softmax",
+        True,
+        True,
+        torch.float32,
+        lq=64,
+        d=32,
+        dv=32,
+        m=32,
+        cfg=_ops.Config(block_l=32, block_m=32, chunk=32),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -126,9 +175,14 @@ def test_large_logits_need_the_stabilizers(causal):
     mask = _padding(b, length)
     ref, _, _ = _oracle(q, k, v, w, "softmax", causal, mask)
     wf = _ops.fold_weight(w.to(DEVICE), "softmax", d**-0.5, h)
-    out = _ops.favor_triton(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), wf,
-                            causal=causal, keep=(~mask).to(DEVICE), scale=d**-0.5,
-                            config=SMALL)
+    out = _ops.favor_triton(
+        *(t.to(DEVICE, torch.float32) for t in (q, k, v)),
+        wf,
+        causal=causal,
+        keep=(~mask).to(DEVICE),
+        scale=d**-0.5,
+        config=SMALL,
+    )
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-4
 
@@ -160,8 +214,7 @@ def test_fully_padded_rows_are_zero(causal):
     mask[1] = True  # batch 1 sees no key at all
     mask[0, :6] = True  # causal: the first 6 queries of batch 0 see no key
     with ftriton.interpret_on_cpu():
-        out = linattn.favor_attention(q, k, v, w, causal=causal,
-                                      key_padding_mask=mask.to(DEVICE))
+        out = linattn.favor_attention(q, k, v, w, causal=causal, key_padding_mask=mask.to(DEVICE))
     eager = _eager(q, k, v, w, causal=causal, key_padding_mask=mask.to(DEVICE))
     assert (out[1] == 0).all()
     if causal:
@@ -205,8 +258,9 @@ def test_favor_attention_dispatches(monkeypatch, causal):
     with ftriton.interpret_on_cpu():
         out = linattn.favor_attention(q, k, v, w, kernel="softmax_hyp", causal=causal)
     assert spy.calls == 1
-    torch.testing.assert_close(out, _eager(q, k, v, w, kernel="softmax_hyp", causal=causal),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out, _eager(q, k, v, w, kernel="softmax_hyp", causal=causal), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU selection rule")
@@ -218,8 +272,15 @@ def test_never_selected_on_cpu_without_the_flag(monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["env-eager", "kernel-relu", "float64", "projection-grad", "window", "rank3",
-     "too-many-features"],
+    [
+        "env-eager",
+        "kernel-relu",
+        "float64",
+        "projection-grad",
+        "window",
+        "rank3",
+        "too-many-features",
+    ],
 )
 def test_falls_back_to_eager(monkeypatch, case):
     spy = _Spy(monkeypatch)
@@ -248,14 +309,17 @@ def test_falls_back_to_eager(monkeypatch, case):
 # ---------------------------------------------------------------------------------------
 # Full size on a GPU.
 
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("d,m", [(32, 128), (64, 128), (128, 128), (128, 256)],
-                         ids=["d32-m128", "d64-m128", "d128-m128", "d128-m256"])
+@pytest.mark.parametrize(
+    "d,m",
+    [(32, 128), (64, 128), (128, 128), (128, 256)],
+    ids=["d32-m128", "d64-m128", "d128-m128", "d128-m256"],
+)
 def test_full_size_cuda(d, m, causal, kernel, dtype):
     # Default tiles; up to 512 features (hyperbolic map, m = 256); odd length.
-    _check(kernel, causal, True, dtype, b=2, h=4, lq=1000, d=d, dv=d, m=m,
-           cfg=_ops.Config())
+    _check(kernel, causal, True, dtype, b=2, h=4, lq=1000, d=d, dv=d, m=m, cfg=_ops.Config())

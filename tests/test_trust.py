@@ -63,14 +63,21 @@ def test_favor_causal_and_recurrent_padding_contents_do_not_matter(kernel, conte
     ref = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True)
     # Causal: left padding keeps the real tokens' prefixes.
     qp, kp, vp, mask, sl = _padded(q, k, v, 4, CONTENTS[content], "left")
-    out = linattn.favor_attention(qp, kp, vp, w, kernel=kernel, causal=True,
-                                  key_padding_mask=mask, chunk_size=4)
+    out = linattn.favor_attention(
+        qp, kp, vp, w, kernel=kernel, causal=True, key_padding_mask=mask, chunk_size=4
+    )
     torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-9, atol=1e-9)
     state, outs = None, []
     for i in range(qp.shape[-2]):
-        o, state = linattn.favor_recurrent(qp[..., i:i + 1, :], kp[..., i:i + 1, :],
-                                           vp[..., i:i + 1, :], w, state=state, kernel=kernel,
-                                           key_padding_mask=mask[:, i:i + 1])
+        o, state = linattn.favor_recurrent(
+            qp[..., i : i + 1, :],
+            kp[..., i : i + 1, :],
+            vp[..., i : i + 1, :],
+            w,
+            state=state,
+            kernel=kernel,
+            key_padding_mask=mask[:, i : i + 1],
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, -2)[..., sl, :], ref, rtol=1e-9, atol=1e-9)
 
@@ -119,9 +126,16 @@ def test_modules_padding_contents_do_not_matter(module):
         attn = linattn.PerformerAttention(16, 2, batch_first=True, dtype=torch.float64)
     else:
         kind = "linear" if module == "linformer" else "mean"
-        attn = linattn.LinformerAttention(16, 2, max_seq_len=16, proj_dim=4, proj_kind=kind,
-                                          sharing="headwise", batch_first=True,
-                                          dtype=torch.float64)
+        attn = linattn.LinformerAttention(
+            16,
+            2,
+            max_seq_len=16,
+            proj_dim=4,
+            proj_kind=kind,
+            sharing="headwise",
+            batch_first=True,
+            dtype=torch.float64,
+        )
     x = randn(2, 6, 16)
     ref, _ = attn(x)
     xp = torch.cat([x, torch.full((2, 3, 16), float("nan"), dtype=x.dtype)], dim=1)
@@ -155,8 +169,9 @@ def test_favor_nan_in_real_key_propagates():
 
 
 # ------------------------------------------------------------------ 3. double backward
-@pytest.mark.parametrize("path", ["bidirectional", "causal", "recurrent", "window-bidirectional",
-                                  "window-causal"])
+@pytest.mark.parametrize(
+    "path", ["bidirectional", "causal", "recurrent", "window-bidirectional", "window-causal"]
+)
 def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
     q, k, v = (randn(1, 2, 5, 8, seed=s, requires_grad=True) for s in range(3))
     w = projection(16, 8)
@@ -167,8 +182,8 @@ def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
     else:
         out = linattn.favor_attention(q, k, v, w, causal=path == "causal")
     # First-order gradients with create_graph=True are still right ...
-    g, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
-    g_ref, = torch.autograd.grad(out.pow(2).sum(), q, retain_graph=True)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    (g_ref,) = torch.autograd.grad(out.pow(2).sum(), q, retain_graph=True)
     torch.testing.assert_close(g, g_ref)
     # ... but differentiating them again raises instead of returning a wrong answer.
     with pytest.raises(RuntimeError, match="no second derivative"):
@@ -198,12 +213,13 @@ def test_favor_plus_plus_float32_matches_float64_oracle_at_large_scales(scale_up
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[1, 15:] = True
     fm = get_feature_map("softmax_opt")
-    params = fm.prepare(w, q, k, mask, 16 ** -0.5)
+    params = fm.prepare(w, q, k, mask, 16**-0.5)
     ref = _log_domain_favor(q, k, v, w, params, mask)
     out64 = linattn.favor_attention(q, k, v, w, kernel="softmax_opt", key_padding_mask=mask)
     torch.testing.assert_close(out64, ref, rtol=1e-9, atol=1e-9)
-    out32 = linattn.favor_attention(q.float(), k.float(), v.float(), w.float(),
-                                    kernel="softmax_opt", key_padding_mask=mask)
+    out32 = linattn.favor_attention(
+        q.float(), k.float(), v.float(), w.float(), kernel="softmax_opt", key_padding_mask=mask
+    )
     torch.testing.assert_close(out32.double(), ref, rtol=1e-3, atol=1e-3)
 
 
@@ -213,41 +229,75 @@ def _qkv(lq=4, lk=4, d=8):
 
 
 def _state(kv_shape=(1, 2, 16, 9), stab_shape=(1, 2), dtype=torch.float64):
-    return linattn.FavorState(torch.zeros(kv_shape, dtype=dtype), torch.zeros(stab_shape,
-                                                                              dtype=dtype))
+    return linattn.FavorState(
+        torch.zeros(kv_shape, dtype=dtype), torch.zeros(stab_shape, dtype=dtype)
+    )
 
 
 FUNCTIONAL_BAD = {
-    "scale-inf": (lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.inf),
-                  ValueError, "scale must be a finite number > 0"),
-    "scale-nan": (lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.nan),
-                  ValueError, "scale"),
-    "linformer-scale-inf": (lambda: linattn.linformer_attention(*_qkv(), randn(3, 8),
-                                                                scale=math.inf),
-                            ValueError, "scale"),
-    "lq-0": (lambda: linattn.favor_attention(*_qkv(lq=0), projection(16, 8)),
-             ValueError, "at least one query"),
-    "lq-0-linformer": (lambda: linattn.linformer_attention(*_qkv(lq=0), randn(3, 8)),
-                       ValueError, "at least one query"),
-    "d-0": (lambda: linattn.favor_attention(*_qkv(d=0), randn(16, 0)), ValueError,
-            "head_dim"),
-    "projection-0-rows": (lambda: linattn.favor_attention(*_qkv(), randn(0, 8)), ValueError,
-                          "m >= 1"),
-    "draw-int64": (lambda: linattn.draw_projection(16, 8, dtype=torch.int64), TypeError,
-                   "floating"),
-    "draw-bool": (lambda: linattn.draw_projection(16, 8, dtype=torch.bool), TypeError,
-                  "floating"),
-    "state-type": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
-                                                   state=(1, 2)), TypeError, "FavorState"),
-    "state-kv-shape": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
-                                                       state=_state(kv_shape=(1, 2, 8, 9))),
-                       ValueError, "state.kv"),
-    "state-stab-shape": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
-                                                         state=_state(stab_shape=(2,))),
-                         ValueError, "state.stab"),
-    "state-dtype": (lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8),
-                                                    state=_state(dtype=torch.int64)),
-                    TypeError, "state.kv"),
+    "scale-inf": (
+        lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.inf),
+        ValueError,
+        "scale must be a finite number > 0",
+    ),
+    "scale-nan": (
+        lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.nan),
+        ValueError,
+        "scale",
+    ),
+    "linformer-scale-inf": (
+        lambda: linattn.linformer_attention(*_qkv(), randn(3, 8), scale=math.inf),
+        ValueError,
+        "scale",
+    ),
+    "lq-0": (
+        lambda: linattn.favor_attention(*_qkv(lq=0), projection(16, 8)),
+        ValueError,
+        "at least one query",
+    ),
+    "lq-0-linformer": (
+        lambda: linattn.linformer_attention(*_qkv(lq=0), randn(3, 8)),
+        ValueError,
+        "at least one query",
+    ),
+    "d-0": (lambda: linattn.favor_attention(*_qkv(d=0), randn(16, 0)), ValueError, "head_dim"),
+    "projection-0-rows": (
+        lambda: linattn.favor_attention(*_qkv(), randn(0, 8)),
+        ValueError,
+        "m >= 1",
+    ),
+    "draw-int64": (
+        lambda: linattn.draw_projection(16, 8, dtype=torch.int64),
+        TypeError,
+        "floating",
+    ),
+    "draw-bool": (lambda: linattn.draw_projection(16, 8, dtype=torch.bool), TypeError, "floating"),
+    "state-type": (
+        lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8), state=(1, 2)),
+        TypeError,
+        "FavorState",
+    ),
+    "state-kv-shape": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(kv_shape=(1, 2, 8, 9))
+        ),
+        ValueError,
+        "state.kv",
+    ),
+    "state-stab-shape": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(stab_shape=(2,))
+        ),
+        ValueError,
+        "state.stab",
+    ),
+    "state-dtype": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(dtype=torch.int64)
+        ),
+        TypeError,
+        "state.kv",
+    ),
 }
 
 
@@ -260,15 +310,22 @@ def test_functional_bad_input_is_named_up_front(case):
 
 def _cfg(**kw):
     from linattn.models import ModelConfig
+
     return ModelConfig(**{"vocab_size": 50, "dim": 16, "heads": 2, "depth": 1, **kw})
 
 
 MODULE_BAD = {
-    "performer-num-features-0": (lambda: linattn.PerformerAttention(16, 2, num_features=0),
-                                 ValueError, "num_features"),
+    "performer-num-features-0": (
+        lambda: linattn.PerformerAttention(16, 2, num_features=0),
+        ValueError,
+        "num_features",
+    ),
     "config-num-features-0": (lambda: _cfg(num_features=0), ValueError, "num_features"),
-    "config-proj-dim-0": (lambda: _cfg(attention="linformer", position="learned", proj_dim=0),
-                          ValueError, "proj_dim"),
+    "config-proj-dim-0": (
+        lambda: _cfg(attention="linformer", position="learned", proj_dim=0),
+        ValueError,
+        "proj_dim",
+    ),
     "config-causal-str": (lambda: _cfg(causal="yes"), TypeError, "causal"),
     "config-num-classes-1": (lambda: _cfg(num_classes=1), ValueError, "num_classes"),
     "config-seed-str": (lambda: _cfg(seed="a"), TypeError, "seed"),
@@ -284,26 +341,51 @@ def test_module_and_config_bad_input_is_named_up_front(case):
 
 def test_sequence_classifier_needs_two_classes():
     from linattn.models import SequenceClassifier
+
     cfg = _cfg(num_classes=2)
     cfg.num_classes = 1  # mutated after the config check
     with pytest.raises(ValueError, match="num_classes >= 2"):
         SequenceClassifier(cfg)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"top_k": 0}, "top_k"), ({"top_k": -1}, "top_k"), ({"temperature": math.nan}, "temperature"),
-    ({"temperature": math.inf}, "temperature"), ({"temperature": 0.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"max_new_tokens": -1}, "max_new_tokens"),
-    ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"prompt": "empty"}, "at least one prompt"),
-    ({"prompt": "float"}, "integer"), ({"prompt": "oov"}, r"\[0, 50\)"),
-], ids=["top_k-0", "top_k-neg", "temp-nan", "temp-inf", "temp-0", "top_p-0", "new-neg",
-        "new-float", "empty-prompt", "float-prompt", "out-of-vocab"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"prompt": "empty"}, "at least one prompt"),
+        ({"prompt": "float"}, "integer"),
+        ({"prompt": "oov"}, r"\[0, 50\)"),
+    ],
+    ids=[
+        "top_k-0",
+        "top_k-neg",
+        "temp-nan",
+        "temp-inf",
+        "temp-0",
+        "top_p-0",
+        "new-neg",
+        "new-float",
+        "empty-prompt",
+        "float-prompt",
+        "out-of-vocab",
+    ],
+)
 def test_generate_bad_arguments_are_named_up_front(kwargs, match):
     from linattn.models import CausalLM
+
     model = CausalLM(_cfg(causal=True))
-    prompt = {"empty": torch.zeros(1, 0, dtype=torch.long), "float": torch.zeros(1, 3),
-              "oov": torch.full((1, 3), 50)}.get(kwargs.pop("prompt", None),
-                                                  torch.ones(1, 3, dtype=torch.long))
+    prompt = {
+        "empty": torch.zeros(1, 0, dtype=torch.long),
+        "float": torch.zeros(1, 3),
+        "oov": torch.full((1, 3), 50),
+    }.get(kwargs.pop("prompt", None), torch.ones(1, 3, dtype=torch.long))
     kwargs.setdefault("max_new_tokens", 2)
     with pytest.raises((ValueError, TypeError), match=match):
         model.generate(prompt, **kwargs)
@@ -314,8 +396,8 @@ def _from_mha(module, mha):
     e = mha.embed_dim
     with torch.no_grad():
         for i, lin in enumerate((module.q_proj, module.k_proj, module.v_proj)):
-            lin.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
-            lin.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+            lin.weight.copy_(mha.in_proj_weight[i * e : (i + 1) * e])
+            lin.bias.copy_(mha.in_proj_bias[i * e : (i + 1) * e])
         module.out_proj.weight.copy_(mha.out_proj.weight)
         module.out_proj.bias.copy_(mha.out_proj.bias)
     return module
@@ -326,9 +408,16 @@ def _modules(batch_first=None):
     return {
         "performer": linattn.PerformerAttention(16, 4, dtype=torch.float64, **kw),
         # Mean pooling to one position: uniform weights over the real keys, exactly.
-        "linformer": linattn.LinformerAttention(16, 4, max_seq_len=16, proj_dim=1,
-                                                proj_kind="mean", sharing="headwise",
-                                                dtype=torch.float64, **kw),
+        "linformer": linattn.LinformerAttention(
+            16,
+            4,
+            max_seq_len=16,
+            proj_dim=1,
+            proj_kind="mean",
+            sharing="headwise",
+            dtype=torch.float64,
+            **kw,
+        ),
     }
 
 
@@ -367,8 +456,7 @@ def test_performer_approaches_multihead_attention_with_many_features():
     mha = nn.MultiheadAttention(16, 4, dtype=torch.float64)
     with torch.no_grad():
         mha.in_proj_weight.mul_(0.5)
-    m = _from_mha(linattn.PerformerAttention(16, 4, num_features=8192, dtype=torch.float64),
-                  mha)
+    m = _from_mha(linattn.PerformerAttention(16, 4, num_features=8192, dtype=torch.float64), mha)
     x = randn(9, 2, 16)  # (L, N, E), the default layout
     ref, _ = mha(x, x, x, need_weights=False)
     out, _ = m(x)
@@ -389,20 +477,29 @@ def test_seq_first_is_the_transpose_of_batch_first(name):
     torch.testing.assert_close(out_sf, out_bf.transpose(0, 1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"warmup": -3}, "warmup"), ({"num_features": 0}, "num_features"),
-    ({"proj_dim": 0}, "proj_dim"), ({"redraw_interval": 0}, "redraw_interval"),
-], ids=["warmup-neg", "num-features-0", "proj-dim-0", "redraw-0"])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"warmup": -3}, "warmup"),
+        ({"num_features": 0}, "num_features"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"redraw_interval": 0}, "redraw_interval"),
+    ],
+    ids=["warmup-neg", "num-features-0", "proj-dim-0", "redraw-0"],
+)
 def test_train_config_refuses_values_that_would_silently_become_defaults(kw, match):
     from linattn.train.config import TrainConfig
+
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
 
 
-@pytest.mark.parametrize("flag", [["--num-features", "0"], ["--warmup", "-3"]],
-                         ids=["num-features-0", "warmup-neg"])
+@pytest.mark.parametrize(
+    "flag", [["--num-features", "0"], ["--warmup", "-3"]], ids=["num-features-0", "warmup-neg"]
+)
 def test_cli_train_refuses_before_any_work(tmp_path, flag):
     from linattn.cli import main
+
     out = tmp_path / "run"
     try:
         rc = main(["train", "--steps", "1", "--out", str(out), *flag])
@@ -412,12 +509,16 @@ def test_cli_train_refuses_before_any_work(tmp_path, flag):
     assert not (out / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: linattn.PerformerAttention(16, 2, kdim=0), "kdim"),
-    (lambda: linattn.PerformerAttention(16, 2, vdim=0), "vdim"),
-    (lambda: linattn.LinformerAttention(16, 2, max_seq_len=8, kdim=0), "kdim"),
-    (lambda: linattn.PerformerAttention(16, 2, chunk_size=0), "chunk_size"),
-], ids=["performer-kdim-0", "performer-vdim-0", "linformer-kdim-0", "chunk-0"])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: linattn.PerformerAttention(16, 2, kdim=0), "kdim"),
+        (lambda: linattn.PerformerAttention(16, 2, vdim=0), "vdim"),
+        (lambda: linattn.LinformerAttention(16, 2, max_seq_len=8, kdim=0), "kdim"),
+        (lambda: linattn.PerformerAttention(16, 2, chunk_size=0), "chunk_size"),
+    ],
+    ids=["performer-kdim-0", "performer-vdim-0", "linformer-kdim-0", "chunk-0"],
+)
 def test_module_zero_sizes_are_refused_not_defaulted(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -425,6 +526,7 @@ def test_module_zero_sizes_are_refused_not_defaulted(call, match):
 
 def test_model_out_of_vocabulary_ids_are_named():
     from linattn.models import CausalLM
+
     lm = CausalLM(_cfg(causal=True))
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         lm(torch.full((1, 3), 50))

@@ -13,13 +13,33 @@ from linattn.ops.favor import favor_naive
 KERNELS = ["softmax", "softmax_hyp", "elu", "hedgehog"]
 
 
-def oracle(q, k, v, w, *, kernel="softmax", causal=False, mask=None, window=None,
-           linear_factor=None, scale=None):
+def oracle(
+    q,
+    k,
+    v,
+    w,
+    *,
+    kernel="softmax",
+    causal=False,
+    mask=None,
+    window=None,
+    linear_factor=None,
+    scale=None,
+):
     fm = get_feature_map(kernel)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     params = fm.prepare(w, q, k, mask, scale)
-    return favor_naive(q, k, v, fm, params, causal=causal, key_padding_mask=mask,
-                       window=window, linear_factor=linear_factor)
+    return favor_naive(
+        q,
+        k,
+        v,
+        fm,
+        params,
+        causal=causal,
+        key_padding_mask=mask,
+        window=window,
+        linear_factor=linear_factor,
+    )
 
 
 def per_head(heads, m, d, dtype=torch.float64):
@@ -44,8 +64,9 @@ FACTOR = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
 def test_hybrid_matches_oracle(kernel, causal, length, window):
     q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
     w = projection(16, 8)
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=window,
-                                  chunk_size=16)
+    out = linattn.favor_attention(
+        q, k, v, w, kernel=kernel, causal=causal, window=window, chunk_size=16
+    )
     ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=window)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
@@ -63,16 +84,26 @@ def stabilizer(request, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("length", [1, 63, 200], ids=lambda n: f"L{n}")
 @pytest.mark.parametrize("window", [0, 5, 37, 64, 150], ids=lambda w: f"w{w}")
-def test_hybrid_padding_per_head_factor_matches_oracle(kernel, causal, length, window,
-                                                       stabilizer):
+def test_hybrid_padding_per_head_factor_matches_oracle(kernel, causal, length, window, stabilizer):
     q, k, v = (randn(3, 3, length, 8, seed=s) for s in range(3))
     w = per_head(3, 12, 8)
     mask = pad_mask(3, length, seed=length)
-    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=window,
-                                  linear_factor=FACTOR, key_padding_mask=mask,
-                                  chunk_size=16, block_size=7)
-    ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=window,
-                 linear_factor=FACTOR, mask=mask)
+    out = linattn.favor_attention(
+        q,
+        k,
+        v,
+        w,
+        kernel=kernel,
+        causal=causal,
+        window=window,
+        linear_factor=FACTOR,
+        key_padding_mask=mask,
+        chunk_size=16,
+        block_size=7,
+    )
+    ref = oracle(
+        q, k, v, w, kernel=kernel, causal=causal, window=window, linear_factor=FACTOR, mask=mask
+    )
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -97,10 +128,14 @@ def test_window_covering_everything_is_softmax_attention(kernel, causal):
         sdpa_mask = sdpa_mask & torch.ones(37, 37, dtype=torch.bool).tril()
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
     for window in (37, 1000) if causal else (36, 1000):
-        out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
-                                      window=window, key_padding_mask=mask)
-        real = ~mask[:, None, :, None].expand_as(out) if not causal else torch.ones_like(
-            out, dtype=torch.bool)
+        out = linattn.favor_attention(
+            q, k, v, w, kernel=kernel, causal=causal, window=window, key_padding_mask=mask
+        )
+        real = (
+            ~mask[:, None, :, None].expand_as(out)
+            if not causal
+            else torch.ones_like(out, dtype=torch.bool)
+        )
         # Rows that see no key (causal, left padding) are 0 here, NaN in SDPA.
         ok = real & torch.isfinite(ref)
         torch.testing.assert_close(out[ok], ref[ok], rtol=1e-10, atol=1e-10)
@@ -117,9 +152,19 @@ def test_gradcheck(kernel, causal, stabilizer):
     mask = pad_mask(2, 11, seed=3)
 
     def fn(q, k, v, w, lf):
-        return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal, window=2,
-                                       linear_factor=lf, key_padding_mask=mask,
-                                       chunk_size=3, block_size=4)
+        return linattn.favor_attention(
+            q,
+            k,
+            v,
+            w,
+            kernel=kernel,
+            causal=causal,
+            window=2,
+            linear_factor=lf,
+            key_padding_mask=mask,
+            chunk_size=3,
+            block_size=4,
+        )
 
     assert gradcheck(fn, (q, k, v, w, lf), eps=1e-6, atol=1e-6)
 
@@ -152,23 +197,43 @@ def test_recurrent_equals_parallel(kernel, window, step):
     mask = torch.zeros(2, length, dtype=torch.bool)
     mask[0, :6] = True  # left padding
     mask[1, 20:24] = True  # a hole
-    par = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True, window=window,
-                                  linear_factor=FACTOR, key_padding_mask=mask, chunk_size=8)
+    par = linattn.favor_attention(
+        q,
+        k,
+        v,
+        w,
+        kernel=kernel,
+        causal=True,
+        window=window,
+        linear_factor=FACTOR,
+        key_padding_mask=mask,
+        chunk_size=8,
+    )
     state, outs = None, []
     for s in range(0, length, step):
         sl = slice(s, s + step)
         o, state = linattn.favor_recurrent(
-            q[..., sl, :], k[..., sl, :], v[..., sl, :], w, kernel=kernel, state=state,
-            window=window, linear_factor=FACTOR, key_padding_mask=mask[:, sl])
+            q[..., sl, :],
+            k[..., sl, :],
+            v[..., sl, :],
+            w,
+            kernel=kernel,
+            state=state,
+            window=window,
+            linear_factor=FACTOR,
+            key_padding_mask=mask[:, sl],
+        )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     assert state.keys.shape == (2, 3, window, 8) and state.values.shape == (2, 3, window, 8)
     assert state.padding.shape == (2, window)
 
 
-@pytest.mark.parametrize("causal,side", [(False, "right"), (False, "left"), (True, "right"),
-                                         (True, "left")],
-                         ids=["bidir-right", "bidir-left", "causal-right", "causal-left"])
+@pytest.mark.parametrize(
+    "causal,side",
+    [(False, "right"), (False, "left"), (True, "right"), (True, "left")],
+    ids=["bidir-right", "bidir-left", "causal-right", "causal-left"],
+)
 @pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
 def test_padding_invariance_with_garbage(causal, side, kernel):
     b, length, pad = 2, 40, 13
@@ -196,10 +261,8 @@ def test_padding_invariance_with_garbage(causal, side, kernel):
     else:
         # Causal, left padding: positions move, so compare with the oracle directly.
         clean = [t.masked_fill(mask[:, None, :, None], 0.0) for t in (qp, kp, vp)]
-        want = oracle(*clean, w, kernel=kernel, causal=True, window=5, linear_factor=lf,
-                      mask=mask)
-        torch.testing.assert_close(out[..., sl, :], want[..., sl, :], rtol=1e-10,
-                                   atol=1e-10)
+        want = oracle(*clean, w, kernel=kernel, causal=True, window=5, linear_factor=lf, mask=mask)
+        torch.testing.assert_close(out[..., sl, :], want[..., sl, :], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -212,12 +275,13 @@ def test_adversarial_future_keys_do_not_leak(dtype, window, kernel):
     base = linattn.favor_attention(q, k, v, w, **kw)
     for p in (10, 63, 64, 100):
         k2, v2 = k.clone(), v.clone()
-        k2[..., p + 1:, :] *= 60.0
-        v2[..., p + 1:, :] = 1e6
+        k2[..., p + 1 :, :] *= 60.0
+        v2[..., p + 1 :, :] = 1e6
         out = linattn.favor_attention(q, k2, v2, w, **kw)
         assert torch.isfinite(out[..., : p + 1, :]).all()
-        torch.testing.assert_close(out[..., : p + 1, :], base[..., : p + 1, :],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out[..., : p + 1, :], base[..., : p + 1, :], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -229,8 +293,14 @@ def test_float32_close_to_float64_oracle(causal, kernel, stabilizer):
     w = projection(32, 16)
     lf = torch.tensor([0.1, 1.0], dtype=torch.float64)
     ref = oracle(q, k, v, w, kernel=kernel, causal=causal, window=8, linear_factor=lf)
-    out = linattn.favor_attention(*(t.float() for t in (q, k, v)), w.float(), kernel=kernel,
-                                  causal=causal, window=8, linear_factor=lf.float())
+    out = linattn.favor_attention(
+        *(t.float() for t in (q, k, v)),
+        w.float(),
+        kernel=kernel,
+        causal=causal,
+        window=8,
+        linear_factor=lf.float(),
+    )
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -240,12 +310,21 @@ def test_half_precision(dtype, causal):
     q, k, v = (randn(1, 2, 100, 16, seed=s, dtype=torch.float32) for s in range(3))
     w = projection(32, 16, dtype=torch.float32)
     lf = torch.tensor([0.5, 1.0])
-    out = linattn.favor_attention(*(t.to(dtype) for t in (q, k, v)), w.to(dtype),
-                                  causal=causal, window=7, linear_factor=lf.to(dtype))
+    out = linattn.favor_attention(
+        *(t.to(dtype) for t in (q, k, v)),
+        w.to(dtype),
+        causal=causal,
+        window=7,
+        linear_factor=lf.to(dtype),
+    )
     assert out.dtype == dtype and torch.isfinite(out).all()
-    rounded = linattn.favor_attention(*(t.to(dtype).float() for t in (q, k, v)),
-                                      w.to(dtype).float(), causal=causal, window=7,
-                                      linear_factor=lf.to(dtype).float())
+    rounded = linattn.favor_attention(
+        *(t.to(dtype).float() for t in (q, k, v)),
+        w.to(dtype).float(),
+        causal=causal,
+        window=7,
+        linear_factor=lf.to(dtype).float(),
+    )
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), rounded, rtol=eps, atol=eps)
 
@@ -280,8 +359,9 @@ def test_validation_errors():
     with pytest.raises(ValueError, match=r"shape \(heads,\) = \(3,\)"):
         linattn.favor_attention(q, q, q, w, window=2, linear_factor=torch.ones(2).double())
     with pytest.raises(ValueError, match="non-negative"):
-        linattn.favor_attention(q, q, q, w, window=2,
-                                linear_factor=-torch.ones(3, dtype=torch.float64))
+        linattn.favor_attention(
+            q, q, q, w, window=2, linear_factor=-torch.ones(3, dtype=torch.float64)
+        )
     with pytest.raises(TypeError, match=r"linear_factor must be a torch\.Tensor"):
         linattn.favor_attention(q, q, q, w, window=2, linear_factor=0.5)
     with pytest.raises(ValueError, match=r"\(heads, m, head_dim\) = \(3, m, 8\)"):

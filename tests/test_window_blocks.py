@@ -20,17 +20,19 @@ from linattn.ops.favor.window import (
 )
 
 
-@pytest.mark.parametrize("n,reach", [(1, 0), (2, 0), (5, 1), (9, 2), (7, 6), (4, 9)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "n,reach", [(1, 0), (2, 0), (5, 1), (9, 2), (7, 6), (4, 9)], ids=lambda x: str(x)
+)
 def test_far_block_sums_equal_the_reference(n, reach):
     g = torch.Generator().manual_seed(n * 10 + reach)
     u = torch.randn(2, 3, n, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    torch.testing.assert_close(far_block_sums(u, reach), far_block_sums_reference(u, reach),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        far_block_sums(u, reach), far_block_sums_reference(u, reach), rtol=1e-12, atol=1e-12
+    )
     # Block t sees none of the blocks within reach, every other one.
     if n > reach + 1:
         out = far_block_sums(u, reach).detach()
-        torch.testing.assert_close(out[:, :, 0], u.detach()[:, :, reach + 1:].sum(2))
+        torch.testing.assert_close(out[:, :, 0], u.detach()[:, :, reach + 1 :].sum(2))
     torch.autograd.gradcheck(lambda x: far_block_sums(x, reach), (u,))
     w = torch.randn(2, 3, n, 4, 5, dtype=torch.float64, generator=g)
     (gu,) = torch.autograd.grad((far_block_sums(u, reach) * w).sum(), u)
@@ -38,8 +40,9 @@ def test_far_block_sums_equal_the_reference(n, reach):
     torch.testing.assert_close(gu, gr, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("window,sinks", [(0, 0), (2, 0), (5, 0), (None, 1), (3, 2)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "window,sinks", [(0, 0), (2, 0), (5, 0), (None, 1), (3, 2)], ids=lambda x: str(x)
+)
 @pytest.mark.parametrize("pad", [False, True], ids=["nopad", "pad"])
 def test_favor_plus_plus_hybrid_equals_the_oracle(window, sinks, pad):
     # FAVOR++ moves a per-feature shift from the keys to the queries: the hybrid's queries
@@ -57,16 +60,17 @@ def test_favor_plus_plus_hybrid_equals_the_oracle(window, sinks, pad):
         mask[0, 19:] = True
         mask[1, :4] = True
     fm = get_feature_map("softmax_opt")
-    params = fm.prepare(w, q, k, mask, 8 ** -0.5)
-    got = linattn.favor_attention(q, k, v, w, kernel="softmax_opt", window=window,
-                                  sinks=sinks, key_padding_mask=mask)
-    want = favor_naive(q, k, v, fm, params, window=window, sinks=sinks,
-                       key_padding_mask=mask)
+    params = fm.prepare(w, q, k, mask, 8**-0.5)
+    got = linattn.favor_attention(
+        q, k, v, w, kernel="softmax_opt", window=window, sinks=sinks, key_padding_mask=mask
+    )
+    want = favor_naive(q, k, v, fm, params, window=window, sinks=sinks, key_padding_mask=mask)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("n,reach", [(1, 0), (2, 0), (3, 1), (6, 1), (9, 2), (4, 5)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "n,reach", [(1, 0), (2, 0), (3, 1), (6, 1), (9, 2), (4, 5)], ids=lambda x: str(x)
+)
 def test_one_sided_far_sums_and_their_adjoint(n, reach):
     g = torch.Generator().manual_seed(n + 7 * reach)
     u = torch.randn(n, 2, 3, 4, dtype=torch.float64, generator=g)
@@ -78,8 +82,9 @@ def test_one_sided_far_sums_and_their_adjoint(n, reach):
         ref = torch.einsum("ts,s...->t...", mask.double(), u)
         torch.testing.assert_close(far_sums(u, reach, side), ref, rtol=1e-12, atol=1e-12)
     # <left(u), w> = <u, right(w)>: the causal backward uses "right" for "left".
-    torch.testing.assert_close((far_sums(u, reach, "left") * w).sum(),
-                               (u * far_sums(w, reach, "right")).sum())
+    torch.testing.assert_close(
+        (far_sums(u, reach, "left") * w).sum(), (u * far_sums(w, reach, "right")).sum()
+    )
 
 
 def holes(b, length, seed=0):
@@ -88,13 +93,23 @@ def holes(b, length, seed=0):
     if b > 1:
         keep[1, : length // 3] = False
     if b > 2:
-        keep[2, length - length // 4:] = False
-        keep[2, length // 2: length // 2 + 3] = False
+        keep[2, length - length // 4 :] = False
+        keep[2, length // 2 : length // 2 + 3] = False
     return keep
 
 
-BAND = [(False, -1), (False, 0), (False, 2), (False, 9), (False, 40), (True, 0), (True, 1),
-        (True, 3), (True, 9), (True, 40)]
+BAND = [
+    (False, -1),
+    (False, 0),
+    (False, 2),
+    (False, 9),
+    (False, 40),
+    (True, 0),
+    (True, 1),
+    (True, 3),
+    (True, 9),
+    (True, 40),
+]
 
 
 @pytest.mark.parametrize("causal,window", BAND, ids=lambda x: str(x))
@@ -152,17 +167,22 @@ def far_sum_reference(q, k, v, keep, kernel, w, window, causal):
     return nd * torch.exp(g).unsqueeze(-1)
 
 
-FAR = [(False, -1), (False, 0), (False, 3), (False, 17), (True, 0), (True, 1), (True, 4),
-       (True, 17)]
+FAR = [
+    (False, -1),
+    (False, 0),
+    (False, 3),
+    (False, 17),
+    (True, 0),
+    (True, 1),
+    (True, 4),
+    (True, 17),
+]
 
 
-@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "softmax_trig", "hedgehog",
-                                    "relu"])
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "softmax_trig", "hedgehog", "relu"])
 @pytest.mark.parametrize("causal,window", FAR, ids=lambda x: str(x))
-@pytest.mark.parametrize("length,block", [(1, 4), (23, 4), (40, 16), (40, 1)],
-                         ids=lambda x: str(x))
-def test_far_blocks_equal_the_reference(kernel, causal, window, length, block,
-                                        monkeypatch):
+@pytest.mark.parametrize("length,block", [(1, 4), (23, 4), (40, 16), (40, 1)], ids=lambda x: str(x))
+def test_far_blocks_equal_the_reference(kernel, causal, window, length, block, monkeypatch):
     # The reference with its running maxima (not its own one-stabilizer branch).
     monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
     q, k, v = (randn(3, 2, length, 6, seed=s, requires_grad=True) for s in range(3))

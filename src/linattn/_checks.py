@@ -63,12 +63,11 @@ def check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
     if q.shape[-2] == 0:
         raise ValueError(f"q must hold at least one query (Lq >= 1); got q {shape_str(q)}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head_dim and the value dim must be >= 1; got q {shape_str(q)}, "
-                         f"v {shape_str(v)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        raise ValueError(
+            f"head_dim and the value dim must be >= 1; got q {shape_str(q)}, v {shape_str(v)}"
         )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}"
@@ -123,16 +122,27 @@ def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
-def check_real(name: str, value: object, low: float, high: float, *,
-               low_inclusive: bool = False, high_inclusive: bool = False) -> float:
+def check_real(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+) -> float:
     """``value``: a real number (an int or a float, not a bool) in the interval from
     ``low`` to ``high`` (open ends unless ``low_inclusive`` / ``high_inclusive``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not ((low <= value if low_inclusive else low < value)
-            and (value <= high if high_inclusive else value < high)):
-        raise ValueError(f"{name} must be in {'[' if low_inclusive else '('}{low:g}, {high:g}"
-                         f"{']' if high_inclusive else ')'}, got {value}")
+    if not (
+        (low <= value if low_inclusive else low < value)
+        and (value <= high if high_inclusive else value < high)
+    ):
+        raise ValueError(
+            f"{name} must be in {'[' if low_inclusive else '('}{low:g}, {high:g}"
+            f"{']' if high_inclusive else ')'}, got {value}"
+        )
     return value
 
 

@@ -153,8 +153,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
-                                        dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -198,8 +197,17 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location=N
         raise CheckpointError(f"{path}: {what} is empty (an interrupted write?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError,
-            OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         # torch's own message may advise weights_only=False: never do that for a file
         # that fails to load; it is damaged or not a linattn file.
         if isinstance(exc, pickle.UnpicklingError):
@@ -208,5 +216,7 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location=N
             why = "truncated or damaged archive"
         else:
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        raise CheckpointError(f"{path}: not a readable {what} ({why}); it may be from an "
-                              "interrupted write or not a linattn file") from exc
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({why}); it may be from an "
+            "interrupted write or not a linattn file"
+        ) from exc

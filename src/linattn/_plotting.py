@@ -12,8 +12,9 @@ def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'linattn[train]' (or "
-                          "'linattn[bench]')") from exc
+        raise ImportError(
+            "plots need matplotlib: pip install 'linattn[train]' (or 'linattn[bench]')"
+        ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -29,8 +30,9 @@ def optional_pyplot():
         return None
 
 
-def log_axes(ax, *, xlabel: str, ylabel: str, title: str | None = None, logx: bool = True,
-             logy: bool = True) -> None:
+def log_axes(
+    ax, *, xlabel: str, ylabel: str, title: str | None = None, logx: bool = True, logy: bool = True
+) -> None:
     """A benchmark panel: log2 lengths on x (``logx``), log values on y (``logy``), the
     labels, the title and a grid on major and minor ticks."""
     if logx:

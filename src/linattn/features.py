@@ -89,7 +89,11 @@ class FeatureMap:
         return 0.0
 
     def prepare(
-        self, weight: Tensor | None, q: Tensor, k: Tensor, key_padding_mask: Tensor | None,
+        self,
+        weight: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        key_padding_mask: Tensor | None,
         scale: float,
     ) -> FeatureParams:
         """Per-call parameters; ``q: (..., Lq, d)``, ``k: (..., Lk, d)``."""
@@ -99,8 +103,9 @@ class FeatureMap:
         """``phi(x): (..., n, M)`` by the documented formula, no stabilizer."""
         raise NotImplementedError
 
-    def stabilized(self, x: Tensor, params: FeatureParams, *, is_query: bool,
-                   inplace: bool = False) -> tuple[Tensor, Tensor]:
+    def stabilized(
+        self, x: Tensor, params: FeatureParams, *, is_query: bool, inplace: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """``(F: (..., n, M), r: (..., n))`` with ``phi(x) = c * F * exp(r[..., None])``.
 
         ``c > 0`` is a constant of the call. For queries ``r`` may be dropped (it
@@ -154,8 +159,9 @@ class _PositiveSoftmax(FeatureMap):
     def _weight(self, params: FeatureParams) -> Tensor:
         return params.weight
 
-    def _logits2(self, x: Tensor, params: FeatureParams, with_norm: bool,
-                 query: bool | None = None) -> Tensor:
+    def _logits2(
+        self, x: Tensor, params: FeatureParams, with_norm: bool, query: bool | None = None
+    ) -> Tensor:
         # log2(e) * (W x~ - |x~|^2 / 2), with sqrt(scale) and log2(e) folded into W and the
         # norm folded into the matmul: [x, -s|x|^2/2] @ [c W, log2(e)]^T (no extra pass).
         w = self._weight(params) * (math.sqrt(params.scale) * _LOG2E)
@@ -244,9 +250,9 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         # phi(q).phi(k) unchanged and makes the largest product term exactly 1.
         shift = None
         for s in range(0, k.shape[-2], rows):
-            logits = self._logits2(k[..., s:s + rows, :], params, with_norm=True)
+            logits = self._logits2(k[..., s : s + rows, :], params, with_norm=True)
             if key_padding_mask is not None:
-                pad = key_padding_mask[:, s:s + rows]
+                pad = key_padding_mask[:, s : s + rows]
                 pad = pad.view(pad.shape[0], *([1] * (k.dim() - 3)), pad.shape[1], 1)
                 logits = logits.masked_fill(pad, float("-inf"))
             top = logits.amax(-2)
@@ -394,8 +400,7 @@ class _Hedgehog(FeatureMap):
 
 
 #: The kernel names (feature maps) of :data:`KERNELS`, for type annotations.
-Kernel = Literal["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu",
-                 "hedgehog"]
+Kernel = Literal["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu", "hedgehog"]
 
 #: The FAVOR+ feature maps by name (the values of :data:`Kernel`).
 KERNELS: dict[str, FeatureMap] = {
@@ -415,9 +420,7 @@ KERNELS: dict[str, FeatureMap] = {
 def get_feature_map(kernel: Kernel) -> FeatureMap:
     """The :class:`FeatureMap` registered under ``kernel`` (see :data:`KERNELS`)."""
     if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(
-            f"kernel must be one of {', '.join(map(repr, KERNELS))}; got {kernel!r}"
-        )
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}; got {kernel!r}")
     return KERNELS[kernel]
 
 

@@ -56,8 +56,12 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
     w = check_tensor("projection", projection, min_dim=2)
     heads = _as_4d(q).shape[1]
     d = q.shape[-1]
-    if (w.dim() not in (2, 3) or w.shape[-1] != d or w.shape[-2] == 0
-            or (w.dim() == 3 and w.shape[0] != heads)):
+    if (
+        w.dim() not in (2, 3)
+        or w.shape[-1] != d
+        or w.shape[-2] == 0
+        or (w.dim() == 3 and w.shape[0] != heads)
+    ):
         raise ValueError(
             f"projection must have shape (num_features, head_dim) = (m, {d}) with m >= 1, or "
             f"one per head (heads, m, head_dim) = ({heads}, m, {d}), for q {shape_str(q)}, "
@@ -239,12 +243,15 @@ def favor_attention(
     if block_size is not None:
         check_positive_int("block_size", block_size)
     sinks = _check_sinks(sinks)
-    if causal and isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() >= 2 and (
-        k.dim() >= 2 and q.shape[-2] != k.shape[-2]
+    if (
+        causal
+        and isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and q.dim() >= 2
+        and (k.dim() >= 2 and q.shape[-2] != k.shape[-2])
     ):
         raise ValueError(
-            f"causal=True needs Lq == Lk (self-attention); got q {shape_str(q)}, "
-            f"k {shape_str(k)}"
+            f"causal=True needs Lq == Lk (self-attention); got q {shape_str(q)}, k {shape_str(k)}"
         )
     # Fused Triton kernels for CUDA tensors (ops/favor/triton); None: not covered, eager.
     # locals() = every argument, so new ones (e.g. window) send the call to the eager path;
@@ -260,14 +267,21 @@ def favor_attention(
     lf = _check_linear_factor(linear_factor, q4)
     if window is not None or sinks:
         out = favor_window(
-            q4, k4, v4, fm, params, window=window, causal=causal, linear_factor=lf,
-            key_padding_mask=mask, chunk_size=chunk_size, block_size=block_size,
+            q4,
+            k4,
+            v4,
+            fm,
+            params,
+            window=window,
+            causal=causal,
+            linear_factor=lf,
+            key_padding_mask=mask,
+            chunk_size=chunk_size,
+            block_size=block_size,
             sinks=sinks,
         )
     elif causal:
-        out = favor_causal(
-            q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size
-        )[0]
+        out = favor_causal(q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size)[0]
     else:
         out = favor_bidirectional(
             q4, k4, v4, fm, params, key_padding_mask=mask, block_size=block_size
@@ -326,11 +340,18 @@ def favor_recurrent(
     if state is not None:
         state = _check_state(state, fm, params, q, v, window, q4.dtype, sinks)
     out, new_state = favor_recurrent_step(
-        q4, k4, v4, state, fm, params, key_padding_mask=mask, window=window,
-        linear_factor=lf, sinks=sinks,
+        q4,
+        k4,
+        v4,
+        state,
+        fm,
+        params,
+        key_padding_mask=mask,
+        window=window,
+        linear_factor=lf,
+        sinks=sinks,
     )
     return out.to(q.dtype), new_state
-
 
 
 def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
@@ -344,8 +365,7 @@ def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if tuple(state.kv.shape) != want:
         raise ValueError(
-            f"state.kv must have shape (B, H, M, dv + 1) = {want}, got "
-            f"{shape_str(state.kv)}"
+            f"state.kv must have shape (B, H, M, dv + 1) = {want}, got {shape_str(state.kv)}"
         )
     if tuple(state.stab.shape) != want[:2]:
         raise ValueError(
@@ -366,12 +386,14 @@ def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
         "padding": (state.padding, (bsz, band)),
     }
     if sinks:
-        shapes.update({
-            "sink_keys": (state.sink_keys, (bsz, heads, sinks, q.shape[-1])),
-            "sink_values": (state.sink_values, (bsz, heads, sinks, v.shape[-1])),
-            "sink_padding": (state.sink_padding, (bsz, sinks)),
-            "seen": (state.seen, (bsz,)),
-        })
+        shapes.update(
+            {
+                "sink_keys": (state.sink_keys, (bsz, heads, sinks, q.shape[-1])),
+                "sink_values": (state.sink_values, (bsz, heads, sinks, v.shape[-1])),
+                "sink_padding": (state.sink_padding, (bsz, sinks)),
+                "seen": (state.seen, (bsz,)),
+            }
+        )
     elif state.sink_keys is not None:
         raise ValueError("state carries sink keys but sinks=0 was passed")
     for name, (t, shape) in shapes.items():
@@ -382,11 +404,20 @@ def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
                 f"got {got} (pass the state returned by the previous step with the same "
                 "window and sinks)"
             )
-    fields = [state.kv.to(dtype), state.stab.to(dtype), state.keys.to(dtype),
-              state.values.to(dtype), state.padding]
+    fields = [
+        state.kv.to(dtype),
+        state.stab.to(dtype),
+        state.keys.to(dtype),
+        state.values.to(dtype),
+        state.padding,
+    ]
     if sinks:
-        fields += [state.sink_keys.to(dtype), state.sink_values.to(dtype),
-                   state.sink_padding, state.seen]
+        fields += [
+            state.sink_keys.to(dtype),
+            state.sink_values.to(dtype),
+            state.sink_padding,
+            state.seen,
+        ]
     return FavorState(*fields)
 
 
@@ -455,28 +486,41 @@ def linformer_attention(
     """
     q, k, v = check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
-            0.0 <= dropout_p < 1.0):
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, (int, float))
+        or not (0.0 <= dropout_p < 1.0)
+    ):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if not isinstance(compressed, bool):
         raise TypeError(f"compressed must be a bool, got {type(compressed).__name__}")
     q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
     if compressed:
-        for name, value in (("proj_k", proj_k), ("proj_v", proj_v),
-                            ("key_padding_mask", key_padding_mask)):
+        for name, value in (
+            ("proj_k", proj_k),
+            ("proj_v", proj_v),
+            ("key_padding_mask", key_padding_mask),
+        ):
             if value is not None:
-                raise ValueError(f"{name} must be None with compressed=True (k and v are "
-                                 "already compressed, their padding already dropped)")
+                raise ValueError(
+                    f"{name} must be None with compressed=True (k and v are "
+                    "already compressed, their padding already dropped)"
+                )
         kc, vc = k4, v4
     else:
         if proj_k is None:
-            raise ValueError("proj_k is required: pass E of shape (proj_dim, n) or "
-                             "(heads, proj_dim, n), or compressed=True with k and v already "
-                             "compressed")
+            raise ValueError(
+                "proj_k is required: pass E of shape (proj_dim, n) or "
+                "(heads, proj_dim, n), or compressed=True with k and v already "
+                "compressed"
+            )
         mask = check_key_padding_mask(key_padding_mask, k)
         pk = _check_linformer_projection("proj_k", proj_k, q4, k4.shape[-2])
-        pv = pk if proj_v is None else _check_linformer_projection("proj_v", proj_v, q4,
-                                                                   k4.shape[-2])
+        pv = (
+            pk
+            if proj_v is None
+            else _check_linformer_projection("proj_v", proj_v, q4, k4.shape[-2])
+        )
         if pv.shape[-2] != pk.shape[-2]:
             raise ValueError(
                 f"proj_k and proj_v must project to the same proj_dim; got proj_k "

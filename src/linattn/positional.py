@@ -41,8 +41,9 @@ def sinusoidal_table(length: int, dim: int, *, dtype=None, device=None) -> Tenso
     """The Transformer's sinusoidal position table ``(length, dim)``:
     ``[sin(p w_i), cos(p w_i)]`` interleaved, ``w_i = 10000^(-2i/dim)``."""
     pos = torch.arange(length, dtype=torch.float64, device=device)[:, None]
-    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64,
-                                                      device=device) / dim)
+    inv = torch.exp(
+        -math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+    )
     table = torch.zeros(length, dim, dtype=torch.float64, device=device)
     table[:, 0::2] = torch.sin(pos * inv)
     table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]

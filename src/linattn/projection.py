@@ -68,7 +68,11 @@ def draw_projection(
     if orthogonal:
         num_blocks = math.ceil(num_features / head_dim)
         g = torch.randn(
-            num_blocks, head_dim, head_dim, generator=generator, device=gen_device,
+            num_blocks,
+            head_dim,
+            head_dim,
+            generator=generator,
+            device=gen_device,
             dtype=torch.float64,
         )
         q, r = torch.linalg.qr(g)
@@ -85,7 +89,10 @@ def draw_projection(
     if scaling == "chi":
         if orthogonal:
             norms = torch.randn(
-                num_features, head_dim, generator=generator, device=gen_device,
+                num_features,
+                head_dim,
+                generator=generator,
+                device=gen_device,
                 dtype=torch.float64,
             ).norm(dim=-1)
             w = w * norms.unsqueeze(-1)

@@ -23,15 +23,22 @@ from __future__ import annotations
 import itertools
 import math
 
-SPREAD_LIMIT = 0.25      # (q3 - q1) / median above this: re-measure, then flag
-SLOPE_TOLERANCE = 0.5    # allowed excess of the log-log slope over the complexity
-RATIO_DROP = 2.0         # a speed-up falling by more than this between lengths
-EXTRA_ROUNDS = 4         # at most this many extra repeats of an unstable cell
+SPREAD_LIMIT = 0.25  # (q3 - q1) / median above this: re-measure, then flag
+SLOPE_TOLERANCE = 0.5  # allowed excess of the log-log slope over the complexity
+RATIO_DROP = 2.0  # a speed-up falling by more than this between lengths
+EXTRA_ROUNDS = 4  # at most this many extra repeats of an unstable cell
 WARN = "⚠"
 
 # Time complexity in L of each timed method (exponent p of O(L^p)).
-COMPLEXITY = {"exact": 2, "materialized": 2, "favor": 1, "linformer": 1,
-              "performer_pytorch": 1, "linformer_pkg": 1, "linformer_module": 1}
+COMPLEXITY = {
+    "exact": 2,
+    "materialized": 2,
+    "favor": 1,
+    "linformer": 1,
+    "performer_pytorch": 1,
+    "linformer_pkg": 1,
+    "linformer_module": 1,
+}
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -63,8 +70,15 @@ def spread(xs: list[float]) -> float:
 def summarize(xs: list[float]) -> dict:
     """``{median_s, q1_s, q3_s, min_s, max_s, spread, n}`` of repeat times ``xs``."""
     q1, med, q3 = quartiles(xs)
-    return {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(xs), "max_s": max(xs),
-            "spread": spread(xs), "n": len(xs)}
+    return {
+        "median_s": med,
+        "q1_s": q1,
+        "q3_s": q3,
+        "min_s": min(xs),
+        "max_s": max(xs),
+        "spread": spread(xs),
+        "n": len(xs),
+    }
 
 
 def unstable(times: list[float], limit: float = SPREAD_LIMIT) -> bool:
@@ -81,13 +95,24 @@ def add_flag(row: dict, reason: str) -> None:
 def _flag_spread(rows: list[dict], limit: float) -> None:
     for r in rows:
         if "spread" in r and r["spread"] > limit:
-            add_flag(r, f"unstable: spread {100 * r['spread']:.0f}% over {r.get('n', '?')} "
-                        f"repeats (limit {100 * limit:.0f}%)")
+            add_flag(
+                r,
+                f"unstable: spread {100 * r['spread']:.0f}% over {r.get('n', '?')} "
+                f"repeats (limit {100 * limit:.0f}%)",
+            )
 
 
-def _flag_slopes(rows: list[dict], key, complexity, *, value: str = "median_s",
-                 length: str = "length", what: str = "time", scale: float = 1e3,
-                 tolerance: float = SLOPE_TOLERANCE) -> None:
+def _flag_slopes(
+    rows: list[dict],
+    key,
+    complexity,
+    *,
+    value: str = "median_s",
+    length: str = "length",
+    what: str = "time",
+    scale: float = 1e3,
+    tolerance: float = SLOPE_TOLERANCE,
+) -> None:
     """Between neighbouring lengths of the same ``key(row)``, flag the longer cell when
     ``row[value]`` grew faster than ``L^(p + tolerance)``, ``p = complexity(row)``
     (``None``: not checked). Values are printed times ``scale`` as ms."""
@@ -103,13 +128,24 @@ def _flag_slopes(rows: list[dict], key, complexity, *, value: str = "median_s",
                 continue
             slope = math.log(b[value] / a[value]) / math.log(b[length] / a[length])
             if slope > p + tolerance:
-                add_flag(b, f"{what} grows as L^{slope:.1f} from {a[length]} "
-                            f"({scale * a[value]:.1f} ms) to {b[length]} "
-                            f"({scale * b[value]:.1f} ms): steeper than O(L^{p:g})")
+                add_flag(
+                    b,
+                    f"{what} grows as L^{slope:.1f} from {a[length]} "
+                    f"({scale * a[value]:.1f} ms) to {b[length]} "
+                    f"({scale * b[value]:.1f} ms): steeper than O(L^{p:g})",
+                )
 
 
-def _flag_ratio_drops(rows: list[dict], key, ratio: str, *, what: str, axis: str,
-                      why: str = "", drop: float = RATIO_DROP) -> None:
+def _flag_ratio_drops(
+    rows: list[dict],
+    key,
+    ratio: str,
+    *,
+    what: str,
+    axis: str,
+    why: str = "",
+    drop: float = RATIO_DROP,
+) -> None:
     """Between neighbouring lengths of the same ``key(row)``, flag the longer cell when
     ``row[ratio]`` (a gain over exact attention) fell by more than ``drop``; the reason
     reads ``"{what} fell from 3.00x at {axis}=64 to 1.00x at {axis}=128{why}"``."""
@@ -121,8 +157,11 @@ def _flag_ratio_drops(rows: list[dict], key, ratio: str, *, what: str, axis: str
         group.sort(key=lambda r: r["length"])
         for a, b in itertools.pairwise(group):
             if b[ratio] * drop < a[ratio]:
-                add_flag(b, f"{what} fell from {a[ratio]:.2f}x at {axis}={a['length']} "
-                            f"to {b[ratio]:.2f}x at {axis}={b['length']}{why}")
+                add_flag(
+                    b,
+                    f"{what} fell from {a[ratio]:.2f}x at {axis}={a['length']} "
+                    f"to {b[ratio]:.2f}x at {axis}={b['length']}{why}",
+                )
 
 
 def _complexity(row: dict) -> int | None:
@@ -131,29 +170,51 @@ def _complexity(row: dict) -> int | None:
 
 def _speed_case(row: dict) -> tuple:
     """The timed case of a speed row, all but its length."""
-    return (row["method"], row.get("causal", False), row.get("kernel", "softmax"),
-            row.get("window"), row["pass"])
+    return (
+        row["method"],
+        row.get("causal", False),
+        row.get("kernel", "softmax"),
+        row.get("window"),
+        row["pass"],
+    )
 
 
 def flag_speed(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
     """Flag the rows of ``linattn bench --suite favor`` (and ``peers``) in place."""
     ok = [r for r in rows if "median_s" in r]
     _flag_spread(ok, limit)
-    index = {(r["method"], r.get("causal", False), r.get("kernel", "softmax"), r.get("window"),
-              r["pass"], r["length"]): r for r in ok}
+    index = {
+        (
+            r["method"],
+            r.get("causal", False),
+            r.get("kernel", "softmax"),
+            r.get("window"),
+            r["pass"],
+            r["length"],
+        ): r
+        for r in ok
+    }
     for (method, causal, kernel, window, p, length), r in index.items():
         if p != "fwd":
             continue
         both = index.get((method, causal, kernel, window, "fwd+bwd", length))
         if both is not None and r["median_s"] > both["median_s"]:
-            msg = (f"forward ({1e3 * r['median_s']:.1f} ms) slower than forward+backward "
-                   f"({1e3 * both['median_s']:.1f} ms) at L={length}")
+            msg = (
+                f"forward ({1e3 * r['median_s']:.1f} ms) slower than forward+backward "
+                f"({1e3 * both['median_s']:.1f} ms) at L={length}"
+            )
             add_flag(r, msg)
             add_flag(both, msg)
     _flag_slopes(ok, _speed_case, _complexity)
     # Speed-ups over exact attention: a collapse from one length to the next.
-    _flag_ratio_drops(ok, _speed_case, "speedup_vs_exact", what="speed-up", axis="L",
-                      why=": implausible for linear vs quadratic")
+    _flag_ratio_drops(
+        ok,
+        _speed_case,
+        "speedup_vs_exact",
+        what="speed-up",
+        axis="L",
+        why=": implausible for linear vs quadratic",
+    )
 
 
 def flag_linformer(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
@@ -161,8 +222,9 @@ def flag_linformer(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
     ok = [r for r in rows if "median_s" in r]
     _flag_spread(ok, limit)
     _flag_slopes(ok, lambda r: (r["method"], r.get("proj_dim")), _complexity)
-    _flag_ratio_drops(ok, lambda r: r["proj_dim"], "time_saved_vs_exact",
-                      what="time saved", axis="n")
+    _flag_ratio_drops(
+        ok, lambda r: r["proj_dim"], "time_saved_vs_exact", what="time saved", axis="n"
+    )
 
 
 def flag_generation(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
@@ -171,9 +233,15 @@ def flag_generation(rows: list[dict], limit: float = SPREAD_LIMIT) -> None:
     (a key/value cache read per token, allowed up to ``context^1.5``)."""
     ok = [r for r in rows if "ms_per_token" in r]
     _flag_spread(ok, limit)
-    _flag_slopes(ok, lambda r: r["attention"],
-                 lambda r: 0 if r["attention"] == "favor" else 1, value="ms_per_token",
-                 length="context", what="time per token", scale=1.0)
+    _flag_slopes(
+        ok,
+        lambda r: r["attention"],
+        lambda r: 0 if r["attention"] == "favor" else 1,
+        value="ms_per_token",
+        length="context",
+        what="time per token",
+        scale=1.0,
+    )
 
 
 def flagged(rows: list[dict], label) -> list[tuple[str, str]]:

@@ -20,8 +20,7 @@ from .speed import footnotes, machine_info, run_cases, write_results
 
 PRESETS = {
     "quick": {"lengths": [512, 1024, 2048, 4096], "dims": [128, 256, 512]},
-    "full": {"lengths": [512, 1024, 2048, 4096, 8192, 16384],
-             "dims": [128, 256, 512, 1024, 2048]},
+    "full": {"lengths": [512, 1024, 2048, 4096, 8192, 16384], "dims": [128, 256, 512, 1024, 2048]},
 }
 # The paper's time savings on a V100 (Table 3), for the cells it reports here.
 PAPER_TIME_SAVED = {(8192, 128): 5.5, (16384, 128): 8.6}
@@ -29,20 +28,32 @@ PAPER_TIME_SAVED = {(8192, 128): 5.5, (16384, 128): 8.6}
 MATERIALIZED_MAX = 16384
 
 
-def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=5, lengths=None,
-        progress=True) -> dict:
+def run(
+    out_dir, *, preset="quick", heads=8, head_dim=64, repeats=5, lengths=None, progress=True
+) -> dict:
     conf = dict(PRESETS[preset])
     if lengths:
         conf["lengths"] = sorted(lengths)
-    base = {"pass": "fwd", "batch": 1, "heads": heads, "head_dim": head_dim,
-            "dtype": "float32", "repeats": repeats, "causal": False, "num_features": 0}
+    base = {
+        "pass": "fwd",
+        "batch": 1,
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": "float32",
+        "repeats": repeats,
+        "causal": False,
+        "num_features": 0,
+    }
     groups = []
     for n in conf["lengths"]:
         cases = [{**base, "method": "exact", "length": n}]
         if n <= MATERIALIZED_MAX:
             cases.append({**base, "method": "materialized", "length": n})
-        cases += [{**base, "method": "linformer", "length": n, "proj_dim": k}
-                  for k in conf["dims"] if k < n]
+        cases += [
+            {**base, "method": "linformer", "length": n, "proj_dim": k}
+            for k in conf["dims"]
+            if k < n
+        ]
         groups.append(cases)
     load_before = os.getloadavg()
     rows = run_cases(groups, repeats=repeats, progress=progress, desc="linformer table")
@@ -54,21 +65,43 @@ def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=5, lengths=Non
             b = index.get((ref, r["length"]))
             if b is not None:
                 r[f"time_saved_vs_{ref}"] = b["median_s"] / r["median_s"]
-                r[f"memory_saved_vs_{ref}"] = b["peak_added_bytes"] / max(
-                    r["peak_added_bytes"], 1)
+                r[f"memory_saved_vs_{ref}"] = b["peak_added_bytes"] / max(r["peak_added_bytes"], 1)
         paper = PAPER_TIME_SAVED.get((r["length"], r["proj_dim"]))
         if paper is not None:
             r["paper_time_saved"] = paper
     checks.flag_linformer(rows)
-    result = {"machine": machine_info(), "config": base, "results": rows,
-              "lengths": conf["lengths"], "dims": conf["dims"],
-              "load": {"before": load_before, "after": os.getloadavg()}}
+    result = {
+        "machine": machine_info(),
+        "config": base,
+        "results": rows,
+        "lengths": conf["lengths"],
+        "dims": conf["dims"],
+        "load": {"before": load_before, "after": os.getloadavg()},
+    }
     out = Path(out_dir)
-    write_results(out, "linformer", result, [
-        "method", "length", "proj_dim", "median_s", "q1_s", "q3_s", "spread", "n",
-        "peak_added_bytes", "time_saved_vs_exact", "time_saved_vs_materialized",
-        "memory_saved_vs_exact", "memory_saved_vs_materialized", "paper_time_saved", "flags",
-        "error"])
+    write_results(
+        out,
+        "linformer",
+        result,
+        [
+            "method",
+            "length",
+            "proj_dim",
+            "median_s",
+            "q1_s",
+            "q3_s",
+            "spread",
+            "n",
+            "peak_added_bytes",
+            "time_saved_vs_exact",
+            "time_saved_vs_materialized",
+            "memory_saved_vs_exact",
+            "memory_saved_vs_materialized",
+            "paper_time_saved",
+            "flags",
+            "error",
+        ],
+    )
     plot(result, out / "linformer.png")
     return result
 
@@ -76,19 +109,32 @@ def run(out_dir, *, preset="quick", heads=8, head_dim=64, repeats=5, lengths=Non
 def format_table(result: dict) -> str:
     """The paper's layout: rows n, columns k; cells 'time saved / memory saved'."""
     dims = result["dims"]
-    cells = {(r["length"], r["proj_dim"]): r for r in result["results"]
-             if r["method"] == "linformer" and "median_s" in r}
-    refs = {(r["method"], r["length"]): r for r in result["results"]
-            if r["method"] != "linformer" and "median_s" in r}
+    cells = {
+        (r["length"], r["proj_dim"]): r
+        for r in result["results"]
+        if r["method"] == "linformer" and "median_s" in r
+    }
+    refs = {
+        (r["method"], r["length"]): r
+        for r in result["results"]
+        if r["method"] != "linformer" and "median_s" in r
+    }
     marks, notes = footnotes(result["results"], _row_label)
     m = result["machine"]
-    lines = [f"Linformer forward, batch 1, {result['config']['heads']} heads, head_dim "
-             f"{result['config']['head_dim']}, float32; {m['processor']}, {m['cpu_count']} "
-             f"cores, torch {m['torch']}"]
-    for ref, title in (("materialized", "vs attention that materializes n x n (the paper's "
-                        "baseline)"), ("exact", "vs scaled_dot_product_attention")):
-        lines += ["", f"time saved / memory saved, {title}",
-                  f"{'n':>7} | " + " | ".join(f"k={k:<11}" for k in dims)]
+    lines = [
+        f"Linformer forward, batch 1, {result['config']['heads']} heads, head_dim "
+        f"{result['config']['head_dim']}, float32; {m['processor']}, {m['cpu_count']} "
+        f"cores, torch {m['torch']}"
+    ]
+    for ref, title in (
+        ("materialized", "vs attention that materializes n x n (the paper's baseline)"),
+        ("exact", "vs scaled_dot_product_attention"),
+    ):
+        lines += [
+            "",
+            f"time saved / memory saved, {title}",
+            f"{'n':>7} | " + " | ".join(f"k={k:<11}" for k in dims),
+        ]
         for n in result["lengths"]:
             row = []
             for k in dims:
@@ -98,12 +144,16 @@ def format_table(result: dict) -> str:
                     continue
                 bad = [marks[id(x)] for x in (r, refs.get((ref, n))) if x and id(x) in marks]
                 mark = (checks.WARN + ",".join(map(str, bad))) if bad else ""
-                row.append(f"{r[f'time_saved_vs_{ref}']:5.1f}x/"
-                           f"{r[f'memory_saved_vs_{ref}']:5.1f}x{mark}")
+                row.append(
+                    f"{r[f'time_saved_vs_{ref}']:5.1f}x/{r[f'memory_saved_vs_{ref}']:5.1f}x{mark}"
+                )
             lines.append(f"{n:>7} | " + " | ".join(row))
-    paper = [f"n={n}, k={k}: paper {v}x (V100), here "
-             f"{cells[(n, k)].get('time_saved_vs_materialized', float('nan')):.1f}x"
-             for (n, k), v in PAPER_TIME_SAVED.items() if (n, k) in cells]
+    paper = [
+        f"n={n}, k={k}: paper {v}x (V100), here "
+        f"{cells[(n, k)].get('time_saved_vs_materialized', float('nan')):.1f}x"
+        for (n, k), v in PAPER_TIME_SAVED.items()
+        if (n, k) in cells
+    ]
     if paper:
         lines += ["", "time saved vs the paper's baseline: " + "; ".join(paper)]
     lines += [""] + (notes or ["no cell flagged (spread, growth within complexity)"])
@@ -122,21 +172,40 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["results"] if r["method"] == "linformer" and "median_s" in r]
     for ax, ref in zip(axes, ("materialized", "exact")):
         for k in result["dims"]:
-            pts = sorted((r["length"], r[f"time_saved_vs_{ref}"]) for r in rows
-                         if r["proj_dim"] == k and f"time_saved_vs_{ref}" in r)
+            pts = sorted(
+                (r["length"], r[f"time_saved_vs_{ref}"])
+                for r in rows
+                if r["proj_dim"] == k and f"time_saved_vs_{ref}" in r
+            )
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", label=f"k = {k}")
         if ref == "materialized":
             # The paper measured against materialized attention only.
             for (n, k), v in PAPER_TIME_SAVED.items():
-                ax.scatter([n], [v], marker="*", s=120, color="black", zorder=5,
-                           label=f"paper, V100, k = {k}" if n == 8192 else None)
+                ax.scatter(
+                    [n],
+                    [v],
+                    marker="*",
+                    s=120,
+                    color="black",
+                    zorder=5,
+                    label=f"paper, V100, k = {k}" if n == 8192 else None,
+                )
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")
-        log_axes(ax, xlabel="sequence length n (tokens)",
-                 ylabel="time saved (baseline time / Linformer time)",
-                 title="vs attention materializing n x n (the paper's baseline)"
-                 if ref == "materialized" else "vs scaled_dot_product_attention")
+        log_axes(
+            ax,
+            xlabel="sequence length n (tokens)",
+            ylabel="time saved (baseline time / Linformer time)",
+            title="vs attention materializing n x n (the paper's baseline)"
+            if ref == "materialized"
+            else "vs scaled_dot_product_attention",
+        )
         ax.legend(fontsize=8)
-    finish(fig, path, dpi=110,
-           title="Linformer forward time saved (the paper's Table 3 on this CPU)", fontsize=11)
+    finish(
+        fig,
+        path,
+        dpi=110,
+        title="Linformer forward time saved (the paper's Table 3 on this CPU)",
+        fontsize=11,
+    )

@@ -32,8 +32,11 @@ from . import checks
 
 PRESETS = {
     "quick": {"lengths": [1024, 2048, 4096], "repeats": 5, "kernels": ["softmax"]},
-    "full": {"lengths": [1024, 2048, 4096, 8192, 16384], "repeats": 5,
-             "kernels": ["softmax", "softmax_hyp", "softmax_opt", "relu"]},
+    "full": {
+        "lengths": [1024, 2048, 4096, 8192, 16384],
+        "repeats": 5,
+        "kernels": ["softmax", "softmax_hyp", "softmax_opt", "relu"],
+    },
 }
 
 METHODS = [
@@ -47,8 +50,7 @@ METHODS = [
 MATERIALIZED_MAX = 8192
 
 
-def _label(method: str, causal: bool, kernel: str = "softmax", window: int | None = None
-           ) -> str:
+def _label(method: str, causal: bool, kernel: str = "softmax", window: int | None = None) -> str:
     name = {"exact": "exact (SDPA)", "materialized": "exact (n x n)"}.get(method)
     if name is None:
         name = "FAVOR+" if kernel == "softmax" else f"FAVOR {kernel}"
@@ -70,12 +72,25 @@ def _cases(lengths, passes, kernels, base, windows=()):
                 for kernel in kernels if method == "favor" else ["softmax"]:
                     if causal and kernel == "softmax_opt":
                         continue
-                    yield {**base, "method": method, "causal": causal, "pass": p,
-                           "length": length, "kernel": kernel}
+                    yield {
+                        **base,
+                        "method": method,
+                        "causal": causal,
+                        "pass": p,
+                        "length": length,
+                        "kernel": kernel,
+                    }
                 # The window hybrid (exact band + FAVOR+ beyond), softmax features.
                 for window in windows if method == "favor" else ():
-                    yield {**base, "method": method, "causal": causal, "pass": p,
-                           "length": length, "kernel": "softmax", "window": window}
+                    yield {
+                        **base,
+                        "method": method,
+                        "causal": causal,
+                        "pass": p,
+                        "length": length,
+                        "kernel": "softmax",
+                        "window": window,
+                    }
 
 
 def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
@@ -118,7 +133,10 @@ def run_case(case: dict) -> dict:
     env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "linattn.bench.worker", json.dumps(case)],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         return {**case, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
@@ -133,8 +151,12 @@ class _Worker:
         self.err = tempfile.TemporaryFile(mode="w+")  # never a full pipe
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "linattn.bench.worker", "--serve", json.dumps(case)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-            text=True, env=dict(os.environ))
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=dict(os.environ),
+        )
         self.ready = self._read()
         self.times: list[float] = []
 
@@ -178,17 +200,27 @@ class _Worker:
             tail = err.strip().splitlines()[-1:] or ["failed"]
             return {**self.case, "error": tail}
         times = self.times or [self.ready["first_s"]]
-        row = {**self.case, **checks.summarize(times), "times_s": times,
-               "first_s": self.ready["first_s"],
-               "peak_added_bytes": self.ready["peak_added_bytes"],
-               "peak_exact": self.ready["peak_exact"]}
+        row = {
+            **self.case,
+            **checks.summarize(times),
+            "times_s": times,
+            "first_s": self.ready["first_s"],
+            "peak_added_bytes": self.ready["peak_added_bytes"],
+            "peak_exact": self.ready["peak_exact"],
+        }
         if done:
             row.update({k: v for k, v in done.items() if k != "done"})
         return row
 
 
-def interleave(timers: list, repeats: int, *, budget_s: float | None = None,
-               limit: float = checks.SPREAD_LIMIT, extra: int = checks.EXTRA_ROUNDS) -> None:
+def interleave(
+    timers: list,
+    repeats: int,
+    *,
+    budget_s: float | None = None,
+    limit: float = checks.SPREAD_LIMIT,
+    extra: int = checks.EXTRA_ROUNDS,
+) -> None:
     """Round-robin repeats: ``repeats`` rounds of one ``time_once()`` per timer, then up
     to ``extra`` more rounds over the timers whose spread is above ``limit``. A timer
     whose repeats already took ``budget_s`` gets no more (the slowest cells).
@@ -211,8 +243,14 @@ def interleave(timers: list, repeats: int, *, budget_s: float | None = None,
                 live.remove(t)
 
 
-def run_cases(groups: list[list[dict]], *, repeats: int, budget_s: float = 20.0,
-              progress: bool = True, desc: str = "bench") -> list[dict]:
+def run_cases(
+    groups: list[list[dict]],
+    *,
+    repeats: int,
+    budget_s: float = 20.0,
+    progress: bool = True,
+    desc: str = "bench",
+) -> list[dict]:
     """Time every case of ``groups``, each group interleaved (:func:`interleave`) with one
     fresh ``worker --serve`` process per case (started one after the other, so that the
     first call, which measures the peak memory, runs alone). Rows as :func:`run_case`
@@ -220,8 +258,7 @@ def run_cases(groups: list[list[dict]], *, repeats: int, budget_s: float = 20.0,
     from tqdm import tqdm
 
     rows = []
-    bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="case",
-               disable=not progress)
+    bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="case", disable=not progress)
     for group in groups:
         workers = [_Worker(case) for case in group]
         interleave([w for w in workers if w.ready is not None], repeats, budget_s=budget_s)
@@ -254,8 +291,14 @@ def run(
     repeats = repeats or conf["repeats"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = {"batch": 1, "heads": heads, "head_dim": head_dim, "num_features": num_features,
-            "dtype": "float32", "repeats": repeats}
+    base = {
+        "batch": 1,
+        "heads": heads,
+        "head_dim": head_dim,
+        "num_features": num_features,
+        "dtype": "float32",
+        "repeats": repeats,
+    }
     cases = list(_cases(lengths, passes, conf["kernels"], base, windows))
     groups: dict = {}
     for case in cases:  # every method at one length and pass: timed interleaved
@@ -269,8 +312,12 @@ def run(
             res["pct_matmul"] = 100.0 * res["gflops"] / rate
     _add_ratios(rows)
     checks.flag_speed(rows)
-    result = {"machine": machine_info(), "matmul_gflops": rate, "results": rows,
-              "load": {"before": load_before, "after": os.getloadavg()}}
+    result = {
+        "machine": machine_info(),
+        "matmul_gflops": rate,
+        "results": rows,
+        "load": {"before": load_before, "after": os.getloadavg()},
+    }
     write_results(out, "bench", result, _CSV_FIELDS)
     plot(result, out / "bench.png")
     return result
@@ -280,7 +327,8 @@ def _add_ratios(rows: list[dict]) -> None:
     """speedup = exact time / FAVOR+ time for the same length, pass and causality."""
     index = {
         (r["method"], r["causal"], r["pass"], r["length"], r.get("kernel", "softmax")): r
-        for r in rows if "median_s" in r and r.get("window") is None
+        for r in rows
+        if "median_s" in r and r.get("window") is None
     }
     for r in rows:
         if r["method"] != "favor" or "median_s" not in r:
@@ -302,10 +350,32 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 _CSV_FIELDS = [
-    "method", "kernel", "causal", "pass", "length", "heads", "head_dim", "num_features",
-    "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "spread", "n", "peak_added_bytes",
-    "gflops", "pct_matmul", "speedup_vs_exact", "speedup_vs_materialized",
-    "causal_over_bidirectional", "window", "over_favor", "flags", "error",
+    "method",
+    "kernel",
+    "causal",
+    "pass",
+    "length",
+    "heads",
+    "head_dim",
+    "num_features",
+    "dtype",
+    "median_s",
+    "q1_s",
+    "q3_s",
+    "min_s",
+    "max_s",
+    "spread",
+    "n",
+    "peak_added_bytes",
+    "gflops",
+    "pct_matmul",
+    "speedup_vs_exact",
+    "speedup_vs_materialized",
+    "causal_over_bidirectional",
+    "window",
+    "over_favor",
+    "flags",
+    "error",
 ]
 
 
@@ -323,8 +393,10 @@ def _load_line(result: dict) -> str:
     load = result.get("load")
     if not load:
         return ""
-    return (f"machine load (1/5/15-min averages) before {_fmt_load(load['before'])}, "
-            f"after {_fmt_load(load['after'])}")
+    return (
+        f"machine load (1/5/15-min averages) before {_fmt_load(load['before'])}, "
+        f"after {_fmt_load(load['after'])}"
+    )
 
 
 def _fmt_load(avg) -> str:
@@ -371,8 +443,9 @@ def format_table(result: dict) -> str:
         lines.insert(1, _load_line(result))
     for r in result["results"]:
         if "median_s" not in r:
-            lines.append(f"{r['pass']:8} {r['length']:>6} {_row_name(r):26}"
-                         f" failed: {r.get('error')}")
+            lines.append(
+                f"{r['pass']:8} {r['length']:>6} {_row_name(r):26} failed: {r.get('error')}"
+            )
             continue
         sp = f"{r['speedup_vs_exact']:.1f}x" if "speedup_vs_exact" in r else ""
         gf = f"{r['gflops']:.0f}" if "gflops" in r else ""
@@ -395,41 +468,79 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["results"] if "median_s" in r]
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)
     fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8.5), squeeze=False)
-    styles = {("exact", False): ("C0", "-"), ("exact", True): ("C0", "--"),
-              ("materialized", False): ("C2", ":"),
-              ("favor", False): ("C3", "-"), ("favor", True): ("C3", "--")}
+    styles = {
+        ("exact", False): ("C0", "-"),
+        ("exact", True): ("C0", "--"),
+        ("materialized", False): ("C2", ":"),
+        ("favor", False): ("C3", "-"),
+        ("favor", True): ("C3", "--"),
+    }
     rows = [r for r in rows if r.get("kernel", "softmax") == "softmax"]
     windows = sorted({r["window"] for r in rows if r.get("window") is not None})
     for col, p in enumerate(passes):
         for row, (key, unit, scale, title) in enumerate(
-            [("median_s", "time (s)", 1.0, "time"),
-             ("peak_added_bytes", "peak memory added (MB)", 2**-20, "peak memory")]
+            [
+                ("median_s", "time (s)", 1.0, "time"),
+                ("peak_added_bytes", "peak memory added (MB)", 2**-20, "peak memory"),
+            ]
         ):
             ax = axes[row][col]
             for (method, causal), (color, ls) in styles.items():
-                sel = sorted((r for r in rows if r["pass"] == p and r["method"] == method
-                              and r["causal"] == causal and r.get("window") is None),
-                             key=lambda r: r["length"])
+                sel = sorted(
+                    (
+                        r
+                        for r in rows
+                        if r["pass"] == p
+                        and r["method"] == method
+                        and r["causal"] == causal
+                        and r.get("window") is None
+                    ),
+                    key=lambda r: r["length"],
+                )
                 if sel:
-                    _curve(ax, sel, key, scale, color, ls, _label(method, causal),
-                           errors=key == "median_s")
+                    _curve(
+                        ax,
+                        sel,
+                        key,
+                        scale,
+                        color,
+                        ls,
+                        _label(method, causal),
+                        errors=key == "median_s",
+                    )
             for i, window in enumerate(windows):
                 for causal in (False, True):
-                    sel = sorted((r for r in rows if r["pass"] == p and r["causal"] == causal
-                                  and r.get("window") == window), key=lambda r: r["length"])
+                    sel = sorted(
+                        (
+                            r
+                            for r in rows
+                            if r["pass"] == p
+                            and r["causal"] == causal
+                            and r.get("window") == window
+                        ),
+                        key=lambda r: r["length"],
+                    )
                     if sel:
-                        _curve(ax, sel, key, scale, f"C{4 + i}", "--" if causal else "-",
-                               _label("favor", causal, window=window),
-                               errors=key == "median_s")
+                        _curve(
+                            ax,
+                            sel,
+                            key,
+                            scale,
+                            f"C{4 + i}",
+                            "--" if causal else "-",
+                            _label("favor", causal, window=window),
+                            errors=key == "median_s",
+                        )
             _guides(ax, [r["length"] for r in rows if r["pass"] == p])
-            log_axes(ax, xlabel="sequence length L (tokens)", ylabel=unit,
-                     title=f"{title}, {p}")
+            log_axes(ax, xlabel="sequence length L (tokens)", ylabel=unit, title=f"{title}, {p}")
             ax.legend(fontsize=8, loc="upper left")
     m = result["machine"]
     rs = rows[0] if rows else {}
     flagged = sum(bool(r.get("flags")) for r in rows)
     finish(
-        fig, path, dpi=110,
+        fig,
+        path,
+        dpi=110,
         title=f"linattn FAVOR+ vs exact attention: batch 1, {rs.get('heads')} heads, head_dim "
         f"{rs.get('head_dim')}, {rs.get('num_features')} features, float32\n"
         f"{m['processor']}, {m['cpu_count']} cores, {m['threads']} threads, torch {m['torch']}"
@@ -439,8 +550,18 @@ def plot(result: dict, path: Path) -> None:
     )
 
 
-def _curve(ax, rows: list[dict], key: str, scale: float, color, ls, label: str, *,
-           errors: bool, x: str = "length") -> None:
+def _curve(
+    ax,
+    rows: list[dict],
+    key: str,
+    scale: float,
+    color,
+    ls,
+    label: str,
+    *,
+    errors: bool,
+    x: str = "length",
+) -> None:
     """A line through ``rows``; interquartile error bars when ``errors``; flagged points
     hollow, with a ⚠ beside them."""
     xs = [r[x] for r in rows]
@@ -454,8 +575,14 @@ def _curve(ax, rows: list[dict], key: str, scale: float, color, ls, label: str, 
         bad = bool(r.get("flags")) and errors
         ax.plot([xv], [yv], marker="o", color=color, mfc="white" if bad else color, ms=6)
         if bad:
-            ax.annotate(checks.WARN, (xv, yv), xytext=(4, 4), textcoords="offset points",
-                        color="red", fontsize=10)
+            ax.annotate(
+                checks.WARN,
+                (xv, yv),
+                xytext=(4, 4),
+                textcoords="offset points",
+                color="red",
+                fontsize=10,
+            )
 
 
 def _guides(ax, lengths: list[int]) -> None:
@@ -466,5 +593,11 @@ def _guides(ax, lengths: list[int]) -> None:
     ymin = min(line.get_ydata().min() for line in ax.get_lines()) if ax.get_lines() else 1
     for power, label in ((1, "O(L)"), (2, "O(L²)")):
         ax.plot([lo, hi], [ymin, ymin * (hi / lo) ** power], color="gray", ls=":", lw=1)
-        ax.annotate(label, (hi, ymin * (hi / lo) ** power), fontsize=8, color="gray",
-                    ha="right", va="bottom")
+        ax.annotate(
+            label,
+            (hi, ymin * (hi / lo) ** power),
+            fontsize=8,
+            color="gray",
+            ha="right",
+            va="bottom",
+        )

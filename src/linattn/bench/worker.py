@@ -66,11 +66,14 @@ def build(case: dict):
     grad = case["pass"] == "fwd+bwd"
     scale_qk = case.get("qk_scale", 1.0)
     q, k, v = (
-        (torch.randn(b, h, length, d, dtype=dtype) * (scale_qk if i < 2 else 1.0))
-        .requires_grad_(grad) for i in range(3)
+        (torch.randn(b, h, length, d, dtype=dtype) * (scale_qk if i < 2 else 1.0)).requires_grad_(
+            grad
+        )
+        for i in range(3)
     )
     method, causal = case["method"], case.get("causal", False)
     if method == "exact":
+
         def fn():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     elif method == "favor":
@@ -80,16 +83,20 @@ def build(case: dict):
         kernel = case.get("kernel", "softmax")
 
         def fn():
-            return linattn.favor_attention(q, k, v, w, kernel=kernel, causal=causal,
-                                           window=case.get("window"))
+            return linattn.favor_attention(
+                q, k, v, w, kernel=kernel, causal=causal, window=case.get("window")
+            )
     elif method == "materialized":
         # The Linformer paper's baseline: softmax(Q K^T / sqrt(d)) V with the L x L matrix.
         def fn():
             return torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1) @ v
     elif method == "linformer":
-        proj = torch.randn(
-            case["proj_dim"], length, dtype=dtype, generator=torch.Generator().manual_seed(0)
-        ) / case["proj_dim"] ** 0.5
+        proj = (
+            torch.randn(
+                case["proj_dim"], length, dtype=dtype, generator=torch.Generator().manual_seed(0)
+            )
+            / case["proj_dim"] ** 0.5
+        )
 
         def fn():
             return linattn.linformer_attention(q, k, v, proj)
@@ -114,9 +121,14 @@ def build(case: dict):
                 return layer(x)
         else:
             # The linformer package shares one E and one F across heads: "headwise".
-            layer = linattn.LinformerAttention(h * d, h, max_seq_len=length,
-                                               proj_dim=case["proj_dim"], sharing="headwise",
-                                               batch_first=True)
+            layer = linattn.LinformerAttention(
+                h * d,
+                h,
+                max_seq_len=length,
+                proj_dim=case["proj_dim"],
+                sharing="headwise",
+                batch_first=True,
+            )
 
             def fn():
                 return layer(x)[0]
@@ -205,8 +217,7 @@ def serve(case: dict) -> None:
     global _PROTOCOL
     _PROTOCOL, sys.stdout = sys.stdout, sys.stderr  # what a library prints stays out
     run, grad, first, peak, exact_peak = _prepare(case)
-    _say({"ready": True, "first_s": first, "peak_added_bytes": peak,
-          "peak_exact": exact_peak})
+    _say({"ready": True, "first_s": first, "peak_added_bytes": peak, "peak_exact": exact_peak})
     for line in sys.stdin:
         if line.strip() != "time":
             break

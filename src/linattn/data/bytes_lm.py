@@ -8,8 +8,9 @@ from torch import Tensor
 from .text import gcide_text
 
 
-def gcide_bytes(path=None, *, val_fraction: float = 0.05, test_fraction: float = 0.05
-                ) -> dict[str, Tensor]:
+def gcide_bytes(
+    path=None, *, val_fraction: float = 0.05, test_fraction: float = 0.05
+) -> dict[str, Tensor]:
     """GCIDE as UTF-8 bytes (``uint8`` tensors), split into contiguous train / val / test
     parts (the last ``val_fraction + test_fraction`` of the file held out, as enwik8's
     90/5/5)."""
@@ -17,12 +18,16 @@ def gcide_bytes(path=None, *, val_fraction: float = 0.05, test_fraction: float =
     n = data.numel()
     n_test, n_val = int(n * test_fraction), int(n * val_fraction)
     n_train = n - n_val - n_test
-    return {"train": data[:n_train], "val": data[n_train:n_train + n_val],
-            "test": data[n_train + n_val:]}
+    return {
+        "train": data[:n_train],
+        "val": data[n_train : n_train + n_val],
+        "test": data[n_train + n_val :],
+    }
 
 
-def random_windows(data: Tensor, batch: int, length: int, generator: torch.Generator
-                   ) -> tuple[Tensor, Tensor]:
+def random_windows(
+    data: Tensor, batch: int, length: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``(inputs, targets)`` of shape ``(batch, length)`` (``long``): random windows of
     ``data``, targets shifted by one byte."""
     if data.numel() <= length + 1:

@@ -40,7 +40,10 @@ def read_topics(root: str | Path | None = None) -> dict[str, list[str]]:
 
 
 def topic_dataset(
-    root: str | Path | None = None, *, min_per_topic: int = 400, test_fraction: float = 0.1,
+    root: str | Path | None = None,
+    *,
+    min_per_topic: int = 400,
+    test_fraction: float = 0.1,
     seed: int = 0,
 ) -> dict:
     """Seeded stratified split: ``{"labels": [topic, ...], "train": [(text, label_id)],

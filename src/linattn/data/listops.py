@@ -93,8 +93,13 @@ def value(tree) -> int:
 
 
 def generate_reference(
-    n: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000,
-    max_depth: int = 10, max_args: int = 10,
+    n: int,
+    *,
+    seed: int = 0,
+    min_length: int = 500,
+    max_length: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
 ) -> list[tuple[list[str], int]]:
     """``n`` distinct examples by LRA's own method: draw whole trees with
     :func:`generate_tree` and keep those whose length is in range (slow: at LRA's
@@ -120,8 +125,9 @@ def _check(min_length: int, max_length: int, max_depth: int, max_args: int) -> N
     if max_depth < 1:
         raise ValueError(f"max_depth must be >= 1, got {max_depth}")
     if max_args < 2:
-        raise ValueError(f"max_args must be >= 2 (an operator has 2..max_args arguments), "
-                         f"got {max_args}")
+        raise ValueError(
+            f"max_args must be >= 2 (an operator has 2..max_args arguments), got {max_args}"
+        )
 
 
 def size_tables(max_size: int, max_depth: int, max_args: int) -> tuple[Tensor, Tensor]:
@@ -181,8 +187,7 @@ def split_tables(f: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def _split_sizes(f: Tensor, g: Tensor, c: Tensor, j: Tensor, r: Tensor,
-                 u: Tensor) -> Tensor:
+def _split_sizes(f: Tensor, g: Tensor, c: Tensor, j: Tensor, r: Tensor, u: Tensor) -> Tensor:
     """The first of ``j`` sub-trees' sizes given that together they have ``r`` tokens:
     ``x ~ f[x] g[j - 1, r - x] / g[j, r]``. ``f (S,)``, ``g (J, S)``, ``c``
     (:func:`split_tables`); ``j, r, u (n,)``."""
@@ -192,7 +197,7 @@ def _split_sizes(f: Tensor, g: Tensor, c: Tensor, j: Tensor, r: Tensor,
     if rest.numel() == 0:
         return out
     j, r, u = j[rest], r[rest], u[rest]
-    rows = c[j, r]                                   # (n, blocks), cumulative
+    rows = c[j, r]  # (n, blocks), cumulative
     target = u * rows[:, -1]
     b = (rows <= target[:, None]).sum(1).clamp_max(rows.shape[1] - 1)
     before = torch.where(b > 0, rows.gather(1, (b - 1).clamp_min(0)[:, None]).view(-1), 0.0)
@@ -209,8 +214,17 @@ def _split_sizes(f: Tensor, g: Tensor, c: Tensor, j: Tensor, r: Tensor,
     return out
 
 
-def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
-                  min_length: int, max_length: int, max_depth: int, max_args: int):
+def _sample_trees(
+    n: int,
+    gen: torch.Generator,
+    f: Tensor,
+    g: Tensor,
+    c: list,
+    min_length: int,
+    max_length: int,
+    max_depth: int,
+    max_args: int,
+):
     """``n`` trees drawn exactly from LRA's distribution conditioned on the length.
 
     Top-down, one depth at a time: the root's length from ``f[1]`` restricted to
@@ -222,8 +236,10 @@ def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
     lengths = torch.arange(f.shape[1])
     w = f[1] * ((lengths > min_length) & (lengths < max_length))
     if not w.sum() > 0:
-        raise ValueError(f"no tree of max_depth={max_depth}, max_args={max_args} has "
-                         f"between {min_length} and {max_length} tokens (exclusive)")
+        raise ValueError(
+            f"no tree of max_depth={max_depth}, max_args={max_args} has "
+            f"between {min_length} and {max_length} tokens (exclusive)"
+        )
     size = _inverse_cdf(w.expand(n, -1), torch.rand(n, generator=gen, dtype=torch.float64))
     offsets = torch.zeros(n + 1, dtype=torch.long)
     offsets[1:] = size.cumsum(0)
@@ -245,8 +261,14 @@ def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
             active = (k - i >= 2).nonzero().view(-1)
             if active.numel() == 0:
                 break
-            x = _split_sizes(f[t + 1], g[t + 1], c[t + 1], k[active] - i, remaining[active],
-                             torch.rand(len(active), generator=gen, dtype=torch.float64))
+            x = _split_sizes(
+                f[t + 1],
+                g[t + 1],
+                c[t + 1],
+                k[active] - i,
+                remaining[active],
+                torch.rand(len(active), generator=gen, dtype=torch.float64),
+            )
             child_size[active, i] = x
             remaining[active] -= x
         child_size[torch.arange(len(ops)), k - 1] = remaining
@@ -277,14 +299,15 @@ def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
             hist.index_put_((rank[cparent], cval), torch.ones_like(cval), accumulate=True)
             count = hist.sum(1, keepdim=True)
             cum = hist.cumsum(1)
-            vmin = (cum == 0).sum(1)                                # first value present
-            vmax = (cum < count).sum(1)                             # last value present
+            vmin = (cum == 0).sum(1)  # first value present
+            vmax = (cum < count).sum(1)  # last value present
             vsum = (hist * torch.arange(10)).sum(1) % 10
-            hi = (cum <= count // 2).sum(1)                         # s[n // 2]
-            lo = (cum <= (count - 1) // 2).sum(1)                   # s[(n - 1) // 2]
+            hi = (cum <= count // 2).sum(1)  # s[n // 2]
+            lo = (cum <= (count - 1) // 2).sum(1)  # s[(n - 1) // 2]
             vmed = torch.where(count.view(-1) % 2 == 1, hi, (lo + hi) // 2)
-            val[inner] = torch.stack([vmin, vmax, vmed, vsum], 1).gather(
-                1, op[inner][:, None]).view(-1)
+            val[inner] = (
+                torch.stack([vmin, vmax, vmed, vsum], 1).gather(1, op[inner][:, None]).view(-1)
+            )
         ids[pos[leaf]] = (val[leaf] + _DIGIT0).to(torch.uint8)
         ids[pos[~leaf]] = (op[~leaf] + _OP0).to(torch.uint8)
         ids[(pos + size - 1)[~leaf]] = TOKEN_ID[END]
@@ -294,8 +317,14 @@ def _sample_trees(n: int, gen: torch.Generator, f: Tensor, g: Tensor, c: list,
 
 
 def generate_ids(
-    n: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000,
-    max_depth: int = 10, max_args: int = 10, progress: bool = False,
+    n: int,
+    *,
+    seed: int = 0,
+    min_length: int = 500,
+    max_length: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`generate` as tensors: ``(ids, offsets, labels)``, token ids (``VOCAB``,
     no ``<cls>``) of example ``i`` in ``ids[offsets[i]:offsets[i + 1]]`` (uint8)."""
@@ -305,8 +334,7 @@ def generate_ids(
     try:
         # Many small gathers: one thread is faster (and far faster on a loaded machine).
         torch.set_num_threads(1)
-        return _generate_ids(n, seed, f, g, min_length, max_length, max_depth, max_args,
-                             progress)
+        return _generate_ids(n, seed, f, g, min_length, max_length, max_depth, max_args, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -322,18 +350,19 @@ def _generate_ids(n, seed, f, g, min_length, max_length, max_depth, max_args, pr
         bar = tqdm(total=n, desc="ListOps", unit="ex")
     batch = min(_BATCH, n)  # the output depends on the arguments only
     while count < n:
-        ids, off, lab = _sample_trees(batch, gen, f, g, c, min_length, max_length, max_depth,
-                                      max_args)
+        ids, off, lab = _sample_trees(
+            batch, gen, f, g, c, min_length, max_length, max_depth, max_args
+        )
         keep = []
         for i in range(batch):
-            key = ids[off[i]:off[i + 1]].numpy().tobytes()
+            key = ids[off[i] : off[i + 1]].numpy().tobytes()
             if key not in seen:
                 seen.add(key)
                 keep.append(i)
                 if count + len(keep) == n:
                     break
         keep_t = torch.tensor(keep, dtype=torch.long)
-        parts = [ids[off[i]:off[i + 1]] for i in keep]
+        parts = [ids[off[i] : off[i + 1]] for i in keep]
         chunks += parts
         labels.append(lab[keep_t])
         count += len(keep)
@@ -356,13 +385,21 @@ def _to_examples(ids: Tensor, offsets: Tensor, labels: Tensor):
     words = [VOCAB[i] for i in range(len(VOCAB))]
     flat = ids.tolist()
     bounds = offsets.tolist()
-    return [([words[i] for i in flat[bounds[e]:bounds[e + 1]]], y)
-            for e, y in enumerate(labels.tolist())]
+    return [
+        ([words[i] for i in flat[bounds[e] : bounds[e + 1]]], y)
+        for e, y in enumerate(labels.tolist())
+    ]
 
 
 def generate(
-    n: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000,
-    max_depth: int = 10, max_args: int = 10, progress: bool = False,
+    n: int,
+    *,
+    seed: int = 0,
+    min_length: int = 500,
+    max_length: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
+    progress: bool = False,
 ) -> list[tuple[list[str], int]]:
     """``n`` distinct examples ``(tokens, label)``, seeded.
 
@@ -372,9 +409,17 @@ def generate(
     every tree be drawn in range, vectorized over a batch of trees (on one core, about
     6 000 examples of 500-510 tokens per second of CPU time; at LRA's 500-2000 tokens,
     4 096 examples took 4.4 s with the tables)."""
-    return _to_examples(*generate_ids(n, seed=seed, min_length=min_length,
-                                      max_length=max_length, max_depth=max_depth,
-                                      max_args=max_args, progress=progress))
+    return _to_examples(
+        *generate_ids(
+            n,
+            seed=seed,
+            min_length=min_length,
+            max_length=max_length,
+            max_depth=max_depth,
+            max_args=max_args,
+            progress=progress,
+        )
+    )
 
 
 def cache_dir() -> Path:
@@ -387,39 +432,70 @@ def encoded_splits(**kwargs) -> dict[str, list[tuple[list[int], int]]]:
     leading ``<cls>``, built straight from the cached ids (no token strings)."""
     ids, offsets, labels = _cached_ids(**kwargs)
     flat, bounds, cls = ids.tolist(), offsets.tolist(), TOKEN_ID["<cls>"]
-    data = [([cls, *flat[bounds[e]:bounds[e + 1]]], y) for e, y in enumerate(labels.tolist())]
+    data = [([cls, *flat[bounds[e] : bounds[e + 1]]], y) for e, y in enumerate(labels.tolist())]
     return _split(data, kwargs.get("train", 96_000), kwargs.get("val", 2_000))
 
 
 def _split(data: list, train: int, val: int) -> dict[str, list]:
-    return {"train": data[:train], "val": data[train:train + val],
-            "test": data[train + val:]}
+    return {"train": data[:train], "val": data[train : train + val], "test": data[train + val :]}
 
 
 def splits(
-    *, train: int = 96_000, val: int = 2_000, test: int = 2_000, seed: int = 0,
-    min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10,
-    cache: bool = True, progress: bool = True,
+    *,
+    train: int = 96_000,
+    val: int = 2_000,
+    test: int = 2_000,
+    seed: int = 0,
+    min_length: int = 500,
+    max_length: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
+    cache: bool = True,
+    progress: bool = True,
 ) -> dict[str, list[tuple[list[str], int]]]:
     """LRA's train/val/test splits (disjoint: drawn together, without duplicates), cached
     under :func:`cache_dir` keyed by every setting (a ``torch.save`` of the token ids,
     written to a temporary file and renamed, so concurrent ranks never read half a
     file). ``progress``: a tqdm bar while generating."""
     ids, offsets, labels = _cached_ids(
-        train=train, val=val, test=test, seed=seed, min_length=min_length,
-        max_length=max_length, max_depth=max_depth, max_args=max_args, cache=cache,
-        progress=progress)
+        train=train,
+        val=val,
+        test=test,
+        seed=seed,
+        min_length=min_length,
+        max_length=max_length,
+        max_depth=max_depth,
+        max_args=max_args,
+        cache=cache,
+        progress=progress,
+    )
     return _split(_to_examples(ids, offsets, labels), train, val)
 
 
 def _cached_ids(
-    *, train: int = 96_000, val: int = 2_000, test: int = 2_000, seed: int = 0,
-    min_length: int = 500, max_length: int = 2000, max_depth: int = 10, max_args: int = 10,
-    cache: bool = True, progress: bool = True,
+    *,
+    train: int = 96_000,
+    val: int = 2_000,
+    test: int = 2_000,
+    seed: int = 0,
+    min_length: int = 500,
+    max_length: int = 2000,
+    max_depth: int = 10,
+    max_args: int = 10,
+    cache: bool = True,
+    progress: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    spec = {"train": train, "val": val, "test": test, "seed": seed, "min_length": min_length,
-            "max_length": max_length, "max_depth": max_depth, "max_args": max_args,
-            "generator": 2}
+    spec = {
+        "train": train,
+        "val": val,
+        "test": test,
+        "seed": seed,
+        "min_length": min_length,
+        "max_length": max_length,
+        "max_depth": max_depth,
+        "max_args": max_args,
+        "generator": 2,
+    }
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"listops-{key}.pt"
     if cache and path.exists():
@@ -427,8 +503,14 @@ def _cached_ids(
         ids, offsets, labels = saved["ids"], saved["offsets"], saved["labels"]
     else:
         ids, offsets, labels = generate_ids(
-            train + val + test, seed=seed, min_length=min_length, max_length=max_length,
-            max_depth=max_depth, max_args=max_args, progress=progress)
+            train + val + test,
+            seed=seed,
+            min_length=min_length,
+            max_length=max_length,
+            max_depth=max_depth,
+            max_args=max_args,
+            progress=progress,
+        )
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

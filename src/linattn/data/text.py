@@ -21,8 +21,9 @@ from pathlib import Path
 # Where Debian installs them; the environment variables point elsewhere (another machine,
 # a copy of the files).
 GCIDE_PATH = Path(os.environ.get("LINATTN_GCIDE", "/usr/share/dictd/gcide.dict.dz"))
-PYTHON_DOC_ROOT = Path(os.environ.get("LINATTN_PYTHON_DOCS",
-                                      "/usr/share/doc/python3.11/html/_sources"))
+PYTHON_DOC_ROOT = Path(
+    os.environ.get("LINATTN_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources")
+)
 
 
 class MissingDataError(FileNotFoundError):
@@ -67,13 +68,12 @@ def gcide_passages(path: str | os.PathLike | None = None, *, min_chars: int = 80
 _RST_MARKUP = re.compile(r":[a-z]+(:[a-z]+)?:`([^`<]*)(<[^>]*>)?`")
 
 
-def python_doc_passages(
-    root: str | os.PathLike | None = None, *, min_chars: int = 80
-) -> list[str]:
+def python_doc_passages(root: str | os.PathLike | None = None, *, min_chars: int = 80) -> list[str]:
     """Prose paragraphs of the Python documentation: directives, code blocks, tables and
     section underlines dropped, roles like ``:func:`len``` reduced to their text."""
-    base = _require(Path(root) if root else PYTHON_DOC_ROOT, "python3.11-doc",
-                    "LINATTN_PYTHON_DOCS", "root")
+    base = _require(
+        Path(root) if root else PYTHON_DOC_ROOT, "python3.11-doc", "LINATTN_PYTHON_DOCS", "root"
+    )
     out = []
     for file in sorted(base.rglob("*.rst.txt")):
         text = file.read_text(encoding="utf-8", errors="replace")
@@ -103,4 +103,4 @@ def text_split(
         )
     idx = list(range(len(passages)))
     random.Random(seed).shuffle(idx)
-    return [passages[i] for i in idx[:train]], [passages[i] for i in idx[train:train + test]]
+    return [passages[i] for i in idx[:train]], [passages[i] for i in idx[train : train + test]]

@@ -62,8 +62,15 @@ RECIPES = {
     # distillation steps, on GCIDE and Python documentation text mixed.
     "transfer": Recipe(
         FavorOptions(kernel="hedgehog", window=16, sinks=1),
-        DistillConfig(steps=600, batch_size=4, max_length=512, lr=1e-3, warmup=10,
-                      eval_every=100, train="lora"),
+        DistillConfig(
+            steps=600,
+            batch_size=4,
+            max_length=512,
+            lr=1e-3,
+            warmup=10,
+            eval_every=100,
+            train="lora",
+        ),
         TransferConfig(),
         corpora=("gcide", "python-docs"),
     ),
@@ -79,11 +86,15 @@ def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
 
 def _headline(metrics: dict) -> str:
     if "ppl_ratio" in metrics:
-        return (f"ppl {metrics['ppl']:.2f} vs exact {metrics['ppl_exact']:.2f} "
-                f"(ratio {metrics['ppl_ratio']:.3f}), top-1 agreement "
-                f"{metrics['top1_agreement']:.3f}")
-    return (f"mean cosine {metrics['mean_cosine']:.4f} (min {metrics['min_cosine']:.4f}), "
-            f"hidden rel. error {metrics['hidden_rel_error']:.3f}")
+        return (
+            f"ppl {metrics['ppl']:.2f} vs exact {metrics['ppl_exact']:.2f} "
+            f"(ratio {metrics['ppl_ratio']:.3f}), top-1 agreement "
+            f"{metrics['top1_agreement']:.3f}"
+        )
+    return (
+        f"mean cosine {metrics['mean_cosine']:.4f} (min {metrics['min_cosine']:.4f}), "
+        f"hidden rel. error {metrics['hidden_rel_error']:.3f}"
+    )
 
 
 def run(
@@ -114,9 +125,17 @@ def run(
             evals[name] = corpus_texts(name, train=0, test=eval_texts, seed=cfg.seed + 1)[1]
 
     def measure() -> dict:
-        return {name: agreement(teacher, student, tok, texts, max_length=cfg.max_length,
-                                batch_size=cfg.eval_batch_size)
-                for name, texts in evals.items()}
+        return {
+            name: agreement(
+                teacher,
+                student,
+                tok,
+                texts,
+                max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size,
+            )
+            for name, texts in evals.items()
+        }
 
     started = time.perf_counter()
     before = measure()
@@ -124,21 +143,27 @@ def run(
     t0 = time.perf_counter()
     if cfg.steps:
         # The checkpoint (with its tokenizer) loads with load_converted.
-        log = distill(student, teacher, tok, train, held_out, cfg, out_dir=out,
-                      progress=progress)
+        log = distill(student, teacher, tok, train, held_out, cfg, out_dir=out, progress=progress)
     else:
         # No distillation: the converted model is saved as it is.
         save_converted(student, out / "checkpoint", tokenizer=tok)
     distill_s = time.perf_counter() - t0
     after = measure() if cfg.steps else before
     summary = {
-        "model": model_name, "architecture": type(teacher).__name__,
+        "model": model_name,
+        "architecture": type(teacher).__name__,
         "kind": "decoder" if is_causal_lm(teacher) else "encoder",
-        "method": method, "options": student.config.linattn_conversion["options"],
-        "corpus": corpus, "train_texts": len(train), "eval_texts": eval_texts,
-        "distill": cfg.__dict__, "distill_seconds": round(distill_s, 1),
+        "method": method,
+        "options": student.config.linattn_conversion["options"],
+        "corpus": corpus,
+        "train_texts": len(train),
+        "eval_texts": eval_texts,
+        "distill": cfg.__dict__,
+        "distill_seconds": round(distill_s, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "before": before, "after": after, "machine": machine_info(),
+        "before": before,
+        "after": after,
+        "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
     }
     write_json(out / "summary.json", summary)
@@ -154,12 +179,21 @@ def plot_log(log: list[dict], path: Path, *, title: str) -> None:
     if plt is None:
         return
     steps = [r["step"] for r in log]
-    keys = (["ppl_ratio", "top1_agreement"] if "ppl_ratio" in log[0]
-            else ["mean_cosine", "hidden_rel_error"])
+    keys = (
+        ["ppl_ratio", "top1_agreement"]
+        if "ppl_ratio" in log[0]
+        else ["mean_cosine", "hidden_rel_error"]
+    )
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, keys):
-        curve(ax, steps, [r[key] for r in log], xlabel="distillation step",
-              ylabel=key.replace("_", " "), marker="o")
+        curve(
+            ax,
+            steps,
+            [r[key] for r in log],
+            xlabel="distillation step",
+            ylabel=key.replace("_", " "),
+            marker="o",
+        )
     finish(fig, path, title=title)
 
 
@@ -185,8 +219,12 @@ def sweep(
     teacher, tok = load_pretrained(model_name)
     texts = corpus_texts(corpus, train=0, test=eval_texts)[1]
     decoder = is_causal_lm(teacher)
-    cases = [("favor", {"kernel": k, "num_features": m}) for k in kernels for m in features
-             if not (decoder and k == "softmax_opt")]
+    cases = [
+        ("favor", {"kernel": k, "num_features": m})
+        for k in kernels
+        for m in features
+        if not (decoder and k == "softmax_opt")
+    ]
     if not decoder:
         cases += [("linformer", {"proj_dim": k}) for k in linformer_dims]
     rows = []
@@ -194,18 +232,36 @@ def sweep(
         runs = []
         for seed in range(seeds):
             student = convert(copy.deepcopy(teacher), method, seed=seed, **opts)
-            runs.append(agreement(teacher, student, tok, texts, max_length=max_length,
-                                  batch_size=batch_size))
-        row = {"method": method, "kernel": opts.get("kernel", ""),
-               "num_features": opts.get("num_features", ""), "proj_dim": opts.get("proj_dim", "")}
+            runs.append(
+                agreement(
+                    teacher, student, tok, texts, max_length=max_length, batch_size=batch_size
+                )
+            )
+        row = {
+            "method": method,
+            "kernel": opts.get("kernel", ""),
+            "num_features": opts.get("num_features", ""),
+            "proj_dim": opts.get("proj_dim", ""),
+        }
         for key in runs[0]:
             row[key] = sum(r[key] for r in runs) / len(runs)
         rows.append(row)
-    result = {"model": model_name, "corpus": corpus, "eval_texts": eval_texts,
-              "max_length": max_length, "seeds": seeds, "machine": machine_info(),
-              "results": rows}
-    fields = ["method", "kernel", "num_features", "proj_dim",
-              *[k for k in rows[0] if k not in ("method", "kernel", "num_features", "proj_dim")]]
+    result = {
+        "model": model_name,
+        "corpus": corpus,
+        "eval_texts": eval_texts,
+        "max_length": max_length,
+        "seeds": seeds,
+        "machine": machine_info(),
+        "results": rows,
+    }
+    fields = [
+        "method",
+        "kernel",
+        "num_features",
+        "proj_dim",
+        *[k for k in rows[0] if k not in ("method", "kernel", "num_features", "proj_dim")],
+    ]
     write_results(out, "sweep", result, fields)
     plot_sweep(result, out / "sweep.png")
     return result
@@ -223,8 +279,12 @@ def plot_sweep(result: dict, path: Path) -> None:
     for r in result["results"]:
         if r["method"] == "linformer":
             ax.axhline(r[key], ls="--", lw=1, color="gray")
-            ax.annotate(f"Linformer k={r['proj_dim']} (untrained E/F)", (rows[0]["num_features"], r[key]),
-                        fontsize=7, va="bottom")
+            ax.annotate(
+                f"Linformer k={r['proj_dim']} (untrained E/F)",
+                (rows[0]["num_features"], r[key]),
+                fontsize=7,
+                va="bottom",
+            )
     ax.set_xscale("log", base=2)
     if key == "ppl_ratio":
         ax.set_yscale("log")
@@ -237,19 +297,24 @@ def plot_sweep(result: dict, path: Path) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['model']} ({summary['architecture']}) -> {summary['method']} "
-             f"{summary['options']}"]
+    lines = [
+        f"{summary['model']} ({summary['architecture']}) -> {summary['method']} "
+        f"{summary['options']}"
+    ]
     for name in summary["before"]:
         lines.append(f"  {name:12} before: {_headline(summary['before'][name])}")
         if summary["distill"]["steps"]:
-            lines.append(f"  {name:12} after {summary['distill']['steps']} steps "
-                         f"({summary['distill_seconds']:.0f} s): "
-                         f"{_headline(summary['after'][name])}")
+            lines.append(
+                f"  {name:12} after {summary['distill']['steps']} steps "
+                f"({summary['distill_seconds']:.0f} s): "
+                f"{_headline(summary['after'][name])}"
+            )
     return "\n".join(lines)
 
 
-def pack_texts(tokenizer, passages: list[str], min_tokens: int, count: int | None = None
-               ) -> list[str]:
+def pack_texts(
+    tokenizer, passages: list[str], min_tokens: int, count: int | None = None
+) -> list[str]:
     """Join consecutive ``passages`` (with a space) into texts of at least ``min_tokens``
     tokens (at most ``count`` texts; an unfinished last text is dropped)."""
     out: list[str] = []
@@ -266,9 +331,17 @@ def pack_texts(tokenizer, passages: list[str], min_tokens: int, count: int | Non
     return out
 
 
-def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_texts: int,
-              eval_texts: int, lengths: tuple[int, ...], long_eval_texts: int | None = None,
-              seed: int = 0) -> dict[str, tuple[list[str], int]]:
+def eval_sets(
+    tokenizer,
+    corpora: tuple[str, ...],
+    *,
+    train_corpus: str,
+    train_texts: int,
+    eval_texts: int,
+    lengths: tuple[int, ...],
+    long_eval_texts: int | None = None,
+    seed: int = 0,
+) -> dict[str, tuple[list[str], int]]:
     """Held-out texts per corpus and length: ``{"gcide@128": (texts, 128), ...}``. At the
     shortest length, ``eval_texts`` held-out passages as :func:`run` measures them (the
     same texts for the same seed); at longer lengths, ``long_eval_texts`` (default
@@ -292,8 +365,9 @@ def eval_sets(tokenizer, corpora: tuple[str, ...], *, train_corpus: str, train_t
     return sets
 
 
-def heldout_reserve(name: str, *, eval_texts: int, lengths: tuple[int, ...],
-                    long_eval_texts: int | None = None) -> int:
+def heldout_reserve(
+    name: str, *, eval_texts: int, lengths: tuple[int, ...], long_eval_texts: int | None = None
+) -> int:
     """How many passages of ``name``'s seeded order :func:`eval_sets` may draw as held-out
     text when ``name`` is not the training corpus (its first ones)."""
     pool = len(CORPORA[name]())
@@ -302,9 +376,17 @@ def heldout_reserve(name: str, *, eval_texts: int, lengths: tuple[int, ...],
     return max(need)
 
 
-def mixed_training_texts(tokenizer, corpora: tuple[str, ...], *, train_texts: int,
-                         max_length: int, eval_texts: int, lengths: tuple[int, ...],
-                         long_eval_texts: int | None = None, seed: int = 0) -> list[str]:
+def mixed_training_texts(
+    tokenizer,
+    corpora: tuple[str, ...],
+    *,
+    train_texts: int,
+    max_length: int,
+    eval_texts: int,
+    lengths: tuple[int, ...],
+    long_eval_texts: int | None = None,
+    seed: int = 0,
+) -> list[str]:
     """Training texts of ``max_length`` tokens from every corpus of ``corpora``, equally
     many from each, alternating. The first corpus gives ``train_texts`` passages drawn as
     :func:`eval_sets` draws its training passages; each further corpus gives up to
@@ -316,8 +398,9 @@ def mixed_training_texts(tokenizer, corpora: tuple[str, ...], *, train_texts: in
         if i == 0:
             passages = corpus_texts(name, train=train_texts, test=0, seed=seed)[0]
         else:
-            reserve = heldout_reserve(name, eval_texts=eval_texts, lengths=lengths,
-                                      long_eval_texts=long_eval_texts)
+            reserve = heldout_reserve(
+                name, eval_texts=eval_texts, lengths=lengths, long_eval_texts=long_eval_texts
+            )
             take = min(train_texts, len(CORPORA[name]()) - reserve)
             passages = corpus_texts(name, train=reserve, test=take, seed=seed + 1)[1]
         packed.append(pack_texts(tokenizer, passages, max_length))
@@ -338,14 +421,16 @@ def _refuse_changed_settings(old: dict, new: dict) -> None:
         if isinstance(value, dict) and isinstance(before, dict):
             for field in sorted(set(value) | set(before)):
                 if field not in _RESUMABLE and before.get(field) != value.get(field):
-                    changes.append(f"{key}.{field}: {before.get(field)!r} -> "
-                                   f"{value.get(field)!r}")
+                    changes.append(f"{key}.{field}: {before.get(field)!r} -> {value.get(field)!r}")
         elif before != value:
             changes.append(f"{key}: {before!r} -> {value!r}")
     if changes:
-        raise ValueError("resume: the run in this folder was made with other settings ("
-                         + "; ".join(changes) + "); resume with the same flags, or use "
-                         "another --out")
+        raise ValueError(
+            "resume: the run in this folder was made with other settings ("
+            + "; ".join(changes)
+            + "); resume with the same flags, or use "
+            "another --out"
+        )
 
 
 def run_transfer(
@@ -400,15 +485,28 @@ def run_transfer(
     student = convert(copy.deepcopy(teacher), "favor", **options)
 
     def training(max_length: int) -> list[str]:
-        return mixed_training_texts(tok, corpora, train_texts=train_texts,
-                                    max_length=max_length, eval_texts=eval_texts,
-                                    lengths=eval_lengths, long_eval_texts=long_eval_texts,
-                                    seed=tcfg.seed)
+        return mixed_training_texts(
+            tok,
+            corpora,
+            train_texts=train_texts,
+            max_length=max_length,
+            eval_texts=eval_texts,
+            lengths=eval_lengths,
+            long_eval_texts=long_eval_texts,
+            seed=tcfg.seed,
+        )
 
     train, _ = corpus_texts(corpus, train=train_texts, test=0, seed=tcfg.seed)
-    sets = eval_sets(tok, eval_corpora, train_corpus=corpus, train_texts=train_texts,
-                     eval_texts=eval_texts, lengths=eval_lengths,
-                     long_eval_texts=long_eval_texts, seed=tcfg.seed)
+    sets = eval_sets(
+        tok,
+        eval_corpora,
+        train_corpus=corpus,
+        train_texts=train_texts,
+        eval_texts=eval_texts,
+        lengths=eval_lengths,
+        long_eval_texts=long_eval_texts,
+        seed=tcfg.seed,
+    )
     # Held-out texts for the curves during training: the first of the longest set.
     curve = sets[f"{corpus}@{max(eval_lengths)}"][0][:curve_texts]
     # The original model's outputs are the same at every measurement: computed once.
@@ -416,28 +514,42 @@ def run_transfer(
     partial = out / "summary.partial.json"
     summary = read_json(partial) if resume and partial.exists() else {}
     settings = {
-        "model": model_name, "options": student.config.linattn_conversion["options"],
+        "model": model_name,
+        "options": student.config.linattn_conversion["options"],
         "corpus": corpus if len(corpora) == 1 else list(corpora),
-        "train_texts": len(train), "transfer": asdict(tcfg), "distill": asdict(cfg),
+        "train_texts": len(train),
+        "transfer": asdict(tcfg),
+        "distill": asdict(cfg),
     }
     if summary:
         # As the saved file has them (tuples are lists in JSON).
         _refuse_changed_settings(summary, json.loads(json.dumps(settings)))
-    summary.update({
-        "model": model_name, "architecture": type(teacher).__name__,
-        "kind": "decoder" if is_causal_lm(teacher) else "encoder", "recipe": "transfer",
-        "method": "favor", "options": student.config.linattn_conversion["options"],
-        "corpus": corpus if len(corpora) == 1 else list(corpora),
-        "train_texts": len(train), "eval_texts": eval_texts,
-        "eval_sets": {k: {"texts": len(v[0]), "max_length": v[1]} for k, v in sets.items()},
-        "transfer": asdict(tcfg), "distill": asdict(cfg),
-        "machine": machine_info(), "torch_threads": torch.get_num_threads(),
-    })
+    summary.update(
+        {
+            "model": model_name,
+            "architecture": type(teacher).__name__,
+            "kind": "decoder" if is_causal_lm(teacher) else "encoder",
+            "recipe": "transfer",
+            "method": "favor",
+            "options": student.config.linattn_conversion["options"],
+            "corpus": corpus if len(corpora) == 1 else list(corpora),
+            "train_texts": len(train),
+            "eval_texts": eval_texts,
+            "eval_sets": {k: {"texts": len(v[0]), "max_length": v[1]} for k, v in sets.items()},
+            "transfer": asdict(tcfg),
+            "distill": asdict(cfg),
+            "machine": machine_info(),
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
 
     def measure(model) -> dict:
-        return {name: agreement(reference, model, tok, texts, max_length=length,
-                                batch_size=cfg.eval_batch_size)
-                for name, (texts, length) in sets.items()}
+        return {
+            name: agreement(
+                reference, model, tok, texts, max_length=length, batch_size=cfg.eval_batch_size
+            )
+            for name, (texts, length) in sets.items()
+        }
 
     def save_partial() -> None:
         write_json(partial, summary)
@@ -453,8 +565,17 @@ def run_transfer(
         t0 = time.perf_counter()
         if tcfg.steps:
             long_train = training(tcfg.max_length)
-            transfer(student, tok, long_train, curve, tcfg, teacher=reference,
-                     out_dir=tdir, resume=resume, progress=progress)
+            transfer(
+                student,
+                tok,
+                long_train,
+                curve,
+                tcfg,
+                teacher=reference,
+                out_dir=tdir,
+                resume=resume,
+                progress=progress,
+            )
         summary["transfer_seconds"] = round(time.perf_counter() - t0, 1)
         summary["after_transfer"] = measure(student) if tcfg.steps else summary["before"]
         save_partial()
@@ -463,8 +584,9 @@ def run_transfer(
         log: list[dict] = []
         if cfg.steps:
             long_train = training(cfg.max_length)
-            log = distill(student, teacher, tok, long_train, curve, cfg, out_dir=out,
-                          progress=progress)
+            log = distill(
+                student, teacher, tok, long_train, curve, cfg, out_dir=out, progress=progress
+            )
             plot_log(log, out / "distill.png", title=f"{model_name} -> {options}")
         else:
             save_converted(student, out / "checkpoint")
@@ -473,8 +595,9 @@ def run_transfer(
         save_partial()
     # The checkpoint loads with load_converted; its tokenizer goes beside it.
     tok.save_pretrained(out / "checkpoint")
-    summary["total_seconds"] = round(summary.get("total_seconds", 0.0)
-                                     + time.perf_counter() - started, 1)
+    summary["total_seconds"] = round(
+        summary.get("total_seconds", 0.0) + time.perf_counter() - started, 1
+    )
     write_json(out / "summary.json", summary)
     return summary
 
@@ -498,8 +621,11 @@ def format_transfer_summary(summary: dict) -> str:
     """The measurements of :func:`run_transfer` as text, one line per held-out set and
     stage."""
     lines = [f"{summary['model']} ({summary['architecture']}) -> favor {summary['options']}"]
-    stages = [("before", "converted"), ("after_transfer", "after attention transfer"),
-              ("after", "after distillation")]
+    stages = [
+        ("before", "converted"),
+        ("after_transfer", "after attention transfer"),
+        ("after", "after distillation"),
+    ]
     for name in summary["before"]:
         for key, label in stages:
             lines.append(f"  {name:16} {label:26}: {_headline(summary[key][name])}")

@@ -40,8 +40,11 @@ def available(name: str) -> bool:
         d = package_dir(name)
     except ModuleNotFoundError:
         return False
-    return (d / "model" / "model.safetensors").exists() if name == "minilm" else (
-        d / SMOLLM2_GGUF).exists()
+    return (
+        (d / "model" / "model.safetensors").exists()
+        if name == "minilm"
+        else (d / SMOLLM2_GGUF).exists()
+    )
 
 
 def load_pretrained(name: str, *, dtype=None):

@@ -46,8 +46,11 @@ __all__ = ["convert_sentence_transformer", "load_sentence_transformer"]
 
 def _transformer_modules(model) -> list[tuple[str, object]]:
     """``(name, module)`` of the modules that hold a ``transformers`` model."""
-    return [(name, m) for name, m in model.named_children()
-            if hasattr(m, "auto_model") and hasattr(m.auto_model, "config")]
+    return [
+        (name, m)
+        for name, m in model.named_children()
+        if hasattr(m, "auto_model") and hasattr(m.auto_model, "config")
+    ]
 
 
 def convert_sentence_transformer(model, method: str = "favor", **options):
@@ -63,8 +66,9 @@ def convert_sentence_transformer(model, method: str = "favor", **options):
         keeps the conversion and :func:`load_sentence_transformer` restores it.
     """
     if not isinstance(model, sentence_transformers.SentenceTransformer):
-        raise TypeError(f"model must be a sentence_transformers.SentenceTransformer, got "
-                        f"{type(model).__name__}")
+        raise TypeError(
+            f"model must be a sentence_transformers.SentenceTransformer, got {type(model).__name__}"
+        )
     modules = _transformer_modules(model)
     if not modules:
         raise ValueError("found no Transformer module (one with .auto_model) in the model")
@@ -86,8 +90,9 @@ def _restore(hf_model, folder: Path) -> None:
         raise ValueError(f"{folder} lacks linear-attention tensors, e.g. {missing[:3]}")
     result = hf_model.load_state_dict(saved, strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"{folder}: unexpected linear-attention tensors "
-                         f"{result.unexpected_keys[:3]}")
+        raise ValueError(
+            f"{folder}: unexpected linear-attention tensors {result.unexpected_keys[:3]}"
+        )
 
 
 def load_sentence_transformer(path: str | os.PathLike, **kwargs):
@@ -96,10 +101,12 @@ def load_sentence_transformer(path: str | os.PathLike, **kwargs):
     embeddings as the saved model). A folder without a conversion loads unchanged."""
     path = Path(path)
     if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} is not a saved sentence-transformers model "
-                                "(no modules.json)")
-    entries = {str(e["name"]): e.get("path", "")
-               for e in json.loads((path / "modules.json").read_text())}
+        raise FileNotFoundError(
+            f"{path} is not a saved sentence-transformers model (no modules.json)"
+        )
+    entries = {
+        str(e["name"]): e.get("path", "") for e in json.loads((path / "modules.json").read_text())
+    }
     # The linattn tensors are not part of the original architecture: restored below.
     hf_logger = logging.getLogger("transformers.modeling_utils")
     level = hf_logger.level

@@ -32,19 +32,40 @@ def build_attention(cfg: ModelConfig, layer: int, shared=None) -> nn.Module:
     """The attention layer ``layer`` of a model described by ``cfg``."""
     rotary = cfg.position == "rotary"
     if cfg.attention == "exact":
-        return _Adapter(ExactAttention(cfg.dim, cfg.heads, causal=cfg.causal, rotary=rotary,
-                                       dropout=cfg.dropout, batch_first=True))
+        return _Adapter(
+            ExactAttention(
+                cfg.dim,
+                cfg.heads,
+                causal=cfg.causal,
+                rotary=rotary,
+                dropout=cfg.dropout,
+                batch_first=True,
+            )
+        )
     if cfg.attention == "favor":
         attn = PerformerAttention(
-            cfg.dim, cfg.heads, **vars(cfg.favor_options()), causal=cfg.causal,
-            seed=cfg.seed, layer_index=layer, rotary=rotary, dropout=cfg.dropout,
+            cfg.dim,
+            cfg.heads,
+            **vars(cfg.favor_options()),
+            causal=cfg.causal,
+            seed=cfg.seed,
+            layer_index=layer,
+            rotary=rotary,
+            dropout=cfg.dropout,
             batch_first=True,
         )
         # The model counts training steps itself (outside gradient checkpointing).
         attn.auto_tick = False
         return _Adapter(attn)
-    return _Adapter(LinformerAttention(
-        cfg.dim, cfg.heads, max_seq_len=cfg.max_seq_len, **vars(cfg.linformer_options()),
-        shared_projection=shared, dropout=cfg.dropout, seed=cfg.seed + layer,
-        batch_first=True,
-    ))
+    return _Adapter(
+        LinformerAttention(
+            cfg.dim,
+            cfg.heads,
+            max_seq_len=cfg.max_seq_len,
+            **vars(cfg.linformer_options()),
+            shared_projection=shared,
+            dropout=cfg.dropout,
+            seed=cfg.seed + layer,
+            batch_first=True,
+        )
+    )

@@ -76,14 +76,19 @@ class ModelConfig(JsonConfig):
     def favor_options(self) -> FavorOptions:
         """The FAVOR+ settings of ``attention="favor"`` layers (the rest at their
         :class:`linattn.nn.FavorOptions` defaults)."""
-        return FavorOptions(num_features=self.num_features, kernel=self.kernel,
-                            window=self.window, sinks=self.sinks,
-                            redraw_interval=self.redraw_interval)
+        return FavorOptions(
+            num_features=self.num_features,
+            kernel=self.kernel,
+            window=self.window,
+            sinks=self.sinks,
+            redraw_interval=self.redraw_interval,
+        )
 
     def linformer_options(self) -> LinformerOptions:
         """The Linformer settings of ``attention="linformer"`` layers."""
-        return LinformerOptions(proj_dim=self.proj_dim, sharing=self.linformer_sharing,
-                                proj_kind=self.proj_kind)
+        return LinformerOptions(
+            proj_dim=self.proj_dim, sharing=self.linformer_sharing, proj_kind=self.proj_kind
+        )
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "ff_mult", "max_seq_len"):
@@ -92,36 +97,47 @@ class ModelConfig(JsonConfig):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        for name, choices in (("attention", ATTENTIONS), ("position", POSITIONS),
-                              ("pooling", POOLINGS), ("linformer_sharing", SHARING),
-                              ("proj_kind", PROJ_KINDS)):
+        for name, choices in (
+            ("attention", ATTENTIONS),
+            ("position", POSITIONS),
+            ("pooling", POOLINGS),
+            ("linformer_sharing", SHARING),
+            ("proj_kind", PROJ_KINDS),
+        ):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, choices))}; "
+                    f"got {getattr(self, name)!r}"
+                )
         if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}; "
-                             f"got {self.kernel!r}")
+            raise ValueError(
+                f"kernel must be one of {', '.join(map(repr, KERNELS))}; got {self.kernel!r}"
+            )
         if self.attention != "favor" and self.kernel != "softmax":
-            raise ValueError(f"kernel={self.kernel!r} names a FAVOR+ feature map; it needs "
-                             f"attention='favor', got attention={self.attention!r}")
+            raise ValueError(
+                f"kernel={self.kernel!r} names a FAVOR+ feature map; it needs "
+                f"attention='favor', got attention={self.attention!r}"
+            )
         if self.window is not None:
             if self.attention != "favor":
-                raise ValueError(f"window applies to attention='favor' only, got "
-                                 f"attention={self.attention!r}")
-            if isinstance(self.window, bool) or not isinstance(self.window, int) or \
-                    self.window < 0:
+                raise ValueError(
+                    f"window applies to attention='favor' only, got attention={self.attention!r}"
+                )
+            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
                 raise ValueError(f"window must be None or an int >= 0, got {self.window!r}")
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
         if self.sinks and self.attention != "favor":
-            raise ValueError(f"sinks applies to attention='favor' only, got "
-                             f"attention={self.attention!r}")
+            raise ValueError(
+                f"sinks applies to attention='favor' only, got attention={self.attention!r}"
+            )
         if self.attention == "favor" and self.causal and not KERNELS[self.kernel].causal_ok:
-            raise ValueError(f"kernel={self.kernel!r} is bidirectional only; it cannot be "
-                             "causal")
+            raise ValueError(f"kernel={self.kernel!r} is bidirectional only; it cannot be causal")
         if self.redraw_interval is not None and self.kernel in LEARNED_KERNELS:
-            raise ValueError(f"kernel={self.kernel!r} is learned: its projection is trained, "
-                             "not redrawn (redraw_interval must be None)")
+            raise ValueError(
+                f"kernel={self.kernel!r} is learned: its projection is trained, "
+                "not redrawn (redraw_interval must be None)"
+            )
         if self.attention == "linformer" and self.causal:
             raise ValueError(
                 "attention='linformer' cannot be causal: Linformer's projection along the "
@@ -136,19 +152,24 @@ class ModelConfig(JsonConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for name in ("causal", "tie_embeddings", "checkpointing"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool (True/False), got "
-                                f"{getattr(self, name)!r}")
+                raise TypeError(f"{name} must be a bool (True/False), got {getattr(self, name)!r}")
         # None means the default; 0 must not silently mean it too.
         for name in ("num_features", "redraw_interval", "proj_dim"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive int (or None for the default), "
-                                 f"got {value!r}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"{name} must be a positive int (or None for the default), got {value!r}"
+                )
         if self.num_classes is not None and (
-                isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
-                or self.num_classes < 2):
-            raise ValueError(f"num_classes must be None (language model) or an int >= 2, got "
-                             f"{self.num_classes!r}")
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 2
+        ):
+            raise ValueError(
+                f"num_classes must be None (language model) or an int >= 2, got "
+                f"{self.num_classes!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")

@@ -29,7 +29,8 @@ class Block(nn.Module):
         self.attn = build_attention(cfg, layer, shared)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.ff = nn.Sequential(
-            nn.Linear(cfg.dim, cfg.ff_mult * cfg.dim), nn.GELU(),
+            nn.Linear(cfg.dim, cfg.ff_mult * cfg.dim),
+            nn.GELU(),
             nn.Linear(cfg.ff_mult * cfg.dim, cfg.dim),
         )
         self.drop = nn.Dropout(cfg.dropout)
@@ -57,20 +58,26 @@ class Encoder(nn.Module):
         # Rows of norm ~1 (not nn.Embedding's N(0, 1), norm ~sqrt(dim)): with tied
         # embeddings the initial logits then have unit scale and a cross-entropy near
         # log(vocab), instead of starting many nats above it.
-        nn.init.normal_(self.tok.weight, std=cfg.dim ** -0.5)
+        nn.init.normal_(self.tok.weight, std=cfg.dim**-0.5)
         self.pos = None
         if cfg.position == "learned":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.dim)
-            nn.init.normal_(self.pos.weight, std=cfg.dim ** -0.5)
+            nn.init.normal_(self.pos.weight, std=cfg.dim**-0.5)
         elif cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.dim),
-                                 persistent=False)
+            self.register_buffer(
+                "pos_table", sinusoidal_table(cfg.max_seq_len, cfg.dim), persistent=False
+            )
         self.shared = None
         if cfg.attention == "linformer" and cfg.linformer_sharing == "layerwise":
             # One projection for every layer, owned here (DDP sees it once).
             self.shared = LinformerProjection(
-                cfg.max_seq_len, cfg.proj_dim, cfg.heads, cfg.dim // cfg.heads,
-                proj_kind=cfg.proj_kind, sharing="layerwise", seed=cfg.seed,
+                cfg.max_seq_len,
+                cfg.proj_dim,
+                cfg.heads,
+                cfg.dim // cfg.heads,
+                proj_kind=cfg.proj_kind,
+                sharing="layerwise",
+                seed=cfg.seed,
             )
         self.blocks = nn.ModuleList(Block(cfg, i, self.shared) for i in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.dim)
@@ -86,20 +93,24 @@ class Encoder(nn.Module):
 
     def embed(self, ids: Tensor, offset: int = 0) -> Tensor:
         if ids.dim() != 2 or ids.dtype != torch.long:
-            raise ValueError(f"ids must be a (batch, seq) long tensor, got "
-                             f"{tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(
+                f"ids must be a (batch, seq) long tensor, got {tuple(ids.shape)} {ids.dtype}"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
-                             f"in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
+                f"in [{int(ids.min())}, {int(ids.max())}]"
+            )
         n = ids.shape[1]
         if offset + n > self.cfg.max_seq_len and self.cfg.position in ("learned", "sinusoidal"):
-            raise ValueError(f"sequence of {offset + n} tokens exceeds max_seq_len="
-                             f"{self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence of {offset + n} tokens exceeds max_seq_len={self.cfg.max_seq_len}"
+            )
         x = self.tok(ids)
         if self.pos is not None:
             x = x + self.pos(torch.arange(offset, offset + n, device=ids.device))
         elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[offset:offset + n].to(x.dtype)
+            x = x + self.pos_table[offset : offset + n].to(x.dtype)
         return self.drop(x)
 
     def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -138,8 +149,9 @@ class _Saveable(nn.Module):
         meta = {"class": type(self).__name__, "config": self.cfg.to_dict()}
         # Weights first: a save killed in between leaves the old config.json beside the new
         # model.pt, which load_model detects from the config stored in model.pt.
-        torch_save({"format": WEIGHTS_FORMAT, **meta, "state_dict": self.state_dict()},
-                   d / "model.pt")
+        torch_save(
+            {"format": WEIGHTS_FORMAT, **meta, "state_dict": self.state_dict()}, d / "model.pt"
+        )
         write_json(d / "config.json", meta)
 
 
@@ -152,11 +164,11 @@ class SequenceClassifier(_Saveable):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.num_classes is None or cfg.num_classes < 2:
-            raise ValueError(f"SequenceClassifier needs cfg.num_classes >= 2, got "
-                             f"{cfg.num_classes!r}")
+            raise ValueError(
+                f"SequenceClassifier needs cfg.num_classes >= 2, got {cfg.num_classes!r}"
+            )
         if cfg.causal:
-            raise ValueError("SequenceClassifier needs a bidirectional encoder "
-                             "(cfg.causal=False)")
+            raise ValueError("SequenceClassifier needs a bidirectional encoder (cfg.causal=False)")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
@@ -224,11 +236,14 @@ class CausalLM(_Saveable):
         temperature)`` restricted to the ``top_k`` most likely tokens and/or the smallest
         set whose probability reaches ``top_p``, drawing from ``generator``.
         """
-        check_generate_args(ids, max_new_tokens, greedy=greedy, temperature=temperature,
-                            top_k=top_k, top_p=top_p)
+        check_generate_args(
+            ids, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
+        )
         if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
-                             f"in [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"ids must be token ids in [0, {self.cfg.vocab_size}), got values "
+                f"in [{int(ids.min())}, {int(ids.max())}]"
+            )
         was_training = self.training
         self.eval()
         try:
@@ -236,8 +251,14 @@ class CausalLM(_Saveable):
             out = [ids]
             offset = ids.shape[1]
             for _ in range(max_new_tokens):
-                nxt = sample_next(logits[:, -1], greedy=greedy, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, generator=generator)
+                nxt = sample_next(
+                    logits[:, -1],
+                    greedy=greedy,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator,
+                )
                 out.append(nxt)
                 logits, caches = self.step_logits(nxt, caches, offset)
                 offset += 1
@@ -246,8 +267,15 @@ class CausalLM(_Saveable):
             self.train(was_training)
 
 
-def check_generate_args(ids: object, max_new_tokens: object, *, greedy: object,
-                        temperature: object, top_k: object, top_p: object) -> None:
+def check_generate_args(
+    ids: object,
+    max_new_tokens: object,
+    *,
+    greedy: object,
+    temperature: object,
+    top_k: object,
+    top_p: object,
+) -> None:
     """ValueError/TypeError naming the argument, before any work (``generate``)."""
     if not isinstance(ids, Tensor) or ids.dim() != 2:
         got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
@@ -255,26 +283,38 @@ def check_generate_args(ids: object, max_new_tokens: object, *, greedy: object,
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must hold integer token ids (int64), got {ids.dtype}")
     if ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise ValueError(f"ids must hold at least one prompt token per row, got shape "
-                         f"{tuple(ids.shape)} (generation continues a non-empty prompt)")
+        raise ValueError(
+            f"ids must hold at least one prompt token per row, got shape "
+            f"{tuple(ids.shape)} (generation continues a non-empty prompt)"
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not isinstance(greedy, bool):
         raise TypeError(f"greedy must be a bool, got {greedy!r}")
-    if not greedy and not (isinstance(temperature, (int, float)) and not isinstance(
-            temperature, bool) and math.isfinite(temperature) and temperature > 0):
+    if not greedy and not (
+        isinstance(temperature, (int, float))
+        and not isinstance(temperature, bool)
+        and math.isfinite(temperature)
+        and temperature > 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_next(logits: Tensor, *, greedy: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    *,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """One token per row from ``logits: (B, V)``; returns ``(B, 1)``."""
     if greedy:
         return logits.argmax(-1, keepdim=True)
@@ -309,11 +349,15 @@ def load_model(directory: str | Path, map_location=None) -> nn.Module:
         raise CheckpointError(f"{d}: no saved model there (not a directory)")
     meta = read_json(d / "config.json", "model config")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{d / 'config.json'}: expected {{'class': ..., 'config': "
-                              f"{{...}}}}, got {str(meta)[:120]}")
+        raise CheckpointError(
+            f"{d / 'config.json'}: expected {{'class': ..., 'config': "
+            f"{{...}}}}, got {str(meta)[:120]}"
+        )
     if meta.get("class") not in MODEL_CLASSES:
-        raise CheckpointError(f"{d / 'config.json'}: unknown model class "
-                              f"{meta.get('class')!r} (expected one of {sorted(MODEL_CLASSES)})")
+        raise CheckpointError(
+            f"{d / 'config.json'}: unknown model class "
+            f"{meta.get('class')!r} (expected one of {sorted(MODEL_CLASSES)})"
+        )
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
@@ -322,24 +366,32 @@ def load_model(directory: str | Path, map_location=None) -> nn.Module:
     if isinstance(state, dict) and state.get("format") == WEIGHTS_FORMAT:
         saved = {"class": state.get("class"), "config": state.get("config")}
         if saved != {"class": meta["class"], "config": meta["config"]}:
-            changed = sorted(k for k in set(meta["config"]) | set(saved["config"] or {})
-                             if meta["config"].get(k) != (saved["config"] or {}).get(k))
+            changed = sorted(
+                k
+                for k in set(meta["config"]) | set(saved["config"] or {})
+                if meta["config"].get(k) != (saved["config"] or {}).get(k)
+            )
             raise CheckpointError(
                 f"{d}: config.json and model.pt come from different saves (an interrupted "
                 f"save?): config.json describes {meta['class']} with "
                 + ", ".join(f"{k}={meta['config'].get(k)!r}" for k in changed[:4])
                 + f", model.pt holds {saved['class']} with "
-                + ", ".join(f"{k}={(saved['config'] or {}).get(k)!r}" for k in changed[:4]))
+                + ", ".join(f"{k}={(saved['config'] or {}).get(k)!r}" for k in changed[:4])
+            )
         state = state.get("state_dict")
     # Older saves hold the bare state_dict.
     if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{d / 'model.pt'}: not a linattn model (expected a "
-                              "state_dict of tensors)")
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{d / 'model.pt'}: not a linattn model (expected a state_dict of tensors)"
+        )
     model = MODEL_CLASSES[meta["class"]](cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{d / 'model.pt'}: the weights do not fit the model in "
-                              f"config.json: {str(exc).strip()[:400]}") from exc
+        raise CheckpointError(
+            f"{d / 'model.pt'}: the weights do not fit the model in "
+            f"config.json: {str(exc).strip()[:400]}"
+        ) from exc
     return model

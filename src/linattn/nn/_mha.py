@@ -17,8 +17,18 @@ class MHAShaped(nn.Module):
     #: what the module is, for error messages ("FAVOR+", "Linformer")
     method = ""
 
-    def _init_projections(self, embed_dim: int, num_heads: int, *, kdim, vdim, bias: bool,
-                          dropout: float, batch_first: bool, factory: dict) -> None:
+    def _init_projections(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kdim,
+        vdim,
+        bias: bool,
+        dropout: float,
+        batch_first: bool,
+        factory: dict,
+    ) -> None:
         check_positive_int("embed_dim", embed_dim)
         check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
@@ -49,18 +59,25 @@ class MHAShaped(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         layout = "batch, seq" if self.batch_first else "seq, batch"
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                               ("value", value, self.vdim)):
+        for name, t, width in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
             if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
                 got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape ({layout}, {width}) "
-                                 f"(batch_first={self.batch_first}), got {got}")
+                raise ValueError(
+                    f"{name} must have shape ({layout}, {width}) "
+                    f"(batch_first={self.batch_first}), got {got}"
+                )
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if value.shape[:2] != key.shape[:2] or query.shape[0] != key.shape[0]:
-            raise ValueError(f"query, key and value must share the batch and key/value the "
-                             f"length; got query {shape_str(query)}, key {shape_str(key)}, "
-                             f"value {shape_str(value)}")
+            raise ValueError(
+                f"query, key and value must share the batch and key/value the "
+                f"length; got query {shape_str(query)}, key {shape_str(key)}, "
+                f"value {shape_str(value)}"
+            )
         return query, key, value
 
     def _init_rotary(self, rotary: bool, rotary_base: float) -> None:
@@ -77,8 +94,9 @@ class MHAShaped(nn.Module):
         cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
         return apply_rotary(x, cos, sin)
 
-    def _qkv(self, query: Tensor, key: Tensor, value: Tensor, offset: int = 0
-             ) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(
+        self, query: Tensor, key: Tensor, value: Tensor, offset: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The heads ``(B, H, L, d)`` of the projected inputs ``(B, L, E)``, queries and
         keys rotated for positions from ``offset`` (with ``rotary``)."""
         q = self._rotate(self._heads(self.q_proj(query)), offset)

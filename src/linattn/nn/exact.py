@@ -60,8 +60,16 @@ class ExactAttention(MHAShaped):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self._init_projections(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias,
-                               dropout=dropout, batch_first=batch_first, factory=factory)
+        self._init_projections(
+            embed_dim,
+            num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            bias=bias,
+            dropout=dropout,
+            batch_first=batch_first,
+            factory=factory,
+        )
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
@@ -78,32 +86,35 @@ class ExactAttention(MHAShaped):
         is_causal: bool = False,
     ) -> tuple[Tensor, None]:
         if need_weights:
-            raise ValueError("need_weights=True is not available: ExactAttention runs "
-                             "scaled_dot_product_attention, which does not return the "
-                             "weights (pass need_weights=False, or use nn.MultiheadAttention)")
+            raise ValueError(
+                "need_weights=True is not available: ExactAttention runs "
+                "scaled_dot_product_attention, which does not return the "
+                "weights (pass need_weights=False, or use nn.MultiheadAttention)"
+            )
         if attn_mask is not None:
-            raise ValueError("attn_mask is not supported (as in the linear modules); use "
-                             "causal=True / is_causal=True or key_padding_mask")
+            raise ValueError(
+                "attn_mask is not supported (as in the linear modules); use "
+                "causal=True / is_causal=True or key_padding_mask"
+            )
         query, key, value = self._inputs(query, key, value, False)
         causal = self.causal or is_causal
         lq, lk = query.shape[1], key.shape[1]
         if causal and lq != lk:
-            raise ValueError(f"causal attention needs Lq == Lk (self-attention); got query "
-                             f"{shape_str(query)}, key {shape_str(key)}")
+            raise ValueError(
+                f"causal attention needs Lq == Lk (self-attention); got query "
+                f"{shape_str(query)}, key {shape_str(key)}"
+            )
         mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
         q, k, v = self._qkv(query, key, value)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                                 dropout_p=dropout_p)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         else:
             # [B, 1, 1 or Lq, Lk]: True = may attend (SDPA's convention).
             allowed = ~mask[:, None, None, :]
             if causal:
-                allowed = allowed & torch.ones(lq, lk, dtype=torch.bool,
-                                               device=q.device).tril()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                                 dropout_p=dropout_p)
+                allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
             # A query that sees no key: 0 (SDPA's kernels give NaN or 0 there).
             out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
         return self._layout(self._merge(out)), None
@@ -129,5 +140,7 @@ class ExactAttention(MHAShaped):
         return self._merge(out), (k, v)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"causal={self.causal}, rotary={self.rotary}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"causal={self.causal}, rotary={self.rotary}"
+        )

@@ -95,7 +95,9 @@ class LinformerProjection(nn.Module):
             warnings.warn(
                 f"Linformer proj_dim={proj_dim} >= max_seq_len={max_seq_len}: the keys are "
                 f"not compressed (it costs more than exact attention); pass a smaller "
-                f"proj_dim", stacklevel=3)
+                f"proj_dim",
+                stacklevel=3,
+            )
         factory = {"device": device, "dtype": dtype or torch.get_default_dtype()}
         per_head = sharing == "none"
         separate_v = sharing in ("none", "headwise")
@@ -135,9 +137,7 @@ class LinformerProjection(nn.Module):
         applied before the key/value input projections."""
         return self.proj_kind in ("linear", "random", "mean") and self.sharing != "none"
 
-    def matrices(
-        self, length: int, lengths: Tensor | None, like: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def matrices(self, length: int, lengths: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
         """``(E, F)`` restricted to ``length`` columns for the head-shared linear kinds:
         ``(proj_dim, L)``, or ``(B, proj_dim, L)`` for mean pooling with per-sequence lengths
         (built in ``like``'s dtype and device)."""
@@ -161,33 +161,49 @@ class LinformerProjection(nn.Module):
         if self.proj_kind in ("linear", "random"):
             return linear_compress(k, self.e), linear_compress(v, self.value_projection)
         if self.proj_kind in ("mean", "max"):
-            return (pool_compress(k, self.proj_dim, self.proj_kind, lengths),
-                    pool_compress(v, self.proj_dim, self.proj_kind, lengths))
+            return (
+                pool_compress(k, self.proj_dim, self.proj_kind, lengths),
+                pool_compress(v, self.proj_dim, self.proj_kind, lengths),
+            )
         return self._conv(k, self.e), self._conv(v, self.value_projection)
 
-    def compress(self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
-                 ) -> tuple[Tensor, Tensor]:
+    def compress(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """Drop padded keys and values (the j-th real key meets column j), then compress
         ``k: (B, H, L, d)``, ``v: (B, H, L, dv)`` to ``proj_dim`` positions."""
         k, lengths = compact_padding(k, key_padding_mask)
         v, _ = compact_padding(v, key_padding_mask)
         return self(k, v, lengths)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *,
-               key_padding_mask: Tensor | None = None, scale: float | None = None,
-               dropout_p: float = 0.0) -> Tensor:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+    ) -> Tensor:
         """Linformer attention of ``q: (B, H, Lq, d)`` over ``k: (B, H, Lk, d)``,
         ``v: (B, H, Lk, dv)`` compressed by this projection, through
         :func:`linattn.linformer_attention` (the matrices ``E``, ``F`` for the linear kinds;
         the keys and values compressed here for pooling and convolution). Returns
         ``(B, H, Lq, dv)``."""
         if self.proj_kind in ("linear", "random"):
-            return linformer_attention(q, k, v, self.e, self.value_projection,
-                                       key_padding_mask=key_padding_mask, scale=scale,
-                                       dropout_p=dropout_p)
+            return linformer_attention(
+                q,
+                k,
+                v,
+                self.e,
+                self.value_projection,
+                key_padding_mask=key_padding_mask,
+                scale=scale,
+                dropout_p=dropout_p,
+            )
         kc, vc = self.compress(k, v, key_padding_mask)
-        return linformer_attention(q, kc, vc, scale=scale, dropout_p=dropout_p,
-                                   compressed=True)
+        return linformer_attention(q, kc, vc, scale=scale, dropout_p=dropout_p, compressed=True)
 
     def _conv(self, x: Tensor, w: Tensor) -> Tensor:
         if self.sharing != "none":
@@ -196,12 +212,15 @@ class LinformerProjection(nn.Module):
 
     def options(self) -> LinformerOptions:
         """``proj_dim``, ``sharing`` and ``proj_kind`` of this projection."""
-        return LinformerOptions(proj_dim=self.proj_dim, sharing=self.sharing,
-                                proj_kind=self.proj_kind)
+        return LinformerOptions(
+            proj_dim=self.proj_dim, sharing=self.sharing, proj_kind=self.proj_kind
+        )
 
     def extra_repr(self) -> str:
-        return (f"max_seq_len={self.max_seq_len}, proj_dim={self.proj_dim}, proj_kind="
-                f"{self.proj_kind!r}, sharing={self.sharing!r}")
+        return (
+            f"max_seq_len={self.max_seq_len}, proj_dim={self.proj_dim}, proj_kind="
+            f"{self.proj_kind!r}, sharing={self.sharing!r}"
+        )
 
 
 class UsesLinformerProjection:
@@ -210,8 +229,9 @@ class UsesLinformerProjection:
     reference and not registered, so the model that owns it saves it once and DDP sees
     each of its parameters once. ``proj`` is the one in use."""
 
-    def _use_projection(self, shared: LinformerProjection | None,
-                        build: Callable[[], LinformerProjection]) -> None:
+    def _use_projection(
+        self, shared: LinformerProjection | None, build: Callable[[], LinformerProjection]
+    ) -> None:
         if shared is not None:
             # Not a submodule: object.__setattr__ bypasses nn.Module's registration.
             object.__setattr__(self, "_shared", shared)
@@ -287,8 +307,16 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
             )
         check_choice("sharing", sharing, SHARING)
         factory = {"device": device, "dtype": dtype}
-        self._init_projections(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias,
-                               dropout=dropout, batch_first=batch_first, factory=factory)
+        self._init_projections(
+            embed_dim,
+            num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            bias=bias,
+            dropout=dropout,
+            batch_first=batch_first,
+            factory=factory,
+        )
         self.compress_first, self.sharing = compress_first, sharing
         self.max_seq_len = check_positive_int("max_seq_len", max_seq_len)
         if sharing == "layerwise":
@@ -299,17 +327,30 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
                     "to every layer"
                 )
             if shared_projection.sharing != "layerwise":
-                raise ValueError("shared_projection must have sharing='layerwise', got "
-                                 f"{shared_projection.sharing!r}")
+                raise ValueError(
+                    "shared_projection must have sharing='layerwise', got "
+                    f"{shared_projection.sharing!r}"
+                )
             if (shared_projection.num_heads, shared_projection.head_dim) != (
-                    num_heads, self.head_dim):
+                num_heads,
+                self.head_dim,
+            ):
                 raise ValueError("shared_projection was built for another head layout")
         elif shared_projection is not None:
             raise ValueError("shared_projection is only for sharing='layerwise'")
-        self._use_projection(shared_projection, lambda: LinformerProjection(
-            max_seq_len, proj_dim, num_heads, self.head_dim, proj_kind=proj_kind,
-            sharing=sharing, seed=seed, **factory,
-        ))
+        self._use_projection(
+            shared_projection,
+            lambda: LinformerProjection(
+                max_seq_len,
+                proj_dim,
+                num_heads,
+                self.head_dim,
+                proj_kind=proj_kind,
+                sharing=sharing,
+                seed=seed,
+                **factory,
+            ),
+        )
 
     def options(self) -> LinformerOptions:
         """This module's Linformer settings (``LinformerAttention(E, H, max_seq_len=n,
@@ -346,9 +387,13 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
             kc, vc = self._compress_then_project(key, value, mask, proj)
             out = linformer_attention(q, kc, vc, dropout_p=dropout_p, compressed=True)
         else:
-            out = proj.attend(q, self._heads(self.k_proj(key)),
-                              self._heads(self.v_proj(value)), key_padding_mask=mask,
-                              dropout_p=dropout_p)
+            out = proj.attend(
+                q,
+                self._heads(self.k_proj(key)),
+                self._heads(self.v_proj(value)),
+                key_padding_mask=mask,
+                dropout_p=dropout_p,
+            )
         return self._layout(self._merge(out)), None
 
     def _compress_then_project(self, key, value, mask, proj):

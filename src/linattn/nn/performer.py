@@ -76,9 +76,19 @@ class RandomFeatures:
     never redrawn. Subclasses may override ``_initial`` (the matrix of draw 0)."""
 
     def _init_random_features(
-        self, num_features: int, head_dim: int, *, orthogonal: bool, scaling: str,
-        seed: int, layer_index: int, redraw_interval: int | None, device, dtype,
-        heads: int | None = None, learn: bool = False,
+        self,
+        num_features: int,
+        head_dim: int,
+        *,
+        orthogonal: bool,
+        scaling: str,
+        seed: int,
+        layer_index: int,
+        redraw_interval: int | None,
+        device,
+        dtype,
+        heads: int | None = None,
+        learn: bool = False,
     ) -> None:
         self.num_features = check_positive_int("num_features", num_features)
         self.head_dim = head_dim
@@ -109,11 +119,19 @@ class RandomFeatures:
         seed, layer = (int(t) for t in self.redraw_key)
         g = torch.Generator().manual_seed(redraw_seed(seed, layer, draw))
         # Per head: H successive draws from the same generator.
-        w = torch.stack([
-            draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
-                            scaling=self.scaling, generator=g, dtype=torch.float64)
-            for _ in range(self.projection_heads or 1)
-        ])
+        w = torch.stack(
+            [
+                draw_projection(
+                    self.num_features,
+                    self.head_dim,
+                    orthogonal=self.orthogonal,
+                    scaling=self.scaling,
+                    generator=g,
+                    dtype=torch.float64,
+                )
+                for _ in range(self.projection_heads or 1)
+            ]
+        )
         w = w if self.projection_heads else w[0]
         return w.to(device=device, dtype=dtype or torch.get_default_dtype())
 
@@ -123,8 +141,7 @@ class RandomFeatures:
         if self.learn_projection:
             raise ValueError("the projection is trained (a parameter); it cannot be redrawn")
         self.draws += 1
-        w = self._draw(int(self.draws), device=self.projection.device,
-                       dtype=self.projection.dtype)
+        w = self._draw(int(self.draws), device=self.projection.device, dtype=self.projection.dtype)
         self.projection.copy_(w)
 
     def freeze_projection(self, frozen: bool = True) -> None:
@@ -142,18 +159,23 @@ class RandomFeatures:
             self.redraw_projection()
 
 
-def hedgehog_init(heads: int, num_features: int, head_dim: int, *,
-                  generator: torch.Generator | None = None) -> Tensor:
+def hedgehog_init(
+    heads: int, num_features: int, head_dim: int, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Initial Hedgehog projection ``(heads, m, d)``: the identity when ``m == d`` (so
     ``phi(x) = [softmax(x~), softmax(-x~)]``), else rows of unit norm in orthogonal
     blocks (:func:`linattn.draw_projection` rescaled), one draw per head."""
     if num_features == head_dim:
         return torch.eye(head_dim, dtype=torch.float64).expand(heads, -1, -1).clone()
-    return torch.stack([
-        draw_projection(num_features, head_dim, scaling="sqrt_d", generator=generator,
-                        dtype=torch.float64) / math.sqrt(head_dim)
-        for _ in range(heads)
-    ])
+    return torch.stack(
+        [
+            draw_projection(
+                num_features, head_dim, scaling="sqrt_d", generator=generator, dtype=torch.float64
+            )
+            / math.sqrt(head_dim)
+            for _ in range(heads)
+        ]
+    )
 
 
 class PerformerAttention(RandomFeatures, MHAShaped):
@@ -246,8 +268,16 @@ class PerformerAttention(RandomFeatures, MHAShaped):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self._init_projections(embed_dim, num_heads, kdim=kdim, vdim=vdim, bias=bias,
-                               dropout=dropout, batch_first=batch_first, factory=factory)
+        self._init_projections(
+            embed_dim,
+            num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            bias=bias,
+            dropout=dropout,
+            batch_first=batch_first,
+            factory=factory,
+        )
         check_choice("kernel", kernel, tuple(KERNELS))
         if causal and not KERNELS[kernel].causal_ok:
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
@@ -257,17 +287,25 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         self.kernel, self.causal, self.window = kernel, causal, window
         self.learned_kernel = kernel in LEARNED_KERNELS
         if self.learned_kernel and redraw_interval is not None:
-            raise ValueError(f"kernel={kernel!r} is a learned feature map: its projection is "
-                             f"trained, not redrawn (redraw_interval must be None, got "
-                             f"{redraw_interval})")
+            raise ValueError(
+                f"kernel={kernel!r} is a learned feature map: its projection is "
+                f"trained, not redrawn (redraw_interval must be None, got "
+                f"{redraw_interval})"
+            )
         self._init_rotary(rotary, rotary_base)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         per_head = per_head_projection or self.learned_kernel
         default_m = self.head_dim if self.learned_kernel else default_num_features(self.head_dim)
         self._init_random_features(
-            default_m if num_features is None else num_features, self.head_dim,
-            orthogonal=orthogonal, scaling=scaling, seed=seed, layer_index=layer_index,
-            redraw_interval=redraw_interval, device=device, dtype=dtype,
+            default_m if num_features is None else num_features,
+            self.head_dim,
+            orthogonal=orthogonal,
+            scaling=scaling,
+            seed=seed,
+            layer_index=layer_index,
+            redraw_interval=redraw_interval,
+            device=device,
+            dtype=dtype,
             heads=num_heads if per_head else None,
             learn=learn_projection or self.learned_kernel,
         )
@@ -275,7 +313,8 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         if self.learned_kernel and (window is not None or self.sinks):
             # Learned scores are ~2/m per key against exp(s) in the window: start at m/2.
             self.log_linear_factor = nn.Parameter(
-                torch.full((num_heads,), math.log(self.num_features / 2), **factory))
+                torch.full((num_heads,), math.log(self.num_features / 2), **factory)
+            )
 
     auto_tick = True
 
@@ -314,36 +353,56 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             self.tick()
         causal = self.causal or is_causal
         q, k, v = self._qkv(query, key, value)
-        out = favor_attention(q, k, v, self.projection, kernel=self.kernel, causal=causal,
-                              key_padding_mask=key_padding_mask, window=self.window,
-                              linear_factor=self.linear_factor(), chunk_size=self.chunk_size,
-                              sinks=self.sinks)
+        out = favor_attention(
+            q,
+            k,
+            v,
+            self.projection,
+            kernel=self.kernel,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            window=self.window,
+            linear_factor=self.linear_factor(),
+            chunk_size=self.chunk_size,
+            sinks=self.sinks,
+        )
         return self._layout(self._finish(out)), None
 
     def _finish(self, out: Tensor) -> Tensor:
         return self._merge(F.dropout(out, self.dropout, self.training))
 
-    def step(
-        self, x: Tensor, state: FavorState | None, offset: int
-    ) -> tuple[Tensor, FavorState]:
+    def step(self, x: Tensor, state: FavorState | None, offset: int) -> tuple[Tensor, FavorState]:
         """Causal self-attention for new tokens ``x: (B, n, E)`` at positions
         ``offset..offset+n-1``, after ``state`` (None at the start). O(1) in the context
         length (with a window the state also holds the last ``window`` keys and values,
         with sinks the ``sinks`` sink keys and values)).
         Returns ``(output (B, n, E), new_state)``."""
         q, k, v = self._qkv(x, x, x, offset)
-        out, state = favor_recurrent(q, k, v, self.projection, state=state, kernel=self.kernel,
-                                     window=self.window, linear_factor=self.linear_factor(),
-                                     sinks=self.sinks)
+        out, state = favor_recurrent(
+            q,
+            k,
+            v,
+            self.projection,
+            state=state,
+            kernel=self.kernel,
+            window=self.window,
+            linear_factor=self.linear_factor(),
+            sinks=self.sinks,
+        )
         return self._finish(out), state
 
     def options(self) -> FavorOptions:
         """This module's FAVOR+ settings (``PerformerAttention(E, H, **vars(options))``
         builds one like it)."""
-        return FavorOptions(num_features=self.num_features, kernel=self.kernel,
-                            window=self.window, sinks=self.sinks,
-                            redraw_interval=self.redraw_interval,
-                            orthogonal=self.orthogonal, scaling=self.scaling)
+        return FavorOptions(
+            num_features=self.num_features,
+            kernel=self.kernel,
+            window=self.window,
+            sinks=self.sinks,
+            redraw_interval=self.redraw_interval,
+            orthogonal=self.orthogonal,
+            scaling=self.scaling,
+        )
 
     def extra_repr(self) -> str:
         extra = ""
@@ -355,6 +414,8 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             extra += ", per_head_projection=True"
         if self.learn_projection:
             extra += ", learn_projection=True"
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_features={self.num_features}, kernel={self.kernel!r}, "
-                f"causal={self.causal}{extra}, redraw_interval={self.redraw_interval}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_features={self.num_features}, kernel={self.kernel!r}, "
+            f"causal={self.causal}{extra}, redraw_interval={self.redraw_interval}"
+        )

@@ -17,8 +17,10 @@ from ..models.config import ATTENTIONS
 from .config import TrainConfig
 from .loop import read_metrics
 
-_SPEC = re.compile(r"(?P<attention>[a-z]+)(?:-(?P<kernel>[a-z_]+))?(?:-m(?P<m>\d+))?"
-                   r"(?:-w(?P<w>\d+))?(?:-s(?P<s>\d+))?")
+_SPEC = re.compile(
+    r"(?P<attention>[a-z]+)(?:-(?P<kernel>[a-z_]+))?(?:-m(?P<m>\d+))?"
+    r"(?:-w(?P<w>\d+))?(?:-s(?P<s>\d+))?"
+)
 
 
 def parse_spec(spec: str) -> dict:
@@ -35,19 +37,24 @@ def parse_spec(spec: str) -> dict:
         raise ValueError(f"attention spec must be a string, got {spec!r}")
     match = _SPEC.fullmatch(spec)
     if match is None:
-        raise ValueError(f"attention spec {spec!r} must read <attention>[-<kernel>]"
-                         "[-m<features>][-w<window>][-s<sinks>], e.g. 'exact', "
-                         "'favor-relu', "
-                         "'favor-hedgehog-w64'")
+        raise ValueError(
+            f"attention spec {spec!r} must read <attention>[-<kernel>]"
+            "[-m<features>][-w<window>][-s<sinks>], e.g. 'exact', "
+            "'favor-relu', "
+            "'favor-hedgehog-w64'"
+        )
     attention, kernel, m, w, sinks = match.group("attention", "kernel", "m", "w", "s")
     check_choice("attention", attention, ATTENTIONS)
     if attention != "favor" and (kernel or m or w or sinks):
-        raise ValueError(f"attention spec {spec!r}: a kernel, features, a window and sinks "
-                         "apply to 'favor' only")
-    fields: dict = {"attention": attention,
-                    "kernel": check_choice("kernel", kernel or "softmax", tuple(KERNELS)),
-                    "window": None if w is None else int(w),
-                    "sinks": 0 if sinks is None else int(sinks)}
+        raise ValueError(
+            f"attention spec {spec!r}: a kernel, features, a window and sinks apply to 'favor' only"
+        )
+    fields: dict = {
+        "attention": attention,
+        "kernel": check_choice("kernel", kernel or "softmax", tuple(KERNELS)),
+        "window": None if w is None else int(w),
+        "sinks": 0 if sinks is None else int(sinks),
+    }
     if m is not None:
         fields["num_features"] = int(m)
     return fields
@@ -74,7 +81,10 @@ def default_attentions(task: str) -> tuple[str, ...]:
 
 
 def compare(
-    base: TrainConfig, out: str | Path, *, attentions: tuple[str, ...] | None = None,
+    base: TrainConfig,
+    out: str | Path,
+    *,
+    attentions: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict:
     """Train ``base`` once per attention spec (:func:`parse_spec`; default
@@ -101,9 +111,21 @@ def compare(
         if same and summary.exists() and json.loads(summary.read_text()).get("finished"):
             continue
         write_text(request, text)
-        subprocess.run([sys.executable, "-m", "linattn", "train", "--config", str(request),
-                        "--out", str(run_dir), *(["--resume"] if same else [])], check=True,
-                       stderr=None if progress else subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "linattn",
+                "train",
+                "--config",
+                str(request),
+                "--out",
+                str(run_dir),
+                *(["--resume"] if same else []),
+            ],
+            check=True,
+            stderr=None if progress else subprocess.DEVNULL,
+        )
     return summarize(base, out, specs)
 
 
@@ -114,10 +136,18 @@ def summarize(base: TrainConfig, out: str | Path, attentions: tuple[str, ...]) -
     rows = []
     for attention in attentions:
         s = json.loads((out / attention / "summary.json").read_text())
-        rows.append({"attention": attention, "metric": s["metric"],
-                     "val": s["val"][s["metric"]], "test": s["test"][s["metric"]],
-                     "median_step_s": s["median_step_s"], "peak_memory_mb": s["peak_memory_mb"],
-                     "parameters": s["parameters"], "device": s["device"]})
+        rows.append(
+            {
+                "attention": attention,
+                "metric": s["metric"],
+                "val": s["val"][s["metric"]],
+                "test": s["test"][s["metric"]],
+                "median_step_s": s["median_step_s"],
+                "peak_memory_mb": s["peak_memory_mb"],
+                "parameters": s["parameters"],
+                "device": s["device"],
+            }
+        )
     result = {"config": base.to_dict(), "results": rows}
     write_json(out / "comparison.json", result)
     write_text(out / "comparison.md", format_markdown(result))
@@ -150,8 +180,10 @@ def format_markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
-        lines.append(f"| {spec_label(r['attention'])} | {r['val']:.4f} | "
-                     f"{r['test']:.4f} | {r['median_step_s']:.3f} | {r['peak_memory_mb']:.0f} |")
+        lines.append(
+            f"| {spec_label(r['attention'])} | {r['val']:.4f} | "
+            f"{r['test']:.4f} | {r['median_step_s']:.3f} | {r['peak_memory_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -85,13 +85,31 @@ class TrainConfig(JsonConfig):
         check_choice("attention", self.attention, ATTENTIONS)
         check_choice("linformer_sharing", self.linformer_sharing, SHARING)
         if self.task == "bytes" and self.attention == "linformer":
-            raise ValueError("task='bytes' is causal language modelling; Linformer cannot be "
-                             "causal (use exact or favor)")
-        for name in ("dim", "depth", "heads", "seq_len", "batch_size", "steps", "eval_every",
-                     "eval_batches", "log_every", "checkpoint_every"):
+            raise ValueError(
+                "task='bytes' is causal language modelling; Linformer cannot be "
+                "causal (use exact or favor)"
+            )
+        for name in (
+            "dim",
+            "depth",
+            "heads",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+        ):
             check_positive_int(name, getattr(self, name))
-        for name in ("ff_mult", "proj_dim", "listops_train", "listops_eval",
-                     "listops_min_len", "listops_max_len"):
+        for name in (
+            "ff_mult",
+            "proj_dim",
+            "listops_train",
+            "listops_eval",
+            "listops_min_len",
+            "listops_max_len",
+        ):
             check_positive_int(name, getattr(self, name))
         for name in ("num_features", "redraw_interval"):
             if getattr(self, name) is not None:
@@ -99,25 +117,41 @@ class TrainConfig(JsonConfig):
         check_positive_int("warmup", self.warmup, minimum=0)
         check_positive_int("seed", self.seed, minimum=0)
         if self.listops_min_len > self.listops_max_len:
-            raise ValueError(f"listops_min_len ({self.listops_min_len}) must be <= "
-                             f"listops_max_len ({self.listops_max_len})")
+            raise ValueError(
+                f"listops_min_len ({self.listops_min_len}) must be <= "
+                f"listops_max_len ({self.listops_max_len})"
+            )
         # Real numbers: (name, low, high, low inclusive, high inclusive).
         for name, lo, hi, lo_in, hi_in in (
-                ("lr", 0.0, math.inf, False, False), ("weight_decay", 0.0, math.inf, True, False),
-                ("min_lr_ratio", 0.0, 1.0, True, True), ("grad_clip", 0.0, math.inf, True, False),
-                ("dropout", 0.0, 1.0, True, False)):
-            check_real(name, getattr(self, name), lo, hi, low_inclusive=lo_in,
-                       high_inclusive=hi_in)
-        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2 or not all(
+            ("lr", 0.0, math.inf, False, False),
+            ("weight_decay", 0.0, math.inf, True, False),
+            ("min_lr_ratio", 0.0, 1.0, True, True),
+            ("grad_clip", 0.0, math.inf, True, False),
+            ("dropout", 0.0, 1.0, True, False),
+        ):
+            check_real(name, getattr(self, name), lo, hi, low_inclusive=lo_in, high_inclusive=hi_in)
+        if (
+            not isinstance(self.betas, tuple | list)
+            or len(self.betas) != 2
+            or not all(
                 not isinstance(b, bool) and isinstance(b, int | float) and 0.0 <= b < 1.0
-                for b in self.betas):
+                for b in self.betas
+            )
+        ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         # The model's checks of attention, kernel, window and redraws, written once there.
-        ModelConfig(vocab_size=2, dim=self.dim, heads=self.heads, attention=self.attention,
-                    kernel=self.kernel, window=self.window, sinks=self.sinks,
-                    causal=self.task == "bytes",
-                    redraw_interval=self.redraw_interval,
-                    position="rotary" if self.task == "bytes" else "learned")
+        ModelConfig(
+            vocab_size=2,
+            dim=self.dim,
+            heads=self.heads,
+            attention=self.attention,
+            kernel=self.kernel,
+            window=self.window,
+            sinks=self.sinks,
+            causal=self.task == "bytes",
+            redraw_interval=self.redraw_interval,
+            position="rotary" if self.task == "bytes" else "learned",
+        )
         self.betas = tuple(self.betas)
 
     @classmethod

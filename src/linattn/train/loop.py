@@ -82,8 +82,9 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
     state = torch_load(path, "training checkpoint", map_location=device)
     if not isinstance(state, dict) or any(k not in state for k in _CHECKPOINT_KEYS):
         missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-        raise CheckpointError(f"{path}: not a linattn training checkpoint (missing "
-                              f"{', '.join(missing)})")
+        raise CheckpointError(
+            f"{path}: not a linattn training checkpoint (missing {', '.join(missing)})"
+        )
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{path}: the stored config is not a mapping")
     return state
@@ -102,8 +103,11 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     for name in sorted(set(saved) | set(new)):
         if name in RESUMABLE_FIELDS:
             continue
-        old = saved[name] if name in saved else LEGACY_VALUES.get(
-            name, getattr(defaults.get(name), "default", None))
+        old = (
+            saved[name]
+            if name in saved
+            else LEGACY_VALUES.get(name, getattr(defaults.get(name), "default", None))
+        )
         if norm(old) != norm(new.get(name)):
             changes[name] = (old, new.get(name))
     return changes
@@ -120,8 +124,12 @@ def _cut_metrics(path: Path, step: int) -> list[dict]:
             except json.JSONDecodeError:
                 # A line torn by the interruption: nothing after it was written cleanly.
                 break
-            if isinstance(row, dict) and row.get("split") != "test" and \
-                    isinstance(row.get("step"), int) and row["step"] <= step:
+            if (
+                isinstance(row, dict)
+                and row.get("split") != "test"
+                and isinstance(row.get("step"), int)
+                and row["step"] <= step
+            ):
                 rows.append(row)
     write_jsonl(path, rows)
     return rows
@@ -129,8 +137,11 @@ def _cut_metrics(path: Path, step: int) -> list[dict]:
 
 def _finished_summary(out: Path, step: int, cfg: TrainConfig) -> dict | None:
     """The recorded summary when the run in ``out`` already finished, else None."""
-    if step < cfg.steps or not (out / "summary.json").is_file() or \
-            not (out / "model" / "model.pt").is_file():
+    if (
+        step < cfg.steps
+        or not (out / "summary.json").is_file()
+        or not (out / "model" / "model.pt").is_file()
+    ):
         return None
     try:
         summary = json.loads((out / "summary.json").read_text())
@@ -166,8 +177,7 @@ def train(
     """
     rank, world, device = _dist_setup()
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the "
-                         f"{world} processes")
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     out = Path(out)
     main = rank == 0
     ckpt = out / "checkpoint.pt"
@@ -180,7 +190,8 @@ def train(
                 f"cannot resume {out} with changed settings: "
                 + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
                 + f" (only {', '.join(RESUMABLE_FIELDS)} may change on resume; train into "
-                "a new --out for other settings); the run was left untouched")
+                "a new --out for other settings); the run was left untouched"
+            )
         done = _finished_summary(out, int(state["step"]), cfg)
         if done is not None:
             return done
@@ -196,10 +207,12 @@ def train(
     torch.manual_seed(cfg.seed)
     model = task.build_model().to(device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
     start = 0
     last_eval = None
     if state is not None:
@@ -210,8 +223,9 @@ def train(
             start = int(state["step"])
             torch.set_rng_state(state["rng"]["cpu"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{ckpt}: does not fit this run's model or optimizer "
-                                  f"({str(exc).strip()[:300]})") from exc
+            raise CheckpointError(
+                f"{ckpt}: does not fit this run's model or optimizer ({str(exc).strip()[:300]})"
+            ) from exc
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         del state
@@ -237,11 +251,14 @@ def train(
         try:
             from tqdm.auto import tqdm
         except ImportError as exc:
-            raise ImportError("linattn train shows its progress with tqdm: pip install "
-                              "'linattn[train]' (or pass progress=False)") from exc
+            raise ImportError(
+                "linattn train shows its progress with tqdm: pip install "
+                "'linattn[train]' (or pass progress=False)"
+            ) from exc
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}",
-                   file=sys.stderr)
+        bar = tqdm(
+            total=cfg.steps, initial=start, desc=f"{cfg.task}/{cfg.attention}", file=sys.stderr
+        )
     step_times: list[float] = []
     losses: list[float] = []
     try:
@@ -270,14 +287,30 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / dt:.0f}")
             if (step + 1) % cfg.log_every == 0 or step == start:
-                log({"step": step + 1, "split": "train", "loss": losses[-1],
-                     "lr": sched.get_last_lr()[0], "step_s": dt, "tokens_per_s": tokens / dt})
+                log(
+                    {
+                        "step": step + 1,
+                        "split": "train",
+                        "loss": losses[-1],
+                        "lr": sched.get_last_lr()[0],
+                        "step_s": dt,
+                        "tokens_per_s": tokens / dt,
+                    }
+                )
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 last_eval = evaluate(step + 1, "val")
             if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-                torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "step": step + 1,
-                            "rng": _rng_state(device), "config": cfg.to_dict()}, ckpt)
+                torch_save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "step": step + 1,
+                        "rng": _rng_state(device),
+                        "config": cfg.to_dict(),
+                    },
+                    ckpt,
+                )
         finished = end == cfg.steps
         test = evaluate(cfg.steps, "test") if finished else None
     finally:
@@ -286,18 +319,28 @@ def train(
         if metrics is not None:
             metrics.close()
     summary = {
-        "config": cfg.to_dict(), "world_size": world, "device": str(device),
-        "steps_run": end - start, "finished": finished, "losses": losses,
+        "config": cfg.to_dict(),
+        "world_size": world,
+        "device": str(device),
+        "steps_run": end - start,
+        "finished": finished,
+        "losses": losses,
         "median_step_s": statistics.median(step_times) if step_times else None,
         "peak_memory_mb": _peak_memory_mb(device),
-        "val": last_eval, "test": test, "metric": task.metric,
+        "val": last_eval,
+        "test": test,
+        "metric": task.metric,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if main:
         if finished:
             model.save(out / "model")
-            plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric,
-                        title=f"{cfg.task} / {cfg.attention}")
+            plot_curves(
+                out / "metrics.jsonl",
+                out / "curves.png",
+                task.metric,
+                title=f"{cfg.task} / {cfg.attention}",
+            )
         # The summary goes last: a finished summary.json means every other file is complete.
         write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "losses"})
     return summary
@@ -325,8 +368,19 @@ def plot_curves(metrics_file: Path, path: Path, metric: str, *, title: str) -> N
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    curve(axes[0], [r["step"] for r in train], [r["loss"] for r in train], xlabel="step",
-          ylabel="training loss")
-    curve(axes[1], [r["step"] for r in val], [r[metric] for r in val], xlabel="step",
-          ylabel=f"validation {metric.replace('_', ' ')}", marker="o")
+    curve(
+        axes[0],
+        [r["step"] for r in train],
+        [r["loss"] for r in train],
+        xlabel="step",
+        ylabel="training loss",
+    )
+    curve(
+        axes[1],
+        [r["step"] for r in val],
+        [r[metric] for r in val],
+        xlabel="step",
+        ylabel=f"validation {metric.replace('_', ' ')}",
+        marker="o",
+    )
     finish(fig, path, title=title)

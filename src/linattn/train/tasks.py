@@ -27,7 +27,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def shard(x: Tensor, rank: int, world: int) -> Tensor:
     """Rank ``rank``'s contiguous slice of a global batch (``x.shape[0] % world == 0``)."""
     per = x.shape[0] // world
-    return x[rank * per:(rank + 1) * per]
+    return x[rank * per : (rank + 1) * per]
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -54,12 +54,24 @@ class ByteLM:
 
     def model_config(self) -> ModelConfig:
         c = self.cfg
-        return ModelConfig(vocab_size=256, dim=c.dim, depth=c.depth, heads=c.heads,
-                           ff_mult=c.ff_mult, max_seq_len=c.seq_len, attention=c.attention,
-                           kernel=c.kernel, window=c.window, sinks=c.sinks, causal=True,
-                           num_features=c.num_features,
-                           redraw_interval=c.redraw_interval, position="rotary",
-                           dropout=c.dropout, seed=c.seed)
+        return ModelConfig(
+            vocab_size=256,
+            dim=c.dim,
+            depth=c.depth,
+            heads=c.heads,
+            ff_mult=c.ff_mult,
+            max_seq_len=c.seq_len,
+            attention=c.attention,
+            kernel=c.kernel,
+            window=c.window,
+            sinks=c.sinks,
+            causal=True,
+            num_features=c.num_features,
+            redraw_interval=c.redraw_interval,
+            position="rotary",
+            dropout=c.dropout,
+            seed=c.seed,
+        )
 
     def build_model(self) -> nn.Module:
         return CausalLM(self.model_config())
@@ -67,8 +79,12 @@ class ByteLM:
     def batch(self, step: int, rank: int, world: int, device) -> dict:
         from ..data.bytes_lm import random_windows
 
-        x, y = random_windows(self.data["train"], self.cfg.batch_size, self.cfg.seq_len,
-                              step_generator(self.cfg.seed, step))
+        x, y = random_windows(
+            self.data["train"],
+            self.cfg.batch_size,
+            self.cfg.seq_len,
+            step_generator(self.cfg.seed, step),
+        )
         return {"x": shard(x, rank, world).to(device), "y": shard(y, rank, world).to(device)}
 
     def loss(self, model: nn.Module, batch: dict) -> Tensor:
@@ -79,19 +95,26 @@ class ByteLM:
     def evaluate(self, model: nn.Module, split: str, rank: int, world: int, device) -> dict:
         from ..data.bytes_lm import eval_windows
 
-        windows = eval_windows(self.data[split], self.cfg.seq_len,
-                               max_windows=self.cfg.eval_batches * self.cfg.batch_size)
+        windows = eval_windows(
+            self.data[split],
+            self.cfg.seq_len,
+            max_windows=self.cfg.eval_batches * self.cfg.batch_size,
+        )
         mine = windows[rank::world]
         nll, count = 0.0, 0
         for i in range(0, mine.shape[0], self.cfg.batch_size):
-            w = mine[i:i + self.cfg.batch_size].to(device)
+            w = mine[i : i + self.cfg.batch_size].to(device)
             logits = model(w[:, :-1]).float()
-            nll += F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1),
-                                   reduction="sum").item()
+            nll += F.cross_entropy(
+                logits.reshape(-1, 256), w[:, 1:].reshape(-1), reduction="sum"
+            ).item()
             count += w[:, 1:].numel()
         nll, count = _all_sum([nll, float(count)], device)
-        return {"bits_per_byte": nll / count / math.log(2), "loss": nll / count,
-                "tokens": int(count)}
+        return {
+            "bits_per_byte": nll / count / math.log(2),
+            "loss": nll / count,
+            "tokens": int(count),
+        }
 
 
 class _Classification:
@@ -107,15 +130,28 @@ class _Classification:
         c = self.cfg
         # Learned absolute positions for every attention kind, so that Linformer (which
         # has no rotary form) is compared on equal terms.
-        return ModelConfig(vocab_size=self.vocab_size, dim=c.dim, depth=c.depth,
-                           heads=c.heads, ff_mult=c.ff_mult, max_seq_len=c.seq_len,
-                           attention=c.attention, kernel=c.kernel, window=c.window,
-                           sinks=c.sinks,
-                           causal=False,
-                           num_features=c.num_features, redraw_interval=c.redraw_interval,
-                           proj_dim=c.proj_dim, linformer_sharing=c.linformer_sharing,
-                           position="learned", dropout=c.dropout,
-                           num_classes=self.num_classes, pooling="mean", seed=c.seed)
+        return ModelConfig(
+            vocab_size=self.vocab_size,
+            dim=c.dim,
+            depth=c.depth,
+            heads=c.heads,
+            ff_mult=c.ff_mult,
+            max_seq_len=c.seq_len,
+            attention=c.attention,
+            kernel=c.kernel,
+            window=c.window,
+            sinks=c.sinks,
+            causal=False,
+            num_features=c.num_features,
+            redraw_interval=c.redraw_interval,
+            proj_dim=c.proj_dim,
+            linformer_sharing=c.linformer_sharing,
+            position="learned",
+            dropout=c.dropout,
+            num_classes=self.num_classes,
+            pooling="mean",
+            seed=c.seed,
+        )
 
     def build_model(self) -> nn.Module:
         return SequenceClassifier(self.model_config())
@@ -125,15 +161,16 @@ class _Classification:
         x = torch.zeros(len(rows), width, dtype=torch.long)
         pad = torch.ones(len(rows), width, dtype=torch.bool)
         for i, (ids, _) in enumerate(rows):
-            x[i, :len(ids)] = torch.tensor(ids)
-            pad[i, :len(ids)] = False
+            x[i, : len(ids)] = torch.tensor(ids)
+            pad[i, : len(ids)] = False
         y = torch.tensor([r[1] for r in rows])
         return {"x": x.to(device), "mask": pad.to(device), "y": y.to(device)}
 
     def batch(self, step: int, rank: int, world: int, device) -> dict:
         train = self.splits["train"]
-        idx = torch.randint(0, len(train), (self.cfg.batch_size,),
-                            generator=step_generator(self.cfg.seed, step))
+        idx = torch.randint(
+            0, len(train), (self.cfg.batch_size,), generator=step_generator(self.cfg.seed, step)
+        )
         rows = [train[i] for i in shard(idx, rank, world).tolist()]
         return self._collate(rows, device)
 
@@ -146,7 +183,7 @@ class _Classification:
         mine = rows[rank::world]
         correct, loss, count = 0.0, 0.0, 0
         for i in range(0, len(mine), self.cfg.batch_size):
-            b = self._collate(mine[i:i + self.cfg.batch_size], device)
+            b = self._collate(mine[i : i + self.cfg.batch_size], device)
             logits = model(b["x"], b["mask"]).float()
             loss += F.cross_entropy(logits, b["y"], reduction="sum").item()
             correct += (logits.argmax(-1) == b["y"]).sum().item()
@@ -168,9 +205,13 @@ class ListOps(_Classification):
         self.vocab_size = len(listops.VOCAB)
         if splits is None:
             self.splits = listops.encoded_splits(
-                train=cfg.listops_train, val=cfg.listops_eval, test=cfg.listops_eval, seed=0,
+                train=cfg.listops_train,
+                val=cfg.listops_eval,
+                test=cfg.listops_eval,
+                seed=0,
                 min_length=cfg.listops_min_len,
-                max_length=min(cfg.listops_max_len, cfg.seq_len - 1))
+                max_length=min(cfg.listops_max_len, cfg.seq_len - 1),
+            )
             return
         self.splits = {k: [(listops.encode(t), y) for t, y in v] for k, v in splits.items()}
 
@@ -193,9 +234,11 @@ class Fortunes(_Classification):
         def enc(text: str) -> list[int]:
             return [1, *(b + 2 for b in text.encode("utf-8")[: cfg.seq_len - 1])]
 
-        self.splits = {"train": [(enc(t), y) for t, y in d["train"]],
-                       "val": [(enc(t), y) for t, y in d["test"]],
-                       "test": [(enc(t), y) for t, y in d["test"]]}
+        self.splits = {
+            "train": [(enc(t), y) for t, y in d["train"]],
+            "val": [(enc(t), y) for t, y in d["test"]],
+            "test": [(enc(t), y) for t, y in d["test"]],
+        }
 
 
 def build_task(cfg, **data):

@@ -58,7 +58,7 @@ def linattn_mask(
             f"{tuple(attention_mask.shape)}"
         )
     mask = attention_mask.to(torch.bool)
-    mask = mask[:, kv_offset:kv_offset + kv_length] if mask.shape[1] > kv_length else mask
+    mask = mask[:, kv_offset : kv_offset + kv_length] if mask.shape[1] > kv_length else mask
     return None if bool(mask.all()) else mask
 
 
@@ -85,11 +85,16 @@ def _key_padding_mask(attention_mask: Tensor | None, batch: int, lk: int) -> Ten
             f"{lk} keys"
         )
     # During recurrent decoding the mask spans the whole context; the keys are the last Lk.
-    return ~keep[:, keep.shape[1] - lk:]
+    return ~keep[:, keep.shape[1] - lk :]
 
 
 def exact_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, causal: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    causal: bool,
     scale: float | None,
 ) -> Tensor:
     """Softmax attention as the original model computes it: ``q: (B, H, Lq, d)``,
@@ -149,15 +154,30 @@ def linattn_attention(
         # that later layers see the original model's inputs, and the recorder compares
         # the linear attention on the same (detached) q, k, v with it.
         with torch.no_grad():
-            exact = exact_attention(query, key, value, key_padding_mask=mask,
-                                    causal=causal, scale=scaling)
-        approx = state(query.detach(), key.detach(), value.detach(), key_padding_mask=mask,
-                       causal=causal, scale=scaling, cache_layer=cache_layer)
+            exact = exact_attention(
+                query, key, value, key_padding_mask=mask, causal=causal, scale=scaling
+            )
+        approx = state(
+            query.detach(),
+            key.detach(),
+            value.detach(),
+            key_padding_mask=mask,
+            causal=causal,
+            scale=scaling,
+            cache_layer=cache_layer,
+        )
         recorder.record(module, approx, exact, mask)
         out = exact.to(query.dtype)
     else:
-        out = state(query, key, value, key_padding_mask=mask, causal=causal, scale=scaling,
-                    cache_layer=cache_layer)
+        out = state(
+            query,
+            key,
+            value,
+            key_padding_mask=mask,
+            causal=causal,
+            scale=scaling,
+            cache_layer=cache_layer,
+        )
     if dropout and module.training:
         # No attention matrix to drop from: as PerformerAttention, drop attention outputs.
         out = F.dropout(out, dropout, training=True)

@@ -97,10 +97,12 @@ def _map_state(state: FavorState, fn) -> FavorState:
     """``state`` with ``fn`` applied to each tensor field whose first axis is the batch
     (that of ``state.kv``); other fields are kept."""
     batch = state.kv.shape[0]
-    return type(state)(*(
-        fn(t) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t
-        for t in state
-    ))
+    return type(state)(
+        *(
+            fn(t) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t
+            for t in state
+        )
+    )
 
 
 class FavorCache(Cache):

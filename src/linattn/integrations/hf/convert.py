@@ -32,8 +32,10 @@ CONFIG_KEY = "linattn_conversion"
 #: Each method's options: the algorithm's settings (their defaults in the dataclass), then
 #: what the conversion adds (defaults: the layer states', ``max_seq_len`` the model's).
 OPTIONS = {"favor": FavorOptions, "linformer": LinformerOptions}
-STATE_OPTIONS = {"favor": ("seed", "chunk_size", "learn_projection"),
-                 "linformer": ("seed", "max_seq_len")}
+STATE_OPTIONS = {
+    "favor": ("seed", "chunk_size", "learn_projection"),
+    "linformer": ("seed", "max_seq_len"),
+}
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -42,8 +44,12 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     found = []
     for module in model.modules():
         name = type(module).__name__
-        if (name.endswith("Attention") and hasattr(module, "scaling")
-                and hasattr(module, "layer_idx") and hasattr(module, "config")):
+        if (
+            name.endswith("Attention")
+            and hasattr(module, "scaling")
+            and hasattr(module, "layer_idx")
+            and hasattr(module, "config")
+        ):
             found.append(module)
     return found
 
@@ -70,8 +76,7 @@ def _split_options(method: str, options: dict) -> tuple[FavorOptions | Linformer
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(
-            f"convert(method={method!r}) got unknown option(s) {unknown}; it takes "
-            f"{list(allowed)}"
+            f"convert(method={method!r}) got unknown option(s) {unknown}; it takes {list(allowed)}"
         )
     # Checked up front: 0 must not silently mean "the default", nor "a" fail deep inside.
     for name in ("num_features", "max_seq_len", "proj_dim", "redraw_interval", "chunk_size"):
@@ -79,8 +84,10 @@ def _split_options(method: str, options: dict) -> tuple[FavorOptions | Linformer
             check_positive_int(name, options[name])
     if "seed" in options:
         check_int("seed", options["seed"])
-    return (OPTIONS[method](**{k: v for k, v in options.items() if k in own}),
-            {k: v for k, v in options.items() if k not in own})
+    return (
+        OPTIONS[method](**{k: v for k, v in options.items() if k in own}),
+        {k: v for k, v in options.items() if k not in own},
+    )
 
 
 def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
@@ -152,9 +159,14 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         layer = module.layer_idx if isinstance(module.layer_idx, int) else index
         head_dim = _head_dim(module)
         if method == "favor":
-            state = FavorLayerState(head_dim, num_heads=_num_heads(module),
-                                    **vars(algorithm), **extra, layer_index=layer,
-                                    device=device)
+            state = FavorLayerState(
+                head_dim,
+                num_heads=_num_heads(module),
+                **vars(algorithm),
+                **extra,
+                layer_index=layer,
+                device=device,
+            )
             if causal and not KERNELS[state.kernel].causal_ok:
                 raise ValueError(
                     f"kernel={state.kernel!r} has no causal form; a decoder needs e.g. "
@@ -165,17 +177,21 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
             if max_len is None:
                 max_len = getattr(config, "max_position_embeddings", None)
             if not max_len:
-                raise ValueError("pass max_seq_len: the model's config has no "
-                                 "max_position_embeddings")
+                raise ValueError(
+                    "pass max_seq_len: the model's config has no max_position_embeddings"
+                )
             sharing = algorithm.sharing
             heads = config.num_attention_heads
-            kw = {**vars(algorithm),
-                  "seed": extra.get("seed", 0) + (0 if sharing == "layerwise" else layer)}
+            kw = {
+                **vars(algorithm),
+                "seed": extra.get("seed", 0) + (0 if sharing == "layerwise" else layer),
+            }
             if sharing == "layerwise" and shared is not None:
                 state = LinformerLayerState(heads, head_dim, max_len, shared=shared, **kw)
             else:
-                state = LinformerLayerState(heads, head_dim, max_len, device=device,
-                                            dtype=state_dtype, **kw)
+                state = LinformerLayerState(
+                    heads, head_dim, max_len, device=device, dtype=state_dtype, **kw
+                )
                 if sharing == "layerwise":
                     shared = state.projection
         module.linattn = state
@@ -200,7 +216,8 @@ def _positions_from_mask_on_rotary(model: nn.Module) -> None:
     # from the mask (as transformers' generate() does) when the caller gives none.
     for module in model.modules():
         if isinstance(getattr(module, "rotary_emb", None), nn.Module) and not getattr(
-                module, "_linattn_positions_hook", False):
+            module, "_linattn_positions_hook", False
+        ):
             module.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
             module._linattn_positions_hook = True
 
@@ -241,9 +258,12 @@ def _cache_key(model: nn.Module) -> str:
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
     :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
-    if (model_kwargs.get("past_key_values") is None and model_kwargs.get("cache") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation is None):
+    if (
+        model_kwargs.get("past_key_values") is None
+        and model_kwargs.get("cache") is None
+        and generation_config.use_cache is not False
+        and generation_config.cache_implementation is None
+    ):
         model_kwargs[_cache_key(self)] = FavorCache(self)
     return type(self)._prepare_cache_for_generation(
         self, generation_config, model_kwargs, *args, **kwargs
@@ -265,16 +285,23 @@ def redraw_projections(model: nn.Module) -> None:
 
 # Files a save_pretrained of the model writes (or stale ones of an earlier save); other
 # files already in the target folder (a tokenizer, notes) are kept when it is replaced.
-_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors",
-                "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
 
 
 def _carry_over(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for entry in old.iterdir():
-        if (new / entry.name).exists() or any(fnmatch.fnmatch(entry.name, pat)
-                                              for pat in _MODEL_FILES):
+        if (new / entry.name).exists() or any(
+            fnmatch.fnmatch(entry.name, pat) for pat in _MODEL_FILES
+        ):
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, symlinks=True)
@@ -282,8 +309,7 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
-def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
-                   **kwargs) -> None:
+def save_converted(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, **kwargs) -> None:
     """``model.save_pretrained(path)``; the linear-attention state is saved with the
     weights and the conversion settings in ``config.json``, so :func:`load_converted`
     reproduces the outputs exactly.
@@ -339,34 +365,47 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such folder (load_converted takes a folder "
-                              "written by save_converted)")
+        raise CheckpointError(
+            f"{path}: no such folder (load_converted takes a folder written by save_converted)"
+        )
     raw = read_json(os.path.join(path, "config.json"), "model config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a JSON object")
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weights file (an interrupted save, "
-                              "or not a folder written by save_converted)")
+        raise CheckpointError(
+            f"{path}: no *.safetensors weights file (an interrupted save, "
+            "or not a folder written by save_converted)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except _LOAD_ERRORS as exc:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: not a usable "
-                              f"transformers config ({str(exc).strip()[:300]})") from exc
+        raise CheckpointError(
+            f"{os.path.join(path, 'config.json')}: not a usable "
+            f"transformers config ({str(exc).strip()[:300]})"
+        ) from exc
     spec = getattr(config, CONFIG_KEY, None)
     if spec is None:
-        raise CheckpointError(f"{path} holds no linattn conversion ({CONFIG_KEY} missing from "
-                              "config.json); load it with from_pretrained()")
-    if not isinstance(spec, dict) or not isinstance(spec.get("options"), dict) or \
-            spec.get("method") not in ("favor", "linformer"):
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: malformed {CONFIG_KEY} "
-                              f"{spec!r}")
+        raise CheckpointError(
+            f"{path} holds no linattn conversion ({CONFIG_KEY} missing from "
+            "config.json); load it with from_pretrained()"
+        )
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("options"), dict)
+        or spec.get("method") not in ("favor", "linformer")
+    ):
+        raise CheckpointError(
+            f"{os.path.join(path, 'config.json')}: malformed {CONFIG_KEY} {spec!r}"
+        )
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch or "", None)
         if model_class is None:
-            raise ValueError(f"cannot tell the model class from config.architectures="
-                             f"{config.architectures!r}; pass model_class")
+            raise ValueError(
+                f"cannot tell the model class from config.architectures="
+                f"{config.architectures!r}; pass model_class"
+            )
     delattr(config, CONFIG_KEY)
     # The linattn tensors are not part of the original architecture: loaded below.
     hf_logger = logging.getLogger("transformers.modeling_utils")
@@ -378,8 +417,10 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
         for file in files:
             saved.update({k: v for k, v in load_file(file).items() if ".linattn." in k})
     except _LOAD_ERRORS as exc:
-        raise CheckpointError(f"{path}: the weights cannot be loaded (truncated, damaged or "
-                              f"not matching config.json): {str(exc).strip()[:300]}") from exc
+        raise CheckpointError(
+            f"{path}: the weights cannot be loaded (truncated, damaged or "
+            f"not matching config.json): {str(exc).strip()[:300]}"
+        ) from exc
     finally:
         hf_logger.setLevel(level)
     options = dict(spec["options"])
@@ -387,12 +428,15 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
         raise CheckpointError(
             f"{os.path.join(path, 'config.json')}: a Linformer conversion saved before 0.2.0 "
             f"(its option 'projection' is now 'proj_kind'): rename that key in "
-            f"{CONFIG_KEY}.options to load it")
+            f"{CONFIG_KEY}.options to load it"
+        )
     try:
         convert(model, spec["method"], **options)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{os.path.join(path, 'config.json')}: its {CONFIG_KEY} options "
-                              f"cannot be applied: {exc}") from exc
+        raise CheckpointError(
+            f"{os.path.join(path, 'config.json')}: its {CONFIG_KEY} options "
+            f"cannot be applied: {exc}"
+        ) from exc
     own = {k for k in model.state_dict() if ".linattn." in k}
     missing = sorted(own - set(saved))
     if missing:
@@ -400,11 +444,14 @@ def load_converted(path: str | os.PathLike, model_class=None, **kwargs) -> nn.Mo
     try:
         result = model.load_state_dict(saved, strict=False)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: the linear-attention tensors do not fit the "
-                              f"conversion in config.json: {str(exc).strip()[:300]}") from exc
+        raise CheckpointError(
+            f"{path}: the linear-attention tensors do not fit the "
+            f"conversion in config.json: {str(exc).strip()[:300]}"
+        ) from exc
     if result.unexpected_keys:
-        raise CheckpointError(f"{path}: unexpected linear-attention tensors "
-                              f"{result.unexpected_keys[:3]}")
+        raise CheckpointError(
+            f"{path}: unexpected linear-attention tensors {result.unexpected_keys[:3]}"
+        )
     return model
 
 

@@ -43,13 +43,14 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 def _batches(texts: list[str], batch_size: int):
     for i in range(0, len(texts), batch_size):
-        yield texts[i:i + batch_size]
+        yield texts[i : i + batch_size]
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, device=None) -> dict[str, Tensor]:
     """Padded, truncated batch: ``input_ids``, ``attention_mask`` of shape ``(B, L)``."""
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    enc = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
@@ -60,8 +61,13 @@ def _pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def embedding_agreement(
-    teacher: nn.Module, student: nn.Module, tokenizer, texts: list[str], *,
-    max_length: int = 128, batch_size: int = 32,
+    teacher: nn.Module,
+    student: nn.Module,
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 32,
 ) -> dict[str, float]:
     """Cosine similarity between the two models' sentence embeddings of ``texts``
     (``mean_cosine``, ``min_cosine``, ``p05_cosine``: 5th percentile) and the relative
@@ -74,13 +80,17 @@ def embedding_agreement(
         hs = student(**batch).last_hidden_state.double()
         real = batch["attention_mask"].bool()
         err += ((hs - ht) ** 2).sum(-1)[real].sum().item()
-        norm += (ht ** 2).sum(-1)[real].sum().item()
+        norm += (ht**2).sum(-1)[real].sum().item()
         am = batch["attention_mask"]
         sims.append((_pool(ht, am) * _pool(hs, am)).sum(-1).float().cpu())
     s = torch.cat(sims)
-    return {"mean_cosine": s.mean().item(), "min_cosine": s.min().item(),
-            "p05_cosine": torch.quantile(s, 0.05).item(),
-            "hidden_rel_error": math.sqrt(err / norm), "texts": len(texts)}
+    return {
+        "mean_cosine": s.mean().item(),
+        "min_cosine": s.min().item(),
+        "p05_cosine": torch.quantile(s, 0.05).item(),
+        "hidden_rel_error": math.sqrt(err / norm),
+        "texts": len(texts),
+    }
 
 
 def _lm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -89,8 +99,13 @@ def _lm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def lm_agreement(
-    teacher: nn.Module | None, student: nn.Module, tokenizer, texts: list[str], *,
-    max_length: int = 256, batch_size: int = 8,
+    teacher: nn.Module | None,
+    student: nn.Module,
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """Perplexity of ``student`` on ``texts`` (next-token, real tokens only) and, with a
     ``teacher``: its perplexity, the ratio, mean KL(teacher || student) per token and
@@ -112,8 +127,13 @@ def lm_agreement(
         count += int(mask.sum())
     out = {"ppl": math.exp(nll_s / count), "tokens": count, "texts": len(texts)}
     if teacher is not None:
-        out.update({"ppl_exact": math.exp(nll_t / count), "kl": kl / count,
-                    "top1_agreement": agree / count})
+        out.update(
+            {
+                "ppl_exact": math.exp(nll_t / count),
+                "kl": kl / count,
+                "top1_agreement": agree / count,
+            }
+        )
         out["ppl_ratio"] = out["ppl"] / out["ppl_exact"]
     return out
 
@@ -130,9 +150,16 @@ def check_run_settings(config) -> None:
     training, the converted model is measured and saved as it is); ``batch_size``,
     ``max_length``, ``eval_every``, ``eval_batch_size`` >= 1; ``lr`` in (0, inf),
     ``weight_decay`` in [0, inf)."""
-    for name, minimum in (("steps", 0), ("batch_size", 1), ("max_length", 1),
-                          ("eval_every", 1), ("eval_batch_size", 1), ("warmup", 0),
-                          ("checkpoint_every", 0), ("seed", 0)):
+    for name, minimum in (
+        ("steps", 0),
+        ("batch_size", 1),
+        ("max_length", 1),
+        ("eval_every", 1),
+        ("eval_batch_size", 1),
+        ("warmup", 0),
+        ("checkpoint_every", 0),
+        ("seed", 0),
+    ):
         check_positive_int(name, getattr(config, name), minimum=minimum)
     check_real("lr", config.lr, 0.0, math.inf)
     check_real("weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True)
@@ -185,8 +212,9 @@ class DistillConfig:
         check_run_settings(self)
         check_positive_int("lora_rank", self.lora_rank)
         if self.train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, "
-                             f"got {self.train!r}")
+            raise ValueError(
+                f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, got {self.train!r}"
+            )
 
 
 def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -203,7 +231,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor
     with torch.no_grad():
         ht = teacher(**batch).last_hidden_state.float()
     hs = student(**batch).last_hidden_state.float()
-    mse = ((hs - ht) ** 2).mean(-1)[mask].mean() / (ht ** 2).mean(-1)[mask].mean()
+    mse = ((hs - ht) ** 2).mean(-1)[mask].mean() / (ht**2).mean(-1)[mask].mean()
     am = batch["attention_mask"]
     return mse + (1 - (_pool(ht, am) * _pool(hs, am)).sum(-1)).mean()
 
@@ -224,8 +252,7 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
         return [p for p in student.parameters() if p.requires_grad]
     if train == "lora":
         params = {id(p): p for n, p in student.named_parameters() if "lora_" in n}
-        params.update({id(p): p for m in converted_layers(student)
-                       for p in m.linattn.parameters()})
+        params.update({id(p): p for m in converted_layers(student) for p in m.linattn.parameters()})
         return list(params.values())
     params = {id(p): p for m in converted_layers(student) for p in m.parameters()}
     return list(params.values())
@@ -235,8 +262,13 @@ def lora_targets(model: nn.Module) -> list[str]:
     """Names of the ``nn.Linear`` layers inside the converted attention modules of
     ``model`` (BERT: ``query``, ``key``, ``value``; Llama: ``q_proj`` ... ``o_proj``)."""
     layers = {id(m) for m in converted_layers(model)}
-    return [f"{name}.{sub}" for name, module in model.named_modules() if id(module) in layers
-            for sub, child in module.named_modules() if sub and isinstance(child, nn.Linear)]
+    return [
+        f"{name}.{sub}"
+        for name, module in model.named_modules()
+        if id(module) in layers
+        for sub, child in module.named_modules()
+        if sub and isinstance(child, nn.Linear)
+    ]
 
 
 def add_lora(model: nn.Module, rank: int) -> None:
@@ -249,11 +281,13 @@ def add_lora(model: nn.Module, rank: int) -> None:
         raise ImportError("train='lora' needs peft: pip install 'linattn[hf]'") from exc
     targets = lora_targets(model)
     if not targets:
-        raise ValueError("train='lora' needs a converted model with linear layers in its "
-                         "attention modules")
+        raise ValueError(
+            "train='lora' needs a converted model with linear layers in its attention modules"
+        )
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                       target_modules=targets), model)
+    inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets), model
+    )
     # peft freezes what it did not add; only the optimizer decides what moves here.
     for p in model.parameters():
         p.requires_grad_(flags.get(id(p), True))
@@ -268,8 +302,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             module.merge()
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    module.get_base_layer())
+            setattr(model.get_submodule(parent) if parent else model, attr, module.get_base_layer())
     return model
 
 
@@ -322,10 +355,22 @@ def distill(
 
     def evaluate(step: int, loss: float | None) -> None:
         student.eval()
-        row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
-               "elapsed_s": round(time.perf_counter() - start, 2)}
-        row.update(agreement(teacher, student, tokenizer, eval_texts,
-                             max_length=cfg.max_length, batch_size=cfg.eval_batch_size))
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": sched.get_last_lr()[0],
+            "elapsed_s": round(time.perf_counter() - start, 2),
+        }
+        row.update(
+            agreement(
+                teacher,
+                student,
+                tokenizer,
+                eval_texts,
+                max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size,
+            )
+        )
         log.append(row)
         if out is not None:
             log_file.write(json.dumps(row) + "\n")
@@ -341,7 +386,7 @@ def distill(
                 fresh = list(train_texts)
                 order.shuffle(fresh)
                 pool.extend(fresh)
-            texts, pool = pool[:cfg.batch_size], pool[cfg.batch_size:]
+            texts, pool = pool[: cfg.batch_size], pool[cfg.batch_size :]
             batch = tokenize(tokenizer, texts, cfg.max_length, device)
             loss = distill_loss(teacher, student, batch)
             running = optimizer_step(loss, opt, sched, params, running)

@@ -110,11 +110,14 @@ class FavorLayerState(RandomFeatures, nn.Module):
         if learn_projection is None:
             learn_projection = self.learned
         if (learn_projection or self.learned) and redraw_interval is not None:
-            raise ValueError("a trained projection (learn_projection=True or a learned "
-                             f"kernel, here {self.kernel!r}) cannot also be redrawn "
-                             "(redraw_interval must be None)")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or window < 0):
+            raise ValueError(
+                "a trained projection (learn_projection=True or a learned "
+                f"kernel, here {self.kernel!r}) cannot also be redrawn "
+                "(redraw_interval must be None)"
+            )
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 0
+        ):
             raise ValueError(f"window must be None or an int >= 0, got {window!r}")
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
@@ -124,27 +127,36 @@ class FavorLayerState(RandomFeatures, nn.Module):
             num_features = head_dim if self.learned else default_num_features(head_dim)
         # float32 whatever the model's dtype: half-precision inputs compute in float32.
         self._init_random_features(
-            num_features, head_dim, orthogonal=orthogonal, scaling=scaling, seed=seed,
-            layer_index=layer_index, redraw_interval=redraw_interval, device=device,
+            num_features,
+            head_dim,
+            orthogonal=orthogonal,
+            scaling=scaling,
+            seed=seed,
+            layer_index=layer_index,
+            redraw_interval=redraw_interval,
+            device=device,
             dtype=torch.float32,
         )
         self.learn_projection = bool(learn_projection)
         self.num_heads = num_heads
         if self.learned:
             if not isinstance(num_heads, int) or num_heads < 1:
-                raise ValueError(f"kernel={self.kernel!r} keeps one projection per head: "
-                                 f"pass num_heads (an int >= 1), got {num_heads!r}")
+                raise ValueError(
+                    f"kernel={self.kernel!r} keeps one projection per head: "
+                    f"pass num_heads (an int >= 1), got {num_heads!r}"
+                )
             del self._buffers["projection"]
             # Orthonormal rows (m != d) from a fixed seed, the same in every layer.
-            w = hedgehog_init(num_heads, num_features, head_dim,
-                              generator=torch.Generator().manual_seed(0)).to(device=device,
-                                                                             dtype=torch.float32)
+            w = hedgehog_init(
+                num_heads, num_features, head_dim, generator=torch.Generator().manual_seed(0)
+            ).to(device=device, dtype=torch.float32)
             if self.learn_projection:
                 self.projection = nn.Parameter(w)
             else:
                 self.register_buffer("projection", w)
             self.log_linear_factor = nn.Parameter(
-                torch.full((num_heads,), math.log(num_features / 2), device=device))
+                torch.full((num_heads,), math.log(num_features / 2), device=device)
+            )
         else:
             self.log_linear_factor = None
             if self.learn_projection:
@@ -160,17 +172,30 @@ class FavorLayerState(RandomFeatures, nn.Module):
 
     def redraw_projection(self) -> None:
         if self.learned:
-            raise ValueError(f"kernel={self.kernel!r} is a learned map; it has no random "
-                             "projection to redraw")
+            raise ValueError(
+                f"kernel={self.kernel!r} is a learned map; it has no random projection to redraw"
+            )
         super().redraw_projection()
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None,
-        causal: bool, scale: float | None, cache_layer=None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+        scale: float | None,
+        cache_layer=None,
     ) -> Tensor:
         w = self.projection
-        kw = {"kernel": self.kernel, "scale": scale, "window": self.window,
-              "sinks": self.sinks, "linear_factor": self.linear_factor()}
+        kw = {
+            "kernel": self.kernel,
+            "scale": scale,
+            "window": self.window,
+            "sinks": self.sinks,
+            "linear_factor": self.linear_factor(),
+        }
         if cache_layer is not None:
             out, cache_layer.state = favor_recurrent(
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
@@ -181,23 +206,47 @@ class FavorLayerState(RandomFeatures, nn.Module):
             # A key/value cache the model kept itself (not ours): the queries are the last
             # Lq positions. Zero queries in front give the same causal prefix sums.
             pad = q.new_zeros(*q.shape[:-2], lk - lq, q.shape[-1])
-            out = favor_attention(torch.cat([pad, q], dim=-2), k, v, w, causal=True,
-                                  key_padding_mask=key_padding_mask,
-                                  chunk_size=self.chunk_size, **kw)
-            return out[..., lk - lq:, :]
-        return favor_attention(q, k, v, w, causal=causal, key_padding_mask=key_padding_mask,
-                               chunk_size=self.chunk_size, **kw)
+            out = favor_attention(
+                torch.cat([pad, q], dim=-2),
+                k,
+                v,
+                w,
+                causal=True,
+                key_padding_mask=key_padding_mask,
+                chunk_size=self.chunk_size,
+                **kw,
+            )
+            return out[..., lk - lq :, :]
+        return favor_attention(
+            q,
+            k,
+            v,
+            w,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            chunk_size=self.chunk_size,
+            **kw,
+        )
 
     def options(self) -> dict:
-        return {"num_features": self.num_features, "kernel": self.kernel,
-                "window": self.window, "sinks": self.sinks, "orthogonal": self.orthogonal,
-                "scaling": self.scaling, "redraw_interval": self.redraw_interval,
-                "chunk_size": self.chunk_size, "learn_projection": self.learn_projection}
+        return {
+            "num_features": self.num_features,
+            "kernel": self.kernel,
+            "window": self.window,
+            "sinks": self.sinks,
+            "orthogonal": self.orthogonal,
+            "scaling": self.scaling,
+            "redraw_interval": self.redraw_interval,
+            "chunk_size": self.chunk_size,
+            "learn_projection": self.learn_projection,
+        }
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, num_features={self.num_features}, "
-                f"kernel={self.kernel!r}, window={self.window}"
-                + (f", sinks={self.sinks}" if self.sinks else ""))
+        return (
+            f"head_dim={self.head_dim}, num_features={self.num_features}, "
+            f"kernel={self.kernel!r}, window={self.window}"
+            + (f", sinks={self.sinks}" if self.sinks else "")
+        )
 
 
 class LinformerLayerState(UsesLinformerProjection, nn.Module):
@@ -233,14 +282,31 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         dtype=torch.float32,
     ) -> None:
         super().__init__()
-        self._use_projection(shared, lambda: LinformerProjection(
-            max_seq_len, proj_dim, num_heads, head_dim, proj_kind=proj_kind, sharing=sharing,
-            seed=seed, device=device, dtype=dtype,
-        ))
+        self._use_projection(
+            shared,
+            lambda: LinformerProjection(
+                max_seq_len,
+                proj_dim,
+                num_heads,
+                head_dim,
+                proj_kind=proj_kind,
+                sharing=sharing,
+                seed=seed,
+                device=device,
+                dtype=dtype,
+            ),
+        )
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None,
-        causal: bool, scale: float | None, cache_layer=None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+        scale: float | None,
+        cache_layer=None,
     ) -> Tensor:
         if causal or cache_layer is not None:
             raise ValueError(

@@ -46,8 +46,9 @@ class TransferRecorder:
     def __init__(self) -> None:
         self.rows: list[tuple[int, Tensor, Tensor]] = []
 
-    def record(self, module: nn.Module, approx: Tensor, exact: Tensor,
-               key_padding_mask: Tensor | None) -> None:
+    def record(
+        self, module: nn.Module, approx: Tensor, exact: Tensor, key_padding_mask: Tensor | None
+    ) -> None:
         """``approx, exact: (B, H, Lq, d)``; ``key_padding_mask: (B, Lk)`` True = padding
         (padded queries, when ``Lq == Lk``, do not count)."""
         diff = (approx - exact.to(approx.dtype)).square()
@@ -63,8 +64,10 @@ class TransferRecorder:
     def loss(self) -> Tensor:
         """Mean over the recorded layers of ``|linear - exact|^2 / |exact|^2``."""
         if not self.rows:
-            raise ValueError("no converted layer ran in transfer mode: is the model "
-                             "converted with method='favor'?")
+            raise ValueError(
+                "no converted layer ran in transfer mode: is the model "
+                "converted with method='favor'?"
+            )
         return torch.stack([e / r.clamp_min(1e-30) for _, e, r in self.rows]).mean()
 
 
@@ -73,8 +76,7 @@ def attention_transfer_mode(model: nn.Module):
     """Within the block, every FAVOR-converted layer of ``model`` returns the exact
     softmax attention and records its linear attention's error into the yielded
     :class:`TransferRecorder`."""
-    states = [m.linattn for m in converted_layers(model)
-              if isinstance(m.linattn, FavorLayerState)]
+    states = [m.linattn for m in converted_layers(model) if isinstance(m.linattn, FavorLayerState)]
     if not states:
         raise ValueError("attention transfer needs a model converted with method='favor'")
     recorder = TransferRecorder()
@@ -108,7 +110,11 @@ def _forward(model: nn.Module, batch: dict[str, Tensor]) -> None:
 
 @torch.no_grad()
 def attention_errors(
-    model: nn.Module, tokenizer, texts: list[str], *, max_length: int = 512,
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    *,
+    max_length: int = 512,
     batch_size: int = 16,
 ) -> dict:
     """Teacher-forced relative L2 error of each converted layer's attention output,
@@ -122,7 +128,7 @@ def attention_errors(
     with attention_transfer_mode(model) as rec:
         for i in range(0, len(texts), batch_size):
             rec.clear()
-            _forward(model, tokenize(tokenizer, texts[i:i + batch_size], max_length, device))
+            _forward(model, tokenize(tokenizer, texts[i : i + batch_size], max_length, device))
             for layer, e, r in rec.rows:
                 err[layer] = err.get(layer, 0.0) + e.item()
                 ref[layer] = ref.get(layer, 0.0) + r.item()
@@ -177,9 +183,13 @@ def batch_texts(texts: list[str], step: int, batch_size: int, seed: int) -> list
 
 
 def _save_state(path: Path, model: nn.Module, opt, sched, step: int, log: list[dict]) -> None:
-    state = {"step": step, "log": log, "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(),
-             "linattn": {k: v for k, v in model.state_dict().items() if ".linattn." in k}}
+    state = {
+        "step": step,
+        "log": log,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "linattn": {k: v for k, v in model.state_dict().items() if ".linattn." in k},
+    }
     torch_save(state, path)
 
 
@@ -223,8 +233,10 @@ def transfer(
         raise ValueError("transfer needs non-empty train_texts and eval_texts")
     params = transfer_parameters(model)
     if not params:
-        raise ValueError("the converted model has no trainable linear-attention parameters: "
-                         "convert with kernel='hedgehog' (or learn_projection=True)")
+        raise ValueError(
+            "the converted model has no trainable linear-attention parameters: "
+            "convert with kernel='hedgehog' (or learn_projection=True)"
+        )
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +244,8 @@ def transfer(
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.warmup, max(cfg.steps, 1), 0.1))
+        opt, warmup_cosine(cfg.warmup, max(cfg.steps, 1), 0.1)
+    )
     log: list[dict] = []
     first = 1
     state_path = out / STATE_FILE if out is not None else None
@@ -253,13 +266,32 @@ def transfer(
 
     def evaluate(step: int, loss: float | None) -> None:
         model.eval()
-        row = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
-               "elapsed_s": round(time.perf_counter() - start, 2)}
-        row.update(attention_errors(model, tokenizer, eval_texts, max_length=cfg.max_length,
-                                    batch_size=cfg.eval_batch_size))
+        row = {
+            "step": step,
+            "loss": loss,
+            "lr": sched.get_last_lr()[0],
+            "elapsed_s": round(time.perf_counter() - start, 2),
+        }
+        row.update(
+            attention_errors(
+                model,
+                tokenizer,
+                eval_texts,
+                max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size,
+            )
+        )
         if teacher is not None:
-            row.update(agreement(teacher, model, tokenizer, eval_texts,
-                                 max_length=cfg.max_length, batch_size=cfg.eval_batch_size))
+            row.update(
+                agreement(
+                    teacher,
+                    model,
+                    tokenizer,
+                    eval_texts,
+                    max_length=cfg.max_length,
+                    batch_size=cfg.eval_batch_size,
+                )
+            )
         log.append(row)
         if out is not None:
             write_jsonl(out / "log.jsonl", log)
@@ -270,8 +302,7 @@ def transfer(
         save_converted(model, out / "checkpoint")
         _save_state(state_path, model, opt, sched, step, log)
 
-    bar = tqdm(total=cfg.steps, initial=first - 1, desc="attention transfer",
-               disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=first - 1, desc="attention transfer", disable=not progress)
     running = log[-1]["loss"] if log else None
     try:
         if not log:
@@ -288,8 +319,7 @@ def transfer(
             bar.set_postfix(loss=f"{running:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evaluate(step, running)
-                bar.set_postfix(loss=f"{running:.4f}",
-                                attn_err=f"{log[-1]['attn_rel_error']:.3f}")
+                bar.set_postfix(loss=f"{running:.4f}", attn_err=f"{log[-1]['attn_rel_error']:.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint(step)
     finally:
@@ -311,13 +341,19 @@ def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transf
         return
     steps = [r["step"] for r in log]
     extra = next((k for k in ("mean_cosine", "ppl_ratio") if k in log[0]), None)
-    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5.5, 3.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if extra else 1, figsize=(10 if extra else 5.5, 3.6), squeeze=False
+    )
     ax = axes[0][0]
     layers = len(log[0]["attn_rel_error_layers"])
     for i in range(layers):
-        ax.plot(steps, [r["attn_rel_error_layers"][i] for r in log], lw=1, alpha=0.6,
-                label=f"layer {i}" if layers <= 8 else None)
+        ax.plot(
+            steps,
+            [r["attn_rel_error_layers"][i] for r in log],
+            lw=1,
+            alpha=0.6,
+            label=f"layer {i}" if layers <= 8 else None,
+        )
     ax.plot(steps, [r["attn_rel_error"] for r in log], "k-o", lw=2, label="mean")
     ax.set_yscale("log")
     ax.set_xlabel("transfer step")
@@ -325,8 +361,14 @@ def plot_transfer(log: list[dict], path: Path, *, title: str = "attention transf
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if extra:
-        curve(axes[0][1], steps, [r[extra] for r in log], xlabel="transfer step",
-              ylabel=extra.replace("_", " "), marker="o")
+        curve(
+            axes[0][1],
+            steps,
+            [r[extra] for r in log],
+            xlabel="transfer step",
+            ylabel=extra.replace("_", " "),
+            marker="o",
+        )
     finish(fig, path, title=title)
 
 

@@ -124,7 +124,9 @@ class _FavorBidirectional(torch.autograd.Function):
             with torch.enable_grad():
                 qb = q[..., s:e, :].detach().requires_grad_(dq is not None)
                 w_leaf = weight.detach().requires_grad_() if want_w else None
-                feats, _ = fm.stabilized(qb, params.replace_weight(w_leaf if want_w else weight), is_query=True)
+                feats, _ = fm.stabilized(
+                    qb, params.replace_weight(w_leaf if want_w else weight), is_query=True
+                )
                 d_state += feats.detach().transpose(-2, -1) @ g1
                 inputs = [t for t in (qb if dq is not None else None, w_leaf) if t is not None]
                 if inputs:
@@ -143,7 +145,9 @@ class _FavorBidirectional(torch.autograd.Function):
             with torch.enable_grad():
                 kb = k[..., s:e, :].detach().requires_grad_(dk is not None)
                 w_leaf = weight.detach().requires_grad_() if want_w else None
-                feats, r = fm.stabilized(kb, params.replace_weight(w_leaf if want_w else weight), is_query=False)
+                feats, r = fm.stabilized(
+                    kb, params.replace_weight(w_leaf if want_w else weight), is_query=False
+                )
                 wts = _key_weights(r.detach(), stab, kb_keep)
                 v1 = ones_col(v[..., s:e, :])
                 d_vw = feats.detach() @ d_state

@@ -42,8 +42,11 @@ def block_major(x: Tensor, nblk: int, c: int) -> Tensor:
     if nblk * c > length:
         x = F.pad(x, (0, 0, 0, nblk * c - length))
     # Always a new tensor (never a view of x: callers write into it).
-    return x.reshape(bsz, heads, nblk, c, e).permute(2, 0, 1, 3, 4).clone(
-        memory_format=torch.contiguous_format)
+    return (
+        x.reshape(bsz, heads, nblk, c, e)
+        .permute(2, 0, 1, 3, 4)
+        .clone(memory_format=torch.contiguous_format)
+    )
 
 
 def block_major_ones(v: Tensor, nblk: int, c: int) -> Tensor:
@@ -53,12 +56,13 @@ def block_major_ones(v: Tensor, nblk: int, c: int) -> Tensor:
     out = v.new_empty(nblk, bsz, heads, c, dv + 1)
     flat = out.view(nblk, bsz, heads, c * (dv + 1))
     full = length // c
-    out[:full, ..., :dv] = v[:, :, : full * c].reshape(bsz, heads, full, c, dv).permute(
-        2, 0, 1, 3, 4)
+    out[:full, ..., :dv] = (
+        v[:, :, : full * c].reshape(bsz, heads, full, c, dv).permute(2, 0, 1, 3, 4)
+    )
     out[:full, ..., dv] = 1.0
     if full < nblk:
         flat[full:].zero_()
-        out[full, :, :, : length - full * c, :dv] = v[:, :, full * c:]
+        out[full, :, :, : length - full * c, :dv] = v[:, :, full * c :]
         out[full, :, :, : length - full * c, dv] = 1.0
     return out
 
@@ -69,8 +73,7 @@ def from_block_major(y: Tensor, length: int) -> Tensor:
     return y.permute(1, 2, 0, 3, 4).reshape(bsz, heads, nblk * c, e)[:, :, :length]
 
 
-def block_flags(keep: Tensor | None, bsz: int, length: int, nblk: int, c: int,
-                device) -> Tensor:
+def block_flags(keep: Tensor | None, bsz: int, length: int, nblk: int, c: int, device) -> Tensor:
     """``keep: (B, L)`` bool (None = all True) as ``(nblk, B, 1, C)``, False on the
     padded tail of the last block."""
     flags = torch.zeros(bsz, nblk * c, dtype=torch.bool, device=device)
@@ -180,8 +183,14 @@ class _BandBlocks(torch.autograd.Function):
 
 
 def band_blocks(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, window: int, causal: bool,
-    scale: float, block: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    window: int,
+    causal: bool,
+    scale: float,
+    block: int,
 ) -> tuple[Tensor, Tensor]:
     """Exact scores inside the window by aligned block pairs, hand-written backward.
 
@@ -194,8 +203,10 @@ def band_blocks(
     """
     bsz, heads, length, _ = q.shape
     if not band_deltas(window, 1, causal):
-        return (q.new_zeros(bsz, heads, length, v.shape[-1] + 1),
-                q.new_full((bsz, heads, length), -math.inf))
+        return (
+            q.new_zeros(bsz, heads, length, v.shape[-1] + 1),
+            q.new_full((bsz, heads, length), -math.inf),
+        )
     c = max(1, min(block, length))
     return _BandBlocks.apply(q, k, v, keep, window, causal, scale, c)
 
@@ -215,9 +226,9 @@ def far_sums(u: Tensor, reach: int, side: str = "both") -> Tensor:
     if not right:
         out[: min(n, lo)].zero_()
     elif not left:
-        out[max(0, hi):].zero_()
+        out[max(0, hi) :].zero_()
     else:
-        out[max(0, hi): lo].zero_()
+        out[max(0, hi) : lo].zero_()
     if n <= reach + 1:
         return out
     acc = u[0].clone() if left else u[n - 1].clone()
@@ -257,8 +268,7 @@ def far_mask(c: int, dlt: int, window: int, dtype, device, causal: bool = False)
     return (rel <= -window if causal else rel.abs() > window).to(dtype)
 
 
-def _features(fm: FeatureMap, params: FeatureParams, x: Tensor, graph: bool,
-              query: bool = False):
+def _features(fm: FeatureMap, params: FeatureParams, x: Tensor, graph: bool, query: bool = False):
     """Features ``F, r`` of ``x`` with their true scale (keys: ``is_query=False``; queries:
     :meth:`~linattn.features.FeatureMap.stabilized_query`), detached, and (with ``graph``)
     the autograd graph that maps their gradient back: ``(F, r, out, r_out, exp2)``; send
@@ -322,8 +332,9 @@ class _FarBlocks(torch.autograd.Function):
         vwb = v1b * wk
         # The block states transposed, [nblk, B, H, dv+1, M] ([v, 1]^T F: the faster
         # layout for these short-contraction batched matmuls).
-        state = far_sums(torch.matmul(vwb.transpose(-2, -1), fkb), reach,
-                         "left" if causal else "both")
+        state = far_sums(
+            torch.matmul(vwb.transpose(-2, -1), fkb), reach, "left" if causal else "both"
+        )
         nd = torch.matmul(fq, state.transpose(-2, -1))  # [nblk, B, H, C, dv+1]
         pairs = []
         for dlt in mixed:
@@ -353,8 +364,9 @@ class _FarBlocks(torch.autograd.Function):
         gb = block_major(grad_nd, nblk, c)
         # Queries: nd = F_q state; the state sums the far key blocks (a symmetric map).
         dfq = torch.matmul(gb, state)  # [nblk, B, H, C, M]
-        d_state = far_sums(torch.matmul(gb.transpose(-2, -1), fq), reach,
-                           "right" if causal else "both")  # [nblk, B, H, dv+1, M]
+        d_state = far_sums(
+            torch.matmul(gb.transpose(-2, -1), fq), reach, "right" if causal else "both"
+        )  # [nblk, B, H, dv+1, M]
         dfk = torch.matmul(vwb, d_state)
         dvw = torch.matmul(fk, d_state.transpose(-2, -1))  # [nblk, B, H, C, dv+1]
         del d_state
@@ -384,10 +396,10 @@ class _FarBlocks(torch.autograd.Function):
                 # nd depends on r_j through w_j = exp(r_j - top).
                 outs.append(rk_out)
                 grads.append((dvw * v1b).sum(-1) * wk.squeeze(-1))
-            inputs = [t for t, on in ((q_leaf, want[0]), (k_leaf, want[1]), (w_leaf, want_w))
-                      if on]
-            res = list(torch.autograd.grad(outs, inputs, grads, allow_unused=True,
-                                           retain_graph=True))
+            inputs = [t for t, on in ((q_leaf, want[0]), (k_leaf, want[1]), (w_leaf, want_w)) if on]
+            res = list(
+                torch.autograd.grad(outs, inputs, grads, allow_unused=True, retain_graph=True)
+            )
             res = [torch.zeros_like(t) if r is None else r for t, r in zip(inputs, res)]
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
@@ -396,8 +408,16 @@ class _FarBlocks(torch.autograd.Function):
 
 
 def far_blocks(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, fm: FeatureMap,
-    params: FeatureParams, window: int, block: int, spread: float, causal: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    fm: FeatureMap,
+    params: FeatureParams,
+    window: int,
+    block: int,
+    spread: float,
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The far part under one key stabilizer, by block pairs.
 
@@ -415,8 +435,9 @@ def far_blocks(
     """
     c = max(1, min(block, q.shape[-2]))
     grad = torch.is_grad_enabled()
-    nd, rq, top = _FarBlocks.apply(q, k, v, params.weight, fm, params, window, c, spread,
-                                   keep, causal, grad)
+    nd, rq, top = _FarBlocks.apply(
+        q, k, v, params.weight, fm, params, window, c, spread, keep, causal, grad
+    )
     if nd.dim() == 0:
         return None
     return nd, rq, top

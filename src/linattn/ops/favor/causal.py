@@ -176,8 +176,7 @@ def _stabilizers(r: Tensor, stab: Tensor, nc: int, chunk: int):
     return c, ends, prev, torch.exp(prev - ends)
 
 
-def _chunk_operands(a: Tensor, b: Tensor, r: Tensor, v: Tensor, keep, stab: Tensor,
-                    chunk: int):
+def _chunk_operands(a: Tensor, b: Tensor, r: Tensor, v: Tensor, keep, stab: Tensor, chunk: int):
     """A segment's operands cut into chunks, for :func:`_segment_forward` and
     :func:`_segment_backward` alike: query and key features ``a5, b5: (B, H, nc, C, M)``,
     key log-scales ``r5: (B, H, nc, C)`` (``-inf`` where ``keep`` is 0),
@@ -187,8 +186,16 @@ def _chunk_operands(a: Tensor, b: Tensor, r: Tensor, v: Tensor, keep, stab: Tens
     if keep is not None:
         r = r.masked_fill(keep[:, None, :] == 0, float("-inf"))
     c5, ends, prev, decay = _stabilizers(r, stab, nc, chunk)
-    return (_chunked(a, nc, chunk), _chunked(b, nc, chunk), _chunked(r, nc, chunk),
-            _chunked(ones_col(v), nc, chunk), c5, ends, prev, decay)
+    return (
+        _chunked(a, nc, chunk),
+        _chunked(b, nc, chunk),
+        _chunked(r, nc, chunk),
+        _chunked(ones_col(v), nc, chunk),
+        c5,
+        ends,
+        prev,
+        decay,
+    )
 
 
 def _intra_weights(r5: Tensor, c5: Tensor, chunk: int) -> Tensor:
@@ -259,8 +266,9 @@ def _scan_forward(q, k, v, state, stab, fm, params, keep, chunk, *, keep_states=
     return torch.cat(outs, dim=-2), torch.cat(dens, dim=-1), state, stab, entering
 
 
-def _segment_backward(q, k, v, keep, state, stab, out, den, grad, d_state, fm, params,
-                      chunk, inputs):
+def _segment_backward(
+    q, k, v, keep, state, stab, out, den, grad, d_state, fm, params, chunk, inputs
+):
     """Hand-written backward of one segment of the causal scan.
 
     Shapes as :func:`_segment_forward`; ``out, grad: (B, H, n, dv)`` and ``den: (B, H, n)``
@@ -408,14 +416,22 @@ class _FavorCausal(torch.autograd.Function):
             k_leaf = ks.detach().requires_grad_(want[1])
             w_leaf = weight.detach().requires_grad_() if want_w else weight
             params = ctx.params.replace_weight(w_leaf)
-            inputs = [t for t, on in ((q_leaf, want[0]), (k_leaf, want[1]), (w_leaf, want_w))
-                      if on]
+            inputs = [t for t, on in ((q_leaf, want[0]), (k_leaf, want[1]), (w_leaf, want_w)) if on]
             grads, g_v, d_state = _segment_backward(
-                q_leaf, k_leaf, vs, ke, state, stab,
+                q_leaf,
+                k_leaf,
+                vs,
+                ke,
+                state,
+                stab,
                 _pad_to(out[..., s:e, :], padded),
                 F.pad(den[..., s:e], (0, padded - (e - s)), value=1.0),
                 _pad_to(grad_out[..., s:e, :], padded),
-                d_state, fm, params, chunk, inputs,
+                d_state,
+                fm,
+                params,
+                chunk,
+                inputs,
             )
             n = e - s
             grads = list(grads) or [None] * len(inputs)

@@ -56,9 +56,7 @@ def first_order_only(name: str):
             linked = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
             if not torch.is_grad_enabled() or not linked:
                 return grads
-            return tuple(
-                g if g is None else _NoSecondOrder.apply(name, g, *linked) for g in grads
-            )
+            return tuple(g if g is None else _NoSecondOrder.apply(name, g, *linked) for g in grads)
 
         return wrapper
 

@@ -50,8 +50,16 @@ class FavorState(NamedTuple):
 
 
 def empty_window_state(
-    bsz: int, heads: int, num_features: int, head_dim: int, dv: int, window: int, *,
-    dtype: torch.dtype, device: torch.device, sinks: int = 0,
+    bsz: int,
+    heads: int,
+    num_features: int,
+    head_dim: int,
+    dv: int,
+    window: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    sinks: int = 0,
 ) -> FavorState:
     """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
     slots, all empty)."""
@@ -65,7 +73,8 @@ def empty_window_state(
             torch.zeros(bsz, dtype=torch.long, device=device),
         )
     return FavorState(
-        kv, stab,
+        kv,
+        stab,
         torch.zeros(bsz, heads, window, head_dim, dtype=dtype, device=device),
         torch.zeros(bsz, heads, window, dv, dtype=dtype, device=device),
         torch.ones(bsz, window, dtype=torch.bool, device=device),
@@ -99,18 +108,39 @@ def favor_recurrent_step(
         if state is None:
             m = fm.feature_dim(params.weight, q.shape[-1])
             state = empty_window_state(
-                q.shape[0], q.shape[1], m, q.shape[-1], v.shape[-1], window,
-                dtype=q.dtype, device=q.device, sinks=sinks,
+                q.shape[0],
+                q.shape[1],
+                m,
+                q.shape[-1],
+                v.shape[-1],
+                window,
+                dtype=q.dtype,
+                device=q.device,
+                sinks=sinks,
             )
         fields = tuple(state) if sinks else tuple(state)[:5]
         out, new = favor_window_step(
-            q, k, v, fm, params, window=window, state=fields,
-            linear_factor=linear_factor, key_padding_mask=key_padding_mask, sinks=sinks,
+            q,
+            k,
+            v,
+            fm,
+            params,
+            window=window,
+            state=fields,
+            linear_factor=linear_factor,
+            key_padding_mask=key_padding_mask,
+            sinks=sinks,
         )
         return out, FavorState(*new)
     initial = None if state is None else (state.kv, state.stab)
     out, kv, stab = favor_causal(
-        q, k, v, fm, params, key_padding_mask=key_padding_mask,
-        chunk_size=min(64, q.shape[-2]), initial=initial,
+        q,
+        k,
+        v,
+        fm,
+        params,
+        key_padding_mask=key_padding_mask,
+        chunk_size=min(64, q.shape[-2]),
+        initial=initial,
     )
     return out, FavorState(kv, stab)

@@ -174,8 +174,14 @@ def sink_attention(
 
 
 def sink_part(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, sinks: int, window: int,
-    causal: bool, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    sinks: int,
+    window: int,
+    causal: bool,
+    scale: float,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The sinks of a whole sequence (parallel form).
 
@@ -284,13 +290,29 @@ def favor_window(
         window = 0 if causal else -1
     if not causal:
         return favor_window_bidirectional(
-            q, k, v, fm, params, window=window, linear_factor=linear_factor,
-            key_padding_mask=key_padding_mask, block_size=block_size, sinks=sinks,
+            q,
+            k,
+            v,
+            fm,
+            params,
+            window=window,
+            linear_factor=linear_factor,
+            key_padding_mask=key_padding_mask,
+            block_size=block_size,
+            sinks=sinks,
         )
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_blocks(q, k, v, keep, window, True, params.scale,
-                       block_size or band_block(window, length, causal=True))
+    near = band_blocks(
+        q,
+        k,
+        v,
+        keep,
+        window,
+        True,
+        params.scale,
+        block_size or band_block(window, length, causal=True),
+    )
     parts = [near]
     keep_far = keep
     if sinks:
@@ -302,8 +324,9 @@ def favor_window(
     # leak-free prefix-maximum scan.
     if length - window > 0:
         spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
-        fast = far_blocks(q, k, v, keep_far, fm, params, window, far_block(window, length),
-                          spread, causal=True)
+        fast = far_blocks(
+            q, k, v, keep_far, fm, params, window, far_block(window, length), spread, causal=True
+        )
         if fast is not None:
             nd, rq, top = fast
             lc = fm.log_const(params)
@@ -356,8 +379,7 @@ def favor_window_step(
     parts = [near]
     keep_far = keep
     if sinks:
-        keep_far, part, sink_state = _step_sinks(q, kc, vc, keep, state[5:], n, sinks,
-                                                 params.scale)
+        keep_far, part, sink_state = _step_sinks(q, kc, vc, keep, state[5:], n, sinks, params.scale)
         parts.append(part)
     nd, g, kv, stab = far_left(
         q, kc, vc, keep_far.to(q.dtype), fm, params, 0, 64, initial=(kv, stab)
@@ -374,8 +396,14 @@ def favor_window_step(
 
 
 def _step_sinks(
-    q: Tensor, kc: Tensor, vc: Tensor, keep: Tensor, state: tuple[Tensor, ...], n: int,
-    sinks: int, scale: float,
+    q: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    keep: Tensor,
+    state: tuple[Tensor, ...],
+    n: int,
+    sinks: int,
+    scale: float,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The sinks of one decoding step (:func:`favor_window_step`).
 
@@ -480,8 +508,7 @@ def far_block(window: int, length: int) -> int:
     if 32 <= window <= 128:
         c = window
     elif window > 128:
-        c = next((c for c in range(128, 31, -1) if window % c == 0 or (window + 1) % c == 0),
-                 64)
+        c = next((c for c in range(128, 31, -1) if window % c == 0 or (window + 1) % c == 0), 64)
     return max(1, min(length, c))
 
 
@@ -515,8 +542,9 @@ def favor_window_bidirectional(
     """
     length = q.shape[-2]
     keep = None if key_padding_mask is None else ~key_padding_mask
-    near = band_blocks(q, k, v, keep, window, False, params.scale,
-                       block_size or band_block(window, length))
+    near = band_blocks(
+        q, k, v, keep, window, False, params.scale, block_size or band_block(window, length)
+    )
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
         return combine([near], fm.positive_exp)
@@ -542,8 +570,13 @@ def favor_window_bidirectional(
 
 
 def far_running_max(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, fm: FeatureMap,
-    params: FeatureParams, window: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor | None,
+    fm: FeatureMap,
+    params: FeatureParams,
+    window: int,
 ) -> tuple[Tensor, Tensor]:
     """The bidirectional far part under running-maximum block stabilizers (plain
     autograd): for keys whose log-scales spread too far for one stabilizer, and the
@@ -587,8 +620,7 @@ def far_running_max(
         e = top.expand_as(e)
         real_blocks = slice(pad, pad + nblk)
         wk = torch.exp(rkb[:, :, real_blocks] - top.unsqueeze(-1))
-        u = fkb[:, :, real_blocks].transpose(-2, -1) @ (v1b[:, :, real_blocks]
-                                                        * wk.unsqueeze(-1))
+        u = fkb[:, :, real_blocks].transpose(-2, -1) @ (v1b[:, :, real_blocks] * wk.unsqueeze(-1))
         state = far_block_sums(u, big)  # [B, H, nblk, M, dv+1]
         g = top.expand(bsz, heads, nblk)
     else:
@@ -599,13 +631,14 @@ def far_running_max(
         # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
         # S at pad + t + D + 1 = t + 2 pad.
         left, pl = pre[:, :, :nblk], p[..., :nblk]
-        right, pr = suf[:, :, 2 * pad:], s[..., 2 * pad:]
+        right, pr = suf[:, :, 2 * pad :], s[..., 2 * pad :]
         with torch.no_grad():
             g = torch.maximum(pl, pr)
             for dlt in mixed:
-                g = torch.maximum(g, e[..., pad + dlt: pad + dlt + nblk])
-        state = (left * torch.exp(pl - g)[..., None, None]
-                 + right * torch.exp(pr - g)[..., None, None])
+                g = torch.maximum(g, e[..., pad + dlt : pad + dlt + nblk])
+        state = (
+            left * torch.exp(pl - g)[..., None, None] + right * torch.exp(pr - g)[..., None, None]
+        )
     far = fqb @ state  # [B, H, nblk, C, dv+1]
     a = torch.arange(c, device=q.device)
     for dlt in mixed:

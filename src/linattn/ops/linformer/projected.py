@@ -60,9 +60,7 @@ def pool_matrix(length: int, proj_dim: int, n: int, *, dtype=None, device=None) 
     return (inside / (ends - starts)[:, None]).to(dtype or torch.get_default_dtype())
 
 
-def pool_compress(
-    x: Tensor, proj_dim: int, mode: str, lengths: Tensor | None = None
-) -> Tensor:
+def pool_compress(x: Tensor, proj_dim: int, mode: str, lengths: Tensor | None = None) -> Tensor:
     """Mean or max pooling of ``x: (B, H, L, d)`` (compacted) to ``(B, H, proj_dim, d)``,
     windows over each sequence's real length (``lengths: (B,)``, default ``L``)."""
     length = x.shape[-2]
@@ -93,8 +91,7 @@ def conv_compress(x: Tensor, weight: Tensor, proj_dim: int) -> Tensor:
     b, h, length, d = x.shape
     s = weight.shape[-1]
     if length > proj_dim * s:
-        raise ValueError(f"sequence length {length} exceeds proj_dim * stride = "
-                         f"{proj_dim * s}")
+        raise ValueError(f"sequence length {length} exceeds proj_dim * stride = {proj_dim * s}")
     chans = x.permute(0, 1, 3, 2).reshape(b, h * d, length)
     chans = F.pad(chans, (0, proj_dim * s - length))
     out = F.conv1d(chans, weight, stride=s, groups=h * d)

@@ -36,8 +36,18 @@ _ENV = "LINATTN_TRITON"
 _CPU_INTERPRET = False
 # Arguments the kernels understand; any other argument that is not None sends the call to
 # the eager path (e.g. window / linear_factor).
-_KNOWN = {"q", "k", "v", "projection", "kernel", "causal", "key_padding_mask", "scale",
-          "chunk_size", "block_size"}
+_KNOWN = {
+    "q",
+    "k",
+    "v",
+    "projection",
+    "kernel",
+    "causal",
+    "key_padding_mask",
+    "scale",
+    "chunk_size",
+    "block_size",
+}
 
 
 def available() -> bool:
@@ -66,8 +76,11 @@ def interpret_on_cpu() -> Iterator[None]:
 def _device_ok(t: Tensor) -> bool:
     if t.device.type == "cuda":
         return True
-    return (_CPU_INTERPRET and t.device.type == "cpu"
-            and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    return (
+        _CPU_INTERPRET
+        and t.device.type == "cpu"
+        and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    )
 
 
 def _covered(q, k, v, projection, kernel, causal, key_padding_mask) -> bool:
@@ -95,9 +108,7 @@ def _covered(q, k, v, projection, kernel, causal, key_padding_mask) -> bool:
         return False
     if projection.dim() == 3 and projection.shape[0] != q.shape[1]:
         return False
-    if not projection.is_floating_point() or (
-        projection.requires_grad and torch.is_grad_enabled()
-    ):
+    if not projection.is_floating_point() or (projection.requires_grad and torch.is_grad_enabled()):
         return False
     feats = projection.shape[-2] * (2 if kernel == "softmax_hyp" else 1)
     if not 1 <= feats <= MAX_FEATURES:
@@ -136,5 +147,6 @@ def maybe_favor_triton(**kwargs) -> Tensor | None:
         # Padding may hold anything (NaN, inf): a select keeps it out of the kernels.
         pad = mask[:, None, :, None]
         k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    return favor_triton(q.contiguous(), k.contiguous(), v.contiguous(), w, causal=causal,
-                        keep=keep, scale=scale)
+    return favor_triton(
+        q.contiguous(), k.contiguous(), v.contiguous(), w, causal=causal, keep=keep, scale=scale
+    )

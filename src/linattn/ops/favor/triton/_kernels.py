@@ -22,16 +22,29 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _logits(x, w_ptr, f0, M, d, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-            PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _logits(
+    x,
+    w_ptr,
+    f0,
+    M,
+    d,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     # x: (BL, BD) -> x @ W'[f0:f0+BM]^T (BL, BM) float32; features >= M get -inf.
     # SPLIT (half inputs): x is exact in its dtype; W' = hi + lo, both in x's dtype, and two
     # tensor-core dots give the logits to ~16 bits (an error in a logit is a relative
     # error in its feature, so one rounding of W' to 8 bits would cost ~1%).
     offs_f = f0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
-    w = tl.load(w_ptr + offs_f[:, None] * d + offs_d[None, :],
-                mask=(offs_f[:, None] < M) & (offs_d[None, :] < d), other=0.0)
+    w = tl.load(
+        w_ptr + offs_f[:, None] * d + offs_d[None, :],
+        mask=(offs_f[:, None] < M) & (offs_d[None, :] < d),
+        other=0.0,
+    )
     if SPLIT:
         w_hi = w.to(x.dtype)
         w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
@@ -43,16 +56,33 @@ def _logits(x, w_ptr, f0, M, d, BM: tl.constexpr, BD: tl.constexpr, DT: tl.const
 
 
 @triton.jit
-def rowmax_kernel(X, W, R, L, M, d, hn, w_head_stride, H,
-                  BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                  PREC: tl.constexpr, SPLIT: tl.constexpr):
+def rowmax_kernel(
+    X,
+    W,
+    R,
+    L,
+    M,
+    d,
+    hn,
+    w_head_stride,
+    H,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """R[bh, i] = max_f (x_i W'^T)_f - hn |x_i|^2.  grid (BH, cdiv(L, BL))."""
     bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B H L d can pass 2**31
     rows = tl.program_id(1) * BL + tl.arange(0, BL)
     offs_d = tl.arange(0, BD)
     valid = rows < L
-    x = tl.load(X + bh * L * d + rows[:, None] * d + offs_d[None, :],
-                mask=valid[:, None] & (offs_d[None, :] < d), other=0.0)
+    x = tl.load(
+        X + bh * L * d + rows[:, None] * d + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < d),
+        other=0.0,
+    )
     w_ptr = W + (bh % H) * w_head_stride
     best = tl.full((BL,), float("-inf"), tl.float32)
     for f0 in range(0, M, BM):
@@ -64,11 +94,33 @@ def rowmax_kernel(X, W, R, L, M, d, hn, w_head_stride, H,
 
 
 @triton.jit
-def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split, hn,
-                 w_head_stride, H,
-                 HAS_YS: tl.constexpr, HAS_Y1: tl.constexpr,
-                 BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+def state_kernel(
+    X,
+    Y,
+    YS,
+    Y1,
+    REF,
+    W,
+    S_OUT,
+    Z_OUT,
+    L,
+    M,
+    d,
+    dv,
+    rows_per_split,
+    hn,
+    w_head_stride,
+    H,
+    HAS_YS: tl.constexpr,
+    HAS_Y1: tl.constexpr,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Partial sums over one split of rows, for one tile of features:
     ``S[split, bh] = sum_i F_i^T (ys_i y_i)``, ``Z[split, bh] = sum_i F_i y1_i`` with
     ``F_i = exp2(Lx_i - ref_i)``.  grid (BH, cdiv(M, BM), num_splits).
@@ -90,16 +142,22 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
     for r0 in range(start, stop, BL):
         rows = r0 + tl.arange(0, BL)
         valid = rows < stop
-        x = tl.load(X + bh * L * d + rows[:, None] * d + offs_d[None, :],
-                    mask=valid[:, None] & (offs_d[None, :] < d), other=0.0)
+        x = tl.load(
+            X + bh * L * d + rows[:, None] * d + offs_d[None, :],
+            mask=valid[:, None] & (offs_d[None, :] < d),
+            other=0.0,
+        )
         lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         xf = x.to(tl.float32)
         ref = tl.load(REF + bh * L + rows, mask=valid, other=float("inf"))
         lg = lg - (hn * tl.sum(xf * xf, axis=1) + ref)[:, None]
         feats = tl.exp2(lg)
         feats = tl.where(valid[:, None], feats, 0.0)
-        y = tl.load(Y + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
-                    mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0).to(tl.float32)
+        y = tl.load(
+            Y + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+            mask=valid[:, None] & (offs_v[None, :] < dv),
+            other=0.0,
+        ).to(tl.float32)
         if HAS_YS:
             y = y * tl.load(YS + bh * L + rows, mask=valid, other=0.0)[:, None]
         acc += tl.dot(tl.trans(feats.to(DT)), y.to(DT), input_precision=PREC)
@@ -109,15 +167,37 @@ def state_kernel(X, Y, YS, Y1, REF, W, S_OUT, Z_OUT, L, M, d, dv, rows_per_split
         else:
             accz += tl.sum(feats, axis=0)
     out = split * tl.num_programs(0) + bh
-    tl.store(S_OUT + out * M * dv + offs_f[:, None] * dv + offs_v[None, :], acc,
-             mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv))
+    tl.store(
+        S_OUT + out * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+        acc,
+        mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+    )
     tl.store(Z_OUT + out * M + offs_f, accz, mask=offs_f < M)
 
 
 @triton.jit
-def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
-                 BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+def apply_kernel(
+    X,
+    REF,
+    W,
+    S,
+    Z,
+    OUT,
+    DEN,
+    L,
+    M,
+    d,
+    dv,
+    w_head_stride,
+    H,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Bidirectional output: ``out_i = (F_i S) / (F_i . z)`` with ``F_i = exp2(q_i W'^T -
     ref_i)``; rows with ``den == 0`` get 0. Stores ``out`` (OUT's dtype) and ``den``.
     grid (BH, cdiv(L, BL))."""
@@ -127,8 +207,11 @@ def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     w_ptr = W + (bh % H) * w_head_stride
-    x = tl.load(X + bh * L * d + rows[:, None] * d + offs_d[None, :],
-                mask=valid[:, None] & (offs_d[None, :] < d), other=0.0)
+    x = tl.load(
+        X + bh * L * d + rows[:, None] * d + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < d),
+        other=0.0,
+    )
     ref = tl.load(REF + bh * L + rows, mask=valid, other=0.0)
     num = tl.zeros((BL, BDV), tl.float32)
     den = tl.zeros((BL,), tl.float32)
@@ -136,22 +219,53 @@ def apply_kernel(X, REF, W, S, Z, OUT, DEN, L, M, d, dv, w_head_stride, H,
         offs_f = f0 + tl.arange(0, BM)
         lg, _ = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         feats = tl.exp2(lg - ref[:, None])
-        s = tl.load(S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
-                    mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
+        s = tl.load(
+            S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+            mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+            other=0.0,
+        )
         z = tl.load(Z + bh * M + offs_f, mask=offs_f < M, other=0.0)
         num += tl.dot(feats.to(DT), s.to(DT), input_precision=PREC)
         den += tl.sum(feats * z[None, :], axis=1)
     out = tl.where((den > 0)[:, None], num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
-    tl.store(OUT + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
-             out.to(OUT.dtype.element_ty), mask=valid[:, None] & (offs_v[None, :] < dv))
+    tl.store(
+        OUT + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=valid[:, None] & (offs_v[None, :] < dv),
+    )
     tl.store(DEN + bh * L + rows, den, mask=valid)
 
 
 @triton.jit
-def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stride, H,
-                HAS_YS: tl.constexpr, HAS_Y1: tl.constexpr, WANT_DY: tl.constexpr,
-                BL: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+def grad_kernel(
+    X,
+    REF,
+    Y,
+    YS,
+    Y1,
+    W,
+    S,
+    Z,
+    DX,
+    DY,
+    L,
+    M,
+    d,
+    dv,
+    hn,
+    w_head_stride,
+    H,
+    HAS_YS: tl.constexpr,
+    HAS_Y1: tl.constexpr,
+    WANT_DY: tl.constexpr,
+    BL: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Gradient through ``F_i = exp2(Lx_i - ref_i)`` given a state ``(S, z)``:
     ``dF = (ys y) S^T + y1 z^T``, ``dLx = ln2 F dF``, ``dx = dLx W' - 2 hn x rowsum(dLx)``
     and (``WANT_DY``) ``dy = F S``.  grid (BH, cdiv(L, BL)).
@@ -165,13 +279,19 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
     offs_d = tl.arange(0, BD)
     offs_v = tl.arange(0, BDV)
     w_ptr = W + (bh % H) * w_head_stride
-    x = tl.load(X + bh * L * d + rows[:, None] * d + offs_d[None, :],
-                mask=valid[:, None] & (offs_d[None, :] < d), other=0.0)
+    x = tl.load(
+        X + bh * L * d + rows[:, None] * d + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < d),
+        other=0.0,
+    )
     xf = x.to(tl.float32)
     ref = tl.load(REF + bh * L + rows, mask=valid, other=float("inf"))
     ref = ref + hn * tl.sum(xf * xf, axis=1)
-    y = tl.load(Y + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
-                mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0).to(tl.float32)
+    y = tl.load(
+        Y + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+        mask=valid[:, None] & (offs_v[None, :] < dv),
+        other=0.0,
+    ).to(tl.float32)
     if HAS_YS:
         y = y * tl.load(YS + bh * L + rows, mask=valid, other=0.0)[:, None]
     if HAS_Y1:
@@ -185,8 +305,11 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
         offs_f = f0 + tl.arange(0, BM)
         lg, w = _logits(x, w_ptr, f0, M, d, BM, BD, DT, PREC, SPLIT)
         feats = tl.where(valid[:, None], tl.exp2(lg - ref[:, None]), 0.0)
-        s = tl.load(S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
-                    mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
+        s = tl.load(
+            S + bh * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+            mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+            other=0.0,
+        )
         z = tl.load(Z + bh * M + offs_f, mask=offs_f < M, other=0.0)
         dfeat = tl.dot(y.to(DT), tl.trans(s).to(DT), input_precision=PREC)
         dfeat += y1[:, None] * z[None, :]
@@ -196,17 +319,43 @@ def grad_kernel(X, REF, Y, YS, Y1, W, S, Z, DX, DY, L, M, d, dv, hn, w_head_stri
         if WANT_DY:
             dy += tl.dot(feats.to(DT), s.to(DT), input_precision=PREC)
     dx -= (2.0 * hn) * xf * rs[:, None]
-    tl.store(DX + bh * L * d + rows[:, None] * d + offs_d[None, :],
-             dx.to(DX.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < d))
+    tl.store(
+        DX + bh * L * d + rows[:, None] * d + offs_d[None, :],
+        dx.to(DX.dtype.element_ty),
+        mask=valid[:, None] & (offs_d[None, :] < d),
+    )
     if WANT_DY:
-        tl.store(DY + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
-                 dy.to(DY.dtype.element_ty), mask=valid[:, None] & (offs_v[None, :] < dv))
+        tl.store(
+            DY + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+            dy.to(DY.dtype.element_ty),
+            mask=valid[:, None] & (offs_v[None, :] < dv),
+        )
 
 
 @triton.jit
-def _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid, f0, L, M, d, hn,
-                 HAS_MASK: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, DT: tl.constexpr,
-                 PREC: tl.constexpr, SPLIT: tl.constexpr):
+def _chunk_feats(
+    Q,
+    K,
+    RQ,
+    C,
+    KEEP,
+    w_ptr,
+    bh,
+    b,
+    rows,
+    valid,
+    f0,
+    L,
+    M,
+    d,
+    hn,
+    HAS_MASK: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     # Query features Qf = exp2(q W'^T - rq) and key features relative to their own prefix
     # maximum Kc = exp2(Lk - c) (both <= 1; 0 on rows >= L and on padded keys).
     offs_d = tl.arange(0, BD)
@@ -228,11 +377,37 @@ def _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid, f0, L, M, d, hn,
 
 
 @triton.jit
-def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
-                      L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
-                      HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
-                      BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                      PREC: tl.constexpr, SPLIT: tl.constexpr):
+def causal_fwd_kernel(
+    Q,
+    K,
+    V,
+    RQ,
+    C,
+    KEEP,
+    W,
+    S_IN,
+    Z_IN,
+    E_IN,
+    NUM,
+    DEN,
+    L,
+    M,
+    d,
+    dv,
+    seg_len,
+    hn,
+    w_head_stride,
+    H,
+    heads,
+    HAS_MASK: tl.constexpr,
+    CH: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Causal forward for one feature tile over one segment, chunk by chunk; the state
     ``(S, z)`` (relative to the stabilizer ``e``) is carried in registers. Partial
     numerators/denominators of the feature tile are added into NUM/DEN (float32).
@@ -247,8 +422,11 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
     offs_v = tl.arange(0, BDV)
     ar = tl.arange(0, CH)
     sidx = bh * nseg + seg
-    st = tl.load(S_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
-                 mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
+    st = tl.load(
+        S_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+        mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+        other=0.0,
+    )
     zt = tl.load(Z_IN + sidx * M + offs_f, mask=offs_f < M, other=0.0)
     e = tl.load(E_IN + sidx)
     start = seg * seg_len
@@ -256,10 +434,34 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
     for r0 in range(start, stop, CH):
         rows = r0 + ar
         valid = rows < stop
-        _kf32, c, qf, kf, _w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
-        v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
-                    mask=valid[:, None] & (offs_v[None, :] < dv), other=0.0)
+        _kf32, c, qf, kf, _w = _chunk_feats(
+            Q,
+            K,
+            RQ,
+            C,
+            KEEP,
+            w_ptr,
+            bh,
+            b,
+            rows,
+            valid,
+            f0,
+            L,
+            M,
+            d,
+            hn,
+            HAS_MASK,
+            BM,
+            BD,
+            DT,
+            PREC,
+            SPLIT,
+        )
+        v = tl.load(
+            V + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+            mask=valid[:, None] & (offs_v[None, :] < dv),
+            other=0.0,
+        )
         tri = (ar[None, :] <= ar[:, None]) & valid[:, None] & valid[None, :]
         decay = tl.exp2(tl.where(tri, c[None, :] - c[:, None], float("-inf")))
         a = tl.dot(qf.to(DT), tl.trans(kf).to(DT), input_precision=PREC) * decay
@@ -268,8 +470,11 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
         fi = tl.where(valid, tl.exp2(e - c), 0.0)
         num += fi[:, None] * tl.dot(qf.to(DT), st.to(DT), input_precision=PREC)
         den += fi * tl.sum(qf * zt[None, :], axis=1)
-        tl.atomic_add(NUM + bh * L * dv + rows[:, None] * dv + offs_v[None, :], num,
-                      mask=valid[:, None] & (offs_v[None, :] < dv))
+        tl.atomic_add(
+            NUM + bh * L * dv + rows[:, None] * dv + offs_v[None, :],
+            num,
+            mask=valid[:, None] & (offs_v[None, :] < dv),
+        )
         tl.atomic_add(DEN + bh * L + rows, den, mask=valid)
         e_new = tl.max(tl.where(valid, c, float("-inf")), axis=0)
         kw = kf * tl.where(valid, tl.exp2(c - e_new), 0.0)[:, None]
@@ -280,11 +485,39 @@ def causal_fwd_kernel(Q, K, V, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, NUM, DEN,
 
 
 @triton.jit
-def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
-                     L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
-                     HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
-                     BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, SPLIT: tl.constexpr):
+def causal_dq_kernel(
+    Q,
+    K,
+    V,
+    G,
+    YS,
+    GD,
+    RQ,
+    C,
+    KEEP,
+    W,
+    S_IN,
+    Z_IN,
+    E_IN,
+    DQ,
+    L,
+    M,
+    d,
+    dv,
+    seg_len,
+    hn,
+    w_head_stride,
+    H,
+    heads,
+    HAS_MASK: tl.constexpr,
+    CH: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Causal backward, queries: forward scan re-forming the states; with
     ``P_ij = g_i . v_j + gd_i`` (``g = dout / den``, ``gd = -(dout . out) / den``),
     ``dQf_i = sum_{j<=i, chunk} P_ij exp2(c_j - c_i) Kc_j + exp2(e - c_i) (g_i S^T + gd_i z)``
@@ -300,8 +533,11 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
     offs_d = tl.arange(0, BD)
     ar = tl.arange(0, CH)
     sidx = bh * nseg + seg
-    st = tl.load(S_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
-                 mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
+    st = tl.load(
+        S_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+        mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+        other=0.0,
+    )
     zt = tl.load(Z_IN + sidx * M + offs_f, mask=offs_f < M, other=0.0)
     e = tl.load(E_IN + sidx)
     start = seg * seg_len
@@ -309,12 +545,34 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
     for r0 in range(start, stop, CH):
         rows = r0 + ar
         valid = rows < stop
-        _kf32, c, qf, kf, w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
+        _kf32, c, qf, kf, w = _chunk_feats(
+            Q,
+            K,
+            RQ,
+            C,
+            KEEP,
+            w_ptr,
+            bh,
+            b,
+            rows,
+            valid,
+            f0,
+            L,
+            M,
+            d,
+            hn,
+            HAS_MASK,
+            BM,
+            BD,
+            DT,
+            PREC,
+            SPLIT,
+        )
         vm = valid[:, None] & (offs_v[None, :] < dv)
         v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0)
-        g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm,
-                    other=0.0).to(tl.float32)
+        g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0).to(
+            tl.float32
+        )
         g = g * tl.load(YS + bh * L + rows, mask=valid, other=0.0)[:, None]
         gd = tl.load(GD + bh * L + rows, mask=valid, other=0.0)
         tri = (ar[None, :] <= ar[:, None]) & valid[:, None] & valid[None, :]
@@ -326,8 +584,11 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
         dqf += fi[:, None] * (inter + gd[:, None] * zt[None, :])
         dlq = LN2 * qf * dqf
         dq = tl.dot(dlq.to(DT), w.to(DT), input_precision=PREC)
-        tl.atomic_add(DQ + bh * L * d + rows[:, None] * d + offs_d[None, :], dq,
-                      mask=valid[:, None] & (offs_d[None, :] < d))
+        tl.atomic_add(
+            DQ + bh * L * d + rows[:, None] * d + offs_d[None, :],
+            dq,
+            mask=valid[:, None] & (offs_d[None, :] < d),
+        )
         e_new = tl.max(tl.where(valid, c, float("-inf")), axis=0)
         kw = kf * tl.where(valid, tl.exp2(c - e_new), 0.0)[:, None]
         dec = tl.exp2(e - e_new)
@@ -337,11 +598,40 @@ def causal_dq_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, S_IN, Z_IN, E_IN, DQ,
 
 
 @triton.jit
-def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK, DV,
-                      L, M, d, dv, seg_len, hn, w_head_stride, H, heads,
-                      HAS_MASK: tl.constexpr, CH: tl.constexpr, BM: tl.constexpr,
-                      BD: tl.constexpr, BDV: tl.constexpr, DT: tl.constexpr,
-                      PREC: tl.constexpr, SPLIT: tl.constexpr):
+def causal_dkv_kernel(
+    Q,
+    K,
+    V,
+    G,
+    YS,
+    GD,
+    RQ,
+    C,
+    KEEP,
+    W,
+    D_IN,
+    DZ_IN,
+    B_IN,
+    DK,
+    DV,
+    L,
+    M,
+    d,
+    dv,
+    seg_len,
+    hn,
+    w_head_stride,
+    H,
+    heads,
+    HAS_MASK: tl.constexpr,
+    CH: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BDV: tl.constexpr,
+    DT: tl.constexpr,
+    PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     """Causal backward, keys and values: reverse scan over the segment's chunks carrying
     ``D = sum_{i later} exp2(bn - c_i) Qf_i^T g_i`` and ``Dz`` (same with ``gd``), relative
     to ``bn``, the prefix maximum at the start of the next chunk. Adds the feature tile's
@@ -357,8 +647,11 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
     offs_d = tl.arange(0, BD)
     ar = tl.arange(0, CH)
     sidx = bh * nseg + seg
-    dt_ = tl.load(D_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
-                  mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv), other=0.0)
+    dt_ = tl.load(
+        D_IN + sidx * M * dv + offs_f[:, None] * dv + offs_v[None, :],
+        mask=(offs_f[:, None] < M) & (offs_v[None, :] < dv),
+        other=0.0,
+    )
     dzt = tl.load(DZ_IN + sidx * M + offs_f, mask=offs_f < M, other=0.0)
     bn = tl.load(B_IN + sidx)
     start = seg * seg_len
@@ -368,12 +661,34 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
         r0 = start + (nch - 1 - t) * CH
         rows = r0 + ar
         valid = rows < stop
-        kf32, c, qf, kf, w = _chunk_feats(Q, K, RQ, C, KEEP, w_ptr, bh, b, rows, valid,
-                                              f0, L, M, d, hn, HAS_MASK, BM, BD, DT, PREC, SPLIT)
+        kf32, c, qf, kf, w = _chunk_feats(
+            Q,
+            K,
+            RQ,
+            C,
+            KEEP,
+            w_ptr,
+            bh,
+            b,
+            rows,
+            valid,
+            f0,
+            L,
+            M,
+            d,
+            hn,
+            HAS_MASK,
+            BM,
+            BD,
+            DT,
+            PREC,
+            SPLIT,
+        )
         vm = valid[:, None] & (offs_v[None, :] < dv)
         v = tl.load(V + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0)
-        g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm,
-                    other=0.0).to(tl.float32)
+        g = tl.load(G + bh * L * dv + rows[:, None] * dv + offs_v[None, :], mask=vm, other=0.0).to(
+            tl.float32
+        )
         g = g * tl.load(YS + bh * L + rows, mask=valid, other=0.0)[:, None]
         gd = tl.load(GD + bh * L + rows, mask=valid, other=0.0)
         # Rows j (keys), columns i (queries): j <= i.
@@ -385,13 +700,17 @@ def causal_dkv_kernel(Q, K, V, G, YS, GD, RQ, C, KEEP, W, D_IN, DZ_IN, B_IN, DK,
         dvp += hj[:, None] * tl.dot(kf.to(DT), dt_.to(DT), input_precision=PREC)
         pt = tl.dot(v.to(DT), tl.trans(g).to(DT), input_precision=PREC) + gd[None, :]
         dkf = tl.dot((pt * decay).to(DT), qf.to(DT), input_precision=PREC)
-        dkf += hj[:, None] * (tl.dot(v.to(DT), tl.trans(dt_).to(DT), input_precision=PREC)
-                              + dzt[None, :])
+        dkf += hj[:, None] * (
+            tl.dot(v.to(DT), tl.trans(dt_).to(DT), input_precision=PREC) + dzt[None, :]
+        )
         dlk = LN2 * kf * dkf
         dk = tl.dot(dlk.to(DT), w.to(DT), input_precision=PREC)
         dk -= (2.0 * hn) * kf32 * tl.sum(dlk, axis=1)[:, None]
-        tl.atomic_add(DK + bh * L * d + rows[:, None] * d + offs_d[None, :], dk,
-                      mask=valid[:, None] & (offs_d[None, :] < d))
+        tl.atomic_add(
+            DK + bh * L * d + rows[:, None] * d + offs_d[None, :],
+            dk,
+            mask=valid[:, None] & (offs_d[None, :] < d),
+        )
         tl.atomic_add(DV + bh * L * dv + rows[:, None] * dv + offs_v[None, :], dvp, mask=vm)
         bt = tl.min(tl.where(valid, c, float("inf")), axis=0)
         qw = qf * tl.where(valid, tl.exp2(bt - c), 0.0)[:, None]

@@ -107,41 +107,90 @@ class _Launch:
         self.mt = triton.cdiv(self.m, self.bm)
 
     def consts(self):
-        return dict(BD=self.bd, BM=self.bm, DT=self.dt, PREC=self.prec, SPLIT=self.split,
-                    num_warps=self.cfg.num_warps)
+        return dict(
+            BD=self.bd,
+            BM=self.bm,
+            DT=self.dt,
+            PREC=self.prec,
+            SPLIT=self.split,
+            num_warps=self.cfg.num_warps,
+        )
 
     def rowmax(self, x: Tensor, hn: float) -> Tensor:
         length = x.shape[2]
         r = torch.empty(self.bsz, self.heads, length, device=x.device, dtype=torch.float32)
         grid = (self.bh, triton.cdiv(length, self.cfg.block_l))
-        kn.rowmax_kernel[grid](x, self.w, r, length, self.m, self.d, hn, self.m * self.d,
-                               self.hw, BL=self.cfg.block_l, **self.consts())
+        kn.rowmax_kernel[grid](
+            x,
+            self.w,
+            r,
+            length,
+            self.m,
+            self.d,
+            hn,
+            self.m * self.d,
+            self.hw,
+            BL=self.cfg.block_l,
+            **self.consts(),
+        )
         return r
 
     def state(self, x, y, ref, hn, rows_per_split, nsplit, ys=None, y1=None):
         """Per-split sums ``(S: (nsplit, B, H, M, dv), z: (nsplit, B, H, M))``."""
         length = x.shape[2]
-        s = torch.empty(nsplit, self.bsz, self.heads, self.m, self.dv, device=x.device,
-                        dtype=torch.float32)
-        z = torch.empty(nsplit, self.bsz, self.heads, self.m, device=x.device,
-                        dtype=torch.float32)
+        s = torch.empty(
+            nsplit, self.bsz, self.heads, self.m, self.dv, device=x.device, dtype=torch.float32
+        )
+        z = torch.empty(nsplit, self.bsz, self.heads, self.m, device=x.device, dtype=torch.float32)
         grid = (self.bh, self.mt, nsplit)
         kn.state_kernel[grid](
-            x, y, ys if ys is not None else ref, y1 if y1 is not None else ref, ref, self.w,
-            s, z, length, self.m, self.d, self.dv, rows_per_split, hn, self.m * self.d,
-            self.hw, HAS_YS=ys is not None, HAS_Y1=y1 is not None, BL=self.cfg.block_l,
-            BDV=self.bdv, **self.consts())
+            x,
+            y,
+            ys if ys is not None else ref,
+            y1 if y1 is not None else ref,
+            ref,
+            self.w,
+            s,
+            z,
+            length,
+            self.m,
+            self.d,
+            self.dv,
+            rows_per_split,
+            hn,
+            self.m * self.d,
+            self.hw,
+            HAS_YS=ys is not None,
+            HAS_Y1=y1 is not None,
+            BL=self.cfg.block_l,
+            BDV=self.bdv,
+            **self.consts(),
+        )
         return s, z
 
     def apply(self, q, ref, s, z, out_dtype):
         length = q.shape[2]
-        out = torch.empty(self.bsz, self.heads, length, self.dv, device=q.device,
-                          dtype=out_dtype)
+        out = torch.empty(self.bsz, self.heads, length, self.dv, device=q.device, dtype=out_dtype)
         den = torch.empty(self.bsz, self.heads, length, device=q.device, dtype=torch.float32)
         grid = (self.bh, triton.cdiv(length, self.cfg.block_l))
-        kn.apply_kernel[grid](q, ref, self.w, s, z, out, den, length, self.m, self.d,
-                              self.dv, self.m * self.d, self.hw, BL=self.cfg.block_l,
-                              BDV=self.bdv, **self.consts())
+        kn.apply_kernel[grid](
+            q,
+            ref,
+            self.w,
+            s,
+            z,
+            out,
+            den,
+            length,
+            self.m,
+            self.d,
+            self.dv,
+            self.m * self.d,
+            self.hw,
+            BL=self.cfg.block_l,
+            BDV=self.bdv,
+            **self.consts(),
+        )
         return out, den
 
     def grad(self, x, ref, y, s, z, hn, ys=None, y1=None, want_dy=False):
@@ -150,10 +199,30 @@ class _Launch:
         dy = torch.empty_like(y) if want_dy else dx
         grid = (self.bh, triton.cdiv(length, self.cfg.block_l))
         kn.grad_kernel[grid](
-            x, ref, y, ys if ys is not None else ref, y1 if y1 is not None else ref,
-            self.w, s, z, dx, dy, length, self.m, self.d, self.dv, hn, self.m * self.d,
-            self.hw, HAS_YS=ys is not None, HAS_Y1=y1 is not None, WANT_DY=want_dy,
-            BL=self.cfg.block_l, BDV=self.bdv, **self.consts())
+            x,
+            ref,
+            y,
+            ys if ys is not None else ref,
+            y1 if y1 is not None else ref,
+            self.w,
+            s,
+            z,
+            dx,
+            dy,
+            length,
+            self.m,
+            self.d,
+            self.dv,
+            hn,
+            self.m * self.d,
+            self.hw,
+            HAS_YS=ys is not None,
+            HAS_Y1=y1 is not None,
+            WANT_DY=want_dy,
+            BL=self.cfg.block_l,
+            BDV=self.bdv,
+            **self.consts(),
+        )
         return dx, (dy if want_dy else None)
 
 
@@ -291,10 +360,32 @@ class _Causal(torch.autograd.Function):
         kp, consts = _causal_args(lq, keep, hn, seg_len, chunk)
         grid = (lq.bh, lq.mt, nseg)
         kn.causal_fwd_kernel[grid](
-            q, k, v, rq, c, kp if kp is not None else c, w, s_in, z_in, e_in, num, den,
-            length, lq.m, lq.d, lq.dv, seg_len, hn, lq.m * lq.d, lq.hw, lq.heads, **consts)
-        out = torch.where(den[..., None] > 0, num / torch.where(den > 0, den, 1.0)[..., None],
-                          0.0).to(q.dtype)
+            q,
+            k,
+            v,
+            rq,
+            c,
+            kp if kp is not None else c,
+            w,
+            s_in,
+            z_in,
+            e_in,
+            num,
+            den,
+            length,
+            lq.m,
+            lq.d,
+            lq.dv,
+            seg_len,
+            hn,
+            lq.m * lq.d,
+            lq.hw,
+            lq.heads,
+            **consts,
+        )
+        out = torch.where(
+            den[..., None] > 0, num / torch.where(den > 0, den, 1.0)[..., None], 0.0
+        ).to(q.dtype)
         ctx.save_for_backward(q, k, v, w, kp, rq, c, s_in, z_in, e_in, first, out, den)
         ctx.hn, ctx.cfg, ctx.plan = hn, cfg, (chunk, seg_len, nseg)
         return out
@@ -331,21 +422,77 @@ class _Causal(torch.autograd.Function):
         grid = (lq.bh, lq.mt, nseg)
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         kn.causal_dq_kernel[grid](
-            q, k, v, g, ys, gd, rq, c, keep_ptr, w, s_in, z_in, e_in, dq,
-            length, lq.m, lq.d, lq.dv, seg_len, hn, lq.m * lq.d, lq.hw, lq.heads, **consts)
+            q,
+            k,
+            v,
+            g,
+            ys,
+            gd,
+            rq,
+            c,
+            keep_ptr,
+            w,
+            s_in,
+            z_in,
+            e_in,
+            dq,
+            length,
+            lq.m,
+            lq.d,
+            lq.dv,
+            seg_len,
+            hn,
+            lq.m * lq.d,
+            lq.hw,
+            lq.heads,
+            **consts,
+        )
         dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
         kn.causal_dkv_kernel[grid](
-            q, k, v, g, ys, gd, rq, c, keep_ptr, w, d_in, dz_in, b_in, dk, dv,
-            length, lq.m, lq.d, lq.dv, seg_len, hn, lq.m * lq.d, lq.hw, lq.heads, **consts)
+            q,
+            k,
+            v,
+            g,
+            ys,
+            gd,
+            rq,
+            c,
+            keep_ptr,
+            w,
+            d_in,
+            dz_in,
+            b_in,
+            dk,
+            dv,
+            length,
+            lq.m,
+            lq.d,
+            lq.dv,
+            seg_len,
+            hn,
+            lq.m * lq.d,
+            lq.hw,
+            lq.heads,
+            **consts,
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 # Under torch.compile the kernels run as an opaque call (a graph break), as
 # flash-linear-attention does: dynamo does not trace the host-side launch code.
 @torch.compiler.disable
-def favor_triton(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, causal: bool,
-                 keep: Tensor | None, scale: float, config: Config | None = None) -> Tensor:
+def favor_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    *,
+    causal: bool,
+    keep: Tensor | None,
+    scale: float,
+    config: Config | None = None,
+) -> Tensor:
     """FAVOR+ with positive features through the Triton kernels.
 
     Shapes: ``q: (B, H, Lq, d)``, ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)`` (contiguous,
