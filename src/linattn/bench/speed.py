@@ -379,6 +379,10 @@ _CSV_FIELDS = [
 ]
 
 
+#: The timing columns of a benchmark table's rows, in CSV order (min/max left out).
+TIMING_FIELDS = ["median_s", "q1_s", "q3_s", "spread", "n", "peak_added_bytes"]
+
+
 def write_results(out: Path, stem: str, result: dict, fields: list[str]) -> None:
     """``OUT/stem.json`` (everything) and ``OUT/stem.csv`` (``result["results"]`` rows)."""
     out.mkdir(parents=True, exist_ok=True)
