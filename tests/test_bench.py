@@ -334,3 +334,17 @@ def test_spread_and_mark_cells():
     assert speed.spread_and_mark(flagged, marks) == ("12%", f" {checks.WARN}1")
     assert speed.spread_and_mark(clean, marks) == ("5%", "")
     assert speed.spread_and_mark(unmeasured, marks) == ("", "")
+
+
+def test_length_curve_sorts_by_length_and_skips_empty(monkeypatch):
+    calls = []
+    monkeypatch.setattr(speed, "_curve", lambda *a, **kw: calls.append((a, kw)))
+    speed._length_curve("ax", [], "median_s", 1.0, "C0", "-", "none")
+    assert calls == []
+    rows = [{"length": 256}, {"length": 64}, {"length": 128}]
+    speed._length_curve("ax", rows, "median_s", 1.0, "C0", "-", "time")
+    speed._length_curve("ax", rows, "peak_added_bytes", 2.0, "C1", "--", "memory")
+    (a, kw), (a2, kw2) = calls
+    assert [r["length"] for r in a[1]] == [64, 128, 256]
+    assert a[0] == "ax" and a[2:] == ("median_s", 1.0, "C0", "-", "time") and kw == {"errors": True}
+    assert a2[2:] == ("peak_added_bytes", 2.0, "C1", "--", "memory") and kw2 == {"errors": False}

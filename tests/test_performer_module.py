@@ -179,3 +179,16 @@ def test_favor_options_are_the_module_and_model_defaults():
     )
     m = PerformerAttention(16, 2, **vars(custom))
     assert m.options() == custom
+
+
+def test_favor_options_of_reads_the_named_attributes():
+    from types import SimpleNamespace
+
+    from linattn import FavorOptions
+
+    src = SimpleNamespace(kernel="relu", window=4, sinks=2, scaling="sqrt_d", other=1)
+    assert FavorOptions.of(src, "kernel", "window") == FavorOptions(kernel="relu", window=4)
+    full = FavorOptions(num_features=8, kernel="relu", window=1, sinks=1, redraw_interval=3)
+    assert FavorOptions.of(full) == full and FavorOptions.of(full) is not full
+    with pytest.raises(AttributeError):
+        FavorOptions.of(src)  # no num_features there

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from linattn.integrations.hf import (  # noqa: E402
     save_converted,
 )
 from linattn.integrations.hf.attention import exact_attention  # noqa: E402
+from linattn.integrations.hf.distill import log_row  # noqa: E402
 from linattn.integrations.hf.transfer import (  # noqa: E402
     TransferConfig,
     attention_errors,
@@ -501,6 +503,17 @@ def test_batches_are_a_function_of_the_step():
     assert sorted(seen[:10]) == sorted(texts)  # one epoch covers every text once
     assert batch_texts(texts, 3, 4, seed=0) == batch_texts(texts, 3, 4, seed=0)
     assert batch_texts(texts, 1, 4, seed=0) != batch_texts(texts, 1, 4, seed=1)
+
+
+def test_log_row_has_step_loss_lr_and_elapsed_seconds():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1)
+    start = time.perf_counter() - 3.0
+    row = log_row(7, None, sched, start)
+    assert list(row) == ["step", "loss", "lr", "elapsed_s"]
+    assert row["step"] == 7 and row["loss"] is None
+    assert row["lr"] == pytest.approx(0.05)
+    assert 3.0 <= row["elapsed_s"] < 60.0 and row["elapsed_s"] == round(row["elapsed_s"], 2)
 
 
 def test_transfer_config_is_checked():

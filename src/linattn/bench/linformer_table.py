@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .._plotting import finish, log_axes, pyplot
 from . import checks
-from .speed import footnotes, machine_info, run_cases, write_results
+from .speed import TIMING_FIELDS, footnotes, machine_info, run_cases, write_results
 
 PRESETS = {
     "quick": {"lengths": [512, 1024, 2048, 4096], "dims": [128, 256, 512]},
@@ -87,12 +87,7 @@ def run(
             "method",
             "length",
             "proj_dim",
-            "median_s",
-            "q1_s",
-            "q3_s",
-            "spread",
-            "n",
-            "peak_added_bytes",
+            *TIMING_FIELDS,
             "time_saved_vs_exact",
             "time_saved_vs_materialized",
             "memory_saved_vs_exact",

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from . import checks
-from .speed import footnotes, machine_info, run_cases, spread_and_mark, write_results
+from .speed import TIMING_FIELDS, footnotes, machine_info, run_cases, spread_and_mark, write_results
 
 PRESETS = {"quick": [1024, 2048], "full": [1024, 2048, 4096]}
 
@@ -129,12 +129,7 @@ def run(
             "causal",
             "pass",
             "length",
-            "median_s",
-            "q1_s",
-            "q3_s",
-            "spread",
-            "n",
-            "peak_added_bytes",
+            *TIMING_FIELDS,
             "rel_error_vs_exact",
             "speedup_vs_peer",
             "memory_ratio_vs_peer",

@@ -379,6 +379,10 @@ _CSV_FIELDS = [
 ]
 
 
+#: The timing columns of a benchmark table's rows, in CSV order (min/max left out).
+TIMING_FIELDS = ["median_s", "q1_s", "q3_s", "spread", "n", "peak_added_bytes"]
+
+
 def write_results(out: Path, stem: str, result: dict, fields: list[str]) -> None:
     """``OUT/stem.json`` (everything) and ``OUT/stem.csv`` (``result["results"]`` rows)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -486,51 +490,24 @@ def plot(result: dict, path: Path) -> None:
         ):
             ax = axes[row][col]
             for (method, causal), (color, ls) in styles.items():
-                sel = sorted(
-                    (
-                        r
-                        for r in rows
-                        if r["pass"] == p
-                        and r["method"] == method
-                        and r["causal"] == causal
-                        and r.get("window") is None
-                    ),
-                    key=lambda r: r["length"],
-                )
-                if sel:
-                    _curve(
-                        ax,
-                        sel,
-                        key,
-                        scale,
-                        color,
-                        ls,
-                        _label(method, causal),
-                        errors=key == "median_s",
-                    )
+                sel = [
+                    r
+                    for r in rows
+                    if r["pass"] == p
+                    and r["method"] == method
+                    and r["causal"] == causal
+                    and r.get("window") is None
+                ]
+                _length_curve(ax, sel, key, scale, color, ls, _label(method, causal))
             for i, window in enumerate(windows):
                 for causal in (False, True):
-                    sel = sorted(
-                        (
-                            r
-                            for r in rows
-                            if r["pass"] == p
-                            and r["causal"] == causal
-                            and r.get("window") == window
-                        ),
-                        key=lambda r: r["length"],
-                    )
-                    if sel:
-                        _curve(
-                            ax,
-                            sel,
-                            key,
-                            scale,
-                            f"C{4 + i}",
-                            "--" if causal else "-",
-                            _label("favor", causal, window=window),
-                            errors=key == "median_s",
-                        )
+                    sel = [
+                        r
+                        for r in rows
+                        if r["pass"] == p and r["causal"] == causal and r.get("window") == window
+                    ]
+                    label = _label("favor", causal, window=window)
+                    _length_curve(ax, sel, key, scale, f"C{4 + i}", "--" if causal else "-", label)
             _guides(ax, [r["length"] for r in rows if r["pass"] == p])
             log_axes(ax, xlabel="sequence length L (tokens)", ylabel=unit, title=f"{title}, {p}")
             ax.legend(fontsize=8, loc="upper left")
@@ -548,6 +525,14 @@ def plot(result: dict, path: Path) -> None:
         + (f"; hollow {checks.WARN}: {flagged} flagged (see the table)" if flagged else ""),
         fontsize=10,
     )
+
+
+def _length_curve(ax, rows: list[dict], key: str, scale: float, color, ls, label: str) -> None:
+    """:func:`_curve` of ``rows`` (any order) against length, error bars on times;
+    nothing when ``rows`` is empty."""
+    if rows:
+        rows = sorted(rows, key=lambda r: r["length"])
+        _curve(ax, rows, key, scale, color, ls, label, errors=key == "median_s")
 
 
 def _curve(

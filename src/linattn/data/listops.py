@@ -23,6 +23,7 @@ LRA's rejection sampler, kept as the reference the tests compare it with.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -409,17 +410,8 @@ def generate(
     every tree be drawn in range, vectorized over a batch of trees (on one core, about
     6 000 examples of 500-510 tokens per second of CPU time; at LRA's 500-2000 tokens,
     4 096 examples took 4.4 s with the tables)."""
-    return _to_examples(
-        *generate_ids(
-            n,
-            seed=seed,
-            min_length=min_length,
-            max_length=max_length,
-            max_depth=max_depth,
-            max_args=max_args,
-            progress=progress,
-        )
-    )
+    # locals(): exactly the arguments, before any assignment (one signature, one list).
+    return _to_examples(*generate_ids(**locals()))
 
 
 def cache_dir() -> Path:
@@ -430,10 +422,13 @@ def cache_dir() -> Path:
 def encoded_splits(**kwargs) -> dict[str, list[tuple[list[int], int]]]:
     """:func:`splits` (same arguments) as ``(encode(tokens), label)``: token ids with a
     leading ``<cls>``, built straight from the cached ids (no token strings)."""
-    ids, offsets, labels = _cached_ids(**kwargs)
+    # splits' signature: its defaults, and its TypeError for an unknown argument.
+    settings = inspect.signature(splits).bind(**kwargs)
+    settings.apply_defaults()
+    ids, offsets, labels = _cached_ids(**settings.arguments)
     flat, bounds, cls = ids.tolist(), offsets.tolist(), TOKEN_ID["<cls>"]
     data = [([cls, *flat[bounds[e] : bounds[e + 1]]], y) for e, y in enumerate(labels.tolist())]
-    return _split(data, kwargs.get("train", 96_000), kwargs.get("val", 2_000))
+    return _split(data, settings.arguments["train"], settings.arguments["val"])
 
 
 def _split(data: list, train: int, val: int) -> dict[str, list]:
@@ -457,60 +452,24 @@ def splits(
     under :func:`cache_dir` keyed by every setting (a ``torch.save`` of the token ids,
     written to a temporary file and renamed, so concurrent ranks never read half a
     file). ``progress``: a tqdm bar while generating."""
-    ids, offsets, labels = _cached_ids(
-        train=train,
-        val=val,
-        test=test,
-        seed=seed,
-        min_length=min_length,
-        max_length=max_length,
-        max_depth=max_depth,
-        max_args=max_args,
-        cache=cache,
-        progress=progress,
-    )
+    # locals(): exactly the arguments, before any assignment (one signature, one list).
+    ids, offsets, labels = _cached_ids(**locals())
     return _split(_to_examples(ids, offsets, labels), train, val)
 
 
 def _cached_ids(
-    *,
-    train: int = 96_000,
-    val: int = 2_000,
-    test: int = 2_000,
-    seed: int = 0,
-    min_length: int = 500,
-    max_length: int = 2000,
-    max_depth: int = 10,
-    max_args: int = 10,
-    cache: bool = True,
-    progress: bool = True,
+    *, train: int, val: int, test: int, cache: bool, progress: bool, **tree
 ) -> tuple[Tensor, Tensor, Tensor]:
-    spec = {
-        "train": train,
-        "val": val,
-        "test": test,
-        "seed": seed,
-        "min_length": min_length,
-        "max_length": max_length,
-        "max_depth": max_depth,
-        "max_args": max_args,
-        "generator": 2,
-    }
+    """The ids of :func:`splits` (its arguments, all given; ``tree``: those of
+    :func:`generate_ids`), from the cache or generated and cached."""
+    spec = {"train": train, "val": val, "test": test, **tree, "generator": 2}
     key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"listops-{key}.pt"
     if cache and path.exists():
         saved = torch.load(path, weights_only=True)
         ids, offsets, labels = saved["ids"], saved["offsets"], saved["labels"]
     else:
-        ids, offsets, labels = generate_ids(
-            train + val + test,
-            seed=seed,
-            min_length=min_length,
-            max_length=max_length,
-            max_depth=max_depth,
-            max_args=max_args,
-            progress=progress,
-        )
+        ids, offsets, labels = generate_ids(train + val + test, progress=progress, **tree)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

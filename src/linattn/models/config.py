@@ -76,13 +76,7 @@ class ModelConfig(JsonConfig):
     def favor_options(self) -> FavorOptions:
         """The FAVOR+ settings of ``attention="favor"`` layers (the rest at their
         :class:`linattn.nn.FavorOptions` defaults)."""
-        return FavorOptions(
-            num_features=self.num_features,
-            kernel=self.kernel,
-            window=self.window,
-            sinks=self.sinks,
-            redraw_interval=self.redraw_interval,
-        )
+        return FavorOptions.of(self, "num_features", "kernel", "window", "sinks", "redraw_interval")
 
     def linformer_options(self) -> LinformerOptions:
         """The Linformer settings of ``attention="linformer"`` layers."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,14 @@ class FavorOptions:
     redraw_interval: int | None = None
     orthogonal: bool = True
     scaling: str = "chi"
+
+    @classmethod
+    def of(cls, source, *names: str) -> FavorOptions:
+        """The settings ``names`` (every one when none is named) read from the attributes
+        of ``source`` that have their names; the others at their defaults."""
+        return cls(
+            **{name: getattr(source, name) for name in names or [f.name for f in fields(cls)]}
+        )
 
 
 #: Kernels whose feature map is trained: their projection is a per-head parameter
@@ -394,15 +402,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
     def options(self) -> FavorOptions:
         """This module's FAVOR+ settings (``PerformerAttention(E, H, **vars(options))``
         builds one like it)."""
-        return FavorOptions(
-            num_features=self.num_features,
-            kernel=self.kernel,
-            window=self.window,
-            sinks=self.sinks,
-            redraw_interval=self.redraw_interval,
-            orthogonal=self.orthogonal,
-            scaling=self.scaling,
-        )
+        return FavorOptions.of(self)
 
     def extra_repr(self) -> str:
         extra = ""

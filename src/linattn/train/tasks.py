@@ -30,6 +30,27 @@ def shard(x: Tensor, rank: int, world: int) -> Tensor:
     return x[rank * per : (rank + 1) * per]
 
 
+def _model_config(c, **task) -> ModelConfig:
+    """The model of run config ``c`` (sizes, attention, dropout, seed); ``task``: the
+    settings the task chooses itself (vocabulary, causality, positions, ...)."""
+    return ModelConfig(
+        dim=c.dim,
+        depth=c.depth,
+        heads=c.heads,
+        ff_mult=c.ff_mult,
+        max_seq_len=c.seq_len,
+        attention=c.attention,
+        kernel=c.kernel,
+        window=c.window,
+        sinks=c.sinks,
+        num_features=c.num_features,
+        redraw_interval=c.redraw_interval,
+        dropout=c.dropout,
+        seed=c.seed,
+        **task,
+    )
+
+
 def _all_sum(values: list[float], device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -53,25 +74,7 @@ class ByteLM:
         self.data = data if data is not None else gcide_bytes()
 
     def model_config(self) -> ModelConfig:
-        c = self.cfg
-        return ModelConfig(
-            vocab_size=256,
-            dim=c.dim,
-            depth=c.depth,
-            heads=c.heads,
-            ff_mult=c.ff_mult,
-            max_seq_len=c.seq_len,
-            attention=c.attention,
-            kernel=c.kernel,
-            window=c.window,
-            sinks=c.sinks,
-            causal=True,
-            num_features=c.num_features,
-            redraw_interval=c.redraw_interval,
-            position="rotary",
-            dropout=c.dropout,
-            seed=c.seed,
-        )
+        return _model_config(self.cfg, vocab_size=256, causal=True, position="rotary")
 
     def build_model(self) -> nn.Module:
         return CausalLM(self.model_config())
@@ -130,27 +133,15 @@ class _Classification:
         c = self.cfg
         # Learned absolute positions for every attention kind, so that Linformer (which
         # has no rotary form) is compared on equal terms.
-        return ModelConfig(
+        return _model_config(
+            c,
             vocab_size=self.vocab_size,
-            dim=c.dim,
-            depth=c.depth,
-            heads=c.heads,
-            ff_mult=c.ff_mult,
-            max_seq_len=c.seq_len,
-            attention=c.attention,
-            kernel=c.kernel,
-            window=c.window,
-            sinks=c.sinks,
             causal=False,
-            num_features=c.num_features,
-            redraw_interval=c.redraw_interval,
             proj_dim=c.proj_dim,
             linformer_sharing=c.linformer_sharing,
             position="learned",
-            dropout=c.dropout,
             num_classes=self.num_classes,
             pooling="mean",
-            seed=c.seed,
         )
 
     def build_model(self) -> nn.Module:

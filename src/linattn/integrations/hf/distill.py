@@ -247,6 +247,18 @@ def optimizer_step(loss: Tensor, opt, sched, params, running: float | None) -> f
     return value if running is None else 0.9 * running + 0.1 * value
 
 
+def log_row(step: int, loss: float | None, sched, start: float) -> dict:
+    """What every evaluation row of a training log starts with: ``step``, the running
+    ``loss`` (None before training), ``lr`` (``sched``'s current one) and ``elapsed_s``,
+    seconds since ``start`` (a ``time.perf_counter()`` reading), to 0.01 s."""
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": sched.get_last_lr()[0],
+        "elapsed_s": round(time.perf_counter() - start, 2),
+    }
+
+
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     if train == "all":
         return [p for p in student.parameters() if p.requires_grad]
@@ -355,12 +367,7 @@ def distill(
 
     def evaluate(step: int, loss: float | None) -> None:
         student.eval()
-        row = {
-            "step": step,
-            "loss": loss,
-            "lr": sched.get_last_lr()[0],
-            "elapsed_s": round(time.perf_counter() - start, 2),
-        }
+        row = log_row(step, loss, sched, start)
         row.update(
             agreement(
                 teacher,

@@ -32,7 +32,14 @@ from ..._io import torch_save, write_json, write_jsonl
 from ..._plotting import curve, finish, optional_pyplot
 from ..._schedule import warmup_cosine
 from .convert import save_converted
-from .distill import agreement, check_run_settings, is_causal_lm, optimizer_step, tokenize
+from .distill import (
+    agreement,
+    check_run_settings,
+    is_causal_lm,
+    log_row,
+    optimizer_step,
+    tokenize,
+)
 from .state import FavorLayerState, converted_layers
 
 STATE_FILE = "transfer_state.pt"
@@ -266,12 +273,7 @@ def transfer(
 
     def evaluate(step: int, loss: float | None) -> None:
         model.eval()
-        row = {
-            "step": step,
-            "loss": loss,
-            "lr": sched.get_last_lr()[0],
-            "elapsed_s": round(time.perf_counter() - start, 2),
-        }
+        row = log_row(step, loss, sched, start)
         row.update(
             attention_errors(
                 model,
