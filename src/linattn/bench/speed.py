@@ -471,7 +471,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result["results"] if "median_s" in r]
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)
-    fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(passes), figsize=(max(9, 6 * len(passes)), 8.5), squeeze=False)
     styles = {
         ("exact", False): ("C0", "-"),
         ("exact", True): ("C0", "--"),
