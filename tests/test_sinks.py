@@ -500,6 +500,22 @@ def test_bad_sinks_raise(value, exc):
         ModelConfig(vocab_size=10, dim=16, heads=2, sinks=value)
 
 
+def test_numpy_integers_are_ints():
+    # A NumPy integer (a config read with numpy, a sweep over np.arange) is an int:
+    # the same output as the Python int, stored as a Python int (JSON-serializable).
+    np = pytest.importorskip("numpy")
+    q = randn(2, 3, 10, 8)
+    w = projection(16, 8)
+    want = linattn.favor_attention(q, q, q, w, window=2, sinks=1)
+    got = linattn.favor_attention(q, q, q, w, window=np.int64(2), sinks=np.int32(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    mod = linattn.PerformerAttention(16, 2, window=np.int64(3), sinks=np.int64(1))
+    assert type(mod.window) is int and type(mod.sinks) is int
+    cfg = ModelConfig(vocab_size=10, dim=16, heads=2, window=np.int64(4), sinks=np.int16(2))
+    assert type(cfg.window) is int and type(cfg.sinks) is int
+    json.dumps(cfg.to_dict())
+
+
 def test_sinks_need_self_attention():
     q, k = randn(2, 3, 10, 8), randn(2, 3, 7, 8)
     with pytest.raises(ValueError, match="sinks=2 needs Lq == Lk"):

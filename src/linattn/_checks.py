@@ -7,6 +7,7 @@ the shape (or value) expected and the one received.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -114,9 +115,17 @@ def check_int(name: str, value: object) -> int:
     return value
 
 
+def is_int(value: object) -> bool:
+    """An integral number (a Python or NumPy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int ``>= minimum``: an int or another integral number (a
+    NumPy integer, say), not a bool and not a float."""
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -133,8 +142,9 @@ def check_real(
 ) -> float:
     """``value``: a real number (an int or a float, not a bool) in the interval from
     ``low`` to ``high`` (open ends unless ``low_inclusive`` / ``high_inclusive``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value) if not isinstance(value, int) else value
     if not (
         (low <= value if low_inclusive else low < value)
         and (value <= high if high_inclusive else value < high)

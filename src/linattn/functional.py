@@ -18,6 +18,7 @@ from ._checks import (
     check_qkv,
     check_scale,
     check_tensor,
+    is_int,
     shape_str,
 )
 from ._dtype import compute_dtype
@@ -87,8 +88,9 @@ def _zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
 def _check_window(window: object, causal: bool, q: Tensor, k: Tensor) -> int | None:
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int):
+    if not is_int(window):
         raise TypeError(f"window must be an int >= 0 or None, got {type(window).__name__}")
+    window = int(window)
     if window < 0:
         raise ValueError(f"window must be >= 0 (or None for pure linear), got {window}")
     if not causal and q.shape[-2] != k.shape[-2]:
@@ -100,8 +102,9 @@ def _check_window(window: object, causal: bool, q: Tensor, k: Tensor) -> int | N
 
 
 def _check_sinks(sinks: object) -> int:
-    if isinstance(sinks, bool) or not isinstance(sinks, int):
+    if not is_int(sinks):
         raise TypeError(f"sinks must be an int >= 0, got {type(sinks).__name__}")
+    sinks = int(sinks)
     if sinks < 0:
         raise ValueError(f"sinks must be >= 0 (0: no sink keys), got {sinks}")
     return sinks

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
+from .._checks import is_int
 from ..features import KERNELS, Kernel
 from ..nn.linformer import PROJ_KINDS, SHARING, LinformerOptions, ProjKind, Sharing
 from ..nn.performer import LEARNED_KERNELS, FavorOptions
@@ -117,10 +118,12 @@ class ModelConfig(JsonConfig):
                 raise ValueError(
                     f"window applies to attention='favor' only, got attention={self.attention!r}"
                 )
-            if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            if not is_int(self.window) or self.window < 0:
                 raise ValueError(f"window must be None or an int >= 0, got {self.window!r}")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            object.__setattr__(self, "window", int(self.window))
+        if not is_int(self.sinks) or self.sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        object.__setattr__(self, "sinks", int(self.sinks))
         if self.sinks and self.attention != "favor":
             raise ValueError(
                 f"sinks applies to attention='favor' only, got attention={self.attention!r}"

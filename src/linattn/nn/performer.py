@@ -290,7 +290,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         if causal and not KERNELS[kernel].causal_ok:
             raise ValueError(f"kernel={kernel!r} is bidirectional only; it cannot be causal")
         if window is not None:
-            check_positive_int("window", window, minimum=0)
+            window = check_positive_int("window", window, minimum=0)
         self.sinks = check_positive_int("sinks", sinks, minimum=0)
         self.kernel, self.causal, self.window = kernel, causal, window
         self.learned_kernel = kernel in LEARNED_KERNELS

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..._checks import check_choice, check_positive_int
+from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
 from ...features import KERNELS, Kernel
 from ...functional import favor_attention, favor_recurrent
@@ -115,13 +115,12 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 f"kernel, here {self.kernel!r}) cannot also be redrawn "
                 "(redraw_interval must be None)"
             )
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 0
-        ):
+        if window is not None and (not is_int(window) or window < 0):
             raise ValueError(f"window must be None or an int >= 0, got {window!r}")
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        if not is_int(sinks) or sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
-        self.window, self.sinks = window, sinks
+        self.window = None if window is None else int(window)
+        self.sinks = int(sinks)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         if num_features is None:
             num_features = head_dim if self.learned else default_num_features(head_dim)
