@@ -6,14 +6,10 @@ import torch
 from torch.autograd import gradcheck
 
 import linattn
-from conftest import naive, projection, randn
+from conftest import naive, per_head, projection, randn
 from linattn.features import exact_features
 
 ALL = ["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu", "hedgehog"]
-
-
-def per_head(heads, m, d, dtype=torch.float64):
-    return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
 
 
 def test_listed():

@@ -12,54 +12,13 @@ import torch
 from torch.autograd import gradcheck
 
 import linattn
-from conftest import projection, randn
-from linattn.features import get_feature_map
+from conftest import naive as oracle
+from conftest import per_head, projection, randn
 from linattn.models import ModelConfig
-from linattn.ops.favor import favor_naive
 
 FACTOR = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
 WINDOWS = [None, 0, 2, 200]
 SINKS = [1, 3, 200]
-
-
-def oracle(
-    q,
-    k,
-    v,
-    w,
-    *,
-    kernel="softmax",
-    causal=False,
-    mask=None,
-    window=None,
-    linear_factor=None,
-    sinks=0,
-    scale=None,
-):
-    """``favor_naive`` (float64, L x L) with the same data-dependent feature parameters;
-    padded keys and values zeroed first, as ``favor_attention`` does."""
-    if mask is not None:
-        pad = mask[:, None, :, None]
-        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
-    fm = get_feature_map(kernel)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    params = fm.prepare(w, q, k, mask, scale)
-    return favor_naive(
-        q,
-        k,
-        v,
-        fm,
-        params,
-        causal=causal,
-        key_padding_mask=mask,
-        window=window,
-        linear_factor=linear_factor,
-        sinks=sinks,
-    )
-
-
-def per_head(heads, m, d, dtype=torch.float64):
-    return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
 
 
 def mixed_mask(b, length, seed=0):

@@ -6,44 +6,10 @@ import torch
 from torch.autograd import gradcheck
 
 import linattn
-from conftest import projection, randn
-from linattn.features import get_feature_map
-from linattn.ops.favor import favor_naive
+from conftest import naive as oracle
+from conftest import per_head, projection, randn
 
 KERNELS = ["softmax", "softmax_hyp", "elu", "hedgehog"]
-
-
-def oracle(
-    q,
-    k,
-    v,
-    w,
-    *,
-    kernel="softmax",
-    causal=False,
-    mask=None,
-    window=None,
-    linear_factor=None,
-    scale=None,
-):
-    fm = get_feature_map(kernel)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    params = fm.prepare(w, q, k, mask, scale)
-    return favor_naive(
-        q,
-        k,
-        v,
-        fm,
-        params,
-        causal=causal,
-        key_padding_mask=mask,
-        window=window,
-        linear_factor=linear_factor,
-    )
-
-
-def per_head(heads, m, d, dtype=torch.float64):
-    return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
 
 
 def pad_mask(b, length, seed=0):
