@@ -133,6 +133,8 @@ def run(
                 texts,
                 max_length=cfg.max_length,
                 batch_size=cfg.eval_batch_size,
+                progress=progress,
+                desc=f"measure {name}",
             )
             for name, texts in evals.items()
         }
@@ -546,7 +548,14 @@ def run_transfer(
     def measure(model) -> dict:
         return {
             name: agreement(
-                reference, model, tok, texts, max_length=length, batch_size=cfg.eval_batch_size
+                reference,
+                model,
+                tok,
+                texts,
+                max_length=length,
+                batch_size=cfg.eval_batch_size,
+                progress=progress,
+                desc=f"measure {name}",
             )
             for name, (texts, length) in sets.items()
         }

@@ -41,8 +41,9 @@ def is_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
 
 
-def _batches(texts: list[str], batch_size: int):
-    for i in range(0, len(texts), batch_size):
+def _batches(texts: list[str], batch_size: int, progress: bool = False, desc: str = ""):
+    starts = range(0, len(texts), batch_size)
+    for i in tqdm(starts, desc=desc, disable=not progress, leave=False):
         yield texts[i : i + batch_size]
 
 
@@ -68,13 +69,16 @@ def embedding_agreement(
     *,
     max_length: int = 128,
     batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "measure",
 ) -> dict[str, float]:
     """Cosine similarity between the two models' sentence embeddings of ``texts``
     (``mean_cosine``, ``min_cosine``, ``p05_cosine``: 5th percentile) and the relative
-    error of the last hidden states over real tokens (``hidden_rel_error``)."""
+    error of the last hidden states over real tokens (``hidden_rel_error``).
+    ``progress``: a tqdm bar over the batches, titled ``desc``."""
     device = next(student.parameters()).device
     sims, err, norm = [], 0.0, 0.0
-    for chunk in _batches(texts, batch_size):
+    for chunk in _batches(texts, batch_size, progress, desc):
         batch = tokenize(tokenizer, chunk, max_length, device)
         ht = teacher(**batch).last_hidden_state.double()
         hs = student(**batch).last_hidden_state.double()
@@ -106,14 +110,16 @@ def lm_agreement(
     *,
     max_length: int = 256,
     batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "measure",
 ) -> dict[str, float]:
     """Perplexity of ``student`` on ``texts`` (next-token, real tokens only) and, with a
     ``teacher``: its perplexity, the ratio, mean KL(teacher || student) per token and
-    the top-1 agreement."""
+    the top-1 agreement. ``progress``: a tqdm bar over the batches, titled ``desc``."""
     device = next(student.parameters()).device
     nll_s = nll_t = kl = agree = 0.0
     count = 0
-    for chunk in _batches(texts, batch_size):
+    for chunk in _batches(texts, batch_size, progress, desc):
         batch = tokenize(tokenizer, chunk, max_length, device)
         ids, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
         mask = mask & batch["attention_mask"][:, :-1].bool()
@@ -138,10 +144,30 @@ def lm_agreement(
     return out
 
 
-def agreement(teacher, student, tokenizer, texts, *, max_length: int, batch_size: int) -> dict:
-    """:func:`lm_agreement` for decoders, :func:`embedding_agreement` for encoders."""
+def agreement(
+    teacher,
+    student,
+    tokenizer,
+    texts,
+    *,
+    max_length: int,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "measure",
+) -> dict:
+    """:func:`lm_agreement` for decoders, :func:`embedding_agreement` for encoders
+    (``progress``: a tqdm bar over the batches, titled ``desc``)."""
     fn = lm_agreement if is_causal_lm(student) else embedding_agreement
-    return fn(teacher, student, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    return fn(
+        teacher,
+        student,
+        tokenizer,
+        texts,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def check_run_settings(config) -> None:
