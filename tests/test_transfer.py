@@ -51,8 +51,10 @@ def hybrid_oracle(q, k, v, phi, *, window, factor, causal, mask, scale, sinks=0)
     """The window hybrid written out with the full ``(Lq, Lk)`` score matrix: exact
     ``exp(scale q.k)`` inside the window and for the sinks (the first ``sinks`` real keys
     of each sequence), ``factor[h] * phi(q).phi(k)`` elsewhere, one normalizer, padded
-    keys (``mask`` True) and future keys (causal) dropped."""
-    a = phi(q) @ phi(k).transpose(-2, -1)
+    keys (``mask`` True) and future keys (causal) dropped. ``phi``: one map, or a
+    ``(phi_q, phi_k)`` pair (untied maps)."""
+    phi_q, phi_k = phi if isinstance(phi, tuple) else (phi, phi)
+    a = phi_q(q) @ phi_k(k).transpose(-2, -1)
     lq, lk = q.shape[-2], k.shape[-2]
     i = torch.arange(lq)[:, None] + (lk - lq)
     j = torch.arange(lk)[None, :]
@@ -105,6 +107,8 @@ CASES = [
     ("hedgehog", 0, 2),
     ("softmax", 2, 3),
     ("softmax", None, 1),
+    ("hedgehog_untied", None, 0),
+    ("hedgehog_untied", 3, 1),
 ]
 CASE_IDS = [f"{k}-w{w}" + (f"-s{s}" if s else "") for k, w, s in CASES]
 
@@ -136,13 +140,20 @@ def test_attention_function_equals_the_float64_oracle(make, kernel, window, sink
 
         def phi(x):
             return hedgehog_phi(x, w, module.scaling)
+    elif kernel == "hedgehog_untied":
+        # [W_k, W_q], perturbed apart: the two sides differ.
+        assert w.shape == (4, 8, 16) and not torch.equal(w[..., :8], w[..., 8:])
+        phi = (
+            lambda x: hedgehog_phi(x, w[..., 8:], module.scaling),
+            lambda x: hedgehog_phi(x, w[..., :8], module.scaling),
+        )
     else:
 
         def phi(x):
             return favor_phi(x, w, module.scaling)
 
     factor = state.linear_factor()
-    assert (factor is None) == (kernel != "hedgehog")
+    assert (factor is None) == (kernel == "softmax")
     ref = hybrid_oracle(
         q,
         kr,
@@ -239,6 +250,7 @@ def test_decoder_left_padding_is_exact_with_a_window(kernel, sinks):
         ("hedgehog", 4, 2),
         ("softmax", None, 1),
         ("hedgehog", 0, 3),
+        ("hedgehog_untied", 4, 1),
     ],
     ids=[
         "hedgehog-w4",
@@ -247,6 +259,7 @@ def test_decoder_left_padding_is_exact_with_a_window(kernel, sinks):
         "hedgehog-w4-s2",
         "softmax-s1",
         "hedgehog-w0-s3",
+        "untied-w4-s1",
     ],
 )
 def test_cache_steps_and_generate_equal_recomputation_with_a_window(kernel, window, sinks):
@@ -355,12 +368,12 @@ def test_bad_window_options_raise(opts, exc, match):
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
-@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
-def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, sinks):
-    model = perturb(convert(make(), "favor", kernel="hedgehog", window=3, sinks=sinks))
+@pytest.mark.parametrize("kernel,sinks", [("hedgehog", 0), ("hedgehog", 2), ("hedgehog_untied", 1)])
+def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, kernel, sinks):
+    model = perturb(convert(make(), "favor", kernel=kernel, window=3, sinks=sinks))
     save_converted(model, tmp_path)
     spec = json.loads((tmp_path / "config.json").read_text())["linattn_conversion"]
-    assert spec["options"]["kernel"] == "hedgehog" and spec["options"]["window"] == 3
+    assert spec["options"]["kernel"] == kernel and spec["options"]["window"] == 3
     assert spec["options"]["sinks"] == sinks
     loaded = load_converted(tmp_path).eval()
     for a, b in zip(converted_layers(model), converted_layers(loaded)):
@@ -386,6 +399,8 @@ def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, sinks):
         (tiny_llama, "hedgehog", None, 0),
         (tiny_bert, "hedgehog", 2, 1),
         (tiny_llama, "hedgehog", None, 1),
+        (tiny_bert, "hedgehog_untied", 2, 1),
+        (tiny_llama, "hedgehog_untied", 2, 1),
     ],
     ids=[
         "bert-hedgehog",
@@ -394,6 +409,8 @@ def test_save_load_round_trip_with_hedgehog_and_window(tmp_path, make, sinks):
         "llama-hedgehog",
         "bert-hedgehog-w2-s1",
         "llama-hedgehog-s1",
+        "bert-untied-w2-s1",
+        "llama-untied-w2-s1",
     ],
 )
 def test_attention_transfer_lowers_the_attention_error(tmp_path, make, kernel, window, sinks):

@@ -4,7 +4,10 @@ drawn by :mod:`linattn.projection`).
 Shape legend: ``...`` leading (batch, heads) dims, ``n`` tokens, ``d`` head_dim,
 ``m`` projection rows (rows of ``W``), ``M`` features per token (``m``, or ``2m`` for
 the hyperbolic, trigonometric and hedgehog maps). ``W`` is ``(m, d)`` shared by the
-heads, or ``(H, m, d)`` one per head (then ``x`` is ``(B, H, n, d)``).
+heads, or ``(H, m, d)`` one per head (then ``x`` is ``(B, H, n, d)``); the untied map
+(``"hedgehog_untied"``, one map for the queries and another for the keys) takes
+``(m, 2d)`` or ``(H, m, 2d)``, the key and the query projections side by side, and its
+callers say which side they featurize (``is_query``).
 
 Every feature map is defined exactly by :func:`exact_features` (the formula, used by
 the naive oracle). The fast paths call :meth:`FeatureMap.stabilized`, which returns the
@@ -75,6 +78,15 @@ class FeatureMap:
     needs_projection = True
     causal_ok = True
 
+    #: The map scores queries and keys with different parameters (``phi_q != phi_k``):
+    #: callers must say which side they featurize (``is_query``).
+    untied = False
+
+    def weight_cols(self, head_dim: int) -> int:
+        """Columns of the projection ``W`` for this map: ``d`` (``2d`` for the untied
+        maps, whose ``W`` holds the key and the query projections side by side)."""
+        return head_dim
+
     def feature_dim(self, weight: Tensor | None, head_dim: int) -> int:
         """The feature width ``M`` per token (``m``, or ``2m`` for the maps that stack two
         halves) for a projection with ``m`` rows, or none. ``num_features`` is ``m``."""
@@ -99,8 +111,10 @@ class FeatureMap:
         """Per-call parameters; ``q: (..., Lq, d)``, ``k: (..., Lk, d)``."""
         return FeatureParams(weight, scale)
 
-    def exact(self, x: Tensor, params: FeatureParams) -> Tensor:
-        """``phi(x): (..., n, M)`` by the documented formula, no stabilizer."""
+    def exact(self, x: Tensor, params: FeatureParams, *, is_query: bool | None = None) -> Tensor:
+        """``phi(x): (..., n, M)`` by the documented formula, no stabilizer.
+        ``is_query``: which side ``x`` is (required by the untied maps; the others have
+        one map for both)."""
         raise NotImplementedError
 
     def stabilized(
@@ -114,12 +128,14 @@ class FeatureMap:
         """
         raise NotImplementedError
 
-    def stabilized_query(self, x: Tensor, params: FeatureParams) -> tuple[Tensor, Tensor]:
+    def stabilized_query(
+        self, x: Tensor, params: FeatureParams, *, inplace: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Queries' ``(F, r)`` as :meth:`stabilized` with ``r`` kept (``phi(q) = c * F *
         exp(r)`` exactly): the window hybrid weighs them against exact scores, so the
         row scale does not cancel there. Same as the keys' form unless the map treats
-        the two sides differently (FAVOR++'s per-feature shift)."""
-        return self.stabilized(x, params, is_query=False)
+        the two sides differently (FAVOR++'s per-feature shift, the untied maps)."""
+        return self.stabilized(x, params, is_query=False, inplace=inplace)
 
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -174,7 +190,7 @@ class _PositiveSoftmax(FeatureMap):
     def log_const(self, params):
         return -0.5 * math.log(self._weight(params).shape[-2])
 
-    def exact(self, x: Tensor, params: FeatureParams) -> Tensor:
+    def exact(self, x: Tensor, params: FeatureParams, *, is_query: bool | None = None) -> Tensor:
         w = self._weight(params)
         xs = _scaled(x, params)
         return torch.exp(xs @ w.transpose(-2, -1) - _sq_half(xs)) / math.sqrt(w.shape[-2])
@@ -260,7 +276,7 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         # Sequences with every key padded: no shift (their outputs are 0 anyway).
         return torch.where(torch.isfinite(shift), shift, 0.0)
 
-    def stabilized_query(self, x, params):
+    def stabilized_query(self, x, params, *, inplace=False):
         # With the norm term (the true scale), and the query's side of the shift.
         logits = self._logits2(x, params, with_norm=True, query=True)
         r2 = logits.detach().amax(dim=-1)
@@ -290,7 +306,7 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
         m, d = params.weight.shape[-2:]
         return (d / 4.0) * torch.log1p(-4.0 * params.opt_a) - 0.5 * math.log(m)
 
-    def exact(self, x, params):
+    def exact(self, x, params, *, is_query=None):
         w = params.weight
         m, d = w.shape[-2:]
         xs = _scaled(x, params)
@@ -317,7 +333,7 @@ class _TrigSoftmax(FeatureMap):
     def log_const(self, params):
         return -0.5 * math.log(params.weight.shape[-2])
 
-    def exact(self, x, params):
+    def exact(self, x, params, *, is_query=None):
         xs = _scaled(x, params)
         z = xs @ params.weight.transpose(-2, -1)
         factor = torch.exp(_sq_half(xs)) / math.sqrt(params.weight.shape[-2])
@@ -353,7 +369,7 @@ class _Relu(_Generalized):
     name = "relu"
     eps = 1e-3
 
-    def exact(self, x, params):
+    def exact(self, x, params, *, is_query=None):
         return F.relu(self._pre(x, params)) + self.eps
 
 
@@ -363,7 +379,7 @@ class _Elu(_Generalized):
 
     name = "elu"
 
-    def exact(self, x, params):
+    def exact(self, x, params, *, is_query=None):
         return F.elu(self._pre(x, params)) + 1.0
 
 
@@ -388,19 +404,64 @@ class _Hedgehog(FeatureMap):
     def feature_dim(self, weight, head_dim):
         return 2 * (weight.shape[-2] if weight is not None else head_dim)
 
-    def exact(self, x, params):
+    def _side_weight(self, params: FeatureParams, is_query: bool | None) -> Tensor | None:
+        return params.weight
+
+    def exact(self, x, params, *, is_query=None):
         z = _scaled(x, params)
-        if params.weight is not None:
-            z = z @ params.weight.transpose(-2, -1)
+        w = self._side_weight(params, is_query)
+        if w is not None:
+            z = z @ w.transpose(-2, -1)
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
     def stabilized(self, x, params, *, is_query, inplace=False):
-        f = self.exact(x, params)
+        f = self.exact(x, params, is_query=is_query)
         return f, f.new_zeros(f.shape[:-1])
 
 
+class _HedgehogUntied(_Hedgehog):
+    """Hedgehog with one learned map for the queries and another for the keys (LoLCATs'
+    untied maps): ``phi_q(q) = [softmax(W_q q~), softmax(-W_q q~)]``,
+    ``phi_k(k) = [softmax(W_k k~), softmax(-W_k k~)]``, ``M = 2m``. The projection holds
+    both side by side, ``W = [W_k, W_q]``: ``(m, 2d)`` or ``(H, m, 2d)``;
+    ``projection=None`` means ``W_k = W_q = I`` (the tied map's start, which is also how
+    the modules initialize ``W``). Twice the parameters of ``"hedgehog"`` at the same
+    features per token; the kernel ``phi_q(q).phi_k(k)`` need not be symmetric.
+    """
+
+    name = "hedgehog_untied"
+    untied = True
+
+    def weight_cols(self, head_dim):
+        return 2 * head_dim
+
+    def _side_weight(self, params, is_query):
+        if is_query is None:
+            raise ValueError(
+                f"kernel={self.name!r} has separate query and key maps: pass is_query=True or False"
+            )
+        w = params.weight
+        if w is None:
+            return None
+        d = w.shape[-1] // 2
+        return w[..., d:] if is_query else w[..., :d]
+
+    def stabilized_query(self, x, params, *, inplace=False):
+        # r = 0: nothing is dropped for queries; the query map is the other half of W.
+        return self.stabilized(x, params, is_query=True, inplace=inplace)
+
+
 #: The kernel names (feature maps) of :data:`KERNELS`, for type annotations.
-Kernel = Literal["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu", "hedgehog"]
+Kernel = Literal[
+    "softmax",
+    "softmax_hyp",
+    "softmax_opt",
+    "softmax_trig",
+    "relu",
+    "elu",
+    "hedgehog",
+    "hedgehog_untied",
+]
 
 #: The FAVOR+ feature maps by name (the values of :data:`Kernel`).
 KERNELS: dict[str, FeatureMap] = {
@@ -413,6 +474,7 @@ KERNELS: dict[str, FeatureMap] = {
         _Relu(),
         _Elu(),
         _Hedgehog(),
+        _HedgehogUntied(),
     )
 }
 
@@ -431,12 +493,15 @@ def exact_features(
     kernel: str = "softmax",
     scale: float = 1.0,
     params: FeatureParams | None = None,
+    is_query: bool | None = None,
 ) -> Tensor:
     """``phi(x~): (..., n, M)`` for ``x: (..., n, d)``, ``x~ = x * sqrt(scale)``, by the
     kernel's formula.
 
     FAVOR++ (``"softmax_opt"``) needs ``params`` from ``prepare`` (its ``A`` depends on
-    the queries and keys of the call).
+    the queries and keys of the call). ``is_query``: which side ``x`` is (required by
+    the untied maps, ``"hedgehog_untied"``).
     """
     fm = get_feature_map(kernel)
-    return fm.exact(x, params if params is not None else FeatureParams(projection, scale))
+    p = params if params is not None else FeatureParams(projection, scale)
+    return fm.exact(x, p, is_query=is_query)

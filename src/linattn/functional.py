@@ -57,16 +57,23 @@ def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor |
     w = check_tensor("projection", projection, min_dim=2)
     heads = _as_4d(q).shape[1]
     d = q.shape[-1]
+    cols = fm.weight_cols(d)
     if (
         w.dim() not in (2, 3)
-        or w.shape[-1] != d
+        or w.shape[-1] != cols
         or w.shape[-2] == 0
         or (w.dim() == 3 and w.shape[0] != heads)
     ):
+        what, dims = ("head_dim", f"{d}") if cols == d else ("2 head_dim", f"2*{d}")
+        untied = (
+            f" (kernel={fm.name!r}: the key and the query projections side by side)"
+            if fm.untied
+            else ""
+        )
         raise ValueError(
-            f"projection must have shape (num_features, head_dim) = (m, {d}) with m >= 1, or "
-            f"one per head (heads, m, head_dim) = ({heads}, m, {d}), for q {shape_str(q)}, "
-            f"got {shape_str(w)}"
+            f"projection must have shape (num_features, {what}) = (m, {dims}) with m >= 1, "
+            f"or one per head (heads, m, {what}) = ({heads}, m, {dims}){untied}, for q "
+            f"{shape_str(q)}, got {shape_str(w)}"
         )
     if w.shape[-2] == 0:
         raise ValueError(f"projection must have at least one row, got {shape_str(w)}")
@@ -188,11 +195,14 @@ def favor_attention(
         projection: ``W: (m, d)`` shared by the heads, or ``(H, m, d)`` one per head;
             from :func:`linattn.draw_projection` for the random-feature kernels
             (required), a learned matrix for ``"hedgehog"`` (None = identity); optional
-            for ``"relu"``/``"elu"``.
+            for ``"relu"``/``"elu"``. ``"hedgehog_untied"`` takes ``(m, 2d)`` or
+            ``(H, m, 2d)``: the key and the query projections side by side,
+            ``[W_k, W_q]``.
         kernel: ``"softmax"`` (positive features, FAVOR+), ``"softmax_hyp"``
             (hyperbolic), ``"softmax_opt"`` (FAVOR++, bidirectional only),
             ``"softmax_trig"`` (trigonometric), ``"relu"``, ``"elu"``, ``"hedgehog"``
-            (learned softmax features); formulas in :mod:`linattn.features`.
+            (learned softmax features), ``"hedgehog_untied"`` (one learned map for the
+            queries, another for the keys); formulas in :mod:`linattn.features`.
         causal: query ``i`` attends to keys ``j <= i`` (needs ``Lq == Lk``).
         key_padding_mask: ``(B, Lk)`` bool, True marks padding to ignore (its keys and
             values may hold anything, NaN included).

@@ -121,7 +121,7 @@ def lemma2_check(*, pairs=40, draws=2000, m=16, d=16, seed=0):
         for _ in range(draws):
             w = draw_projection(m, d, orthogonal=False, generator=gg, dtype=torch.float64)
             p = FeatureParams(w, 1.0)
-            est = (fm.exact(x, p) * fm.exact(y, p)).sum(-1)
+            est = (fm.exact(x, p, is_query=True) * fm.exact(y, p, is_query=False)).sum(-1)
             err2 = (est - target) ** 2
             sq += err2
             sq4 += err2**2

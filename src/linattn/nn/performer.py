@@ -69,7 +69,7 @@ class FavorOptions:
 
 #: Kernels whose feature map is trained: their projection is a per-head parameter
 #: (never redrawn), and with a window they weight the linear part by a learned factor.
-LEARNED_KERNELS = ("hedgehog",)
+LEARNED_KERNELS = ("hedgehog", "hedgehog_untied")
 
 
 class RandomFeatures:
@@ -168,22 +168,35 @@ class RandomFeatures:
 
 
 def hedgehog_init(
-    heads: int, num_features: int, head_dim: int, *, generator: torch.Generator | None = None
+    heads: int,
+    num_features: int,
+    head_dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    untied: bool = False,
 ) -> Tensor:
     """Initial Hedgehog projection ``(heads, m, d)``: the identity when ``m == d`` (so
     ``phi(x) = [softmax(x~), softmax(-x~)]``), else rows of unit norm in orthogonal
-    blocks (:func:`linattn.draw_projection` rescaled), one draw per head."""
+    blocks (:func:`linattn.draw_projection` rescaled), one draw per head. ``untied``
+    (``"hedgehog_untied"``): ``(heads, m, 2d)``, the same matrix for the keys and the
+    queries side by side, so that the untied map starts as the tied one."""
     if num_features == head_dim:
-        return torch.eye(head_dim, dtype=torch.float64).expand(heads, -1, -1).clone()
-    return torch.stack(
-        [
-            draw_projection(
-                num_features, head_dim, scaling="sqrt_d", generator=generator, dtype=torch.float64
-            )
-            / math.sqrt(head_dim)
-            for _ in range(heads)
-        ]
-    )
+        w = torch.eye(head_dim, dtype=torch.float64).expand(heads, -1, -1).clone()
+    else:
+        w = torch.stack(
+            [
+                draw_projection(
+                    num_features,
+                    head_dim,
+                    scaling="sqrt_d",
+                    generator=generator,
+                    dtype=torch.float64,
+                )
+                / math.sqrt(head_dim)
+                for _ in range(heads)
+            ]
+        )
+    return torch.cat([w, w], dim=-1) if untied else w
 
 
 class PerformerAttention(RandomFeatures, MHAShaped):
@@ -331,7 +344,13 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             return super()._initial(device=device, dtype=dtype)
         seed, layer = (int(t) for t in self.redraw_key)
         g = torch.Generator().manual_seed(redraw_seed(seed, layer, 0))
-        w = hedgehog_init(self.num_heads, self.num_features, self.head_dim, generator=g)
+        w = hedgehog_init(
+            self.num_heads,
+            self.num_features,
+            self.head_dim,
+            generator=g,
+            untied=KERNELS[self.kernel].untied,
+        )
         return w.to(device=device, dtype=dtype or torch.get_default_dtype())
 
     def linear_factor(self) -> Tensor | None:

@@ -48,7 +48,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
             form (``"softmax"``, ``"softmax_hyp"``, ``"relu"``, ``"hedgehog"``, ...).
             ``"hedgehog"`` is a learned map: ``phi(x) = [softmax(x~ W_h^T),
             softmax(-x~ W_h^T)]`` with a trainable ``W_h: (m, d)`` per head, initialized to
-            the identity when ``m == d`` (else to orthonormal rows).
+            the identity when ``m == d`` (else to orthonormal rows). ``"hedgehog_untied"``:
+            one such map for the queries and another for the keys (LoLCATs' untied maps;
+            ``W_h: (m, 2d)`` holds ``[W_k, W_q]``), both starting at the same matrix.
         window: ``None`` (pure linear attention) or ``w >= 0``: the keys within ``w``
             positions of a query (``i - w < j <= i`` in causal models) get the exact
             softmax score, the others the feature-map score, under one normalizer (see
@@ -147,7 +149,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             del self._buffers["projection"]
             # Orthonormal rows (m != d) from a fixed seed, the same in every layer.
             w = hedgehog_init(
-                num_heads, num_features, head_dim, generator=torch.Generator().manual_seed(0)
+                num_heads,
+                num_features,
+                head_dim,
+                generator=torch.Generator().manual_seed(0),
+                untied=KERNELS[self.kernel].untied,
             ).to(device=device, dtype=torch.float32)
             if self.learn_projection:
                 self.projection = nn.Parameter(w)

@@ -70,7 +70,11 @@ def causal_segment(
     dv = v.shape[-1]
     nc = n // chunk
     inplace = not torch.is_grad_enabled()
-    fq, rq = fm.stabilized(q, params, is_query=not raw, inplace=inplace)
+    if raw:
+        # The window hybrid weighs these scores against exact ones: keep the queries' r.
+        fq, rq = fm.stabilized_query(q, params, inplace=inplace)
+    else:
+        fq, rq = fm.stabilized(q, params, is_query=True, inplace=inplace)
     fk, r = fm.stabilized(k, params, is_query=False, inplace=inplace)
     m = fq.shape[-1]
     if keep is not None:

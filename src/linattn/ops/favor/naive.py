@@ -56,7 +56,7 @@ def favor_naive(
 
     Equivalent to::
 
-        A = phi(q) @ phi(k).T          # (Lq, Lk), phi by the kernel's exact formula
+        A = phi_q(q) @ phi_k(k).T      # (Lq, Lk), by the kernel's exact formula
         if window is not None or sinks:
             # near: |i - j| <= w, or i - w < j <= i if causal (none if window is None),
             # or j among the first `sinks` unpadded keys of the sequence
@@ -64,7 +64,7 @@ def favor_naive(
         A = A masked (padded keys, and j > i when causal) to 0
         out = (A @ v) / A.sum(-1)
     """
-    a = fm.exact(q, params) @ fm.exact(k, params).transpose(-2, -1)
+    a = fm.exact(q, params, is_query=True) @ fm.exact(k, params, is_query=False).mT
     if window is not None or sinks:
         if linear_factor is not None:
             lf = linear_factor.reshape(-1, 1, 1) if linear_factor.dim() else linear_factor
