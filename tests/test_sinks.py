@@ -475,6 +475,33 @@ def test_numpy_integers_are_ints():
     json.dumps(cfg.to_dict())
 
 
+def test_numpy_numbers_in_configs_are_stored_as_python_numbers():
+    # Every config that is written to JSON keeps Python numbers, whatever it was given.
+    np = pytest.importorskip("numpy")
+    from linattn.integrations.hf.distill import DistillConfig
+    from linattn.integrations.hf.transfer import TransferConfig
+    from linattn.train import TrainConfig
+
+    t = TrainConfig(
+        attention="favor",
+        window=np.int64(3),
+        sinks=np.int64(1),
+        steps=np.int64(10),
+        lr=np.float32(1e-3),
+        redraw_interval=None,
+    )
+    json.dumps(t.to_dict())
+    assert type(t.window) is int and type(t.steps) is int and type(t.lr) is float
+    for cfg in (
+        DistillConfig(steps=np.int64(10), lr=np.float32(1e-3)),
+        TransferConfig(steps=np.int32(4)),
+    ):
+        json.dumps(vars(cfg))
+        assert type(cfg.steps) is int and type(cfg.lr) is float
+    mod = linattn.PerformerAttention(16, 2, redraw_interval=np.int64(5))
+    assert type(mod.redraw_interval) is int
+
+
 def test_sinks_need_self_attention():
     q, k = randn(2, 3, 10, 8), randn(2, 3, 7, 8)
     with pytest.raises(ValueError, match="sinks=2 needs Lq == Lk"):

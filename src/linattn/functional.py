@@ -230,7 +230,8 @@ def favor_attention(
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
 
-    With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map, equivalent to::
+    With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map (``phi_q`` for
+    the queries and ``phi_k`` for the keys of the untied maps), equivalent to::
 
         A = phi(q~) @ phi(k~).transpose(-2, -1)      # (..., Lq, Lk)
         if window is not None or sinks:

@@ -101,7 +101,7 @@ class RandomFeatures:
         self.num_features = check_positive_int("num_features", num_features)
         self.head_dim = head_dim
         if redraw_interval is not None:
-            check_positive_int("redraw_interval", redraw_interval)
+            redraw_interval = check_positive_int("redraw_interval", redraw_interval)
             if learn:
                 raise ValueError(
                     "a trained projection is not redrawn: redraw_interval must be None "
@@ -210,7 +210,9 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         kernel: a :data:`linattn.KERNELS` name (``"softmax"``, ``"relu"``,
             ``"hedgehog"``, ...). ``"hedgehog"`` is a learned map: its projection is an
             ``nn.Parameter`` of shape ``(num_heads, m, d)``, the identity at
-            initialization when ``m == d``, trained with the rest and never redrawn.
+            initialization when ``m == d``, trained with the rest and never redrawn;
+            ``"hedgehog_untied"``: ``(num_heads, m, 2d)``, the key and the query maps side
+            by side, both halves starting at the same matrix.
         causal: attend to earlier positions only (self-attention).
         window: ``None`` (pure linear attention) or ``w >= 0``: each query scores the
             keys within ``w`` positions (``i - w < j <= i`` when causal, ``|i - j| <= w``

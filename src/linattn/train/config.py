@@ -101,7 +101,7 @@ class TrainConfig(JsonConfig):
             "log_every",
             "checkpoint_every",
         ):
-            check_positive_int(name, getattr(self, name))
+            setattr(self, name, check_positive_int(name, getattr(self, name)))
         for name in (
             "ff_mult",
             "proj_dim",
@@ -110,12 +110,12 @@ class TrainConfig(JsonConfig):
             "listops_min_len",
             "listops_max_len",
         ):
-            check_positive_int(name, getattr(self, name))
+            setattr(self, name, check_positive_int(name, getattr(self, name)))
         for name in ("num_features", "redraw_interval"):
             if getattr(self, name) is not None:
-                check_positive_int(name, getattr(self, name))
-        check_positive_int("warmup", self.warmup, minimum=0)
-        check_positive_int("seed", self.seed, minimum=0)
+                setattr(self, name, check_positive_int(name, getattr(self, name)))
+        self.warmup = check_positive_int("warmup", self.warmup, minimum=0)
+        self.seed = check_positive_int("seed", self.seed, minimum=0)
         if self.listops_min_len > self.listops_max_len:
             raise ValueError(
                 f"listops_min_len ({self.listops_min_len}) must be <= "
@@ -129,7 +129,10 @@ class TrainConfig(JsonConfig):
             ("grad_clip", 0.0, math.inf, True, False),
             ("dropout", 0.0, 1.0, True, False),
         ):
-            check_real(name, getattr(self, name), lo, hi, low_inclusive=lo_in, high_inclusive=hi_in)
+            value = getattr(self, name)
+            check_real(name, value, lo, hi, low_inclusive=lo_in, high_inclusive=hi_in)
+            # Stored as a Python number (a NumPy value would not serialize to JSON).
+            setattr(self, name, value if isinstance(value, int) else float(value))
         if (
             not isinstance(self.betas, tuple | list)
             or len(self.betas) != 2
@@ -139,8 +142,9 @@ class TrainConfig(JsonConfig):
             )
         ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        # The model's checks of attention, kernel, window and redraws, written once there.
-        ModelConfig(
+        # The model's checks of attention, kernel, window and redraws, written once there
+        # (its window and sinks are Python ints).
+        model = ModelConfig(
             vocab_size=2,
             dim=self.dim,
             heads=self.heads,
@@ -152,6 +156,7 @@ class TrainConfig(JsonConfig):
             redraw_interval=self.redraw_interval,
             position="rotary" if self.task == "bytes" else "learned",
         )
+        self.window, self.sinks = model.window, model.sinks
         self.betas = tuple(self.betas)
 
     @classmethod

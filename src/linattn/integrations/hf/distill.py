@@ -186,9 +186,12 @@ def check_run_settings(config) -> None:
         ("checkpoint_every", 0),
         ("seed", 0),
     ):
-        check_positive_int(name, getattr(config, name), minimum=minimum)
-    check_real("lr", config.lr, 0.0, math.inf)
-    check_real("weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True)
+        setattr(config, name, check_positive_int(name, getattr(config, name), minimum=minimum))
+    # Stored as Python numbers (NumPy values would not serialize to JSON).
+    config.lr = float(check_real("lr", config.lr, 0.0, math.inf))
+    config.weight_decay = float(
+        check_real("weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True)
+    )
 
 
 #: What :func:`distill` trains (``DistillConfig.train``).
@@ -236,7 +239,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_run_settings(self)
-        check_positive_int("lora_rank", self.lora_rank)
+        self.lora_rank = check_positive_int("lora_rank", self.lora_rank)
         if self.train not in TRAIN_CHOICES:
             raise ValueError(
                 f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, got {self.train!r}"
