@@ -335,3 +335,30 @@ def test_validation_errors():
     _, state = linattn.favor_recurrent(q, q, q, w, window=3)
     with pytest.raises(ValueError, match=r"state\.keys must have shape"):
         linattn.favor_recurrent(q, q, q, w, window=4, state=state)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kernel", ["hedgehog", "hedgehog_untied", "softmax"])
+def test_a_window_covering_the_batch_still_gives_every_parameter_a_gradient(causal, kernel):
+    # DistributedDataParallel needs the same parameters used on every rank and step, and
+    # ranks' batches differ in length: a batch the window covers must not leave the feature
+    # map or the factor out of the graph (a None gradient), only give them zero.
+    mod = linattn.PerformerAttention(
+        16,
+        2,
+        kernel=kernel,
+        causal=causal,
+        window=8,
+        sinks=1,
+        learn_projection=True,
+        batch_first=True,
+    )
+    x = torch.randn(3, 6, 16)
+    mod(x, x, x)[0].sum().backward()
+    for name, p in mod.named_parameters():
+        assert p.grad is not None, name
+    assert mod.projection.grad.abs().max() == 0
+    y = torch.randn(3, 40, 16)
+    mod.zero_grad()
+    mod(y, y, y)[0].sum().backward()
+    assert mod.projection.grad.abs().max() > 0

@@ -258,6 +258,19 @@ def _factor(linear_factor: Tensor | None) -> Tensor | None:
     return linear_factor.reshape(1, -1, 1, 1) if linear_factor.dim() else linear_factor
 
 
+def keep_in_graph(out: Tensor, *unused: Tensor | None) -> Tensor:
+    """``out`` plus ``0 *`` the sum of each ``unused`` tensor that requires a gradient:
+    a part that this call skipped (no far key when the window covers the sequence) still
+    gives its parameters a zero gradient, not None. DistributedDataParallel needs every
+    rank to use the same parameters at every step, and ranks' batches differ in length."""
+    if not torch.is_grad_enabled():
+        return out
+    for t in unused:
+        if t is not None and t.requires_grad:
+            out = out + 0.0 * t.sum().to(out.dtype)
+    return out
+
+
 def favor_window(
     q: Tensor,
     k: Tensor,
@@ -339,6 +352,9 @@ def favor_window(
         if lf is not None:
             nd = nd * lf
         parts.append((nd, g))
+    else:
+        # No key is far from any query: exact attention (and the sinks).
+        return keep_in_graph(combine(parts, fm.positive_exp), params.weight, linear_factor)
     return combine(parts, fm.positive_exp)
 
 
@@ -547,7 +563,7 @@ def favor_window_bidirectional(
     )
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
-        return combine([near], fm.positive_exp)
+        return keep_in_graph(combine([near], fm.positive_exp), params.weight, linear_factor)
     parts = [near]
     if sinks:
         keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
