@@ -508,3 +508,30 @@ def test_distill_config_is_checked():
         DistillConfig(train="some")
     with pytest.raises(ValueError, match="lora_rank"):
         DistillConfig(train="lora", lora_rank=0)
+
+
+def test_lm_agreement_in_row_slices_equals_whole_batches(monkeypatch):
+    # A decoder's logits are rows x tokens x vocabulary: lm_agreement measures a batch in
+    # slices of rows under LOGITS_BUDGET (a 135M decoder's 32 x 512 batch needed ~10 GB)
+    # and the numbers are those of the whole batch.
+    from linattn.integrations.hf import distill as dmod
+
+    teacher = tiny_llama().double()
+    student = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=2).double()
+    tok = ByteTokenizer()
+    whole = lm_agreement(teacher, student, tok, TEXTS[:10], max_length=24, batch_size=8)
+    seen = []
+    real = dmod._lm_logits
+
+    def spy(model, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return real(model, batch)
+
+    monkeypatch.setattr(dmod, "_lm_logits", spy)
+    monkeypatch.setattr(dmod, "LOGITS_BUDGET", 3 * 24 * student.config.vocab_size)
+    sliced = lm_agreement(teacher, student, tok, TEXTS[:10], max_length=24, batch_size=8)
+    assert max(seen) <= 3 and sum(seen) == 2 * 10
+    assert sliced.keys() == whole.keys()
+    # The logits are float32 (as in every measurement): slicing changes their rounding only.
+    for key in whole:
+        assert sliced[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-9), key

@@ -97,6 +97,11 @@ def embedding_agreement(
     }
 
 
+#: Logit elements (rows x tokens x vocabulary) one forward of :func:`lm_agreement` may
+#: hold: a batch is measured in slices of rows under it (results are the same).
+LOGITS_BUDGET = 1 << 25
+
+
 def _lm_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(**batch).logits[:, :-1].float()
 
@@ -117,20 +122,30 @@ def lm_agreement(
     ``teacher``: its perplexity, the ratio, mean KL(teacher || student) per token and
     the top-1 agreement. ``progress``: a tqdm bar over the batches, titled ``desc``."""
     device = next(student.parameters()).device
+    vocab = int(getattr(getattr(student, "config", None), "vocab_size", 0) or 0)
     nll_s = nll_t = kl = agree = 0.0
     count = 0
     for chunk in _batches(texts, batch_size, progress, desc):
-        batch = tokenize(tokenizer, chunk, max_length, device)
-        ids, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
-        mask = mask & batch["attention_mask"][:, :-1].bool()
-        ls = F.log_softmax(_lm_logits(student, batch), -1)
-        nll_s += -ls.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
-        if teacher is not None:
-            lt = F.log_softmax(_lm_logits(teacher, batch), -1)
-            nll_t += -lt.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
-            kl += (lt.exp() * (lt - ls)).sum(-1)[mask].sum().item()
-            agree += (lt.argmax(-1) == ls.argmax(-1))[mask].sum().item()
-        count += int(mask.sum())
+        full = tokenize(tokenizer, chunk, max_length, device)
+        # (rows, L, vocab) float32 logits per model, and a few temporaries of that size:
+        # rows bounded so they stay near LOGITS_BUDGET elements (a 135M decoder's batch of
+        # 32 x 512 tokens x 49 152 would need some 10 GB).
+        width = full["input_ids"].shape[1]
+        rows = max(1, LOGITS_BUDGET // max(1, width * vocab)) if vocab else len(chunk)
+        for r in range(0, len(chunk), rows):
+            batch = {k: t[r : r + rows] for k, t in full.items()}
+            ids, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+            mask = mask & batch["attention_mask"][:, :-1].bool()
+            ls = F.log_softmax(_lm_logits(student, batch), -1)
+            nll_s += -ls.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+            if teacher is not None:
+                lt = F.log_softmax(_lm_logits(teacher, batch), -1)
+                nll_t += -lt.gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+                kl += (lt.exp() * (lt - ls)).sum(-1)[mask].sum().item()
+                agree += (lt.argmax(-1) == ls.argmax(-1))[mask].sum().item()
+                del lt
+            del ls
+            count += int(mask.sum())
     out = {"ppl": math.exp(nll_s / count), "tokens": count, "texts": len(texts)}
     if teacher is not None:
         out.update(
