@@ -249,8 +249,9 @@ def test_recipe_defaults_are_the_config_dataclasses():
         transfer["warmup"],
         transfer["train"],
         transfer["kernel"],
+        transfer["num_features"],
         transfer["window"],
-    ) == (400, 600, 1e-3, 10, "lora", "hedgehog", 16)
+    ) == (400, 600, 1e-3, 10, "lora", "hedgehog", 64, 16)
 
 
 @pytest.mark.parametrize("recipe", ["distill", "transfer"])

@@ -271,6 +271,7 @@ def _check_model(name: str) -> None:
 # linattn.experiments.convert.Recipe. The values are written there, once.
 _RECIPE_FLAGS = {
     "kernel": ("favor", "kernel"),
+    "num_features": ("favor", "num_features"),
     "window": ("favor", "window"),
     "sinks": ("favor", "sinks"),
     "corpus": (None, "corpora"),
@@ -744,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--num-features",
         type=_positive,
-        help="FAVOR+ features (default d log d; head_dim for learned maps)",
+        help="FAVOR+ features m per head (None: d log d for random features, head_dim "
+        "for learned maps; %(recipe_default)s)",
     )
     c.add_argument(
         "--kernel", choices=kernels, help="FAVOR+ kernel (linattn.KERNELS; %(recipe_default)s)"

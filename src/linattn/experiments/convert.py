@@ -57,11 +57,12 @@ class Recipe:
 RECIPES = {
     # End-to-end distillation: the defaults of FavorOptions and DistillConfig.
     "distill": Recipe(FavorOptions(), DistillConfig()),
-    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with a 16-key window and
-    # one exact sink key, TransferConfig's 400 attention-transfer steps, then 600 LoRA
-    # distillation steps, on GCIDE and Python documentation text mixed.
+    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with m = 64 rows per
+    # head (LoLCATs' feature_dim; 2 x MiniLM's head_dim), a 16-key window and one exact
+    # sink key, TransferConfig's 400 attention-transfer steps, then 600 LoRA distillation
+    # steps, on GCIDE and Python documentation text mixed.
     "transfer": Recipe(
-        FavorOptions(kernel="hedgehog", window=16, sinks=1),
+        FavorOptions(kernel="hedgehog", num_features=64, window=16, sinks=1),
         DistillConfig(
             steps=600,
             batch_size=4,
