@@ -500,6 +500,13 @@ def test_numpy_numbers_in_configs_are_stored_as_python_numbers():
         assert type(cfg.steps) is int and type(cfg.lr) is float
     mod = linattn.PerformerAttention(16, 2, redraw_interval=np.int64(5))
     assert type(mod.redraw_interval) is int
+    from linattn.integrations.hf.convert import _split_options
+
+    algorithm, extra = _split_options(
+        "favor", {"redraw_interval": np.int64(5), "seed": np.int32(3)}
+    )
+    json.dumps({**vars(algorithm), **extra})
+    assert type(algorithm.redraw_interval) is int and type(extra.get("seed", 3)) is int
 
 
 def test_sinks_need_self_attention():

@@ -109,23 +109,22 @@ def check_scale(scale: object, head_dim: int) -> float:
     return float(scale)
 
 
-def check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return value
-
-
 def is_int(value: object) -> bool:
     """An integral number (a Python or NumPy integer), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """``value`` as a Python int ``>= minimum``: an int or another integral number (a
-    NumPy integer, say), not a bool and not a float."""
+def check_int(name: str, value: object) -> int:
+    """``value`` as a Python int: an int or another integral number (a NumPy integer,
+    say), not a bool and not a float. Store the result, not ``value`` (JSON)."""
     if not is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as a Python int ``>= minimum`` (:func:`check_int`)."""
+    value = check_int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -140,8 +139,9 @@ def check_real(
     low_inclusive: bool = False,
     high_inclusive: bool = False,
 ) -> float:
-    """``value``: a real number (an int or a float, not a bool) in the interval from
-    ``low`` to ``high`` (open ends unless ``low_inclusive`` / ``high_inclusive``)."""
+    """``value``: a real number (an int, a float or a NumPy real, not a bool) in the
+    interval from ``low`` to ``high`` (open ends unless ``low_inclusive`` /
+    ``high_inclusive``), returned as a Python int or float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value) if not isinstance(value, int) else value

@@ -425,8 +425,9 @@ class _HedgehogUntied(_Hedgehog):
     ``phi_k(k) = [softmax(W_k k~), softmax(-W_k k~)]``, ``M = 2m``. The projection holds
     both side by side, ``W = [W_k, W_q]``: ``(m, 2d)`` or ``(H, m, 2d)``;
     ``projection=None`` means ``W_k = W_q = I``; the modules start both halves at the
-    tied map's initial matrix (the identity when ``m == d``). Twice the parameters of ``"hedgehog"`` at the same
-    features per token; the kernel ``phi_q(q).phi_k(k)`` need not be symmetric.
+    tied map's initial matrix (the identity when ``m == d``). Twice the parameters of
+    ``"hedgehog"`` at the same features per token; the kernel ``phi_q(q).phi_k(k)`` need
+    not be symmetric.
     """
 
     name = "hedgehog_untied"

@@ -129,10 +129,11 @@ class TrainConfig(JsonConfig):
             ("grad_clip", 0.0, math.inf, True, False),
             ("dropout", 0.0, 1.0, True, False),
         ):
-            value = getattr(self, name)
-            check_real(name, value, lo, hi, low_inclusive=lo_in, high_inclusive=hi_in)
-            # Stored as a Python number (a NumPy value would not serialize to JSON).
-            setattr(self, name, value if isinstance(value, int) else float(value))
+            # Stored as the Python number check_real returns (NumPy values are not JSON).
+            value = check_real(
+                name, getattr(self, name), lo, hi, low_inclusive=lo_in, high_inclusive=hi_in
+            )
+            setattr(self, name, value)
         if (
             not isinstance(self.betas, tuple | list)
             or len(self.betas) != 2

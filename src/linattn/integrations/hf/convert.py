@@ -81,9 +81,9 @@ def _split_options(method: str, options: dict) -> tuple[FavorOptions | Linformer
     # Checked up front: 0 must not silently mean "the default", nor "a" fail deep inside.
     for name in ("num_features", "max_seq_len", "proj_dim", "redraw_interval", "chunk_size"):
         if options.get(name) is not None:
-            check_positive_int(name, options[name])
+            options[name] = check_positive_int(name, options[name])
     if "seed" in options:
-        check_int("seed", options["seed"])
+        options["seed"] = check_int("seed", options["seed"])
     return (
         OPTIONS[method](**{k: v for k, v in options.items() if k in own}),
         {k: v for k, v in options.items() if k not in own},

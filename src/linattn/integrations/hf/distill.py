@@ -202,10 +202,10 @@ def check_run_settings(config) -> None:
         ("seed", 0),
     ):
         setattr(config, name, check_positive_int(name, getattr(config, name), minimum=minimum))
-    # Stored as Python numbers (NumPy values would not serialize to JSON).
-    config.lr = float(check_real("lr", config.lr, 0.0, math.inf))
-    config.weight_decay = float(
-        check_real("weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True)
+    # Stored as the Python numbers the checks return (NumPy values are not JSON).
+    config.lr = check_real("lr", config.lr, 0.0, math.inf)
+    config.weight_decay = check_real(
+        "weight_decay", config.weight_decay, 0.0, math.inf, low_inclusive=True
     )
 
 
