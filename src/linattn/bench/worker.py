@@ -238,7 +238,7 @@ def main() -> None:
     if sys.argv[1] == "--serve":
         serve(json.loads(sys.argv[2]))
     else:
-        print(json.dumps(measure(json.loads(sys.argv[1]))))
+        _say(measure(json.loads(sys.argv[1])))
 
 
 if __name__ == "__main__":
