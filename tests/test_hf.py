@@ -501,6 +501,65 @@ def test_lora_distillation_merges_into_a_plain_converted_model(tmp_path, make):
     torch.testing.assert_close(reloaded(x)[0], student(x)[0])
 
 
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_lora_on_the_blocks_adapts_every_block_linear_and_trains(tmp_path, make):
+    pytest.importorskip("peft")
+    from linattn.integrations.hf.distill import lora_targets
+
+    teacher = peaky(make().float())
+    student = convert(copy.deepcopy(teacher), "favor", kernel="hedgehog", window=2)
+    names = lora_targets(student, "blocks")
+    # Every nn.Linear of the blocks (2 layers), nothing outside them (pooler, LM head).
+    blocks = "encoder.layer." if make is tiny_bert else "model.layers."
+    expected = sorted(
+        n
+        for n, m in student.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith(blocks)
+    )
+    assert sorted(names) == expected
+    leaf = (
+        {"query", "key", "value", "dense"}
+        if make is tiny_bert
+        else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    assert {n.rsplit(".", 1)[1] for n in names} == leaf
+    assert set(lora_targets(student)) < set(names)
+    with pytest.raises(ValueError, match="where"):
+        lora_targets(student, "mlp")
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    cfg = DistillConfig(
+        steps=20,
+        batch_size=8,
+        max_length=32,
+        lr=3e-3,
+        warmup=3,
+        eval_every=10,
+        train="lora",
+        lora_rank=4,
+        lora_targets="blocks",
+    )
+    log = distill(
+        student,
+        teacher,
+        ByteTokenizer(),
+        TEXTS[:48],
+        TEXTS[48:],
+        cfg,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    key = "kl" if make is tiny_llama else "hidden_rel_error"
+    assert log[-1][key] < 0.8 * log[0][key]
+    # The merged adapters moved the MLP weights too; the embeddings stayed.
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    mlp = "intermediate.dense" if make is tiny_bert else "mlp.up_proj"
+    assert any(mlp in n for n in moved)
+    assert not any("embed" in n for n in moved)
+    reloaded = load_converted(tmp_path / "checkpoint").eval()
+    x = ids(2, 12)
+    torch.testing.assert_close(reloaded(x)[0], student.eval()(x)[0])
+
+
 def test_distill_config_is_checked():
     with pytest.raises(ValueError, match="steps"):
         DistillConfig(steps=-1)
@@ -508,6 +567,8 @@ def test_distill_config_is_checked():
         DistillConfig(train="some")
     with pytest.raises(ValueError, match="lora_rank"):
         DistillConfig(train="lora", lora_rank=0)
+    with pytest.raises(ValueError, match="lora_targets"):
+        DistillConfig(train="lora", lora_targets="mlp")
 
 
 def test_lm_agreement_in_row_slices_equals_whole_batches(monkeypatch):

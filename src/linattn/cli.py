@@ -283,6 +283,7 @@ _RECIPE_FLAGS = {
     "eval_every": ("distill", "eval_every"),
     "train": ("distill", "train"),
     "lora_rank": ("distill", "lora_rank"),
+    "lora_targets": ("distill", "lora_targets"),
     "checkpoint_every": ("distill", "checkpoint_every"),
     "transfer_steps": ("transfer", "steps"),
     "transfer_batch_size": ("transfer", "batch_size"),
@@ -871,6 +872,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--lora-rank", type=_positive, help="--train lora: the adapters' rank (%(recipe_default)s)"
+    )
+    c.add_argument(
+        "--lora-targets",
+        choices=["attention", "blocks"],
+        help="--train lora: adapters on the attention's linear layers, or on every linear "
+        "layer of the Transformer blocks (attention, output projection, MLP) "
+        "(%(recipe_default)s)",
     )
     c.add_argument(
         "--eval-every",

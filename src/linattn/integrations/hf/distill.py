@@ -211,6 +211,8 @@ def check_run_settings(config) -> None:
 
 #: What :func:`distill` trains (``DistillConfig.train``).
 TRAIN_CHOICES = ("all", "attention", "lora")
+#: Where ``train="lora"`` puts its adapters (``DistillConfig.lora_targets``).
+LORA_TARGETS = ("attention", "blocks")
 
 
 @dataclass
@@ -230,6 +232,10 @@ class DistillConfig:
             the result is a plain converted model. LoRA keeps the pretrained weights in
             place, which limits drift away from what the distillation texts cover.
         lora_rank: the adapters' rank (``train="lora"`` only).
+        lora_targets: where the adapters go (``train="lora"`` only): ``"attention"``,
+            the linear layers inside the converted attention modules; ``"blocks"``, every
+            linear layer of the Transformer blocks that hold them (attention, its output
+            projection and the MLP; not the embeddings, pooler or LM head).
         eval_every: measure agreement on the held-out texts every this many steps (and at
             the end); checkpoint_every: save the student every this many steps (0: only at
             the end, when an output directory is given).
@@ -246,6 +252,7 @@ class DistillConfig:
     warmup: int = 30
     train: str = "all"
     lora_rank: int = 8
+    lora_targets: str = "attention"
     eval_every: int = 50
     eval_batch_size: int = 32
     checkpoint_every: int = 0
@@ -258,6 +265,11 @@ class DistillConfig:
         if self.train not in TRAIN_CHOICES:
             raise ValueError(
                 f"train must be one of {', '.join(map(repr, TRAIN_CHOICES))}, got {self.train!r}"
+            )
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(
+                f"lora_targets must be one of {', '.join(map(repr, LORA_TARGETS))}, "
+                f"got {self.lora_targets!r}"
             )
 
 
@@ -314,28 +326,61 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def lora_targets(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` layers inside the converted attention modules of
-    ``model`` (BERT: ``query``, ``key``, ``value``; Llama: ``q_proj`` ... ``o_proj``)."""
+def _blocks_of(model: nn.Module, layers: set[int]) -> list[str]:
+    # The Transformer block of each converted attention module: its ancestor that is an
+    # item of an nn.ModuleList (BERT: encoder.layer.3; Llama: model.layers.3).
+    names = {id(m): n for n, m in model.named_modules()}
+    lists = {
+        f"{n}.{i}" if n else str(i)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        for i in range(len(m))
+    }
+    blocks = []
+    for layer in layers:
+        parts = names[layer].split(".")
+        prefix = next(
+            (".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in lists),
+            names[layer],
+        )
+        if prefix not in blocks:
+            blocks.append(prefix)
+    return blocks
+
+
+def lora_targets(model: nn.Module, where: str = "attention") -> list[str]:
+    """Names of the ``nn.Linear`` layers LoRA adapts in ``model``: ``where="attention"``,
+    those inside the converted attention modules (BERT: ``query``, ``key``, ``value``;
+    Llama: ``q_proj`` ... ``o_proj``); ``"blocks"``, those of the Transformer blocks that
+    hold the converted attention modules (the attention's, its output projection's and
+    the MLP's; BERT: also ``attention.output.dense``, ``intermediate.dense``,
+    ``output.dense``; Llama: also ``gate_proj``, ``up_proj``, ``down_proj``)."""
+    if where not in LORA_TARGETS:
+        raise ValueError(
+            f"where must be one of {', '.join(map(repr, LORA_TARGETS))}, got {where!r}"
+        )
     layers = {id(m) for m in converted_layers(model)}
+    if where == "blocks":
+        roots = _blocks_of(model, layers)
+    else:
+        roots = [n for n, m in model.named_modules() if id(m) in layers]
     return [
-        f"{name}.{sub}"
-        for name, module in model.named_modules()
-        if id(module) in layers
-        for sub, child in module.named_modules()
+        f"{root}.{sub}"
+        for root in roots
+        for sub, child in model.get_submodule(root).named_modules()
         if sub and isinstance(child, nn.Linear)
     ]
 
 
-def add_lora(model: nn.Module, rank: int) -> None:
+def add_lora(model: nn.Module, rank: int, where: str = "attention") -> None:
     """Inject LoRA adapters of ``rank`` (``alpha = 2 rank``, zero-initialized ``B``, so
-    the model's function is unchanged) into :func:`lora_targets` of ``model``, in place.
-    Needs ``peft``."""
+    the model's function is unchanged) into :func:`lora_targets` of ``model`` (``where``),
+    in place. Needs ``peft``."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("train='lora' needs peft: pip install 'linattn[hf]'") from exc
-    targets = lora_targets(model)
+    targets = lora_targets(model, where)
     if not targets:
         raise ValueError(
             "train='lora' needs a converted model with linear layers in its attention modules"
@@ -398,7 +443,7 @@ def distill(
         p.requires_grad_(False)
     lora = cfg.train == "lora"
     if lora:
-        add_lora(student, cfg.lora_rank)
+        add_lora(student, cfg.lora_rank, cfg.lora_targets)
     params = _trainable(student, cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
