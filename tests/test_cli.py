@@ -254,6 +254,50 @@ def test_recipe_defaults_are_the_config_dataclasses():
     ) == (400, 600, 1e-3, 10, "lora", "hedgehog", 64, 16)
 
 
+def test_decoders_get_the_decoder_recipe(tmp_path, monkeypatch):
+    # `--recipe transfer` on a causal LM takes DECODER_RECIPES' SmolLM2 settings (window
+    # 64, 200 transfer steps, 60 LoRA steps at lr 1e-4), an encoder the MiniLM ones; a
+    # flag still replaces either; a recipe with no decoder form is the same for both.
+    pytest.importorskip("transformers")
+    import json
+
+    from linattn.experiments import convert as experiment
+    from linattn.experiments.pretrained import is_decoder
+
+    enc, dec = tmp_path / "enc", tmp_path / "dec"
+    for folder, arch in ((enc, "BertModel"), (dec, "LlamaForCausalLM")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    assert is_decoder(str(dec)) and not is_decoder(str(enc))
+    assert is_decoder("smollm2") and not is_decoder("minilm")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        is_decoder(str(tmp_path / "none"))
+    assert experiment.recipe_for("distill", True) is experiment.RECIPES["distill"]
+    assert experiment.recipe_for("transfer", False) is experiment.RECIPES["transfer"]
+    with pytest.raises(ValueError, match="recipe"):
+        experiment.recipe_for("other")
+    d = cli.recipe_defaults("transfer", decoder=True)
+    assert (d["window"], d["transfer_steps"], d["steps"], d["lr"], d["train"]) == (
+        64,
+        200,
+        60,
+        1e-4,
+        "lora",
+    )
+    seen = {}
+    monkeypatch.setattr(experiment, "run_transfer", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(experiment, "format_transfer_summary", lambda s: "")
+    for folder, recipe in ((dec, experiment.DECODER_RECIPES["transfer"]), (enc, None)):
+        recipe = recipe or experiment.RECIPES["transfer"]
+        argv = ["convert", "--model", str(folder), "--recipe", "transfer"]
+        assert main([*argv, "--out", str(tmp_path / "o1")]) == 0
+        assert seen["config"] == recipe.distill
+        assert seen["options"]["window"] == recipe.favor.window
+        assert seen["transfer_config"].steps == recipe.transfer.steps
+        assert main([*argv, "--window", "8", "--out", str(tmp_path / "o2")]) == 0
+        assert seen["options"]["window"] == 8
+
+
 @pytest.mark.parametrize("recipe", ["distill", "transfer"])
 def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
     pytest.importorskip("transformers")

@@ -255,7 +255,9 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model(name: str) -> None:
+def _check_model(name: str) -> bool:
+    """Refuse a ``--model`` that is neither a packaged model nor a model folder; returns
+    whether it is a decoder (a causal LM: its recipe defaults differ)."""
     from .experiments import pretrained
 
     if name in pretrained.PACKAGES:
@@ -265,6 +267,7 @@ def _check_model(name: str) -> None:
             f"--model {name!r}: expected 'minilm', 'smollm2' or a local model "
             "folder holding config.json"
         )
+    return pretrained.is_decoder(name)
 
 
 # `linattn convert` flags whose defaults follow --recipe: flag -> (part, field) of a
@@ -293,14 +296,16 @@ _RECIPE_FLAGS = {
 }
 
 
-def recipe_defaults(recipe: str) -> dict:
+def recipe_defaults(recipe: str, decoder: bool = False) -> dict:
     """The defaults of the `linattn convert` flags under ``--recipe recipe`` (flag
-    destination -> value), read from :data:`linattn.experiments.convert.RECIPES`."""
-    from .experiments.convert import RECIPES
+    destination -> value) for an encoder or (``decoder``) a causal LM, read from
+    :func:`linattn.experiments.convert.recipe_for`."""
+    from .experiments.convert import recipe_for
 
+    chosen = recipe_for(recipe, decoder)
     out = {}
     for flag, (part, field) in _RECIPE_FLAGS.items():
-        stage = RECIPES[recipe] if part is None else getattr(RECIPES[recipe], part)
+        stage = chosen if part is None else getattr(chosen, part)
         if stage is not None:
             value = getattr(stage, field)
             out[flag] = list(value) if isinstance(value, tuple) else value
@@ -320,11 +325,15 @@ class _RecipeDefault:
             from .experiments.convert import RECIPES
         except ImportError:  # pragma: no cover - without the [hf] extra
             return "default: per --recipe (install linattn[hf] to see them)"
-        parts = [
-            f"{recipe} {values[self.name]}"
-            for recipe in RECIPES
-            if self.name in (values := recipe_defaults(recipe))
-        ]
+        parts = []
+        for recipe in RECIPES:
+            values = recipe_defaults(recipe)
+            if self.name in values:
+                part = f"{recipe} {values[self.name]}"
+                decoder = recipe_defaults(recipe, decoder=True).get(self.name)
+                if decoder != values[self.name]:
+                    part += f" (decoders {decoder})"
+                parts.append(part)
         return "default: " + ", ".join(parts)
 
 
@@ -375,10 +384,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise ImportError(
             f"linattn convert needs the [hf] extra: pip install 'linattn[hf]' ({exc})"
         ) from exc
-    _check_model(args.model)
+    decoder = _check_model(args.model)
     _check_convert_flags(args)
-    recipe = experiment.RECIPES[args.recipe]
-    for name, value in recipe_defaults(args.recipe).items():
+    recipe = experiment.recipe_for(args.recipe, decoder)
+    for name, value in recipe_defaults(args.recipe, decoder).items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     if len(args.corpus) > 1 and (args.sweep or args.recipe != "transfer"):
@@ -734,8 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="distill: end-to-end distillation of the converted model; transfer: "
         "attention transfer (train the feature maps so that every layer's "
         "attention matches the original's), then end-to-end distillation. "
-        "Defaults of the other flags follow the recipe "
-        "(linattn.experiments.convert.RECIPES)",
+        "Defaults of the other flags follow the recipe, and for a decoder "
+        "(smollm2, a ...ForCausalLM folder) its decoder form where it has one "
+        "(linattn.experiments.convert.RECIPES, DECODER_RECIPES)",
     )
     c.add_argument(
         "--method",

@@ -77,6 +77,36 @@ RECIPES = {
     ),
 }
 
+#: Recipes whose settings differ for decoders (causal LMs). ``transfer``: the
+#: SmolLM2-135M recipe of docs/results/hf_transfer.md: a 64-key window (a decoder's
+#: attention does not survive a 16-key one), 200 attention-transfer steps, then 60 LoRA
+#: distillation steps at lr 1e-4 (a decoder's KL loss on 4 x 512 tokens; about 2 h on
+#: one CPU thread).
+DECODER_RECIPES = {
+    "transfer": Recipe(
+        FavorOptions(kernel="hedgehog", num_features=64, window=64, sinks=1),
+        DistillConfig(
+            steps=60,
+            batch_size=4,
+            max_length=512,
+            lr=1e-4,
+            warmup=10,
+            eval_every=30,
+            train="lora",
+        ),
+        TransferConfig(steps=200, eval_every=50, checkpoint_every=50),
+        corpora=("gcide", "python-docs"),
+    ),
+}
+
+
+def recipe_for(name: str, decoder: bool = False) -> Recipe:
+    """The recipe ``name`` of :data:`RECIPES`, or for a decoder (``decoder=True``) its
+    :data:`DECODER_RECIPES` form where there is one."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return DECODER_RECIPES.get(name, RECIPES[name]) if decoder else RECIPES[name]
+
 
 def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
     """Disjoint train / held-out passages of ``corpus`` ("gcide" or "python-docs")."""
@@ -454,8 +484,10 @@ def run_transfer(
     progress: bool = True,
 ) -> dict:
     """Recipe ``transfer``: convert ``model_name`` (``options`` for ``convert(...,
-    "favor")`` over the recipe's, ``kernel="hedgehog", window=16``), measure, run attention transfer
-    (``transfer_config``; its texts are training passages joined to
+    "favor")`` over the recipe's, ``kernel="hedgehog", window=16``, a decoder's
+    ``window=64``), measure, run attention transfer
+    (``transfer_config``; default: the recipe's, :func:`recipe_for` a decoder where
+    ``model_name`` is one; its texts are training passages joined to
     ``transfer_config.max_length`` tokens; ``corpus`` names one corpus or several, mixed
     by :func:`mixed_training_texts`; default: the recipe's), measure, distill end to end (``config``,
     on training passages joined to ``config.max_length`` tokens), measure. Measurements:
@@ -471,7 +503,8 @@ def run_transfer(
     ``log.jsonl``, ``distill.png`` and ``checkpoint/`` (the final model)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = RECIPES["transfer"]
+    teacher, tok = load_pretrained(model_name)
+    recipe = recipe_for("transfer", decoder=is_causal_lm(teacher))
     tcfg = transfer_config or dataclasses.replace(recipe.transfer)
     cfg = config or dataclasses.replace(recipe.distill)
     options = {**recipe.favor_options(), **(options or {})}
@@ -484,7 +517,6 @@ def run_transfer(
         if name not in CORPORA:
             raise ValueError(f"corpus must be among {sorted(CORPORA)}, got {name!r}")
     corpus = corpora[0]
-    teacher, tok = load_pretrained(model_name)
     student = convert(copy.deepcopy(teacher), "favor", **options)
 
     def training(max_length: int) -> list[str]:

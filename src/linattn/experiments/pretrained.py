@@ -34,6 +34,23 @@ def package_dir(name: str) -> Path:
     return Path(spec.origin).parent
 
 
+def is_decoder(name: str) -> bool:
+    """Whether ``name`` ("minilm", "smollm2" or a local model folder) is a causal LM, read
+    from its ``config.json`` (``architectures`` ending in ``ForCausalLM``, as
+    :func:`load_pretrained` loads it) without loading weights or ``transformers``."""
+    if name in PACKAGES:
+        return name == "smollm2"
+    import json
+
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"name: expected 'minilm', 'smollm2' or a folder with config.json, got {name!r}"
+        )
+    archs = json.loads(path.read_text()).get("architectures") or [""]
+    return str(archs[0]).endswith("ForCausalLM")
+
+
 def available(name: str) -> bool:
     """Whether the package carrying ``name`` is installed (and its files are there)."""
     try:
