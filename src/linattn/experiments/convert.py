@@ -82,20 +82,15 @@ RECIPES = {
 #: attention does not survive a 16-key one), 200 attention-transfer steps, then 60 LoRA
 #: distillation steps at lr 1e-4 (a decoder's KL loss on 4 x 512 tokens; about 2 h on
 #: one CPU thread).
+_TRANSFER = RECIPES["transfer"]
 DECODER_RECIPES = {
-    "transfer": Recipe(
-        FavorOptions(kernel="hedgehog", num_features=64, window=64, sinks=1),
-        DistillConfig(
-            steps=60,
-            batch_size=4,
-            max_length=512,
-            lr=1e-4,
-            warmup=10,
-            eval_every=30,
-            train="lora",
+    "transfer": dataclasses.replace(
+        _TRANSFER,
+        favor=dataclasses.replace(_TRANSFER.favor, window=64),
+        distill=dataclasses.replace(_TRANSFER.distill, steps=60, lr=1e-4, eval_every=30),
+        transfer=dataclasses.replace(
+            _TRANSFER.transfer, steps=200, eval_every=50, checkpoint_every=50
         ),
-        TransferConfig(steps=200, eval_every=50, checkpoint_every=50),
-        corpora=("gcide", "python-docs"),
     ),
 }
 
