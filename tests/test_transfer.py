@@ -616,3 +616,24 @@ def test_mixed_training_text_never_meets_a_held_out_passage(monkeypatch):
     )
     train = experiment.corpus_texts("gcide", train=1000, test=0, seed=0)[0]
     assert alone == experiment.pack_texts(tok, train, 32)
+
+
+@pytest.mark.parametrize(
+    "corpus, message",
+    [
+        ("wiki", "corpus must be among"),
+        (("gcide", "gcide"), "distinct corpus names"),
+        ((), "distinct"),
+    ],
+)
+def test_run_transfer_refuses_a_bad_corpus_before_loading_the_model(
+    monkeypatch, tmp_path, corpus, message
+):
+    from linattn.experiments import convert as experiment
+
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded before the corpus was checked")
+
+    monkeypatch.setattr(experiment, "load_pretrained", never)
+    with pytest.raises(ValueError, match=message):
+        experiment.run_transfer("minilm", corpus=corpus, out=tmp_path)

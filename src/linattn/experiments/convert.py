@@ -461,6 +461,18 @@ def _refuse_changed_settings(old: dict, new: dict) -> None:
         )
 
 
+def corpus_names(corpus: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``corpus`` (one name or several) as a tuple of distinct names of :data:`CORPORA`;
+    ``ValueError`` otherwise."""
+    corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
+    if not corpora or len(set(corpora)) != len(corpora):
+        raise ValueError(f"corpus: expected distinct corpus names, got {corpus!r}")
+    for name in corpora:
+        if name not in CORPORA:
+            raise ValueError(f"corpus must be among {sorted(CORPORA)}, got {name!r}")
+    return corpora
+
+
 def run_transfer(
     model_name: str,
     *,
@@ -496,6 +508,9 @@ def run_transfer(
     attention transfer continues from its last checkpoint, an interrupted distillation
     restarts from the transferred model. Writes ``summary.json``, ``transfer/``,
     ``log.jsonl``, ``distill.png`` and ``checkpoint/`` (the final model)."""
+    # The corpora are checked before the model loads (a typo fails at once).
+    if corpus is not None:
+        corpus_names(corpus)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tok = load_pretrained(model_name)
@@ -503,14 +518,7 @@ def run_transfer(
     tcfg = transfer_config or dataclasses.replace(recipe.transfer)
     cfg = config or dataclasses.replace(recipe.distill)
     options = {**recipe.favor_options(), **(options or {})}
-    if corpus is None:
-        corpus = recipe.corpora
-    corpora = (corpus,) if isinstance(corpus, str) else tuple(corpus)
-    if not corpora or len(set(corpora)) != len(corpora):
-        raise ValueError(f"corpus: expected distinct corpus names, got {corpus!r}")
-    for name in corpora:
-        if name not in CORPORA:
-            raise ValueError(f"corpus must be among {sorted(CORPORA)}, got {name!r}")
+    corpora = corpus_names(recipe.corpora if corpus is None else corpus)
     corpus = corpora[0]
     student = convert(copy.deepcopy(teacher), "favor", **options)
 
