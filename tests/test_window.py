@@ -362,3 +362,49 @@ def test_a_window_covering_the_batch_still_gives_every_parameter_a_gradient(caus
     mod.zero_grad()
     mod(y, y, y)[0].sum().backward()
     assert mod.projection.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog", "softmax_opt"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("split", ["heads", "rows"])
+def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch):
+    # On CPU the hybrid runs over groups of (batch, head) pairs (window_groups): one head
+    # at a time, or whole sequences one at a time; the values and every gradient (q, k,
+    # v, a per-head projection, a per-head factor) are those of one call over all pairs.
+    from linattn.ops.favor import window as win
+
+    if causal and kernel == "softmax_opt":
+        pytest.skip("FAVOR++ is bidirectional only")
+    b, h, length, d = 3, 3, 90, 8
+    q, k, v = (randn(b, h, length, d, seed=s).requires_grad_() for s in range(3))
+    w = (projection(12, 8) if kernel == "softmax_opt" else per_head(h, 12, 8)).requires_grad_()
+    lf = FACTOR.clone().requires_grad_()
+    mask = pad_mask(b, length, seed=7)
+
+    def run():
+        out = linattn.favor_attention(
+            q, k, v, w, kernel=kernel, causal=causal, window=16, sinks=1,
+            linear_factor=lf, key_padding_mask=mask,
+        )  # fmt: skip
+        grads = torch.autograd.grad((out * out.detach().cos()).sum(), (q, k, v, w, lf))
+        return out, grads
+
+    m = 24 if kernel == "hedgehog" else 12
+    per_pair = max(length * m, -(-length // win.far_block(16, length)) * m * (d + 1)) * 8
+    monkeypatch.setattr(win, "CPU_GROUP_BYTES", 1 << 40)
+    assert win.window_groups((b, h, length, d), m, win.far_block(16, length), 8) == (b, h)
+    one, one_grads = run()
+    budget = per_pair if split == "heads" else per_pair * (h + 1)
+    monkeypatch.setattr(win, "CPU_GROUP_BYTES", budget)
+    groups = win.window_groups((b, h, length, d), m, win.far_block(16, length), 8)
+    assert groups == ((1, 1) if split == "heads" else (1, h))
+    calls = []
+    inner = win._favor_window_call
+    monkeypatch.setattr(
+        win, "_favor_window_call", lambda *a, **kw: calls.append(1) or inner(*a, **kw)
+    )
+    out, grads = run()
+    assert len(calls) == (b * h if split == "heads" else b)
+    torch.testing.assert_close(out, one, rtol=1e-10, atol=1e-12)
+    for g, ref in zip(grads, one_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
