@@ -408,3 +408,23 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
     torch.testing.assert_close(out, one, rtol=1e-10, atol=1e-12)
     for g, ref in zip(grads, one_grads):
         torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_window_groups_arithmetic(monkeypatch):
+    from linattn.ops.favor import window as win
+
+    # One (batch, head) pair at L = 1024, M = 128, dv = 32, C = 64, float32: 1024 * 128 * 4
+    # bytes of features (more than the 16 * 128 * 33 * 4 of its block states).
+    monkeypatch.setattr(win, "CPU_GROUP_BYTES", 1024 * 128 * 4 * 10)
+    assert win.window_groups((8, 4, 1024, 32), 128, 64, 4) == (2, 4)  # 10 pairs: 2 rows
+    assert win.window_groups((8, 16, 1024, 32), 128, 64, 4) == (1, 10)  # part of the heads
+    assert win.window_groups((1, 2, 1024, 32), 128, 64, 4) == (1, 2)  # all of it
+    # dv = 64: the block states (16 * 128 * 65 > 1024 * 128) set the size: 9 pairs.
+    assert win.window_groups((8, 16, 1024, 64), 128, 64, 4) == (1, 9)
+    monkeypatch.setattr(win, "CPU_GROUP_BYTES", 1)
+    assert win.window_groups((8, 4, 1024, 32), 128, 64, 4) == (1, 1)  # at least one pair
+    assert win.window_groups((0, 4, 1024, 32), 128, 64, 4) == (0, 4)
+    assert win.window_groups((2, 0, 1024, 32), 128, 64, 4) == (2, 0)
+    q = randn(2, 0, 10, 8)
+    out = linattn.favor_attention(q, q, q, projection(16, 8), window=3)
+    assert out.shape == (2, 0, 10, 8)

@@ -286,6 +286,8 @@ def window_groups(shape: tuple[int, ...], m: int, block: int, itemsize: int) -> 
     of as many sequences as fit, else one sequence and as many heads as fit (at least
     one)."""
     bsz, heads, length = shape[0], shape[1], shape[2]
+    if bsz == 0 or heads == 0:
+        return bsz, heads
     nblk = -(-length // max(1, block))
     per_pair = max(length * m, nblk * m * (shape[3] + 1)) * itemsize
     fit = max(1, CPU_GROUP_BYTES // max(1, per_pair))
