@@ -637,3 +637,18 @@ def test_run_transfer_refuses_a_bad_corpus_before_loading_the_model(
     monkeypatch.setattr(experiment, "load_pretrained", never)
     with pytest.raises(ValueError, match=message):
         experiment.run_transfer("minilm", corpus=corpus, out=tmp_path)
+
+
+def test_run_transfer_takes_corpus_names_from_a_generator(monkeypatch, tmp_path):
+    # The names are read once: a one-shot iterable reaches the model load intact.
+    from linattn.experiments import convert as experiment
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **kw):
+        raise Loaded
+
+    monkeypatch.setattr(experiment, "load_pretrained", load)
+    with pytest.raises(Loaded):
+        experiment.run_transfer("minilm", corpus=(n for n in ["gcide"]), out=tmp_path)

@@ -510,7 +510,7 @@ def run_transfer(
     ``log.jsonl``, ``distill.png`` and ``checkpoint/`` (the final model)."""
     # The corpora are checked before the model loads (a typo fails at once).
     if corpus is not None:
-        corpus_names(corpus)
+        corpus = corpus_names(corpus)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tok = load_pretrained(model_name)
@@ -518,7 +518,7 @@ def run_transfer(
     tcfg = transfer_config or dataclasses.replace(recipe.transfer)
     cfg = config or dataclasses.replace(recipe.distill)
     options = {**recipe.favor_options(), **(options or {})}
-    corpora = corpus_names(recipe.corpora if corpus is None else corpus)
+    corpora = corpus_names(recipe.corpora) if corpus is None else corpus
     corpus = corpora[0]
     student = convert(copy.deepcopy(teacher), "favor", **options)
 

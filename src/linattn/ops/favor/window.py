@@ -272,24 +272,27 @@ def keep_in_graph(out: Tensor, *unused: Tensor | None) -> Tensor:
 
 
 #: CPU only: the window hybrid runs over groups of (batch, head) pairs so that its
-#: largest per-call tensors (features ``(L, M)``, far block states ``(L / C, M, dv + 1)``
-#: per pair) stay under this many bytes. glibc serves larger blocks with ``mmap`` and
+#: largest per-call tensors (features ``(L, M)``, far block states ``(L / C, M, dv + 1)``,
+#: the band's exp-scores per block offset ``(L, C_band)``, per pair) stay under this many
+#: bytes. glibc serves larger blocks with ``mmap`` and
 #: returns them on free, so every call would pay page faults on hundreds of MB of fresh
 #: memory (measured: about a third of the time at L = 16384, m = 256, 8 heads); under
 #: it freed memory is reused. CUDA's caching allocator has no such cost: one call there.
 CPU_GROUP_BYTES = 24 << 20
 
 
-def window_groups(shape: tuple[int, ...], m: int, block: int, itemsize: int) -> tuple[int, int]:
+def window_groups(
+    shape: tuple[int, ...], m: int, block: int, itemsize: int, band: int = 0
+) -> tuple[int, int]:
     """``(batch rows, heads)`` per call under :data:`CPU_GROUP_BYTES` for ``shape = (B, H,
-    L, dv)``, ``M = m`` features per token and far blocks of ``block`` tokens: all heads
-    of as many sequences as fit, else one sequence and as many heads as fit (at least
-    one)."""
+    L, dv)``, ``M = m`` features per token, far blocks of ``block`` tokens and band blocks
+    of ``band`` query rows: all heads of as many sequences as fit, else one sequence and
+    as many heads as fit (at least one)."""
     bsz, heads, length = shape[0], shape[1], shape[2]
     if bsz == 0 or heads == 0:
         return bsz, heads
     nblk = -(-length // max(1, block))
-    per_pair = max(length * m, nblk * m * (shape[3] + 1)) * itemsize
+    per_pair = max(length * max(m, band), nblk * m * (shape[3] + 1)) * itemsize
     fit = max(1, CPU_GROUP_BYTES // max(1, per_pair))
     if fit >= heads:
         return min(bsz, fit // heads), heads
@@ -336,10 +339,11 @@ def favor_window(
     are the only exact keys). ``sinks``: the first ``sinks`` unpadded keys of each
     sequence are scored exactly by every query that sees them. Returns ``(B, H, L, dv)``.
 
-    On CPU the (batch, head) pairs go in groups (:func:`window_groups`): the same
-    numbers as one call (heads and sequences are independent), without the page faults
-    of very large temporaries. Equivalent to :func:`favor_naive` with ``window``,
-    ``linear_factor`` and ``sinks``.
+    On CPU the (batch, head) pairs go in groups (:func:`window_groups`), without the page
+    faults of very large temporaries: heads and sequences are independent, so the result
+    is one call's up to rounding (a group whose keys' log-scales spread too far takes
+    the running-maximum far part alone, where one call takes it for every pair).
+    Equivalent to :func:`favor_naive` with ``window``, ``linear_factor`` and ``sinks``.
     """
     kw = dict(
         window=window,
@@ -353,8 +357,11 @@ def favor_window(
     if q.device.type == "cpu":
         length = max(q.shape[-2], k.shape[-2])
         m = fm.feature_dim(params.weight, q.shape[-1])
-        block = far_block(-1 if window is None else window, length)
-        rows, group = window_groups((bsz, heads, length, v.shape[-1]), m, block, q.element_size())
+        w = -1 if window is None else window
+        band = 0 if w < 0 else block_size or band_block(w, length, causal=causal)
+        rows, group = window_groups(
+            (bsz, heads, length, v.shape[-1]), m, far_block(w, length), q.element_size(), band
+        )
     if rows >= bsz and group >= heads:
         return _favor_window_call(
             q,
