@@ -345,13 +345,6 @@ def favor_window(
     the running-maximum far part alone, where one call takes it for every pair).
     Equivalent to :func:`favor_naive` with ``window``, ``linear_factor`` and ``sinks``.
     """
-    kw = dict(
-        window=window,
-        causal=causal,
-        chunk_size=chunk_size,
-        block_size=block_size,
-        sinks=sinks,
-    )
     bsz, heads = q.shape[0], q.shape[1]
     rows, group = bsz, heads
     if q.device.type == "cpu":
@@ -362,40 +355,34 @@ def favor_window(
         rows, group = window_groups(
             (bsz, heads, length, v.shape[-1]), m, far_block(w, length), q.element_size(), band
         )
-    if rows >= bsz and group >= heads:
+    # One group (every pair) is the whole call: full slices are views of the inputs.
+    row_slices = [slice(b, b + rows) for b in range(0, bsz, max(1, rows))] or [slice(None)]
+    head_slices = [slice(h, h + group) for h in range(0, heads, max(1, group))] or [slice(None)]
+
+    def call(bs: slice, hs: slice) -> Tensor:
+        lf = linear_factor
+        if lf is not None and lf.dim() == 1:
+            lf = lf[hs]
         return _favor_window_call(
-            q,
-            k,
-            v,
+            q[bs, hs],
+            k[bs, hs],
+            v[bs, hs],
             fm,
-            params,
-            linear_factor=linear_factor,
-            key_padding_mask=key_padding_mask,
-            **kw,
+            _slice_params(params, (bsz, heads), bs, hs),
+            window=window,
+            causal=causal,
+            linear_factor=lf,
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[bs],
+            chunk_size=chunk_size,
+            block_size=block_size,
+            sinks=sinks,
         )
-    lf = linear_factor
-    rows_out = []
-    for b0 in range(0, bsz, rows):
-        bs = slice(b0, min(bsz, b0 + rows))
-        mask = None if key_padding_mask is None else key_padding_mask[bs]
-        outs = []
-        for h0 in range(0, heads, group):
-            hs = slice(h0, min(heads, h0 + group))
-            part_lf = lf if lf is None or lf.dim() == 0 else lf[hs]
-            outs.append(
-                _favor_window_call(
-                    q[bs, hs],
-                    k[bs, hs],
-                    v[bs, hs],
-                    fm,
-                    _slice_params(params, (bsz, heads), bs, hs),
-                    linear_factor=part_lf,
-                    key_padding_mask=mask,
-                    **kw,
-                )
-            )
-        rows_out.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
-    return rows_out[0] if len(rows_out) == 1 else torch.cat(rows_out, dim=0)
+
+    return _cat([_cat([call(bs, hs) for hs in head_slices], 1) for bs in row_slices], 0)
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _favor_window_call(
