@@ -114,3 +114,30 @@ def test_attention_literal_is_the_list_of_attention_kinds():
     from linattn.models.config import ATTENTIONS, Attention
 
     assert ATTENTIONS == get_args(Attention) == ("exact", "favor", "linformer")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("shape", [(), (3,)], ids=["scalar", "per-head"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_linear_factor_must_be_finite(bad, shape, causal):
+    # NaN fails `< 0`, so it used to pass the check and give NaN outputs silently.
+    lf = torch.ones(shape, dtype=torch.float64)
+    lf.view(-1)[0] = bad
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        call(causal=causal, window=1, linear_factor=lf)
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        linattn.favor_recurrent(Q, Q, Q, W, window=1, linear_factor=lf)
+
+
+def test_module_refuses_non_finite_linear_factor():
+    m = linattn.PerformerAttention(8, 2, kernel="hedgehog", window=1, batch_first=True)
+    m = m.double()
+    x = randn(1, 4, 8)
+    with torch.no_grad():
+        m.log_linear_factor[0] = float("inf")
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        m(x, x, x)
+    with torch.no_grad():
+        m.log_linear_factor[0] = float("nan")
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        m.step(x, None, 0)

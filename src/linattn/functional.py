@@ -9,6 +9,8 @@ keys.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,9 @@ def _as_4d(x: Tensor) -> Tensor:
         return x.unsqueeze(0).unsqueeze(0)
     if x.dim() == 3:
         return x.unsqueeze(1)
-    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+    # The head count spelled out, not -1: an empty batch (B = 0) has no elements to infer
+    # it from.
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-2]), *x.shape[-2:])
 
 
 def _check_projection(projection: object, fm: FeatureMap, q: Tensor) -> Tensor | None:
@@ -138,8 +142,18 @@ def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
         )
     if lf.device != q4.device:
         raise ValueError(f"linear_factor is on {lf.device} but q is on {q4.device}")
-    if not torch.compiler.is_compiling() and bool((lf.detach() < 0).any()):
-        raise ValueError("linear_factor must be non-negative (e.g. sigmoid of a logit)")
+    if not torch.compiler.is_compiling():
+        # NaN fails every comparison, so `lf < 0` alone lets it through: check finiteness.
+        bad = lf.detach()
+        if not bool(torch.isfinite(bad).all()):
+            raise ValueError(
+                "linear_factor must be finite (e.g. exp of a finite log-weight), got "
+                f"{bad.tolist()}"
+            )
+        if bool((bad < 0).any()):
+            raise ValueError(
+                f"linear_factor must be non-negative (e.g. exp of a log-weight), got {bad.tolist()}"
+            )
     return lf.to(q4.dtype)
 
 
