@@ -27,11 +27,13 @@ from ._dtype import compute_dtype
 from .features import FeatureMap, Kernel, get_feature_map
 from .ops.favor import (
     FavorState,
+    empty_window_state,
     favor_bidirectional,
     favor_causal,
     favor_recurrent_step,
     favor_window,
 )
+from .ops.favor.causal import initial_state
 from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
@@ -197,7 +199,10 @@ def favor_attention(
     chunk_size: int = 64,
     block_size: int | None = None,
     sinks: int = 0,
-) -> Tensor:
+    cu_seqlens: Tensor | None = None,
+    initial_state: FavorState | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, FavorState]:
     """FAVOR+ attention: softmax attention approximated by random features, O(L) time;
     optionally the sliding-window hybrid (exact softmax near the diagonal and for the
     first ``sinks`` keys).
@@ -240,9 +245,33 @@ def favor_attention(
             leave the linear part. With ``window=None`` the sinks are the only exact keys
             (the hybrid with no band). ``0``: no sinks (the plain window hybrid, or pure
             linear attention). Needs ``Lq == Lk``. Time and memory O(L (w + m + s)).
+        cu_seqlens: None, or int32 ``(N + 1,)`` offsets ``0 = c_0 <= c_1 <= ... <= c_N =
+            T`` of ``N`` sequences packed back to back in q, k, v of shape ``(1, H, T,
+            d)`` (FlashAttention's varlen convention): sequence ``i`` is the tokens
+            ``c_i .. c_{i+1} - 1``, and the result equals each sequence run alone (every
+            form: bidirectional, causal, window, sinks, every kernel; data-dependent
+            feature parameters such as FAVOR++'s are each sequence's own). No padding is
+            materialized: each sequence runs through the op on its own slice (a loop over
+            the ``N`` sequences, O(T) work in all plus ``N`` calls' overhead); sequences of
+            length 0 are allowed. Not with ``key_padding_mask``. With ``initial_state`` /
+            ``output_final_state`` the state holds one row per sequence (batch ``N``).
+        initial_state: causal only: a :class:`FavorState` for the tokens before these
+            (from a previous call with ``output_final_state=True``, or from
+            :func:`favor_recurrent`), with the same projection, kernel, scale, window and
+            sinks. Prefilling a long prompt in pieces of any size equals one call, and
+            the final state continues by further pieces or by :func:`favor_recurrent`.
+        output_final_state: also return the state after the last token (causal only).
+            Without a window or sinks the state is carried through the chunked causal
+            scan (the same fast path, O(L m dv)). With a window or sinks the call runs
+            the decoding step's machinery (the band by ``unfold``, the far part by the
+            chunked causal scan under plain autograd, the sinks gathered): exact and
+            O(L (w + m + s)) in time and memory, but slower than the stateless hybrid,
+            whose block-pair paths have hand-written backward passes.
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
+        With ``output_final_state=True`` (or an ``initial_state``) a pair ``(out,
+        state)``; the state is in the compute dtype (float32 for half inputs).
 
     With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map (``phi_q`` for
     the queries and ``phi_k`` for the keys of the untied maps), equivalent to::
@@ -281,10 +310,76 @@ def favor_attention(
         raise ValueError(
             f"causal=True needs Lq == Lk (self-attention); got q {shape_str(q)}, k {shape_str(k)}"
         )
+    if not isinstance(output_final_state, bool):
+        raise TypeError(
+            f"output_final_state must be a bool, got {type(output_final_state).__name__}"
+        )
+    stateful = initial_state is not None or output_final_state
+    if stateful and not causal:
+        raise ValueError(
+            "initial_state / output_final_state need causal=True: a state holds the keys "
+            "before the call, and a bidirectional query also sees keys after it"
+        )
+    options = dict(
+        kernel=kernel,
+        causal=causal,
+        scale=scale,
+        window=window,
+        linear_factor=linear_factor,
+        chunk_size=chunk_size,
+        block_size=block_size,
+        sinks=sinks,
+    )
+    if cu_seqlens is not None:
+        offsets = _check_cu_seqlens(cu_seqlens, q, k, v, key_padding_mask)
+
+        def run(qs, ks, vs, st):
+            if not stateful:
+                return favor_attention(qs, ks, vs, projection, **options), None
+            return favor_attention(
+                qs, ks, vs, projection, **options, initial_state=st, output_final_state=True
+            )
+
+        return _run_packed(
+            offsets,
+            q,
+            k,
+            v,
+            projection,
+            run,
+            initial_state,
+            stateful,
+            kernel,
+            window,
+            sinks,
+            "initial_state",
+        )
+    if stateful:
+        return _favor_stateful(
+            q,
+            k,
+            v,
+            projection,
+            initial_state,
+            kernel=kernel,
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            window=window,
+            linear_factor=linear_factor,
+            chunk_size=chunk_size,
+            sinks=sinks,
+        )
     # Fused Triton kernels for CUDA tensors (ops/favor/triton); None: not covered, eager.
-    # locals() = every argument, so new ones (e.g. window) send the call to the eager path;
-    # sinks=0 is "no sinks" (None to the kernels), which they cover.
-    fast = maybe_favor_triton(**{**locals(), "sinks": sinks or None})
+    # Every option is named here: one the kernels do not know and that is not None (e.g.
+    # window) sends the call to the eager path; sinks=0 is "no sinks" (None to them).
+    fast = maybe_favor_triton(
+        q=q,
+        k=k,
+        v=v,
+        projection=projection,
+        key_padding_mask=key_padding_mask,
+        **{**options, "sinks": sinks or None},
+    )
     if fast is not None:
         return fast
     fm, params, q4, k4, v4, mask = _prepare(
@@ -330,6 +425,7 @@ def favor_recurrent(
     window: int | None = None,
     linear_factor: Tensor | None = None,
     sinks: int = 0,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """Causal FAVOR+ decoding step: consume ``n`` new tokens after ``state``.
 
@@ -346,19 +442,80 @@ def favor_recurrent(
             the number of real keys consumed per sequence (:class:`FavorState`
             ``sink_keys``/``sink_values``/``sink_padding``/``seen``); with
             ``window=None`` the window part of the state is empty (window 0).
+        cu_seqlens: None, or int32 ``(N + 1,)`` offsets of ``N`` sequences packed in q, k,
+            v of shape ``(1, H, T, d)`` (as :func:`favor_attention`): sequence ``i``
+            continues its own state, row ``i`` of a batch-``N`` ``state``, by its
+            ``c_{i+1} - c_i >= 0`` new tokens (a sequence with none keeps its state).
+            A loop over the sequences.
 
     Returns:
         ``(out: (B, H, n, dv), new_state)``. Time and memory per token do not depend on
         how many tokens the state has absorbed. Running it token by token (or ``n`` at a
         time) equals ``favor_attention(..., causal=True, window=window, sinks=sinks)``
-        on the concatenated tokens.
+        on the concatenated tokens, and equals
+        ``favor_attention(..., causal=True, initial_state=state, output_final_state=True)``
+        (the same function).
     """
+    if cu_seqlens is not None:
+        offsets = _check_cu_seqlens(cu_seqlens, q, k, v, key_padding_mask)
+        options = dict(
+            kernel=kernel, scale=scale, window=window, linear_factor=linear_factor, sinks=sinks
+        )
+
+        def run(qs, ks, vs, st):
+            return favor_recurrent(qs, ks, vs, projection, state=st, **options)
+
+        return _run_packed(
+            offsets, q, k, v, projection, run, state, True, kernel, window, sinks, "state"
+        )
     q, k, v = check_qkv(q, k, v)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "favor_recurrent takes q, k, v of shape (B, H, n, d) with the same n; got "
             f"q {shape_str(q)}, k {shape_str(k)}"
         )
+    return _favor_stateful(
+        q,
+        k,
+        v,
+        projection,
+        state,
+        kernel=kernel,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        window=window,
+        linear_factor=linear_factor,
+        chunk_size=min(64, q.shape[-2]),
+        sinks=sinks,
+        state_name="state",
+    )
+
+
+def _favor_stateful(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None,
+    state: FavorState | None,
+    *,
+    kernel: Kernel,
+    key_padding_mask: Tensor | None,
+    scale: float | None,
+    window: int | None,
+    linear_factor: Tensor | None,
+    chunk_size: int,
+    sinks: int,
+    state_name: str = "initial_state",
+) -> tuple[Tensor, FavorState]:
+    """The causal forms with a state carried in and out (``favor_attention`` with
+    ``initial_state`` / ``output_final_state``, and ``favor_recurrent``).
+
+    Shapes: ``q, k: (..., L, d)``, ``v: (..., L, dv)``; the state's ``(B, H)`` are q's
+    batch and folded heads. Returns ``(out: (..., L, dv)`` in q's dtype, the state after
+    the last token ``)``. Plain causal: the chunked scan carries the state
+    (:func:`favor_causal`); window or sinks: the decoding step
+    (:func:`favor_recurrent_step`).
+    """
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
     )
@@ -366,87 +523,234 @@ def favor_recurrent(
     sinks = _check_sinks(sinks)
     lf = _check_linear_factor(linear_factor, q4)
     if state is not None:
-        state = _check_state(state, fm, params, q, v, window, q4.dtype, sinks)
-    out, new_state = favor_recurrent_step(
-        q4,
-        k4,
-        v4,
-        state,
-        fm,
-        params,
-        key_padding_mask=mask,
-        window=window,
-        linear_factor=lf,
-        sinks=sinks,
-    )
-    return out.to(q.dtype), new_state
+        m = fm.feature_dim(params.weight, q.shape[-1])
+        state = _check_state(state, m, q4, v4.shape[-1], window, sinks, name=state_name)
+    if window is None and not sinks:
+        initial = None if state is None else (state.kv, state.stab)
+        out, kv, stab = favor_causal(
+            q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size, initial=initial
+        )
+        new_state = FavorState(kv=kv, stab=stab)
+    else:
+        out, new_state = favor_recurrent_step(
+            q4,
+            k4,
+            v4,
+            state,
+            fm,
+            params,
+            key_padding_mask=mask,
+            window=window,
+            linear_factor=lf,
+            sinks=sinks,
+        )
+    return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
 
 
-def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
+def _check_state(
+    state: object,
+    m: int,
+    q4: Tensor,
+    dv: int,
+    window: int | None,
+    sinks: int,
+    *,
+    name: str = "state",
+    dtype: torch.dtype | None = None,
+) -> FavorState:
+    """``state`` checked against the call (``q4: (B, H, L, d)``, ``M = m`` features per
+    token, value width ``dv``, the window and sinks), its tensors cast to ``dtype``
+    (default q4's)."""
     if not isinstance(state, FavorState):
-        raise TypeError(f"state must be a FavorState or None, got {type(state).__name__}")
-    m = fm.feature_dim(params.weight, q.shape[-1])
-    want = (*q.shape[:2], m, v.shape[-1] + 1)
-    for name, t in (("state.kv", state.kv), ("state.stab", state.stab)):
-        check_tensor(name, t, min_dim=0)
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        raise TypeError(f"{name} must be a FavorState or None, got {type(state).__name__}")
+    bsz, heads, _, d = q4.shape
+    dtype = dtype or q4.dtype
+    want = (bsz, heads, m, dv + 1)
+    for field in ("kv", "stab"):
+        t = getattr(state, field)
+        check_tensor(f"{name}.{field}", t, min_dim=0)
+        if t.device != q4.device:
+            raise ValueError(f"{name}.{field} is on {t.device} but q is on {q4.device}")
     if tuple(state.kv.shape) != want:
         raise ValueError(
-            f"state.kv must have shape (B, H, M, dv + 1) = {want}, got {shape_str(state.kv)}"
+            f"{name}.kv must have shape (B, H, M, dv + 1) = {want}, got {shape_str(state.kv)}"
         )
     if tuple(state.stab.shape) != want[:2]:
         raise ValueError(
-            f"state.stab must have shape (B, H) = {want[:2]}, got {shape_str(state.stab)}"
+            f"{name}.stab must have shape (B, H) = {want[:2]}, got {shape_str(state.stab)}"
         )
     if window is None and not sinks:
         if state.keys is not None:
-            raise ValueError("state carries a window's keys but window=None was passed")
+            raise ValueError(f"{name} carries a window's keys but window=None was passed")
         if state.sink_keys is not None:
-            raise ValueError("state carries sink keys but sinks=0 was passed")
-        return FavorState(state.kv.to(dtype), state.stab.to(dtype))
+            raise ValueError(f"{name} carries sink keys but sinks=0 was passed")
+        return FavorState(kv=state.kv.to(dtype), stab=state.stab.to(dtype))
     # sinks without a window: the hybrid's state with an empty window.
     band = 0 if window is None else window
-    bsz, heads = q.shape[:2]
     shapes = {
-        "keys": (state.keys, (bsz, heads, band, q.shape[-1])),
-        "values": (state.values, (bsz, heads, band, v.shape[-1])),
-        "padding": (state.padding, (bsz, band)),
+        "keys": (bsz, heads, band, d),
+        "values": (bsz, heads, band, dv),
+        "padding": (bsz, band),
     }
     if sinks:
         shapes.update(
             {
-                "sink_keys": (state.sink_keys, (bsz, heads, sinks, q.shape[-1])),
-                "sink_values": (state.sink_values, (bsz, heads, sinks, v.shape[-1])),
-                "sink_padding": (state.sink_padding, (bsz, sinks)),
-                "seen": (state.seen, (bsz,)),
+                "sink_keys": (bsz, heads, sinks, d),
+                "sink_values": (bsz, heads, sinks, dv),
+                "sink_padding": (bsz, sinks),
+                "seen": (bsz,),
             }
         )
     elif state.sink_keys is not None:
-        raise ValueError("state carries sink keys but sinks=0 was passed")
-    for name, (t, shape) in shapes.items():
+        raise ValueError(f"{name} carries sink keys but sinks=0 was passed")
+    for field, shape in shapes.items():
+        t = getattr(state, field)
         if t is None or tuple(t.shape) != shape:
             got = "None" if t is None else shape_str(t)
             raise ValueError(
-                f"state.{name} must have shape {shape} for window={window}, sinks={sinks}, "
-                f"got {got} (pass the state returned by the previous step with the same "
+                f"{name}.{field} must have shape {shape} for window={window}, sinks={sinks}, "
+                f"got {got} (pass the state returned by the previous call with the same "
                 "window and sinks)"
             )
-    fields = [
-        state.kv.to(dtype),
-        state.stab.to(dtype),
-        state.keys.to(dtype),
-        state.values.to(dtype),
-        state.padding,
-    ]
-    if sinks:
-        fields += [
-            state.sink_keys.to(dtype),
-            state.sink_values.to(dtype),
-            state.sink_padding,
-            state.seen,
-        ]
-    return FavorState(*fields)
+    floating = ("kv", "stab", "keys", "values", "sink_keys", "sink_values")
+    return state._replace(
+        **{f: getattr(state, f).to(dtype) for f in floating if getattr(state, f) is not None}
+    )
+
+
+def _check_cu_seqlens(
+    cu_seqlens: object, q: object, k: object, v: object, key_padding_mask: object
+) -> list[int]:
+    """Validate packed-sequence offsets; returns them as Python ints ``[c_0, ..., c_N]``.
+
+    ``cu_seqlens``: int32 ``(N + 1,)``, ``N >= 1``, ``c_0 = 0``, non-decreasing,
+    ``c_N = T``, for q, k, v of shape ``(1, H, T, d)`` (``(1, H, T, dv)`` for v).
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(
+            f"cu_seqlens must be an int32 tensor of offsets (N + 1,), got "
+            f"{type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(
+            f"cu_seqlens must have dtype torch.int32 (as FlashAttention's varlen), got "
+            f"{cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            "cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got "
+            f"{shape_str(cu_seqlens)}"
+        )
+    if key_padding_mask is not None:
+        raise ValueError(
+            "cu_seqlens and key_padding_mask cannot be combined: packed sequences hold no "
+            "padding (pass the sequences back to back instead)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, min_dim=0)
+        if t.dim() != 4 or t.shape[0] != 1:
+            raise ValueError(
+                f"with cu_seqlens, {name} must have shape (1, H, T, d): the sequences packed "
+                f"along T in a batch of 1, got {shape_str(t)}"
+            )
+    if not (q.shape[2] == k.shape[2] == v.shape[2]):
+        raise ValueError(
+            "with cu_seqlens, q, k and v must have the same length T (each sequence attends "
+            f"to itself); got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    offsets = [int(c) for c in cu_seqlens.tolist()]
+    total = q.shape[2]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]} (cu_seqlens {offsets})")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {offsets[i]} < "
+                f"cu_seqlens[{i - 1}] = {offsets[i - 1]}"
+            )
+    if offsets[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must end at T = {total} (the packed length of q {shape_str(q)}), got "
+            f"{offsets[-1]}"
+        )
+    return offsets
+
+
+def _state_row(state: FavorState, i: int) -> FavorState:
+    """Row ``i`` of a batched state, as a batch of one (named fields, no tuple slicing)."""
+    return state._replace(**{f: t[i : i + 1] for f, t in state._asdict().items() if t is not None})
+
+
+def _cat_states(states: list[FavorState]) -> FavorState:
+    """States of batch 1 (or more) stacked along the batch axis."""
+    fields = {}
+    for f in FavorState._fields:
+        parts = [getattr(st, f) for st in states]
+        fields[f] = None if parts[0] is None else torch.cat(parts, dim=0)
+    return FavorState(**fields)
+
+
+def _empty_state(
+    kernel: Kernel, projection: Tensor | None, q: Tensor, v: Tensor, window, sinks
+) -> FavorState:
+    """The state before any token for one sequence of packed ``q: (1, H, T, d)``."""
+    fm = get_feature_map(kernel)
+    heads, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    m = fm.feature_dim(projection, d)
+    cdt = compute_dtype(q.dtype)
+    window = _check_window(window, True, q, q)
+    sinks = _check_sinks(sinks)
+    if window is None and not sinks:
+        kv, stab = initial_state((1, heads), m, dv, dtype=cdt, device=q.device)
+        return FavorState(kv=kv, stab=stab)
+    band = 0 if window is None else window
+    return empty_window_state(1, heads, m, d, dv, band, dtype=cdt, device=q.device, sinks=sinks)
+
+
+def _run_packed(
+    offsets, q, k, v, projection, run, state, stateful, kernel, window, sinks, state_name
+):
+    """Run ``run(q_i, k_i, v_i, state_i) -> (out_i, state_i)`` on each packed sequence
+    ``c_i .. c_{i+1} - 1`` of ``q, k: (1, H, T, d)``, ``v: (1, H, T, dv)``; ``state``:
+    None or batch ``N``. Returns ``out: (1, H, T, dv)`` (with the states stacked,
+    ``(out, state)``, when ``stateful``). A sequence of length 0 adds no output and keeps
+    its state."""
+    n = len(offsets) - 1
+    if state is not None:
+        # Checked whole (one row per sequence, batch N) before any sequence runs, so that
+        # the rows of empty sequences, which pass through, are checked and cast too.
+        fm = get_feature_map(kernel)
+        m = fm.feature_dim(_check_projection(projection, fm, q), q.shape[-1])
+        rows = q.new_empty(n, q.shape[1], 0, q.shape[-1])
+        state = _check_state(
+            state,
+            m,
+            rows,
+            v.shape[-1],
+            _check_window(window, True, q, q),
+            _check_sinks(sinks),
+            name=state_name,
+            dtype=compute_dtype(q.dtype),
+        )
+    outs, states = [], []
+    for i in range(n):
+        s, e = offsets[i], offsets[i + 1]
+        row = None if state is None else _state_row(state, i)
+        if e > s:
+            out, row = run(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], row)
+            outs.append(out)
+        elif stateful and row is None:
+            row = _empty_state(kernel, projection, q, v, window, sinks)
+        states.append(row)
+    if outs:
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    else:
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if not stateful:
+        return out
+    return out, _cat_states(states)
 
 
 def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) -> Tensor:
