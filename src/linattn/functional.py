@@ -9,6 +9,7 @@ keys.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -340,7 +341,7 @@ def favor_attention(
                 qs, ks, vs, projection, **options, initial_state=st, output_final_state=True
             )
 
-        return _run_packed(
+        return _run_packed_favor(
             offsets,
             q,
             k,
@@ -465,7 +466,7 @@ def favor_recurrent(
         def run(qs, ks, vs, st):
             return favor_recurrent(qs, ks, vs, projection, state=st, **options)
 
-        return _run_packed(
+        return _run_packed_favor(
             offsets, q, k, v, projection, run, state, True, kernel, window, sinks, "state"
         )
     q, k, v = check_qkv(q, k, v)
@@ -709,14 +710,28 @@ def _empty_state(
     return empty_window_state(1, heads, m, d, dv, band, dtype=cdt, device=q.device, sinks=sinks)
 
 
-def _run_packed(
+def _run_packed(offsets: list[int], q: Tensor, k: Tensor, v: Tensor, run) -> Tensor:
+    """``run(i, q_i, k_i, v_i) -> out_i`` on each packed sequence ``i``, the tokens
+    ``c_i .. c_{i+1} - 1`` of ``q, k: (1, H, T, d)``, ``v: (1, H, T, dv)``, concatenated:
+    ``(1, H, T, dv)``. A sequence of length 0 adds nothing (and is not run)."""
+    outs = [
+        run(i, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+        for i, (s, e) in enumerate(itertools.pairwise(offsets))
+        if e > s
+    ]
+    if not outs:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+def _run_packed_favor(
     offsets, q, k, v, projection, run, state, stateful, kernel, window, sinks, state_name
 ):
-    """Run ``run(q_i, k_i, v_i, state_i) -> (out_i, state_i)`` on each packed sequence
-    ``c_i .. c_{i+1} - 1`` of ``q, k: (1, H, T, d)``, ``v: (1, H, T, dv)``; ``state``:
-    None or batch ``N``. Returns ``out: (1, H, T, dv)`` (with the states stacked,
-    ``(out, state)``, when ``stateful``). A sequence of length 0 adds no output and keeps
-    its state."""
+    """:func:`_run_packed` for FAVOR+ with one state row per sequence:
+    ``run(q_i, k_i, v_i, state_i) -> (out_i, state_i)`` (``state_i`` None when not
+    ``stateful``); ``state``: None or batch ``N``. Returns ``out`` (and, when
+    ``stateful``, the states stacked: ``(out, state)``). A sequence of length 0 keeps its
+    state (the empty state when none was given)."""
     n = len(offsets) - 1
     if state is not None:
         # Checked whole (one row per sequence, batch N) before any sequence runs, so that
@@ -734,23 +749,19 @@ def _run_packed(
             name=state_name,
             dtype=compute_dtype(q.dtype),
         )
-    outs, states = [], []
-    for i in range(n):
-        s, e = offsets[i], offsets[i + 1]
-        row = None if state is None else _state_row(state, i)
-        if e > s:
-            out, row = run(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], row)
-            outs.append(out)
-        elif stateful and row is None:
-            row = _empty_state(kernel, projection, q, v, window, sinks)
-        states.append(row)
-    if outs:
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
-    else:
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    rows = [None if state is None else _state_row(state, i) for i in range(n)]
+
+    def one(i, qs, ks, vs):
+        out, rows[i] = run(qs, ks, vs, rows[i])
+        return out
+
+    out = _run_packed(offsets, q, k, v, one)
     if not stateful:
         return out
-    return out, _cat_states(states)
+    for i, row in enumerate(rows):
+        if row is None:
+            rows[i] = _empty_state(kernel, projection, q, v, window, sinks)
+    return out, _cat_states(rows)
 
 
 def _check_linformer_projection(name: str, proj: object, q4: Tensor, lk: int) -> Tensor:
@@ -786,6 +797,7 @@ def linformer_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     compressed: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """Linformer attention: keys and values projected along the sequence to ``proj_dim``.
 
@@ -806,6 +818,11 @@ def linformer_attention(
             one applied before the input projections, see
             :class:`linattn.LinformerProjection`); then ``proj_k``, ``proj_v`` and
             ``key_padding_mask`` must be None (padding was dropped by the compression).
+        cu_seqlens: None, or int32 ``(N + 1,)`` offsets of ``N`` sequences packed back to
+            back in q, k, v of shape ``(1, H, T, d)`` (as :func:`favor_attention`): the
+            result equals each sequence run alone (its keys meet the first columns of
+            ``proj_k``/``proj_v``); a loop over the sequences, no padding materialized.
+            Not with ``key_padding_mask`` or ``compressed=True``.
 
     Returns:
         ``(..., Lq, dv)``. Linformer is not causal: a projection along the sequence mixes
@@ -816,6 +833,18 @@ def linformer_attention(
         K' = proj_k[..., :len] @ K;  V' = proj_v[..., :len] @ V   # compressed: K' = k
         out = softmax(q @ K'.T * scale) @ V'
     """
+    if cu_seqlens is not None:
+        if compressed is not False:
+            raise ValueError(
+                "cu_seqlens needs compressed=False: packed sequences are compressed one by "
+                "one, by proj_k and proj_v"
+            )
+        offsets = _check_cu_seqlens(cu_seqlens, q, k, v, key_padding_mask)
+
+        def run(_i, qs, ks, vs):
+            return linformer_attention(qs, ks, vs, proj_k, proj_v, scale=scale, dropout_p=dropout_p)
+
+        return _run_packed(offsets, q, k, v, run)
     q, k, v = check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
     if (
