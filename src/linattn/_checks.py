@@ -160,3 +160,40 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_cu_seqlens(cu_seqlens: object, total: int, device: torch.device) -> list[int]:
+    """Packed-sequence offsets (FlashAttention's varlen ``cu_seqlens``) as Python ints
+    ``[c_0, ..., c_N]``: an int32 tensor of shape ``(N + 1,)``, ``N >= 1``, on
+    ``device``, with ``c_0 = 0``, non-decreasing, ``c_N = total`` (the packed length)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(
+            f"cu_seqlens must be an int32 tensor of offsets (N + 1,), got "
+            f"{type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(
+            f"cu_seqlens must have dtype torch.int32 (as FlashAttention's varlen), got "
+            f"{cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            "cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got "
+            f"{shape_str(cu_seqlens)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    offsets = [int(c) for c in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]} (cu_seqlens {offsets})")
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {offsets[i]} < "
+                f"cu_seqlens[{i - 1}] = {offsets[i - 1]}"
+            )
+    if offsets[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must end at T = {total} (the packed length), got {offsets[-1]}"
+        )
+    return offsets

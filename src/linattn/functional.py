@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
+    check_cu_seqlens,
     check_key_padding_mask,
     check_positive_int,
     check_qkv,
@@ -38,7 +39,13 @@ from .ops.favor.causal import initial_state
 from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
-__all__ = ["FavorState", "favor_attention", "favor_recurrent", "linformer_attention"]
+__all__ = [
+    "FavorState",
+    "favor_attention",
+    "favor_recurrent",
+    "linformer_attention",
+    "packed_positions",
+]
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -622,26 +629,8 @@ def _check_state(
 def _check_cu_seqlens(
     cu_seqlens: object, q: object, k: object, v: object, key_padding_mask: object
 ) -> list[int]:
-    """Validate packed-sequence offsets; returns them as Python ints ``[c_0, ..., c_N]``.
-
-    ``cu_seqlens``: int32 ``(N + 1,)``, ``N >= 1``, ``c_0 = 0``, non-decreasing,
-    ``c_N = T``, for q, k, v of shape ``(1, H, T, d)`` (``(1, H, T, dv)`` for v).
-    """
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(
-            f"cu_seqlens must be an int32 tensor of offsets (N + 1,), got "
-            f"{type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(
-            f"cu_seqlens must have dtype torch.int32 (as FlashAttention's varlen), got "
-            f"{cu_seqlens.dtype}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(
-            "cu_seqlens must have shape (N + 1,) with N >= 1 sequences, got "
-            f"{shape_str(cu_seqlens)}"
-        )
+    """Validate packed-sequence offsets for q, k, v of shape ``(1, H, T, d)``
+    (:func:`~linattn._checks.check_cu_seqlens`); returns them as Python ints."""
     if key_padding_mask is not None:
         raise ValueError(
             "cu_seqlens and key_padding_mask cannot be combined: packed sequences hold no "
@@ -659,24 +648,22 @@ def _check_cu_seqlens(
             "with cu_seqlens, q, k and v must have the same length T (each sequence attends "
             f"to itself); got q {shape_str(q)}, k {shape_str(k)}, v {shape_str(v)}"
         )
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    offsets = [int(c) for c in cu_seqlens.tolist()]
-    total = q.shape[2]
-    if offsets[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]} (cu_seqlens {offsets})")
-    for i in range(1, len(offsets)):
-        if offsets[i] < offsets[i - 1]:
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {offsets[i]} < "
-                f"cu_seqlens[{i - 1}] = {offsets[i - 1]}"
-            )
-    if offsets[-1] != total:
-        raise ValueError(
-            f"cu_seqlens must end at T = {total} (the packed length of q {shape_str(q)}), got "
-            f"{offsets[-1]}"
-        )
-    return offsets
+    return check_cu_seqlens(cu_seqlens, q.shape[2], q.device)
+
+
+def packed_positions(cu_seqlens: Tensor, total: int | None = None) -> Tensor:
+    """Each token's position inside its own sequence, ``(T,)`` long, for packed
+    ``cu_seqlens`` (int32 ``(N + 1,)``, see :func:`favor_attention`): ``[0, 1, .., n_0 -
+    1, 0, 1, .., n_1 - 1, ...]``. ``total``: the packed length T (default
+    ``cu_seqlens[-1]``, checked when given)."""
+    if total is None and isinstance(cu_seqlens, Tensor) and cu_seqlens.numel():
+        total = int(cu_seqlens[-1])
+    device = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else None
+    offsets = check_cu_seqlens(cu_seqlens, total, device)
+    starts = torch.tensor(offsets[:-1], device=device)
+    lengths = torch.tensor(offsets, device=device).diff()
+    pos = torch.arange(offsets[-1], device=device)
+    return pos - starts.repeat_interleave(lengths, output_size=offsets[-1])
 
 
 def _state_row(state: FavorState, i: int) -> FavorState:

@@ -19,8 +19,15 @@ class _Adapter(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return self.inner(x, key_padding_mask=key_padding_mask)[0]
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        if cu_seqlens is None:
+            return self.inner(x, key_padding_mask=key_padding_mask)[0]
+        return self.inner(x, key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens)[0]
 
     def step(self, x: Tensor, cache, offset: int):
         if not isinstance(self.inner, (ExactAttention, PerformerAttention)):

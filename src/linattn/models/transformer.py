@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._io import CheckpointError, read_json, torch_load, torch_save, write_json
+from ..functional import packed_positions
 from ..nn import LinformerProjection, PerformerAttention
 from ..positional import sinusoidal_table
 from .attention import build_attention
@@ -35,8 +36,13 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask))
+    def forward(
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask, cu_seqlens))
         return x + self.drop(self.ff(self.ln2(x)))
 
     def step(self, x: Tensor, cache, offset: int):
@@ -48,7 +54,10 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """Token and position embeddings, ``depth`` blocks, a final LayerNorm.
 
-    ``forward(ids: (B, L) long, key_padding_mask: (B, L) bool | None) -> (B, L, dim)``.
+    ``forward(ids: (B, L) long, key_padding_mask: (B, L) bool | None) -> (B, L, dim)``;
+    ``forward(ids: (1, T), cu_seqlens=c)`` with int32 ``c: (N + 1,)``: ``N`` sequences
+    packed back to back, each attending only to itself, positions restarting at 0 for
+    each (as if each ran alone).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -91,7 +100,7 @@ class Encoder(nn.Module):
         for m in self.performer_layers():
             m.tick()
 
-    def embed(self, ids: Tensor, offset: int = 0) -> Tensor:
+    def embed(self, ids: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(
                 f"ids must be a (batch, seq) long tensor, got {tuple(ids.shape)} {ids.dtype}"
@@ -102,26 +111,49 @@ class Encoder(nn.Module):
                 f"in [{int(ids.min())}, {int(ids.max())}]"
             )
         n = ids.shape[1]
-        if offset + n > self.cfg.max_seq_len and self.cfg.position in ("learned", "sinusoidal"):
+        longest = offset + n
+        if positions is None:
+            positions = torch.arange(offset, offset + n, device=ids.device)
+        elif n:
+            # Packed documents: the longest one must fit the position table.
+            longest = int(positions.max()) + 1
+        if longest > self.cfg.max_seq_len and self.cfg.position in ("learned", "sinusoidal"):
             raise ValueError(
-                f"sequence of {offset + n} tokens exceeds max_seq_len={self.cfg.max_seq_len}"
+                f"sequence of {longest} tokens exceeds max_seq_len={self.cfg.max_seq_len}"
             )
         x = self.tok(ids)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(offset, offset + n, device=ids.device))
+            x = x + self.pos(positions)
         elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[offset : offset + n].to(x.dtype)
+            x = x + self.pos_table[positions].to(x.dtype)
         return self.drop(x)
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        positions = None
+        if cu_seqlens is not None:
+            if ids.dim() != 2 or ids.shape[0] != 1:
+                raise ValueError(
+                    f"with cu_seqlens, ids must be one packed row (1, T), got {tuple(ids.shape)}"
+                )
+            if key_padding_mask is not None:
+                raise ValueError(
+                    "cu_seqlens and key_padding_mask cannot be combined: packed sequences "
+                    "hold no padding"
+                )
+            positions = packed_positions(cu_seqlens, ids.shape[1])
         if self.training:
             self.redraw_tick()
-        x = self.embed(ids)
+        x = self.embed(ids, positions=positions)
         for block in self.blocks:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+                x = checkpoint(block, x, key_padding_mask, cu_seqlens, use_reentrant=False)
             else:
-                x = block(x, key_padding_mask)
+                x = block(x, key_padding_mask, cu_seqlens)
         return self.ln(x)
 
     def step(self, ids: Tensor, caches: list | None, offset: int):
@@ -203,14 +235,34 @@ class CausalLM(_Saveable):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.encoder.tok.weight
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``ids: (B, L)`` -> logits ``(B, L, vocab)``."""
-        return self.lm_head(self.encoder(ids, key_padding_mask))
+    def forward(
+        self,
+        ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        """``ids: (B, L)`` -> logits ``(B, L, vocab)``. ``cu_seqlens`` (int32
+        ``(N + 1,)``): ``ids: (1, T)`` holds ``N`` documents packed back to back, each
+        attending only to itself with positions from 0 (as if each ran alone)."""
+        return self.lm_head(self.encoder(ids, key_padding_mask, cu_seqlens))
 
-    def loss(self, ids: Tensor) -> Tensor:
-        """Next-token cross-entropy of ``ids: (B, L)`` (mean over ``B (L - 1)``)."""
-        logits = self(ids[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    def loss(self, ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        """Next-token cross-entropy of ``ids: (B, L)`` (mean over ``B (L - 1)``).
+
+        With ``cu_seqlens`` (packed documents in ``ids: (1, T)``): the mean over every
+        document's own next-token predictions (``n_i - 1`` per document), none across a
+        boundary; equal to the token-weighted mean of each document's loss alone."""
+        if cu_seqlens is None:
+            logits = self(ids[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        logits = self(ids, cu_seqlens=cu_seqlens)[0, :-1]
+        targets = ids[0, 1:]
+        # Position t predicts t + 1 only inside one document: drop each document's last.
+        last = cu_seqlens[1:].long() - 1
+        last = last[(last >= 0) & (last < targets.shape[0])]
+        keep = torch.ones_like(targets, dtype=torch.bool)
+        keep[last] = False
+        return F.cross_entropy(logits[keep], targets[keep])
 
     @torch.no_grad()
     def step_logits(self, ids: Tensor, caches, offset: int):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int, shape_str
+from .._checks import check_cu_seqlens, check_positive_int, shape_str
+from ..functional import packed_positions
 from ..positional import apply_rotary, rotary_angles
 
 
@@ -85,23 +86,51 @@ class MHAShaped(nn.Module):
             raise ValueError(f"rotary=True needs an even head_dim, got {self.head_dim}")
         self.rotary, self.rotary_base = rotary, rotary_base
 
-    def _rotate(self, x: Tensor, offset: int) -> Tensor:
+    def _rotate(self, x: Tensor, offset: int, positions: Tensor | None = None) -> Tensor:
         """Rotary position embedding of ``x: (B, H, L, d)`` at positions
-        ``offset..offset+L-1`` (identity without ``rotary``)."""
+        ``offset..offset+L-1``, or ``positions: (L,)`` (identity without ``rotary``)."""
         if not self.rotary:
             return x
-        pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
+        pos = positions
+        if pos is None:
+            pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
         cos, sin = rotary_angles(pos, self.head_dim, self.rotary_base)
         return apply_rotary(x, cos, sin)
 
     def _qkv(
-        self, query: Tensor, key: Tensor, value: Tensor, offset: int = 0
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        offset: int = 0,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The heads ``(B, H, L, d)`` of the projected inputs ``(B, L, E)``, queries and
-        keys rotated for positions from ``offset`` (with ``rotary``)."""
-        q = self._rotate(self._heads(self.q_proj(query)), offset)
-        k = self._rotate(self._heads(self.k_proj(key)), offset)
+        keys rotated for positions from ``offset`` or at ``positions: (L,)`` (with
+        ``rotary``)."""
+        q = self._rotate(self._heads(self.q_proj(query)), offset, positions)
+        k = self._rotate(self._heads(self.k_proj(key)), offset, positions)
         return q, k, self._heads(self.v_proj(value))
+
+    def _packed(
+        self, cu_seqlens: object, query: Tensor, key: Tensor, key_padding_mask: object
+    ) -> tuple[list[int], Tensor]:
+        """Check packed inputs (``query``, ``key``: ``(1, T, E)`` after :meth:`_inputs`)
+        against ``cu_seqlens``; returns the offsets and each token's position inside its
+        sequence, ``(T,)`` (rotary positions restart at 0 for every sequence)."""
+        if key_padding_mask is not None:
+            raise ValueError(
+                "cu_seqlens and key_padding_mask cannot be combined: packed sequences hold "
+                "no padding"
+            )
+        if query.shape[0] != 1 or key.shape[1] != query.shape[1]:
+            raise ValueError(
+                "with cu_seqlens, query and key must hold one packed batch of the same "
+                f"length T, (1, T, E) (batch_first) or (T, 1, E); got query "
+                f"{shape_str(query)}, key {shape_str(key)} (batch first)"
+            )
+        offsets = check_cu_seqlens(cu_seqlens, query.shape[1], query.device)
+        return offsets, packed_positions(cu_seqlens, query.shape[1])
 
     def _heads(self, x: Tensor) -> Tensor:
         # [B, L, E] -> [B, H, L, d]

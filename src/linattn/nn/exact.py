@@ -84,7 +84,12 @@ class ExactAttention(MHAShaped):
         need_weights: bool = False,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, None]:
+        """``nn.MultiheadAttention``'s call; ``cu_seqlens`` (int32 ``(N + 1,)``): ``N``
+        sequences packed back to back in a batch of one, each attending only to itself
+        (a block-diagonal mask: O(T^2), the exact reference of the linear modules'
+        packing; rotary positions restart at 0 for each sequence)."""
         if need_weights:
             raise ValueError(
                 "need_weights=True is not available: ExactAttention runs "
@@ -104,9 +109,22 @@ class ExactAttention(MHAShaped):
                 f"causal attention needs Lq == Lk (self-attention); got query "
                 f"{shape_str(query)}, key {shape_str(key)}"
             )
+        dropout_p = self.dropout if self.training else 0.0
+        if cu_seqlens is not None:
+            offsets, positions = self._packed(cu_seqlens, query, key, key_padding_mask)
+            q, k, v = self._qkv(query, key, value, positions=positions)
+            lengths = torch.tensor(offsets, device=q.device).diff()
+            seq = torch.arange(len(offsets) - 1, device=q.device).repeat_interleave(
+                lengths, output_size=lq
+            )
+            # [T, T]: True = may attend: the same sequence (and not later, causal).
+            allowed = seq[:, None] == seq[None, :]
+            if causal:
+                allowed = allowed.tril()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+            return self._layout(self._merge(out)), None
         mask = check_key_padding_mask(key_padding_mask, key.unsqueeze(1))
         q, k, v = self._qkv(query, key, value)
-        dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
         else:

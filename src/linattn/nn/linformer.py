@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -366,13 +367,38 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
         need_weights: bool = False,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, None]:
+        """``nn.MultiheadAttention``'s call; ``cu_seqlens`` (int32 ``(N + 1,)``): the
+        inputs hold ``N`` sequences packed back to back in a batch of one (``(1, T, E)``
+        with ``batch_first``, else ``(T, 1, E)``), each compressed and attended alone (as
+        :func:`linattn.linformer_attention`'s ``cu_seqlens``; a loop over the
+        sequences, every projection kind)."""
         if attn_mask is not None or is_causal:
             raise ValueError(
                 "Linformer supports no attn_mask and no causal masking: its compressed "
                 "keys mix all positions; use key_padding_mask for padding"
             )
         query, key, value = self._inputs(query, key, value, need_weights)
+        if cu_seqlens is None:
+            return self._layout(self._attend(query, key, value, key_padding_mask)), None
+        offsets, _ = self._packed(cu_seqlens, query, key, key_padding_mask)
+        outs = [
+            self._attend(query[:, s:e], key[:, s:e], value[:, s:e], None)
+            for s, e in itertools.pairwise(offsets)
+            if e > s
+        ]
+        if not outs:
+            out = query.new_zeros(1, 0, self.embed_dim)
+        else:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self._layout(out), None
+
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        """The attention of batch-first ``query: (B, Lq, E)`` over ``key``, ``value``:
+        ``(B, Lq, E)``."""
         lk = key.shape[1]
         if lk > self.max_seq_len:
             raise ValueError(
@@ -394,7 +420,7 @@ class LinformerAttention(UsesLinformerProjection, MHAShaped):
                 key_padding_mask=mask,
                 dropout_p=dropout_p,
             )
-        return self._layout(self._merge(out)), None
+        return self._merge(out)
 
     def _compress_then_project(self, key, value, mask, proj):
         # E (X W^T + 1 b^T) = (E X) W^T + (E 1) b^T: compress the raw inputs, then project.

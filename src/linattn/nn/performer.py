@@ -371,17 +371,26 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         need_weights: bool = False,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, None]:
+        """``nn.MultiheadAttention``'s call; ``cu_seqlens`` (int32 ``(N + 1,)``): the
+        inputs hold ``N`` sequences packed back to back in a batch of one (``(1, T, E)``
+        with ``batch_first``, else ``(T, 1, E)``), each attending only to itself, as
+        :func:`linattn.favor_attention`'s ``cu_seqlens`` (rotary positions restart at 0
+        for each sequence)."""
         if attn_mask is not None:
             raise ValueError(
                 "attn_mask is not supported by FAVOR+ (an arbitrary mask needs the full "
                 "matrix); use causal=True or key_padding_mask"
             )
         query, key, value = self._inputs(query, key, value, need_weights)
+        positions = None
+        if cu_seqlens is not None:
+            _, positions = self._packed(cu_seqlens, query, key, key_padding_mask)
         if self.auto_tick:
             self.tick()
         causal = self.causal or is_causal
-        q, k, v = self._qkv(query, key, value)
+        q, k, v = self._qkv(query, key, value, positions=positions)
         out = favor_attention(
             q,
             k,
@@ -394,6 +403,7 @@ class PerformerAttention(RandomFeatures, MHAShaped):
             linear_factor=self.linear_factor(),
             chunk_size=self.chunk_size,
             sinks=self.sinks,
+            cu_seqlens=cu_seqlens,
         )
         return self._layout(self._finish(out)), None
 
