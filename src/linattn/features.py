@@ -142,14 +142,15 @@ _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 
 
-def _moments(x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+def _moments(x: Tensor, key_weight: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mean squared norm ``(...)`` and mean vector ``(..., d)`` of ``x: (..., L, d)`` over
-    the positions where ``keep (B, 1.., L)`` is 1 (all positions if None)."""
-    if keep is None:
+    the positions where ``key_weight (B, 1.., L)`` (float: 1 = real, 0 = padding) is 1
+    (all positions if None)."""
+    if key_weight is None:
         return (x * x).sum(-1).mean(-1), x.mean(-2)
-    count = keep.sum(-1).clamp_min(1.0)
+    count = key_weight.sum(-1).clamp_min(1.0)
     # A select, not a product: padded positions may hold NaN or inf (NaN * 0 is NaN).
-    x = x.masked_fill(keep.unsqueeze(-1) == 0, 0)
+    x = x.masked_fill(key_weight.unsqueeze(-1) == 0, 0)
     return (x * x).sum(-1).sum(-1) / count, x.sum(-2) / count.unsqueeze(-1)
 
 
@@ -241,15 +242,17 @@ class _OptimalPositiveSoftmax(_PositiveSoftmax):
             d = q.shape[-1]
             root = math.sqrt(scale)
             qf, kf = q.double() * root, k.double() * root
-            keep = None
+            key_weight = None
             if key_padding_mask is not None:
-                keep = (~key_padding_mask).to(kf.dtype)
-                keep = keep.view(keep.shape[0], *([1] * (kf.dim() - 3)), keep.shape[1])
-            k_sq, k_mean = _moments(kf, keep)
+                key_weight = (~key_padding_mask).to(kf.dtype)
+                key_weight = key_weight.view(
+                    key_weight.shape[0], *([1] * (kf.dim() - 3)), key_weight.shape[1]
+                )
+            k_sq, k_mean = _moments(kf, key_weight)
             # Self-attention: padded positions are padded queries too, and must not move
             # A either (else real tokens' outputs would depend on the padding).
-            q_keep = keep if keep is not None and qf.shape[-2] == kf.shape[-2] else None
-            q_sq, q_mean = _moments(qf, q_keep)
+            same = key_weight is not None and qf.shape[-2] == kf.shape[-2]
+            q_sq, q_mean = _moments(qf, key_weight if same else None)
             rho = (q_sq + k_sq + 2.0 * (q_mean * k_mean).sum(-1)) / d
             a = (1.0 - 2.0 * rho - torch.sqrt((2.0 * rho + 1.0) ** 2 + 8.0 * rho)) / 16.0
             b = torch.sqrt(1.0 - 4.0 * a)

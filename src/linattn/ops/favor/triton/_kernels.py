@@ -338,7 +338,7 @@ def _chunk_feats(
     K,
     RQ,
     C,
-    KEEP,
+    KEY_WEIGHT,
     w_ptr,
     bh,
     b,
@@ -370,7 +370,8 @@ def _chunk_feats(
     kf32 = k.to(tl.float32)
     keep = valid
     if HAS_MASK:
-        keep = keep & (tl.load(KEEP + b * L + rows, mask=valid, other=0.0) > 0)
+        # KEY_WEIGHT: (B, L) float, 1 for a real key, 0 for padding.
+        keep = keep & (tl.load(KEY_WEIGHT + b * L + rows, mask=valid, other=0.0) > 0)
     lk = lk - (hn * tl.sum(kf32 * kf32, axis=1) + c)[:, None]
     kf = tl.where(keep[:, None], tl.exp2(lk), 0.0)
     return kf32, c, qf, kf, w
@@ -383,7 +384,7 @@ def causal_fwd_kernel(
     V,
     RQ,
     C,
-    KEEP,
+    KEY_WEIGHT,
     W,
     S_IN,
     Z_IN,
@@ -439,7 +440,7 @@ def causal_fwd_kernel(
             K,
             RQ,
             C,
-            KEEP,
+            KEY_WEIGHT,
             w_ptr,
             bh,
             b,
@@ -494,7 +495,7 @@ def causal_dq_kernel(
     GD,
     RQ,
     C,
-    KEEP,
+    KEY_WEIGHT,
     W,
     S_IN,
     Z_IN,
@@ -550,7 +551,7 @@ def causal_dq_kernel(
             K,
             RQ,
             C,
-            KEEP,
+            KEY_WEIGHT,
             w_ptr,
             bh,
             b,
@@ -607,7 +608,7 @@ def causal_dkv_kernel(
     GD,
     RQ,
     C,
-    KEEP,
+    KEY_WEIGHT,
     W,
     D_IN,
     DZ_IN,
@@ -666,7 +667,7 @@ def causal_dkv_kernel(
             K,
             RQ,
             C,
-            KEEP,
+            KEY_WEIGHT,
             w_ptr,
             bh,
             b,

@@ -323,9 +323,14 @@ def _causal_setup(lq: _Launch, q, k, keep, hn):
     return rq, c
 
 
-def _causal_args(lq: _Launch, keep: Tensor | None, hn: float, seg_len: int, chunk: int):
-    kp = keep.float().contiguous() if keep is not None else None
-    return kp, dict(HAS_MASK=keep is not None, CH=chunk, BDV=lq.bdv, **lq.consts())
+def _key_weight(keep: Tensor | None) -> Tensor | None:
+    """The kernels' ``KEY_WEIGHT``: ``keep: (B, L)`` bool (True = real key) as float
+    1/0, or None without padding."""
+    return keep.float().contiguous() if keep is not None else None
+
+
+def _causal_consts(lq: _Launch, has_mask: bool, chunk: int) -> dict:
+    return dict(HAS_MASK=has_mask, CH=chunk, BDV=lq.bdv, **lq.consts())
 
 
 class _Causal(torch.autograd.Function):
@@ -357,7 +362,8 @@ class _Causal(torch.autograd.Function):
         e_in = e_in.permute(1, 2, 0).contiguous()
         num = torch.zeros(*q.shape[:3], lq.dv, device=q.device, dtype=torch.float32)
         den = torch.zeros(*q.shape[:3], device=q.device, dtype=torch.float32)
-        kp, consts = _causal_args(lq, keep, hn, seg_len, chunk)
+        key_weight = _key_weight(keep)
+        consts = _causal_consts(lq, key_weight is not None, chunk)
         grid = (lq.bh, lq.mt, nseg)
         kn.causal_fwd_kernel[grid](
             q,
@@ -365,7 +371,7 @@ class _Causal(torch.autograd.Function):
             v,
             rq,
             c,
-            kp if kp is not None else c,
+            key_weight if key_weight is not None else c,
             w,
             s_in,
             z_in,
@@ -386,14 +392,14 @@ class _Causal(torch.autograd.Function):
         out = torch.where(
             den[..., None] > 0, num / torch.where(den > 0, den, 1.0)[..., None], 0.0
         ).to(q.dtype)
-        ctx.save_for_backward(q, k, v, w, kp, rq, c, s_in, z_in, e_in, first, out, den)
+        ctx.save_for_backward(q, k, v, w, key_weight, rq, c, s_in, z_in, e_in, first, out, den)
         ctx.hn, ctx.cfg, ctx.plan = hn, cfg, (chunk, seg_len, nseg)
         return out
 
     @staticmethod
     @first_order_only("causal favor_attention (Triton)")
     def backward(ctx, grad_out):
-        q, k, v, w, kp, rq, c, s_in, z_in, e_in, first, out, den = ctx.saved_tensors
+        q, k, v, w, key_weight, rq, c, s_in, z_in, e_in, first, out, den = ctx.saved_tensors
         hn, cfg = ctx.hn, ctx.cfg
         chunk, seg_len, nseg = ctx.plan
         lq = _Launch(q, v, w, cfg)
@@ -417,8 +423,8 @@ class _Causal(torch.autograd.Function):
         d_in = d_in.permute(1, 2, 0, 3, 4).contiguous()
         dz_in = dz_in.permute(1, 2, 0, 3).contiguous()
         b_in = b_in.permute(1, 2, 0).contiguous()
-        keep_ptr = kp if kp is not None else c
-        _, consts = _causal_args(lq, None if kp is None else kp, hn, seg_len, chunk)
+        key_weight_ptr = key_weight if key_weight is not None else c
+        consts = _causal_consts(lq, key_weight is not None, chunk)
         grid = (lq.bh, lq.mt, nseg)
         dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         kn.causal_dq_kernel[grid](
@@ -430,7 +436,7 @@ class _Causal(torch.autograd.Function):
             gd,
             rq,
             c,
-            keep_ptr,
+            key_weight_ptr,
             w,
             s_in,
             z_in,
@@ -458,7 +464,7 @@ class _Causal(torch.autograd.Function):
             gd,
             rq,
             c,
-            keep_ptr,
+            key_weight_ptr,
             w,
             d_in,
             dz_in,
