@@ -707,21 +707,22 @@ def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
 
 
 def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
-    # The fused kernels cover sinks=0 (no sinks) and nothing else: a non-None argument
-    # they do not know sends the call to the eager path.
+    # The fused kernels cover sinks=0 (no sinks) and nothing else: sinks > 0 is a reason
+    # against them, so the call takes the eager path.
     from linattn import functional
-    from linattn.ops.favor.triton import maybe_favor_triton
+    from linattn.ops.favor.triton import not_supported_reasons
 
     seen = []
 
-    def spy(**kwargs):
-        seen.append(kwargs["sinks"])
-        return maybe_favor_triton(**kwargs)
+    def spy(call, backends):
+        seen.append((call.sinks, "sinks is set" in not_supported_reasons(call)))
+        return dispatch(call, backends)
 
-    monkeypatch.setattr(functional, "maybe_favor_triton", spy)
+    dispatch = functional.dispatch
+    monkeypatch.setattr(functional, "dispatch", spy)
     q = randn(1, 2, 8, 4)
     w = projection(8, 4)
     linattn.favor_attention(q, q, q, w)
     linattn.favor_attention(q, q, q, w, sinks=0)
     linattn.favor_attention(q, q, q, w, sinks=2)
-    assert seen == [None, None, 2]
+    assert seen == [(0, False), (0, False), (2, True)]

@@ -25,6 +25,7 @@ from ._checks import (
     is_int,
     shape_str,
 )
+from ._dispatch import Backend, FavorCall, dispatch
 from ._dtype import compute_dtype
 from .features import FeatureMap, Kernel, get_feature_map
 from .ops.favor import (
@@ -35,8 +36,8 @@ from .ops.favor import (
     favor_recurrent_step,
     favor_window,
 )
+from .ops.favor import triton as favor_triton
 from .ops.favor.causal import initial_state
-from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = [
@@ -167,13 +168,23 @@ def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
     return lf.to(q4.dtype)
 
 
+def _checked_inputs(q, k, v, key_padding_mask) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v checked (:func:`check_qkv`, the mask's shape) with the padded keys and
+    values zeroed: the one place padding is zeroed, before any path sees the inputs.
+    Padded keys and values may hold anything (NaN, inf, 1e30) and take no part."""
+    q, k, v = check_qkv(q, k, v)
+    mask = check_key_padding_mask(key_padding_mask, k)
+    return q, _zero_padding(k, mask), _zero_padding(v, mask)
+
+
 def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
+    """Feature map, its per-call parameters and the inputs as ``(B, H, L, d)`` in the
+    compute dtype, for q, k, v from :func:`_checked_inputs`."""
     q, k, v = check_qkv(q, k, v)
     fm = get_feature_map(kernel)
     weight = _check_projection(projection, fm, q)
+    # k and v come with their padding zeroed (_checked_inputs, once per call).
     mask = check_key_padding_mask(key_padding_mask, k)
-    # Padded keys/values may hold anything (NaN, inf, 1e30): zero them before any use.
-    k, v = _zero_padding(k, mask), _zero_padding(v, mask)
     scale = check_scale(scale, q.shape[-1])
     if causal and not fm.causal_ok:
         raise ValueError(
@@ -182,11 +193,6 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
         )
     cdt = compute_dtype(q.dtype)
     q4, k4, v4 = (_as_4d(t).to(cdt) for t in (q, k, v))
-    if mask is not None:
-        # Padded keys and values take no part, whatever they hold (NaN and inf included):
-        # zeroed here so that no 0 * NaN reaches a sum.
-        pad = mask[:, None, :, None]
-        k4, v4 = k4.masked_fill(pad, 0.0), v4.masked_fill(pad, 0.0)
     w = None if weight is None else weight.to(cdt)
     params = fm.prepare(w, q4, k4, mask, scale)
     return fm, params, q4, k4, v4, mask
@@ -328,96 +334,157 @@ def favor_attention(
             "initial_state / output_final_state need causal=True: a state holds the keys "
             "before the call, and a bidirectional query also sees keys after it"
         )
-    options = dict(
+    if cu_seqlens is None:
+        q, k, v = _checked_inputs(q, k, v, key_padding_mask)
+    call = FavorCall(
+        q=q,
+        k=k,
+        v=v,
+        projection=projection,
         kernel=kernel,
         causal=causal,
+        key_padding_mask=key_padding_mask,
         scale=scale,
         window=window,
         linear_factor=linear_factor,
         chunk_size=chunk_size,
         block_size=block_size,
         sinks=sinks,
+        cu_seqlens=cu_seqlens,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
     )
-    if cu_seqlens is not None:
-        offsets = _check_cu_seqlens(cu_seqlens, q, k, v, key_padding_mask)
+    return dispatch(call, BACKENDS)
 
-        def run(qs, ks, vs, st):
-            if not stateful:
-                return favor_attention(qs, ks, vs, projection, **options), None
-            return favor_attention(
-                qs, ks, vs, projection, **options, initial_state=st, output_final_state=True
-            )
 
-        return _run_packed_favor(
-            offsets,
-            q,
-            k,
-            v,
-            projection,
-            run,
-            initial_state,
-            stateful,
-            kernel,
-            window,
-            sinks,
-            "initial_state",
+def _favor_packed(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
+    """``cu_seqlens``: each packed sequence through ``favor_attention`` alone."""
+    stateful = call.initial_state is not None or call.output_final_state
+    offsets = _check_cu_seqlens(call.cu_seqlens, call.q, call.k, call.v, call.key_padding_mask)
+    options = call.options()
+    for name in ("cu_seqlens", "initial_state", "output_final_state", "key_padding_mask"):
+        del options[name]
+
+    def run(qs, ks, vs, st):
+        if not stateful:
+            return favor_attention(qs, ks, vs, call.projection, **options), None
+        return favor_attention(
+            qs, ks, vs, call.projection, **options, initial_state=st, output_final_state=True
         )
-    if stateful:
-        return _favor_stateful(
-            q,
-            k,
-            v,
-            projection,
-            initial_state,
-            kernel=kernel,
-            key_padding_mask=key_padding_mask,
-            scale=scale,
-            window=window,
-            linear_factor=linear_factor,
-            chunk_size=chunk_size,
-            sinks=sinks,
-        )
-    # Fused Triton kernels for CUDA tensors (ops/favor/triton); None: not covered, eager.
-    # Every option is named here: one the kernels do not know and that is not None (e.g.
-    # window) sends the call to the eager path; sinks=0 is "no sinks" (None to them).
-    fast = maybe_favor_triton(
-        q=q,
-        k=k,
-        v=v,
-        projection=projection,
-        key_padding_mask=key_padding_mask,
-        **{**options, "sinks": sinks or None},
+
+    return _run_packed_favor(
+        offsets,
+        call.q,
+        call.k,
+        call.v,
+        call.projection,
+        run,
+        call.initial_state,
+        stateful,
+        call.kernel,
+        call.window,
+        call.sinks,
+        "initial_state",
     )
-    if fast is not None:
-        return fast
+
+
+def _favor_call_stateful(call: FavorCall) -> tuple[Tensor, FavorState]:
+    return _favor_stateful(
+        call.q,
+        call.k,
+        call.v,
+        call.projection,
+        call.initial_state,
+        kernel=call.kernel,
+        key_padding_mask=call.key_padding_mask,
+        scale=call.scale,
+        window=call.window,
+        linear_factor=call.linear_factor,
+        chunk_size=call.chunk_size,
+        sinks=call.sinks,
+    )
+
+
+def _eager(call: FavorCall, op) -> Tensor:
+    """An eager path: ``op(q4, k4, v4, fm, params, mask, window, linear_factor)`` on the
+    prepared ``(B, H, L, d)`` inputs; the result back in q's shape and dtype."""
+    q, k, v = call.q, call.k, call.v
     fm, params, q4, k4, v4, mask = _prepare(
-        q, k, v, projection, kernel, causal, key_padding_mask, scale
+        q, k, v, call.projection, call.kernel, call.causal, call.key_padding_mask, call.scale
     )
-    window = _check_window(window, causal, q, k)
-    _check_hybrid_lengths(sinks, causal, q, k)
-    lf = _check_linear_factor(linear_factor, q4)
-    if window is not None or sinks:
-        out = favor_window(
+    window = _check_window(call.window, call.causal, q, k)
+    _check_hybrid_lengths(call.sinks, call.causal, q, k)
+    lf = _check_linear_factor(call.linear_factor, q4)
+    out = op(q4, k4, v4, fm, params, mask, window, lf)
+    return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+
+
+def _run_hybrid(call: FavorCall) -> Tensor:
+    def op(q4, k4, v4, fm, params, mask, window, lf):
+        return favor_window(
             q4,
             k4,
             v4,
             fm,
             params,
             window=window,
-            causal=causal,
+            causal=call.causal,
             linear_factor=lf,
             key_padding_mask=mask,
-            chunk_size=chunk_size,
-            block_size=block_size,
-            sinks=sinks,
+            chunk_size=call.chunk_size,
+            block_size=call.block_size,
+            sinks=call.sinks,
         )
-    elif causal:
-        out = favor_causal(q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size)[0]
-    else:
-        out = favor_bidirectional(
-            q4, k4, v4, fm, params, key_padding_mask=mask, block_size=block_size
+
+    return _eager(call, op)
+
+
+def _run_causal(call: FavorCall) -> Tensor:
+    def op(q4, k4, v4, fm, params, mask, window, lf):
+        return favor_causal(
+            q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=call.chunk_size
+        )[0]
+
+    return _eager(call, op)
+
+
+def _run_bidirectional(call: FavorCall) -> Tensor:
+    def op(q4, k4, v4, fm, params, mask, window, lf):
+        return favor_bidirectional(
+            q4, k4, v4, fm, params, key_padding_mask=mask, block_size=call.block_size
         )
-    return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+
+    return _eager(call, op)
+
+
+def _unless(flag, reason: str) -> list[str]:
+    return [] if flag else [reason]
+
+
+#: favor_attention's paths, in order: the first whose reasons are empty runs.
+BACKENDS = [
+    Backend(
+        "packed",
+        lambda c: _unless(c.cu_seqlens is not None, "no cu_seqlens"),
+        _favor_packed,
+    ),
+    Backend(
+        "stateful",
+        lambda c: _unless(
+            c.initial_state is not None or c.output_final_state,
+            "no initial_state or output_final_state",
+        ),
+        _favor_call_stateful,
+    ),
+    Backend("triton", favor_triton.not_supported_reasons, favor_triton.run),
+    Backend(
+        "eager-hybrid",
+        lambda c: _unless(c.window is not None or c.sinks, "no window and no sinks"),
+        _run_hybrid,
+    ),
+    Backend("eager-causal", lambda c: _unless(c.causal, "not causal"), _run_causal),
+    Backend("eager-bidirectional", lambda c: [], _run_bidirectional),
+]
 
 
 def favor_recurrent(
@@ -476,7 +543,7 @@ def favor_recurrent(
         return _run_packed_favor(
             offsets, q, k, v, projection, run, state, True, kernel, window, sinks, "state"
         )
-    q, k, v = check_qkv(q, k, v)
+    q, k, v = _checked_inputs(q, k, v, key_padding_mask)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "favor_recurrent takes q, k, v of shape (B, H, n, d) with the same n; got "
