@@ -136,3 +136,14 @@ def test_explain_without_a_backend():
         "eager-hybrid",
         "eager-causal",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_dispatch_compiles_in_one_graph(monkeypatch, causal):
+    # The dispatch (its logging included) must not break torch.compile(fullgraph=True).
+    monkeypatch.setenv("LINATTN_LOG_DISPATCH", "1")
+    torch._dynamo.reset()
+    q, w = Q.float(), W.float()
+    fn = torch.compile(lambda x: linattn.favor_attention(x, x, x, w, causal=causal), fullgraph=True)
+    torch.testing.assert_close(fn(q), linattn.favor_attention(q, q, q, w, causal=causal))

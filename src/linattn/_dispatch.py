@@ -10,7 +10,8 @@ takes therefore depends only on the call's fields, never on what else is in scop
 ``LINATTN_LOG_DISPATCH=1`` logs, for every call, the backend that ran and why each one
 before it did not (logger ``linattn.dispatch``, INFO; with no handler configured one
 that writes to stderr is added, and the logger's level lowered to INFO if it was
-above). Without it the same line goes to the logger at DEBUG.
+above). Without it the same line goes to the logger at DEBUG. Calls traced by
+``torch.compile`` are not logged (logging would break the graph).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import torch
 from torch import Tensor
 
 __all__ = ["Backend", "FavorCall", "dispatch", "explain"]
@@ -28,7 +30,7 @@ _ENV = "LINATTN_LOG_DISPATCH"
 logger = logging.getLogger("linattn.dispatch")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FavorCall:
     """One ``favor_attention`` call: its arguments by name (the public signature's).
 
@@ -91,6 +93,10 @@ def _log_enabled() -> bool:
 def dispatch(call: FavorCall, backends: list[Backend]):
     """Run ``call`` on the first of ``backends`` with no reason against it (logged)."""
     backend, skipped = explain(call, backends)
+    # Logging breaks a captured graph (torch.compile(fullgraph=True)): the path of a
+    # compiled call is decided at trace time, so it is not logged there.
+    if torch.compiler.is_compiling():
+        return backend.run(call)
     loud = _log_enabled()
     if loud or logger.isEnabledFor(logging.DEBUG):
         why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in skipped)
