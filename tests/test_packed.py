@@ -107,8 +107,20 @@ def test_packed_states_are_per_sequence(hybrid):
     more = [2, 0, 0, 3, 1]
     q2, k2, v2 = _packed(more, seed=10)
     out2, state2 = linattn.favor_attention(
+        q2,
+        k2,
+        v2,
+        w,
+        causal=True,
+        cu_seqlens=_cu(more),
+        initial_state=state,
+        output_final_state=True,
+        **kw,
+    )
+    only = linattn.favor_attention(
         q2, k2, v2, w, causal=True, cu_seqlens=_cu(more), initial_state=state, **kw
     )
+    torch.testing.assert_close(only, out2, rtol=0, atol=0)
     # Each sequence alone, in one call over its two pieces.
     got1, got2 = dict(zip(range(5), _spans(LENGTHS))), dict(zip(range(5), _spans(more)))
     for i in range(len(LENGTHS)):

@@ -284,8 +284,8 @@ def favor_attention(
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
-        With ``output_final_state=True`` (or an ``initial_state``) a pair ``(out,
-        state)``; the state is in the compute dtype (float32 for half inputs).
+        With ``output_final_state=True`` a pair ``(out, state)``; the state is in the
+        compute dtype (float32 for half inputs).
 
     With ``x~ = x * sqrt(scale)`` and ``phi`` the kernel's feature map (``phi_q`` for
     the queries and ``phi_k`` for the keys of the untied maps), equivalent to::
@@ -372,7 +372,7 @@ def _favor_packed(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
             qs, ks, vs, call.projection, **options, initial_state=st, output_final_state=True
         )
 
-    return _run_packed_favor(
+    result = _run_packed_favor(
         offsets,
         call.q,
         call.k,
@@ -386,10 +386,11 @@ def _favor_packed(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
         call.sinks,
         "initial_state",
     )
+    return result[0] if stateful and not call.output_final_state else result
 
 
-def _favor_call_stateful(call: FavorCall) -> tuple[Tensor, FavorState]:
-    return _favor_stateful(
+def _favor_call_stateful(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
+    out, state = _favor_stateful(
         call.q,
         call.k,
         call.v,
@@ -403,6 +404,7 @@ def _favor_call_stateful(call: FavorCall) -> tuple[Tensor, FavorState]:
         chunk_size=call.chunk_size,
         sinks=call.sinks,
     )
+    return (out, state) if call.output_final_state else out
 
 
 def _eager(call: FavorCall, op) -> Tensor:
