@@ -196,3 +196,15 @@ def test_contract_errors():
         linattn.favor_attention(q, k, v, w, causal=True, initial_state=stw)
     with pytest.raises(ValueError, match=r"initial_state.kv must have shape"):
         linattn.favor_attention(q[:1], k[:1], v[:1], w, causal=True, initial_state=st)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("size", [1, 5], ids=lambda s: f"piece{s}")
+def test_window_longer_than_everything(size, sinks):
+    # w > L: exact attention. The state's ring must not depend on a piece's length (a
+    # window clamped to each piece would change the state's shape between pieces).
+    q, k, v = _qkv(seed=13)
+    w = projection(8, D)
+    one = linattn.favor_attention(q, k, v, w, causal=True, window=40, sinks=sinks)
+    out, _ = _pieces(q, k, v, w, size, window=40, sinks=sinks)
+    torch.testing.assert_close(out, one, **TOL)
