@@ -377,14 +377,14 @@ def _favor_packed(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
         call.q,
         call.k,
         call.v,
-        call.projection,
         run,
-        call.initial_state,
-        stateful,
-        call.kernel,
-        call.window,
-        call.sinks,
-        "initial_state",
+        state=call.initial_state,
+        stateful=stateful,
+        projection=call.projection,
+        kernel=call.kernel,
+        window=call.window,
+        sinks=call.sinks,
+        state_name="initial_state",
     )
     return result[0] if stateful and not call.output_final_state else result
 
@@ -543,7 +543,18 @@ def favor_recurrent(
             return favor_recurrent(qs, ks, vs, projection, state=st, **options)
 
         return _run_packed_favor(
-            offsets, q, k, v, projection, run, state, True, kernel, window, sinks, "state"
+            offsets,
+            q,
+            k,
+            v,
+            run,
+            state=state,
+            stateful=True,
+            projection=projection,
+            kernel=kernel,
+            window=window,
+            sinks=sinks,
+            state_name="state",
         )
     q, k, v = _checked_inputs(q, k, v, key_padding_mask)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
@@ -781,7 +792,19 @@ def _run_packed(offsets: list[int], q: Tensor, k: Tensor, v: Tensor, run) -> Ten
 
 
 def _run_packed_favor(
-    offsets, q, k, v, projection, run, state, stateful, kernel, window, sinks, state_name
+    offsets: list[int],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    run,
+    *,
+    state: FavorState | None,
+    stateful: bool,
+    projection: Tensor | None,
+    kernel: Kernel,
+    window: int | None,
+    sinks: int,
+    state_name: str,
 ):
     """:func:`_run_packed` for FAVOR+ with one state row per sequence:
     ``run(q_i, k_i, v_i, state_i) -> (out_i, state_i)`` (``state_i`` None when not
