@@ -267,7 +267,8 @@ def favor_attention(
             feature parameters such as FAVOR++'s are each sequence's own). No padding is
             materialized: each sequence runs through the op on its own slice (a loop over
             the ``N`` sequences, O(T) work in all plus ``N`` calls' overhead); sequences of
-            length 0 are allowed. Not with ``key_padding_mask``. With ``initial_state`` /
+            length 0 are allowed. The offsets are read on the host (one device
+            synchronization per call). Not with ``key_padding_mask``. With ``initial_state`` /
             ``output_final_state`` the state holds one row per sequence (batch ``N``).
         initial_state: causal only: a :class:`FavorState` for the tokens before these
             (from a previous call with ``output_final_state=True``, or from
