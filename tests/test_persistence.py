@@ -769,7 +769,7 @@ def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypat
         "corpus_texts",
         lambda corpus, train, test, seed=0: (TEXTS[:train], TEXTS[:test]),
     )
-    monkeypatch.setattr("linattn.cli._check_model", lambda name: None)
+    monkeypatch.setattr("linattn.cli.convert._check_model", lambda name: None)
     code = main(
         [
             "convert",

@@ -18,89 +18,24 @@ import copy
 import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .._io import read_json, write_json
 from .._plotting import curve, finish, optional_pyplot, pyplot
-from ..bench.speed import machine_info, write_results
+from ..bench.results import machine_info, write_results
 from ..data import gcide_passages, python_doc_passages, text_split
 from ..integrations.hf.convert import convert, load_converted, save_converted
 from ..integrations.hf.distill import DistillConfig, agreement, distill, is_causal_lm
 from ..integrations.hf.transfer import TransferConfig, transfer
-from ..nn.performer import FavorOptions
 from .pretrained import load_pretrained
 
+# The recipes live in .recipes; their names stay importable from here.
+from .recipes import DECODER_RECIPES, RECIPES, Recipe, recipe_for  # noqa: F401
+
 CORPORA = {"gcide": gcide_passages, "python-docs": python_doc_passages}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A ``linattn convert --recipe``: the FAVOR+ settings it converts with and the
-    settings of its training stages (``transfer`` None: no attention transfer). The
-    command line's defaults are these values; a flag replaces one."""
-
-    favor: FavorOptions
-    distill: DistillConfig
-    transfer: TransferConfig | None = None
-    #: the training text: one corpus of :data:`CORPORA`, or several mixed in equal parts
-    #: (:func:`mixed_training_texts`).
-    corpora: tuple[str, ...] = ("gcide",)
-
-    def favor_options(self) -> dict:
-        """The FAVOR+ settings as ``convert(model, "favor", **options)`` takes them."""
-        return vars(self.favor).copy()
-
-
-RECIPES = {
-    # End-to-end distillation: the defaults of FavorOptions and DistillConfig.
-    "distill": Recipe(FavorOptions(), DistillConfig()),
-    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with m = 64 rows per
-    # head (LoLCATs' feature_dim; 2 x MiniLM's head_dim), a 16-key window and one exact
-    # sink key, TransferConfig's 400 attention-transfer steps, then 600 LoRA distillation
-    # steps, on GCIDE and Python documentation text mixed.
-    "transfer": Recipe(
-        FavorOptions(kernel="hedgehog", num_features=64, window=16, sinks=1),
-        DistillConfig(
-            steps=600,
-            batch_size=4,
-            max_length=512,
-            lr=1e-3,
-            warmup=10,
-            eval_every=100,
-            train="lora",
-        ),
-        TransferConfig(),
-        corpora=("gcide", "python-docs"),
-    ),
-}
-
-#: Recipes whose settings differ for decoders (causal LMs). ``transfer``: the
-#: SmolLM2-135M recipe of docs/results/hf_transfer.md: a 64-key window (a decoder's
-#: attention does not survive a 16-key one), 200 attention-transfer steps, then 60 LoRA
-#: distillation steps at lr 1e-4 (a decoder's KL loss on 4 x 512 tokens; about 2 h on
-#: one CPU thread).
-_TRANSFER = RECIPES["transfer"]
-DECODER_RECIPES = {
-    "transfer": dataclasses.replace(
-        _TRANSFER,
-        favor=dataclasses.replace(_TRANSFER.favor, window=64),
-        distill=dataclasses.replace(_TRANSFER.distill, steps=60, lr=1e-4, eval_every=30),
-        transfer=dataclasses.replace(
-            _TRANSFER.transfer, steps=200, eval_every=50, checkpoint_every=50
-        ),
-    ),
-}
-
-
-def recipe_for(name: str, decoder: bool = False) -> Recipe:
-    """The recipe ``name`` of :data:`RECIPES`, or for a decoder (``decoder=True``) its
-    :data:`DECODER_RECIPES` form where there is one."""
-    if name not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
-    return DECODER_RECIPES.get(name, RECIPES[name]) if decoder else RECIPES[name]
 
 
 def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
