@@ -94,6 +94,33 @@ def test_atomic_directory_keeps_the_old_folder_when_the_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_leftovers_of_a_running_writer_are_not_removed(tmp_path):
+    # A write removes what killed earlier writes of the same path left, but not the
+    # temporaries of another process's write in flight (its pid is in their names): two
+    # writers of one folder must not delete each other's files.
+    live = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for target, write in (
+            (tmp_path / "result.json", lambda p: _io.write_json(p, {"new": 1})),
+            (tmp_path / "ckpt", lambda p: _io.atomic_directory(p).__enter__()),
+        ):
+            in_flight = tmp_path / f".{target.name}.{live.pid}-abcd1234.tmp"
+            stale = tmp_path / f".{target.name}.{dead.pid}-abcd1234.tmp"
+            legacy = tmp_path / f".{target.name}.abcd1234.tmp"
+            for p in (in_flight, stale, legacy):
+                p.write_text("partial")
+            write(target)
+            assert in_flight.read_text() == "partial"
+            assert not stale.exists() and not legacy.exists()
+    finally:
+        live.stdin.close()
+        live.wait(timeout=60)
+
+
 def test_read_metrics_stops_at_a_line_torn_by_a_kill(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "sp')

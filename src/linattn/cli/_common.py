@@ -6,6 +6,7 @@ traceback)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -91,6 +92,17 @@ def check_out(path: str | os.PathLike, flag: str = "--out") -> Path:
             except OSError:
                 break
     return p
+
+
+def own_out(path: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """Own the output folder for the command's life (:func:`linattn._io.folder_lock`):
+    a second command writing there stops at once with one line naming the folder and
+    the holder's pid (exit 1). Under torchrun only rank 0, which writes, owns it."""
+    from .._io import folder_lock
+
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext(Path(path))
+    return folder_lock(path)
 
 
 def read_json(path: str, flag: str = "--config") -> dict:

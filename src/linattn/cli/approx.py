@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import Command, add_size_flags, check_out, preset
+from ._common import Command, add_size_flags, check_out, own_out, preset
 
 
 def configure(a: argparse.ArgumentParser) -> None:
@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import approx
 
     check_out(args.out)
-    result = approx.run(args.out, preset=preset(args))
+    with own_out(args.out):
+        result = approx.run(args.out, preset=preset(args))
     print(approx.format_table(result))
     print(f"\nwrote {args.out}/approx.json, approx.csv, approx_mse.png, approx_variance.png")
     return 0

@@ -16,6 +16,7 @@ from ._common import (
     add_size_flags,
     check_out,
     non_negative,
+    own_out,
     positive,
     preset,
 )
@@ -209,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_out(args.out)
-    table, failed = suite.run(args)
+    with own_out(args.out):
+        table, failed = suite.run(args)
     print(table)
     print(f"\nwrote {args.out}/" + ", ".join(suite.files))
     return 1 if failed else 0

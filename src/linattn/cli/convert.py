@@ -7,7 +7,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ._common import Command, UsageError, check_out, non_negative, positive, positive_float
+from ._common import (
+    Command,
+    UsageError,
+    check_out,
+    non_negative,
+    own_out,
+    positive,
+    positive_float,
+)
 
 
 def _check_model(name: str) -> bool:
@@ -312,20 +320,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--corpus takes several corpora only with --recipe transfer")
     if args.sweep:
         check_out(args.out)
-        result = experiment.sweep(
-            args.model,
-            features=tuple(args.sweep_features),
-            kernels=tuple(args.sweep_kernels),
-            corpus=args.corpus[0],
-            eval_texts=args.eval_texts,
-            max_length=args.max_length,
-            seeds=args.seeds,
-            out=args.out,
-        )
-        for r in result["results"]:
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-        print(f"\nwrote {args.out}/sweep.json, sweep.csv, sweep.png")
-        return 0
+        with own_out(args.out):
+            return _sweep(args, experiment)
     if args.method == "favor":
         options = {"kernel": args.kernel, "seed": args.seed}
         if args.learn_projection:
@@ -366,6 +362,28 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     check_out(args.out)
+    with own_out(args.out):
+        return _run(args, experiment, options, cfg, tcfg if args.recipe == "transfer" else None)
+
+
+def _sweep(args: argparse.Namespace, experiment) -> int:
+    result = experiment.sweep(
+        args.model,
+        features=tuple(args.sweep_features),
+        kernels=tuple(args.sweep_kernels),
+        corpus=args.corpus[0],
+        eval_texts=args.eval_texts,
+        max_length=args.max_length,
+        seeds=args.seeds,
+        out=args.out,
+    )
+    for r in result["results"]:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"\nwrote {args.out}/sweep.json, sweep.csv, sweep.png")
+    return 0
+
+
+def _run(args: argparse.Namespace, experiment, options: dict, cfg, tcfg) -> int:
     if args.recipe == "transfer":
         summary = experiment.run_transfer(
             args.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import Command, add_size_flags, check_out, preset
+from ._common import Command, add_size_flags, check_out, own_out, preset
 
 
 def configure(r: argparse.ArgumentParser) -> None:
@@ -17,7 +17,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import report
 
     check_out(args.out)
-    path = report.run(args.out, preset=preset(args))
+    with own_out(args.out):
+        path = report.run(args.out, preset=preset(args))
     print(path.read_text())
     print(f"\nwrote {path} and its plots")
     return 0

@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from ._common import Command, UsageError, check_out, non_negative, positive, read_json
+from ._common import Command, UsageError, check_out, non_negative, own_out, positive, read_json
 
 _TRAIN_HELP = {
     "task": "bytes: next-byte prediction on GCIDE; listops: LRA ListOps; fortunes: topic "
@@ -132,8 +132,7 @@ def configure(t: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, train
-    from ..train.compare import compare, format_markdown, spec_name
+    from ..train import TrainConfig
 
     if args.compare and any(
         getattr(args, n) is not None for n in ("attention", "kernel", "window", "sinks")
@@ -156,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
         where = f" (in --config {args.config} or the flags)" if args.config else ""
         raise UsageError(f"{exc}{where}") from exc
     check_out(args.out)
+    with own_out(args.out):
+        return _work(args, cfg)
+
+
+def _work(args: argparse.Namespace, cfg) -> int:
+    from ..train import train
+    from ..train.compare import compare, format_markdown, spec_name
+
     if args.compare:
         result = compare(
             cfg, args.out, attentions=tuple(args.attentions) if args.attentions else None
