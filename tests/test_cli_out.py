@@ -168,3 +168,77 @@ def test_every_command_stops_at_a_folder_in_use(tmp_path, monkeypatch, capsys, a
         holder.wait(timeout=60)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pid {holder.pid}" in err[0] and str(out) in err[0], err
+
+
+# ----------------------------------------------------------------- no silent overwrite
+def test_fresh_train_refuses_a_folder_holding_a_run(tmp_path, monkeypatch, capsys):
+    # A fresh run (no --resume) into a finished run's --out is refused (exit 2, one
+    # line, nothing touched); --resume leaves the finished run as it is; --overwrite
+    # replaces it.
+    monkeypatch.setenv("LINATTN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(_train_argv(out, "--dim", "16")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(_train_argv(out, "--dim", "32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and "--resume" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main([*_train_argv(out, "--dim", "32"), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["dim"] == 32
+    assert main([*_train_argv(out, "--dim", "32"), "--overwrite", "--resume"]) == 2
+
+
+def test_report_refuses_to_replace_a_report(tmp_path, monkeypatch, capsys):
+    from linattn.bench import report
+
+    calls = []
+
+    def fake(out, **kw):
+        calls.append(out)
+        (tmp_path / "out" / "index.md").write_text("# report\n")
+        return tmp_path / "out" / "index.md"
+
+    monkeypatch.setattr(report, "run", fake)
+    out = tmp_path / "out"
+    assert main(["report", "--out", str(out)]) == 0
+    assert main(["report", "--out", str(out)]) == 2
+    assert "index.md" in capsys.readouterr().err and len(calls) == 1
+    assert main(["report", "--out", str(out), "--overwrite"]) == 0
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "argv,held",
+    [
+        (["--steps", "0"], "summary.json"),
+        (["--recipe", "transfer"], "transfer"),
+        (["--sweep"], "sweep.json"),
+    ],
+    ids=["distill", "transfer", "sweep"],
+)
+def test_convert_refuses_to_replace_results(tmp_path, monkeypatch, capsys, argv, held):
+    pytest.importorskip("transformers")
+    from linattn.experiments import convert as experiment
+
+    monkeypatch.setattr("linattn.cli.convert._check_model", lambda name: False)
+    calls = []
+    for name in ("run", "run_transfer"):
+        monkeypatch.setattr(experiment, name, lambda *a, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(experiment, "sweep", lambda *a, **kw: calls.append(kw) or {"results": []})
+    monkeypatch.setattr(experiment, "format_summary", lambda s: "")
+    monkeypatch.setattr(experiment, "format_transfer_summary", lambda s: "")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / held).mkdir() if held == "transfer" else (out / held).write_text("{}")
+    cmd = ["convert", "--model", "m", *argv, "--out", str(out)]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and held in err[0] and "--overwrite" in err[0], err
+    assert ("--resume" in err[0]) == (held == "transfer")
+    assert not calls
+    assert main([*cmd, "--overwrite"]) == 0 and len(calls) == 1
+    if held == "transfer":
+        assert main([*cmd, "--resume"]) == 0 and calls[-1]["resume"]

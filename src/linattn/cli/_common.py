@@ -94,6 +94,27 @@ def check_out(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p
 
 
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: replace ``what`` in ``--out`` (refused otherwise:
+    :func:`refuse_replacing`)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} already in --out (without it, such an --out is refused)",
+    )
+
+
+def refuse_replacing(
+    out: str | os.PathLike, names: typing.Iterable[str], what: str, remedy: str
+) -> None:
+    """Refuse an ``--out`` that holds any of ``names`` (results of an earlier run that
+    this command would replace), in one line naming them and ``remedy`` (what to give
+    instead: ``--overwrite``, ``--resume``, another ``--out``)."""
+    held = [name for name in names if (Path(out) / name).exists()]
+    if held:
+        raise UsageError(f"--out {out} already holds {what} ({', '.join(held)}); {remedy}")
+
+
 def own_out(path: str | os.PathLike) -> contextlib.AbstractContextManager:
     """Own the output folder for the command's life (:func:`linattn._io.folder_lock`):
     a second command writing there stops at once with one line naming the folder and

@@ -10,11 +10,13 @@ from pathlib import Path
 from ._common import (
     Command,
     UsageError,
+    add_overwrite_flag,
     check_out,
     non_negative,
     own_out,
     positive,
     positive_float,
+    refuse_replacing,
 )
 
 
@@ -296,10 +298,35 @@ def configure(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--seeds", type=positive, default=1, help="projection draws per sweep cell")
     c.add_argument("--out", default="results/convert", help="output folder")
+    add_overwrite_flag(c, "an earlier conversion's results")
     for action in c._actions:
         # The flags of linattn.experiments.recipes.RECIPE_FLAGS: their help says so.
         if "%(recipe_default)s" in (action.help or ""):
             action.recipe_default = _RecipeDefault(action.dest)
+
+
+def _refuse_replacing_results(args: argparse.Namespace) -> None:
+    """Refuse an --out holding an earlier run's results, unless --overwrite (or, for
+    --recipe transfer, --resume) says what to do with them."""
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite replaces the results in --out; --resume continues them")
+    if args.overwrite or args.resume:
+        return
+    if args.sweep:
+        names, what = ("sweep.json",), "a sweep"
+    elif args.recipe == "transfer":
+        names = ("summary.json", "summary.partial.json", "transfer", "checkpoint")
+        what = "a conversion run"
+    else:
+        names, what = ("summary.json", "checkpoint"), "a conversion run"
+    resumable = args.recipe == "transfer" and not args.sweep
+    refuse_replacing(
+        args.out,
+        names,
+        what,
+        ("--resume continues it, " if resumable else "")
+        + "--overwrite replaces it, or give another --out",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -318,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     if len(args.corpus) > 1 and (args.sweep or args.recipe != "transfer"):
         raise UsageError("--corpus takes several corpora only with --recipe transfer")
+    _refuse_replacing_results(args)
     if args.sweep:
         check_out(args.out)
         with own_out(args.out):

@@ -8,7 +8,17 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from ._common import Command, UsageError, check_out, non_negative, own_out, positive, read_json
+from ._common import (
+    Command,
+    UsageError,
+    add_overwrite_flag,
+    check_out,
+    non_negative,
+    own_out,
+    positive,
+    read_json,
+    refuse_replacing,
+)
 
 _TRAIN_HELP = {
     "task": "bytes: next-byte prediction on GCIDE; listops: LRA ListOps; fortunes: topic "
@@ -100,6 +110,11 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
             t.add_argument(flag, type=kind, default=None, help=text)
 
 
+# What an earlier run left in --out: a fresh run would replace it (config.json alone is
+# no result: a --config may live there).
+_RESULTS = ("summary.json", "checkpoint.pt", "metrics.jsonl", "model")
+
+
 def configure(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--config",
@@ -128,6 +143,7 @@ def configure(t: argparse.ArgumentParser) -> None:
         "e.g. exact favor favor-relu favor-hedgehog-w64 linformer (default: exact "
         "favor favor-relu, plus linformer for classification)",
     )
+    add_overwrite_flag(t, "a training run")
     _add_train_flags(t)
 
 
@@ -154,6 +170,17 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         where = f" (in --config {args.config} or the flags)" if args.config else ""
         raise UsageError(f"{exc}{where}") from exc
+    if args.overwrite and (args.resume or args.compare):
+        raise UsageError(
+            f"--overwrite replaces a single run; not with {'--resume' if args.resume else '--compare'}"
+        )
+    if not (args.resume or args.overwrite or args.compare):
+        refuse_replacing(
+            args.out,
+            _RESULTS,
+            "a training run",
+            "--resume continues it, --overwrite replaces it, or give another --out",
+        )
     check_out(args.out)
     with own_out(args.out):
         return _work(args, cfg)
