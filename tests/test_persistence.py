@@ -121,6 +121,33 @@ def test_leftovers_of_a_running_writer_are_not_removed(tmp_path):
         live.wait(timeout=60)
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute-link", "relative-link"])
+def test_atomic_directory_writes_through_a_symlink(tmp_path, relative):
+    # A path that is a symlink to a folder: the folder it points to gets the new content,
+    # the link stays a link, and no temporary is left beside either.
+    real = tmp_path / "store" / "real"
+    with _io.atomic_directory(real) as d:
+        (d / "a.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(Path("store/real") if relative else real, target_is_directory=True)
+    with _io.atomic_directory(link) as d:
+        (d / "a.txt").write_text("new")
+    assert link.is_symlink() and (real / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "store"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real"]
+
+
+def test_atomic_write_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "data" / "result.json"
+    real.parent.mkdir()
+    _io.write_json(real, {"old": 1})
+    (tmp_path / "result.json").symlink_to(real)
+    _io.write_json(tmp_path / "result.json", {"new": 1})
+    assert (tmp_path / "result.json").is_symlink()
+    assert json.loads(real.read_text()) == {"new": 1}
+    assert sorted(p.name for p in real.parent.iterdir()) == ["result.json"]
+
+
 def test_read_metrics_stops_at_a_line_torn_by_a_kill(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "sp')
@@ -679,6 +706,17 @@ def test_interrupted_save_converted_never_loads_wrong(tmp_path, monkeypatch, whe
     assert _matches(load_converted(target).eval(), old.eval(), x)
     assert (target / "tokenizer.json").read_text() == "{}"
     assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temp left
+
+
+def test_save_converted_through_a_symlink_updates_its_target(tmp_path):
+    _, _, _, load_converted, save_converted = _hf()
+    old, new, x = _converted_pair()
+    save_converted(old, tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    save_converted(new, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert _matches(load_converted(tmp_path / "real").eval(), new.eval(), x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
 
 def test_save_converted_replaces_and_keeps_other_files(tmp_path):

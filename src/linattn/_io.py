@@ -83,10 +83,13 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """``open(path, mode)`` whose content appears at ``path`` only when the block ends
     without an exception (temporary file in the same directory, fsync, ``os.replace``).
-    ``mode``: ``"w"`` or ``"wb"`` (plus open's other keywords, e.g. ``newline``)."""
+    ``mode``: ``"w"`` or ``"wb"`` (plus open's other keywords, e.g. ``newline``). A
+    ``path`` that is a symlink is written through: its target gets the content."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    if path.is_symlink():  # written through, as atomic_directory does: the link stays
+        path = path.resolve()
     _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
@@ -161,8 +164,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; when the block ends without an
     exception its files are fsynced and it replaces ``path`` (an atomic exchange where
     the system has one; otherwise two renames, with ``path`` absent in between, never
-    half-written). On an exception ``path`` is left as it was."""
+    half-written). On an exception ``path`` is left as it was. A ``path`` that is a
+    symlink is written through: the folder it points to is replaced, the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        # Swapping the link itself would turn it into a real folder and leave its target
+        # stale; the folder it names is the one to replace.
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
