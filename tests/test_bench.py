@@ -338,7 +338,7 @@ def test_spread_and_mark_cells():
 
 def test_length_curve_sorts_by_length_and_skips_empty(monkeypatch):
     calls = []
-    monkeypatch.setattr(speed, "_curve", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(speed, "plot_rows", lambda *a, **kw: calls.append((a, kw)))
     speed._length_curve("ax", [], "median_s", 1.0, "C0", "-", "none")
     assert calls == []
     rows = [{"length": 256}, {"length": 64}, {"length": 128}]

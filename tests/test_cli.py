@@ -217,11 +217,11 @@ def test_linformer_flag_defaults_are_linformer_options():
 def test_recipe_defaults_are_the_config_dataclasses():
     pytest.importorskip("transformers")
     from linattn import FavorOptions
-    from linattn.experiments.convert import RECIPES
+    from linattn.experiments.recipes import RECIPES, recipe_defaults
     from linattn.integrations.hf.distill import DistillConfig
     from linattn.integrations.hf.transfer import TransferConfig
 
-    distill = cli.recipe_defaults("distill")
+    distill = recipe_defaults("distill")
     assert distill["kernel"] == FavorOptions().kernel and distill["window"] is None
     for name in (
         "steps",
@@ -236,7 +236,7 @@ def test_recipe_defaults_are_the_config_dataclasses():
     ):
         assert distill[name] == getattr(DistillConfig(), name), name
     assert not any(k.startswith("transfer_") for k in distill)
-    transfer = cli.recipe_defaults("transfer")
+    transfer = recipe_defaults("transfer")
     for name in ("steps", "batch_size", "max_length", "lr", "warmup"):
         assert transfer["transfer_" + name] == getattr(TransferConfig(), name), name
     assert RECIPES["transfer"].transfer == TransferConfig()
@@ -262,6 +262,7 @@ def test_decoders_get_the_decoder_recipe(tmp_path, monkeypatch):
     import json
 
     from linattn.experiments import convert as experiment
+    from linattn.experiments import recipes
     from linattn.experiments.pretrained import is_decoder
 
     enc, dec = tmp_path / "enc", tmp_path / "dec"
@@ -272,11 +273,11 @@ def test_decoders_get_the_decoder_recipe(tmp_path, monkeypatch):
     assert is_decoder("smollm2") and not is_decoder("minilm")
     with pytest.raises(ValueError, match=r"config\.json"):
         is_decoder(str(tmp_path / "none"))
-    assert experiment.recipe_for("distill", True) is experiment.RECIPES["distill"]
-    assert experiment.recipe_for("transfer", False) is experiment.RECIPES["transfer"]
+    assert recipes.recipe_for("distill", True) is recipes.RECIPES["distill"]
+    assert recipes.recipe_for("transfer", False) is recipes.RECIPES["transfer"]
     with pytest.raises(ValueError, match="recipe"):
-        experiment.recipe_for("other")
-    d = cli.recipe_defaults("transfer", decoder=True)
+        recipes.recipe_for("other")
+    d = recipes.recipe_defaults("transfer", decoder=True)
     assert (d["window"], d["transfer_steps"], d["steps"], d["lr"], d["train"]) == (
         64,
         200,
@@ -287,8 +288,8 @@ def test_decoders_get_the_decoder_recipe(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(experiment, "run_transfer", lambda *a, **kw: seen.update(kw) or {})
     monkeypatch.setattr(experiment, "format_transfer_summary", lambda s: "")
-    for folder, recipe in ((dec, experiment.DECODER_RECIPES["transfer"]), (enc, None)):
-        recipe = recipe or experiment.RECIPES["transfer"]
+    for folder, recipe in ((dec, recipes.DECODER_RECIPES["transfer"]), (enc, None)):
+        recipe = recipe or recipes.RECIPES["transfer"]
         argv = ["convert", "--model", str(folder), "--recipe", "transfer"]
         assert main([*argv, "--out", str(tmp_path / "o1")]) == 0
         assert seen["config"] == recipe.distill
@@ -304,6 +305,7 @@ def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
     import dataclasses
 
     from linattn.experiments import convert as experiment
+    from linattn.experiments import recipes
 
     seen = {}
 
@@ -315,10 +317,10 @@ def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "run_transfer", fake)
     monkeypatch.setattr(experiment, "format_summary", lambda s: "")
     monkeypatch.setattr(experiment, "format_transfer_summary", lambda s: "")
-    monkeypatch.setattr(cli, "_check_model", lambda name: None)
+    monkeypatch.setattr(cli.convert, "_check_model", lambda name: None)
     argv = ["convert", "--model", "m", "--recipe", recipe, "--out", str(tmp_path)]
     assert main(argv) == 0
-    r = experiment.RECIPES[recipe]
+    r = recipes.RECIPES[recipe]
     assert seen["config"] == r.distill
     assert seen["options"]["kernel"] == r.favor.kernel
     if recipe == "transfer":

@@ -94,6 +94,60 @@ def test_atomic_directory_keeps_the_old_folder_when_the_write_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_leftovers_of_a_running_writer_are_not_removed(tmp_path):
+    # A write removes what killed earlier writes of the same path left, but not the
+    # temporaries of another process's write in flight (its pid is in their names): two
+    # writers of one folder must not delete each other's files.
+    live = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for target, write in (
+            (tmp_path / "result.json", lambda p: _io.write_json(p, {"new": 1})),
+            (tmp_path / "ckpt", lambda p: _io.atomic_directory(p).__enter__()),
+        ):
+            in_flight = tmp_path / f".{target.name}.{live.pid}-abcd1234.tmp"
+            stale = tmp_path / f".{target.name}.{dead.pid}-abcd1234.tmp"
+            legacy = tmp_path / f".{target.name}.abcd1234.tmp"
+            for p in (in_flight, stale, legacy):
+                p.write_text("partial")
+            write(target)
+            assert in_flight.read_text() == "partial"
+            assert not stale.exists() and not legacy.exists()
+    finally:
+        live.stdin.close()
+        live.wait(timeout=60)
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute-link", "relative-link"])
+def test_atomic_directory_writes_through_a_symlink(tmp_path, relative):
+    # A path that is a symlink to a folder: the folder it points to gets the new content,
+    # the link stays a link, and no temporary is left beside either.
+    real = tmp_path / "store" / "real"
+    with _io.atomic_directory(real) as d:
+        (d / "a.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(Path("store/real") if relative else real, target_is_directory=True)
+    with _io.atomic_directory(link) as d:
+        (d / "a.txt").write_text("new")
+    assert link.is_symlink() and (real / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "store"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real"]
+
+
+def test_atomic_write_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "data" / "result.json"
+    real.parent.mkdir()
+    _io.write_json(real, {"old": 1})
+    (tmp_path / "result.json").symlink_to(real)
+    _io.write_json(tmp_path / "result.json", {"new": 1})
+    assert (tmp_path / "result.json").is_symlink()
+    assert json.loads(real.read_text()) == {"new": 1}
+    assert sorted(p.name for p in real.parent.iterdir()) == ["result.json"]
+
+
 def test_read_metrics_stops_at_a_line_torn_by_a_kill(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "sp')
@@ -654,6 +708,17 @@ def test_interrupted_save_converted_never_loads_wrong(tmp_path, monkeypatch, whe
     assert not [p for p in tmp_path.iterdir() if p.name != "ckpt"]  # no temp left
 
 
+def test_save_converted_through_a_symlink_updates_its_target(tmp_path):
+    _, _, _, load_converted, save_converted = _hf()
+    old, new, x = _converted_pair()
+    save_converted(old, tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    save_converted(new, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert _matches(load_converted(tmp_path / "real").eval(), new.eval(), x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_save_converted_replaces_and_keeps_other_files(tmp_path):
     _, _, _, load_converted, save_converted = _hf()
     old, new, x = _converted_pair()
@@ -769,7 +834,7 @@ def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypat
         "corpus_texts",
         lambda corpus, train, test, seed=0: (TEXTS[:train], TEXTS[:test]),
     )
-    monkeypatch.setattr("linattn.cli._check_model", lambda name: None)
+    monkeypatch.setattr("linattn.cli.convert._check_model", lambda name: None)
     code = main(
         [
             "convert",

@@ -5,7 +5,8 @@ renamed over the target with :func:`os.replace` (atomic on POSIX and Windows): a
 sees the old file or the new one, never a half-written one. A directory of several files
 (a Hugging Face checkpoint) is written to a temporary sibling directory and swapped in
 (:func:`atomic_directory`). Loading errors raise :class:`CheckpointError`, which names
-the file and what is wrong with it.
+the file and what is wrong with it. A run owns its output folder through
+:func:`folder_lock`: a second writer stops at once instead of mixing its files in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes.util
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,15 +31,41 @@ class CheckpointError(ValueError):
     message names the file and what is wrong."""
 
 
+def _temp_prefix(path: Path) -> str:
+    """The name prefix of ``path``'s temporary files and folders: ``.NAME.PID-``, so that
+    :func:`_remove_leftovers` can tell a live process's write in flight from the
+    leftovers of a killed one."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0 checks, sends nothing)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to another user (EPERM)
+        return True
+    return True
+
+
 def _remove_leftovers(path: Path) -> None:
-    """Delete the temporary files or folders a killed earlier write of ``path`` left."""
+    """Delete the temporary files or folders a killed earlier write of ``path`` left.
+    Those of a process still running (its pid is in the name: :func:`_temp_prefix`) are
+    another write in flight and are left alone."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if stale.suffix in (".tmp", ".old"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+        if stale.suffix not in (".tmp", ".old"):
+            continue
+        tag = re.match(r"(\d+)-", stale.name[len(path.name) + 2 :])
+        if tag is not None and _pid_alive(int(tag.group(1))):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -55,12 +83,15 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     """``open(path, mode)`` whose content appears at ``path`` only when the block ends
     without an exception (temporary file in the same directory, fsync, ``os.replace``).
-    ``mode``: ``"w"`` or ``"wb"`` (plus open's other keywords, e.g. ``newline``)."""
+    ``mode``: ``"w"`` or ``"wb"`` (plus open's other keywords, e.g. ``newline``). A
+    ``path`` that is a symlink is written through: its target gets the content."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    if path.is_symlink():  # written through, as atomic_directory does: the link stays
+        path = path.resolve()
     _remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         if mode == "w":
             kwargs.setdefault("encoding", "utf-8")
@@ -133,11 +164,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; when the block ends without an
     exception its files are fsynced and it replaces ``path`` (an atomic exchange where
     the system has one; otherwise two renames, with ``path`` absent in between, never
-    half-written). On an exception ``path`` is left as it was."""
+    half-written). On an exception ``path`` is left as it was. A ``path`` that is a
+    symlink is written through: the folder it points to is replaced, the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        # Swapping the link itself would turn it into a real folder and leave its target
+        # stale; the folder it names is the one to replace.
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -153,7 +189,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -220,3 +256,63 @@ def torch_load(path: str | os.PathLike, what: str = "checkpoint", map_location=N
             f"{path}: not a readable {what} ({why}); it may be from an "
             "interrupted write or not a linattn file"
         ) from exc
+
+
+class FolderInUseError(OSError):
+    """Another process holds the output folder's lock (:func:`folder_lock`); the
+    message names the folder and the holder's pid."""
+
+
+#: The lock file of a folder a run owns (:func:`folder_lock`); it holds the owner's pid.
+LOCK_NAME = ".lock"
+# Folders this process holds: resolved path -> [lock file descriptor, depth].
+_HELD: dict[str, list[int]] = {}
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Own the folder ``path`` (created if missing) for the block's life: an exclusive
+    ``fcntl.flock`` on ``path/.lock``, which holds this process's pid while it runs. A
+    folder another process owns raises :class:`FolderInUseError` at once, naming it and
+    the holder's pid. Re-entrant within one process; the lock goes when the process
+    does, however it ends. Yields ``path``. Where ``fcntl`` is missing (Windows) the
+    folder is not locked."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield folder
+        return
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock = folder / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        try:
+            holder = lock.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise FolderInUseError(
+            f"{folder} is in use by another linattn run (pid {holder}; lock {lock}): "
+            "wait for it to end, or write elsewhere"
+        ) from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD[key] = [fd, 1]
+        yield folder
+    finally:
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock

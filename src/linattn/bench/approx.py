@@ -24,7 +24,7 @@ import torch
 from .._plotting import finish, log_axes, pyplot
 from ..features import FeatureParams, draw_projection, get_feature_map
 from ..functional import favor_attention
-from .speed import machine_info, write_results
+from .results import machine_info, write_results
 
 # (label, kernel, orthogonal)
 VARIANTS = [

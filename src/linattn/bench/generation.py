@@ -15,7 +15,7 @@ import torch
 
 from .._plotting import finish, log_axes, pyplot
 from . import checks
-from .speed import _curve, footnotes, machine_info, spread_and_mark, write_results
+from .results import footnotes, machine_info, plot_rows, spread_and_mark, write_results
 
 PRESETS = {"quick": [256, 1024, 4096], "full": [1024, 4096, 16384]}
 
@@ -157,12 +157,12 @@ def _plot(result: dict, path: Path) -> None:
             key=lambda r: r["context"],
         )
         color = "C3" if attention == "favor" else "C0"
-        # _curve reads q1_s / q3_s: per-token times are in ms.
+        # plot_rows reads q1_s / q3_s: per-token times are in ms.
         timed = [
             dict(r, q1_s=r.get("q1_ms", r["ms_per_token"]), q3_s=r.get("q3_ms", r["ms_per_token"]))
             for r in rows
         ]
-        _curve(axes[0], timed, "ms_per_token", 1.0, color, "-", label, errors=True, x="context")
+        plot_rows(axes[0], timed, "ms_per_token", 1.0, color, "-", label, errors=True, x="context")
         axes[1].plot(
             [r["context"] for r in rows],
             [r["cache_bytes"] / 2**20 for r in rows],

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .._plotting import finish, log_axes, pyplot
-from .speed import write_results
+from .results import write_results
 
 PRESETS = {
     # The headline configuration, short of 128k.

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .._plotting import finish, log_axes, pyplot
 from . import checks
-from .speed import TIMING_FIELDS, footnotes, machine_info, run_cases, write_results
+from .results import TIMING_FIELDS, footnotes, machine_info, write_results
+from .speed import run_cases
 
 PRESETS = {
     "quick": {"lengths": [512, 1024, 2048, 4096], "dims": [128, 256, 512]},

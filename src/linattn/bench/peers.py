@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from . import checks
-from .speed import TIMING_FIELDS, footnotes, machine_info, run_cases, spread_and_mark, write_results
+from .results import TIMING_FIELDS, footnotes, machine_info, spread_and_mark, write_results
+from .speed import run_cases
 
 PRESETS = {"quick": [1024, 2048], "full": [1024, 2048, 4096]}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._io import write_text
 from . import approx, checks, generation, linformer_table, peers, speed
 
 
@@ -169,5 +170,5 @@ def run(out_dir: str | Path = "report", *, preset: str = "quick", progress: bool
         load,
     )
     body = "\n".join(f"## {title}\n\n{text}" for title, text in sections)
-    (out / "index.md").write_text(head + "\n" + summary + "\n" + body)
+    write_text(out / "index.md", head + "\n" + summary + "\n" + body)
     return out / "index.md"

@@ -1,6 +1,6 @@
 """Application code above the library: the packaged pretrained models
-(:mod:`.pretrained`) and the conversion experiments behind ``linattn convert`` and its
-recipes (:mod:`.convert`, needs the ``[hf]`` extra).
+(:mod:`.pretrained`), the conversion experiments behind ``linattn convert``
+(:mod:`.convert`) and its recipes (:mod:`.recipes`); these two need the ``[hf]`` extra.
 
 ``load_pretrained`` loads the packaged models (``"minilm"``, ``"smollm2"``) or a local
 folder, offline."""

@@ -18,89 +18,26 @@ import copy
 import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .._io import read_json, write_json
-from .._plotting import curve, finish, optional_pyplot, pyplot
-from ..bench.speed import machine_info, write_results
+from ..bench.results import machine_info, write_results
 from ..data import gcide_passages, python_doc_passages, text_split
 from ..integrations.hf.convert import convert, load_converted, save_converted
 from ..integrations.hf.distill import DistillConfig, agreement, distill, is_causal_lm
 from ..integrations.hf.transfer import TransferConfig, transfer
-from ..nn.performer import FavorOptions
 from .pretrained import load_pretrained
 
+# The recipes live in .recipes; their names stay importable from here.
+from .recipes import DECODER_RECIPES, RECIPES, Recipe, recipe_for  # noqa: F401
+
+# The CLI prints these as experiment.format_summary (tests replace them there).
+from .summaries import format_summary, format_transfer_summary, plot_log, plot_sweep  # noqa: F401
+
 CORPORA = {"gcide": gcide_passages, "python-docs": python_doc_passages}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A ``linattn convert --recipe``: the FAVOR+ settings it converts with and the
-    settings of its training stages (``transfer`` None: no attention transfer). The
-    command line's defaults are these values; a flag replaces one."""
-
-    favor: FavorOptions
-    distill: DistillConfig
-    transfer: TransferConfig | None = None
-    #: the training text: one corpus of :data:`CORPORA`, or several mixed in equal parts
-    #: (:func:`mixed_training_texts`).
-    corpora: tuple[str, ...] = ("gcide",)
-
-    def favor_options(self) -> dict:
-        """The FAVOR+ settings as ``convert(model, "favor", **options)`` takes them."""
-        return vars(self.favor).copy()
-
-
-RECIPES = {
-    # End-to-end distillation: the defaults of FavorOptions and DistillConfig.
-    "distill": Recipe(FavorOptions(), DistillConfig()),
-    # docs/results/hf_transfer.md's MiniLM recipe: hedgehog maps with m = 64 rows per
-    # head (LoLCATs' feature_dim; 2 x MiniLM's head_dim), a 16-key window and one exact
-    # sink key, TransferConfig's 400 attention-transfer steps, then 600 LoRA distillation
-    # steps, on GCIDE and Python documentation text mixed.
-    "transfer": Recipe(
-        FavorOptions(kernel="hedgehog", num_features=64, window=16, sinks=1),
-        DistillConfig(
-            steps=600,
-            batch_size=4,
-            max_length=512,
-            lr=1e-3,
-            warmup=10,
-            eval_every=100,
-            train="lora",
-        ),
-        TransferConfig(),
-        corpora=("gcide", "python-docs"),
-    ),
-}
-
-#: Recipes whose settings differ for decoders (causal LMs). ``transfer``: the
-#: SmolLM2-135M recipe of docs/results/hf_transfer.md: a 64-key window (a decoder's
-#: attention does not survive a 16-key one), 200 attention-transfer steps, then 60 LoRA
-#: distillation steps at lr 1e-4 (a decoder's KL loss on 4 x 512 tokens; about 2 h on
-#: one CPU thread).
-_TRANSFER = RECIPES["transfer"]
-DECODER_RECIPES = {
-    "transfer": dataclasses.replace(
-        _TRANSFER,
-        favor=dataclasses.replace(_TRANSFER.favor, window=64),
-        distill=dataclasses.replace(_TRANSFER.distill, steps=60, lr=1e-4, eval_every=30),
-        transfer=dataclasses.replace(
-            _TRANSFER.transfer, steps=200, eval_every=50, checkpoint_every=50
-        ),
-    ),
-}
-
-
-def recipe_for(name: str, decoder: bool = False) -> Recipe:
-    """The recipe ``name`` of :data:`RECIPES`, or for a decoder (``decoder=True``) its
-    :data:`DECODER_RECIPES` form where there is one."""
-    if name not in RECIPES:
-        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
-    return DECODER_RECIPES.get(name, RECIPES[name]) if decoder else RECIPES[name]
 
 
 def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
@@ -108,19 +45,6 @@ def corpus_texts(corpus: str, *, train: int, test: int, seed: int = 0):
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {corpus!r}")
     return text_split(CORPORA[corpus](), train=train, test=test, seed=seed)
-
-
-def _headline(metrics: dict) -> str:
-    if "ppl_ratio" in metrics:
-        return (
-            f"ppl {metrics['ppl']:.2f} vs exact {metrics['ppl_exact']:.2f} "
-            f"(ratio {metrics['ppl_ratio']:.3f}), top-1 agreement "
-            f"{metrics['top1_agreement']:.3f}"
-        )
-    return (
-        f"mean cosine {metrics['mean_cosine']:.4f} (min {metrics['min_cosine']:.4f}), "
-        f"hidden rel. error {metrics['hidden_rel_error']:.3f}"
-    )
 
 
 def run(
@@ -200,31 +124,6 @@ def run(
     return summary
 
 
-def plot_log(log: list[dict], path: Path, *, title: str) -> None:
-    """Agreement against distillation steps (cosine for encoders, perplexity ratio and
-    top-1 agreement for decoders)."""
-    plt = optional_pyplot()
-    if plt is None:
-        return
-    steps = [r["step"] for r in log]
-    keys = (
-        ["ppl_ratio", "top1_agreement"]
-        if "ppl_ratio" in log[0]
-        else ["mean_cosine", "hidden_rel_error"]
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, keys):
-        curve(
-            ax,
-            steps,
-            [r[key] for r in log],
-            xlabel="distillation step",
-            ylabel=key.replace("_", " "),
-            marker="o",
-        )
-    finish(fig, path, title=title)
-
-
 def sweep(
     model_name: str,
     *,
@@ -293,51 +192,6 @@ def sweep(
     write_results(out, "sweep", result, fields)
     plot_sweep(result, out / "sweep.png")
     return result
-
-
-def plot_sweep(result: dict, path: Path) -> None:
-    plt = pyplot()
-
-    rows = [r for r in result["results"] if r["method"] == "favor"]
-    key = "ppl_ratio" if "ppl_ratio" in rows[0] else "mean_cosine"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
-        pts = [(r["num_features"], r[key]) for r in rows if r["kernel"] == kernel]
-        ax.plot(*zip(*pts), marker="o", label=f"FAVOR {kernel}")
-    for r in result["results"]:
-        if r["method"] == "linformer":
-            ax.axhline(r[key], ls="--", lw=1, color="gray")
-            ax.annotate(
-                f"Linformer k={r['proj_dim']} (untrained E/F)",
-                (rows[0]["num_features"], r[key]),
-                fontsize=7,
-                va="bottom",
-            )
-    ax.set_xscale("log", base=2)
-    if key == "ppl_ratio":
-        ax.set_yscale("log")
-    ax.set_xlabel("random features m")
-    ax.set_ylabel(key.replace("_", " ") + " (before distillation)")
-    ax.set_title(f"{result['model']}: conversion without training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    finish(fig, path)
-
-
-def format_summary(summary: dict) -> str:
-    lines = [
-        f"{summary['model']} ({summary['architecture']}) -> {summary['method']} "
-        f"{summary['options']}"
-    ]
-    for name in summary["before"]:
-        lines.append(f"  {name:12} before: {_headline(summary['before'][name])}")
-        if summary["distill"]["steps"]:
-            lines.append(
-                f"  {name:12} after {summary['distill']['steps']} steps "
-                f"({summary['distill_seconds']:.0f} s): "
-                f"{_headline(summary['after'][name])}"
-            )
-    return "\n".join(lines)
 
 
 def pack_texts(
@@ -660,18 +514,3 @@ class _Memo(torch.nn.Module):
         if key not in self.memo:
             self.memo[key] = self.model(**batch)
         return self.memo[key]
-
-
-def format_transfer_summary(summary: dict) -> str:
-    """The measurements of :func:`run_transfer` as text, one line per held-out set and
-    stage."""
-    lines = [f"{summary['model']} ({summary['architecture']}) -> favor {summary['options']}"]
-    stages = [
-        ("before", "converted"),
-        ("after_transfer", "after attention transfer"),
-        ("after", "after distillation"),
-    ]
-    for name in summary["before"]:
-        for key, label in stages:
-            lines.append(f"  {name:16} {label:26}: {_headline(summary[key][name])}")
-    return "\n".join(lines)

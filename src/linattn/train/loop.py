@@ -25,6 +25,7 @@ last checkpoint are not recorded twice. Resuming a finished run does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._io import CheckpointError, torch_load, torch_save, write_json, write_jsonl
+from .._io import CheckpointError, folder_lock, torch_load, torch_save, write_json, write_jsonl
 from .._plotting import curve, finish, optional_pyplot
 from .._schedule import warmup_cosine
 from .config import LEGACY_VALUES, TrainConfig
@@ -174,7 +175,28 @@ def train(
     a damaged checkpoint raises :class:`linattn.CheckpointError`; a run that already
     finished is left untouched and its recorded summary returned, with
     ``"already_finished": True``.
+
+    The run owns ``out`` while it lasts (:func:`linattn._io.folder_lock`, taken by rank
+    0): another run into the same folder raises :class:`linattn._io.FolderInUseError`
+    at once, naming the folder and this run's pid.
     """
+    # Rank 0 writes the files, so it alone owns the folder (RANK as _dist_setup reads it).
+    owner = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(out) if owner else contextlib.nullcontext():
+        return _train(
+            cfg, Path(out), resume=resume, progress=progress, task=task, stop_after=stop_after
+        )
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    task,
+    stop_after: int | None,
+) -> dict:
     rank, world, device = _dist_setup()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
