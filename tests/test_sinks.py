@@ -725,3 +725,19 @@ def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
     linattn.favor_attention(q, q, q, w, sinks=0)
     linattn.favor_attention(q, q, q, w, sinks=2)
     assert seen == [None, None, 2]
+
+
+@pytest.mark.parametrize("kernel", ["hedgehog", "hedgehog_untied", "relu", "elu"])
+def test_issue_repro_causal_sinks_without_window_keep_row_zero_exact(kernel):
+    # Row 0 sees only key 0, a sink: exact softmax over it (its value), whatever the
+    # score. The empty far part's nominal scale 0 stabilized it before (-1.111 for -1.1258).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 4, generator=g) for _ in range(3))
+    k[..., 0] = 1.0
+    q[..., 0] = -200.0
+    out = linattn.favor_attention(q, k, v, kernel=kernel, causal=True, sinks=1)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
+    step, _ = linattn.favor_recurrent(
+        q[..., :1, :], k[..., :1, :], v[..., :1, :], kernel=kernel, sinks=1
+    )
+    torch.testing.assert_close(step[0, 0, 0], v[0, 0, 0])

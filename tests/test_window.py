@@ -428,3 +428,55 @@ def test_window_groups_arithmetic(monkeypatch):
     q = randn(2, 0, 10, 8)
     out = linattn.favor_attention(q, q, q, projection(16, 8), window=3)
     assert out.shape == (2, 0, 10, 8)
+
+
+# ------------------------------------- rows with no far key (issue 26 item 1)
+UNDERFLOW_KERNELS = ["hedgehog", "hedgehog_untied", "relu", "elu", "softmax"]
+
+
+def _far_scores(length, score, dtype=torch.float32):
+    # Every exact score q_i.k_j * scale = score (far below exp's underflow), v distinct.
+    k = torch.zeros(1, 1, length, 4, dtype=dtype)
+    k[..., 0] = 1.0
+    q = torch.zeros(1, 1, length, 4, dtype=dtype)
+    q[..., 0] = 2.0 * score  # scale = 1 / sqrt(4)
+    v = torch.arange(4.0 * length, dtype=dtype).reshape(1, 1, length, 4)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kernel", UNDERFLOW_KERNELS)
+def test_issue_repro_first_causal_rows_keep_their_exact_scores(kernel):
+    # The first w rows of a causal window have no far key: plain softmax over the band.
+    # The far part's nominal scale (0 for hedgehog, relu, elu) stabilized them before, and
+    # exp(-1000) underflowed: the rows came out as zeros.
+    q, k, v = _far_scores(4, -500.0)
+    w = projection(8, 4, dtype=torch.float32) if kernel.startswith("softmax") else None
+    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True, window=2)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
+    torch.testing.assert_close(out[0, 0, 1], v[0, 0, :2].mean(0))
+    step, _ = linattn.favor_recurrent(
+        q[..., :1, :], k[..., :1, :], v[..., :1, :], w, kernel=kernel, window=2
+    )
+    torch.testing.assert_close(step[0, 0, 0], v[0, 0, 0])
+
+
+@pytest.mark.parametrize("kernel", UNDERFLOW_KERNELS)
+@pytest.mark.parametrize("score", [-100.0, -90.0, -1e4])
+def test_issue_repro_padding_invariance_at_low_scores(kernel, score):
+    # A window covering the real tokens: right padding adds a far part whose keys are all
+    # padding. Near the underflow threshold the exact part was subnormal (10% off).
+    q, k, v = _far_scores(4, score)
+    q[..., 1] = torch.arange(4.0)
+    k[..., 1] = 0.3 * torch.arange(4.0)
+    w = projection(8, 4, dtype=torch.float32) if kernel.startswith("softmax") else None
+    alone = linattn.favor_attention(q, k, v, w, kernel=kernel, window=3)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(alone, exact)
+    grow = [torch.cat([t, torch.zeros(1, 1, 6, 4)], dim=-2) for t in (q, k, v)]
+    mask = torch.arange(10)[None] >= 4
+    for causal in (False, True):
+        padded = linattn.favor_attention(
+            *grow, w, kernel=kernel, window=3, causal=causal, key_padding_mask=mask
+        )
+        ref = linattn.favor_attention(q, k, v, w, kernel=kernel, window=3, causal=causal)
+        torch.testing.assert_close(padded[..., :4, :], ref, rtol=1e-5, atol=1e-5)

@@ -237,18 +237,35 @@ def far_left(
 
 
 def combine(parts: list[tuple[Tensor, Tensor]], positive: bool) -> Tensor:
-    """``out = sum_p exp(g_p) nd_p[:dv] / sum_p exp(g_p) nd_p[dv]`` under the common
-    maximum log-scale; ``parts``: ``(nd: (B, H, n, dv + 1), g: (B, H, n))``. Rows with
-    nothing visible are 0."""
-    top = parts[0][1].detach()
-    for _, g in parts[1:]:
-        top = torch.maximum(top, g.detach())
+    """``out = sum_p exp(g_p) nd_p[:dv] / sum_p exp(g_p) nd_p[dv]``; ``parts``: ``(nd:
+    (B, H, n, dv + 1), g: (B, H, n))``. Rows with nothing visible are 0.
+
+    Stabilized by the true maximum over the parts present in each row: part ``p``'s
+    normalizer is ``exp(a_p)`` with ``a_p = g_p + ln |nd_p[dv]|``, and a part with
+    ``nd_p[dv] = 0`` (no key in it: the far part of the first ``w`` causal rows, or of a
+    row whose far keys are all padding or sinks) is left out. ``g_p`` alone is only the
+    part's nominal scale (0 for hedgehog, relu, elu): stabilizing by it loses a row's
+    exact scores once they are all below ``-87`` (float32). Each part is divided by its
+    own normalizer before it is scaled by ``exp(a_p - max a) <= 1``, so no factor
+    overflows even where a part's normalizer is tiny against its scale.
+    """
+    dv = parts[0][0].shape[-1] - 1
+    scaled = []
+    for nd, g in parts:
+        with torch.no_grad():
+            mag = nd[..., dv].abs()
+            present = mag > 0
+            mag = torch.where(present, mag, 1.0)
+            log_mag = torch.where(present, torch.log(mag), -math.inf)
+        scaled.append((nd / mag.unsqueeze(-1), g + log_mag))
+    top = scaled[0][1].detach()
+    for _, a in scaled[1:]:
+        top = torch.maximum(top, a.detach())
     top = torch.where(torch.isfinite(top), top, 0.0)
     total = None
-    for nd, g in parts:
-        term = nd * torch.exp(g - top).unsqueeze(-1)
+    for nd, a in scaled:
+        term = nd * torch.exp(a - top).unsqueeze(-1)
         total = term if total is None else total + term
-    dv = total.shape[-1] - 1
     return total[..., :dv] / safe_denominator(total[..., dv], positive).unsqueeze(-1)
 
 
