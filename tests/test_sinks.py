@@ -404,7 +404,8 @@ def test_recurrent_equals_parallel(kernel, window, sinks, step):
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     band = 0 if window is None else window
-    assert state.keys.shape == (3, 3, band, 8)
+    # The ring holds the last min(window, tokens seen) tokens (issue 26 item 7).
+    assert state.keys.shape == (3, 3, min(band, length), 8)
     assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3, sinks, 8)
     assert state.sink_padding.shape == (3, sinks)
     assert state.seen.tolist() == (~mask).sum(-1).tolist()

@@ -191,8 +191,10 @@ def test_recurrent_equals_parallel(kernel, window, step):
         )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
-    assert state.keys.shape == (2, 3, window, 8) and state.values.shape == (2, 3, window, 8)
-    assert state.padding.shape == (2, window)
+    # The ring holds the last min(window, tokens seen) tokens (issue 26 item 7).
+    ring = min(window, length)
+    assert state.keys.shape == (2, 3, ring, 8) and state.values.shape == (2, 3, ring, 8)
+    assert state.padding.shape == (2, ring)
 
 
 @pytest.mark.parametrize(
@@ -480,3 +482,61 @@ def test_issue_repro_padding_invariance_at_low_scores(kernel, score):
         )
         ref = linattn.favor_attention(q, k, v, w, kernel=kernel, window=3, causal=causal)
         torch.testing.assert_close(padded[..., :4, :], ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ huge windows (issue 26 item 7)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+def test_huge_window_costs_nothing_beyond_the_sequence(causal, sinks):
+    # w >= L is exact attention: the window is clamped to the sequence (before, 10**8
+    # took 24 s of Python work at L = 12 and 10**12 raised MemoryError).
+    q, k, v = (randn(2, 3, 12, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = pad_mask(2, 12)
+    kw = dict(causal=causal, sinks=sinks, key_padding_mask=mask, linear_factor=FACTOR)
+    huge = linattn.favor_attention(q, k, v, w, window=10**12, **kw)
+    covering = linattn.favor_attention(q, k, v, w, window=12, **kw)
+    torch.testing.assert_close(huge, covering, rtol=0, atol=0)
+    ref = oracle(q, k, v, w, window=12, mask=mask, causal=causal, linear_factor=FACTOR)
+    torch.testing.assert_close(huge, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("step", [1, 5], ids=lambda s: f"step{s}")
+def test_recurrent_huge_window_keeps_a_small_ring(sinks, step):
+    # favor_recurrent(window=2**40) tried to allocate a ring of 2**40 slots (2.8e14
+    # bytes): the ring holds only the tokens seen so far.
+    length = 12
+    q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = pad_mask(2, length)
+    state, outs = None, []
+    for s in range(0, length, step):
+        sl = slice(s, s + step)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], w,
+            state=state, window=2**40, sinks=sinks, key_padding_mask=mask[:, sl],
+        )  # fmt: skip
+        outs.append(o)
+        assert state.keys.shape[-2] == min(s + step, length)
+    par = linattn.favor_attention(
+        q, k, v, w, causal=True, window=2**40, sinks=sinks, key_padding_mask=mask
+    )
+    torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-10, atol=1e-10)
+
+
+def test_a_ring_not_yet_full_continues_and_a_smaller_windows_full_ring_is_refused():
+    q = randn(2, 3, 9, 8)
+    w = projection(16, 8)
+    # Two tokens into window 5: a ring of 2 slots, continued with window 5.
+    _, state = linattn.favor_recurrent(q[..., :2, :], q[..., :2, :], q[..., :2, :], w, window=5)
+    assert state.keys.shape[-2] == 2
+    o, state = linattn.favor_recurrent(
+        q[..., 2:, :], q[..., 2:, :], q[..., 2:, :], w, window=5, state=state
+    )
+    ref = linattn.favor_attention(q, q, q, w, causal=True, window=5)
+    torch.testing.assert_close(o, ref[..., 2:, :], rtol=1e-10, atol=1e-10)
+    # A full ring of window 3 (keys already left it) is not a window-5 state.
+    _, small = linattn.favor_recurrent(q, q, q, w, window=3)
+    with pytest.raises(ValueError, match=r"state\.keys must have shape"):
+        linattn.favor_recurrent(q, q, q, w, window=5, state=small)

@@ -30,6 +30,7 @@ from .ops.favor import (
     favor_recurrent_step,
     favor_window,
 )
+from .ops.favor.recurrent import window_ring
 from .ops.favor.triton import maybe_favor_triton
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
@@ -392,7 +393,7 @@ def _check_state(state, fm, params, q, v, window, dtype, sinks=0) -> FavorState:
             raise ValueError("state carries sink keys but sinks=0 was passed")
         return FavorState(state.kv.to(dtype), state.stab.to(dtype))
     # sinks without a window: the hybrid's state with an empty window.
-    band = 0 if window is None else window
+    band = window_ring(state, 0 if window is None else window)
     bsz, heads = q.shape[:2]
     shapes = {
         "keys": (state.keys, (bsz, heads, band, q.shape[-1])),

@@ -94,6 +94,8 @@ def band_attention(
     """
     bsz, heads, lq, _ = q.shape
     dv = v.shape[-1]
+    # A window past every key changes nothing: its cost stays O(L) whatever w is.
+    window = min(window, q_offset + lq if causal else max(q_offset + lq, k.shape[-2]))
     width = window if causal else 2 * window + 1
     # No band: causal window 0, or the empty bidirectional band of window=None (w = -1).
     if width <= 0:
@@ -363,6 +365,10 @@ def favor_window(
     Equivalent to :func:`favor_naive` with ``window``, ``linear_factor`` and ``sinks``.
     """
     bsz, heads = q.shape[0], q.shape[1]
+    if window is not None:
+        # w >= L is exact attention within the sequence: clamped, the cost never depends
+        # on w beyond L (window=10**12 would otherwise cost O(w) Python work and memory).
+        window = min(window, q.shape[-2])
     rows, group = bsz, heads
     if q.device.type == "cpu":
         length = max(q.shape[-2], k.shape[-2])
@@ -494,9 +500,10 @@ def favor_window_step(
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``key_padding_mask: (B, n)``;
-    ``state = (S: (B, H, M, dv + 1), c: (B, H), keys: (B, H, w, d), values:
-    (B, H, w, dv), padding: (B, w) bool)``: the linear state of every key older than the
-    window and the last ``w`` keys/values (padding True for empty slots). With
+    ``state = (S: (B, H, M, dv + 1), c: (B, H), keys: (B, H, r, d), values:
+    (B, H, r, dv), padding: (B, r) bool)``: the linear state of every key older than the
+    window and the last ``r = min(w, tokens so far)`` keys/values (padding True for
+    empty slots); the new ring has ``min(w, r + n)`` slots. With
     ``sinks = s > 0`` four more: ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s,
     dv)``, ``sink_padding: (B, s)`` bool (True = empty slot), the sinks that have left
     the window (``S`` never holds a sink), and ``seen: (B,)`` long, the real keys consumed
@@ -505,27 +512,34 @@ def favor_window_step(
     """
     kv, stab, wk, wv, wpad = state[:5]
     n = q.shape[-2]
+    # The ring holds the last min(w, tokens so far) tokens: it is not full (ring < w)
+    # until w tokens have been consumed, and never larger than what can be seen.
+    ring = wk.shape[-2]
     pad = key_padding_mask
     if pad is None:
         pad = torch.zeros(q.shape[0], n, dtype=torch.bool, device=q.device)
     kc, vc = torch.cat([wk, k], dim=-2), torch.cat([wv, v], dim=-2)
     padc = torch.cat([wpad, pad], dim=-1)
     keep = ~padc
-    near = band_attention(q, kc, vc, keep, window, True, params.scale, q_offset=window)
+    near = band_attention(q, kc, vc, keep, window, True, params.scale, q_offset=ring)
     parts = [near]
     keep_far = keep
     if sinks:
-        keep_far, part, sink_state = _step_sinks(q, kc, vc, keep, state[5:], n, sinks, params.scale)
+        keep_far, part, sink_state = _step_sinks(
+            q, kc, vc, keep, state[5:], n, sinks, params.scale, window
+        )
         parts.append(part)
+    # Query a sits at position ring + a of kc; its far keys are j <= ring + a - w.
     nd, g, kv, stab = far_left(
-        q, kc, vc, keep_far.to(q.dtype), fm, params, 0, 64, initial=(kv, stab)
+        q, kc, vc, keep_far.to(q.dtype), fm, params, max(ring - window, -n), 64, initial=(kv, stab)
     )
     lf = _factor(linear_factor)
     if lf is not None:
         nd = nd * lf
     parts.append((nd, g))
     out = combine(parts, fm.positive_exp)
-    new = (kv, stab, kc[..., n:, :], vc[..., n:, :], padc[:, n:])
+    keep_from = max(0, ring + n - window)
+    new = (kv, stab, kc[..., keep_from:, :], vc[..., keep_from:, :], padc[:, keep_from:])
     if sinks:
         new = new + sink_state
     return out, new
@@ -540,6 +554,7 @@ def _step_sinks(
     n: int,
     sinks: int,
     scale: float,
+    window: int,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The sinks of one decoding step (:func:`favor_window_step`).
 
@@ -547,19 +562,22 @@ def _step_sinks(
     then the ``n`` new ones; ``state = (sink_keys, sink_values, sink_padding, seen)``.
     Returns ``keep_far: (B, w + n)`` (real, not a sink), the sink part ``(nd, mx)`` and
     the new ``(sink_keys, sink_values, sink_padding, seen)``. The sinks in the state are
-    older than every key of ``kc``, so every new query scores them; slot ``p < n`` of
-    ``kc`` leaves the window for the queries ``a >= p``.
-    """
+    older than every key of ``kc``, so every new query scores them; slot ``p`` of ``kc``
+    leaves the window for the queries ``a >= p + shift``, ``shift = window - ring`` (the
+    ring, the first ``len(kc) - n`` slots, holds fewer than ``window`` tokens until it
+    is full)."""
     sk, sv, spad, seen = state
     w = kc.shape[-2] - n
+    shift = window - w
+    leave = max(0, n - shift)
     real = keep.long()
     total = seen + real[:, w:].sum(-1)  # [B]
     # Rank (0-based, among real keys) of slot p = real keys before it.
     rank = total[:, None] - real.flip(-1).cumsum(-1).flip(-1)
     is_sink = keep & (rank < sinks)
-    idx, valid = first_true(is_sink[:, :n], min(sinks, n))
+    idx, valid = first_true(is_sink[:, :leave], min(sinks, leave))
     a = torch.arange(n, device=q.device)[:, None]
-    leaving = valid[:, None, :] & (idx[:, None, :] <= a)  # [B, n, s']
+    leaving = valid[:, None, :] & (idx[:, None, :] + shift <= a)  # [B, n, s']
     old = (~spad)[:, None, :].expand(-1, n, -1)  # [B, n, s]
     allowed = torch.cat([old, leaving], dim=-1).unsqueeze(1)
     ck = torch.cat([sk, gather_slots(kc, idx)], dim=-2)
