@@ -25,13 +25,14 @@ Derivations: ``ops/favor/README.md`` (sliding-window hybrid).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams, _PositiveSoftmax
-from .common import first_order_only
+from .common import first_order_only, graph_captured
 
 _LN2 = math.log(2.0)
 
@@ -76,8 +77,10 @@ def from_block_major(y: Tensor, length: int) -> Tensor:
 def block_flags(keep: Tensor | None, bsz: int, length: int, nblk: int, c: int, device) -> Tensor:
     """``keep: (B, L)`` bool (None = all True) as ``(nblk, B, 1, C)``, False on the
     padded tail of the last block."""
-    flags = torch.zeros(bsz, nblk * c, dtype=torch.bool, device=device)
-    flags[:, :length] = True if keep is None else keep
+    if keep is None:
+        keep = torch.ones(bsz, length, dtype=torch.bool, device=device)
+    # Padded, not written into a fresh tensor: under torch.func.vmap keep is batched.
+    flags = F.pad(keep, (0, nblk * c - length), value=False)
     return flags.reshape(bsz, nblk, c).transpose(0, 1).unsqueeze(2)
 
 
@@ -91,6 +94,10 @@ def _span(nblk: int, dlt: int) -> tuple[slice, slice] | None:
 
 def _bmm_add(acc: Tensor, x: Tensor, y: Tensor) -> None:
     # acc += x @ y in place; all three block-major slices (leading dims merge as views).
+    if graph_captured():
+        # torch.func.vmap has no batching rule for baddbmm_ (a slow per-sample loop).
+        acc.add_(torch.matmul(x, y))
+        return
     acc.view(-1, *acc.shape[-2:]).baddbmm_(
         x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     )
@@ -121,45 +128,68 @@ def near_mask(c: int, dlt: int, window: int, causal: bool, device) -> Tensor:
     return rel.abs() <= window
 
 
+def band_spans(
+    nblk: int, window: int, c: int, causal: bool
+) -> list[tuple[int, tuple[slice, slice]]]:
+    """``(offset, (query blocks, key blocks))`` for every block offset holding a near
+    pair (:func:`band_deltas`) whose blocks lie inside the sequence."""
+    spans = ((dlt, _span(nblk, dlt)) for dlt in band_deltas(window, c, causal))
+    return [(dlt, sp) for dlt, sp in spans if sp is not None]
+
+
 class _BandBlocks(torch.autograd.Function):
+    # setup_context style with a generated vmap rule (torch.func.vmap / grad): the forward
+    # is plain tensor code without data-dependent branches, its buffers are made *_like
+    # the (batched) inputs, and what the backward needs (the block-major inputs and the
+    # exp-scores, O(L (w + C)): recomputing them costs a matmul and an exp per block
+    # pair) is returned as extra outputs for setup_context to save.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, q, k, v, keep, window, causal, scale, c):
-        bsz, heads, length, _ = q.shape
-        dvd = v.shape[-1]
+    def forward(q, k, v, keep, window, causal, scale, c):
+        bsz, _, length, _ = q.shape
         nblk = -(-length // c)
         # The scale folded into the queries (an (L, d) pass instead of one per score).
         qb, kb = block_major(q, nblk, c).mul_(scale), block_major(k, nblk, c)
         v1b = block_major_ones(v, nblk, c)
         validb = block_flags(keep, bsz, length, nblk, c, q.device).unsqueeze(-2)
-        mx = q.new_full((nblk, bsz, heads, c), -math.inf)
-        spans, es = [], []
-        for dlt in band_deltas(window, c, causal):
-            span = _span(nblk, dlt)
-            if span is None:
-                continue
-            ts, us = span
+        mx = torch.full_like(qb[..., 0], -math.inf)  # [nblk, B, H, C]
+        es = []
+        spans = band_spans(nblk, window, c, causal)
+        for dlt, (ts, us) in spans:
             s = torch.matmul(qb[ts], kb[us].transpose(-2, -1))
             allowed = near_mask(c, dlt, window, causal, q.device) & validb[us]
             s.masked_fill_(~allowed, -math.inf)
             mx[ts] = torch.maximum(mx[ts], s.amax(-1))
-            spans.append(span)
             es.append(s)
         mx_safe = torch.where(torch.isfinite(mx), mx, 0.0).unsqueeze(-1)
-        nd = q.new_zeros(nblk, bsz, heads, c, dvd + 1)
-        for (ts, us), e in zip(spans, es):
+        nd = torch.zeros_like(v1b)
+        for (_, (ts, us)), e in zip(spans, es):
             e.sub_(mx_safe[ts]).exp_()
             _bmm_add(nd[ts], e, v1b[us])
-        ctx.spans, ctx.scale, ctx.length = spans, scale, length
-        # The exp-scores (O(L (w + C))) are kept: the backward needs them, and
-        # recomputing costs a matmul and an exp per block pair.
-        ctx.save_for_backward(qb, kb, v1b, *es)
         mx = from_block_major(mx.unsqueeze(-1), length).squeeze(-1)
-        ctx.mark_non_differentiable(mx)
-        return from_block_major(nd, length), mx
+        return from_block_major(nd, length), mx, qb, kb, v1b, *es
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, _, _, _, window, causal, scale, c = inputs
+        _, mx, qb, kb, v1b, *es = output
+        ctx.spans = [sp for _, sp in band_spans(qb.shape[0], window, c, causal)]
+        ctx.scale, ctx.length = scale, q.shape[-2]
+        ctx.save_for_backward(qb, kb, v1b, *es)
+        ctx.mark_non_differentiable(mx, qb, kb, v1b, *es)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            "favor_attention with window= has no forward-mode derivative (torch.func.jvp, "
+            "jacfwd, torch.autograd.forward_ad): the exact band's backward is hand-written. "
+            "Use reverse mode (backward(), torch.func.grad, vjp, jacrev)."
+        )
 
     @staticmethod
     @first_order_only("favor_attention with window=")
-    def backward(ctx, grad_nd, _grad_mx):
+    def backward(ctx, grad_nd, _grad_mx, *_grad_saved):
         qb, kb, v1b, *es = ctx.saved_tensors
         length, nblk, c = ctx.length, qb.shape[0], qb.shape[3]
         gb = block_major(grad_nd, nblk, c)
@@ -208,7 +238,7 @@ def band_blocks(
             q.new_full((bsz, heads, length), -math.inf),
         )
     c = max(1, min(block, length))
-    return _BandBlocks.apply(q, k, v, keep, window, causal, scale, c)
+    return _BandBlocks.apply(q, k, v, keep, window, causal, scale, c)[:2]
 
 
 def far_sums(u: Tensor, reach: int, side: str = "both") -> Tensor:
@@ -304,11 +334,14 @@ def _grad_of(feats: Tensor, dfeats: Tensor, exp2: bool) -> Tensor:
 class _FarBlocks(torch.autograd.Function):
     # The forward keeps the features F (O(L M)) and the small autograd graphs from the
     # inputs to them (the logits' matmul), so the backward recomputes neither.
+    # setup_context style: the tensors the backward needs are extra outputs; the graphs
+    # (which must keep their history) and the configuration travel in ``box``, an
+    # input. No vmap rule: the forward decides its path from the data (the spread test),
+    # so far_blocks is not called while a graph is captured (torch.func, compile).
     @staticmethod
-    def forward(ctx, q, k, v, weight, fm, params, window, c, spread, keep, causal, grad):
+    def forward(q, k, v, weight, fm, params, window, c, spread, keep, causal, want, box):
         bsz, length = q.shape[0], q.shape[-2]
         nblk = -(-length // c)
-        want = [grad and on for on in ctx.needs_input_grad]
         want_w = weight is not None and want[3]
         graph = want[0] or want[1] or want_w
         q_leaf = block_major(q, nblk, c).requires_grad_(want[0])
@@ -345,16 +378,23 @@ class _FarBlocks(torch.autograd.Function):
                 p.mul_(far_mask(c, dlt, window, q.dtype, q.device, causal))
                 _bmm_add(nd[ts], p, vwb[us])
                 pairs.append(p)
-        ctx.conf = (window, c, length, exp2, want_w, causal)
-        ctx.graph = (q_leaf, k_leaf, w_leaf, q_out, rq_out, k_out, rk_out) if graph else None
-        ctx.save_for_backward(fq, fkb, v1b, wk, state, *pairs)
-        ctx.mark_non_differentiable(top)
+        box.conf = (window, c, length, exp2, want_w, causal)
+        box.graph = (q_leaf, k_leaf, w_leaf, q_out, rq_out, k_out, rk_out) if graph else None
         rq = from_block_major(rq.unsqueeze(-1), length).squeeze(-1)
-        return from_block_major(nd, length), rq, top
+        return from_block_major(nd, length), rq, top, fq, fkb, v1b, wk, state, *pairs
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        box = inputs[-1]
+        _, _, top, *saved = output
+        ctx.mark_non_differentiable(top, *saved)
+        if saved:
+            ctx.conf, ctx.graph = box.conf, box.graph
+            ctx.save_for_backward(*saved)
 
     @staticmethod
     @first_order_only("favor_attention with window=")
-    def backward(ctx, grad_nd, grad_rq, _grad_top):
+    def backward(ctx, grad_nd, grad_rq, _grad_top, *_grad_saved):
         fq, fk, v1b, wk, state, *pairs = ctx.saved_tensors
         window, c, length, exp2, want_w, causal = ctx.conf
         want = ctx.needs_input_grad
@@ -404,7 +444,7 @@ class _FarBlocks(torch.autograd.Function):
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
             dw = res.pop(0) if want_w else None
-        return dq, dk, dv, dw, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None, None, None, None, None, None
 
 
 def far_blocks(
@@ -425,7 +465,9 @@ def far_blocks(
     a key this part sees: not padding, not a sink) or None. ``window = -1``: every key
     is far. Returns None when the keys' log-scales ``r`` spread by ``spread`` or more
     (one stabilizer could underflow some weight ``exp(r_j - max r)``; the caller then
-    uses the running-maximum form), else ``nd: (B, H, L, dv + 1)``, ``rq: (B, H, L)``
+    uses the running-maximum form; also None, without looking, while a graph is captured:
+    :func:`~linattn.ops.favor.common.graph_captured`), else ``nd: (B, H, L, dv + 1)``,
+    ``rq: (B, H, L)``
     and ``top: (B, H)`` with
     ``sum_{|j - i| > w, kept} phi(q_i).phi(k_j) [v_j, 1] = c^2 exp(rq_i + top) nd_i``
     (causal: the keys ``j <= i - w``)
@@ -433,10 +475,15 @@ def far_blocks(
     ``q, k, v`` and the projection. Memory O(L (M + C) + (L / C) M dv). Equivalent to
     :func:`~linattn.ops.favor.window.far_running_max`.
     """
+    if graph_captured():
+        # The spread test needs the data (a host sync): under torch.compile or a
+        # torch.func transform the caller takes its always-valid form instead.
+        return None
     c = max(1, min(block, q.shape[-2]))
     grad = torch.is_grad_enabled()
-    nd, rq, top = _FarBlocks.apply(
-        q, k, v, params.weight, fm, params, window, c, spread, keep, causal, grad
+    want = tuple(grad and t is not None and t.requires_grad for t in (q, k, v, params.weight))
+    nd, rq, top, *_ = _FarBlocks.apply(
+        q, k, v, params.weight, fm, params, window, c, spread, keep, causal, want, SimpleNamespace()
     )
     if nd.dim() == 0:
         return None

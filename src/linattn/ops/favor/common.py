@@ -23,13 +23,23 @@ def safe_denominator(den: Tensor, positive: bool) -> Tensor:
     return torch.where(valid, den, float("inf"))
 
 
+def graph_captured() -> bool:
+    """True while ``torch.compile`` traces or a ``torch.func`` transform (``vmap``,
+    ``grad``, ...) runs: paths that decide something from the data (a host sync) must not
+    be taken then; the window hybrid takes its always-valid forms instead."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 class _NoSecondOrder(torch.autograd.Function):
     """Passes a gradient through; differentiating it again raises a clear error."""
 
     @staticmethod
-    def forward(ctx, name, grad, *linked):
-        ctx.name = name
+    def forward(name, grad, *linked):
         return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):

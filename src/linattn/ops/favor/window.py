@@ -363,6 +363,13 @@ def favor_window(
     is one call's up to rounding (a group whose keys' log-scales spread too far takes
     the running-maximum far part alone, where one call takes it for every pair).
     Equivalent to :func:`favor_naive` with ``window``, ``linear_factor`` and ``sinks``.
+
+    Composability: ``torch.func.vmap`` and ``torch.func.grad`` work, and so does
+    ``torch.compile(fullgraph=True)``: while a graph is captured
+    (:func:`~linattn.ops.favor.common.graph_captured`) the far part takes its
+    running-maximum form, which needs no data-dependent decision. Not supported: forward-
+    mode derivatives (``torch.func.jvp``, ``jacfwd``; the band's backward is hand-written,
+    a clear error is raised) and second derivatives (likewise).
     """
     bsz, heads = q.shape[0], q.shape[1]
     if window is not None:
@@ -452,7 +459,8 @@ def _favor_window_call(
         params.scale,
         block_size or band_block(window, length, causal=True),
     )
-    parts = [near]
+    # No band (window 0): no part (a constant empty part only costs, and trips inductor).
+    parts = [near] if window > 0 else []
     keep_far = keep
     if sinks:
         keep_far, part = sink_part(q, k, v, keep, sinks, window, True, params.scale)
@@ -480,7 +488,9 @@ def _favor_window_call(
         parts.append((nd, g))
     else:
         # No key is far from any query: exact attention (and the sinks).
-        return keep_in_graph(combine(parts, fm.positive_exp), params.weight, linear_factor)
+        return keep_in_graph(
+            combine(parts or [near], fm.positive_exp), params.weight, linear_factor
+        )
     return combine(parts, fm.positive_exp)
 
 
@@ -630,9 +640,12 @@ class _FarBlockSums(torch.autograd.Function):
     # The map u -> F is linear and symmetric (s is far from t iff t is far from s), so its
     # backward is the same map applied to the incoming gradient.
     @staticmethod
-    def forward(ctx, u: Tensor, reach: int) -> Tensor:
-        ctx.reach = reach
+    def forward(u: Tensor, reach: int) -> Tensor:
         return far_sums(u.movedim(2, 0).contiguous(), reach).movedim(0, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.reach = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -702,7 +715,8 @@ def favor_window_bidirectional(
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
         return keep_in_graph(combine([near], fm.positive_exp), params.weight, linear_factor)
-    parts = [near]
+    # No band (window=None, -1 here): no part (a constant empty part trips inductor).
+    parts = [near] if window >= 0 else []
     if sinks:
         keep, part = sink_part(q, k, v, keep, sinks, window, False, params.scale)
         parts.append(part)
@@ -733,8 +747,9 @@ def far_running_max(
     window: int,
 ) -> tuple[Tensor, Tensor]:
     """The bidirectional far part under running-maximum block stabilizers (plain
-    autograd): for keys whose log-scales spread too far for one stabilizer, and the
-    reference of :func:`~linattn.ops.favor.blocks.far_blocks`.
+    autograd, no data-dependent branch): for keys whose log-scales spread too far for one
+    stabilizer, while a graph is captured (torch.compile, torch.func), and the reference
+    of :func:`~linattn.ops.favor.blocks.far_blocks`.
 
     Shapes: ``keep: (B, L)`` bool (True = a key the far part sees) or None. Returns
     ``nd: (B, H, L, dv + 1)`` and ``g: (B, H, L)`` with the far sum
@@ -762,37 +777,19 @@ def far_running_max(
     with torch.no_grad():
         e = rkb.amax(-1)  # [B, H, nblk + 2 pad]
         e = torch.where(torch.isfinite(e), e, floor)
-        top = e.amax(-1, keepdim=True)
-        low = rk.masked_fill(~real[:, None, :], math.inf).amin(-1, keepdim=True)
-        # One stabilizer for the whole sequence is exact unless some key's weight
-        # exp(r_j - top) would underflow; then the running-maximum recurrence is used.
-        spread = SPREAD_FLOAT64 if q.dtype == torch.float64 else SPREAD_FLOAT32
-        single = bool(((top - low) < spread).all())
-    if single:
-        # Every weight relative to the one stabilizer: the far state of block t is the sum
-        # of the block states farther than D blocks away (no prefix stacks, no flips).
-        e = top.expand_as(e)
-        real_blocks = slice(pad, pad + nblk)
-        wk = torch.exp(rkb[:, :, real_blocks] - top.unsqueeze(-1))
-        u = fkb[:, :, real_blocks].transpose(-2, -1) @ (v1b[:, :, real_blocks] * wk.unsqueeze(-1))
-        state = far_block_sums(u, big)  # [B, H, nblk, M, dv+1]
-        g = top.expand(bsz, heads, nblk)
-    else:
-        wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
-        u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
-        pre, p = _scan_states(u, e, floor, reverse=False)
-        suf, s = _scan_states(u, e, floor, reverse=True)
-        # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
-        # S at pad + t + D + 1 = t + 2 pad.
-        left, pl = pre[:, :, :nblk], p[..., :nblk]
-        right, pr = suf[:, :, 2 * pad :], s[..., 2 * pad :]
-        with torch.no_grad():
-            g = torch.maximum(pl, pr)
-            for dlt in mixed:
-                g = torch.maximum(g, e[..., pad + dlt : pad + dlt + nblk])
-        state = (
-            left * torch.exp(pl - g)[..., None, None] + right * torch.exp(pr - g)[..., None, None]
-        )
+    wk = torch.exp(rkb - e.unsqueeze(-1))  # 0 for padding
+    u = fkb.transpose(-2, -1) @ (v1b * wk.unsqueeze(-1))  # [B, H, nblk + 2 pad, M, dv+1]
+    pre, p = _scan_states(u, e, floor, reverse=False)
+    suf, s = _scan_states(u, e, floor, reverse=True)
+    # Query block t (index pad + t in the padded stacks): P at pad + t - D - 1 = t,
+    # S at pad + t + D + 1 = t + 2 pad.
+    left, pl = pre[:, :, :nblk], p[..., :nblk]
+    right, pr = suf[:, :, 2 * pad :], s[..., 2 * pad :]
+    with torch.no_grad():
+        g = torch.maximum(pl, pr)
+        for dlt in mixed:
+            g = torch.maximum(g, e[..., pad + dlt : pad + dlt + nblk])
+    state = left * torch.exp(pl - g)[..., None, None] + right * torch.exp(pr - g)[..., None, None]
     far = fqb @ state  # [B, H, nblk, C, dv+1]
     a = torch.arange(c, device=q.device)
     for dlt in mixed:
