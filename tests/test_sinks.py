@@ -167,8 +167,8 @@ def test_other_kernels_match_oracle(kernel, causal, window):
 def stabilizer(request, monkeypatch):
     # The bidirectional far part has two stabilizer paths (README): exercise both.
     if request.param == "running-max":
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT32", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT64", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT32", -1.0)
     return request.param
 
 

@@ -41,8 +41,8 @@ def test_hybrid_matches_oracle(kernel, causal, length, window):
 def stabilizer(request, monkeypatch):
     # The bidirectional far part has two stabilizer paths (README): exercise both.
     if request.param == "running-max":
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT32", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT64", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT32", -1.0)
     return request.param
 
 
@@ -373,7 +373,7 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
     # On CPU the hybrid runs over groups of (batch, head) pairs (window_groups): one head
     # at a time, or whole sequences one at a time; the values and every gradient (q, k,
     # v, a per-head projection, a per-head factor) are those of one call over all pairs.
-    from linattn.ops.favor import window as win
+    from linattn.ops.favor.window import hybrid as win
 
     if causal and kernel == "softmax_opt":
         pytest.skip("FAVOR++ is bidirectional only")
@@ -401,10 +401,8 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
     groups = win.window_groups((b, h, length, d), m, win.far_block(16, length), 8)
     assert groups == ((1, 1) if split == "heads" else (1, h))
     calls = []
-    inner = win._favor_window_call
-    monkeypatch.setattr(
-        win, "_favor_window_call", lambda *a, **kw: calls.append(1) or inner(*a, **kw)
-    )
+    inner = win.hybrid_call
+    monkeypatch.setattr(win, "hybrid_call", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
     out, grads = run()
     assert len(calls) == (b * h if split == "heads" else b)
     torch.testing.assert_close(out, one, rtol=1e-10, atol=1e-12)
@@ -413,7 +411,7 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
 
 
 def test_window_groups_arithmetic(monkeypatch):
-    from linattn.ops.favor import window as win
+    from linattn.ops.favor.window import hybrid as win
 
     # One (batch, head) pair at L = 1024, M = 128, dv = 32, C = 64, float32: 1024 * 128 * 4
     # bytes of features (more than the 16 * 128 * 33 * 4 of its block states).
