@@ -81,3 +81,14 @@ def test_compile_fullgraph_with_window_and_sinks_captures_one_graph(causal, kw):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_compile_fullgraph_inductor_with_window_and_sinks_matches_eager(causal):
     _compiled_matches_eager(causal, "inductor", window=3, sinks=2)
+
+
+@pytest.mark.parametrize("kw", [{"window": 2}, {"sinks": 1}], ids=["w2", "s1"])
+def test_forward_mode_raises_a_clear_error(kw):
+    # The window band and the far part have hand-written backwards only.
+    import torch.autograd.forward_ad as fwad
+
+    q = randn(1, 2, 12, 8)
+    w = projection(8, 8)
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        linattn.favor_attention(fwad.make_dual(q, torch.ones_like(q)), q, q, w, **kw)

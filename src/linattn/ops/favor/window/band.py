@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..common import first_order_only
+from ..common import first_order_only, no_forward_mode
 from .layout import (
     block_flags,
     block_major,
@@ -101,11 +101,7 @@ class _BandBlocks(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise RuntimeError(
-            "favor_attention with window= has no forward-mode derivative (torch.func.jvp, "
-            "jacfwd, torch.autograd.forward_ad): the exact band's backward is hand-written. "
-            "Use reverse mode (backward(), torch.func.grad, vjp, jacrev)."
-        )
+        no_forward_mode("favor_attention with window=")
 
     @staticmethod
     @first_order_only("favor_attention with window=")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams, _PositiveSoftmax
-from ..common import first_order_only, graph_captured
+from ..common import first_order_only, graph_captured, no_forward_mode
 from .layout import (
     block_flags,
     block_major,
@@ -233,6 +233,10 @@ class _FarBlocks(torch.autograd.Function):
         if saved:
             ctx.conf, ctx.graph = box.conf, box.graph
             ctx.save_for_backward(*saved)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        no_forward_mode("favor_attention with window= or sinks=")
 
     @staticmethod
     @first_order_only("favor_attention with window=")
