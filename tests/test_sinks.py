@@ -167,8 +167,8 @@ def test_other_kernels_match_oracle(kernel, causal, window):
 def stabilizer(request, monkeypatch):
     # The bidirectional far part has two stabilizer paths (README): exercise both.
     if request.param == "running-max":
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT32", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT64", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT32", -1.0)
     return request.param
 
 
@@ -404,7 +404,8 @@ def test_recurrent_equals_parallel(kernel, window, sinks, step):
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
     band = 0 if window is None else window
-    assert state.keys.shape == (3, 3, band, 8)
+    # The ring holds the last min(window, tokens seen) tokens (issue 26 item 7).
+    assert state.keys.shape == (3, 3, min(band, length), 8)
     assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3, sinks, 8)
     assert state.sink_padding.shape == (3, sinks)
     assert state.seen.tolist() == (~mask).sum(-1).tolist()
@@ -726,3 +727,19 @@ def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
     linattn.favor_attention(q, q, q, w, sinks=0)
     linattn.favor_attention(q, q, q, w, sinks=2)
     assert seen == [(0, False), (0, False), (2, True)]
+
+
+@pytest.mark.parametrize("kernel", ["hedgehog", "hedgehog_untied", "relu", "elu"])
+def test_issue_repro_causal_sinks_without_window_keep_row_zero_exact(kernel):
+    # Row 0 sees only key 0, a sink: exact softmax over it (its value), whatever the
+    # score. The empty far part's nominal scale 0 stabilized it before (-1.111 for -1.1258).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 4, generator=g) for _ in range(3))
+    k[..., 0] = 1.0
+    q[..., 0] = -200.0
+    out = linattn.favor_attention(q, k, v, kernel=kernel, causal=True, sinks=1)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
+    step, _ = linattn.favor_recurrent(
+        q[..., :1, :], k[..., :1, :], v[..., :1, :], kernel=kernel, sinks=1
+    )
+    torch.testing.assert_close(step[0, 0, 0], v[0, 0, 0])

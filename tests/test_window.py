@@ -41,8 +41,8 @@ def test_hybrid_matches_oracle(kernel, causal, length, window):
 def stabilizer(request, monkeypatch):
     # The bidirectional far part has two stabilizer paths (README): exercise both.
     if request.param == "running-max":
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
-        monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT32", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT64", -1.0)
+        monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT32", -1.0)
     return request.param
 
 
@@ -191,8 +191,10 @@ def test_recurrent_equals_parallel(kernel, window, step):
         )
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-9, atol=1e-9)
-    assert state.keys.shape == (2, 3, window, 8) and state.values.shape == (2, 3, window, 8)
-    assert state.padding.shape == (2, window)
+    # The ring holds the last min(window, tokens seen) tokens (issue 26 item 7).
+    ring = min(window, length)
+    assert state.keys.shape == (2, 3, ring, 8) and state.values.shape == (2, 3, ring, 8)
+    assert state.padding.shape == (2, ring)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +373,7 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
     # On CPU the hybrid runs over groups of (batch, head) pairs (window_groups): one head
     # at a time, or whole sequences one at a time; the values and every gradient (q, k,
     # v, a per-head projection, a per-head factor) are those of one call over all pairs.
-    from linattn.ops.favor import window as win
+    from linattn.ops.favor.window import hybrid as win
 
     if causal and kernel == "softmax_opt":
         pytest.skip("FAVOR++ is bidirectional only")
@@ -399,10 +401,8 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
     groups = win.window_groups((b, h, length, d), m, win.far_block(16, length), 8)
     assert groups == ((1, 1) if split == "heads" else (1, h))
     calls = []
-    inner = win._favor_window_call
-    monkeypatch.setattr(
-        win, "_favor_window_call", lambda *a, **kw: calls.append(1) or inner(*a, **kw)
-    )
+    inner = win.hybrid_call
+    monkeypatch.setattr(win, "hybrid_call", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
     out, grads = run()
     assert len(calls) == (b * h if split == "heads" else b)
     torch.testing.assert_close(out, one, rtol=1e-10, atol=1e-12)
@@ -411,7 +411,7 @@ def test_cpu_groups_give_the_one_call_numbers(kernel, causal, split, monkeypatch
 
 
 def test_window_groups_arithmetic(monkeypatch):
-    from linattn.ops.favor import window as win
+    from linattn.ops.favor.window import hybrid as win
 
     # One (batch, head) pair at L = 1024, M = 128, dv = 32, C = 64, float32: 1024 * 128 * 4
     # bytes of features (more than the 16 * 128 * 33 * 4 of its block states).
@@ -428,3 +428,113 @@ def test_window_groups_arithmetic(monkeypatch):
     q = randn(2, 0, 10, 8)
     out = linattn.favor_attention(q, q, q, projection(16, 8), window=3)
     assert out.shape == (2, 0, 10, 8)
+
+
+# ------------------------------------- rows with no far key (issue 26 item 1)
+UNDERFLOW_KERNELS = ["hedgehog", "hedgehog_untied", "relu", "elu", "softmax"]
+
+
+def _far_scores(length, score, dtype=torch.float32):
+    # Every exact score q_i.k_j * scale = score (far below exp's underflow), v distinct.
+    k = torch.zeros(1, 1, length, 4, dtype=dtype)
+    k[..., 0] = 1.0
+    q = torch.zeros(1, 1, length, 4, dtype=dtype)
+    q[..., 0] = 2.0 * score  # scale = 1 / sqrt(4)
+    v = torch.arange(4.0 * length, dtype=dtype).reshape(1, 1, length, 4)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kernel", UNDERFLOW_KERNELS)
+def test_issue_repro_first_causal_rows_keep_their_exact_scores(kernel):
+    # The first w rows of a causal window have no far key: plain softmax over the band.
+    # The far part's nominal scale (0 for hedgehog, relu, elu) stabilized them before, and
+    # exp(-1000) underflowed: the rows came out as zeros.
+    q, k, v = _far_scores(4, -500.0)
+    w = projection(8, 4, dtype=torch.float32) if kernel.startswith("softmax") else None
+    out = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True, window=2)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0])
+    torch.testing.assert_close(out[0, 0, 1], v[0, 0, :2].mean(0))
+    step, _ = linattn.favor_recurrent(
+        q[..., :1, :], k[..., :1, :], v[..., :1, :], w, kernel=kernel, window=2
+    )
+    torch.testing.assert_close(step[0, 0, 0], v[0, 0, 0])
+
+
+@pytest.mark.parametrize("kernel", UNDERFLOW_KERNELS)
+@pytest.mark.parametrize("score", [-100.0, -90.0, -1e4])
+def test_issue_repro_padding_invariance_at_low_scores(kernel, score):
+    # A window covering the real tokens: right padding adds a far part whose keys are all
+    # padding. Near the underflow threshold the exact part was subnormal (10% off).
+    q, k, v = _far_scores(4, score)
+    q[..., 1] = torch.arange(4.0)
+    k[..., 1] = 0.3 * torch.arange(4.0)
+    w = projection(8, 4, dtype=torch.float32) if kernel.startswith("softmax") else None
+    alone = linattn.favor_attention(q, k, v, w, kernel=kernel, window=3)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(alone, exact)
+    grow = [torch.cat([t, torch.zeros(1, 1, 6, 4)], dim=-2) for t in (q, k, v)]
+    mask = torch.arange(10)[None] >= 4
+    for causal in (False, True):
+        padded = linattn.favor_attention(
+            *grow, w, kernel=kernel, window=3, causal=causal, key_padding_mask=mask
+        )
+        ref = linattn.favor_attention(q, k, v, w, kernel=kernel, window=3, causal=causal)
+        torch.testing.assert_close(padded[..., :4, :], ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ huge windows (issue 26 item 7)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+def test_huge_window_costs_nothing_beyond_the_sequence(causal, sinks):
+    # w >= L is exact attention: the window is clamped to the sequence (before, 10**8
+    # took 24 s of Python work at L = 12 and 10**12 raised MemoryError).
+    q, k, v = (randn(2, 3, 12, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = pad_mask(2, 12)
+    kw = dict(causal=causal, sinks=sinks, key_padding_mask=mask, linear_factor=FACTOR)
+    huge = linattn.favor_attention(q, k, v, w, window=10**12, **kw)
+    covering = linattn.favor_attention(q, k, v, w, window=12, **kw)
+    torch.testing.assert_close(huge, covering, rtol=0, atol=0)
+    ref = oracle(q, k, v, w, window=12, mask=mask, causal=causal, linear_factor=FACTOR)
+    torch.testing.assert_close(huge, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sinks", [0, 2], ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("step", [1, 5], ids=lambda s: f"step{s}")
+def test_recurrent_huge_window_keeps_a_small_ring(sinks, step):
+    # favor_recurrent(window=2**40) tried to allocate a ring of 2**40 slots (2.8e14
+    # bytes): the ring holds only the tokens seen so far.
+    length = 12
+    q, k, v = (randn(2, 3, length, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    mask = pad_mask(2, length)
+    state, outs = None, []
+    for s in range(0, length, step):
+        sl = slice(s, s + step)
+        o, state = linattn.favor_recurrent(
+            q[..., sl, :], k[..., sl, :], v[..., sl, :], w,
+            state=state, window=2**40, sinks=sinks, key_padding_mask=mask[:, sl],
+        )  # fmt: skip
+        outs.append(o)
+        assert state.keys.shape[-2] == min(s + step, length)
+    par = linattn.favor_attention(
+        q, k, v, w, causal=True, window=2**40, sinks=sinks, key_padding_mask=mask
+    )
+    torch.testing.assert_close(torch.cat(outs, dim=-2), par, rtol=1e-10, atol=1e-10)
+
+
+def test_a_ring_not_yet_full_continues_and_a_smaller_windows_full_ring_is_refused():
+    q = randn(2, 3, 9, 8)
+    w = projection(16, 8)
+    # Two tokens into window 5: a ring of 2 slots, continued with window 5.
+    _, state = linattn.favor_recurrent(q[..., :2, :], q[..., :2, :], q[..., :2, :], w, window=5)
+    assert state.keys.shape[-2] == 2
+    o, state = linattn.favor_recurrent(
+        q[..., 2:, :], q[..., 2:, :], q[..., 2:, :], w, window=5, state=state
+    )
+    ref = linattn.favor_attention(q, q, q, w, causal=True, window=5)
+    torch.testing.assert_close(o, ref[..., 2:, :], rtol=1e-10, atol=1e-10)
+    # A full ring of window 3 (keys already left it) is not a window-5 state.
+    _, small = linattn.favor_recurrent(q, q, q, w, window=3)
+    with pytest.raises(ValueError, match=r"state\.keys must have shape"):
+        linattn.favor_recurrent(q, q, q, w, window=5, state=small)

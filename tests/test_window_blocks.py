@@ -1,4 +1,5 @@
-"""The window hybrid's block-pair fast paths (``ops/favor/blocks.py``) against their plain
+"""The window hybrid's block-pair fast paths (``ops/favor/window/band.py``, ``far.py``)
+against their plain
 references, float64: the far block sums against an n x n mask, the exact band against
 ``band_attention`` (unfold + autograd), the far part against the running-maximum form
 (bidirectional) and the prefix-maximum causal scan (causal); forward, gradients (incl.
@@ -10,13 +11,15 @@ from torch.autograd import gradcheck
 
 from conftest import projection, randn
 from linattn.features import get_feature_map
-from linattn.ops.favor.blocks import band_blocks, far_blocks, far_sums
 from linattn.ops.favor.window import (
     band_attention,
+    band_blocks,
     far_block_sums,
     far_block_sums_reference,
+    far_blocks,
     far_left,
     far_running_max,
+    far_sums,
 )
 
 
@@ -184,7 +187,7 @@ FAR = [
 @pytest.mark.parametrize("length,block", [(1, 4), (23, 4), (40, 16), (40, 1)], ids=lambda x: str(x))
 def test_far_blocks_equal_the_reference(kernel, causal, window, length, block, monkeypatch):
     # The reference with its running maxima (not its own one-stabilizer branch).
-    monkeypatch.setattr("linattn.ops.favor.window.SPREAD_FLOAT64", -1.0)
+    monkeypatch.setattr("linattn.ops.favor.window.far.SPREAD_FLOAT64", -1.0)
     q, k, v = (randn(3, 2, length, 6, seed=s, requires_grad=True) for s in range(3))
     w = torch.stack([projection(8, 6, seed=1), projection(8, 6, seed=2)]).requires_grad_()
     keep = holes(3, length)

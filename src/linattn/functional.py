@@ -38,6 +38,7 @@ from .ops.favor import (
 )
 from .ops.favor import triton as favor_triton
 from .ops.favor.causal import initial_state
+from .ops.favor.recurrent import window_ring
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = [
@@ -675,7 +676,7 @@ def _check_state(
             raise ValueError(f"{name} carries sink keys but sinks=0 was passed")
         return FavorState(kv=state.kv.to(dtype), stab=state.stab.to(dtype))
     # sinks without a window: the hybrid's state with an empty window.
-    band = 0 if window is None else window
+    band = window_ring(state, 0 if window is None else window)
     shapes = {
         "keys": (bsz, heads, band, d),
         "values": (bsz, heads, band, dv),

@@ -1,4 +1,7 @@
-"""FAVOR+ attention: naive oracle, bidirectional, causal (chunked) and recurrent forms."""
+"""FAVOR+ attention: the naive oracle (``naive.py``), bidirectional, causal (chunked)
+and recurrent forms, and the sliding-window hybrid with sink keys (``window/``:
+:func:`favor_window`, decoding through :func:`favor_recurrent_step`); ``triton/``: fused
+CUDA kernels."""
 
 from .bidirectional import favor_bidirectional
 from .causal import favor_causal

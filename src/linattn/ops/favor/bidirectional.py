@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .common import first_order_only, ones_col, safe_denominator
+from .common import first_order_only, graph_captured, ones_col, safe_denominator
 
 # Elements of one (B, H, block, M) feature block: about 8 MB in float32, which keeps the
 # temporaries in cache-friendly sizes and the matmuls large enough to run at full rate.
@@ -47,19 +47,21 @@ def _keep_block(keep: Tensor | None, s: int, e: int) -> Tensor | None:
 def key_state(
     k: Tensor, v: Tensor, fm: FeatureMap, params: FeatureParams, keep: Tensor | None, rows: int
 ) -> tuple[Tensor, Tensor]:
-    """``S = sum_j w_j F_j^T [v_j, 1]`` and its stabilizer ``c`` (no autograd).
+    """``S = sum_j w_j F_j^T [v_j, 1]`` and its stabilizer ``c`` (plain tensor code:
+    differentiable by autograd, in place only while grad mode is off).
 
     Shapes: ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)``, ``keep: (B, Lk)`` float (1 =
     real key) or None. Returns ``S: (B, H, M, dv + 1)``, ``c: (B, H)`` with
     ``phi(k_j) = const * F_j * exp(r_j)`` and ``w_j = exp(r_j - c)``.
     """
     lk = k.shape[-2]
+    inplace = not torch.is_grad_enabled()
     state = None
     stab = torch.full(k.shape[:-2], torch.finfo(k.dtype).min, dtype=k.dtype, device=k.device)
     for s in range(0, lk, rows):
         e = min(s + rows, lk)
         kb = _keep_block(keep, s, e)
-        feats, r = fm.stabilized(k[..., s:e, :], params, is_query=False, inplace=True)
+        feats, r = fm.stabilized(k[..., s:e, :], params, is_query=False, inplace=inplace)
         new_stab = torch.maximum(stab, _mask_r(r, kb).amax(-1))
         vw = ones_col(v[..., s:e, :]) * _key_weights(r, new_stab, kb).unsqueeze(-1)
         contrib = feats.transpose(-2, -1) @ vw
@@ -75,38 +77,50 @@ def key_state(
 def query_apply(
     q: Tensor, state: Tensor, fm: FeatureMap, params: FeatureParams, rows: int
 ) -> tuple[Tensor, Tensor]:
-    """``out = (F_q S)[:dv] / (F_q S)[dv]`` block by block (no autograd).
+    """``out = (F_q S)[:dv] / (F_q S)[dv]`` block by block (plain tensor code, as
+    :func:`key_state`).
 
     Shapes: ``q: (B, H, Lq, d)``, ``state: (B, H, M, dv + 1)``. Returns
     ``out: (B, H, Lq, dv)`` and ``den: (B, H, Lq)`` (``inf`` where no key is visible, so
     that those rows are exactly 0).
     """
     lq, dv = q.shape[-2], state.shape[-1] - 1
-    out = q.new_empty(*q.shape[:-1], dv)
-    den = q.new_empty(q.shape[:-1])
+    inplace = not torch.is_grad_enabled()
+    # Blocks gathered and joined (no out= writes: torch.func.vmap has no rule for them).
+    outs, dens = [], []
     for s in range(0, lq, rows):
         e = min(s + rows, lq)
-        feats, _ = fm.stabilized(q[..., s:e, :], params, is_query=True, inplace=True)
+        feats, _ = fm.stabilized(q[..., s:e, :], params, is_query=True, inplace=inplace)
         o = feats @ state
-        d = o[..., dv]
-        d = safe_denominator(d, fm.positive_exp)
-        den[..., s:e] = d
-        torch.div(o[..., :dv], d.unsqueeze(-1), out=out[..., s:e, :])
-    return out, den
+        d = safe_denominator(o[..., dv], fm.positive_exp)
+        dens.append(d)
+        num = o[..., :dv]
+        outs.append(num.div_(d.unsqueeze(-1)) if inplace else num / d.unsqueeze(-1))
+    if len(outs) == 1:
+        return outs[0], dens[0]
+    return torch.cat(outs, dim=-2), torch.cat(dens, dim=-1)
 
 
 class _FavorBidirectional(torch.autograd.Function):
+    # setup_context style (torch.func.grad works); the state, stabilizer and denominators
+    # are extra outputs so that setup_context can save them.
     @staticmethod
-    def forward(ctx, q, k, v, weight, fm, params, keep, rows_q, rows_k):
+    def forward(q, k, v, weight, fm, params, keep, rows_q, rows_k):
         state, stab = key_state(k, v, fm, params, keep, rows_k)
         out, den = query_apply(q, state, fm, params, rows_q)
+        return out, state, stab, den
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, weight, fm, params, keep, rows_q, rows_k = inputs
+        out, state, stab, den = output
         ctx.fm, ctx.params, ctx.rows = fm, params, (rows_q, rows_k)
         ctx.save_for_backward(q, k, v, weight, keep, state, stab, out, den)
-        return out
+        ctx.mark_non_differentiable(state, stab, den)
 
     @staticmethod
     @first_order_only("favor_attention")
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_state, _grad_stab, _grad_den):
         q, k, v, weight, keep, state, stab, out, den = ctx.saved_tensors
         fm, rows_q, rows_k = ctx.fm, *ctx.rows
         params = ctx.params.replace_weight(weight)
@@ -194,7 +208,9 @@ def favor_bidirectional(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, weight)
     )
-    if not needs_grad:
+    # Under torch.func (whose grad cannot run the hand-written backward: it re-enters
+    # autograd) and torch.compile, the plain form; its gradient is autograd's.
+    if not needs_grad or graph_captured():
         state, _ = key_state(k, v, fm, params, keep, rows_k)
         return query_apply(q, state, fm, params, rows_q)[0]
-    return _FavorBidirectional.apply(q, k, v, weight, fm, params, keep, rows_q, rows_k)
+    return _FavorBidirectional.apply(q, k, v, weight, fm, params, keep, rows_q, rows_k)[0]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams, _PositiveSoftmax
-from .common import first_order_only, ones_col, safe_denominator
+from .common import first_order_only, graph_captured, ones_col, safe_denominator
 
 _CHUNKS_PER_SEGMENT = 16
 _LN2 = math.log(2.0)
@@ -384,21 +384,28 @@ def causal_scan_raw(q, k, v, state, stab, fm, params, keep, chunk):
 
 
 class _FavorCausal(torch.autograd.Function):
+    # setup_context style (torch.func.grad works): the denominators and the states
+    # entering each segment after the first (the first is the input state) are extra
+    # outputs so that setup_context can save them.
     @staticmethod
-    def forward(ctx, q, k, v, weight, state, stab, fm, params, keep, chunk):
+    def forward(q, k, v, weight, state, stab, fm, params, keep, chunk):
         out, den, final, final_stab, entering = _scan_forward(
             q, k, v, state, stab, fm, params, keep, chunk, keep_states=True
         )
+        flat = [t for pair in entering[1:] for t in pair]
+        return out, final, final_stab, den, *flat
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, weight, state, stab, fm, params, keep, chunk = inputs
+        out, _, final_stab, den, *flat = output
         ctx.fm, ctx.params, ctx.chunk = fm, params, chunk
-        ctx.num_segments = len(entering)
-        flat = [t for pair in entering for t in pair]
-        ctx.save_for_backward(q, k, v, weight, keep, out, den, *flat)
-        ctx.mark_non_differentiable(final_stab)
-        return out, final, final_stab
+        ctx.save_for_backward(q, k, v, weight, keep, out, den, state, stab, *flat)
+        ctx.mark_non_differentiable(final_stab, den, *flat)
 
     @staticmethod
     @first_order_only("causal favor_attention / favor_recurrent")
-    def backward(ctx, grad_out, grad_state, _grad_stab):
+    def backward(ctx, grad_out, grad_state, _grad_stab, *_grad_saved):
         q, k, v, weight, keep, out, den, *flat = ctx.saved_tensors
         fm, chunk = ctx.fm, ctx.chunk
         want = ctx.needs_input_grad
@@ -486,7 +493,9 @@ def favor_causal(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, weight, state)
     )
-    if not needs_grad:
+    # Under torch.func (whose grad cannot run the hand-written backward: it re-enters
+    # autograd) and torch.compile, the plain chunked scan; its gradient is autograd's.
+    if not needs_grad or graph_captured():
         out, state, stab, _ = causal_scan(q, k, v, state, stab, fm, params, keep, chunk)
         return out, state, stab
-    return _FavorCausal.apply(q, k, v, weight, state, stab, fm, params, keep, chunk)
+    return _FavorCausal.apply(q, k, v, weight, state, stab, fm, params, keep, chunk)[:3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -23,13 +24,33 @@ def safe_denominator(den: Tensor, positive: bool) -> Tensor:
     return torch.where(valid, den, float("inf"))
 
 
+def graph_captured() -> bool:
+    """True while ``torch.compile`` traces or a ``torch.func`` transform (``vmap``,
+    ``grad``, ...) runs: paths that decide something from the data (a host sync) must not
+    be taken then; the window hybrid takes its always-valid forms instead."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def no_forward_mode(name: str) -> NoReturn:
+    """Raise the error of an ``autograd.Function.jvp`` that a hand-written backward has
+    no forward-mode counterpart for (``torch.func.jvp``, ``jacfwd``, forward_ad)."""
+    raise RuntimeError(
+        f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        "torch.autograd.forward_ad): its backward is hand-written. Use reverse mode "
+        "(backward(), torch.func.grad, vjp, jacrev)."
+    )
+
+
 class _NoSecondOrder(torch.autograd.Function):
     """Passes a gradient through; differentiating it again raises a clear error."""
 
     @staticmethod
-    def forward(ctx, name, grad, *linked):
-        ctx.name = name
+    def forward(name, grad, *linked):
         return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):

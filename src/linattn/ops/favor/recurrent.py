@@ -28,9 +28,10 @@ class FavorState(NamedTuple):
 
     ``kv: (B, H, M, dv + 1)`` (the last column sums ``phi(k)``) and ``stab: (B, H)``, the
     log-scale ``kv`` is stored under (``kv * exp(stab)`` is the unstabilized sum, up to
-    the feature map's constant). With a window ``w``: ``keys: (B, H, w, d)`` and
-    ``values: (B, H, w, dv)``, the last ``w`` tokens (oldest first), ``padding: (B, w)``
-    bool (True = padding or empty slot), and ``kv`` sums only the keys older than those;
+    the feature map's constant). With a window ``w``: ``keys: (B, H, r, d)`` and
+    ``values: (B, H, r, dv)``, the last ``r = min(w, t)`` tokens after ``t`` (oldest
+    first: the ring never holds more than can be seen), ``padding: (B, r)`` bool (True =
+    padding or empty slot), and ``kv`` sums only the keys older than those;
     None without a window. With ``sinks = s > 0`` (the window is then ``w``, or 0 for
     ``window=None``): ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s, dv)`` and
     ``sink_padding: (B, s)`` bool (True = empty slot), the sinks (first ``s`` real keys)
@@ -62,7 +63,9 @@ def empty_window_state(
     sinks: int = 0,
 ) -> FavorState:
     """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
-    slots, all empty)."""
+    slots, all empty). The ring of the window's keys starts empty and grows with the
+    tokens consumed up to ``window`` slots: it never holds more than can be seen, so a
+    huge ``window`` costs no memory."""
     kv, stab = initial_state((bsz, heads), num_features, dv, dtype=dtype, device=device)
     sink_fields = ()
     if sinks:
@@ -75,11 +78,27 @@ def empty_window_state(
     return FavorState(
         kv,
         stab,
-        torch.zeros(bsz, heads, window, head_dim, dtype=dtype, device=device),
-        torch.zeros(bsz, heads, window, dv, dtype=dtype, device=device),
-        torch.ones(bsz, window, dtype=torch.bool, device=device),
+        torch.zeros(bsz, heads, 0, head_dim, dtype=dtype, device=device),
+        torch.zeros(bsz, heads, 0, dv, dtype=dtype, device=device),
+        torch.ones(bsz, 0, dtype=torch.bool, device=device),
         *sink_fields,
     )
+
+
+def window_ring(state: FavorState, window: int) -> int:
+    """The ring length (slots of ``state.keys``) valid for ``window``: ``window`` once the
+    ring is full, fewer while every token consumed is still in it (no key has reached
+    ``kv`` or a sink slot: the ring then holds exactly the tokens seen so far; padding
+    that left it is invisible either way). A state whose ring is shorter than
+    ``window`` after keys have left it belongs to a smaller window: ``window`` is
+    returned, and the shape check fails."""
+    keys = state.keys
+    if not isinstance(keys, Tensor) or keys.dim() != 4 or keys.shape[-2] >= window:
+        return window
+    left = (state.kv != 0).any()
+    if isinstance(state.sink_padding, Tensor):
+        left = left | (~state.sink_padding).any()
+    return window if bool(left) else keys.shape[-2]
 
 
 def favor_recurrent_step(
