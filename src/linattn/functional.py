@@ -13,6 +13,7 @@ import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (
@@ -754,12 +755,31 @@ def _state_row(state: FavorState, i: int) -> FavorState:
 
 
 def _cat_states(states: list[FavorState]) -> FavorState:
-    """States of batch 1 (or more) stacked along the batch axis."""
+    """States of batch 1 (or more) stacked along the batch axis. The window rings hold
+    ``min(w, tokens seen)`` slots, so sequences of different lengths have rings of
+    different lengths: the shorter rings are padded in front (their oldest end) with
+    empty slots (``padding`` True), which the decoding step treats as keys never seen."""
+    if states[0].keys is not None:
+        ring = max(st.keys.shape[-2] for st in states)
+        states = [_pad_ring(st, ring) for st in states]
     fields = {}
     for f in FavorState._fields:
         parts = [getattr(st, f) for st in states]
         fields[f] = None if parts[0] is None else torch.cat(parts, dim=0)
     return FavorState(**fields)
+
+
+def _pad_ring(state: FavorState, ring: int) -> FavorState:
+    """``state`` with its window ring (``keys: (B, H, r, d)``) grown to ``ring`` slots by
+    empty slots in front."""
+    extra = ring - state.keys.shape[-2]
+    if extra == 0:
+        return state
+    return state._replace(
+        keys=F.pad(state.keys, (0, 0, extra, 0)),
+        values=F.pad(state.values, (0, 0, extra, 0)),
+        padding=F.pad(state.padding, (extra, 0), value=True),
+    )
 
 
 def _empty_state(
