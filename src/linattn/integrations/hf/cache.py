@@ -30,6 +30,9 @@ class FavorCacheLayer(CacheLayerMixin):
         super().__init__()
         self.state: FavorState | None = None
         self.seen = 0
+        # The attention parts (near, far) the state was built under (see
+        # linattn.integrations.hf.set_attention_parts); None before the first token.
+        self.parts: tuple[bool, bool] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -53,6 +56,7 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized = None, 0, False
+        self.parts = None
 
     def offload(self) -> None:
         pass
