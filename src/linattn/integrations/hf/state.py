@@ -208,6 +208,26 @@ class FavorLayerState(RandomFeatures, nn.Module):
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         if cache_layer is not None:
             _check_cache_parts(cache_layer, (self.near, self.far))
+            if cache_layer.pending is not None:
+                # Tokens kept unfolded (a lazy prefill, a converted DynamicCache) join the
+                # state before the new ones.
+                pk, pv, pmask = cache_layer.pending
+                cache_layer.pending = None
+                cache_layer.state = self._fold(pk, pv, pmask, q, cache_layer.state, kw)
+            elif cache_layer.lazy and cache_layer.state is None and causal:
+                # A forward that did not ask for a cache: the parallel form (the same
+                # outputs as without one); the state is built only if a next call follows.
+                cache_layer.pending = (k, v, key_padding_mask)
+                return favor_attention(
+                    q,
+                    k,
+                    v,
+                    w,
+                    causal=True,
+                    key_padding_mask=key_padding_mask,
+                    chunk_size=self.chunk_size,
+                    **kw,
+                )
             out, cache_layer.state = favor_recurrent(
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
             )
@@ -238,6 +258,21 @@ class FavorLayerState(RandomFeatures, nn.Module):
             chunk_size=self.chunk_size,
             **kw,
         )
+
+    def _fold(self, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor, state, kw: dict):
+        """The recurrent state after ``state`` has absorbed keys ``k: (B, H_kv, n, d)`` and
+        values ``v`` (``mask: (B, n)`` True = padding); ``q`` gives the heads ``H`` (a
+        multiple of ``H_kv``), dtype and device. The state depends on the keys and values
+        only: zero queries, their outputs dropped."""
+        heads = q.shape[1]
+        if k.shape[1] != heads:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        k, v = k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
+        zeros = k.new_zeros(k.shape)
+        return favor_recurrent(
+            zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw
+        )[1]
 
     def _parts(self, q: Tensor) -> dict:
         """``window``, ``sinks`` and ``linear_factor`` for the attention parts in force."""
