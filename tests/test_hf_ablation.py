@@ -169,6 +169,13 @@ def test_a_cache_refuses_other_parts_than_it_was_filled_under():
         with attention_parts(model, near=near, far=far):
             with pytest.raises(ValueError, match="filled with attention parts near=True, far=True"):
                 model(x[:, 6:7], past_key_values=cache, use_cache=True)
+    # A forward that did not ask for a cache keeps its tokens unfolded: still refused.
+    with attention_parts(model, far=False):
+        out = model(x[:, :6])
+    lazy = out.get("cache", out.get("past_key_values"))
+    assert isinstance(lazy, FavorCache)
+    with pytest.raises(ValueError, match="filled with attention parts near=True, far=False"):
+        model(x[:, 6:7], past_key_values=lazy, use_cache=True)
     # Back under the parts it was filled with, it goes on; a reset cache takes new parts.
     model(x[:, 6:7], past_key_values=cache, use_cache=True)
     cache.reset()

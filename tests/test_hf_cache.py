@@ -177,3 +177,11 @@ def test_the_decoder_stack_alone_gets_a_favor_cache():
 def test_use_cache_false_makes_no_cache():
     model = convert(tiny_llama(), "favor", num_features=16)
     assert returned_cache(model(ids(1, 5), use_cache=False)) is None
+
+
+def test_a_lazy_cache_keeps_the_unrepeated_keys_of_grouped_query_attention():
+    # tiny_llama: 4 query heads share 2 key/value heads; the kept keys are the 2.
+    model = convert(tiny_llama(), "favor", num_features=16, window=3)
+    cache = returned_cache(model(ids(1, 6)))
+    keys, values, _ = cache.layers[0].pending
+    assert keys.shape[1] == values.shape[1] == 2

@@ -83,7 +83,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ``forward(q, k, v, *, key_padding_mask, causal, scale, cache_layer=None)`` takes
     ``q: (B, H, Lq, d)``, ``k, v: (B, H, Lk, d)`` and returns ``(B, H, Lq, d)``. With a
     ``cache_layer`` (a :class:`~.cache.FavorCacheLayer`), the tokens continue its
-    recurrent state instead of being attended from scratch.
+    recurrent state instead of being attended from scratch. ``unrepeated``: for
+    grouped-query models, ``(k, v)`` before the key/value heads were repeated (a lazy
+    cache keeps those).
 
     Ablations (runtime switches, not saved; set them with
     :func:`~.ablation.set_attention_parts`): ``near`` (default True) keeps the exact part,
@@ -203,6 +205,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         causal: bool,
         scale: float | None,
         cache_layer=None,
+        unrepeated: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
@@ -217,7 +220,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
             elif cache_layer.lazy and cache_layer.state is None and causal:
                 # A forward that did not ask for a cache: the parallel form (the same
                 # outputs as without one); the state is built only if a next call follows.
-                cache_layer.pending = (k, v, key_padding_mask)
+                # Grouped-query models: the keys and values before the repeat (1/group
+                # of the memory), as a DynamicCache would keep them.
+                pk, pv = (k, v) if unrepeated is None else unrepeated
+                cache_layer.pending = (pk, pv, key_padding_mask)
                 return favor_attention(
                     q,
                     k,
@@ -313,7 +319,7 @@ def _check_cache_parts(cache_layer, parts: tuple[bool, bool]) -> None:
     """A cache layer records the attention parts (near, far) it was filled under; going
     on under others would mix two models in one state: refused."""
     held = getattr(cache_layer, "parts", None)
-    if cache_layer.state is None or held is None:
+    if held is None:
         cache_layer.parts = parts
     elif held != parts:
         raise ValueError(
@@ -334,7 +340,8 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         shared: with ``sharing="layerwise"``, the model-wide projection (from the first
             layer), held by reference and registered once, on the first layer.
 
-    ``forward(q, k, v, *, key_padding_mask, causal, scale)``: ``q: (B, H, Lq, d)``,
+    ``forward(q, k, v, *, key_padding_mask, causal, scale)`` (``cache_layer`` and
+    ``unrepeated`` are the FAVOR+ state's; a cache is refused): ``q: (B, H, Lq, d)``,
     ``k, v: (B, H, Lk, d)`` with ``Lk <= max_seq_len``; returns ``(B, H, Lq, d)``,
     through :meth:`linattn.LinformerProjection.attend` (:func:`linattn.linformer_attention`).
     """
@@ -381,6 +388,7 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         causal: bool,
         scale: float | None,
         cache_layer=None,
+        unrepeated=None,
     ) -> Tensor:
         if causal or cache_layer is not None:
             raise ValueError(
