@@ -185,3 +185,16 @@ def test_a_lazy_cache_keeps_the_unrepeated_keys_of_grouped_query_attention():
     cache = returned_cache(model(ids(1, 6)))
     keys, values, _ = cache.layers[0].pending
     assert keys.shape[1] == values.shape[1] == 2
+
+
+def test_gradient_checkpointing_in_training_gets_no_cache():
+    # The checkpointed layers run twice: a recurrent state would absorb the tokens twice.
+    model = convert(tiny_llama(), "favor", num_features=16, window=3)
+    model.gradient_checkpointing_enable()
+    model.train()
+    x = ids(1, 7)
+    out = model(x, use_cache=True)
+    assert returned_cache(out) is None
+    out.logits.sum().backward()
+    model.eval()
+    torch.testing.assert_close(out.logits.detach(), model(x, use_cache=False).logits)

@@ -126,7 +126,8 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         instead of a growing key/value cache (a ``DynamicCache`` passed in is converted
         into one), while ``"linattn"`` is the attention implementation in force
         (``model.set_attn_implementation("sdpa")`` goes back to exact attention and its
-        own cache). :func:`~.ablation.set_attention_parts` switches the hybrid's parts. The conversion is recorded in ``model.config`` so that
+        own cache). :func:`~.ablation.set_attention_parts` switches the hybrid's
+        parts. The conversion is recorded in ``model.config`` so that
         :func:`save_converted` / :func:`load_converted` reproduce it.
     """
     if method not in ("favor", "linformer"):
@@ -321,12 +322,15 @@ def _favor_cache_hook(module, args, kwargs):
         use_cache = kwargs.get("use_cache")
         asked = use_cache is True
         if use_cache is None:
-            use_cache = bool(getattr(module.config, "use_cache", False)) and not (
-                getattr(module, "gradient_checkpointing", False)
-                and module.training
-                and torch.is_grad_enabled()
-            )
-        if not use_cache:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        # transformers turns the cache off under gradient checkpointing (the checkpointed
+        # layers run twice): no state to update twice either.
+        checkpointing = (
+            getattr(module, "gradient_checkpointing", False)
+            and module.training
+            and torch.is_grad_enabled()
+        )
+        if not use_cache or checkpointing:
             return (args, kwargs)
         params = inspect.signature(type(module).forward).parameters
         for name in _CACHE_NAMES:
