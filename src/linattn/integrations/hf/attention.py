@@ -141,7 +141,9 @@ def linattn_attention(
     cache_layer = getattr(state, "pending_cache", None)
     state.pending_cache = None
     heads, kv_heads = query.shape[1], key.shape[1]
+    unrepeated = None
     if heads != kv_heads:
+        unrepeated = (key, value)
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
         key = key.repeat_interleave(heads // kv_heads, dim=1)
@@ -165,6 +167,7 @@ def linattn_attention(
             causal=causal,
             scale=scaling,
             cache_layer=cache_layer,
+            unrepeated=unrepeated,
         )
         recorder.record(module, approx, exact, mask)
         out = exact.to(query.dtype)
@@ -177,6 +180,7 @@ def linattn_attention(
             causal=causal,
             scale=scaling,
             cache_layer=cache_layer,
+            unrepeated=unrepeated,
         )
     if dropout and module.training:
         # No attention matrix to drop from: as PerformerAttention, drop attention outputs.

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...functional import FavorState
+from .attention import NAME
 from .state import converted_layers
 
 
@@ -30,6 +31,14 @@ class FavorCacheLayer(CacheLayerMixin):
         super().__init__()
         self.state: FavorState | None = None
         self.seen = 0
+        # The attention parts (near, far) the state was built under (see
+        # linattn.integrations.hf.set_attention_parts); None before the first token.
+        self.parts: tuple[bool, bool] | None = None
+        # Keys, values and padding ``(k (B, H_kv, n, d), v, mask (B, n) or None)`` not yet
+        # folded into ``state``: a lazy prefill, or a converted DynamicCache's content.
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # A first call runs the parallel form and keeps its keys/values in ``pending``.
+        self.lazy = False
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -53,6 +62,7 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized = None, 0, False
+        self.parts, self.pending = None, None
 
     def offload(self) -> None:
         pass
@@ -62,9 +72,9 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(
-            "a recurrent FAVOR+ state cannot be cropped (it does not keep the tokens); "
-            "assisted or speculative decoding needs a key/value cache: pass "
-            "past_key_values=transformers.DynamicCache() to generate()"
+            "a recurrent FAVOR+ state cannot be cropped (it does not keep the tokens): "
+            "assisted or speculative decoding is not supported on a FAVOR+-converted "
+            "decoder (a DynamicCache passed to it becomes a FavorCache)"
         )
 
     def _map(self, fn) -> None:
@@ -73,6 +83,8 @@ class FavorCacheLayer(CacheLayerMixin):
         # the real-token count) follows the batch reordering.
         if self.state is not None:
             self.state = _map_state(self.state, fn)
+        if self.pending is not None:
+            self.pending = tuple(None if t is None else fn(t) for t in self.pending)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -84,9 +96,9 @@ class FavorCacheLayer(CacheLayerMixin):
         self._map(lambda t: t[indices])
 
     def state_bytes(self) -> int:
-        if self.state is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+        held = [] if self.state is None else _tensors(self.state)
+        held += [t for t in self.pending or () if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def _tensors(state) -> list[torch.Tensor]:
@@ -110,13 +122,20 @@ class FavorCache(Cache):
 
     Args:
         model: a model converted with ``method="favor"``.
+        lazy: False (default): every call folds its tokens into the state. True: a first
+            call runs the parallel form (the outputs of a forward without cache) and
+            keeps its keys and values; they are folded into the state when a next call
+            continues the cache (a converted decoder's forward creates such a cache where
+            it would have created a ``DynamicCache`` without being asked for one).
 
-    Use it like any ``transformers`` cache (``generate(past_key_values=FavorCache(
-    model))``, or a manual loop passing ``past_key_values``). Its size does not grow
-    with the context: :meth:`state_bytes` tells how much it holds.
+    A converted decoder makes one itself: ``generate()`` and ``forward(use_cache=True)``
+    without a cache create a ``FavorCache``, which ``out.cache`` (``out.past_key_values``
+    before transformers 5.25) hands back for the next call. Pass one explicitly as
+    ``cache=`` (``past_key_values=`` before 5.25). Its size does not grow with the
+    context: :meth:`state_bytes` tells how much it holds.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, lazy: bool = False) -> None:
         states = {}
         for module in converted_layers(model):
             if module.linattn.method != "favor":
@@ -129,8 +148,19 @@ class FavorCache(Cache):
             )
         super().__init__(layers=[FavorCacheLayer() for _ in states])
         self._states = [states[i] for i in range(len(states))]
+        self._config = getattr(model, "config", None)
+        for layer in self.layers:
+            layer.lazy = bool(lazy)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        impl = getattr(self._config, "_attn_implementation", NAME)
+        if impl != NAME:
+            # An exact attention would take the returned new tokens for the whole context.
+            raise ValueError(
+                f"FavorCache holds FAVOR+'s recurrent state, but the model now runs "
+                f"attn_implementation={impl!r}: pass a transformers DynamicCache (or none) "
+                f"for exact attention, or select {NAME!r} again"
+            )
         layer = self.layers[layer_idx]
         # The model calls its attention function right after this; the state module
         # hands it this layer so that it continues the recurrent state.
@@ -140,3 +170,50 @@ class FavorCache(Cache):
     def state_bytes(self) -> int:
         """Bytes held by all layers' recurrent states."""
         return sum(layer.state_bytes() for layer in self.layers)
+
+
+def _layer_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)`` of a ``transformers`` key/value cache (the
+    ``layers`` of transformers >= 4.56, the ``key_cache``/``value_cache`` lists before)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # pragma: no cover - old transformers
+
+
+def favor_cache_from(model: nn.Module, cache: Cache, attention_mask=None) -> FavorCache:
+    """A :class:`FavorCache` continuing what the key/value ``cache`` (a
+    ``transformers.DynamicCache``) holds: its keys and values (rotary already applied,
+    ``(B, H_kv, n, d)`` per layer) are folded into the recurrent state by the next call.
+
+    ``attention_mask``: None, or the call's ``(B, n + new)`` mask (1 = real token), whose
+    first ``n`` columns are the cached tokens' padding. The ``cache`` is marked: passing
+    it again raises a ``ValueError`` (it does not see the tokens the FavorCache absorbs;
+    continue with the returned cache, ``out.cache``).
+    """
+    if getattr(cache, "_linattn_converted", False):
+        raise ValueError(
+            "this DynamicCache was already turned into a FavorCache by an earlier call of "
+            "the converted model and holds none of the tokens since: pass the cache the "
+            "model returned (out.cache / out.past_key_values), or a new FavorCache(model)"
+        )
+    favor = FavorCache(model)
+    seen = cache.get_seq_length()
+    tensors = _layer_tensors(cache) if seen else []
+    if seen and len(tensors) != len(favor.layers):
+        raise ValueError(
+            f"the DynamicCache holds {len(tensors)} layers, the converted model has "
+            f"{len(favor.layers)}"
+        )
+    padding = None
+    if seen and attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(
+                "converting a DynamicCache needs a 2-D attention_mask (batch, kv_length) or None"
+            )
+        keep = attention_mask[:, :seen].to(torch.bool)
+        padding = None if bool(keep.all()) else ~keep
+    for layer, (keys, values) in zip(favor.layers, tensors):
+        layer.pending, layer.seen = (keys, values, padding), seen
+    cache._linattn_converted = True
+    return favor

@@ -12,6 +12,7 @@ import types
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -24,7 +25,7 @@ from ...features import KERNELS
 from ...nn.linformer import LinformerOptions
 from ...nn.performer import FavorOptions
 from .attention import NAME, register
-from .cache import FavorCache
+from .cache import FavorCache, favor_cache_from
 from .state import FavorLayerState, LinformerLayerState, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
@@ -120,9 +121,13 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         child (FAVOR+ projection buffers, or Linformer ``E``/``F`` parameters) and the
         model's attention implementation becomes ``"linattn"``. Padding masks keep
         working exactly, grouped-query attention repeats key/value heads, causal models
-        stay causal, and a converted decoder's ``generate()`` keeps the FAVOR+
-        recurrent state (:class:`~.cache.FavorCache`) instead of a growing key/value
-        cache. The conversion is recorded in ``model.config`` so that
+        stay causal, and a converted decoder's ``generate()`` and ``forward(
+        use_cache=True)`` keep the FAVOR+ recurrent state (:class:`~.cache.FavorCache`)
+        instead of a growing key/value cache (a ``DynamicCache`` passed in is converted
+        into one), while ``"linattn"`` is the attention implementation in force
+        (``model.set_attn_implementation("sdpa")`` goes back to exact attention and its
+        own cache). :func:`~.ablation.set_attention_parts` switches the hybrid's
+        parts. The conversion is recorded in ``model.config`` so that
         :func:`save_converted` / :func:`load_converted` reproduce it.
     """
     if method not in ("favor", "linformer"):
@@ -202,6 +207,8 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     setattr(model.config, CONFIG_KEY, config_dict)
     if method == "favor" and causal and hasattr(model, "_prepare_cache_for_generation"):
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache, model)
+    if method == "favor" and causal:
+        _favor_cache_on_forward(model)
     if method == "favor":
         _positions_from_mask_on_rotary(model)
     return model
@@ -255,11 +262,20 @@ def _cache_key(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def linattn_in_force(model: nn.Module) -> bool:
+    """Whether ``model`` runs the linear attention now (its attention implementation is
+    ``"linattn"``), not an exact one selected again after :func:`convert`."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
-    :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
+    :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache,
+    while the linear attention is in force (after ``set_attn_implementation("sdpa")``
+    the exact attention needs ``transformers``' own key/value cache)."""
     if (
-        model_kwargs.get("past_key_values") is None
+        linattn_in_force(self)
+        and model_kwargs.get("past_key_values") is None
         and model_kwargs.get("cache") is None
         and generation_config.use_cache is not False
         and generation_config.cache_implementation is None
@@ -267,6 +283,72 @@ def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
         model_kwargs[_cache_key(self)] = FavorCache(self)
     return type(self)._prepare_cache_for_generation(
         self, generation_config, model_kwargs, *args, **kwargs
+    )
+
+
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _favor_cache_on_forward(model: nn.Module) -> None:
+    # The module that would create a DynamicCache: the decoder stack (LlamaModel inside
+    # LlamaForCausalLM; the model itself when it is the stack). Its callers pass the cache
+    # through and hand back what it returns.
+    base = getattr(model, "base_model", model)
+    if not isinstance(base, nn.Module) or getattr(base, "_linattn_cache_hook", False):
+        return
+    params = list(inspect.signature(type(base).forward).parameters)[1:]
+    if not any(name in params for name in _CACHE_NAMES):
+        return
+    base.register_forward_pre_hook(_favor_cache_hook, with_kwargs=True)
+    base._linattn_cache_hook = True
+
+
+def _favor_cache_hook(module, args, kwargs):
+    """Forward pre-hook of a converted decoder stack (while ``"linattn"`` is in force):
+    where ``transformers`` would create a ``DynamicCache`` (``use_cache`` true, no cache
+    given), pass a :class:`~.cache.FavorCache` (lazy unless ``use_cache=True`` was asked
+    for: a plain forward keeps the parallel form); a ``DynamicCache`` passed in becomes
+    a ``FavorCache`` holding its tokens (:func:`~.cache.favor_cache_from`); other caches
+    are refused."""
+    if not linattn_in_force(module):
+        return None
+    if args:
+        # Keyword form, so that the cache and use_cache are found by name.
+        params = list(inspect.signature(type(module).forward).parameters)[1:]
+        kwargs = {**dict(zip(params, args)), **kwargs}
+        args = ()
+    key = next((n for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
+    if key is None:
+        use_cache = kwargs.get("use_cache")
+        asked = use_cache is True
+        if use_cache is None:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        # transformers turns the cache off under gradient checkpointing (the checkpointed
+        # layers run twice): no state to update twice either.
+        checkpointing = (
+            getattr(module, "gradient_checkpointing", False)
+            and module.training
+            and torch.is_grad_enabled()
+        )
+        if not use_cache or checkpointing:
+            return (args, kwargs)
+        params = inspect.signature(type(module).forward).parameters
+        for name in _CACHE_NAMES:
+            kwargs.pop(name, None)
+        kwargs["cache" if "cache" in params else "past_key_values"] = FavorCache(
+            module, lazy=not asked
+        )
+        return args, kwargs
+    cache = kwargs[key]
+    if isinstance(cache, FavorCache):
+        return args, kwargs
+    if isinstance(cache, transformers.DynamicCache):
+        kwargs[key] = favor_cache_from(module, cache, kwargs.get("attention_mask"))
+        return args, kwargs
+    raise ValueError(
+        f"a FAVOR+-converted decoder keeps a recurrent state (FavorCache), not a "
+        f"{type(cache).__name__}: pass FavorCache(model) or no cache (use_cache=True "
+        "creates one); a DynamicCache is converted"
     )
 
 

@@ -83,8 +83,21 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ``forward(q, k, v, *, key_padding_mask, causal, scale, cache_layer=None)`` takes
     ``q: (B, H, Lq, d)``, ``k, v: (B, H, Lk, d)`` and returns ``(B, H, Lq, d)``. With a
     ``cache_layer`` (a :class:`~.cache.FavorCacheLayer`), the tokens continue its
-    recurrent state instead of being attended from scratch.
+    recurrent state instead of being attended from scratch. ``unrepeated``: for
+    grouped-query models, ``(k, v)`` before the key/value heads were repeated (a lazy
+    cache keeps those).
+
+    Ablations (runtime switches, not saved; set them with
+    :func:`~.ablation.set_attention_parts`): ``near`` (default True) keeps the exact part,
+    the window and the sinks; ``near=False`` attends with the feature map alone (as the
+    same layer built with ``window=None, sinks=0``). ``far`` (default True) keeps the
+    feature-map part; ``far=False`` gives the far keys weight 0 (``linear_factor = 0``):
+    exact softmax attention over the window and the sinks alone.
     """
+
+    #: Ablation switches read by :meth:`forward` (see :func:`~.ablation.set_attention_parts`).
+    near: bool = True
+    far: bool = True
 
     method = "favor"
 
@@ -192,16 +205,35 @@ class FavorLayerState(RandomFeatures, nn.Module):
         causal: bool,
         scale: float | None,
         cache_layer=None,
+        unrepeated: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         w = self.projection
-        kw = {
-            "kernel": self.kernel,
-            "scale": scale,
-            "window": self.window,
-            "sinks": self.sinks,
-            "linear_factor": self.linear_factor(),
-        }
+        kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         if cache_layer is not None:
+            _check_cache_parts(cache_layer, (self.near, self.far))
+            if cache_layer.pending is not None:
+                # Tokens kept unfolded (a lazy prefill, a converted DynamicCache) join the
+                # state before the new ones.
+                pk, pv, pmask = cache_layer.pending
+                cache_layer.pending = None
+                cache_layer.state = self._fold(pk, pv, pmask, q, cache_layer.state, kw)
+            elif cache_layer.lazy and cache_layer.state is None and causal:
+                # A forward that did not ask for a cache: the parallel form (the same
+                # outputs as without one); the state is built only if a next call follows.
+                # Grouped-query models: the keys and values before the repeat (1/group
+                # of the memory), as a DynamicCache would keep them.
+                pk, pv = (k, v) if unrepeated is None else unrepeated
+                cache_layer.pending = (pk, pv, key_padding_mask)
+                return favor_attention(
+                    q,
+                    k,
+                    v,
+                    w,
+                    causal=True,
+                    key_padding_mask=key_padding_mask,
+                    chunk_size=self.chunk_size,
+                    **kw,
+                )
             out, cache_layer.state = favor_recurrent(
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
             )
@@ -233,6 +265,35 @@ class FavorLayerState(RandomFeatures, nn.Module):
             **kw,
         )
 
+    def _fold(self, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor, state, kw: dict):
+        """The recurrent state after ``state`` has absorbed keys ``k: (B, H_kv, n, d)`` and
+        values ``v`` (``mask: (B, n)`` True = padding); ``q`` gives the heads ``H`` (a
+        multiple of ``H_kv``), dtype and device. The state depends on the keys and values
+        only: zero queries, their outputs dropped."""
+        heads = q.shape[1]
+        if k.shape[1] != heads:
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        k, v = k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
+        zeros = k.new_zeros(k.shape)
+        return favor_recurrent(
+            zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw
+        )[1]
+
+    def _parts(self, q: Tensor) -> dict:
+        """``window``, ``sinks`` and ``linear_factor`` for the attention parts in force."""
+        if not self.near:
+            # Linear only: no exact keys; the factor cancels without them.
+            return {"window": None, "sinks": 0, "linear_factor": None}
+        if not self.far:
+            # Window (and sinks) only: the far keys weigh 0 in the one normalizer.
+            return {
+                "window": self.window,
+                "sinks": self.sinks,
+                "linear_factor": q.new_zeros((), dtype=torch.float32),
+            }
+        return {"window": self.window, "sinks": self.sinks, "linear_factor": self.linear_factor()}
+
     def options(self) -> dict:
         return {
             "num_features": self.num_features,
@@ -254,6 +315,20 @@ class FavorLayerState(RandomFeatures, nn.Module):
         )
 
 
+def _check_cache_parts(cache_layer, parts: tuple[bool, bool]) -> None:
+    """A cache layer records the attention parts (near, far) it was filled under; going
+    on under others would mix two models in one state: refused."""
+    held = getattr(cache_layer, "parts", None)
+    if held is None:
+        cache_layer.parts = parts
+    elif held != parts:
+        raise ValueError(
+            f"this FavorCache was filled with attention parts near={held[0]}, far={held[1]} "
+            f"but the model now runs near={parts[0]}, far={parts[1]}: start a new cache "
+            "(e.g. FavorCache(model)) after set_attention_parts, or switch back"
+        )
+
+
 class LinformerLayerState(UsesLinformerProjection, nn.Module):
     """Linformer state of one converted (bidirectional) attention layer.
 
@@ -265,7 +340,8 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         shared: with ``sharing="layerwise"``, the model-wide projection (from the first
             layer), held by reference and registered once, on the first layer.
 
-    ``forward(q, k, v, *, key_padding_mask, causal, scale)``: ``q: (B, H, Lq, d)``,
+    ``forward(q, k, v, *, key_padding_mask, causal, scale)`` (``cache_layer`` and
+    ``unrepeated`` are the FAVOR+ state's; a cache is refused): ``q: (B, H, Lq, d)``,
     ``k, v: (B, H, Lk, d)`` with ``Lk <= max_seq_len``; returns ``(B, H, Lq, d)``,
     through :meth:`linattn.LinformerProjection.attend` (:func:`linattn.linformer_attention`).
     """
@@ -312,6 +388,7 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         causal: bool,
         scale: float | None,
         cache_layer=None,
+        unrepeated=None,
     ) -> Tensor:
         if causal or cache_layer is not None:
             raise ValueError(
