@@ -4,7 +4,8 @@
 mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterface``
 under ``"linattn"``, attaches per-layer state to each attention module and selects it.
 See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
-:class:`FavorCache`, :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
+:class:`FavorCache`, :func:`attention_parts` / :func:`set_attention_parts` (ablations:
+window-only, linear-only), :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
 and the experiments of ``linattn convert`` are application code, in
 :mod:`linattn.experiments`.
 """
@@ -16,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "linattn.integrations.hf needs transformers: pip install 'linattn[hf]'"
     ) from exc
 
+from .ablation import attention_parts, set_attention_parts
 from .attention import NAME, linattn_attention, linattn_mask, register
 from .cache import FavorCache, FavorCacheLayer
 from .convert import (
@@ -31,6 +33,7 @@ __all__ = [
     "NAME",
     "FavorCache",
     "FavorCacheLayer",
+    "attention_parts",
     "convert",
     "converted_layers",
     "linattn_attention",
@@ -40,4 +43,5 @@ __all__ = [
     "redraw_projections",
     "register",
     "save_converted",
+    "set_attention_parts",
 ]

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...functional import FavorState
+from .attention import NAME
 from .state import converted_layers
 
 
@@ -30,6 +31,9 @@ class FavorCacheLayer(CacheLayerMixin):
         super().__init__()
         self.state: FavorState | None = None
         self.seen = 0
+        # The attention parts (near, far) the state was built under (see
+        # linattn.integrations.hf.set_attention_parts); None before the first token.
+        self.parts: tuple[bool, bool] | None = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -53,6 +57,7 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.seen, self.is_initialized = None, 0, False
+        self.parts = None
 
     def offload(self) -> None:
         pass
@@ -129,8 +134,17 @@ class FavorCache(Cache):
             )
         super().__init__(layers=[FavorCacheLayer() for _ in states])
         self._states = [states[i] for i in range(len(states))]
+        self._config = getattr(model, "config", None)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        impl = getattr(self._config, "_attn_implementation", NAME)
+        if impl != NAME:
+            # An exact attention would take the returned new tokens for the whole context.
+            raise ValueError(
+                f"FavorCache holds FAVOR+'s recurrent state, but the model now runs "
+                f"attn_implementation={impl!r}: pass a transformers DynamicCache (or none) "
+                f"for exact attention, or select {NAME!r} again"
+            )
         layer = self.layers[layer_idx]
         # The model calls its attention function right after this; the state module
         # hands it this layer so that it continues the recurrent state.

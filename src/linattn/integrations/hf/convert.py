@@ -255,11 +255,20 @@ def _cache_key(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def linattn_in_force(model: nn.Module) -> bool:
+    """Whether ``model`` runs the linear attention now (its attention implementation is
+    ``"linattn"``), not an exact one selected again after :func:`convert`."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
 def _prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
     """``generate()`` hook of a converted decoder: unless the caller chose a cache, use a
-    :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache."""
+    :class:`~.cache.FavorCache` (constant size) instead of a growing key/value cache,
+    while the linear attention is in force (after ``set_attn_implementation("sdpa")``
+    the exact attention needs ``transformers``' own key/value cache)."""
     if (
-        model_kwargs.get("past_key_values") is None
+        linattn_in_force(self)
+        and model_kwargs.get("past_key_values") is None
         and model_kwargs.get("cache") is None
         and generation_config.use_cache is not False
         and generation_config.cache_implementation is None

@@ -84,7 +84,18 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ``q: (B, H, Lq, d)``, ``k, v: (B, H, Lk, d)`` and returns ``(B, H, Lq, d)``. With a
     ``cache_layer`` (a :class:`~.cache.FavorCacheLayer`), the tokens continue its
     recurrent state instead of being attended from scratch.
+
+    Ablations (runtime switches, not saved; set them with
+    :func:`~.ablation.set_attention_parts`): ``near`` (default True) keeps the exact part,
+    the window and the sinks; ``near=False`` attends with the feature map alone (as the
+    same layer built with ``window=None, sinks=0``). ``far`` (default True) keeps the
+    feature-map part; ``far=False`` gives the far keys weight 0 (``linear_factor = 0``):
+    exact softmax attention over the window and the sinks alone.
     """
+
+    #: Ablation switches read by :meth:`forward` (see :func:`~.ablation.set_attention_parts`).
+    near: bool = True
+    far: bool = True
 
     method = "favor"
 
@@ -194,14 +205,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
         cache_layer=None,
     ) -> Tensor:
         w = self.projection
-        kw = {
-            "kernel": self.kernel,
-            "scale": scale,
-            "window": self.window,
-            "sinks": self.sinks,
-            "linear_factor": self.linear_factor(),
-        }
+        kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         if cache_layer is not None:
+            _check_cache_parts(cache_layer, (self.near, self.far))
             out, cache_layer.state = favor_recurrent(
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
             )
@@ -233,6 +239,20 @@ class FavorLayerState(RandomFeatures, nn.Module):
             **kw,
         )
 
+    def _parts(self, q: Tensor) -> dict:
+        """``window``, ``sinks`` and ``linear_factor`` for the attention parts in force."""
+        if not self.near:
+            # Linear only: no exact keys; the factor cancels without them.
+            return {"window": None, "sinks": 0, "linear_factor": None}
+        if not self.far:
+            # Window (and sinks) only: the far keys weigh 0 in the one normalizer.
+            return {
+                "window": self.window,
+                "sinks": self.sinks,
+                "linear_factor": q.new_zeros((), dtype=torch.float32),
+            }
+        return {"window": self.window, "sinks": self.sinks, "linear_factor": self.linear_factor()}
+
     def options(self) -> dict:
         return {
             "num_features": self.num_features,
@@ -251,6 +271,20 @@ class FavorLayerState(RandomFeatures, nn.Module):
             f"head_dim={self.head_dim}, num_features={self.num_features}, "
             f"kernel={self.kernel!r}, window={self.window}"
             + (f", sinks={self.sinks}" if self.sinks else "")
+        )
+
+
+def _check_cache_parts(cache_layer, parts: tuple[bool, bool]) -> None:
+    """A cache layer records the attention parts (near, far) it was filled under; going
+    on under others would mix two models in one state: refused."""
+    held = getattr(cache_layer, "parts", None)
+    if cache_layer.state is None or held is None:
+        cache_layer.parts = parts
+    elif held != parts:
+        raise ValueError(
+            f"this FavorCache was filled with attention parts near={held[0]}, far={held[1]} "
+            f"but the model now runs near={parts[0]}, far={parts[1]}: start a new cache "
+            "(e.g. FavorCache(model)) after set_attention_parts, or switch back"
         )
 
 
