@@ -40,13 +40,19 @@ def conversion(model: nn.Module) -> dict:
 
 
 def variants_of(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The ablations that exist for ``model`` and a note for each one left out
-    (``window-only`` without a window or sinks: no key would be left)."""
-    info = conversion(model)
+    """The ablations that exist for ``model`` and, for each one left out, why (e.g.
+    ``window-only`` without a window or sinks: no key would be left), as
+    :func:`~linattn.integrations.hf.attention_parts` refuses it."""
+    from ...integrations.hf import attention_parts
+
+    conversion(model)
     names, skipped = [], {}
     for name in VARIANTS:
-        if name == "window-only" and info["window"] is None and not info["sinks"]:
-            skipped[name] = "no window and no sinks: a window-only model would see no key"
+        try:
+            with attention_parts(model, near=name != "linear-only", far=name != "window-only"):
+                pass
+        except ValueError as exc:
+            skipped[name] = str(exc)
             continue
         names.append(name)
     return names, skipped
