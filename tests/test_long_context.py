@@ -362,6 +362,17 @@ def test_speed_table_shape(monkeypatch):
     assert len(rows) == 3 and all("estimated" in r["skipped"] for r in rows)
 
 
+def test_speed_of_an_encoder_is_prefill_within_its_positions():
+    exact = tiny_bert(dtype=torch.float32)
+    model = converted(exact)
+    rows = speed_mod.speed({"exact": exact, "hybrid": model}, (16, 200), progress=False)
+    assert [(r["length"], r["model"], r["kind"]) for r in rows] == [
+        (n, m, "prefill") for n in (16, 200) for m in ("exact", "hybrid")
+    ]
+    assert all(r["median_s"] > 0 for r in rows[:2])
+    assert all("128 positions" in r["skipped"] for r in rows[2:])
+
+
 def test_cache_bytes_of_a_key_value_cache():
     exact = tiny_llama(dtype=torch.float32)
     out = exact(torch.ones(1, 10, dtype=torch.long), use_cache=True)

@@ -197,6 +197,9 @@ def recall(
                 **where,
             }
         )
+    order = {name: i for i, name in enumerate(MODELS)}
+    task_order = {t: i for i, t in enumerate(dict.fromkeys(ex.task for ex in examples))}
+    rows.sort(key=lambda r: (task_order[r["task"]], r["distance"], order[r["model"]]))
     return rows, per
 
 

@@ -98,6 +98,9 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        # Chance levels and other tiny numbers: in scientific notation.
+        if 0 < abs(value) < 10**-digits:
+            return f"{value:.1e}"
         return f"{value:.{digits}f}"
     return str(value)
 

@@ -83,10 +83,19 @@ def _prompt(model: nn.Module, length: int) -> torch.Tensor:
     return torch.randint(1, vocab, (1, length), generator=g).to(next(model.parameters()).device)
 
 
+def _is_decoder(model: nn.Module) -> bool:
+    return hasattr(model, "generate") and model.get_output_embeddings() is not None
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    # A decoder's prefill as generate() runs it: no cache kept, last-position logits.
+    return {"use_cache": False, "logits_to_keep": 1} if _is_decoder(model) else {}
+
+
 @torch.no_grad()
 def prefill(model: nn.Module, length: int, repeats: int) -> dict:
-    """Median seconds of ``repeats`` forwards over a ``length``-token prompt (no cache,
-    the logits of the last position only, as ``generate()`` computes them) and the peak
+    """Median seconds of ``repeats`` forwards over a ``length``-token prompt (decoders: no
+    cache, the logits of the last position only, as ``generate()`` computes them) and the peak
     memory the first one added (``peak_bytes``; None where it cannot be measured)."""
     device = next(model.parameters()).device
     ids = _prompt(model, length)
@@ -102,7 +111,7 @@ def prefill(model: nn.Module, length: int, repeats: int) -> dict:
                 base = _rss_now() if _reset_peak() else None
         _sync(device)
         t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        model(input_ids=ids, **_forward_kwargs(model))
         _sync(device)
         times.append(time.perf_counter() - t0)
         if i == 0:
@@ -214,10 +223,20 @@ def speed(
         trained = getattr(model.config, "max_position_embeddings", None)
         base = {"length": length, "model": name, "past_context": bool(trained and length > trained)}
         kinds = ["prefill"]
-        if decode and hasattr(model, "generate") and hasattr(model, "lm_head"):
+        if decode and _is_decoder(model):
             kinds += ["generate", "loop"]
         need, free = estimate_bytes(model, length), available_bytes(device)
         for kind in kinds:
+            if not _is_decoder(model) and trained and length > trained:
+                # Learned absolute positions (BERT) stop at max_position_embeddings.
+                rows.append(
+                    {
+                        **base,
+                        "kind": kind,
+                        "skipped": f"longer than the model's {trained} positions",
+                    }
+                )
+                continue
             if free is not None and need > MEMORY_SHARE * free:
                 rows.append(
                     {
