@@ -282,20 +282,34 @@ def plot(out: Path, result: dict) -> list[str]:
         written.append("quality.png")
     if result.get("recall"):
         tasks = list(dict.fromkeys(r["task"] for r in result["recall"]))
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
+        fig, axes = plt.subplots(
+            2, len(tasks), figsize=(4.5 * len(tasks), 7), squeeze=False, sharex="col"
+        )
+        c = result["conversion"]
+        for col, task in enumerate(tasks):
             rows = [r for r in result["recall"] if r["task"] == task]
-            for name in dict.fromkeys(r["model"] for r in rows):
-                pts = sorted((r["distance"], r["accuracy"]) for r in rows if r["model"] == name)
-                ax.plot(*zip(*pts), marker="o", color=COLORS.get(name), label=name)
-            ax.axhline(rows[0]["chance"], ls=":", color="gray", label="chance")
-            window = result["conversion"]["window"]
-            if window:
-                ax.axvline(window, ls="--", lw=1, color="gray")
-            log_axes(ax, xlabel="distance (tokens)", ylabel="accuracy", title=task, logy=False)
-            ax.set_ylim(-0.05, 1.05)
-            ax.legend(fontsize=7)
-        finish(fig, out / "recall.png", title="long-range recall")
+            for row, (key, label) in enumerate(
+                [("accuracy", "accuracy (exact answers)"), ("logprob", "mean log-prob / token")]
+            ):
+                ax = axes[row][col]
+                for name in dict.fromkeys(r["model"] for r in rows):
+                    pts = sorted((r["distance"], r[key]) for r in rows if r["model"] == name)
+                    ax.plot(*zip(*pts), marker="o", color=COLORS.get(name), label=name)
+                if key == "accuracy":
+                    ax.axhline(rows[0]["chance"], ls=":", color="gray", label="chance")
+                    ax.set_ylim(-0.05, 1.05)
+                if c["window"]:
+                    # The window, and how far back the stacked windows can relay.
+                    ax.axvline(c["window"], ls="--", lw=1, color="gray")
+                    ax.axvline(c["layers"] * max(c["window"] - 1, 0), ls="-.", lw=1, color="gray")
+                log_axes(ax, xlabel="distance (tokens)", ylabel=label, logy=False)
+                ax.set_title(task if row == 0 else "")
+                ax.legend(fontsize=7)
+        finish(
+            fig,
+            out / "recall.png",
+            title="long-range recall (dashed: window; dash-dot: layers x (window - 1))",
+        )
         written.append("recall.png")
     timed = [r for r in result.get("speed", []) if "skipped" not in r]
     if timed:
