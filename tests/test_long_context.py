@@ -328,6 +328,12 @@ def test_retrieval_queries_come_from_the_second_half(tok):
     assert len(q) == 8 and q in docs[0][32:64]
 
 
+def test_long_texts_reach_the_length(tok):
+    texts = lc._long_texts(tok, "python-docs", 300, 3, 0)
+    assert len(texts) == 3
+    assert [len(ids[0]) for ids in measure.text_ids(tok, texts, 300)] == [300] * 3
+
+
 # ----------------------------------------------------------------- speed
 def test_speed_table_shape(monkeypatch):
     exact = tiny_llama(dtype=torch.float32)

@@ -84,18 +84,20 @@ def _long_texts(tok, corpus: str, length: int, count: int, seed: int) -> list[st
     from ..convert import eval_sets
 
     # eval_sets gives its shortest length single passages: a length of 1 is asked for
-    # too, so that `length` gets joined texts.
+    # too, so that `length` gets joined texts. It counts each passage's tokens alone; a
+    # joined text can have a few fewer: a margin keeps it at `length` tokens at least.
+    packed = length + length // 16 + 16
     sets = eval_sets(
         tok,
         (corpus,),
         train_corpus="gcide",
         train_texts=20000 if corpus == "gcide" else 0,
         eval_texts=count,
-        lengths=(1, length),
+        lengths=(1, packed),
         long_eval_texts=count,
         seed=seed,
     )
-    return sets[f"{corpus}@{length}"][0]
+    return sets[f"{corpus}@{packed}"][0]
 
 
 def memory_note(device: torch.device) -> str:
@@ -170,6 +172,7 @@ def run(
         "skipped_variants": skipped,
         "machine": machine_info(),
         "memory_note": memory_note(dev),
+        "notes": [],
     }
 
     def save() -> None:
@@ -180,6 +183,10 @@ def run(
         if decoder:
             long = _long_texts(tok, corpus, max(lengths), texts, seed)
             ids = measure.text_ids(tok, long, max(lengths))
+            if len(ids) < texts:
+                result["notes"].append(
+                    f"quality: {len(ids)} of {texts} held-out texts reach {max(lengths)} tokens"
+                )
             by_len = {n: [t[:, :n] for t in ids] for n in sorted(lengths)}
             result["by_length"], result["by_position"] = measure.decoder_quality(
                 teacher, student, by_len, variants=variants, buckets=buckets, progress=progress

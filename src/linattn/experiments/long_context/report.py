@@ -129,6 +129,8 @@ def markdown(result: dict) -> str:
     ]
     for name, why in result.get("skipped_variants", {}).items():
         lines.append(f"Left out: {name} ({why}).")
+    for note in result.get("notes", []):
+        lines.append(f"Note: {note}.")
     if result.get("by_length"):
         lines += ["", f"## Agreement by length ({s['corpus']}, held-out texts)", ""]
         lines += _table(
