@@ -328,10 +328,21 @@ def test_retrieval_queries_come_from_the_second_half(tok):
     assert len(q) == 8 and q in docs[0][32:64]
 
 
-def test_long_texts_reach_the_length(tok):
-    texts = lc._long_texts(tok, "python-docs", 300, 3, 0)
+def word_tokenizer():
+    """One token per word (spaces are no tokens): joined passages have fewer tokens than
+    their separate counts plus one separator each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "<pad>": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<pad>")
+
+
+def test_long_texts_reach_the_length():
+    words = word_tokenizer()
+    texts = lc._long_texts(words, "python-docs", 300, 3, 0)
     assert len(texts) == 3
-    assert [len(ids[0]) for ids in measure.text_ids(tok, texts, 300)] == [300] * 3
+    assert [ids.shape[1] for ids in measure.text_ids(words, texts, 300)] == [300] * 3
 
 
 # ----------------------------------------------------------------- speed
