@@ -441,7 +441,7 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
     save_converted(converted(tiny_bert(dtype=torch.float32)), ckpt, tokenizer=tok)
     (tmp_path / "conv" / "summary.json").write_text(json.dumps({"model": model}))
     out = tmp_path / "out"
-    args = parse(["--checkpoint", str(ckpt), "--parts", "quality", "--docs", "4",
+    args = parse(["--checkpoint", str(ckpt), "--parts", "quality", "recall", "--docs", "4",
                   "--out", str(out)])  # fmt: skip
     assert lc.run_from_args(args) == 0
     result = json.loads((out / "results.json").read_text())
@@ -449,6 +449,7 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
     assert result["settings"]["model"] == model
     assert result["encoder"][0]["max_length"] == 128
     assert (out / "encoder.csv").is_file()
+    assert "recall" not in result and "need a decoder" in result["notes"][0]
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,8 @@ def run(
                 progress=progress,
             )
         save()
+    if "recall" in parts and not decoder:
+        result["notes"].append("recall: left out, its tasks need a decoder (a causal LM)")
     if "recall" in parts and decoder:
         exs = [
             ex for task in tasks for ex in make_examples(tok, task, distances, examples, seed=seed)
