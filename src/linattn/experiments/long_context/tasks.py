@@ -19,7 +19,7 @@ receptive field): only beyond that can it not see the source at all.
 * ``kv``: eight ``name: 4-digit code`` pairs; after the filler one name is asked for.
   Chance: 10^-4 (a model that saw the list could guess one of its eight codes: 1/8).
 * ``copy``: a list of eight words drawn from :data:`WORDS`; after the filler, "Repeat
-  the list of words:" + the list. Chance: ``len(WORDS)^-8``.
+  the list of words:" + the list. Chance: ``len(WORDS)^-8`` (47 words).
 
 Pieces are tokenized separately and joined as token ids, so the answer's ids are the
 source's ids exactly, whatever the tokenizer.
