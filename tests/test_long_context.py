@@ -430,6 +430,7 @@ def test_decoder_run_writes_its_files(tmp_path, tok, capsys):
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     text = (out / "summary.md").read_text()
     assert "window-only" in text and "linear-only" in text and "past context" in text
+    assert "FavorCache" in text  # the cache class generate() got
     assert "summary.md" in capsys.readouterr().out
 
 

@@ -231,6 +231,7 @@ def markdown(result: dict) -> str:
                 ("first_token_s", "first token s"),
                 ("ms_per_token", "ms/token"),
                 ("cache_mb", "cache MB"),
+                ("cache", "cache class"),
                 ("speedup", "speed-up"),
                 ("cache_share", "cache share"),
                 ("past_context", "past context"),
