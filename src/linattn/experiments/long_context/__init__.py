@@ -1,0 +1,449 @@
+"""``linattn eval``: a converted model against its original at length, with ablations.
+
+For a FAVOR+-converted checkpoint (``--checkpoint DIR``, loaded with
+:func:`~linattn.integrations.hf.load_converted`) or a zero-shot conversion of
+``--model minilm|smollm2|PATH`` (conversion flags over the transfer recipe's attention),
+every table compares the original model (``exact``, SDPA) with the converted model's
+ablations (:data:`~.measure.VARIANTS`: ``hybrid``, ``window-only``, ``linear-only``):
+
+* ``quality`` (decoders): perplexity ratio, KL and top-1 agreement by length on held-out
+  long texts (their first ``L`` tokens for each length) and by position bucket within
+  them (:func:`~.measure.decoder_quality`); (encoders) embedding cosine and retrieval at
+  the model's full length (:func:`~.measure.encoder_quality`);
+* ``recall`` (decoders): passkey, key-value and copying tasks at stated distances
+  (:mod:`.tasks`), teacher-forced;
+* ``speed``: prefill time and peak memory, decoding ms/token and cache bytes through
+  ``generate()`` and a hand-written ``forward(use_cache=True)`` loop (:mod:`.speed`).
+
+Writes ``results.json``, ``by_length.csv``, ``by_position.csv``, ``recall.csv``,
+``encoder.csv``, ``speed.csv``, ``quality.png``, ``recall.png``, ``speed.png`` and
+``summary.md`` to ``out`` (after each part, so that an interrupted run keeps what it
+measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+PARTS = ("quality", "recall", "speed")
+
+#: Defaults of the sizes, and the smaller ``--quick`` ones.
+DEFAULTS = {
+    "lengths": (512, 2048, 4096, 8192),
+    "buckets": (0, 64, 512, 2048, 4096, 8192),
+    "texts": 4,
+    "distances": (128, 256, 512, 1024, 2048, 4096, 8000),
+    "examples": 10,
+    "docs": 64,
+    "speed_lengths": (1024, 2048, 4096, 8192, 16384, 32768),
+    "new_tokens": 16,
+    "repeats": 3,
+}
+QUICK = {
+    "lengths": (256, 512),
+    "buckets": (0, 64, 256, 512),
+    "texts": 2,
+    "distances": (128, 512),
+    "examples": 3,
+    "docs": 16,
+    "speed_lengths": (512, 1024),
+    "new_tokens": 4,
+    "repeats": 1,
+}
+
+
+def _load(model_name: str, checkpoint: str | None, options: dict, device: str):
+    """``(teacher, student, tokenizer, source)``: the original model, the converted one
+    and where it came from."""
+    from ...integrations.hf import convert, load_converted
+    from ...integrations.hf.distill import is_causal_lm
+    from ..convert import recipe_for
+    from ..pretrained import load_pretrained
+
+    teacher, tok = load_pretrained(model_name)
+    if checkpoint is not None:
+        student = load_converted(checkpoint).eval()
+        source = f"checkpoint {checkpoint}"
+    else:
+        recipe = recipe_for("transfer", decoder=is_causal_lm(teacher))
+        options = {**recipe.favor_options(), **options}
+        student = convert(copy.deepcopy(teacher), "favor", **options)
+        source = f"zero-shot conversion of {model_name}"
+    return teacher.to(device), student.to(device), tok, source
+
+
+def _long_texts(tok, corpus: str, length: int, count: int, seed: int) -> list[str]:
+    """``count`` held-out texts of at least ``length`` tokens: passages joined as
+    :func:`~linattn.experiments.convert.eval_sets` joins its longer held-out sets (the
+    passages ``linattn convert`` never trains on)."""
+    from ..convert import eval_sets
+
+    # eval_sets gives its shortest length single passages: a length of 1 is asked for
+    # too, so that `length` gets joined texts. It counts each passage's tokens alone; a
+    # joined text can have a few fewer: a margin keeps it at `length` tokens at least.
+    packed = length + length // 16 + 16
+    sets = eval_sets(
+        tok,
+        (corpus,),
+        train_corpus="gcide",
+        train_texts=20000 if corpus == "gcide" else 0,
+        eval_texts=count,
+        lengths=(1, packed),
+        long_eval_texts=count,
+        seed=seed,
+    )
+    return sets[f"{corpus}@{packed}"][0]
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated over what was allocated before"
+    return "peak resident set size added: VmHWM reset through /proc/self/clear_refs"
+
+
+def run(
+    model_name: str,
+    *,
+    checkpoint: str | None = None,
+    options: dict | None = None,
+    parts: tuple[str, ...] = PARTS,
+    lengths: tuple[int, ...] = DEFAULTS["lengths"],
+    buckets: tuple[int, ...] = DEFAULTS["buckets"],
+    corpus: str = "python-docs",
+    texts: int = DEFAULTS["texts"],
+    tasks: tuple[str, ...] = ("passkey", "kv", "copy"),
+    distances: tuple[int, ...] = DEFAULTS["distances"],
+    examples: int = DEFAULTS["examples"],
+    docs: int = DEFAULTS["docs"],
+    speed_lengths: tuple[int, ...] = DEFAULTS["speed_lengths"],
+    new_tokens: int = DEFAULTS["new_tokens"],
+    repeats: int = DEFAULTS["repeats"],
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path = "results/eval",
+    progress: bool = True,
+) -> dict:
+    """Measure ``parts`` of :data:`PARTS` for ``model_name`` (``"minilm"``,
+    ``"smollm2"`` or a model folder: the original) converted zero-shot with
+    ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``; write
+    the results into ``out`` (see the module docstring) and return them."""
+    from ...bench.speed import machine_info
+    from ...integrations.hf.distill import is_causal_lm
+    from . import measure, report
+    from .speed import speed
+    from .tasks import make_examples
+
+    started = time.perf_counter()
+    out = Path(out)
+    dev = torch.device(device)
+    teacher, student, tok, source = _load(model_name, checkpoint, dict(options or {}), device)
+    decoder = is_causal_lm(teacher)
+    variants, skipped = measure.variants_of(student)
+    result = {
+        "settings": {
+            "model": model_name,
+            "source": source,
+            "kind": "decoder" if decoder else "encoder",
+            "conversion": student.config.linattn_conversion["options"],
+            "exact_attention": getattr(teacher.config, "_attn_implementation", None),
+            "parts": list(parts),
+            "corpus": corpus,
+            "lengths": list(lengths),
+            "buckets": list(buckets),
+            "texts": texts,
+            "tasks": list(tasks),
+            "distances": list(distances),
+            "examples": examples,
+            "docs": docs,
+            "speed_lengths": list(speed_lengths),
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "seed": seed,
+            "seconds": 0.0,
+        },
+        "conversion": measure.conversion(student),
+        "skipped_variants": skipped,
+        "machine": machine_info(),
+        "memory_note": memory_note(dev),
+        "notes": [],
+    }
+
+    def save() -> None:
+        result["settings"]["seconds"] = round(time.perf_counter() - started, 1)
+        result["files"] = report.write(out, result)
+
+    if "quality" in parts:
+        if decoder:
+            long = _long_texts(tok, corpus, max(lengths), texts, seed)
+            ids = measure.text_ids(tok, long, max(lengths))
+            if len(ids) < texts:
+                result["notes"].append(
+                    f"quality: {len(ids)} of {texts} held-out texts reach {max(lengths)} tokens"
+                )
+            by_len = {n: [t[:, :n] for t in ids] for n in sorted(lengths)}
+            result["by_length"], result["by_position"] = measure.decoder_quality(
+                teacher, student, by_len, variants=variants, buckets=buckets, progress=progress
+            )
+        else:
+            max_length = int(getattr(teacher.config, "max_position_embeddings", 512))
+            documents = _long_texts(tok, corpus, max_length, docs, seed)
+            result["encoder"] = measure.encoder_quality(
+                teacher,
+                student,
+                tok,
+                documents,
+                variants=variants,
+                max_length=max_length,
+                progress=progress,
+            )
+        save()
+    if "recall" in parts and not decoder:
+        result["notes"].append("recall: left out, its tasks need a decoder (a causal LM)")
+    if "recall" in parts and decoder:
+        exs = [
+            ex for task in tasks for ex in make_examples(tok, task, distances, examples, seed=seed)
+        ]
+        result["recall"], result["recall_examples"] = measure.recall(
+            teacher, student, exs, variants=variants, progress=progress
+        )
+        save()
+    if "speed" in parts:
+        result["speed"] = speed(
+            {"exact": teacher, "hybrid": student},
+            speed_lengths,
+            repeats=repeats,
+            new_tokens=new_tokens,
+            decode=decoder,
+            progress=progress,
+        )
+        save()
+    save()
+    return result
+
+
+# ---------------------------------------------------------------- command line
+_CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add every option of ``linattn eval`` to ``parser``."""
+    from ...cli import _non_negative, _positive
+    from ...features import KERNELS
+    from .tasks import TASKS
+
+    parser.description = (
+        "Long-context evaluation of a FAVOR+-converted model against its original "
+        "(SDPA): decoders by length and position on held-out long text, long-range recall "
+        "tasks (passkey, key-value, copying), encoders by embedding cosine and retrieval; "
+        "every table with the ablations hybrid / window-only / linear-only; speed and "
+        "memory (prefill, generate(), a hand-written cache loop). Offline: "
+        "HF_HUB_OFFLINE=1. Writes results.json, CSVs, PNGs and summary.md to --out."
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="the original model: 'minilm', 'smollm2' or a local model folder; without "
+        "--checkpoint it is converted zero-shot (default with --checkpoint: the 'model' of "
+        "the summary.json beside it, as linattn convert writes it)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a converted model folder (linattn convert's OUT/checkpoint)",
+    )
+    g.add_argument(
+        "--kernel",
+        choices=tuple(KERNELS),
+        help="zero-shot conversion: FAVOR+ kernel (default: the transfer recipe's, hedgehog)",
+    )
+    g.add_argument(
+        "--num-features",
+        type=_positive,
+        help="zero-shot conversion: features per head (default: the transfer recipe's, 64)",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        help="zero-shot conversion: exact window (-1: none; default: the transfer recipe's, "
+        "64 for decoders, 16 for encoders)",
+    )
+    g.add_argument(
+        "--sinks",
+        type=_non_negative,
+        help="zero-shot conversion: exact sink tokens (default: the transfer recipe's, 1)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="conversion, texts and task examples")
+    w = parser.add_argument_group("what to measure")
+    w.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="quality: by length and position (encoders: embeddings and retrieval); "
+        "recall: long-range tasks (decoders); speed: time and memory",
+    )
+    w.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()),
+    )
+    w.add_argument(
+        "--corpus",
+        choices=["python-docs", "gcide"],
+        default="python-docs",
+        help="held-out text (joined passages)",
+    )
+    w.add_argument(
+        "--lengths",
+        type=_positive,
+        nargs="+",
+        help=f"decoder text lengths in tokens (default: {DEFAULTS['lengths']})",
+    )
+    w.add_argument(
+        "--buckets",
+        type=_non_negative,
+        nargs="+",
+        help=f"position bucket edges (default: {DEFAULTS['buckets']})",
+    )
+    w.add_argument(
+        "--texts",
+        type=_positive,
+        help=f"held-out texts per length (default: {DEFAULTS['texts']})",
+    )
+    w.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="recall tasks")
+    w.add_argument(
+        "--distances",
+        type=_positive,
+        nargs="+",
+        help=f"recall distances in tokens (default: {DEFAULTS['distances']})",
+    )
+    w.add_argument(
+        "--examples",
+        type=_positive,
+        help=f"recall examples per task and distance (default: {DEFAULTS['examples']})",
+    )
+    w.add_argument(
+        "--docs",
+        type=_positive,
+        help=f"encoder documents at the full length (default: {DEFAULTS['docs']})",
+    )
+    w.add_argument(
+        "--speed-lengths",
+        type=_positive,
+        nargs="+",
+        help=f"prompt / context lengths timed (default: {DEFAULTS['speed_lengths']})",
+    )
+    w.add_argument(
+        "--new-tokens",
+        type=_int_two,
+        help=f"tokens decoded per timing (default: {DEFAULTS['new_tokens']})",
+    )
+    w.add_argument(
+        "--repeats",
+        type=_positive,
+        help=f"prefill timings per length, median reported (default: {DEFAULTS['repeats']})",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--out", default="results/eval", help="output folder")
+
+
+def _int_two(text: str) -> int:
+    from ...cli import _int_at_least
+
+    return _int_at_least(2)(text)
+
+
+def _summary_model(checkpoint: Path) -> str | None:
+    """The original model named by ``linattn convert``'s summary.json beside (or in) a
+    checkpoint folder."""
+    import json
+
+    for path in (checkpoint.parent / "summary.json", checkpoint / "summary.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text()).get("model")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Check the flags of :func:`configure_parser` (a :class:`linattn.cli.UsageError`
+    before any model loads), run :func:`run`, print the summary."""
+    from ...cli import UsageError, _check_model, _check_out
+
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "config.json").is_file():
+            raise UsageError(
+                f"--checkpoint {args.checkpoint}: expected a folder holding config.json "
+                "(linattn convert's OUT/checkpoint)"
+            )
+        given = [
+            "--" + n.replace("_", "-") for n in _CONVERSION_FLAGS if getattr(args, n) is not None
+        ]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: conversion flags are for a zero-shot conversion of "
+                "--model; a --checkpoint keeps the conversion it was saved with"
+            )
+        if args.model is None:
+            args.model = _summary_model(ckpt)
+            if args.model is None:
+                raise UsageError(
+                    f"--checkpoint {args.checkpoint}: no summary.json beside it names the "
+                    "original model; pass --model"
+                )
+    elif args.model is None:
+        raise UsageError("give --model (zero-shot conversion) or --checkpoint DIR")
+    decoder = _check_model(args.model)
+    if args.window is not None and args.window < -1:
+        raise UsageError(
+            f"--window: expected -1 (none) or a number of keys >= 0, got {args.window}"
+        )
+    if not decoder and args.parts == ["recall"]:
+        raise UsageError("--parts recall: the recall tasks need a decoder (a causal LM)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    sizes = QUICK if args.quick else DEFAULTS
+    for name, value in sizes.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if decoder and "quality" in args.parts and min(args.lengths) < 2:
+        raise UsageError(f"--lengths: each at least 2 tokens, got {args.lengths}")
+    options = {"seed": args.seed}
+    for name in _CONVERSION_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = (None if value == -1 else value) if name == "window" else value
+    _check_out(args.out)
+    result = run(
+        args.model,
+        checkpoint=args.checkpoint,
+        options={} if args.checkpoint else options,
+        parts=tuple(dict.fromkeys(args.parts)),
+        lengths=tuple(sorted(set(args.lengths))),
+        buckets=tuple(sorted(set(args.buckets))),
+        corpus=args.corpus,
+        texts=args.texts,
+        tasks=tuple(dict.fromkeys(args.tasks)),
+        distances=tuple(sorted(set(args.distances))),
+        examples=args.examples,
+        docs=args.docs,
+        speed_lengths=tuple(sorted(set(args.speed_lengths))),
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+    )
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/" + ", ".join(result["files"]))
+    return 0
