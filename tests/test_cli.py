@@ -332,3 +332,21 @@ def test_convert_runs_the_recipe_configs(recipe, tmp_path, monkeypatch):
     # A flag replaces the recipe's value.
     assert main([*argv, "--lr", "0.5", "--steps", "7"]) == 0
     assert seen["config"] == dataclasses.replace(r.distill, lr=0.5, steps=7)
+
+
+def test_eval_is_a_command_and_checks_its_flags_before_loading(capsys, tmp_path, monkeypatch):
+    from linattn.experiments import long_context
+
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--checkpoint" in text and "--overwrite" in text
+    forbid(monkeypatch, long_context)
+    assert main(["eval", "--out", str(tmp_path / "e")]) == 2
+    assert "--model" in one_line_error(capsys, "linattn eval")
+    # An --out holding an earlier evaluation is refused unless --overwrite.
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text("{}")
+    assert main(["eval", "--model", "smollm2", "--out", str(tmp_path / "e")]) == 2
+    assert "--overwrite" in one_line_error(capsys, "linattn eval")

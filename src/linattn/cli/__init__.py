@@ -1,7 +1,7 @@
 """Command line: ``linattn <subcommand>`` (also ``python -m linattn``).
 
 One module per command (:mod:`.bench`, :mod:`.approx`, :mod:`.convert`, :mod:`.train`,
-:mod:`.report`), each exposing ``COMMAND``, a :class:`~._common.Command`: its name,
+:mod:`.report`, :mod:`.evaluate` for `eval`), each exposing ``COMMAND``, a :class:`~._common.Command`: its name,
 help and description, ``configure(parser)`` (adds its arguments) and ``run(args) ->
 int`` (does the work, returns the exit code). :mod:`._common` holds what they share:
 argument types, the ``--out`` check, ``--config`` reading and the error handling.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import approx, bench, convert, report, train
+from . import approx, bench, convert, evaluate, report, train
 from ._common import (
     Command,
     HelpFormatter,
@@ -44,6 +44,7 @@ COMMANDS: tuple[Command, ...] = (
     convert.COMMAND,
     train.COMMAND,
     report.COMMAND,
+    evaluate.COMMAND,
 )
 
 

@@ -234,7 +234,9 @@ _CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks")
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add every option of ``linattn eval`` to ``parser``."""
-    from ...cli import _non_negative, _positive
+    from ...cli._common import add_overwrite_flag
+    from ...cli._common import non_negative as _non_negative
+    from ...cli._common import positive as _positive
     from ...features import KERNELS
     from .tasks import TASKS
 
@@ -352,12 +354,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--out", default="results/eval", help="output folder")
+    add_overwrite_flag(parser, "an earlier evaluation's results")
 
 
 def _int_two(text: str) -> int:
-    from ...cli import _int_at_least
+    from ...cli._common import int_at_least
 
-    return _int_at_least(2)(text)
+    return int_at_least(2)(text)
 
 
 def _summary_model(checkpoint: Path) -> str | None:
@@ -377,7 +380,9 @@ def _summary_model(checkpoint: Path) -> str | None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Check the flags of :func:`configure_parser` (a :class:`linattn.cli.UsageError`
     before any model loads), run :func:`run`, print the summary."""
-    from ...cli import UsageError, _check_model, _check_out
+    from ...cli._common import UsageError, own_out, refuse_replacing
+    from ...cli._common import check_out as _check_out
+    from ...cli.convert import _check_model
 
     if args.checkpoint is not None:
         ckpt = Path(args.checkpoint)
@@ -424,7 +429,24 @@ def run_from_args(args: argparse.Namespace) -> int:
         if value is not None:
             options[name] = (None if value == -1 else value) if name == "window" else value
     _check_out(args.out)
-    result = run(
+    if not args.overwrite:
+        refuse_replacing(
+            args.out,
+            ("results.json", "summary.md"),
+            "an earlier evaluation",
+            "--overwrite replaces it, or give another --out",
+        )
+    with own_out(args.out):
+        result = _run_checked(args, options)
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/" + ", ".join(result["files"]))
+    return 0
+
+
+def _run_checked(args: argparse.Namespace, options: dict) -> dict:
+    """:func:`run` with the checked flags of :func:`run_from_args` (``options``: the
+    zero-shot conversion's)."""
+    return run(
         args.model,
         checkpoint=args.checkpoint,
         options={} if args.checkpoint else options,
@@ -444,6 +466,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
     )
-    print((Path(args.out) / "summary.md").read_text())
-    print(f"wrote {args.out}/" + ", ".join(result["files"]))
-    return 0
