@@ -353,3 +353,22 @@ def test_speed_plot_without_a_successful_case_draws_nothing(tmp_path):
     result = {"results": [{"pass": "fwd", "length": 64, "error": ["MemoryError"]}]}
     speed.plot(result, tmp_path / "bench.png")
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_a_fresh_run_drops_the_previous_runs_checkpoint(tmp_path):
+    # --overwrite starts a fresh run: should it stop before its first checkpoint, a later
+    # --resume must not find the replaced run's checkpoint beside the new config.
+    from linattn.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the previous run's")
+
+    class Broken:
+        def build_model(self):
+            raise RuntimeError("stopped before the first checkpoint")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(TrainConfig(steps=1), out, task=Broken(), progress=False)
+    assert not (out / "checkpoint.pt").exists()
+    assert (out / "config.json").is_file()
