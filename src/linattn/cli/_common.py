@@ -209,7 +209,10 @@ def preset(args: argparse.Namespace) -> str:
 def memory_bytes() -> int:
     """The memory a run may use at most: this machine's RAM, or a CUDA device's memory
     where that is larger."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        total = 0
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         total = max(total, torch.cuda.get_device_properties(0).total_memory)
@@ -217,11 +220,12 @@ def memory_bytes() -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    """``n`` bytes in binary units: ``"512 B"``, ``"3.6 TB"``."""
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def check_fits(nbytes: float, what: str) -> None:
@@ -229,7 +233,7 @@ def check_fits(nbytes: float, what: str) -> None:
     than :func:`memory_bytes`: cheap, before any allocation; sizes that pass may still
     run out of memory (then :func:`run_command` says so in one line)."""
     limit = memory_bytes()
-    if nbytes > limit:
+    if limit and nbytes > limit:
         raise UsageError(
             f"{what} would take {format_bytes(nbytes)}, more than this machine's "
             f"{format_bytes(limit)} of memory"
