@@ -242,3 +242,133 @@ def test_convert_refuses_to_replace_results(tmp_path, monkeypatch, capsys, argv,
     assert main([*cmd, "--overwrite"]) == 0 and len(calls) == 1
     if held == "transfer":
         assert main([*cmd, "--resume"]) == 0 and calls[-1]["resume"]
+
+
+# ----------------------------------------------------------------- sizes too large
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["train", "--dim", "1000000", "--heads", "1"], "--dim 1000000"),
+        (["train", "--num-features", "1000000000"], "--num-features 1000000000"),
+        (["train", "--batch-size", "1000000000"], "--batch-size 1000000000"),
+        (
+            [
+                "train",
+                "--task",
+                "listops",
+                "--attention",
+                "linformer",
+                "--proj-dim",
+                "1000000000000",
+            ],
+            "--proj-dim 1000000000000",
+        ),
+        (["convert", "--model", "m", "--num-features", "1000000000000"], "--num-features"),
+        (["bench", "--suite", "generate", "--lengths", "1000000000000"], "--lengths"),
+        (["bench", "--lengths", "1000000000000"], "--lengths 1000000000000"),
+        (["bench", "--head-dim", "1000000000"], "--head-dim 1000000000"),
+        (["bench", "--suite", "linformer", "--lengths", "100000000000"], "--lengths"),
+        (["bench", "--suite", "peers", "--num-features", "1000000000000"], "--num-features"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v)[:40],
+)
+def test_huge_sizes_are_refused_before_any_allocation(tmp_path, monkeypatch, capsys, argv, flag):
+    # One line naming the size, exit 2, nothing written, no case run: fast.
+    if argv[0] == "convert":
+        pytest.importorskip("transformers")
+        monkeypatch.setattr("linattn.cli.convert._check_model", lambda name: False)
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "memory" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4000000000000 bytes. Error code 12"
+        ),
+        MemoryError(),
+    ],
+    ids=["torch-cpu", "python"],
+)
+def test_out_of_memory_during_the_work_is_one_line(tmp_path, monkeypatch, capsys, error):
+    import linattn.train
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(linattn.train, "train", fail)
+    argv = ["train", "--steps", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "--dim" in err[0], err
+    if isinstance(error, RuntimeError):
+        assert "3.6 TB" in err[0]
+    with pytest.raises(type(error)):
+        main([*argv, "--debug"])
+    # Other RuntimeErrors are not hidden.
+    monkeypatch.setattr(
+        linattn.train, "train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug"))
+    )
+    with pytest.raises(RuntimeError, match="bug"):
+        main(argv)
+
+
+def test_failed_bench_cases_end_in_one_error_line(tmp_path, monkeypatch, capsys):
+    # `bench --windows 1000000000000` failed its window cases and exited 1 without a word.
+    from linattn.cli import bench
+
+    rows = [
+        {"pass": "fwd", "method": "favor", "length": 64, "median_s": 0.1},
+        {
+            "pass": "fwd",
+            "method": "favor",
+            "length": 64,
+            "window": 10**12,
+            "error": ["MemoryError"],
+        },
+    ]
+    suite = bench.SUITES["favor"]
+    monkeypatch.setitem(
+        bench.SUITES, "favor", bench.dataclasses.replace(suite, run=lambda args: ("table", rows))
+    )
+    argv = ["bench", "--windows", "1000000000000", "--lengths", "64", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "table" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "1 of 2 cases failed" in err[0], err
+    assert "window=1000000000000" in err[0] and "out of memory" in err[0], err
+
+
+def test_speed_plot_without_a_successful_case_draws_nothing(tmp_path):
+    # All cases failed: no figure (it used to fail with "Number of columns must be a
+    # positive integer, not 0" and hide the table's reasons).
+    from linattn.bench import speed
+
+    result = {"results": [{"pass": "fwd", "length": 64, "error": ["MemoryError"]}]}
+    speed.plot(result, tmp_path / "bench.png")
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_a_fresh_run_drops_the_previous_runs_checkpoint(tmp_path):
+    # --overwrite starts a fresh run: should it stop before its first checkpoint, a later
+    # --resume must not find the replaced run's checkpoint beside the new config.
+    from linattn.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the previous run's")
+
+    class Broken:
+        def build_model(self):
+            raise RuntimeError("stopped before the first checkpoint")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        train(TrainConfig(steps=1), out, task=Broken(), progress=False)
+    assert not (out / "checkpoint.pt").exists()
+    assert (out / "config.json").is_file()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -283,6 +284,10 @@ def test_compare_runs_every_attention_in_its_own_process(tmp_path, monkeypatch):
     again = compare(cfg, tmp_path / "cmp", attentions=kinds, progress=False)
     assert again["results"] == result["results"]
     assert stamps == {k: (tmp_path / "cmp" / k / "summary.json").stat().st_mtime_ns for k in kinds}
+    # Changed settings: that run starts over, replacing the earlier one in its folder.
+    changed = compare(replace(cfg, lr=2e-3), tmp_path / "cmp", attentions=kinds[:1], progress=False)
+    assert json.loads((tmp_path / "cmp" / "exact" / "config.json").read_text())["lr"] == 2e-3
+    assert changed["results"][0]["attention"] == "exact"
 
 
 @pytest.mark.parametrize(

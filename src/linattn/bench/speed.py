@@ -427,10 +427,12 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Time and peak memory against length, log-log, with O(L) and O(L^2) guides."""
-    plt = pyplot()
-
+    """Time and peak memory against length, log-log, with O(L) and O(L^2) guides; no
+    figure when no case succeeded (the table says why)."""
     rows = [r for r in result["results"] if "median_s" in r]
+    if not rows:
+        return
+    plt = pyplot()
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)
     fig, axes = plt.subplots(2, len(passes), figsize=(max(9, 6 * len(passes)), 8.5), squeeze=False)
     styles = {

@@ -27,6 +27,7 @@ import sys
 from . import approx, bench, convert, evaluate, report, train
 from ._common import (
     Command,
+    Context,
     HelpFormatter,
     Parser,
     UsageError,
@@ -46,6 +47,9 @@ COMMANDS: tuple[Command, ...] = (
     report.COMMAND,
     evaluate.COMMAND,
 )
+
+
+_BY_NAME = {command.name: command for command in COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,17 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    prog = ["linattn"]
+    context = Context()
 
     def work() -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        prog[0] = f"linattn {args.command}"
+        context.prog = f"linattn {args.command}"
+        context.sizes = _BY_NAME[args.command].sizes
         return args.func(args)
 
-    return run_command(work, debug=debug_requested(argv), prog=lambda: prog[0])
+    return run_command(work, debug=debug_requested(argv), context=context)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import sys
 import tempfile
 import typing
@@ -49,13 +50,21 @@ class Parser(argparse.ArgumentParser):
 class Command:
     """One ``linattn NAME`` subcommand: ``configure(parser)`` adds its arguments to its
     own parser, ``run(args) -> int`` does the work and returns the exit code (raising
-    :class:`UsageError` for a command line that cannot run, before any work)."""
+    :class:`UsageError` for a command line that cannot run, before any work, and
+    :class:`CommandFailed` for work that failed, both in one line)."""
 
     name: str
     help: str
     description: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    #: the flags that set sizes: an out-of-memory error names them as what to lower.
+    sizes: tuple[str, ...] = ()
+
+
+class CommandFailed(Exception):
+    """Work that failed after it started, for a reason the message says in full (exit
+    code 1, one line, no traceback to show): e.g. benchmark cases that failed."""
 
 
 def version() -> str:
@@ -115,15 +124,28 @@ def refuse_replacing(
         raise UsageError(f"--out {out} already holds {what} ({', '.join(held)}); {remedy}")
 
 
-def own_out(path: str | os.PathLike) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def own_out(path: str | os.PathLike) -> typing.Iterator[Path]:
     """Own the output folder for the command's life (:func:`linattn._io.folder_lock`):
     a second command writing there stops at once with one line naming the folder and
-    the holder's pid (exit 1). Under torchrun only rank 0, which writes, owns it."""
-    from .._io import folder_lock
+    the holder's pid (exit 1). Under torchrun only rank 0, which writes, owns it. A
+    folder this created is removed again when the command fails before writing in it."""
+    from .._io import LOCK_NAME, folder_lock
 
+    folder = Path(path)
     if os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext(Path(path))
-    return folder_lock(path)
+        yield folder
+        return
+    created = not folder.exists()
+    try:
+        with folder_lock(folder):
+            yield folder
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
+        raise
 
 
 def read_json(path: str, flag: str = "--config") -> dict:
@@ -184,6 +206,66 @@ def preset(args: argparse.Namespace) -> str:
     return "full" if args.full else "quick"
 
 
+def memory_bytes() -> int:
+    """The memory a run may use at most: this machine's RAM, or a CUDA device's memory
+    where that is larger."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        total = 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        total = max(total, torch.cuda.get_device_properties(0).total_memory)
+    return total
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units: ``"512 B"``, ``"3.6 TB"``."""
+    units = ("B", "KB", "MB", "GB", "TB", "PB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def check_fits(nbytes: float, what: str) -> None:
+    """Refuse (:class:`UsageError`) sizes whose single tensor ``what`` alone needs more
+    than :func:`memory_bytes`: cheap, before any allocation; sizes that pass may still
+    run out of memory (then :func:`run_command` says so in one line)."""
+    limit = memory_bytes()
+    if limit and nbytes > limit:
+        raise UsageError(
+            f"{what} would take {format_bytes(nbytes)}, more than this machine's "
+            f"{format_bytes(limit)} of memory"
+        )
+
+
+def allocation_failure(text: str) -> str | None:
+    """What a failed allocation's message says it asked for (``"an allocation of 3.6
+    TB"``; ``"an allocation"`` where it does not say), or None where ``text`` is not
+    about running out of memory."""
+    if not any(s in text for s in ("can't allocate memory", "MemoryError")) and (
+        "out of memory" not in text.lower()
+    ):
+        return None
+    cpu = re.search(r"allocate (\d+) bytes", text)
+    if cpu:
+        return f"an allocation of {format_bytes(int(cpu.group(1)))}"
+    cuda = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGTP]?i?B)", text)
+    return f"an allocation of {cuda.group(1)}" if cuda else "an allocation"
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """:func:`allocation_failure` of an exception (``MemoryError``, torch's
+    out-of-memory errors), or None where ``exc`` is not one."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", ()) if torch is not None else ()
+    what = allocation_failure(str(exc))
+    if what is None and (isinstance(exc, MemoryError) or (oom and isinstance(exc, oom))):
+        return "an allocation"
+    return what
+
+
 # Errors a user can act on: one line, no traceback (unless --debug). MissingDataError
 # and FileNotFoundError are OSErrors; checkpoint errors are ValueErrors.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
@@ -193,22 +275,47 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("LINATTN_DEBUG", "") not in ("", "0")
 
 
-def run_command(work: Callable[[], int], *, debug: bool, prog: Callable[[], str]) -> int:
-    """``work()``'s exit code; a :class:`UsageError` prints one line and gives 2, a user
-    error (:data:`USER_ERRORS`) one line and 1, Ctrl-C 130; ``debug`` re-raises instead.
-    ``prog()``: the program name for the message (``linattn`` or ``linattn COMMAND``)."""
+@dataclasses.dataclass
+class Context:
+    """What :func:`run_command` names in its messages: the program (``linattn`` or
+    ``linattn COMMAND``) and the command's size flags, once the command is known."""
+
+    prog: str = "linattn"
+    sizes: tuple[str, ...] = ()
+
+
+def run_command(work: Callable[[], int], *, debug: bool, context: Context) -> int:
+    """``work()``'s exit code; a :class:`UsageError` prints one line and gives 2; a
+    user error (:data:`USER_ERRORS`), a :class:`CommandFailed` or running out of memory
+    one line and 1; Ctrl-C 130; ``debug`` re-raises instead."""
     try:
         return work()
     except UsageError as exc:
         if debug:
             raise
-        print(f"{exc.prog or prog()}: error: {exc}", file=sys.stderr)
+        print(f"{exc.prog or context.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        if debug:
+            raise
+        print(f"{context.prog}: error: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         if debug:
             raise
-        print(f"{prog()}: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{context.prog}: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:
+        what = out_of_memory(exc)
+        if debug or what is None:
+            raise
+        lower = f"; lower {', '.join(context.sizes)}" if context.sizes else ""
+        print(
+            f"{context.prog}: error: out of memory: {what} failed (this machine has "
+            f"{format_bytes(memory_bytes())}){lower} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print(f"{prog()}: interrupted", file=sys.stderr)
+        print(f"{context.prog}: interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,11 @@ from collections.abc import Callable
 
 from ._common import (
     Command,
+    CommandFailed,
     UsageError,
     add_size_flags,
+    allocation_failure,
+    check_fits,
     check_out,
     non_negative,
     own_out,
@@ -26,19 +29,27 @@ from ._common import (
 class Suite:
     """A ``--suite``: ``about`` says what it times (``--help``), ``options`` the bench
     options it reads, ``files`` what it writes to ``--out``; ``run(args) -> (table,
-    failed)`` runs it and returns its printed table and whether a case failed."""
+    rows)`` runs it and returns its printed table and its result rows (a failed case
+    has an ``"error"``); ``footprint(args, length)``: bytes one case of that length
+    needs at least (its inputs), checked against the machine's memory before any
+    case runs."""
 
     about: str
     options: tuple[str, ...]
     files: tuple[str, ...]
-    run: Callable[[argparse.Namespace], tuple[str, bool]]
+    run: Callable[[argparse.Namespace], tuple[str, list[dict]]]
+    footprint: Callable[[argparse.Namespace, int], float]
+    #: the shortest length its presets run (what is checked without --lengths).
+    shortest: int
 
 
-def _failed(result: dict) -> bool:
-    return any("error" in r for r in result["results"])
+def _qkv_bytes(args: argparse.Namespace, length: int) -> float:
+    # float32 q, k, v of batch 1, plus FAVOR+'s query and key features where it has them.
+    features = 2 * args.num_features if "num_features" in SUITES[args.suite].options else 0
+    return 4.0 * args.heads * length * (3 * args.head_dim + features)
 
 
-def _favor(args: argparse.Namespace) -> tuple[str, bool]:
+def _favor(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import speed
 
     result = speed.run(
@@ -52,10 +63,10 @@ def _favor(args: argparse.Namespace) -> tuple[str, bool]:
         passes=tuple(args.passes or ("fwd", "fwd+bwd")),
         windows=tuple(args.windows or ()),
     )
-    return speed.format_table(result), _failed(result)
+    return speed.format_table(result), result["results"]
 
 
-def _linformer(args: argparse.Namespace) -> tuple[str, bool]:
+def _linformer(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import linformer_table
 
     result = linformer_table.run(
@@ -66,10 +77,10 @@ def _linformer(args: argparse.Namespace) -> tuple[str, bool]:
         repeats=args.repeats or 5,
         lengths=args.lengths,
     )
-    return linformer_table.format_table(result), _failed(result)
+    return linformer_table.format_table(result), result["results"]
 
 
-def _peers(args: argparse.Namespace) -> tuple[str, bool]:
+def _peers(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import peers
 
     result = peers.run(
@@ -82,17 +93,17 @@ def _peers(args: argparse.Namespace) -> tuple[str, bool]:
         lengths=args.lengths,
         passes=tuple(args.passes or ("fwd", "fwd+bwd")),
     )
-    return peers.format_table(result), _failed(result)
+    return peers.format_table(result), result["results"]
 
 
-def _generate(args: argparse.Namespace) -> tuple[str, bool]:
+def _generate(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import generation
 
     result = generation.run(args.out, preset=preset(args), contexts=args.lengths)
-    return generation.format_table(result), False
+    return generation.format_table(result), result["results"]
 
 
-def _gpu(args: argparse.Namespace) -> tuple[str, bool]:
+def _gpu(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import gpu
 
     try:
@@ -105,7 +116,7 @@ def _gpu(args: argparse.Namespace) -> tuple[str, bool]:
         )
     except gpu.GpuBenchError as exc:  # no CUDA device, or a grid it cannot run
         raise UsageError(str(exc)) from exc
-    return gpu.format_table(result), _failed(result)
+    return gpu.format_table(result), result["results"]
 
 
 SUITES: dict[str, Suite] = {
@@ -115,24 +126,33 @@ SUITES: dict[str, Suite] = {
         ("lengths", "passes", "heads", "head_dim", "num_features", "repeats", "windows"),
         ("bench.json", "bench.csv", "bench.png"),
         _favor,
+        _qkv_bytes,
+        1024,
     ),
     "linformer": Suite(
         "the Linformer paper's Table 3 (Linformer against exact attention)",
         ("lengths", "heads", "head_dim", "repeats"),
         ("linformer.json", "linformer.csv", "linformer.png"),
         _linformer,
+        _qkv_bytes,
+        512,
     ),
     "peers": Suite(
         "against performer-pytorch and linformer",
         ("lengths", "passes", "heads", "head_dim", "num_features", "repeats"),
         ("peers.json", "peers.csv"),
         _peers,
+        _qkv_bytes,
+        1024,
     ),
     "generate": Suite(
         "per-token decoding cost against context length",
         ("lengths",),
         ("generate.json", "generate.csv", "generate.png"),
         _generate,
+        # The exact model's key/value cache: 4 layers x (k, v) x dim 256, float32.
+        lambda args, length: 4.0 * 4 * 2 * 256 * length,
+        256,
     ),
     "gpu": Suite(
         "the Triton kernels against FlashAttention, flash-linear-attention and the eager "
@@ -141,6 +161,9 @@ SUITES: dict[str, Suite] = {
         ("lengths", "passes", "repeats"),
         ("gpu.json", "gpu.csv", "gpu.png"),
         _gpu,
+        # bf16 q, k, v at the grid's smallest: 16 heads, head_dim 64.
+        lambda args, length: 2.0 * 16 * length * 3 * 64,
+        4096,
     ),
 }
 _OPTIONS = ("lengths", "passes", "heads", "head_dim", "num_features", "repeats", "windows")
@@ -209,12 +232,49 @@ def run(args: argparse.Namespace) -> int:
     for name, value in _DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    length = max(args.lengths) if args.lengths else suite.shortest
+    sizes = ", ".join(
+        f"--{name.replace('_', '-')} {getattr(args, name)}"
+        for name in ("heads", "head_dim", "num_features")
+        if name in suite.options
+    )
+    check_fits(
+        suite.footprint(args, length),
+        (f"--lengths {length}" if args.lengths else f"the preset's length {length}")
+        + (f" with {sizes}" if sizes else "")
+        + ": one case's inputs",
+    )
     check_out(args.out)
     with own_out(args.out):
-        table, failed = suite.run(args)
+        table, rows = suite.run(args)
     print(table)
     print(f"\nwrote {args.out}/" + ", ".join(suite.files))
-    return 1 if failed else 0
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise CommandFailed(
+            f"{len(failed)} of {len(rows)} cases failed, e.g. {_case(failed[0])}: "
+            f"{_error_text(failed[0]['error'])} (see the table above)"
+        )
+    return 0
+
+
+def _case(row: dict) -> str:
+    """A failed case in a few words: its pass, length and method (what it has)."""
+    parts = [str(row[k]) for k in ("pass", "method", "kernel", "attention") if row.get(k)]
+    for key, flag in (("length", "L"), ("context", "context"), ("window", "window")):
+        if row.get(key) is not None:
+            parts.append(f"{flag}={row[key]}")
+    if row.get("causal"):
+        parts.append("causal")
+    return " ".join(parts)
+
+
+def _error_text(error) -> str:
+    text = "; ".join(error) if isinstance(error, list) else str(error)
+    what = allocation_failure(text)
+    if what is not None:
+        return f"out of memory ({what} failed)"
+    return text.strip()[:200] or "failed"
 
 
 COMMAND = Command(
@@ -230,4 +290,5 @@ COMMAND = Command(
     "refused.",
     configure=configure,
     run=run,
+    sizes=("--lengths", "--heads", "--head-dim", "--num-features", "--windows"),
 )

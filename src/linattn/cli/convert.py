@@ -11,6 +11,7 @@ from ._common import (
     Command,
     UsageError,
     add_overwrite_flag,
+    check_fits,
     check_out,
     non_negative,
     own_out,
@@ -305,6 +306,19 @@ def configure(c: argparse.ArgumentParser) -> None:
             action.recipe_default = _RecipeDefault(action.dest)
 
 
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Refuse a number of FAVOR+ features whose features of one batch cannot fit in
+    memory (float32, one head of head_dim 1: a lower bound), before the model loads;
+    sizes that pass may still run out, and then the command says so in one line."""
+    tokens = args.batch_size * args.max_length
+    for m in [args.num_features or 0, *(args.sweep_features if args.sweep else ())]:
+        check_fits(
+            4.0 * tokens * m,
+            f"--num-features {m} (--batch-size {args.batch_size}, --max-length "
+            f"{args.max_length}): one batch's FAVOR+ features",
+        )
+
+
 def _refuse_replacing_results(args: argparse.Namespace) -> None:
     """Refuse an --out holding an earlier run's results, unless --overwrite (or, for
     --recipe transfer, --resume) says what to do with them."""
@@ -345,6 +359,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     if len(args.corpus) > 1 and (args.sweep or args.recipe != "transfer"):
         raise UsageError("--corpus takes several corpora only with --recipe transfer")
+    _check_sizes(args)
     _refuse_replacing_results(args)
     if args.sweep:
         check_out(args.out)
@@ -458,4 +473,14 @@ COMMAND = Command(
     "(or sweep.json/csv/png with --sweep).",
     configure=configure,
     run=run,
+    sizes=(
+        "--num-features",
+        "--batch-size",
+        "--max-length",
+        "--transfer-batch-size",
+        "--transfer-max-length",
+        "--train-texts",
+        "--eval-texts",
+        "--eval-lengths",
+    ),
 )

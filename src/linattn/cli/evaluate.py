@@ -32,4 +32,5 @@ COMMAND = Command(
     "hybrid, window-only and linear-only ablations.",
     configure,
     run,
+    sizes=("--lengths", "--speed-lengths", "--distances", "--docs"),
 )

@@ -12,6 +12,7 @@ from ._common import (
     Command,
     UsageError,
     add_overwrite_flag,
+    check_fits,
     check_out,
     non_negative,
     own_out,
@@ -147,6 +148,34 @@ def configure(t: argparse.ArgumentParser) -> None:
     _add_train_flags(t)
 
 
+def _check_sizes(cfg) -> None:
+    """Refuse sizes whose single largest tensor cannot fit in memory, before any work
+    (float32: a feed-forward weight, one batch's activations, FAVOR+'s features of one
+    batch, Linformer's projection); sizes that pass may still run out, and then the
+    command says so in one line."""
+    d, b, length = cfg.dim, cfg.batch_size, cfg.seq_len
+    check_fits(
+        4.0 * d * cfg.ff_mult * d,
+        f"--dim {d} (--ff-mult {cfg.ff_mult}): a {d} x {cfg.ff_mult * d} feed-forward weight",
+    )
+    check_fits(
+        4.0 * b * length * d,
+        f"--batch-size {b} x --seq-len {length} x --dim {d}: one batch's activations",
+    )
+    if cfg.attention == "favor" and cfg.num_features is not None:
+        m = cfg.num_features
+        check_fits(
+            4.0 * b * length * m,
+            f"--num-features {m} (--batch-size {b}, --seq-len {length}): one batch's "
+            "FAVOR+ features",
+        )
+    if cfg.attention == "linformer":
+        check_fits(
+            4.0 * cfg.proj_dim * length,
+            f"--proj-dim {cfg.proj_dim} x --seq-len {length}: a Linformer projection",
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig
 
@@ -170,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         where = f" (in --config {args.config} or the flags)" if args.config else ""
         raise UsageError(f"{exc}{where}") from exc
+    _check_sizes(cfg)
     if args.overwrite and (args.resume or args.compare):
         raise UsageError(
             f"--overwrite replaces a single run; not with {'--resume' if args.resume else '--compare'}"
@@ -227,4 +257,15 @@ COMMAND = Command(
     "exactly.",
     configure=configure,
     run=run,
+    sizes=(
+        "--dim",
+        "--depth",
+        "--ff-mult",
+        "--num-features",
+        "--proj-dim",
+        "--seq-len",
+        "--batch-size",
+        "--listops-train",
+        "--listops-eval",
+    ),
 )

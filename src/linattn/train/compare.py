@@ -121,7 +121,8 @@ def compare(
                 str(request),
                 "--out",
                 str(run_dir),
-                *(["--resume"] if same else []),
+                # Changed settings start over: the earlier run in run_dir is replaced.
+                *(["--resume"] if same else ["--overwrite"]),
             ],
             check=True,
             stderr=None if progress else subprocess.DEVNULL,

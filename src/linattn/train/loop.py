@@ -220,8 +220,10 @@ def _train(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
-            # A fresh run: a summary left by an earlier run in ``out`` no longer applies.
+            # A fresh run: a summary or checkpoint left by an earlier run in ``out`` no
+            # longer applies (a later --resume must not take the old checkpoint).
             (out / "summary.json").unlink(missing_ok=True)
+            ckpt.unlink(missing_ok=True)
         write_json(out / "config.json", cfg.to_dict())
     task = task or build_task(cfg)
     if device.type == "cuda":
