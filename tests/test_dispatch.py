@@ -82,13 +82,30 @@ def test_call_fields_are_the_signature():
 
 
 def test_unrelated_locals_do_not_change_the_path(caplog, monkeypatch):
-    def caller():
-        window, sinks, cu_seqlens, linear_factor = 4, 2, object(), float("nan")  # noqa: F841
-        initial_state = output_final_state = True  # noqa: F841
-        return linattn.favor_attention(Q, Q, Q, W, causal=True)
+    # favor_attention recompiled with unrelated local variables at the top of its body
+    # (names a backend might read: the old maybe_favor_triton(**locals()) passed every
+    # local on) runs the same path as the real one.
+    import ast
+    import textwrap
 
-    plain = _path(caplog, monkeypatch, lambda: linattn.favor_attention(Q, Q, Q, W, causal=True))
-    assert _path(caplog, monkeypatch, caller) == plain
+    tree = ast.parse(textwrap.dedent(inspect.getsource(functional.favor_attention)))
+    fn = tree.body[0]
+    extra = ast.parse(
+        "backend = 'triton'\nreasons = ['x']\nuse_triton = True\nstate = object()\n"
+        "chunk = 1\ngrouped = False"
+    ).body
+    fn.body[1:1] = extra  # after the docstring
+    fn.decorator_list = []
+    scope = dict(vars(functional))
+    exec(compile(ast.fix_missing_locations(tree), functional.__file__, "exec"), scope)
+    patched = scope["favor_attention"]
+    for kw in ({}, {"causal": True}, {"causal": True, "window": 2}, {"window": 2, "sinks": 1}):
+        plain = _path(caplog, monkeypatch, lambda kw=kw: linattn.favor_attention(Q, Q, Q, W, **kw))
+        moved = _path(caplog, monkeypatch, lambda kw=kw: patched(Q, Q, Q, W, **kw))
+        assert moved == plain, kw
+        torch.testing.assert_close(
+            patched(Q, Q, Q, W, **kw), linattn.favor_attention(Q, Q, Q, W, **kw)
+        )
 
 
 def test_padding_is_zeroed_once(monkeypatch):

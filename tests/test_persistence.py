@@ -111,11 +111,15 @@ def test_leftovers_of_a_running_writer_are_not_removed(tmp_path):
             in_flight = tmp_path / f".{target.name}.{live.pid}-abcd1234.tmp"
             stale = tmp_path / f".{target.name}.{dead.pid}-abcd1234.tmp"
             legacy = tmp_path / f".{target.name}.abcd1234.tmp"
-            for p in (in_flight, stale, legacy):
+            # A live pid on a temporary older than any write: the pid was reused.
+            reused = tmp_path / f".{target.name}.{live.pid}-old12345.tmp"
+            for p in (in_flight, stale, legacy, reused):
                 p.write_text("partial")
+            old = time.time() - _io.LEFTOVER_AGE - 60
+            os.utime(reused, (old, old))
             write(target)
             assert in_flight.read_text() == "partial"
-            assert not stale.exists() and not legacy.exists()
+            assert not stale.exists() and not legacy.exists() and not reused.exists()
     finally:
         live.stdin.close()
         live.wait(timeout=60)

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -51,15 +52,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: Seconds after which a temporary of a live pid is taken as a leftover all the same.
+LEFTOVER_AGE = 6 * 3600
+
+
+def _older(path: Path, seconds: float) -> bool:
+    """Whether ``path`` (not followed if a link) was last modified over ``seconds`` ago."""
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def _remove_leftovers(path: Path) -> None:
     """Delete the temporary files or folders a killed earlier write of ``path`` left.
     Those of a process still running (its pid is in the name: :func:`_temp_prefix`) are
-    another write in flight and are left alone."""
+    another write in flight and are left alone, unless they are older than
+    :data:`LEFTOVER_AGE` seconds (no write takes that long: the pid was reused)."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if stale.suffix not in (".tmp", ".old"):
             continue
         tag = re.match(r"(\d+)-", stale.name[len(path.name) + 2 :])
-        if tag is not None and _pid_alive(int(tag.group(1))):
+        if tag is not None and _pid_alive(int(tag.group(1))) and not _older(stale, LEFTOVER_AGE):
             continue
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
