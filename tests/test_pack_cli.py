@@ -186,7 +186,22 @@ def test_train_pack_runs_writes_its_files_and_resumes(tmp_path, monkeypatch, cap
     assert "already finished" in capsys.readouterr().out
 
 
-def test_bench_pack_suite_writes_its_files(tmp_path, capsys):
+def _in_process(groups, **_):
+    # The suite's cases measured in this process (the worker processes and their
+    # interleaving are linattn.bench.speed's, covered by tests/test_bench.py).
+    from linattn.bench import checks, worker
+
+    rows = []
+    for case in (c for g in groups for c in g):
+        row = worker.measure(case)
+        rows.append({**row, **checks.summarize(row["times_s"] or [row["median_s"]])})
+    return rows
+
+
+def test_bench_pack_suite_writes_its_files(tmp_path, capsys, monkeypatch):
+    from linattn.bench import speed
+
+    monkeypatch.setattr(speed, "run_cases", _in_process)
     out = tmp_path / "b"
     args = ["bench", "--suite", "pack", "--out", str(out), "--heads", "1", "--head-dim", "4"]
     args += ["--num-features", "4", "--repeats", "1", "--windows", "2"]
@@ -213,6 +228,11 @@ def test_bench_pack_suite_writes_its_files(tmp_path, capsys):
     assert len(lengths) == 3 and all(3 <= n <= 20 for n in lengths)
     assert all(int(r["tokens"]) == sum(lengths) for r in rows)
     assert all(int(r["padded_tokens"]) == 3 * max(lengths) for r in rows)
+    assert "padded/packed" in capsys.readouterr().out
     # --suite favor --pack is the same suite; other suites refuse --pack.
+    again = ["bench", "--suite", "favor", "--pack", "--out", str(tmp_path / "b2"), *args[5:]]
+    assert main(again) == 0
+    assert json.loads((tmp_path / "b2" / "pack.json").read_text())["lengths"] == lengths
+    capsys.readouterr()
     assert main(["bench", "--suite", "linformer", "--pack", "--out", str(tmp_path / "x")]) == 2
     assert "--pack" in _one_line_error(capsys, "linattn bench")
