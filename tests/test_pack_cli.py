@@ -118,7 +118,9 @@ def test_packed_batch_loss_is_the_mean_over_examples_alone(attention):
     torch.testing.assert_close(task.loss(model, batch), want, rtol=1e-6, atol=1e-7)
     # Two ranks: the mean of their losses (as DDP averages) is the mean over every
     # example of the global batch, which holds whole examples of the same draw.
-    halves = [task.batch(3, r, 2, "cpu") for r in range(2)]
+    halves = [task.batch(1, r, 2, "cpu") for r in range(2)]
+    # Ranks with different numbers of examples: their plain means would not average to it.
+    assert len(halves[0]["y"]) != len(halves[1]["y"])
     docs = [
         (tuple(b["x"][0, s:e].tolist()), int(y))
         for b in halves
@@ -126,7 +128,7 @@ def test_packed_batch_loss_is_the_mean_over_examples_alone(attention):
     ]
     texts = {tuple(ids): label for ids, label in task.splits["train"]}
     assert all(texts[ids] == y for ids, y in docs)
-    rows = pack_documents(task._train_sizes, 2, 2 * 48, step_generator(cfg.seed, 3))
+    rows = pack_documents(task._train_sizes, 2, 2 * 48, step_generator(cfg.seed, 1))
     assert len(docs) == sum(len(r) for r in rows)
     mean = sum(
         F.cross_entropy(model(torch.tensor([ids])).float(), torch.tensor([y])) for ids, y in docs
@@ -236,3 +238,51 @@ def test_bench_pack_suite_writes_its_files(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["bench", "--suite", "linformer", "--pack", "--out", str(tmp_path / "x")]) == 2
     assert "--pack" in _one_line_error(capsys, "linattn bench")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_pack_logs_the_mean_over_the_global_batch(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from linattn.train import read_metrics
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "LINATTN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    flags = ["--task", "listops", "--pack", "--dim", "16", "--depth", "1", "--heads", "2"]
+    flags += ["--num-features", "8", "--seq-len", "64", "--listops-min-len", "10"]
+    flags += ["--listops-max-len", "60", "--listops-train", "64", "--listops-eval", "16"]
+    flags += ["--batch-size", "4", "--steps", "2", "--eval-batches", "1", "--log-every", "1"]
+    flags += ["--seed", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(
+        [*cmd, "-m", "linattn", "train", *flags, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    first = next(r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
+    # Step 1's loss (before any update): the mean over every example both ranks packed.
+    monkeypatch.setenv("LINATTN_CACHE", str(cache))
+    cfg = TrainConfig.from_file(out / "config.json")
+    task = build_task(cfg)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().train()
+    batches = [task.batch(0, rank, 2, "cpu") for rank in range(2)]
+    assert len(batches[0]["y"]) != len(batches[1]["y"])  # plain means would not average to it
+    with torch.no_grad():
+        want = sum(task.loss(model, b) for b in batches) / 2
+        examples = sum(len(b["y"]) for b in batches)
+        alone = [
+            F.cross_entropy(model(b["x"][:, s:e]).float(), y[None], reduction="sum")
+            for b in batches
+            for s, e, y in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist(), b["y"])
+        ]
+    torch.testing.assert_close(want, torch.stack(alone).sum() / examples, rtol=1e-5, atol=1e-6)
+    assert first["loss"] == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
