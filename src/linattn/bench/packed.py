@@ -214,7 +214,7 @@ def plot(result: dict, path: Path) -> None:
         return
     plt = pyplot()
     passes = sorted({r["pass"] for r in rows}, key=["fwd", "fwd+bwd"].index)
-    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(passes), figsize=(max(9, 6 * len(passes)), 4.2), squeeze=False)
     for ax, p in zip(axes[0], passes):
         keys = list(dict.fromkeys(_key(r) for r in rows if r["pass"] == p))
         names = [f"{f}{'' if w is None else f' w{w}'}" for f, w, _ in keys]
