@@ -86,6 +86,24 @@ def build(case: dict):
             return linattn.favor_attention(
                 q, k, v, w, kernel=kernel, causal=causal, window=case.get("window")
             )
+    elif method in ("packed", "padded"):
+        # linattn bench --suite pack: case["seq_lengths"] back to back in one row with
+        # cu_seqlens (q: (1, H, T, d)), or as a batch padded to the longest (q: (N, H,
+        # L_max, d)) with key_padding_mask.
+        w = linattn.draw_projection(
+            case["num_features"], d, generator=torch.Generator().manual_seed(0), dtype=dtype
+        )
+        lengths = torch.tensor(case["seq_lengths"])
+        packing = {}
+        if method == "packed":
+            packing["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
+        else:
+            packing["key_padding_mask"] = torch.arange(length) >= lengths[:, None]
+
+        def fn():
+            return linattn.favor_attention(
+                q, k, v, w, causal=causal, window=case.get("window"), **packing
+            )
     elif method == "materialized":
         # The Linformer paper's baseline: softmax(Q K^T / sqrt(d)) V with the L x L matrix.
         def fn():

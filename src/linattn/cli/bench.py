@@ -66,6 +66,35 @@ def _favor(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return speed.format_table(result), result["results"]
 
 
+def _pack(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    from ..bench import packed
+
+    low, high = args.pack_lengths or packed.LENGTHS
+    result = packed.run(
+        args.out,
+        preset=preset(args),
+        count=args.pack_count,
+        low=low,
+        high=high,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        num_features=args.num_features,
+        repeats=args.repeats,
+        passes=tuple(args.passes or ("fwd", "fwd+bwd")),
+        windows=tuple(args.windows if args.windows is not None else (packed.WINDOW,)),
+    )
+    return packed.format_table(result), result["results"]
+
+
+def _pack_bytes(args: argparse.Namespace, length: int) -> float:
+    # The padded batch's float32 q, k, v and features: count x the longest length.
+    from ..bench import packed
+
+    count = args.pack_count or packed.PRESETS[preset(args)]["count"]
+    high = args.pack_lengths[1] if args.pack_lengths else packed.LENGTHS[1]
+    return count * _qkv_bytes(args, high)
+
+
 def _linformer(args: argparse.Namespace) -> tuple[str, list[dict]]:
     from ..bench import linformer_table
 
@@ -129,6 +158,25 @@ SUITES: dict[str, Suite] = {
         _qkv_bytes,
         1024,
     ),
+    "pack": Suite(
+        "FAVOR+ on N packed sequences (cu_seqlens) against the same sequences as a padded "
+        "batch (key_padding_mask), bidirectional, causal and window (also --suite favor "
+        "--pack)",
+        (
+            "passes",
+            "heads",
+            "head_dim",
+            "num_features",
+            "repeats",
+            "windows",
+            "pack_lengths",
+            "pack_count",
+        ),
+        ("pack.json", "pack.csv", "pack.png"),
+        _pack,
+        _pack_bytes,
+        4096,
+    ),
     "linformer": Suite(
         "the Linformer paper's Table 3 (Linformer against exact attention)",
         ("lengths", "heads", "head_dim", "repeats"),
@@ -166,7 +214,17 @@ SUITES: dict[str, Suite] = {
         4096,
     ),
 }
-_OPTIONS = ("lengths", "passes", "heads", "head_dim", "num_features", "repeats", "windows")
+_OPTIONS = (
+    "lengths",
+    "passes",
+    "heads",
+    "head_dim",
+    "num_features",
+    "repeats",
+    "windows",
+    "pack_lengths",
+    "pack_count",
+)
 _DEFAULTS = {"heads": 8, "head_dim": 64, "num_features": 256, "passes": ["fwd", "fwd+bwd"]}
 
 
@@ -211,11 +269,36 @@ def configure(b: argparse.ArgumentParser) -> None:
         nargs="+",
         help=f"also time the window hybrid (exact band |i - j| <= W, i - W < j <= i "
         f"causal, + FAVOR+ beyond) for each W, with its time over pure FAVOR+'s (default: none; "
-        f"suites: {_suites_using('windows')})",
+        f"suites: {_suites_using('windows')}; pack: default 64)",
+    )
+    b.add_argument(
+        "--pack",
+        action="store_true",
+        help="with --suite favor: run the pack suite (packed sequences against padded)",
+    )
+    b.add_argument(
+        "--pack-lengths",
+        type=positive,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="the range the packed sequences' lengths are drawn from, log-uniformly with a "
+        f"fixed seed (default: 64 4096; suites: {_suites_using('pack_lengths')})",
+    )
+    b.add_argument(
+        "--pack-count",
+        type=positive,
+        help="how many sequences are packed (default: 16, --full 64; suites: "
+        f"{_suites_using('pack_count')})",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pack:
+        if args.suite not in ("favor", "pack"):
+            raise UsageError(
+                f"--pack goes with --suite favor (it runs --suite pack), not --suite {args.suite}"
+            )
+        args.suite = "pack"
     try:
         from ..bench import speed  # noqa: F401  (every suite needs the [bench] extra)
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -229,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--suite {args.suite} does not use {flag} (used by: {_suites_using(name)})"
             )
+    if args.pack_lengths and args.pack_lengths[0] > args.pack_lengths[1]:
+        raise UsageError(
+            f"--pack-lengths MIN MAX needs MIN <= MAX, got {args.pack_lengths[0]} "
+            f"{args.pack_lengths[1]}"
+        )
     for name, value in _DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -290,5 +378,13 @@ COMMAND = Command(
     "refused.",
     configure=configure,
     run=run,
-    sizes=("--lengths", "--heads", "--head-dim", "--num-features", "--windows"),
+    sizes=(
+        "--lengths",
+        "--heads",
+        "--head-dim",
+        "--num-features",
+        "--windows",
+        "--pack-lengths",
+        "--pack-count",
+    ),
 )

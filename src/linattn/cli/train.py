@@ -39,6 +39,9 @@ _TRAIN_HELP = {
     "batch_size": "global batch, split over torchrun's processes",
     "listops_train": "generated ListOps training examples (LRA: 96000)",
     "listops_eval": "generated validation and test examples each",
+    "pack": "classification tasks: pack whole examples back to back into one row of "
+    "batch-size x seq-len tokens (cu_seqlens) instead of padding each; evaluation stays "
+    "padded on the same examples (--pack alone means true; default: false)",
     "warmup": "linear warm-up steps, then cosine decay",
     "min_lr_ratio": "the cosine decay ends at this fraction of --lr",
     "eval_every": "evaluate every N steps",
@@ -90,9 +93,12 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
         if f.name == "betas":
             t.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"), help=text)
         elif kind is bool:
+            # ``--pack`` alone means true; ``--pack false`` overrides a --config's true.
             t.add_argument(
                 flag,
                 type=lambda x: x.lower() in ("1", "true", "yes"),
+                nargs="?",
+                const=True,
                 default=None,
                 metavar="{true,false}",
                 help=text,

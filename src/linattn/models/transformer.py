@@ -190,7 +190,10 @@ class _Saveable(nn.Module):
 class SequenceClassifier(_Saveable):
     """Encoder + padding-aware pooling (masked mean, or the first token) + linear head.
 
-    ``forward(ids, key_padding_mask=None) -> logits (B, num_classes)``.
+    ``forward(ids, key_padding_mask=None) -> logits (B, num_classes)``;
+    ``forward(ids: (1, T), cu_seqlens=c) -> logits (N, num_classes)``: ``N`` sequences
+    packed back to back (int32 ``c: (N + 1,)``), each pooled over its own tokens, as if
+    each ran alone.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -205,8 +208,15 @@ class SequenceClassifier(_Saveable):
         self.encoder = Encoder(cfg)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        h = self.encoder(ids, key_padding_mask)
+    def forward(
+        self,
+        ids: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> Tensor:
+        h = self.encoder(ids, key_padding_mask, cu_seqlens)
+        if cu_seqlens is not None:
+            return self.head(self._packed_pool(h[0], cu_seqlens))
         if self.cfg.pooling == "cls":
             pooled = h[:, 0]
         elif key_padding_mask is None:
@@ -215,6 +225,23 @@ class SequenceClassifier(_Saveable):
             keep = (~key_padding_mask).unsqueeze(-1).to(h.dtype)
             pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
         return self.head(pooled)
+
+    def _packed_pool(self, h: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """``h: (T, dim)`` of packed sequences -> ``(N, dim)``: each sequence's first
+        token (``cls``) or the mean of its tokens (an empty sequence pools to zeros)."""
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens.diff().long()
+        if self.cfg.pooling == "cls":
+            if not h.shape[0]:
+                return h.new_zeros(starts.shape[0], h.shape[1])
+            first = h[starts.clamp_max(h.shape[0] - 1)]
+            return first * (lengths > 0).unsqueeze(-1).to(h.dtype)
+        # [T] the sequence of each token, then per-sequence sums over their lengths.
+        owner = torch.arange(starts.shape[0], device=h.device).repeat_interleave(
+            lengths, output_size=h.shape[0]
+        )
+        sums = h.new_zeros(starts.shape[0], h.shape[1]).index_add_(0, owner, h)
+        return sums / lengths.clamp_min(1).unsqueeze(-1).to(h.dtype)
 
 
 class CausalLM(_Saveable):

@@ -12,7 +12,7 @@ from ..features import Kernel
 from ..models.config import ATTENTIONS, Attention, JsonConfig, ModelConfig
 from ..nn.linformer import SHARING, LinformerOptions, Sharing
 from ..nn.performer import FavorOptions
-from .tasks import TASKS
+from .tasks import PACKABLE_TASKS, TASKS
 
 # Fields added to TrainConfig after runs were saved without them, and the value those
 # runs used (their models were built with it): linformer_sharing came in 0.2.0, when
@@ -34,7 +34,10 @@ class TrainConfig(JsonConfig):
     classification tasks), ``batch_size`` (the global batch, split over ranks),
     ``listops_train`` / ``listops_eval`` (LRA: 96000 / 2000) and
     ``listops_min_len`` / ``listops_max_len`` (LRA: 500 / 2000 tokens; sequences longer
-    than ``seq_len - 1`` are not generated). Optimization: AdamW
+    than ``seq_len - 1`` are not generated), ``pack`` (classification tasks: build each
+    training batch by packing whole examples back to back, up to ``batch_size *
+    seq_len`` tokens in one row with ``cu_seqlens``, instead of padding each to the
+    longest; evaluation stays padded, on the same examples). Optimization: AdamW
     (``lr``, ``weight_decay``, ``betas``), ``warmup`` steps of linear warm-up then cosine
     decay to ``min_lr_ratio * lr``, ``grad_clip``, ``steps``. Bookkeeping:
     ``eval_every``, ``eval_batches`` (batches per evaluation), ``log_every``,
@@ -61,6 +64,7 @@ class TrainConfig(JsonConfig):
     listops_eval: int = 2_000
     listops_min_len: int = 500
     listops_max_len: int = 2000
+    pack: bool = False
     steps: int = 1000
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -88,6 +92,15 @@ class TrainConfig(JsonConfig):
             raise ValueError(
                 "task='bytes' is causal language modelling; Linformer cannot be "
                 "causal (use exact or favor)"
+            )
+        if not isinstance(self.pack, bool):
+            raise TypeError(f"pack must be a bool, got {self.pack!r}")
+        if self.pack and self.task not in PACKABLE_TASKS:
+            raise ValueError(
+                f"pack=True needs a task of whole documents of varying length "
+                f"({', '.join(PACKABLE_TASKS)}); task={self.task!r} draws windows of "
+                "exactly seq_len + 1 bytes from one continuous text, so there is no "
+                "padding to save and no document boundary to pack at"
             )
         for name in (
             "dim",

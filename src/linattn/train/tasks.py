@@ -3,10 +3,17 @@
 A task builds its model and serves batches that depend only on ``(seed, step)``: every
 rank of a distributed job draws the same global batch and takes its own slice, and a
 resumed run sees exactly the batches the uninterrupted one would have.
+
+With ``cfg.pack`` the classification tasks (:data:`PACKABLE_TASKS`) pack whole examples
+back to back into one row with ``cu_seqlens`` (:func:`pack_documents`) instead of padding
+each to the longest; the loss is the mean over the packed examples, each classified from
+its own tokens. Evaluation is the same padded pass over the same examples either way, so
+packed and padded runs compare directly.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -17,6 +24,9 @@ from torch import Tensor, nn
 from ..models import CausalLM, ModelConfig, SequenceClassifier
 
 TASKS = ("bytes", "listops", "fortunes")
+# Tasks made of whole documents of varying length, which ``pack`` can put back to back
+# (``bytes`` draws fixed windows from one continuous text: nothing to pack).
+PACKABLE_TASKS = ("listops", "fortunes")
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -28,6 +38,30 @@ def shard(x: Tensor, rank: int, world: int) -> Tensor:
     """Rank ``rank``'s contiguous slice of a global batch (``x.shape[0] % world == 0``)."""
     per = x.shape[0] // world
     return x[rank * per : (rank + 1) * per]
+
+
+def pack_documents(
+    sizes: list[int], rows: int, budget: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Documents drawn at random (indices into ``sizes``, with replacement, from
+    ``generator``) and packed whole, in the order drawn, into ``rows`` rows of at most
+    ``budget`` tokens each: a row closes at the first document that does not fit, which
+    opens the next row; the draw ends when the last row is full. Returns each row's
+    indices. Every size must be in ``[1, budget]``."""
+    out: list[list[int]] = [[]]
+    used = 0
+    while True:
+        for i in torch.randint(0, len(sizes), (64,), generator=generator).tolist():
+            n = sizes[i]
+            if not 1 <= n <= budget:
+                raise ValueError(f"document {i} has {n} tokens; packing needs 1..{budget}")
+            if used + n > budget:
+                if len(out) == rows:
+                    return out
+                out.append([])
+                used = 0
+            out[-1].append(i)
+            used += n
 
 
 def _model_config(c, **task) -> ModelConfig:
@@ -158,6 +192,8 @@ class _Classification:
         return {"x": x.to(device), "mask": pad.to(device), "y": y.to(device)}
 
     def batch(self, step: int, rank: int, world: int, device) -> dict:
+        if getattr(self.cfg, "pack", False):
+            return self._packed_batch(step, rank, world, device)
         train = self.splits["train"]
         idx = torch.randint(
             0, len(train), (self.cfg.batch_size,), generator=step_generator(self.cfg.seed, step)
@@ -165,7 +201,32 @@ class _Classification:
         rows = [train[i] for i in shard(idx, rank, world).tolist()]
         return self._collate(rows, device)
 
+    def _packed_batch(self, step: int, rank: int, world: int, device) -> dict:
+        """Whole training examples packed into one row per rank of ``batch_size / world
+        * seq_len`` tokens (:func:`pack_documents`, the same draw on every rank);
+        ``scale`` = ``world / examples in the global batch``, so that the loss summed
+        over this rank's examples times ``scale``, averaged over the ranks (as DDP
+        averages gradients), is the mean over every example of the global batch."""
+        train = self.splits["train"]
+        if not hasattr(self, "_train_sizes"):
+            self._train_sizes = [len(ids) for ids, _ in train]
+        budget = self.cfg.batch_size // world * self.cfg.seq_len
+        rows = pack_documents(self._train_sizes, world, budget, step_generator(self.cfg.seed, step))
+        mine = [train[i] for i in rows[rank]]
+        x = torch.tensor([t for ids, _ in mine for t in ids], dtype=torch.long)
+        cu = torch.tensor([0, *itertools.accumulate(len(ids) for ids, _ in mine)])
+        y = torch.tensor([label for _, label in mine])
+        return {
+            "x": x.unsqueeze(0).to(device),
+            "cu_seqlens": cu.to(device=device, dtype=torch.int32),
+            "y": y.to(device),
+            "scale": world / sum(len(r) for r in rows),
+        }
+
     def loss(self, model: nn.Module, batch: dict) -> Tensor:
+        if "cu_seqlens" in batch:
+            logits = model(batch["x"], cu_seqlens=batch["cu_seqlens"]).float()
+            return F.cross_entropy(logits, batch["y"], reduction="sum") * batch["scale"]
         return F.cross_entropy(model(batch["x"], batch["mask"]).float(), batch["y"])
 
     @torch.no_grad()
