@@ -48,7 +48,10 @@ def main():
     AttentionInterface.register("slots_kept", attention)
     model.set_attn_implementation("slots_kept")
     rng = random.Random(0)
-    print("distance rule slots | caches with a needle token | mean needle digits kept")
+    print(
+        "distance rule slots | caches with a needle token | mean needle digits kept | "
+        "uniform random choice: digits kept"
+    )
     for d in (512, 2048):
         seq, queries = recall.passkey_example(tok, d, rng)
         dist, pos, digits = queries[0]
@@ -68,7 +71,13 @@ def main():
                         n += 1
                         hit += bool(needle & set(row))
                         nd += len(digit_pos & set(row))
-                print(f"{dist} {rule} {slots} | {hit / n:.3f} | {nd / n:.3f}", flush=True)
+                # decisions before queries s + w - 1 + t I <= L - 1 (t >= 1), I keys each
+                first = recall.SINKS + recall.WINDOW - 1
+                decided = (pos[0] - 1 - first) // recall.WINDOW * recall.WINDOW
+                rand = len(digits) * min(1.0, slots / decided)
+                print(
+                    f"{dist} {rule} {slots} | {hit / n:.3f} | {nd / n:.3f} | {rand:.3f}", flush=True
+                )
 
 
 if __name__ == "__main__":

@@ -221,6 +221,11 @@ def bucket(dist: int) -> int:
 def table(path: str) -> str:
     recs = [json.loads(line) for line in open(path)]
     cols = [c for c in COLUMNS if any(r["column"] == c for r in recs)]
+    # only prompts that every column has scored (a run stopped early leaves a partial one)
+    done: dict[tuple, set] = {}
+    for r in recs:
+        done.setdefault((r["example"], r["task"], r["length"]), set()).add(r["column"])
+    recs = [r for r in recs if done[(r["example"], r["task"], r["length"])] == set(cols)]
     lines = []
     for task in ("passkey", "kv"):
         rows = [r for r in recs if r["task"] == task]
