@@ -211,3 +211,14 @@ def test_padding_and_bad_shapes_refused():
     with pytest.raises(ValueError, match="causal"):
         fm2 = get_feature_map("softmax_opt")
         favor_slots(q, k, v, fm2, params, window=2, slots=1)
+
+
+@pytest.mark.parametrize("rule", ["error", "mass"])
+def test_causal_prefix_consistency(rule):
+    """Outputs for a prefix are the prefix of the outputs: no decision looks ahead."""
+    q, k, v, _, fm, params = setup("softmax", 31, seed=9)
+    kw = dict(window=3, slots=2, sinks=1, interval=4, rule=rule)
+    full = favor_slots(q, k, v, fm, params, **kw)
+    for n in (1, 6, 17):
+        part = favor_slots(q[:, :, :n], k[:, :, :n], v[:, :, :n], fm, params, **kw)
+        torch.testing.assert_close(part, full[:, :, :n], rtol=1e-12, atol=1e-12)

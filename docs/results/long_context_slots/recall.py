@@ -5,6 +5,11 @@ Run from the repository root (2-core CPU, shared; one thread):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src python \
         docs/results/long_context_slots/recall.py --examples 8 \
+        --columns exact,window-only,hybrid,slots0-i64,error-16,error-64,mass-16,mass-64 \
+        --out docs/results/long_context_slots/recall.jsonl
+    # the same prompts (same seed), one more column, in a second process
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src python \
+        docs/results/long_context_slots/recall.py --examples 8 --columns error-256 \
         --out docs/results/long_context_slots/recall.jsonl
     PYTHONPATH=$PWD/src python docs/results/long_context_slots/recall.py \
         --table docs/results/long_context_slots/recall.jsonl
@@ -48,6 +53,7 @@ COLUMNS = {
     "error-64": dict(kind="slots", slots=64, rule="error"),
     "mass-16": dict(kind="slots", slots=16, rule="mass"),
     "mass-64": dict(kind="slots", slots=64, rule="mass"),
+    "error-256": dict(kind="slots", slots=256, rule="error"),
 }
 
 MODE: dict = {}
