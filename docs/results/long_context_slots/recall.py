@@ -7,10 +7,11 @@ Run from the repository root (2-core CPU, shared; one thread):
         docs/results/long_context_slots/recall.py --examples 8 \
         --columns exact,window-only,hybrid,slots0-i64,error-16,error-64,mass-16,mass-64 \
         --out docs/results/long_context_slots/recall.jsonl
-    # the same prompts (same seed), one more column, in a second process
+    # the same prompts (same seed), more columns, each in its own process
+    for col in error-256 random-256; do
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src python \
-        docs/results/long_context_slots/recall.py --examples 8 --columns error-256 \
-        --out docs/results/long_context_slots/recall.jsonl
+        docs/results/long_context_slots/recall.py --examples 8 --columns $col \
+        --out docs/results/long_context_slots/recall.jsonl; done
     PYTHONPATH=$PWD/src python docs/results/long_context_slots/recall.py \
         --table docs/results/long_context_slots/recall.jsonl
 
@@ -40,7 +41,10 @@ import torch.nn.functional as F
 
 import linattn
 from linattn.features import get_feature_map
+from linattn.ops.favor import slots as slots_mod
 from linattn.ops.favor.slots import favor_slots
+
+READ_ERROR = slots_mod._read_error
 
 WINDOW, SINKS, M = 64, 1, 64
 DISTANCES = (128, 512, 1024, 2048)
@@ -54,7 +58,16 @@ COLUMNS = {
     "mass-16": dict(kind="slots", slots=16, rule="mass"),
     "mass-64": dict(kind="slots", slots=64, rule="mass"),
     "error-256": dict(kind="slots", slots=256, rule="error"),
+    # control: the error rule's scores replaced by uniform random numbers (seeded)
+    "random-256": dict(kind="slots", slots=256, rule="error", random=True),
 }
+GEN = torch.Generator().manual_seed(0)
+
+
+def random_scores(keys, values, kv, fm, params):
+    """Stands in for ``slots._read_error`` in the "random" columns: ``(B, H, n)``."""
+    return torch.rand(keys.shape[:3], generator=GEN, dtype=keys.dtype)
+
 
 MODE: dict = {}
 PROJ: dict[int, torch.Tensor] = {}
@@ -92,6 +105,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
         w = projection(module.layer_idx, query.shape[-1])
         fm = get_feature_map("softmax")
         params = fm.prepare(w, query, k, None, scaling)
+        slots_mod._read_error = random_scores if MODE.get("random") else READ_ERROR
         out = favor_slots(
             query, k, v, fm, params, window=WINDOW, slots=MODE["slots"], sinks=SINKS,
             interval=WINDOW, rule=MODE["rule"],
