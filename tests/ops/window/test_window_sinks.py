@@ -2,7 +2,7 @@
 of each sequence are scored exactly by every query that sees them. Every path against
 the float64 oracle (itself checked against a per-pair definition), gradients, padding
 invariance, causal leak-freeness, recurrent decoding, the module, the model config and
-the command line. The Hugging Face conversions are in ``test_transfer.py``."""
+the command line. The Hugging Face conversions are in ``tests/integrations/hf/test_hf_transfer.py``."""
 
 import json
 import math

@@ -2,7 +2,7 @@
 keys (``W = [W_k, W_q]``, ``(m, 2d)`` or ``(H, m, 2d)``), in every path, against the
 formula and the float64 oracle, with distinct query and key maps so that a path that
 featurizes a query with the key map fails. The Hugging Face conversions are in
-``test_transfer.py``."""
+``tests/integrations/hf/test_hf_transfer.py``."""
 
 import pytest
 import torch
