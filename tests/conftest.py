@@ -70,3 +70,38 @@ def projection(m, d, seed=0, dtype=torch.float64):
 def per_head(heads, m, d, dtype=torch.float64):
     """A per-head projection ``(heads, m, d)``, one draw per head."""
     return torch.stack([projection(m, d, seed=10 + h, dtype=dtype) for h in range(heads)])
+
+
+# What padded positions may hold: none of it may reach a real token's output.
+PADDING_CONTENTS = {"nan": float("nan"), "inf": float("inf"), "big": 1e30, "-big": -1e30}
+
+
+def fill_padding(t, mask, value):
+    """``t (B, H, L, d)`` with the positions where ``mask (B, L)`` is True set to ``value``."""
+    t = t.clone()
+    t[mask[:, None, :, None].expand_as(t)] = value
+    return t
+
+
+def padded(q, k, v, pad, value, side="right"):
+    """q, k, v ``(B, H, L, d)`` padded with ``pad`` positions holding ``value`` on one side:
+    returns ``(q, k, v, key_padding_mask, slice of the real positions)``."""
+    b, h, length, _ = q.shape
+    total = length + pad
+    if side == "right":
+        mask = torch.arange(total)[None].expand(b, -1) >= length
+        sl = slice(0, length)
+    else:
+        mask = torch.arange(total)[None].expand(b, -1) < pad
+        sl = slice(pad, total)
+    out = []
+    for t in (q, k, v):
+        big = t.new_zeros(b, h, total, t.shape[-1])
+        big[..., sl, :] = t
+        out.append(fill_padding(big, mask, value))
+    return (*out, mask, sl)
+
+
+def length_mask(lengths, total):
+    """The ``key_padding_mask (len(lengths), total)`` of right-padded sequences."""
+    return torch.arange(total)[None] >= torch.tensor(lengths)[:, None]

@@ -1,8 +1,12 @@
 """Models: encoder, classifier, causal LM, generation, save/load, compile, checkpointing."""
 
+import json
+import math
+
 import pytest
 import torch
 
+import linattn
 from linattn.models import CausalLM, Encoder, ModelConfig, SequenceClassifier, load_model
 
 # Attention kinds by the spec names of `linattn train --compare`.
@@ -355,3 +359,133 @@ def test_exact_model_matches_favor_model_with_a_window_covering_the_sequence():
     b.load_state_dict(a.state_dict(), strict=False)
     ids = torch.randint(0, 40, (2, 23))
     torch.testing.assert_close(b(ids), a(ids), rtol=1e-9, atol=1e-9)
+
+
+def _cfg(**kw):
+    from linattn.models import ModelConfig
+
+    return ModelConfig(**{"vocab_size": 50, "dim": 16, "heads": 2, "depth": 1, **kw})
+
+
+MODULE_BAD = {
+    "performer-num-features-0": (
+        lambda: linattn.PerformerAttention(16, 2, num_features=0),
+        ValueError,
+        "num_features",
+    ),
+    "config-num-features-0": (lambda: _cfg(num_features=0), ValueError, "num_features"),
+    "config-proj-dim-0": (
+        lambda: _cfg(attention="linformer", position="learned", proj_dim=0),
+        ValueError,
+        "proj_dim",
+    ),
+    "config-causal-str": (lambda: _cfg(causal="yes"), TypeError, "causal"),
+    "config-num-classes-1": (lambda: _cfg(num_classes=1), ValueError, "num_classes"),
+    "config-seed-str": (lambda: _cfg(seed="a"), TypeError, "seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_BAD), ids=list(MODULE_BAD))
+def test_module_and_config_bad_input_is_named_up_front(case):
+    call, exc, match = MODULE_BAD[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_sequence_classifier_needs_two_classes():
+    from linattn.models import SequenceClassifier
+
+    cfg = _cfg(num_classes=2)
+    cfg.num_classes = 1  # mutated after the config check
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        SequenceClassifier(cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"prompt": "empty"}, "at least one prompt"),
+        ({"prompt": "float"}, "integer"),
+        ({"prompt": "oov"}, r"\[0, 50\)"),
+    ],
+    ids=[
+        "top_k-0",
+        "top_k-neg",
+        "temp-nan",
+        "temp-inf",
+        "temp-0",
+        "top_p-0",
+        "new-neg",
+        "new-float",
+        "empty-prompt",
+        "float-prompt",
+        "out-of-vocab",
+    ],
+)
+def test_generate_bad_arguments_are_named_up_front(kwargs, match):
+    from linattn.models import CausalLM
+
+    model = CausalLM(_cfg(causal=True))
+    prompt = {
+        "empty": torch.zeros(1, 0, dtype=torch.long),
+        "float": torch.zeros(1, 3),
+        "oov": torch.full((1, 3), 50),
+    }.get(kwargs.pop("prompt", None), torch.ones(1, 3, dtype=torch.long))
+    kwargs.setdefault("max_new_tokens", 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.generate(prompt, **kwargs)
+
+
+def test_model_out_of_vocabulary_ids_are_named():
+    from linattn.models import CausalLM
+
+    lm = CausalLM(_cfg(causal=True))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), 50))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), -1))
+
+
+def test_attention_literal_is_the_list_of_attention_kinds():
+    from typing import get_args
+
+    from linattn.models.config import ATTENTIONS, Attention
+
+    assert ATTENTIONS == get_args(Attention) == ("exact", "favor", "linformer")
+
+
+def test_model_config_reaches_the_layers_and_generation():
+    from linattn.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=50,
+        dim=16,
+        depth=2,
+        heads=2,
+        attention="favor",
+        window=2,
+        sinks=3,
+        causal=True,
+        max_seq_len=64,
+    )
+    assert cfg.favor_options().sinks == 3
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sinks == 3
+    model = CausalLM(cfg).double().eval()
+    layers = model.encoder.performer_layers()
+    assert layers and all(a.sinks == 3 and a.window == 2 for a in layers)
+    ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    logits, caches = model.step_logits(ids[:, :6], None, 0)
+    steps = [logits]
+    for t in range(6, 17):
+        logits, caches = model.step_logits(ids[:, t : t + 1], caches, t)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
