@@ -1,10 +1,12 @@
-"""linattn.features: the kernel registry and its names."""
+"""linattn.features: the kernel registry, the feature maps' formulas and the attributes
+the ops read from them."""
 
+import pytest
 import torch
 
 import linattn
 from conftest import per_head, projection, randn
-from linattn.features import exact_features
+from linattn.features import exact_features, get_feature_map
 
 
 def test_kernel_literal_lists_every_kernel():
@@ -39,3 +41,43 @@ def test_formula_and_identity_default():
         exact_features(x, None, kernel="hedgehog", scale=scale),
         exact_features(x, eye, kernel="hedgehog", scale=scale),
     )
+
+
+@pytest.mark.parametrize("kernel", list(linattn.KERNELS))
+def test_positive_features_says_whether_every_feature_is_positive(kernel):
+    # The ops read a normalizer <= 0 as a row without keys where the features are all
+    # positive: the attribute must say exactly that (hedgehog's softmax features are,
+    # the trigonometric map's sin/cos are not).
+    fm = get_feature_map(kernel)
+    x, y = randn(2, 3, 50, 8, seed=1), randn(2, 3, 50, 8, seed=2)
+    w = projection(16, 2 * 8 if fm.untied else 8)
+    params = fm.prepare(w, x, y, None, 8**-0.5)
+    feats = [fm.exact(t, params, is_query=side) for t, side in ((x, True), (y, False))]
+    assert fm.positive_features == all(bool((f > 0).all()) for f in feats)
+
+
+@pytest.mark.parametrize("kernel", list(linattn.KERNELS))
+def test_exp2_logits_maps_are_exp2_of_their_logits(kernel):
+    # The causal backward and the window's far blocks differentiate only the logits of
+    # the maps that say exp2_logits: their stabilized key features must be
+    # exp2(L - max L) of _logits2, and the other maps must not claim it.
+    fm = get_feature_map(kernel)
+    x = randn(2, 3, 20, 8, seed=3)
+    w = projection(16, 2 * 8 if fm.untied else 8)
+    params = fm.prepare(w, x, x, None, 8**-0.5)
+    feats, r = fm.stabilized(x, params, is_query=False)
+    if not fm.exp2_logits:
+        assert not hasattr(fm, "_logits2")
+        return
+    logits = fm._logits2(x, params, with_norm=True)
+    top = logits.amax(-1, keepdim=True)
+    torch.testing.assert_close(feats, (logits - top).exp2())
+    torch.testing.assert_close(r, top.squeeze(-1) * torch.log(torch.tensor(2.0)).item())
+
+
+def test_positive_exp_is_a_deprecated_alias():
+    fm = get_feature_map("hedgehog")
+    with pytest.warns(DeprecationWarning, match="positive_features"):
+        assert fm.positive_exp is fm.positive_features is True
+    with pytest.warns(DeprecationWarning):
+        assert get_feature_map("softmax_trig").positive_exp is False
