@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run under Triton's CPU interpreter (tests/ops/favor/triton/test_triton.py).
+# Without a GPU the Triton kernels run under Triton's CPU interpreter
+# (tests/ops/favor/triton/test_triton.py).
 # It must be chosen before any test module imports the kernels (@triton.jit reads it then).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -805,7 +805,7 @@ def test_save_converted_killed_at_random_loads_old_or_new_or_raises(tmp_path, se
 
 # ------------------------------------------------------------------ convert --steps 0
 class SavingTokenizer:
-    """The byte tokenizer of test_hf, plus save_pretrained (as a real tokenizer has)."""
+    """The byte tokenizer of hf_models, plus save_pretrained (as a real tokenizer has)."""
 
     def __init__(self):
         from hf_models import ByteTokenizer
