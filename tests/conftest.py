@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -17,6 +18,16 @@ from linattn.ops.favor import favor_naive
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def small_matmul_rate(monkeypatch):
+    """``linattn.bench.speed.matmul_rate`` on a 512 x 512 matmul instead of 4096 (about
+    16 s on one thread of the 2-core machine, for a number the tests never check): the
+    benchmark tests check the files and their schema, with the same function."""
+    from linattn.bench import speed
+
+    monkeypatch.setattr(speed, "matmul_rate", functools.partial(speed.matmul_rate, n=512))
 
 
 def gen(seed: int = 0) -> torch.Generator:
