@@ -117,3 +117,30 @@ def padded(q, k, v, pad, value, side="right"):
 def length_mask(lengths, total):
     """The ``key_padding_mask (len(lengths), total)`` of right-padded sequences."""
     return torch.arange(total)[None] >= torch.tensor(lengths)[:, None]
+
+
+# Packed sequences (cu_seqlens): lengths with an empty sequence and one of length 1, and
+# the float64 tolerance of a packed call against each sequence alone.
+PACKED_LENGTHS = [5, 1, 0, 8, 2]
+PACKED_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def cu_seqlens_of(lengths):
+    """The int32 ``cu_seqlens (N + 1,)`` offsets of sequences of these lengths."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def spans_of(lengths):
+    """``[(start, end)]`` of each packed sequence."""
+    out, s = [], 0
+    for n in lengths:
+        out.append((s, s + n))
+        s += n
+    return out
+
+
+def check_grad_shapes(out, *leaves):
+    """Backward from ``out.sum()``: each leaf's gradient is None or of the leaf's shape."""
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is None or t.grad.shape == t.shape

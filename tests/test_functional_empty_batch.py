@@ -1,12 +1,13 @@
 """An empty batch (B = 0) returns the empty shape, as SDPA and nn.MultiheadAttention do
-(issue 26, item 6: it used to crash in ``_as_4d``'s ``reshape(0, -1, L, d)``)."""
+(issue 26, item 6: it used to crash in ``_as_4d``'s ``reshape(0, -1, L, d)``). The
+modules' and models' empty batches are tested in ``tests/nn/test_mha.py`` and
+``tests/models/test_models.py``."""
 
 import pytest
 import torch
 
 import linattn
-from conftest import projection, randn
-from linattn.models import CausalLM, Encoder, ModelConfig
+from conftest import check_grad_shapes, projection, randn
 
 H, L, D, DV = 2, 5, 4, 3
 W = projection(8, D)
@@ -31,12 +32,6 @@ def _inputs(requires_grad=True):
     return q, k, v
 
 
-def _check_grads(out, *leaves):
-    out.sum().backward()
-    for t in leaves:
-        assert t.grad is None or t.grad.shape == t.shape
-
-
 @pytest.mark.parametrize("name", list(FAVOR))
 def test_favor_attention_empty_batch(name):
     kw = dict(FAVOR[name])
@@ -46,7 +41,7 @@ def test_favor_attention_empty_batch(name):
     q, k, v = _inputs()
     out = linattn.favor_attention(q, k, v, w, **kw)
     assert out.shape == (0, H, L, DV) and out.dtype == q.dtype
-    _check_grads(out, q, k, v)
+    check_grad_shapes(out, q, k, v)
 
 
 @pytest.mark.parametrize("kw", [{}, {"window": 2}, {"window": 2, "sinks": 1}], ids=str)
@@ -56,59 +51,11 @@ def test_favor_recurrent_empty_batch(kw):
     assert out.shape == (0, H, L, DV) and state.kv.shape[:2] == (0, H)
     out2, _ = linattn.favor_recurrent(q, k, v, W, state=state, **kw)
     assert out2.shape == (0, H, L, DV)
-    _check_grads(out + out2, q, k, v)
+    check_grad_shapes(out + out2, q, k, v)
 
 
 def test_linformer_attention_empty_batch():
     q, k, v = _inputs()
     out = linattn.linformer_attention(q, k, v, randn(3, 8))
     assert out.shape == (0, H, L, DV)
-    _check_grads(out, q, k, v)
-
-
-@pytest.mark.parametrize("window", [None, 2], ids=["linear", "window"])
-def test_performer_module_empty_batch(window):
-    m = linattn.PerformerAttention(8, 2, num_features=4, causal=True, window=window).double()
-    x = randn(L, 0, 8, requires_grad=True)
-    out, weights = m(x, x, x)
-    assert out.shape == (L, 0, 8) and weights is None
-    _check_grads(out, x)
-    mb = linattn.PerformerAttention(8, 2, num_features=4, window=window, batch_first=True)
-    y = randn(0, 3, 8).float()
-    step, state = mb.step(y, None, 0)
-    assert step.shape == (0, 3, 8)
-    step, _ = mb.step(y, state, 3)
-    assert step.shape == (0, 3, 8)
-
-
-def test_linformer_module_empty_batch():
-    m = linattn.LinformerAttention(8, 2, max_seq_len=L, proj_dim=3).double()
-    x = randn(L, 0, 8, requires_grad=True)
-    out, _ = m(x, x, x)
-    assert out.shape == (L, 0, 8)
-    _check_grads(out, x)
-
-
-@pytest.mark.parametrize("attention", ["favor", "exact"])
-def test_causal_lm_empty_batch(attention):
-    cfg = ModelConfig(
-        vocab_size=11, dim=8, heads=2, depth=1, max_seq_len=16, causal=True, attention=attention
-    )
-    lm = CausalLM(cfg)
-    logits = lm(torch.zeros(0, L, dtype=torch.long))
-    assert logits.shape == (0, L, 11)
-    logits.sum().backward()
-
-
-def test_linformer_encoder_empty_batch():
-    cfg = ModelConfig(
-        vocab_size=11,
-        dim=8,
-        heads=2,
-        depth=1,
-        max_seq_len=16,
-        attention="linformer",
-        position="learned",
-        proj_dim=4,
-    )
-    assert Encoder(cfg)(torch.zeros(0, L, dtype=torch.long)).shape == (0, L, 8)
+    check_grad_shapes(out, q, k, v)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import linattn
+from conftest import PACKED_LENGTHS, PACKED_TOL, cu_seqlens_of, spans_of
 from linattn.models import CausalLM, Encoder, ModelConfig, SequenceClassifier, load_model
 
 # Attention kinds by the spec names of `linattn train --compare`.
@@ -489,3 +490,65 @@ def test_model_config_reaches_the_layers_and_generation():
         logits, caches = model.step_logits(ids[:, t : t + 1], caches, t)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "attention,position",
+    [("favor", "learned"), ("favor", "rotary"), ("exact", "sinusoidal"), ("linformer", "learned")],
+)
+def test_causal_lm_packed_equals_each_alone(attention, position):
+    from linattn.models import CausalLM, Encoder, ModelConfig
+
+    causal = attention != "linformer"
+    cfg = ModelConfig(
+        vocab_size=13,
+        dim=8,
+        heads=2,
+        depth=2,
+        max_seq_len=8,
+        causal=causal,
+        attention=attention,
+        position=position,
+        window=1 if attention == "favor" else None,
+        proj_dim=4,
+    )
+    torch.manual_seed(0)
+    model = (CausalLM(cfg) if causal else Encoder(cfg)).double().eval()
+    ids = torch.randint(0, 13, (1, sum(PACKED_LENGTHS)))
+    out = model(ids, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+    parts = [model(ids[:, s:e]) for s, e in spans_of(PACKED_LENGTHS) if e > s]
+    torch.testing.assert_close(out, torch.cat(parts, 1), **PACKED_TOL)
+    if causal:
+        # The packed loss: each document's own next tokens, token-weighted.
+        loss = model.loss(ids, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+        total, count = 0.0, 0
+        for s, e in spans_of(PACKED_LENGTHS):
+            if e - s >= 2:
+                total = total + model.loss(ids[:, s:e]) * (e - s - 1)
+                count += e - s - 1
+        torch.testing.assert_close(loss, total / count, **PACKED_TOL)
+
+
+@pytest.mark.parametrize("attention", ["favor", "exact"])
+def test_causal_lm_empty_batch(attention):
+    cfg = ModelConfig(
+        vocab_size=11, dim=8, heads=2, depth=1, max_seq_len=16, causal=True, attention=attention
+    )
+    lm = CausalLM(cfg)
+    logits = lm(torch.zeros(0, 5, dtype=torch.long))
+    assert logits.shape == (0, 5, 11)
+    logits.sum().backward()
+
+
+def test_linformer_encoder_empty_batch():
+    cfg = ModelConfig(
+        vocab_size=11,
+        dim=8,
+        heads=2,
+        depth=1,
+        max_seq_len=16,
+        attention="linformer",
+        position="learned",
+        proj_dim=4,
+    )
+    assert Encoder(cfg)(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 8)

@@ -1,13 +1,20 @@
 """What the nn.MultiheadAttention-shaped modules share (``nn/_mha.py``): the layout and
 weights of ``nn.MultiheadAttention``, padding contents that never reach the real tokens,
-sizes checked up front."""
+sizes checked up front, packed sequences (``cu_seqlens``) and empty batches."""
 
 import pytest
 import torch
 from torch import nn
 
 import linattn
-from conftest import randn
+from conftest import (
+    PACKED_LENGTHS,
+    PACKED_TOL,
+    check_grad_shapes,
+    cu_seqlens_of,
+    randn,
+    spans_of,
+)
 
 
 @pytest.mark.parametrize("module", ["performer", "linformer", "linformer-pool"])
@@ -134,3 +141,78 @@ def test_seq_first_is_the_transpose_of_batch_first(name):
 def test_module_zero_sizes_are_refused_not_defaulted(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _packed_input(lengths, width, seed=30):
+    return randn(1, sum(lengths), width, seed=seed, requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: linattn.PerformerAttention(8, 2, num_features=6, causal=True, batch_first=True),
+        lambda: linattn.PerformerAttention(
+            8, 2, num_features=6, window=1, sinks=1, rotary=True, batch_first=True
+        ),
+        lambda: linattn.PerformerAttention(8, 2, kernel="hedgehog", window=2, batch_first=True),
+        lambda: linattn.LinformerAttention(8, 2, max_seq_len=8, proj_dim=3, batch_first=True),
+        lambda: linattn.LinformerAttention(
+            8, 2, max_seq_len=8, proj_dim=3, proj_kind="mean", batch_first=True
+        ),
+        lambda: linattn.ExactAttention(8, 2, causal=True, rotary=True, batch_first=True),
+    ],
+    ids=["favor-causal", "favor-window-sinks-rotary", "hedgehog", "linformer", "lin-mean", "exact"],
+)
+def test_modules_packed_equal_each_alone(make):
+    m = make().double()
+    x = _packed_input(PACKED_LENGTHS, 8)
+    out, _ = m(x, x, x, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+    out.sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    parts = [m(x[:, s:e], x[:, s:e], x[:, s:e])[0] for s, e in spans_of(PACKED_LENGTHS) if e > s]
+    want = torch.cat(parts, 1)
+    want.sum().backward()
+    torch.testing.assert_close(out, want, **PACKED_TOL)
+    torch.testing.assert_close(got, x.grad, **PACKED_TOL)
+
+
+def test_module_packed_sequence_first_layout():
+    m = linattn.PerformerAttention(8, 2, num_features=6, causal=True).double()
+    x = _packed_input(PACKED_LENGTHS, 8).transpose(0, 1)  # (T, 1, E)
+    out, _ = m(x, x, x, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+    s, e = spans_of(PACKED_LENGTHS)[3]
+    torch.testing.assert_close(out[s:e], m(x[s:e], x[s:e], x[s:e])[0], **PACKED_TOL)
+    with pytest.raises(ValueError, match=r"cu_seqlens and key_padding_mask cannot be combined"):
+        m(
+            x,
+            x,
+            x,
+            cu_seqlens=cu_seqlens_of(PACKED_LENGTHS),
+            key_padding_mask=torch.zeros(1, 16, dtype=torch.bool),
+        )
+    with pytest.raises(ValueError, match=r"cu_seqlens must end at T = 16"):
+        m(x, x, x, cu_seqlens=cu_seqlens_of([3, 4]))
+
+
+@pytest.mark.parametrize("window", [None, 2], ids=["linear", "window"])
+def test_performer_module_empty_batch(window):
+    m = linattn.PerformerAttention(8, 2, num_features=4, causal=True, window=window).double()
+    x = randn(5, 0, 8, requires_grad=True)
+    out, weights = m(x, x, x)
+    assert out.shape == (5, 0, 8) and weights is None
+    check_grad_shapes(out, x)
+    mb = linattn.PerformerAttention(8, 2, num_features=4, window=window, batch_first=True)
+    y = randn(0, 3, 8).float()
+    step, state = mb.step(y, None, 0)
+    assert step.shape == (0, 3, 8)
+    step, _ = mb.step(y, state, 3)
+    assert step.shape == (0, 3, 8)
+
+
+def test_linformer_module_empty_batch():
+    m = linattn.LinformerAttention(8, 2, max_seq_len=5, proj_dim=3).double()
+    x = randn(5, 0, 8, requires_grad=True)
+    out, _ = m(x, x, x)
+    assert out.shape == (5, 0, 8)
+    check_grad_shapes(out, x)
