@@ -164,3 +164,25 @@ def test_dispatch_compiles_in_one_graph(monkeypatch, causal):
     q, w = Q.float(), W.float()
     fn = torch.compile(lambda x: linattn.favor_attention(x, x, x, w, causal=causal), fullgraph=True)
     torch.testing.assert_close(fn(q), linattn.favor_attention(q, q, q, w, causal=causal))
+
+
+def test_triton_dispatch_sees_sinks_only_when_set(monkeypatch):
+    # The fused kernels cover sinks=0 (no sinks) and nothing else: sinks > 0 is a reason
+    # against them, so the call takes the eager path.
+    from linattn import functional
+    from linattn.ops.favor.triton import not_supported_reasons
+
+    seen = []
+
+    def spy(call, backends):
+        seen.append((call.sinks, "sinks is set" in not_supported_reasons(call)))
+        return dispatch(call, backends)
+
+    dispatch = functional.dispatch
+    monkeypatch.setattr(functional, "dispatch", spy)
+    q = randn(1, 2, 8, 4)
+    w = projection(8, 4)
+    linattn.favor_attention(q, q, q, w)
+    linattn.favor_attention(q, q, q, w, sinks=0)
+    linattn.favor_attention(q, q, q, w, sinks=2)
+    assert seen == [(0, False), (0, False), (2, True)]

@@ -646,8 +646,8 @@ def test_training_killed_at_random_resumes_to_the_same_result(tmp_path, seed, un
 # ------------------------------------------------------------------ converted models
 def _hf():
     pytest.importorskip("transformers")
+    from hf_models import ids, tiny_bert
     from linattn.integrations.hf import convert, load_converted, save_converted
-    from test_hf import ids, tiny_bert
 
     return tiny_bert, ids, convert, load_converted, save_converted
 
@@ -774,7 +774,7 @@ def test_damaged_converted_model_raises_checkpoint_error(tmp_path, how):
 CONVERT_LOOP = """
 import pathlib, sys, torch
 sys.path.insert(0, {tests!r})
-from test_hf import tiny_bert
+from hf_models import tiny_bert
 from linattn.integrations.hf import convert, save_converted
 a = convert(tiny_bert(0), "favor", num_features=16, kernel="relu")
 b = convert(tiny_bert(1), "favor", num_features=8)
@@ -809,10 +809,10 @@ def test_save_converted_killed_at_random_loads_old_or_new_or_raises(tmp_path, se
 
 # ------------------------------------------------------------------ convert --steps 0
 class SavingTokenizer:
-    """The byte tokenizer of test_hf, plus save_pretrained (as a real tokenizer has)."""
+    """The byte tokenizer of hf_models, plus save_pretrained (as a real tokenizer has)."""
 
     def __init__(self):
-        from test_hf import ByteTokenizer
+        from hf_models import ByteTokenizer
 
         self.inner = ByteTokenizer()
         self.pad_token = self.eos_token = "<pad>"
@@ -826,9 +826,9 @@ class SavingTokenizer:
 
 def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypatch, capsys):
     tiny_bert, _, _, load_converted, _ = _hf()
+    from hf_models import TEXTS
     from linattn.cli import main
     from linattn.experiments import convert as experiment
-    from test_hf import TEXTS
 
     monkeypatch.setattr(
         experiment, "load_pretrained", lambda name: (tiny_bert().float(), SavingTokenizer())

@@ -9,8 +9,8 @@ heads, or ``(H, m, d)`` one per head (then ``x`` is ``(B, H, n, d)``); the untie
 ``(m, 2d)`` or ``(H, m, 2d)``, the key and the query projections side by side, and its
 callers say which side they featurize (``is_query``).
 
-Every feature map is defined exactly by :func:`exact_features` (the formula, used by
-the naive oracle). The fast paths call :meth:`FeatureMap.stabilized`, which returns the
+Every feature map is defined exactly by :meth:`FeatureMap.exact` (the formula; the naive
+oracle calls it, and :func:`exact_features` is the same by kernel name). The fast paths call :meth:`FeatureMap.stabilized`, which returns the
 same features split as ``phi(x) = const * F * exp(r)`` with ``F`` bounded by 1 for the
 exponential maps and ``r`` a per-token log-scale: attention only needs ratios, so the
 positive constant cancels and the per-token scales can be combined with stabilizers
@@ -24,6 +24,7 @@ written for ``x~ = x * sqrt(scale)``. The fast paths fold ``sqrt(scale)`` (and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,15 +69,34 @@ class FeatureMap:
 
     Attributes:
         name: the ``kernel=`` string.
-        positive_exp: features are ``exp(logits)`` (stabilized by per-row maxima).
+        positive_features: every feature is ``> 0`` (the exponential maps, hedgehog,
+            relu, elu), so an attention normalizer is ``> 0`` wherever a row sees a key
+            and 0 where it sees none; False (the safe default) for signed features
+            (trigonometric), whose normalizer may be negative.
+        exp2_logits: :meth:`stabilized` is ``F = exp2(L - max L)`` of the base-2 logits
+            ``L`` that ``_logits2`` returns (the positive and hyperbolic softmax maps and
+            FAVOR++): a hand-written backward may differentiate the logits alone
+            (``dL = ln2 * F * dF``).
         needs_projection: a random projection is required (else optional).
         causal_ok: the map depends only on the token itself (not on the other tokens).
     """
 
     name = ""
-    positive_exp = False
+    positive_features = False
+    exp2_logits = False
     needs_projection = True
     causal_ok = True
+
+    @property
+    def positive_exp(self) -> bool:
+        """Deprecated alias of :attr:`positive_features` (it was True for hedgehog,
+        whose features are softmax, not ``exp``)."""
+        warnings.warn(
+            "FeatureMap.positive_exp is deprecated: use FeatureMap.positive_features",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.positive_features
 
     #: The map scores queries and keys with different parameters (``phi_q != phi_k``):
     #: callers must say which side they featurize (``is_query``).
@@ -171,7 +191,8 @@ class _PositiveSoftmax(FeatureMap):
     """
 
     name = "softmax"
-    positive_exp = True
+    positive_features = True
+    exp2_logits = True
 
     def _weight(self, params: FeatureParams) -> Tensor:
         return params.weight
@@ -370,6 +391,7 @@ class _Relu(_Generalized):
     normalizer positive."""
 
     name = "relu"
+    positive_features = True
     eps = 1e-3
 
     def exact(self, x, params, *, is_query=None):
@@ -381,6 +403,7 @@ class _Elu(_Generalized):
     a projection, else ``elu(x) + 1`` (``M = d``)."""
 
     name = "elu"
+    positive_features = True
 
     def exact(self, x, params, *, is_query=None):
         return F.elu(self._pre(x, params)) + 1.0
@@ -401,7 +424,7 @@ class _Hedgehog(FeatureMap):
     """
 
     name = "hedgehog"
-    positive_exp = True
+    positive_features = True
     needs_projection = False
 
     def feature_dim(self, weight, head_dim):

@@ -26,7 +26,10 @@ def draw_projection(
     """Draw the random projection ``W: (num_features, head_dim)`` for FAVOR+.
 
     Args:
-        num_features: ``m``, the number of rows (random features).
+        num_features: ``m``, the number of rows. Each token gets ``m`` features from the
+            positive softmax, FAVOR++, relu and elu maps, and ``2m`` from the maps that
+            stack two halves (``"softmax_hyp"``, ``"softmax_trig"``, ``"hedgehog"``):
+            :meth:`linattn.features.FeatureMap.feature_dim` gives the width.
         head_dim: ``d``, the width of queries and keys.
         orthogonal: if True, rows come in blocks of ``d`` mutually orthogonal directions
             (orthogonal random features, ORF): each block is ``Q * sign(diag(R))`` from

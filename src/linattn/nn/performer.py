@@ -37,9 +37,10 @@ class FavorOptions:
     ``PerformerAttention(..., **vars(options))`` builds a module from them.
 
     Attributes:
-        num_features: projection rows ``m`` per head; None: ``d log d`` rounded up to a
-            multiple of 16 (:func:`default_num_features`) for random features, ``d`` for
-            learned kernels.
+        num_features: projection rows ``m`` per head (``"softmax_hyp"``,
+            ``"softmax_trig"`` and the hedgehog maps give ``2m`` features per token);
+            None: ``d log d`` rounded up to a multiple of 16
+            (:func:`default_num_features`) for random features, ``d`` for learned kernels.
         kernel: a :data:`linattn.KERNELS` name (the feature map).
         window: None (pure linear) or ``w >= 0`` for the sliding-window hybrid.
         sinks: ``s >= 0`` attention-sink keys (the first ``s`` unpadded keys, scored
@@ -73,15 +74,18 @@ LEARNED_KERNELS = ("hedgehog", "hedgehog_untied")
 
 
 class RandomFeatures:
-    """Mixin for modules that own a FAVOR+ projection: the ``projection`` buffer, its
-    redraw counter and ``(seed, layer_index)``, all persistent, so ``state_dict``
-    reproduces outputs and a reloaded module continues the same redraw sequence. Draw
-    ``t`` comes from a generator seeded with ``redraw_seed(seed, layer_index, t)``, so
+    """Mixin for modules that own a FAVOR+ projection, random or learned: the
+    ``projection`` (a buffer, or with ``learn=True`` an ``nn.Parameter``: hedgehog's
+    learned maps and trainable random features), its redraw counter and
+    ``(seed, layer_index)``, all persistent, so ``state_dict`` reproduces outputs and a
+    reloaded module continues the same redraw sequence. Draw ``t`` comes from a generator seeded with ``redraw_seed(seed, layer_index, t)``, so
     every rank of a distributed job draws the same matrix without communicating.
 
     ``heads=H`` draws one matrix per head, ``(H, m, d)`` (else one ``(m, d)`` shared by
     the heads); ``learn=True`` makes the first draw a trainable ``nn.Parameter`` that is
-    never redrawn. Subclasses may override ``_initial`` (the matrix of draw 0)."""
+    never redrawn. Subclasses may override ``_initial`` (the matrix of draw 0): the
+    learned hedgehog maps start from :func:`hedgehog_init` there, so for them the
+    "random features" are a learned projection, held here like the random ones."""
 
     def _init_random_features(
         self,
@@ -206,7 +210,9 @@ class PerformerAttention(RandomFeatures, MHAShaped):
         embed_dim, num_heads: as ``nn.MultiheadAttention``.
         num_features: projection rows ``m`` per head (default: ``d log d`` rounded up to a
             multiple of 16, the paper's choice, for random features; ``d`` for
-            ``"hedgehog"``).
+            ``"hedgehog"``). Features per token are ``m``, or ``2m`` for the maps that
+            stack two halves (``"softmax_hyp"``, ``"softmax_trig"``, the hedgehog maps):
+            cost and memory grow with those.
         kernel: a :data:`linattn.KERNELS` name (``"softmax"``, ``"relu"``,
             ``"hedgehog"``, ...). ``"hedgehog"`` is a learned map: its projection is an
             ``nn.Parameter`` of shape ``(num_heads, m, d)``, the identity at

@@ -100,8 +100,9 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
         method: ``"favor"`` (Performer FAVOR+; encoders and decoders) or ``"linformer"``
             (encoders only: Linformer cannot be causal).
         options:
-            for ``"favor"``: ``num_features`` (default ``d log d``; ``d`` for learned
-            maps), ``kernel`` (``"softmax"``; ``"hedgehog"``: a learned map, one
+            for ``"favor"``: ``num_features`` (projection rows ``m``, default ``d log d``;
+            ``d`` for learned maps; ``"softmax_hyp"``, ``"softmax_trig"`` and the hedgehog
+            maps give ``2m`` features per token), ``kernel`` (``"softmax"``; ``"hedgehog"``: a learned map, one
             trainable projection per head, see :class:`~.state.FavorLayerState`),
             ``window`` (None: pure linear attention; ``w``: exact softmax scores for the
             keys within ``w`` positions of each query, the model's own attention kept

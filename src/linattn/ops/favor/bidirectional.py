@@ -92,7 +92,7 @@ def query_apply(
         e = min(s + rows, lq)
         feats, _ = fm.stabilized(q[..., s:e, :], params, is_query=True, inplace=inplace)
         o = feats @ state
-        d = safe_denominator(o[..., dv], fm.positive_exp)
+        d = safe_denominator(o[..., dv], fm.positive_features)
         dens.append(d)
         num = o[..., :dv]
         outs.append(num.div_(d.unsqueeze(-1)) if inplace else num / d.unsqueeze(-1))

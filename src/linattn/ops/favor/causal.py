@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...features import FeatureMap, FeatureParams, _PositiveSoftmax
+from ...features import FeatureMap, FeatureParams
 from .common import first_order_only, graph_captured, ones_col, safe_denominator
 
 _CHUNKS_PER_SEGMENT = 16
@@ -115,7 +115,7 @@ def causal_segment(
     if raw:
         return out, state, ends[..., -1], c.reshape(bsz, heads, n) + rq
     num, den = out[..., :dv], out[..., dv:]
-    out = num / safe_denominator(den, fm.positive_exp)
+    out = num / safe_denominator(den, fm.positive_features)
     last = ends[..., -1]
     return out, state, last
 
@@ -249,7 +249,7 @@ def _segment_forward(q, k, v, state, stab, fm, params, keep, chunk):
         torch.matmul(a5[:, :, 1:], sums[:, :, :-1], out=inter[:, :, 1:])
     nd.addcmul_(inter, torch.exp(prev.unsqueeze(-1) - c5).unsqueeze(-1))
     nd = nd.reshape(bsz, heads, n, dv + 1)
-    den = safe_denominator(nd[..., dv], fm.positive_exp)
+    den = safe_denominator(nd[..., dv], fm.positive_features)
     out = nd[..., :dv].div_(den.unsqueeze(-1))
     return out, den, new_state, ends[..., -1]
 
@@ -288,7 +288,7 @@ def _segment_backward(
     nc = n // chunk
     # Positive softmax maps: F = exp2(logits - max), so dlogits = ln2 * F * dF; only the
     # logits' matmul goes through autograd (ln2 is applied to the gradients at the end).
-    exp2_map = isinstance(fm, _PositiveSoftmax)
+    exp2_map = fm.exp2_logits
     with torch.enable_grad():
         if exp2_map:
             fq = fm._logits2(q, params, with_norm=False)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from ....features import FeatureMap, FeatureParams, _PositiveSoftmax
+from ....features import FeatureMap, FeatureParams
 from ..common import first_order_only, graph_captured, no_forward_mode
 from .layout import (
     block_flags,
@@ -153,7 +153,7 @@ def _features(fm: FeatureMap, params: FeatureParams, x: Tensor, graph: bool, que
             feats, r = fm.stabilized(x, params, is_query=False, inplace=True)
         return feats, r, None, None, False
     with torch.enable_grad():
-        if isinstance(fm, _PositiveSoftmax):
+        if fm.exp2_logits:
             # F = exp2(logits - max): dlogits = ln2 F dF; only the logits' matmul is
             # differentiated by autograd (max, the stabilizer, is a constant). F takes
             # the logits' memory: the matmul's backward does not need its output.

@@ -251,7 +251,9 @@ def hybrid_bidirectional(
     near = band_blocks(q, k, v, keep, window, False, params.scale, block)
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
-        return keep_in_graph(combine([near], fm.positive_exp), params.weight, call.linear_factor)
+        return keep_in_graph(
+            combine([near], fm.positive_features), params.weight, call.linear_factor
+        )
     # No band (window=None): no part (a constant empty part trips inductor).
     parts = [near] if window >= 0 else []
     if call.sinks:
@@ -271,7 +273,7 @@ def hybrid_bidirectional(
     lf = factor_shape(call.linear_factor)
     if lf is not None:
         far = far * lf
-    return combine([*parts, (far, scale_far)], fm.positive_exp)
+    return combine([*parts, (far, scale_far)], fm.positive_features)
 
 
 def hybrid_causal(
@@ -299,7 +301,7 @@ def hybrid_causal(
         parts.append(part)
     if length - window <= 0:
         # No key is far from any query: exact attention (and the sinks).
-        out = combine(parts or [near], fm.positive_exp)
+        out = combine(parts or [near], fm.positive_features)
         return keep_in_graph(out, params.weight, call.linear_factor)
     spread = spread_limit(q.dtype)
     fast = far_blocks(
@@ -317,4 +319,4 @@ def hybrid_causal(
     lf = factor_shape(call.linear_factor)
     if lf is not None:
         nd = nd * lf
-    return combine([*parts, (nd, g)], fm.positive_exp)
+    return combine([*parts, (nd, g)], fm.positive_features)

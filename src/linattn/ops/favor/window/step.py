@@ -66,7 +66,7 @@ def favor_window_step(
     if lf is not None:
         nd = nd * lf
     parts.append((nd, g))
-    out = combine(parts, fm.positive_exp)
+    out = combine(parts, fm.positive_features)
     keep_from = max(0, ring + n - window)
     new = (kv, stab, kc[..., keep_from:, :], vc[..., keep_from:, :], padc[:, keep_from:])
     if sinks:

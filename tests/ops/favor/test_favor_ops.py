@@ -1,11 +1,14 @@
 """Every FAVOR path against the float64 oracle that materializes phi(Q) phi(K)^T."""
 
+import math
+
 import pytest
 import torch
 from torch.autograd import gradcheck
 
 import linattn
 from conftest import naive, projection, randn
+from linattn.features import get_feature_map
 
 KERNELS = ["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu"]
 CAUSAL_KERNELS = [k for k in KERNELS if k != "softmax_opt"]
@@ -127,3 +130,58 @@ def test_fully_masked_rows_are_zero():
         out = linattn.favor_attention(q, k, v, w, causal=causal, key_padding_mask=mask)
         assert torch.isfinite(out).all()
         assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+# ------------------------------------------------------------------ double backward
+@pytest.mark.parametrize(
+    "path", ["bidirectional", "causal", "recurrent", "window-bidirectional", "window-causal"]
+)
+def test_double_backward_raises_instead_of_silently_dropping_the_graph(path):
+    q, k, v = (randn(1, 2, 5, 8, seed=s, requires_grad=True) for s in range(3))
+    w = projection(16, 8)
+    if path == "recurrent":
+        out, _ = linattn.favor_recurrent(q, k, v, w)
+    elif path.startswith("window"):
+        out = linattn.favor_attention(q, k, v, w, causal=path.endswith("causal"), window=1)
+    else:
+        out = linattn.favor_attention(q, k, v, w, causal=path == "causal")
+    # First-order gradients with create_graph=True are still right ...
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    (g_ref,) = torch.autograd.grad(out.pow(2).sum(), q, retain_graph=True)
+    torch.testing.assert_close(g, g_ref)
+    # ... but differentiating them again raises instead of returning a wrong answer.
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.pow(2).sum(), q)
+
+
+# ------------------------------------------------------------------ FAVOR++ precision
+def _log_domain_favor(q, k, v, w, params, mask=None):
+    # The oracle in log space (float64): weights logsumexp_m(lq_im + lk_jm) never overflow.
+    xs_q, xs_k = (t * math.sqrt(params.scale) for t in (q, k))
+    a, b = params.opt_a[..., None, None], params.opt_b[..., None, None]
+
+    def logf(xs):
+        return a * (w * w).sum(-1) + b * (xs @ w.T) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+    lw = torch.logsumexp(logf(xs_q)[..., :, None, :] + logf(xs_k)[..., None, :, :], -1)
+    if mask is not None:
+        lw = lw.masked_fill(mask[:, None, None, :], float("-inf"))
+    return torch.softmax(lw, -1) @ v
+
+
+@pytest.mark.parametrize("scale_up", [1.0, 4.0, 8.0, 16.0, 30.0])
+def test_favor_plus_plus_float32_matches_float64_oracle_at_large_scales(scale_up):
+    q, k, v = (randn(2, 2, 20, 16, seed=s) for s in range(3))
+    q, k = q * scale_up, k * scale_up
+    w = projection(64, 16)
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[1, 15:] = True
+    fm = get_feature_map("softmax_opt")
+    params = fm.prepare(w, q, k, mask, 16**-0.5)
+    ref = _log_domain_favor(q, k, v, w, params, mask)
+    out64 = linattn.favor_attention(q, k, v, w, kernel="softmax_opt", key_padding_mask=mask)
+    torch.testing.assert_close(out64, ref, rtol=1e-9, atol=1e-9)
+    out32 = linattn.favor_attention(
+        q.float(), k.float(), v.float(), w.float(), kernel="softmax_opt", key_padding_mask=mask
+    )
+    torch.testing.assert_close(out32.double(), ref, rtol=1e-3, atol=1e-3)

@@ -12,7 +12,7 @@ from linattn.bench import speed
 from linattn.cli import main
 
 
-def test_bench_cli_tiny(tmp_path, capsys):
+def test_bench_cli_tiny(tmp_path, capsys, small_matmul_rate):
     rc = main(
         [
             "bench",

@@ -1,5 +1,7 @@
 """Each validation error names the argument and shows the shapes it got."""
 
+import math
+
 import pytest
 import torch
 
@@ -100,22 +102,6 @@ def test_recurrent_state_errors():
         linattn.favor_recurrent(Q[0], Q[0], Q[0], W)
 
 
-def test_kernel_literal_lists_every_kernel():
-    # The Literal used in annotations and the registry name the same kernels.
-    from typing import get_args
-
-    assert set(get_args(linattn.Kernel)) == set(linattn.KERNELS)
-    assert len(get_args(linattn.Kernel)) == len(linattn.KERNELS)
-
-
-def test_attention_literal_is_the_list_of_attention_kinds():
-    from typing import get_args
-
-    from linattn.models.config import ATTENTIONS, Attention
-
-    assert ATTENTIONS == get_args(Attention) == ("exact", "favor", "linformer")
-
-
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
 @pytest.mark.parametrize("shape", [(), (3,)], ids=["scalar", "per-head"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
@@ -129,15 +115,86 @@ def test_linear_factor_must_be_finite(bad, shape, causal):
         linattn.favor_recurrent(Q, Q, Q, W, window=1, linear_factor=lf)
 
 
-def test_module_refuses_non_finite_linear_factor():
-    m = linattn.PerformerAttention(8, 2, kernel="hedgehog", window=1, batch_first=True)
-    m = m.double()
-    x = randn(1, 4, 8)
-    with torch.no_grad():
-        m.log_linear_factor[0] = float("inf")
-    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
-        m(x, x, x)
-    with torch.no_grad():
-        m.log_linear_factor[0] = float("nan")
-    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
-        m.step(x, None, 0)
+# ------------------------------------------------------------------ validation found up front (issue 15)
+def _qkv(lq=4, lk=4, d=8):
+    return randn(1, 2, lq, d, seed=0), randn(1, 2, lk, d, seed=1), randn(1, 2, lk, d, seed=2)
+
+
+def _state(kv_shape=(1, 2, 16, 9), stab_shape=(1, 2), dtype=torch.float64):
+    return linattn.FavorState(
+        torch.zeros(kv_shape, dtype=dtype), torch.zeros(stab_shape, dtype=dtype)
+    )
+
+
+FUNCTIONAL_BAD = {
+    "scale-inf": (
+        lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.inf),
+        ValueError,
+        "scale must be a finite number > 0",
+    ),
+    "scale-nan": (
+        lambda: linattn.favor_attention(*_qkv(), projection(16, 8), scale=math.nan),
+        ValueError,
+        "scale",
+    ),
+    "linformer-scale-inf": (
+        lambda: linattn.linformer_attention(*_qkv(), randn(3, 8), scale=math.inf),
+        ValueError,
+        "scale",
+    ),
+    "lq-0": (
+        lambda: linattn.favor_attention(*_qkv(lq=0), projection(16, 8)),
+        ValueError,
+        "at least one query",
+    ),
+    "lq-0-linformer": (
+        lambda: linattn.linformer_attention(*_qkv(lq=0), randn(3, 8)),
+        ValueError,
+        "at least one query",
+    ),
+    "d-0": (lambda: linattn.favor_attention(*_qkv(d=0), randn(16, 0)), ValueError, "head_dim"),
+    "projection-0-rows": (
+        lambda: linattn.favor_attention(*_qkv(), randn(0, 8)),
+        ValueError,
+        "m >= 1",
+    ),
+    "draw-int64": (
+        lambda: linattn.draw_projection(16, 8, dtype=torch.int64),
+        TypeError,
+        "floating",
+    ),
+    "draw-bool": (lambda: linattn.draw_projection(16, 8, dtype=torch.bool), TypeError, "floating"),
+    "state-type": (
+        lambda: linattn.favor_recurrent(*_qkv(lq=1, lk=1), projection(16, 8), state=(1, 2)),
+        TypeError,
+        "FavorState",
+    ),
+    "state-kv-shape": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(kv_shape=(1, 2, 8, 9))
+        ),
+        ValueError,
+        "state.kv",
+    ),
+    "state-stab-shape": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(stab_shape=(2,))
+        ),
+        ValueError,
+        "state.stab",
+    ),
+    "state-dtype": (
+        lambda: linattn.favor_recurrent(
+            *_qkv(lq=1, lk=1), projection(16, 8), state=_state(dtype=torch.int64)
+        ),
+        TypeError,
+        "state.kv",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONAL_BAD), ids=list(FUNCTIONAL_BAD))
+def test_functional_bad_input_is_named_up_front(case):
+    call, exc, match = FUNCTIONAL_BAD[case]
+    with pytest.raises(exc, match=match):
+        call()

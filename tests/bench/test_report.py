@@ -57,7 +57,7 @@ def test_peers_skip_cleanly_when_missing(monkeypatch):
     )
 
 
-def test_report_tiny(tmp_path, monkeypatch):
+def test_report_tiny(tmp_path, monkeypatch, small_matmul_rate):
     monkeypatch.setitem(
         speed.PRESETS, "quick", {"lengths": [64], "repeats": 1, "kernels": ["softmax"]}
     )

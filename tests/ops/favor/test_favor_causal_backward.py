@@ -13,8 +13,8 @@ from torch.autograd import gradcheck
 import linattn
 from conftest import naive, projection, randn
 from linattn.features import get_feature_map
+from linattn.ops.favor import causal as causal_scan
 from linattn.ops.favor import favor_causal
-from linattn.ops.favor.causal import _CHUNKS_PER_SEGMENT
 
 KERNELS = ["softmax", "softmax_hyp", "softmax_trig", "relu", "elu"]
 
@@ -32,11 +32,14 @@ def _mask(b, length, seed=0):
 # test_favor_ops.test_gradcheck at L = 11).
 @pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "relu"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
-def test_gradcheck_with_states_across_segments(kernel, per_head):
-    # chunk 2 -> segments of 2 * _CHUNKS_PER_SEGMENT tokens: three segments, the last one
-    # padded; gradients reach the incoming state and come from the outgoing one.
+def test_gradcheck_with_states_across_segments(kernel, per_head, monkeypatch):
+    # chunk 2 with 2 chunks per segment (16 in production: the same loop, and 69 tokens
+    # then made this gradcheck take 10-20 s; the oracle test below crosses the real
+    # segments at L = 1000) -> segments of 4 tokens: three segments, the last one
+    # partial; gradients reach the incoming state and come from the outgoing one.
+    monkeypatch.setattr(causal_scan, "_CHUNKS_PER_SEGMENT", 2)
     chunk = 2
-    length = 2 * chunk * _CHUNKS_PER_SEGMENT + 5
+    length = 2 * chunk * causal_scan._CHUNKS_PER_SEGMENT + 3
     q, k, v = (randn(1, 2, length, 3, seed=s, requires_grad=True) for s in range(3))
     w = (
         projection(2, 3, seed=4).expand(2, 2, 3).clone() if per_head else projection(4, 3)

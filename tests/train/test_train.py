@@ -407,3 +407,33 @@ def test_a_run_saved_before_linformer_sharing_resumes_as_it_was_built():
     assert resume_changes(old, cfg) == {}
     now = TrainConfig(task="fortunes", attention="linformer")  # today's default: "none"
     assert resume_changes(old, now) == {"linformer_sharing": ("headwise", "none")}
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"warmup": -3}, "warmup"),
+        ({"num_features": 0}, "num_features"),
+        ({"proj_dim": 0}, "proj_dim"),
+        ({"redraw_interval": 0}, "redraw_interval"),
+    ],
+    ids=["warmup-neg", "num-features-0", "proj-dim-0", "redraw-0"],
+)
+def test_train_config_refuses_values_that_would_silently_become_defaults(kw, match):
+    from linattn.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_compare_spec_with_sinks():
+    from linattn.train import TrainConfig
+    from linattn.train.compare import parse_spec, spec_label, spec_name
+
+    f = parse_spec("favor-hedgehog-w16-s2")
+    assert (f["kernel"], f["window"], f["sinks"]) == ("hedgehog", 16, 2)
+    assert spec_name(TrainConfig(**f)) == "favor-hedgehog-w16-s2"
+    assert "2 sinks" in spec_label("favor-hedgehog-w16-s2")
+    assert parse_spec("favor-s1")["sinks"] == 1 and parse_spec("favor")["sinks"] == 0
+    with pytest.raises(ValueError, match="favor' only"):
+        parse_spec("exact-s1")

@@ -7,35 +7,8 @@ from torch.autograd import gradcheck
 
 import linattn
 from conftest import naive, per_head, projection, randn
-from linattn.features import exact_features
 
 ALL = ["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu", "hedgehog"]
-
-
-def test_listed():
-    assert "hedgehog" in linattn.KERNELS
-    assert linattn.KERNELS["hedgehog"].feature_dim(projection(12, 8), 8) == 24
-    assert linattn.KERNELS["hedgehog"].feature_dim(None, 8) == 16
-
-
-def test_formula_and_identity_default():
-    x = randn(2, 3, 5, 8)
-    w = per_head(3, 6, 8)
-    scale = 0.3
-    phi = exact_features(x, w, kernel="hedgehog", scale=scale)
-    z = torch.einsum("bhnd,hmd->bhnm", x * scale**0.5, w)
-    manual = torch.cat(
-        [z.exp() / z.exp().sum(-1, keepdim=True), (-z).exp() / (-z).exp().sum(-1, keepdim=True)],
-        dim=-1,
-    )
-    torch.testing.assert_close(phi, manual)
-    assert phi.shape == (2, 3, 5, 12) and (phi >= 0).all()
-    torch.testing.assert_close(phi[..., :6].sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
-    eye = torch.eye(8, dtype=torch.float64)
-    torch.testing.assert_close(
-        exact_features(x, None, kernel="hedgehog", scale=scale),
-        exact_features(x, eye, kernel="hedgehog", scale=scale),
-    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

@@ -108,9 +108,9 @@ def test_resume_refuses_changed_settings_naming_each():
 def test_a_saved_conversion_with_old_or_bad_options_names_the_file(tmp_path, edit, match):
     import json
 
+    from hf_models import tiny_bert
     from linattn import CheckpointError
     from linattn.integrations.hf import convert, load_converted, save_converted
-    from test_hf import tiny_bert
 
     save_converted(convert(tiny_bert(), "linformer", proj_dim=8), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())

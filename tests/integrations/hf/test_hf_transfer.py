@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import TEXTS, ByteTokenizer, ids, left_padded, peaky, tiny_bert, tiny_llama  # noqa: E402
 from linattn.integrations.hf import (  # noqa: E402
     FavorCache,
     convert,
@@ -31,7 +32,6 @@ from linattn.integrations.hf.transfer import (  # noqa: E402
     transfer,
     transfer_parameters,
 )
-from test_hf import TEXTS, ByteTokenizer, ids, left_padded, peaky, tiny_bert, tiny_llama  # noqa: E402
 
 
 # ----------------------------------------------------------------- float64 oracle

@@ -10,9 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
 from conftest import naive  # noqa: E402
+from hf_models import TEXTS, ByteTokenizer, ids, left_padded, peaky, tiny_bert, tiny_llama  # noqa: E402
 from linattn.integrations.hf import (  # noqa: E402
     FavorCache,
     convert,
@@ -28,50 +27,6 @@ from linattn.integrations.hf.distill import (  # noqa: E402
     embedding_agreement,
     lm_agreement,
 )
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return BertModel(cfg).double().eval()
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    # Grouped-query attention: 4 query heads share 2 key/value heads.
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).double().eval()
-
-
-def ids(b, n, seed=0):
-    return torch.randint(1, 100, (b, n), generator=torch.Generator().manual_seed(seed))
-
-
-def left_padded(*seqs):
-    """Token ids ``(1, n_i)`` stacked into a left-padded batch ``(B, max n_i)`` (pad id
-    0) and its attention mask (1 = real token)."""
-    width = max(s.shape[1] for s in seqs)
-    x = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, width - s.shape[1] :], mask[i, width - s.shape[1] :] = s[0], 1
-    return x, mask
 
 
 def hidden(model, x, mask=None):
@@ -369,34 +324,6 @@ def test_beam_search_reorders_the_state():
 
 
 # ----------------------------------------------------------------- distillation
-class ByteTokenizer:
-    """Enough of a tokenizer for the tiny models: bytes mod 99 + 1, 0 pads."""
-
-    pad_token = eos_token = "<pad>"
-
-    def __call__(self, texts, padding=True, truncation=True, max_length=32, return_tensors="pt"):
-        rows = [[b % 99 + 1 for b in t.encode()[:max_length]] for t in texts]
-        width = max(len(r) for r in rows)
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        m = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, : len(r)], m[i, : len(r)] = torch.tensor(r), 1
-        return {"input_ids": x, "attention_mask": m}
-
-
-TEXTS = [f"sample text number {i} with some words {'x' * (i % 7)}" for i in range(64)]
-
-
-def peaky(model):
-    """Sharpen the attention (scale the query and key weights), so that few random
-    features approximate it poorly and distillation has something to recover."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(s in name for s in ("query.weight", "key.weight", "q_proj", "k_proj")):
-                p.mul_(6.0)
-    return model
-
-
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["bert", "llama"])
 def test_distillation_improves_agreement_and_writes_its_log(tmp_path, make):
     teacher = peaky(make().float())

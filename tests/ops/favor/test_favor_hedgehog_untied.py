@@ -2,7 +2,7 @@
 keys (``W = [W_k, W_q]``, ``(m, 2d)`` or ``(H, m, 2d)``), in every path, against the
 formula and the float64 oracle, with distinct query and key maps so that a path that
 featurizes a query with the key map fails. The Hugging Face conversions are in
-``test_transfer.py``."""
+``tests/integrations/hf/test_hf_transfer.py``."""
 
 import pytest
 import torch
@@ -180,27 +180,3 @@ def test_projection_shape_errors():
         linattn.favor_attention(q, q, q, projection(6, 8), kernel="hedgehog_untied")
     with pytest.raises(ValueError, match=r"\(3, m, 2\*8\)"):
         linattn.favor_attention(q, q, q, per_head(3, 6, 8), kernel="hedgehog_untied")
-
-
-@pytest.mark.parametrize("window,sinks", [(None, 0), (3, 1)], ids=str)
-def test_module_starts_tied_trains_both_sides_and_round_trips(window, sinks):
-    torch.manual_seed(0)
-    kw = dict(causal=True, window=window, sinks=sinks, batch_first=True, dtype=torch.float64)
-    mod = linattn.PerformerAttention(32, 4, kernel="hedgehog_untied", **kw)
-    tied = linattn.PerformerAttention(32, 4, kernel="hedgehog", **kw)
-    tied.load_state_dict(
-        {k: v for k, v in mod.state_dict().items() if k != "projection"}, strict=False
-    )
-    assert mod.projection.shape == (4, 8, 16) and isinstance(mod.projection, torch.nn.Parameter)
-    torch.testing.assert_close(mod.projection[..., :8], mod.projection[..., 8:])
-    x = torch.randn(2, 13, 32, dtype=torch.float64)
-    tied.projection.data.copy_(mod.projection.data[..., :8])
-    torch.testing.assert_close(mod(x, x, x)[0], tied(x, x, x)[0])
-    mod(x, x, x)[0].square().sum().backward()
-    g = mod.projection.grad
-    assert g[..., :8].abs().sum() > 0 and g[..., 8:].abs().sum() > 0
-    with torch.no_grad():
-        mod.projection[..., 8:].mul_(1.7)
-    again = linattn.PerformerAttention(32, 4, kernel="hedgehog_untied", **kw)
-    again.load_state_dict(mod.state_dict())
-    torch.testing.assert_close(again(x, x, x)[0], mod(x, x, x)[0], rtol=0, atol=0)

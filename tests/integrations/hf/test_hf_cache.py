@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import ids, left_padded, tiny_llama  # noqa: E402
 from linattn.integrations.hf import FavorCache, convert  # noqa: E402
-from test_hf import ids, left_padded, tiny_llama  # noqa: E402
 
 
 def test_switching_back_to_exact_attention_generates_as_the_original():

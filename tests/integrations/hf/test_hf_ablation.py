@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
+from hf_models import ids, tiny_bert, tiny_llama  # noqa: E402
 from linattn.integrations.hf import (  # noqa: E402
     FavorCache,
     attention_parts,
@@ -22,7 +23,6 @@ from linattn.integrations.hf import (  # noqa: E402
     linattn_mask,
     set_attention_parts,
 )
-from test_hf import ids, tiny_bert, tiny_llama  # noqa: E402
 
 REF = "linattn_test_window_ref"
 

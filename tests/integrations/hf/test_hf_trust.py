@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from hf_models import ids, left_padded, tiny_bert, tiny_llama
 from linattn.integrations.hf import convert
-from test_hf import ids, left_padded, tiny_bert, tiny_llama
 
 
 def test_original_llama_is_exact_under_left_padding_without_position_ids():

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import linattn
+from conftest import naive as oracle
+from conftest import randn
 from linattn.nn.performer import hedgehog_init
 
 E, H = 16, 4  # embed_dim, heads (head_dim 4)
@@ -230,3 +232,97 @@ def test_learned_projection_is_not_redrawn():
     m = linattn.PerformerAttention(E, H, kernel="hedgehog")
     with pytest.raises(ValueError, match="cannot be redrawn"):
         m.redraw_projection()
+
+
+def test_module_refuses_non_finite_linear_factor():
+    m = linattn.PerformerAttention(8, 2, kernel="hedgehog", window=1, batch_first=True)
+    m = m.double()
+    x = randn(1, 4, 8)
+    with torch.no_grad():
+        m.log_linear_factor[0] = float("inf")
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        m(x, x, x)
+    with torch.no_grad():
+        m.log_linear_factor[0] = float("nan")
+    with pytest.raises(ValueError, match=r"linear_factor must be finite"):
+        m.step(x, None, 0)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (3, 1)], ids=str)
+def test_module_starts_tied_trains_both_sides_and_round_trips(window, sinks):
+    torch.manual_seed(0)
+    kw = dict(causal=True, window=window, sinks=sinks, batch_first=True, dtype=torch.float64)
+    mod = linattn.PerformerAttention(32, 4, kernel="hedgehog_untied", **kw)
+    tied = linattn.PerformerAttention(32, 4, kernel="hedgehog", **kw)
+    tied.load_state_dict(
+        {k: v for k, v in mod.state_dict().items() if k != "projection"}, strict=False
+    )
+    assert mod.projection.shape == (4, 8, 16) and isinstance(mod.projection, torch.nn.Parameter)
+    torch.testing.assert_close(mod.projection[..., :8], mod.projection[..., 8:])
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    tied.projection.data.copy_(mod.projection.data[..., :8])
+    torch.testing.assert_close(mod(x, x, x)[0], tied(x, x, x)[0])
+    mod(x, x, x)[0].square().sum().backward()
+    g = mod.projection.grad
+    assert g[..., :8].abs().sum() > 0 and g[..., 8:].abs().sum() > 0
+    with torch.no_grad():
+        mod.projection[..., 8:].mul_(1.7)
+    again = linattn.PerformerAttention(32, 4, kernel="hedgehog_untied", **kw)
+    again.load_state_dict(mod.state_dict())
+    torch.testing.assert_close(again(x, x, x)[0], mod(x, x, x)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- module and model
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("window", [None, 3], ids=lambda w: f"w{w}")
+def test_module_forward_step_and_state_dict(kernel, window):
+    torch.manual_seed(0)
+    kw = dict(
+        kernel=kernel, causal=True, window=window, sinks=2, batch_first=True, dtype=torch.float64
+    )
+    attn = linattn.PerformerAttention(16, 2, **kw)
+    assert attn.sinks == 2 and attn.options().sinks == 2
+    assert "sinks=2" in repr(attn)
+    if kernel == "hedgehog":
+        # The linear part is weighed against exact scores: a factor, window or not.
+        assert attn.log_linear_factor is not None
+        with torch.no_grad():
+            attn.log_linear_factor.add_(torch.tensor([0.5, -0.7], dtype=torch.float64))
+    x = randn(2, 13, 16, seed=3)
+    mask = torch.zeros(2, 13, dtype=torch.bool)
+    mask[1, :4] = True
+    out = attn(x, key_padding_mask=mask)[0]
+    # The oracle on the module's own projections.
+    q, k, v = (attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    ref = oracle(
+        q,
+        k,
+        v,
+        attn.projection.detach(),
+        kernel=kernel,
+        causal=True,
+        mask=mask,
+        window=window,
+        sinks=2,
+        linear_factor=attn.linear_factor(),
+    )
+    torch.testing.assert_close(out, attn._finish(ref), rtol=1e-10, atol=1e-10)
+    # Recurrent steps equal the parallel form (no padding here: step takes none).
+    state, outs = None, []
+    for t in range(0, 13, 5):
+        o, state = attn.step(x[:, t : t + 5], state, t)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), attn(x)[0], rtol=1e-10, atol=1e-10)
+    # state_dict round trip: a fresh module with the same options reproduces the outputs.
+    again = linattn.PerformerAttention(16, 2, **{**kw, **vars(attn.options())})
+    again.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(again(x, key_padding_mask=mask)[0], out, rtol=0, atol=0)
+
+
+def test_module_sinks_change_the_output():
+    torch.manual_seed(0)
+    a = linattn.PerformerAttention(16, 2, window=2, sinks=1, batch_first=True, dtype=torch.float64)
+    b = linattn.PerformerAttention(16, 2, window=2, batch_first=True, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    x = randn(2, 20, 16)
+    assert (a(x)[0] - b(x)[0]).abs().max() > 1e-4

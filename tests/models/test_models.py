@@ -1,8 +1,13 @@
 """Models: encoder, classifier, causal LM, generation, save/load, compile, checkpointing."""
 
+import json
+import math
+
 import pytest
 import torch
 
+import linattn
+from conftest import PACKED_LENGTHS, PACKED_TOL, cu_seqlens_of, spans_of
 from linattn.models import CausalLM, Encoder, ModelConfig, SequenceClassifier, load_model
 
 # Attention kinds by the spec names of `linattn train --compare`.
@@ -355,3 +360,195 @@ def test_exact_model_matches_favor_model_with_a_window_covering_the_sequence():
     b.load_state_dict(a.state_dict(), strict=False)
     ids = torch.randint(0, 40, (2, 23))
     torch.testing.assert_close(b(ids), a(ids), rtol=1e-9, atol=1e-9)
+
+
+def _cfg(**kw):
+    from linattn.models import ModelConfig
+
+    return ModelConfig(**{"vocab_size": 50, "dim": 16, "heads": 2, "depth": 1, **kw})
+
+
+MODULE_BAD = {
+    "performer-num-features-0": (
+        lambda: linattn.PerformerAttention(16, 2, num_features=0),
+        ValueError,
+        "num_features",
+    ),
+    "config-num-features-0": (lambda: _cfg(num_features=0), ValueError, "num_features"),
+    "config-proj-dim-0": (
+        lambda: _cfg(attention="linformer", position="learned", proj_dim=0),
+        ValueError,
+        "proj_dim",
+    ),
+    "config-causal-str": (lambda: _cfg(causal="yes"), TypeError, "causal"),
+    "config-num-classes-1": (lambda: _cfg(num_classes=1), ValueError, "num_classes"),
+    "config-seed-str": (lambda: _cfg(seed="a"), TypeError, "seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_BAD), ids=list(MODULE_BAD))
+def test_module_and_config_bad_input_is_named_up_front(case):
+    call, exc, match = MODULE_BAD[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_sequence_classifier_needs_two_classes():
+    from linattn.models import SequenceClassifier
+
+    cfg = _cfg(num_classes=2)
+    cfg.num_classes = 1  # mutated after the config check
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        SequenceClassifier(cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"prompt": "empty"}, "at least one prompt"),
+        ({"prompt": "float"}, "integer"),
+        ({"prompt": "oov"}, r"\[0, 50\)"),
+    ],
+    ids=[
+        "top_k-0",
+        "top_k-neg",
+        "temp-nan",
+        "temp-inf",
+        "temp-0",
+        "top_p-0",
+        "new-neg",
+        "new-float",
+        "empty-prompt",
+        "float-prompt",
+        "out-of-vocab",
+    ],
+)
+def test_generate_bad_arguments_are_named_up_front(kwargs, match):
+    from linattn.models import CausalLM
+
+    model = CausalLM(_cfg(causal=True))
+    prompt = {
+        "empty": torch.zeros(1, 0, dtype=torch.long),
+        "float": torch.zeros(1, 3),
+        "oov": torch.full((1, 3), 50),
+    }.get(kwargs.pop("prompt", None), torch.ones(1, 3, dtype=torch.long))
+    kwargs.setdefault("max_new_tokens", 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.generate(prompt, **kwargs)
+
+
+def test_model_out_of_vocabulary_ids_are_named():
+    from linattn.models import CausalLM
+
+    lm = CausalLM(_cfg(causal=True))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), 50))
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        lm(torch.full((1, 3), -1))
+
+
+def test_attention_literal_is_the_list_of_attention_kinds():
+    from typing import get_args
+
+    from linattn.models.config import ATTENTIONS, Attention
+
+    assert ATTENTIONS == get_args(Attention) == ("exact", "favor", "linformer")
+
+
+def test_model_config_reaches_the_layers_and_generation():
+    from linattn.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(
+        vocab_size=50,
+        dim=16,
+        depth=2,
+        heads=2,
+        attention="favor",
+        window=2,
+        sinks=3,
+        causal=True,
+        max_seq_len=64,
+    )
+    assert cfg.favor_options().sinks == 3
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).sinks == 3
+    model = CausalLM(cfg).double().eval()
+    layers = model.encoder.performer_layers()
+    assert layers and all(a.sinks == 3 and a.window == 2 for a in layers)
+    ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    full = model(ids)
+    logits, caches = model.step_logits(ids[:, :6], None, 0)
+    steps = [logits]
+    for t in range(6, 17):
+        logits, caches = model.step_logits(ids[:, t : t + 1], caches, t)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "attention,position",
+    [("favor", "learned"), ("favor", "rotary"), ("exact", "sinusoidal"), ("linformer", "learned")],
+)
+def test_causal_lm_packed_equals_each_alone(attention, position):
+    from linattn.models import CausalLM, Encoder, ModelConfig
+
+    causal = attention != "linformer"
+    cfg = ModelConfig(
+        vocab_size=13,
+        dim=8,
+        heads=2,
+        depth=2,
+        max_seq_len=8,
+        causal=causal,
+        attention=attention,
+        position=position,
+        window=1 if attention == "favor" else None,
+        proj_dim=4,
+    )
+    torch.manual_seed(0)
+    model = (CausalLM(cfg) if causal else Encoder(cfg)).double().eval()
+    ids = torch.randint(0, 13, (1, sum(PACKED_LENGTHS)))
+    out = model(ids, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+    parts = [model(ids[:, s:e]) for s, e in spans_of(PACKED_LENGTHS) if e > s]
+    torch.testing.assert_close(out, torch.cat(parts, 1), **PACKED_TOL)
+    if causal:
+        # The packed loss: each document's own next tokens, token-weighted.
+        loss = model.loss(ids, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
+        total, count = 0.0, 0
+        for s, e in spans_of(PACKED_LENGTHS):
+            if e - s >= 2:
+                total = total + model.loss(ids[:, s:e]) * (e - s - 1)
+                count += e - s - 1
+        torch.testing.assert_close(loss, total / count, **PACKED_TOL)
+
+
+@pytest.mark.parametrize("attention", ["favor", "exact"])
+def test_causal_lm_empty_batch(attention):
+    cfg = ModelConfig(
+        vocab_size=11, dim=8, heads=2, depth=1, max_seq_len=16, causal=True, attention=attention
+    )
+    lm = CausalLM(cfg)
+    logits = lm(torch.zeros(0, 5, dtype=torch.long))
+    assert logits.shape == (0, 5, 11)
+    logits.sum().backward()
+
+
+def test_linformer_encoder_empty_batch():
+    cfg = ModelConfig(
+        vocab_size=11,
+        dim=8,
+        heads=2,
+        depth=1,
+        max_seq_len=16,
+        attention="linformer",
+        position="learned",
+        proj_dim=4,
+    )
+    assert Encoder(cfg)(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 8)

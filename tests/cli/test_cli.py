@@ -350,3 +350,109 @@ def test_eval_is_a_command_and_checks_its_flags_before_loading(capsys, tmp_path,
     (tmp_path / "e" / "results.json").write_text("{}")
     assert main(["eval", "--model", "smollm2", "--out", str(tmp_path / "e")]) == 2
     assert "--overwrite" in one_line_error(capsys, "linattn eval")
+
+
+@pytest.mark.parametrize(
+    "flag", [["--num-features", "0"], ["--warmup", "-3"]], ids=["num-features-0", "warmup-neg"]
+)
+def test_cli_train_refuses_before_any_work(tmp_path, flag):
+    from linattn.cli import main
+
+    out = tmp_path / "run"
+    try:
+        rc = main(["train", "--steps", "1", "--out", str(out), *flag])
+    except (ValueError, SystemExit) as err:
+        rc = err.code if isinstance(err, SystemExit) else 1
+    assert rc not in (0, None)
+    assert not (out / "metrics.jsonl").exists()
+
+
+# ----------------------------------------------------------------- command line
+def test_train_flag_reaches_the_model(monkeypatch, tmp_path, capsys):
+    from linattn import train as train_pkg
+    from linattn.cli import main
+    from linattn.models import CausalLM
+    from linattn.train.tasks import ByteLM
+
+    seen = {}
+
+    def fake_train(cfg, out, resume=False):
+        seen["cfg"] = cfg
+        return {"finished": False}
+
+    monkeypatch.setattr(train_pkg, "train", fake_train)
+    assert (
+        main(
+            [
+                "train",
+                "--attention",
+                "favor",
+                "--window",
+                "4",
+                "--sinks",
+                "2",
+                "--dim",
+                "16",
+                "--heads",
+                "2",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    cfg = seen["cfg"]
+    assert (cfg.window, cfg.sinks) == (4, 2)
+    layers = CausalLM(ByteLM(cfg, data={}).model_config()).encoder.performer_layers()
+    assert layers and all(a.sinks == 2 and a.window == 4 for a in layers)
+    assert main(["train", "--sinks", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--sinks: must be >= 0" in capsys.readouterr().err
+    assert (
+        main(["train", "--attention", "exact", "--sinks", "1", "--out", str(tmp_path / "y")]) == 2
+    )
+    assert "sinks applies to attention='favor' only" in capsys.readouterr().err
+    assert "attention sinks" in _help(["train", "--help"], capsys)
+
+
+def _help(argv, capsys):
+    from linattn.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    return capsys.readouterr().out
+
+
+def test_convert_flag_reaches_the_options(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from linattn.cli import main
+    from linattn.experiments import convert as experiment
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    seen = {}
+
+    def fake_run(model, **kw):
+        seen.update(kw)
+        return {}
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "format_summary", lambda s: "")
+    base = [
+        "convert",
+        "--model",
+        str(tmp_path / "model"),
+        "--steps",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main([*base, "--window", "4", "--sinks", "2"]) == 0
+    assert seen["options"]["sinks"] == 2 and seen["options"]["window"] == 4
+    seen.clear()
+    assert main(base) == 0
+    assert "sinks" not in seen["options"]  # default: none, the conversion's own default
+    assert main([*base, "--sinks", "-2"]) == 2
+    assert "--sinks: must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--method", "linformer", "--sinks", "1"]) == 2
+    assert "--sinks: FAVOR+ only" in capsys.readouterr().err
+    assert "attention sinks" in _help(["convert", "--help"], capsys)

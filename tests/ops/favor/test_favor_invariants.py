@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import linattn
-from conftest import projection, randn
+from conftest import PADDING_CONTENTS, padded, projection, randn
+from linattn.features import get_feature_map
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp", "relu"])
@@ -126,3 +127,86 @@ def test_half_precision_large_norms(dtype, causal):
     # And close to the float32 result: the inputs' rounding moves logits by ~|w||x| eps.
     tol = 0.2 if dtype == torch.bfloat16 else 0.05
     assert (out.float() - ref).abs().mean() < tol * ref.abs().mean()
+
+
+KERNELS = ["softmax", "softmax_hyp", "softmax_opt", "softmax_trig", "relu", "elu"]
+
+
+CAUSAL_KERNELS = [k for k in KERNELS if get_feature_map(k).causal_ok]
+
+
+# ------------------------------------------------------------------ padding contents
+@pytest.mark.parametrize("content", list(PADDING_CONTENTS), ids=list(PADDING_CONTENTS))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_favor_bidirectional_padding_contents_do_not_matter(kernel, content, side):
+    q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    ref = linattn.favor_attention(q, k, v, w, kernel=kernel)
+    qp, kp, vp, mask, sl = padded(q, k, v, 4, PADDING_CONTENTS[content], side)
+    out = linattn.favor_attention(qp, kp, vp, w, kernel=kernel, key_padding_mask=mask)
+    assert torch.isfinite(out[..., sl, :]).all()
+    torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("content", list(PADDING_CONTENTS), ids=list(PADDING_CONTENTS))
+@pytest.mark.parametrize("kernel", CAUSAL_KERNELS)
+def test_favor_causal_and_recurrent_padding_contents_do_not_matter(kernel, content):
+    q, k, v = (randn(2, 2, 9, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    ref = linattn.favor_attention(q, k, v, w, kernel=kernel, causal=True)
+    # Causal: left padding keeps the real tokens' prefixes.
+    qp, kp, vp, mask, sl = padded(q, k, v, 4, PADDING_CONTENTS[content], "left")
+    out = linattn.favor_attention(
+        qp, kp, vp, w, kernel=kernel, causal=True, key_padding_mask=mask, chunk_size=4
+    )
+    torch.testing.assert_close(out[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+    state, outs = None, []
+    for i in range(qp.shape[-2]):
+        o, state = linattn.favor_recurrent(
+            qp[..., i : i + 1, :],
+            kp[..., i : i + 1, :],
+            vp[..., i : i + 1, :],
+            w,
+            state=state,
+            kernel=kernel,
+            key_padding_mask=mask[:, i : i + 1],
+        )
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, -2)[..., sl, :], ref, rtol=1e-9, atol=1e-9)
+
+
+def test_issue_repro_huge_padded_key_softmax():
+    q, k, v = (randn(1, 1, 4, 8, seed=s, dtype=torch.float32) for s in range(3))
+    k[..., 3, :] = 1e30
+    w = projection(16, 8, dtype=torch.float32)
+    mask = torch.tensor([[0, 0, 0, 1]]).bool()
+    out = linattn.favor_attention(q, k, v, w, key_padding_mask=mask)
+    ref = linattn.favor_attention(q[..., :3, :], k[..., :3, :], v[..., :3, :], w)
+    torch.testing.assert_close(out[..., :3, :], ref[..., :3, :])
+
+
+def test_padding_contents_do_not_reach_gradients():
+    q, k, v = (randn(2, 2, 7, 8, seed=s) for s in range(3))
+    w = projection(16, 8)
+    _, kp, vp, mask, sl = padded(q, k, v, 3, float("nan"), "right")
+    # Queries at padded positions stay finite: a NaN query poisons its own output row and,
+    # through it, the backward pass, exactly as in exact attention (SDPA).
+    qp = padded(q, k, v, 3, 0.5, "right")[0]
+    for t in (qp, kp, vp):
+        t.requires_grad_()
+    for causal in (False, True):
+        out = linattn.favor_attention(qp, kp, vp, w, causal=causal, key_padding_mask=mask)
+        gk, gv = torch.autograd.grad(out[..., sl, :].sum(), (kp, vp))
+        assert torch.isfinite(gk).all() and torch.isfinite(gv).all()
+        assert (gk[..., 7:, :] == 0).all() and (gv[..., 7:, :] == 0).all()
+
+
+def test_favor_nan_in_real_key_propagates():
+    q, k, v = (randn(1, 1, 5, 8, seed=s) for s in range(3))
+    k[0, 0, 2, 0] = float("nan")
+    w = projection(16, 8)
+    for causal in (False, True):
+        out = linattn.favor_attention(q, k, v, w, causal=causal)
+        rows = slice(2, None) if causal else slice(None)
+        assert out[..., rows, :].isnan().all()

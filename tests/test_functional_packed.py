@@ -1,31 +1,18 @@
 """Packed variable-length sequences (``cu_seqlens``, issue 27 step 2): N sequences back
 to back in q, k, v of shape (1, H, T, d) give what each sequence gives alone, outputs and
-gradients, in float64, including sequences of length 1 and 0."""
+gradients, in float64, including sequences of length 1 and 0. The modules' and models'
+``cu_seqlens`` are tested in ``tests/nn/test_mha.py`` and ``tests/models/test_models.py``."""
 
 import pytest
 import torch
 
 import linattn
-from conftest import projection, randn
+from conftest import PACKED_LENGTHS, PACKED_TOL, cu_seqlens_of, projection, randn, spans_of
 
 H, D, DV = 2, 4, 3
-LENGTHS = [5, 1, 0, 8, 2]
-TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def _cu(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _spans(lengths):
-    out, s = [], 0
-    for n in lengths:
-        out.append((s, s + n))
-        s += n
-    return out
-
-
-def _packed(lengths=LENGTHS, seed=0):
+def _packed(lengths=PACKED_LENGTHS, seed=0):
     t = sum(lengths)
     q = randn(1, H, t, D, seed=seed, requires_grad=True)
     k = randn(1, H, t, D, seed=seed + 1, requires_grad=True)
@@ -33,22 +20,22 @@ def _packed(lengths=LENGTHS, seed=0):
     return q, k, v
 
 
-def _check(fn, lengths=LENGTHS, seed=0):
+def _check(fn, lengths=PACKED_LENGTHS, seed=0):
     """fn(q, k, v, cu_seqlens=...) packed against fn on each sequence alone: outputs and
     gradients of q, k, v."""
     q, k, v = _packed(lengths, seed)
     g = randn(1, H, sum(lengths), DV, seed=seed + 3)
-    out = fn(q, k, v, cu_seqlens=_cu(lengths))
+    out = fn(q, k, v, cu_seqlens=cu_seqlens_of(lengths))
     (out * g).sum().backward()
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    parts = [fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in _spans(lengths) if e > s]
+    parts = [fn(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in spans_of(lengths) if e > s]
     want = torch.cat(parts, dim=-2)
     (want * g).sum().backward()
-    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(out, want, **PACKED_TOL)
     for a, t in zip(got, (q, k, v)):
-        torch.testing.assert_close(a, t.grad, **TOL)
+        torch.testing.assert_close(a, t.grad, **PACKED_TOL)
     return out
 
 
@@ -100,9 +87,16 @@ def test_packed_states_are_per_sequence(hybrid):
     kw = dict(window=window, sinks=sinks)
     q, k, v = _packed()
     out, state = linattn.favor_attention(
-        q, k, v, w, causal=True, cu_seqlens=_cu(LENGTHS), output_final_state=True, **kw
+        q,
+        k,
+        v,
+        w,
+        causal=True,
+        cu_seqlens=cu_seqlens_of(PACKED_LENGTHS),
+        output_final_state=True,
+        **kw,
     )
-    assert state.kv.shape[0] == len(LENGTHS)
+    assert state.kv.shape[0] == len(PACKED_LENGTHS)
     # Continue every sequence by a packed piece of other lengths, from the packed state.
     more = [2, 0, 0, 3, 1]
     q2, k2, v2 = _packed(more, seed=10)
@@ -112,18 +106,18 @@ def test_packed_states_are_per_sequence(hybrid):
         v2,
         w,
         causal=True,
-        cu_seqlens=_cu(more),
+        cu_seqlens=cu_seqlens_of(more),
         initial_state=state,
         output_final_state=True,
         **kw,
     )
     only = linattn.favor_attention(
-        q2, k2, v2, w, causal=True, cu_seqlens=_cu(more), initial_state=state, **kw
+        q2, k2, v2, w, causal=True, cu_seqlens=cu_seqlens_of(more), initial_state=state, **kw
     )
     torch.testing.assert_close(only, out2, rtol=0, atol=0)
     # Each sequence alone, in one call over its two pieces.
-    got1, got2 = dict(zip(range(5), _spans(LENGTHS))), dict(zip(range(5), _spans(more)))
-    for i in range(len(LENGTHS)):
+    got1, got2 = dict(zip(range(5), spans_of(PACKED_LENGTHS))), dict(zip(range(5), spans_of(more)))
+    for i in range(len(PACKED_LENGTHS)):
         (a, b), (c, d) = got1[i], got2[i]
         if b - a + d - c == 0:
             continue
@@ -133,11 +127,11 @@ def test_packed_states_are_per_sequence(hybrid):
         alone, st = linattn.favor_attention(
             qi, ki, vi, w, causal=True, output_final_state=True, **kw
         )
-        torch.testing.assert_close(out[:, :, a:b], alone[:, :, : b - a], **TOL)
-        torch.testing.assert_close(out2[:, :, c:d], alone[:, :, b - a :], **TOL)
+        torch.testing.assert_close(out[:, :, a:b], alone[:, :, : b - a], **PACKED_TOL)
+        torch.testing.assert_close(out2[:, :, c:d], alone[:, :, b - a :], **PACKED_TOL)
         # The final states agree with the state of the sequence run alone.
         row = state2.kv[i : i + 1] * torch.exp(state2.stab[i : i + 1] - st.stab)[..., None, None]
-        torch.testing.assert_close(row, st.kv, **TOL)
+        torch.testing.assert_close(row, st.kv, **PACKED_TOL)
     # The empty sequence (index 2, no tokens in either piece) keeps the empty state.
     assert state2.kv[2].abs().max() == 0
 
@@ -146,14 +140,23 @@ def test_favor_recurrent_packed():
     w = projection(8, D)
     q, k, v = _packed()
     _, state = linattn.favor_attention(
-        q, k, v, w, causal=True, cu_seqlens=_cu(LENGTHS), output_final_state=True, window=2
+        q,
+        k,
+        v,
+        w,
+        causal=True,
+        cu_seqlens=cu_seqlens_of(PACKED_LENGTHS),
+        output_final_state=True,
+        window=2,
     )
     step = [1, 1, 0, 1, 1]
     qs, ks, vs = _packed(step, seed=20)
-    out, new = linattn.favor_recurrent(qs, ks, vs, w, state=state, window=2, cu_seqlens=_cu(step))
+    out, new = linattn.favor_recurrent(
+        qs, ks, vs, w, state=state, window=2, cu_seqlens=cu_seqlens_of(step)
+    )
     assert out.shape == (1, H, 4, DV) and new.kv.shape[0] == 5
     j = 0
-    for i, (s, e) in enumerate(_spans(LENGTHS)):
+    for i, (s, e) in enumerate(spans_of(PACKED_LENGTHS)):
         if not step[i]:
             continue
         row = linattn.favor_attention(
@@ -164,7 +167,7 @@ def test_favor_recurrent_packed():
             causal=True,
             window=2,
         )
-        torch.testing.assert_close(out[:, :, j], row[:, :, -1], **TOL)
+        torch.testing.assert_close(out[:, :, j], row[:, :, -1], **PACKED_TOL)
         j += 1
 
 
@@ -180,15 +183,25 @@ def test_all_sequences_empty():
     assert out.shape == (1, H, 0, D) and st.keys.shape == (2, H, 0, D)
 
 
-T = sum(LENGTHS)
+T = sum(PACKED_LENGTHS)
 
 
 @pytest.mark.parametrize(
     "cu,kw,exc,match",
     [
-        (_cu(LENGTHS).long(), {}, TypeError, r"cu_seqlens must have dtype torch.int32"),
+        (
+            cu_seqlens_of(PACKED_LENGTHS).long(),
+            {},
+            TypeError,
+            r"cu_seqlens must have dtype torch.int32",
+        ),
         ([0, 16], {}, TypeError, r"cu_seqlens must be an int32 tensor"),
-        (_cu(LENGTHS)[None], {}, ValueError, r"cu_seqlens must have shape \(N \+ 1,\)"),
+        (
+            cu_seqlens_of(PACKED_LENGTHS)[None],
+            {},
+            ValueError,
+            r"cu_seqlens must have shape \(N \+ 1,\)",
+        ),
         (torch.zeros(1, dtype=torch.int32), {}, ValueError, r"N >= 1 sequences, got \(1\)"),
         (
             torch.tensor([1, 5, 16], dtype=torch.int32),
@@ -209,7 +222,7 @@ T = sum(LENGTHS)
             r"cu_seqlens must end at T = 16.*got 15",
         ),
         (
-            _cu(LENGTHS),
+            cu_seqlens_of(PACKED_LENGTHS),
             {"key_padding_mask": torch.zeros(1, T, dtype=torch.bool)},
             ValueError,
             r"cu_seqlens and key_padding_mask cannot be combined",
@@ -230,12 +243,16 @@ def test_cu_seqlens_shape_errors():
     w = projection(8, D)
     q = randn(2, H, T, D)
     with pytest.raises(ValueError, match=r"q must have shape \(1, H, T, d\).*got \(2, 2, 16, 4\)"):
-        linattn.favor_attention(q, q, q, w, cu_seqlens=_cu(LENGTHS))
+        linattn.favor_attention(q, q, q, w, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS))
     q1 = randn(1, H, T, D)
     with pytest.raises(ValueError, match=r"same length T"):
-        linattn.favor_attention(q1, q1[:, :, :9], q1[:, :, :9], w, cu_seqlens=_cu(LENGTHS))
+        linattn.favor_attention(
+            q1, q1[:, :, :9], q1[:, :, :9], w, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS)
+        )
     with pytest.raises(ValueError, match=r"cu_seqlens needs compressed=False"):
-        linattn.linformer_attention(q1, q1, q1, compressed=True, cu_seqlens=_cu(LENGTHS))
+        linattn.linformer_attention(
+            q1, q1, q1, compressed=True, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS)
+        )
     _, st = linattn.favor_attention(
         q1[:, :, :4], q1[:, :, :4], q1[:, :, :4], w, causal=True, output_final_state=True
     )
@@ -243,88 +260,5 @@ def test_cu_seqlens_shape_errors():
         ValueError, match=r"initial_state.kv must have shape \(B, H, M, dv \+ 1\) = \(5,"
     ):
         linattn.favor_attention(
-            q1, q1, q1, w, causal=True, cu_seqlens=_cu(LENGTHS), initial_state=st
+            q1, q1, q1, w, causal=True, cu_seqlens=cu_seqlens_of(PACKED_LENGTHS), initial_state=st
         )
-
-
-def _packed_input(lengths, width, seed=30):
-    return randn(1, sum(lengths), width, seed=seed, requires_grad=True)
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: linattn.PerformerAttention(8, 2, num_features=6, causal=True, batch_first=True),
-        lambda: linattn.PerformerAttention(
-            8, 2, num_features=6, window=1, sinks=1, rotary=True, batch_first=True
-        ),
-        lambda: linattn.PerformerAttention(8, 2, kernel="hedgehog", window=2, batch_first=True),
-        lambda: linattn.LinformerAttention(8, 2, max_seq_len=8, proj_dim=3, batch_first=True),
-        lambda: linattn.LinformerAttention(
-            8, 2, max_seq_len=8, proj_dim=3, proj_kind="mean", batch_first=True
-        ),
-        lambda: linattn.ExactAttention(8, 2, causal=True, rotary=True, batch_first=True),
-    ],
-    ids=["favor-causal", "favor-window-sinks-rotary", "hedgehog", "linformer", "lin-mean", "exact"],
-)
-def test_modules_packed_equal_each_alone(make):
-    m = make().double()
-    x = _packed_input(LENGTHS, 8)
-    out, _ = m(x, x, x, cu_seqlens=_cu(LENGTHS))
-    out.sum().backward()
-    got = x.grad.clone()
-    x.grad = None
-    parts = [m(x[:, s:e], x[:, s:e], x[:, s:e])[0] for s, e in _spans(LENGTHS) if e > s]
-    want = torch.cat(parts, 1)
-    want.sum().backward()
-    torch.testing.assert_close(out, want, **TOL)
-    torch.testing.assert_close(got, x.grad, **TOL)
-
-
-def test_module_packed_sequence_first_layout():
-    m = linattn.PerformerAttention(8, 2, num_features=6, causal=True).double()
-    x = _packed_input(LENGTHS, 8).transpose(0, 1)  # (T, 1, E)
-    out, _ = m(x, x, x, cu_seqlens=_cu(LENGTHS))
-    s, e = _spans(LENGTHS)[3]
-    torch.testing.assert_close(out[s:e], m(x[s:e], x[s:e], x[s:e])[0], **TOL)
-    with pytest.raises(ValueError, match=r"cu_seqlens and key_padding_mask cannot be combined"):
-        m(x, x, x, cu_seqlens=_cu(LENGTHS), key_padding_mask=torch.zeros(1, 16, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"cu_seqlens must end at T = 16"):
-        m(x, x, x, cu_seqlens=_cu([3, 4]))
-
-
-@pytest.mark.parametrize(
-    "attention,position",
-    [("favor", "learned"), ("favor", "rotary"), ("exact", "sinusoidal"), ("linformer", "learned")],
-)
-def test_causal_lm_packed_equals_each_alone(attention, position):
-    from linattn.models import CausalLM, Encoder, ModelConfig
-
-    causal = attention != "linformer"
-    cfg = ModelConfig(
-        vocab_size=13,
-        dim=8,
-        heads=2,
-        depth=2,
-        max_seq_len=8,
-        causal=causal,
-        attention=attention,
-        position=position,
-        window=1 if attention == "favor" else None,
-        proj_dim=4,
-    )
-    torch.manual_seed(0)
-    model = (CausalLM(cfg) if causal else Encoder(cfg)).double().eval()
-    ids = torch.randint(0, 13, (1, sum(LENGTHS)))
-    out = model(ids, cu_seqlens=_cu(LENGTHS))
-    parts = [model(ids[:, s:e]) for s, e in _spans(LENGTHS) if e > s]
-    torch.testing.assert_close(out, torch.cat(parts, 1), **TOL)
-    if causal:
-        # The packed loss: each document's own next tokens, token-weighted.
-        loss = model.loss(ids, cu_seqlens=_cu(LENGTHS))
-        total, count = 0.0, 0
-        for s, e in _spans(LENGTHS):
-            if e - s >= 2:
-                total = total + model.loss(ids[:, s:e]) * (e - s - 1)
-                count += e - s - 1
-        torch.testing.assert_close(loss, total / count, **TOL)
