@@ -864,3 +864,21 @@ def test_convert_with_zero_steps_converts_measures_and_saves(tmp_path, monkeypat
     assert (tmp_path / "checkpoint" / "tokenizer_config.json").exists()
     assert loaded.config.linattn_conversion["options"]["num_features"] == 16
     assert "checkpoint/" in capsys.readouterr().out
+
+
+def test_folder_lock_leaves_no_trace_when_nothing_was_written(tmp_path):
+    # A command refused after taking its --out (e.g. bench --suite gpu without CUDA)
+    # leaves neither the folder nor the parents the lock created; a folder that existed,
+    # or that received a file, stays.
+    out = tmp_path / "a" / "b" / "run"
+    with _io.folder_lock(out):
+        assert (out / _io.LOCK_NAME).exists()
+    assert not (tmp_path / "a").exists()
+    with _io.folder_lock(out):
+        (out / "result.json").write_text("{}")
+    assert (out / "result.json").exists() and not (out / _io.LOCK_NAME).read_text()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with _io.folder_lock(kept):
+        pass
+    assert kept.is_dir()

@@ -292,6 +292,7 @@ def folder_lock(path: str | os.PathLike) -> Iterator[Path]:
     does, however it ends. Yields ``path``. Where ``fcntl`` is missing (Windows) the
     folder is not locked."""
     folder = Path(path)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     try:
@@ -330,3 +331,23 @@ def folder_lock(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
+        _remove_if_unused(folder, created)
+
+
+def _remove_if_unused(folder: Path, created: list[Path]) -> None:
+    """A command that stopped before writing anything leaves no trace: ``folder`` holding
+    nothing but its lock file goes, with the parents the lock created (``created``,
+    deepest first) that are empty now."""
+    if not created or created[0] != folder:
+        return
+    try:
+        if any(p.name != LOCK_NAME for p in folder.iterdir()):
+            return
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+    except OSError:
+        return
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:  # not empty (another writer came in meanwhile) or gone
+            return

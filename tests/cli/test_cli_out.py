@@ -142,6 +142,7 @@ def test_folder_lock_refuses_a_second_owner_and_is_reentrant(tmp_path):
     with _io.folder_lock(folder) as f, _io.folder_lock(folder):
         assert f == folder
         assert (folder / _io.LOCK_NAME).read_text().strip() == str(os.getpid())
+        (folder / "result.json").write_text("{}")  # written: the folder stays
     assert (folder / _io.LOCK_NAME).read_text() == ""
 
 

@@ -129,23 +129,16 @@ def own_out(path: str | os.PathLike) -> typing.Iterator[Path]:
     """Own the output folder for the command's life (:func:`linattn._io.folder_lock`):
     a second command writing there stops at once with one line naming the folder and
     the holder's pid (exit 1). Under torchrun only rank 0, which writes, owns it. A
-    folder this created is removed again when the command fails before writing in it."""
-    from .._io import LOCK_NAME, folder_lock
+    folder the lock created is removed again (with the parents it created) when the
+    command stops before writing in it."""
+    from .._io import folder_lock
 
     folder = Path(path)
     if os.environ.get("RANK", "0") != "0":
         yield folder
         return
-    created = not folder.exists()
-    try:
-        with folder_lock(folder):
-            yield folder
-    except BaseException:
-        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            with contextlib.suppress(OSError):
-                (folder / LOCK_NAME).unlink()
-                folder.rmdir()
-        raise
+    with folder_lock(folder):
+        yield folder
 
 
 def read_json(path: str, flag: str = "--config") -> dict:
