@@ -40,6 +40,7 @@ from .ops.favor import (
 from .ops.favor import triton as favor_triton
 from .ops.favor.causal import initial_state
 from .ops.favor.recurrent import window_ring
+from .ops.favor.window.step import window_final_state
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = [
@@ -622,6 +623,32 @@ def _favor_stateful(
             q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size, initial=initial
         )
         new_state = FavorState(kv=kv, stab=stab)
+    elif state is None and q4.shape[-2] > 1:
+        # A prefill (no state before it): the parallel hybrid for the outputs, the state
+        # from the keys and values alone; the decoding step is its reference.
+        out = favor_window(
+            q4,
+            k4,
+            v4,
+            fm,
+            params,
+            window=window,
+            causal=True,
+            linear_factor=lf,
+            key_padding_mask=mask,
+            chunk_size=chunk_size,
+            sinks=sinks,
+        )
+        fields = window_final_state(
+            k4,
+            v4,
+            fm,
+            params,
+            window=0 if window is None else window,
+            key_padding_mask=mask,
+            sinks=sinks,
+        )
+        new_state = FavorState(*fields)
     else:
         out, new_state = favor_recurrent_step(
             q4,
