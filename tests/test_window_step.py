@@ -209,3 +209,27 @@ def test_window_final_state_of_an_empty_prompt_is_the_empty_state():
     state = window_final_state(k, k, fm, params, window=3, sinks=2)
     ref = empty_window_state(2, 2, 6, 4, 4, 3, dtype=k.dtype, device=k.device, sinks=2)
     _same_state(state, tuple(ref), 2)
+
+
+def test_a_checked_linear_factor_is_checked_again_only_when_it_changes():
+    # The decoding loop passes one factor tensor at every token: its values are checked
+    # on the host once (issue 26 item 2's guarantee kept for every change in place).
+    q = randn(1, 2, 3, 4)
+    w = _weight("hedgehog", 4)
+    lf = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    kw = dict(kernel="hedgehog", window=2, sinks=1, linear_factor=lf)
+    linattn.favor_recurrent(q, q, q, w, **kw)
+    assert functional._factor_checked(lf)
+    lf[1] = float("nan")
+    assert not functional._factor_checked(lf)
+    with pytest.raises(ValueError, match="linear_factor must be finite"):
+        linattn.favor_recurrent(q, q, q, w, **kw)
+    lf[1] = -1.0
+    with pytest.raises(ValueError, match="linear_factor must be non-negative"):
+        linattn.favor_attention(q, q, q, w, causal=True, **kw)
+    with torch.inference_mode():
+        # Inference tensors keep no version counter: checked at every call.
+        inf = torch.tensor([1.0, float("inf")], dtype=torch.float64)
+        with pytest.raises(ValueError, match="linear_factor must be finite"):
+            linattn.favor_recurrent(q, q, q, w, **{**kw, "linear_factor": inf})
+        assert not functional._factor_checked(inf)

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (
     check_cu_seqlens,
@@ -156,19 +157,46 @@ def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
         )
     if lf.device != q4.device:
         raise ValueError(f"linear_factor is on {lf.device} but q is on {q4.device}")
-    if not torch.compiler.is_compiling():
-        # NaN fails every comparison, so `lf < 0` alone lets it through: check finiteness.
+    if not torch.compiler.is_compiling() and not _factor_checked(lf):
+        # NaN fails every comparison, so `lf >= 0` alone lets it through: check finiteness.
+        # One host synchronization for both conditions; the message tells which failed.
         bad = lf.detach()
-        if not bool(torch.isfinite(bad).all()):
-            raise ValueError(
-                "linear_factor must be finite (e.g. exp of a finite log-weight), got "
-                f"{bad.tolist()}"
-            )
-        if bool((bad < 0).any()):
+        if not bool((torch.isfinite(bad) & (bad >= 0)).all()):
+            if not bool(torch.isfinite(bad).all()):
+                raise ValueError(
+                    "linear_factor must be finite (e.g. exp of a finite log-weight), got "
+                    f"{bad.tolist()}"
+                )
             raise ValueError(
                 f"linear_factor must be non-negative (e.g. exp of a log-weight), got {bad.tolist()}"
             )
+        _remember_factor(lf)
     return lf.to(q4.dtype)
+
+
+#: linear_factor tensors found finite and non-negative, each with its version counter
+#: then: a decoding loop passes the same tensor at every token and layer step, and
+#: checking it again would cost a host synchronization per call. Any in-place change
+#: bumps the version and the tensor is checked again.
+_CHECKED_FACTORS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _tensor_version(t: Tensor) -> int | None:
+    """``t``'s version counter, or None for tensors without one (inference tensors)."""
+    if t.is_inference():
+        return None
+    return t._version
+
+
+def _factor_checked(lf: Tensor) -> bool:
+    version = _tensor_version(lf)
+    return version is not None and _CHECKED_FACTORS.get(lf) == version
+
+
+def _remember_factor(lf: Tensor) -> None:
+    version = _tensor_version(lf)
+    if version is not None:
+        _CHECKED_FACTORS[lf] = version
 
 
 def _checked_inputs(q, k, v, key_padding_mask) -> tuple[Tensor, Tensor, Tensor]:

@@ -183,10 +183,25 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 self.projection = nn.Parameter(w)
 
     def linear_factor(self) -> Tensor | None:
-        """``exp(log_linear_factor): (H,)`` for learned maps, else None."""
-        if self.log_linear_factor is None:
+        """``exp(log_linear_factor): (H,)`` for learned maps, else None.
+
+        Without a gradient to build (decoding, evaluation) the same tensor is returned
+        until ``log_linear_factor`` changes (its version counter, storage, device or
+        dtype): :func:`linattn.favor_attention` then checks its values once, not at every
+        token and layer (a host synchronization each)."""
+        p = self.log_linear_factor
+        if p is None:
             return None
-        return torch.exp(self.log_linear_factor)
+        if (torch.is_grad_enabled() and p.requires_grad) or p.is_inference():
+            return torch.exp(p)
+        key = (p._version, p.data_ptr(), p.device, p.dtype)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            # A normal tensor even under inference_mode: it keeps a version counter.
+            with torch.inference_mode(False):
+                cached = (key, torch.exp(p.detach()))
+            self._factor_cache = cached
+        return cached[1]
 
     def redraw_projection(self) -> None:
         if self.learned:

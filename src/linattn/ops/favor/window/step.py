@@ -154,10 +154,6 @@ def favor_window_step_one(
     keep = ~padc  # [B, r + 1]
     # The band and the new ring: the last min(w, r + 1) slots (none for w = 0).
     lo = max(0, ring + 1 - window)
-    parts = []
-    if window > 0:
-        allowed = keep[:, None, None, lo:]  # [B, 1, 1, slots]
-        parts.append(sink_attention(q, kc[..., lo:, :], vc[..., lo:, :], allowed, params.scale))
     sink_state = ()
     leave = ring - window
     if leave >= 0:
@@ -176,13 +172,19 @@ def favor_window_step_one(
             sel = slot[:, None, :, None]
             sink_state = (torch.where(sel, kl, sk), torch.where(sel, vl, sv), spad & ~slot)
         kv, stab = absorb_key(kv, stab, kl, vl, enters, fm, params)
+    elif sinks:
+        sink_state = tuple(state[5:8])
+    # The exact part: the sink slots (all outside the window) and the band, in one row of
+    # scores (they are disjoint).
+    ek, ev, ekeep = kc[..., lo:, :], vc[..., lo:, :], keep[:, lo:]
     if sinks:
-        if not sink_state:
-            sink_state = tuple(state[5:8])
         sk, sv, spad = sink_state
-        allowed = (~spad)[:, None, None, :]
-        parts.append(sink_attention(q, sk, sv, allowed, params.scale))
+        ek, ev = torch.cat([sk, ek], dim=-2), torch.cat([sv, ev], dim=-2)
+        ekeep = torch.cat([~spad, ekeep], dim=-1)
         sink_state = (*sink_state, state[8] + (~pad[:, 0]).long())
+    parts = []
+    if ek.shape[-2]:
+        parts.append(sink_attention(q, ek, ev, ekeep[:, None, None, :], params.scale))
     # The far part: phi(q) S, with S's stabilizer and the map's constant.
     fq, rq = fm.stabilized_query(q, params)
     nd = fq @ kv
@@ -213,11 +215,12 @@ def absorb_key(
     ``c' = max(c, r_k)``, ``S' = exp(c - c') S + exp(r_k - c') F_k^T [v, 1]`` (every
     exponent <= 0, as the chunked scan's)."""
     fk, r = fm.stabilized(k, params, is_query=False)  # [B, H, 1, M], [B, H, 1]
-    r = r[..., 0].masked_fill(~enters[:, None], -math.inf)
-    new_stab = torch.maximum(stab, r.detach())
-    w = torch.exp(r - new_stab)[..., None, None]
-    contrib = fk.transpose(-2, -1) @ ones_col(v)  # [B, H, M, dv + 1]
-    return kv * torch.exp(stab - new_stab)[..., None, None] + contrib * w, new_stab
+    r = r.masked_fill(~enters[:, None, None], -math.inf)
+    new_stab = torch.maximum(stab, r[..., 0].detach())
+    # [B, H, 1, dv + 1]: the key's weight exp(r - c') on [v, 1].
+    wv = ones_col(v) * torch.exp(r - new_stab.unsqueeze(-1)).unsqueeze(-1)
+    contrib = fk.transpose(-2, -1) @ wv  # [B, H, M, dv + 1]
+    return torch.addcmul(contrib, kv, torch.exp(stab - new_stab)[..., None, None]), new_stab
 
 
 def window_final_state(
