@@ -233,3 +233,18 @@ def test_a_checked_linear_factor_is_checked_again_only_when_it_changes():
         with pytest.raises(ValueError, match="linear_factor must be finite"):
             linattn.favor_recurrent(q, q, q, w, **{**kw, "linear_factor": inf})
         assert not functional._factor_checked(inf)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
+@pytest.mark.parametrize("window", [None, 3, 20], ids=lambda w: f"w{w}")
+def test_state_of_keys_alone_equals_the_prefill_state(kernel, window):
+    # A lazy cache folds a prefill's keys and values without its (unread) outputs.
+    mask = _mask(3, 13, "holes")
+    q, k, v = (randn(3, 2, 13, 4, seed=s) for s in range(3))
+    w = _weight(kernel, 4)
+    kw = dict(kernel=kernel, window=window, sinks=2, scale=0.3)
+    _, ref = linattn.favor_attention(
+        q, k, v, w, causal=True, key_padding_mask=mask, output_final_state=True, **kw
+    )
+    state = functional._favor_state_of(k, v, w, key_padding_mask=mask, **kw)
+    _same_state(tuple(state), tuple(ref), 2)

@@ -693,6 +693,39 @@ def _favor_stateful(
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
 
 
+def _favor_state_of(
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None,
+    *,
+    kernel: Kernel,
+    key_padding_mask: Tensor | None,
+    scale: float | None,
+    window: int | None,
+    sinks: int,
+) -> FavorState:
+    """The window hybrid's state after the keys ``k: (B, H, L, d)`` and values ``v: (B, H,
+    L, dv)`` alone (a prefill whose outputs nobody reads, e.g. a lazy cache's fold): the
+    final state of ``favor_attention(q, k, v, causal=True, window=window, sinks=sinks,
+    output_final_state=True)`` for any ``q``, without its O(L w) band. Window or sinks
+    only; ``L >= 1``."""
+    q, k, v = _checked_inputs(k.new_zeros(k.shape), k, v, key_padding_mask)
+    fm, params, _, k4, v4, mask = _prepare(
+        q, k, v, projection, kernel, True, key_padding_mask, scale
+    )
+    window = _check_window(window, True, q, k)
+    fields = window_final_state(
+        k4,
+        v4,
+        fm,
+        params,
+        window=0 if window is None else window,
+        key_padding_mask=mask,
+        sinks=_check_sinks(sinks),
+    )
+    return FavorState(*fields)
+
+
 def _check_state(
     state: object,
     m: int,

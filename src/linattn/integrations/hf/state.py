@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
 from ...features import KERNELS, Kernel
-from ...functional import favor_attention, favor_recurrent
+from ...functional import _favor_state_of, favor_attention, favor_recurrent
 from ...nn.linformer import (
     LinformerOptions,
     LinformerProjection,
@@ -290,6 +290,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
         k, v = k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
+        if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
+            # The window hybrid's state straight from the keys and values: no band
+            # attention for queries whose outputs would be dropped.
+            opts = {name: kw[name] for name in ("kernel", "scale", "window", "sinks")}
+            return _favor_state_of(k, v, self.projection, key_padding_mask=mask, **opts)
         zeros = k.new_zeros(k.shape)
         return favor_recurrent(
             zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw
