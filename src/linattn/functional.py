@@ -308,11 +308,14 @@ def favor_attention(
             the final state continues by further pieces or by :func:`favor_recurrent`.
         output_final_state: also return the state after the last token (causal only).
             Without a window or sinks the state is carried through the chunked causal
-            scan (the same fast path, O(L m dv)). With a window or sinks the call runs
+            scan (the same fast path, O(L m dv)). With a window or sinks and no
+            ``initial_state`` (a prefill) the call runs the parallel hybrid (the
+            stateless path) and builds the state from the keys and values (the far sums
+            of the keys older than the window in one O(L m dv) product, the ring of the
+            last ``min(w, L)`` tokens, the sink slots); with an ``initial_state`` it runs
             the decoding step's machinery (the band by ``unfold``, the far part by the
-            chunked causal scan under plain autograd, the sinks gathered): exact and
-            O(L (w + m + s)) in time and memory, but slower than the stateless hybrid,
-            whose block-pair paths have hand-written backward passes.
+            chunked causal scan under plain autograd, the sinks gathered; one token: a
+            dedicated step of a few tensor ops): exact and O(L (w + m + s)).
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
