@@ -6,6 +6,8 @@ hand-written forward(use_cache=True) loop, and cache bytes, at each context leng
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py 1024 8192
     # generate() only (no hand-written loop): the long contexts in fewer minutes
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py --generate-only 16384
+    # ... and the converted model alone (the exact one's prefill at 32k takes many minutes)
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py --generate-only --converted-only 32768
 
 Prints one JSON line per (model, context). Speed only: the untrained conversion's tokens
 are noise, and past 8,192 tokens SmolLM2 is beyond its trained context.
@@ -98,7 +100,8 @@ def measure(model, ids, loop=True):
 def main():
     args = sys.argv[1:]
     loop = "--generate-only" not in args
-    lengths = [int(a) for a in args if a != "--generate-only"] or [1024]
+    names = ("converted",) if "--converted-only" in args else ("exact", "converted")
+    lengths = [int(a) for a in args if not a.startswith("--")] or [1024]
     exact, _ = load_pretrained("smollm2")
     converted = convert(
         copy.deepcopy(exact), "favor", kernel="hedgehog", num_features=64, window=64, sinks=1
@@ -106,6 +109,8 @@ def main():
     for length in lengths:
         ids = torch.randint(100, 20000, (1, length), generator=torch.Generator().manual_seed(0))
         for name, model in (("exact", exact), ("converted", converted)):
+            if name not in names:
+                continue
             row = {"model": name, "context": length, "threads": 1, **measure(model, ids, loop)}
             print(json.dumps(row), flush=True)
 
