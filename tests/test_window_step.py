@@ -248,3 +248,17 @@ def test_state_of_keys_alone_equals_the_prefill_state(kernel, window):
     )
     state = functional._favor_state_of(k, v, w, key_padding_mask=mask, **kw)
     _same_state(tuple(state), tuple(ref), 2)
+
+
+def test_a_prefill_state_does_not_keep_the_prompt_alive():
+    # The ring of the last w keys must not be a view of the whole prompt's keys (the
+    # FavorCache would hold every prompt key behind its reported bytes).
+    q = randn(1, 2, 50, 4)
+    w = _weight("hedgehog", 4)
+    kw = dict(kernel="hedgehog", window=3, sinks=1)
+    _, state = linattn.favor_attention(q, q, q, w, causal=True, output_final_state=True, **kw)
+    _, stepped = linattn.favor_recurrent(q[..., :40, :], q[..., :40, :], q[..., :40, :], w,
+                                         state=state, **kw)  # fmt: skip
+    for s in (state, stepped):
+        for t in (s.keys, s.values, s.padding):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

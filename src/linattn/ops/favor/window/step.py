@@ -118,6 +118,9 @@ def favor_window_step_general(
     out = combine(parts, fm.positive_exp)
     keep_from = max(0, ring + n - window)
     new = (kv, stab, kc[..., keep_from:, :], vc[..., keep_from:, :], padc[:, keep_from:])
+    if keep_from:
+        # Copies of the ring, not views of the long kc (which would stay alive with them).
+        new = (kv, stab, *(t.clone() for t in new[2:]))
     if sinks:
         new = new + sink_state
     return out, new
@@ -269,5 +272,7 @@ def window_final_state(
         stab = torch.maximum(stab, r.detach().amax(-1))
         w = torch.exp(r - stab.unsqueeze(-1)).unsqueeze(-1)
         kv = fk.transpose(-2, -1) @ (ones_col(v[..., :cut, :]) * w)
-    ring = (k[..., cut:, :], v[..., cut:, :], pad[:, cut:])
+    # Copies, not views: a view would keep the whole prompt's keys and values alive in
+    # the state (a FavorCache after an 8k prefill: gigabytes behind its 17 MB).
+    ring = (k[..., cut:, :].clone(), v[..., cut:, :].clone(), pad[:, cut:].clone())
     return (kv, stab, *ring, *sink_state)
