@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import (
     check_cu_seqlens,
@@ -40,6 +41,7 @@ from .ops.favor import (
 from .ops.favor import triton as favor_triton
 from .ops.favor.causal import initial_state
 from .ops.favor.recurrent import window_ring
+from .ops.favor.window.step import window_final_state
 from .ops.linformer import compact_padding, linear_compress, projected_attention
 
 __all__ = [
@@ -155,19 +157,46 @@ def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
         )
     if lf.device != q4.device:
         raise ValueError(f"linear_factor is on {lf.device} but q is on {q4.device}")
-    if not torch.compiler.is_compiling():
-        # NaN fails every comparison, so `lf < 0` alone lets it through: check finiteness.
+    if not torch.compiler.is_compiling() and not _factor_checked(lf):
+        # NaN fails every comparison, so `lf >= 0` alone lets it through: check finiteness.
+        # One host synchronization for both conditions; the message tells which failed.
         bad = lf.detach()
-        if not bool(torch.isfinite(bad).all()):
-            raise ValueError(
-                "linear_factor must be finite (e.g. exp of a finite log-weight), got "
-                f"{bad.tolist()}"
-            )
-        if bool((bad < 0).any()):
+        if not bool((torch.isfinite(bad) & (bad >= 0)).all()):
+            if not bool(torch.isfinite(bad).all()):
+                raise ValueError(
+                    "linear_factor must be finite (e.g. exp of a finite log-weight), got "
+                    f"{bad.tolist()}"
+                )
             raise ValueError(
                 f"linear_factor must be non-negative (e.g. exp of a log-weight), got {bad.tolist()}"
             )
+        _remember_factor(lf)
     return lf.to(q4.dtype)
+
+
+#: linear_factor tensors found finite and non-negative, each with its version counter
+#: then: a decoding loop passes the same tensor at every token and layer step, and
+#: checking it again would cost a host synchronization per call. Any in-place change
+#: bumps the version and the tensor is checked again.
+_CHECKED_FACTORS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _tensor_version(t: Tensor) -> int | None:
+    """``t``'s version counter, or None for tensors without one (inference tensors)."""
+    if t.is_inference():
+        return None
+    return t._version
+
+
+def _factor_checked(lf: Tensor) -> bool:
+    version = _tensor_version(lf)
+    return version is not None and _CHECKED_FACTORS.get(lf) == version
+
+
+def _remember_factor(lf: Tensor) -> None:
+    version = _tensor_version(lf)
+    if version is not None:
+        _CHECKED_FACTORS[lf] = version
 
 
 def _checked_inputs(q, k, v, key_padding_mask) -> tuple[Tensor, Tensor, Tensor]:
@@ -279,11 +308,14 @@ def favor_attention(
             the final state continues by further pieces or by :func:`favor_recurrent`.
         output_final_state: also return the state after the last token (causal only).
             Without a window or sinks the state is carried through the chunked causal
-            scan (the same fast path, O(L m dv)). With a window or sinks the call runs
+            scan (the same fast path, O(L m dv)). With a window or sinks and no
+            ``initial_state`` (a prefill) the call runs the parallel hybrid (the
+            stateless path) and builds the state from the keys and values (the far sums
+            of the keys older than the window in one O(L m dv) product, the ring of the
+            last ``min(w, L)`` tokens, the sink slots); with an ``initial_state`` it runs
             the decoding step's machinery (the band by ``unfold``, the far part by the
-            chunked causal scan under plain autograd, the sinks gathered): exact and
-            O(L (w + m + s)) in time and memory, but slower than the stateless hybrid,
-            whose block-pair paths have hand-written backward passes.
+            chunked causal scan under plain autograd, the sinks gathered; one token: a
+            dedicated step of a few tensor ops): exact and O(L (w + m + s)).
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
@@ -622,6 +654,32 @@ def _favor_stateful(
             q4, k4, v4, fm, params, key_padding_mask=mask, chunk_size=chunk_size, initial=initial
         )
         new_state = FavorState(kv=kv, stab=stab)
+    elif state is None and q4.shape[-2] > 1:
+        # A prefill (no state before it): the parallel hybrid for the outputs, the state
+        # from the keys and values alone; the decoding step is its reference.
+        out = favor_window(
+            q4,
+            k4,
+            v4,
+            fm,
+            params,
+            window=window,
+            causal=True,
+            linear_factor=lf,
+            key_padding_mask=mask,
+            chunk_size=chunk_size,
+            sinks=sinks,
+        )
+        fields = window_final_state(
+            k4,
+            v4,
+            fm,
+            params,
+            window=0 if window is None else window,
+            key_padding_mask=mask,
+            sinks=sinks,
+        )
+        new_state = FavorState(*fields)
     else:
         out, new_state = favor_recurrent_step(
             q4,
@@ -636,6 +694,39 @@ def _favor_stateful(
             sinks=sinks,
         )
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
+
+
+def _favor_state_of(
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor | None,
+    *,
+    kernel: Kernel,
+    key_padding_mask: Tensor | None,
+    scale: float | None,
+    window: int | None,
+    sinks: int,
+) -> FavorState:
+    """The window hybrid's state after the keys ``k: (B, H, L, d)`` and values ``v: (B, H,
+    L, dv)`` alone (a prefill whose outputs nobody reads, e.g. a lazy cache's fold): the
+    final state of ``favor_attention(q, k, v, causal=True, window=window, sinks=sinks,
+    output_final_state=True)`` for any ``q``, without its O(L w) band. Window or sinks
+    only; ``L >= 1``."""
+    q, k, v = _checked_inputs(k.new_zeros(k.shape), k, v, key_padding_mask)
+    fm, params, _, k4, v4, mask = _prepare(
+        q, k, v, projection, kernel, True, key_padding_mask, scale
+    )
+    window = _check_window(window, True, q, k)
+    fields = window_final_state(
+        k4,
+        v4,
+        fm,
+        params,
+        window=0 if window is None else window,
+        key_padding_mask=mask,
+        sinks=_check_sinks(sinks),
+    )
+    return FavorState(*fields)
 
 
 def _check_state(

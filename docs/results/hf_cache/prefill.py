@@ -1,7 +1,8 @@
 """Prefill CPU seconds of the converted SmolLM2 (untrained hedgehog m=64, window 64, one
 sink) at each context length: the parallel form without a cache, a plain forward (which
-returns a lazy FavorCache), and forward(use_cache=True) (the recurrent form, folding the
-prompt into the state as it goes). Last-token logits only; one JSON line per length.
+returns a lazy FavorCache), and forward(use_cache=True) (a FavorCache prefill: the
+parallel form and the state built from the keys; before the one-token step change it was
+the recurrent form, folding the prompt into the state as it went). Last-token logits only; one JSON line per length.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=src python docs/results/hf_cache/prefill.py 1024 8192
 """
@@ -25,7 +26,7 @@ clock = time.process_time
 RUNS = (
     ("parallel, no cache", {"use_cache": False}),
     ("plain forward (lazy FavorCache)", {}),
-    ("recurrent (use_cache=True)", {"use_cache": True}),
+    ("use_cache=True (FavorCache prefill)", {"use_cache": True}),
     ("parallel, no cache again", {"use_cache": False}),
 )
 

@@ -4,6 +4,10 @@ thread (CPU seconds of the process, not wall time): prefill seconds, decode ms/t
 hand-written forward(use_cache=True) loop, and cache bytes, at each context length.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py 1024 8192
+    # generate() only (no hand-written loop): the long contexts in fewer minutes
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py --generate-only 16384
+    # ... and the converted model alone (the exact one's prefill at 32k takes many minutes)
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/results/hf_cache/speed.py --generate-only --converted-only 32768
 
 Prints one JSON line per (model, context). Speed only: the untrained conversion's tokens
 are noise, and past 8,192 tokens SmolLM2 is beyond its trained context.
@@ -51,7 +55,7 @@ def cache_bytes(cache):
     )
 
 
-def measure(model, ids):
+def measure(model, ids, loop=True):
     with torch.inference_mode():
         stamps = Stamps()
         start = clock()
@@ -65,6 +69,13 @@ def measure(model, ids):
         )
         ttft = stamps.times[0] - start
         gen_ms = (stamps.times[-1] - stamps.times[0]) / NEW * 1e3
+        if not loop:
+            return {
+                "generate_first_token_s": round(ttft, 3),
+                "generate_ms_per_token": round(gen_ms, 1),
+                "cache_mb": round(cache_bytes(res.cache) / 2**20, 2),
+                "generate_cache": type(res.cache).__name__,
+            }
         start = clock()
         out = model(ids, use_cache=True)
         prefill = clock() - start
@@ -87,7 +98,10 @@ def measure(model, ids):
 
 
 def main():
-    lengths = [int(a) for a in sys.argv[1:]] or [1024]
+    args = sys.argv[1:]
+    loop = "--generate-only" not in args
+    names = ("converted",) if "--converted-only" in args else ("exact", "converted")
+    lengths = [int(a) for a in args if not a.startswith("--")] or [1024]
     exact, _ = load_pretrained("smollm2")
     converted = convert(
         copy.deepcopy(exact), "favor", kernel="hedgehog", num_features=64, window=64, sinks=1
@@ -95,7 +109,9 @@ def main():
     for length in lengths:
         ids = torch.randint(100, 20000, (1, length), generator=torch.Generator().manual_seed(0))
         for name, model in (("exact", exact), ("converted", converted)):
-            row = {"model": name, "context": length, "threads": 1, **measure(model, ids)}
+            if name not in names:
+                continue
+            row = {"model": name, "context": length, "threads": 1, **measure(model, ids, loop)}
             print(json.dumps(row), flush=True)
 
 

@@ -198,3 +198,21 @@ def test_gradient_checkpointing_in_training_gets_no_cache():
     out.logits.sum().backward()
     model.eval()
     torch.testing.assert_close(out.logits.detach(), model(x, use_cache=False).logits)
+
+
+def test_decoding_reuses_one_checked_linear_factor_until_it_changes():
+    from linattn.integrations.hf.state import converted_layers
+
+    model = convert(tiny_llama(), "favor", kernel="hedgehog", window=4, sinks=1)
+    state = next(converted_layers(model)).linattn
+    with torch.no_grad():
+        first = state.linear_factor()
+        assert state.linear_factor() is first
+        # A change in place is seen (version counter) and refused when not finite.
+        state.log_linear_factor[0] = float("nan")
+        again = state.linear_factor()
+        assert again is not first and torch.isnan(again[0])
+        with pytest.raises(ValueError, match="linear_factor must be finite"):
+            model(ids(1, 6), use_cache=True)
+    # Building a gradient: a fresh factor in the graph.
+    assert state.linear_factor().requires_grad

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
 from ...features import KERNELS, Kernel
-from ...functional import favor_attention, favor_recurrent
+from ...functional import _favor_state_of, favor_attention, favor_recurrent
 from ...nn.linformer import (
     LinformerOptions,
     LinformerProjection,
@@ -183,10 +183,25 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 self.projection = nn.Parameter(w)
 
     def linear_factor(self) -> Tensor | None:
-        """``exp(log_linear_factor): (H,)`` for learned maps, else None."""
-        if self.log_linear_factor is None:
+        """``exp(log_linear_factor): (H,)`` for learned maps, else None.
+
+        Without a gradient to build (decoding, evaluation) the same tensor is returned
+        until ``log_linear_factor`` changes (its version counter, storage, device or
+        dtype): :func:`linattn.favor_attention` then checks its values once, not at every
+        token and layer (a host synchronization each)."""
+        p = self.log_linear_factor
+        if p is None:
             return None
-        return torch.exp(self.log_linear_factor)
+        if (torch.is_grad_enabled() and p.requires_grad) or p.is_inference():
+            return torch.exp(p)
+        key = (p._version, p.data_ptr(), p.device, p.dtype)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            # A normal tensor even under inference_mode: it keeps a version counter.
+            with torch.inference_mode(False):
+                cached = (key, torch.exp(p.detach()))
+            self._factor_cache = cached
+        return cached[1]
 
     def redraw_projection(self) -> None:
         if self.learned:
@@ -275,6 +290,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
         k, v = k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
+        if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
+            # The window hybrid's state straight from the keys and values: no band
+            # attention for queries whose outputs would be dropped.
+            opts = {name: kw[name] for name in ("kernel", "scale", "window", "sinks")}
+            return _favor_state_of(k, v, self.projection, key_padding_mask=mask, **opts)
         zeros = k.new_zeros(k.shape)
         return favor_recurrent(
             zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw

@@ -1,16 +1,30 @@
 """Causal hybrid decoding (:func:`favor_window_step`): the state carries the linear state
 of the keys older than the window, the ring of the last ``min(w, t)`` tokens and, with
-sinks, the sinks that have left the window; stepping equals the parallel causal form."""
+sinks, the sinks that have left the window; stepping equals the parallel causal form.
+
+* :func:`favor_window_step`: the entry; one new token takes :func:`favor_window_step_one`
+  (the band over the ring, the sink slots and ``phi(q) S``, a handful of tensor ops),
+  longer pieces :func:`favor_window_step_general` (the band by ``unfold``, the far part
+  by the chunked causal scan), the plain reference of the one-token step;
+* :func:`window_final_state`: the state after a whole prompt, built from its keys and
+  values alone (the far sums in one product, the ring and the sink slots gathered), so
+  that a prefill runs the parallel hybrid and still hands its state on.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
+from ..causal import initial_state
+from ..common import ones_col
 from .hybrid import combine, factor_shape
 from .naive import band_attention, far_left
-from .sinks import step_sinks
+from .sinks import gather_slots, sink_attention, sink_slots, step_sinks
 
 
 def favor_window_step(
@@ -28,6 +42,10 @@ def favor_window_step(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
+    One token (``n == 1``, the decoding loop) takes :func:`favor_window_step_one`, more
+    take :func:`favor_window_step_general`; both compute the same (up to rounding; the
+    contents of empty sink slots may differ, they are never read).
+
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``key_padding_mask: (B, n)``;
     ``state = (S: (B, H, M, dv + 1), c: (B, H), keys: (B, H, r, d), values:
     (B, H, r, dv), padding: (B, r) bool)``: the linear state of every key older than the
@@ -39,6 +57,37 @@ def favor_window_step(
     so far. Returns ``(out: (B, H, n, dv), new_state)``; stepping equals
     :func:`favor_window` (causal, same ``sinks``) on the concatenated tokens.
     """
+    step = favor_window_step_one if q.shape[-2] == 1 else favor_window_step_general
+    return step(
+        q,
+        k,
+        v,
+        fm,
+        params,
+        window=window,
+        state=state,
+        linear_factor=linear_factor,
+        key_padding_mask=key_padding_mask,
+        sinks=sinks,
+    )
+
+
+def favor_window_step_general(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    state: tuple[Tensor, ...],
+    linear_factor: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    sinks: int = 0,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`favor_window_step` for any ``n >= 1`` new tokens (shapes there): the band by
+    :func:`~.naive.band_attention`, the sinks by :func:`~.sinks.step_sinks`, the far part
+    by the chunked causal scan (:func:`~.naive.far_left`) with the state carried in."""
     kv, stab, wk, wv, wpad = state[:5]
     n = q.shape[-2]
     # The ring holds the last min(w, tokens so far) tokens: it is not full (ring < w)
@@ -69,6 +118,161 @@ def favor_window_step(
     out = combine(parts, fm.positive_features)
     keep_from = max(0, ring + n - window)
     new = (kv, stab, kc[..., keep_from:, :], vc[..., keep_from:, :], padc[:, keep_from:])
+    if keep_from:
+        # Copies of the ring, not views of the long kc (which would stay alive with them).
+        new = (kv, stab, *(t.clone() for t in new[2:]))
     if sinks:
         new = new + sink_state
     return out, new
+
+
+def favor_window_step_one(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    state: tuple[Tensor, ...],
+    linear_factor: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    sinks: int = 0,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`favor_window_step` for one new token (``n == 1``; shapes there), in a handful
+    of tensor ops: the query sits at position ``r`` (the ring's length) of ``[ring, new]``;
+    its band is the last ``min(w, r + 1)`` of those slots, the key at slot ``r - w`` (once
+    the ring is full) leaves the window before the query reads the state: into a sink
+    slot if it is one of the first ``sinks`` real keys, else into ``S``; then
+    ``phi(q) S`` is the far part. Equals :func:`favor_window_step_general` (its plain
+    reference) up to rounding."""
+    kv, stab, wk, wv, wpad = state[:5]
+    ring = wk.shape[-2]
+    bsz = q.shape[0]
+    pad = key_padding_mask
+    if pad is None:
+        pad = torch.zeros(bsz, 1, dtype=torch.bool, device=q.device)
+    kc, vc = torch.cat([wk, k], dim=-2), torch.cat([wv, v], dim=-2)
+    padc = torch.cat([wpad, pad], dim=-1)
+    keep = ~padc  # [B, r + 1]
+    # The band and the new ring: the last min(w, r + 1) slots (none for w = 0).
+    lo = max(0, ring + 1 - window)
+    sink_state = ()
+    leave = ring - window
+    if leave >= 0:
+        kl, vl = kc[..., leave : leave + 1, :], vc[..., leave : leave + 1, :]
+        enters = keep[:, leave]  # [B]
+        if sinks:
+            sk, sv, spad, seen = state[5:]
+            # Real keys before the leaving one: all consumed, less those still after it.
+            rank = seen - keep[:, leave:ring].sum(-1)
+            is_sink = enters & (rank < sinks)
+            enters = enters & ~is_sink
+            # Sinks leave in order: the r-th goes to slot r (the first empty one).
+            slot = is_sink[:, None] & (
+                torch.arange(sinks, device=q.device)[None, :] == rank[:, None]
+            )  # [B, s]
+            sel = slot[:, None, :, None]
+            sink_state = (torch.where(sel, kl, sk), torch.where(sel, vl, sv), spad & ~slot)
+        kv, stab = absorb_key(kv, stab, kl, vl, enters, fm, params)
+    elif sinks:
+        sink_state = tuple(state[5:8])
+    # The exact part: the sink slots (all outside the window) and the band, in one row of
+    # scores (they are disjoint).
+    ek, ev, ekeep = kc[..., lo:, :], vc[..., lo:, :], keep[:, lo:]
+    if sinks:
+        sk, sv, spad = sink_state
+        ek, ev = torch.cat([sk, ek], dim=-2), torch.cat([sv, ev], dim=-2)
+        ekeep = torch.cat([~spad, ekeep], dim=-1)
+        sink_state = (*sink_state, state[8] + (~pad[:, 0]).long())
+    parts = []
+    if ek.shape[-2]:
+        parts.append(sink_attention(q, ek, ev, ekeep[:, None, None, :], params.scale))
+    # The far part: phi(q) S, with S's stabilizer and the map's constant.
+    fq, rq = fm.stabilized_query(q, params)
+    nd = fq @ kv
+    lc = fm.log_const(params)
+    if isinstance(lc, Tensor):
+        lc = lc.unsqueeze(-1)
+    g = stab.unsqueeze(-1) + rq + 2 * lc
+    lf = factor_shape(linear_factor)
+    if lf is not None:
+        nd = nd * lf
+    parts.append((nd, g))
+    out = combine(parts, fm.positive_exp)
+    new = (kv, stab, kc[..., lo:, :], vc[..., lo:, :], padc[:, lo:], *sink_state)
+    return out, new
+
+
+def absorb_key(
+    kv: Tensor,
+    stab: Tensor,
+    k: Tensor,
+    v: Tensor,
+    enters: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+) -> tuple[Tensor, Tensor]:
+    """The causal state ``(S: (B, H, M, dv + 1), c: (B, H))`` after one more key ``k: (B,
+    H, 1, d)`` with value ``v: (B, H, 1, dv)``, counted where ``enters: (B,)`` is True:
+    ``c' = max(c, r_k)``, ``S' = exp(c - c') S + exp(r_k - c') F_k^T [v, 1]`` (every
+    exponent <= 0, as the chunked scan's)."""
+    fk, r = fm.stabilized(k, params, is_query=False)  # [B, H, 1, M], [B, H, 1]
+    r = r.masked_fill(~enters[:, None, None], -math.inf)
+    new_stab = torch.maximum(stab, r[..., 0].detach())
+    # [B, H, 1, dv + 1]: the key's weight exp(r - c') on [v, 1].
+    wv = ones_col(v) * torch.exp(r - new_stab.unsqueeze(-1)).unsqueeze(-1)
+    contrib = fk.transpose(-2, -1) @ wv  # [B, H, M, dv + 1]
+    return torch.addcmul(contrib, kv, torch.exp(stab - new_stab)[..., None, None]), new_stab
+
+
+def window_final_state(
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    *,
+    window: int,
+    key_padding_mask: Tensor | None = None,
+    sinks: int = 0,
+) -> tuple[Tensor, ...]:
+    """The decoding state after the ``L`` tokens ``k: (B, H, L, d)``, ``v: (B, H, L, dv)``
+    (``key_padding_mask: (B, L)``, True = padding), as :func:`favor_window_step` leaves
+    it after consuming them (up to rounding, and the contents of empty sink slots):
+    ``(S, c)`` the far sums of the real non-sink keys older than the last ``r = min(w,
+    L)`` (one ``O(L M dv)`` product under their maximum log-scale), the ring of those
+    last ``r`` keys, values and padding, and with ``sinks`` the sink slots (the first
+    ``sinks`` real keys older than the ring; empty slots zero) and ``seen`` (real keys
+    per sequence). The queries play no part: a prefill runs the parallel hybrid for its
+    outputs and takes the state from here."""
+    bsz, heads, length, d = k.shape
+    dv = v.shape[-1]
+    cut = length - min(window, length)
+    pad = key_padding_mask
+    if pad is None:
+        pad = torch.zeros(bsz, length, dtype=torch.bool, device=k.device)
+    keep = ~pad
+    far_keep = keep[:, :cut]
+    sink_state = ()
+    if sinks:
+        is_sink, idx, valid = sink_slots(keep, bsz, length, sinks, k.device)
+        left = valid & (idx < cut)  # [B, s']
+        sel = left[:, None, :, None]
+        missing = sinks - idx.shape[-1]
+        sk = F.pad(gather_slots(k, idx).masked_fill(~sel, 0), (0, 0, 0, missing))
+        sv = F.pad(gather_slots(v, idx).masked_fill(~sel, 0), (0, 0, 0, missing))
+        spad = F.pad(~left, (0, missing), value=True)
+        sink_state = (sk, sv, spad, keep.long().sum(-1))
+        far_keep = far_keep & ~is_sink[:, :cut]
+    m = fm.feature_dim(params.weight, d)
+    kv, stab = initial_state((bsz, heads), m, dv, dtype=k.dtype, device=k.device)
+    if cut:
+        fk, r = fm.stabilized(k[..., :cut, :], params, is_query=False)  # [B, H, cut, M]
+        r = r.masked_fill(~far_keep[:, None, :], -math.inf)
+        stab = torch.maximum(stab, r.detach().amax(-1))
+        w = torch.exp(r - stab.unsqueeze(-1)).unsqueeze(-1)
+        kv = fk.transpose(-2, -1) @ (ones_col(v[..., :cut, :]) * w)
+    # Copies, not views: a view would keep the whole prompt's keys and values alive in
+    # the state (a FavorCache after an 8k prefill: gigabytes behind its 17 MB).
+    ring = (k[..., cut:, :].clone(), v[..., cut:, :].clone(), pad[:, cut:].clone())
+    return (kv, stab, *ring, *sink_state)
