@@ -9,7 +9,7 @@ import torch
 
 import linattn
 from conftest import projection, randn
-from linattn import _dispatch, functional
+from linattn import _dispatch, _favor_checks, functional
 from linattn.ops.favor import triton as ftriton
 
 Q = randn(1, 2, 8, 4)
@@ -110,13 +110,14 @@ def test_unrelated_locals_do_not_change_the_path(caplog, monkeypatch):
 
 def test_padding_is_zeroed_once(monkeypatch):
     calls = []
-    real = functional._zero_padding
+    real = _favor_checks._zero_padding
 
     def spy(x, mask):
         calls.append(mask is not None)
         return real(x, mask)
 
-    monkeypatch.setattr(functional, "_zero_padding", spy)
+    # Patched where it runs: _checked_inputs calls it in linattn._favor_checks.
+    monkeypatch.setattr(_favor_checks, "_zero_padding", spy)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[0, 6:] = True
     k = Q.clone()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import linattn
+import linattn._favor_state as _favor_state
 import linattn.functional as functional
 from conftest import gen, randn
 from linattn.features import KERNELS, get_feature_map
@@ -192,7 +193,8 @@ def test_prefill_runs_the_parallel_form(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the decoding step ran for a prefill")
 
-    monkeypatch.setattr(functional, "favor_recurrent_step", refuse)
+    # Patched where it runs: the stateful path lives in linattn._favor_state.
+    monkeypatch.setattr(_favor_state, "favor_recurrent_step", refuse)
     q = randn(2, 2, 9, 4)
     w = _weight("hedgehog", 4)
     kw = dict(kernel="hedgehog", window=3, sinks=1)
