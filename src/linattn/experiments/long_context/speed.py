@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ...bench.checks import summarize
 from ...bench.worker import _reset_peak, _rss_now, _rss_peak
-from ...integrations.hf.convert import _cache_key
+from ...integrations.hf.hooks import _cache_key
 
 #: Share of the available memory a length's estimated need may take.
 MEMORY_SHARE = 0.8
