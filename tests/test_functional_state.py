@@ -208,3 +208,56 @@ def test_window_longer_than_everything(size, sinks):
     one = linattn.favor_attention(q, k, v, w, causal=True, window=40, sinks=sinks)
     out, _ = _pieces(q, k, v, w, size, window=40, sinks=sinks)
     torch.testing.assert_close(out, one, **TOL)
+
+
+@pytest.mark.parametrize("hybrid", HYBRIDS, ids=_ids)
+def test_an_empty_piece_passes_the_state_on(hybrid):
+    # Prefill in pieces of any size: a piece of no tokens (with or without a padding mask
+    # of length 0) returns an empty output and the state unchanged, checked as any piece.
+    window, sinks = hybrid
+    q, k, v = _qkv()
+    w = KERNELS["softmax"]()
+    kw = dict(window=window, sinks=sinks)
+    _, st = linattn.favor_attention(q, k, v, w, causal=True, output_final_state=True, **kw)
+    e, ev = q[..., :0, :], v[..., :0, :]
+    for mask in (None, torch.zeros(B, 0, dtype=torch.bool)):
+        out, st2 = linattn.favor_attention(
+            e,
+            e,
+            ev,
+            w,
+            causal=True,
+            key_padding_mask=mask,
+            initial_state=st,
+            output_final_state=True,
+            **kw,
+        )
+        assert out.shape == (B, H, 0, DV) and out.dtype == q.dtype
+        out3, st3 = linattn.favor_recurrent(e, e, ev, w, state=st, key_padding_mask=mask, **kw)
+        assert out3.shape == (B, H, 0, DV)
+        for a, b, c in zip(st, st2, st3, strict=True):
+            if a is None:
+                assert b is None and c is None
+            else:
+                assert torch.equal(a, b) and torch.equal(a, c)
+    # ... and continuing from it equals continuing from the state itself.
+    x = randn(B, H, 2, D, seed=9)
+    xv = randn(B, H, 2, DV, seed=10)
+    ref, _ = linattn.favor_recurrent(x, x, xv, w, state=st, **kw)
+    out, _ = linattn.favor_recurrent(x, x, xv, w, state=st2, **kw)
+    torch.testing.assert_close(out, ref, **TOL)
+    # The state is checked all the same; without a state an empty piece is refused.
+    with pytest.raises(ValueError, match="initial_state"):
+        linattn.favor_attention(
+            e,
+            e,
+            ev,
+            w,
+            causal=True,
+            initial_state=st,
+            output_final_state=True,
+            window=7 if window is None else window + 1,
+            sinks=sinks + 1,
+        )
+    with pytest.raises(ValueError, match="at least one key"):
+        linattn.favor_attention(e, e, ev, w, causal=True, output_final_state=True, **kw)

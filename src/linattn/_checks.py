@@ -34,8 +34,11 @@ def check_tensor(name: str, t: object, *, min_dim: int = 1, floating: bool = Tru
     return t
 
 
-def check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
-    """Check q: (..., Lq, d), k: (..., Lk, d), v: (..., Lk, dv) with equal leading dims."""
+def check_qkv(
+    q: object, k: object, v: object, *, allow_empty: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check q: (..., Lq, d), k: (..., Lk, d), v: (..., Lk, dv) with equal leading dims.
+    ``allow_empty``: ``Lq = Lk = 0`` is allowed (a piece of no tokens after a state)."""
     q = check_tensor("q", q, min_dim=2)
     k = check_tensor("k", k, min_dim=2)
     v = check_tensor("v", v, min_dim=2)
@@ -59,9 +62,10 @@ def check_qkv(q: object, k: object, v: object) -> tuple[Tensor, Tensor, Tensor]:
             f"k and v must have the same length (dimension -2); got k {shape_str(k)}, "
             f"v {shape_str(v)}"
         )
-    if k.shape[-2] == 0:
+    empty = allow_empty and q.shape[-2] == k.shape[-2] == 0
+    if k.shape[-2] == 0 and not empty:
         raise ValueError(f"k must hold at least one key; got k {shape_str(k)}")
-    if q.shape[-2] == 0:
+    if q.shape[-2] == 0 and not empty:
         raise ValueError(f"q must hold at least one query (Lq >= 1); got q {shape_str(q)}")
     if q.shape[-1] == 0 or v.shape[-1] == 0:
         raise ValueError(

@@ -24,7 +24,7 @@ from ._checks import (
 from ._dtype import compute_dtype
 from .features import FeatureMap, get_feature_map
 from .ops.favor import FavorState
-from .ops.favor.recurrent import window_ring
+from .ops.favor.recurrent import sink_ring, window_ring
 
 
 def _as_4d(x: Tensor) -> Tensor:
@@ -173,13 +173,24 @@ def _remember_factor(lf: Tensor) -> None:
         _CHECKED_FACTORS[lf] = version
 
 
-def _checked_inputs(q, k, v, key_padding_mask) -> tuple[Tensor, Tensor, Tensor]:
+def _checked_inputs(
+    q, k, v, key_padding_mask, *, allow_empty: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v checked (:func:`check_qkv`, the mask's shape) with the padded keys and
     values zeroed: the one place padding is zeroed, before any path sees the inputs.
-    Padded keys and values may hold anything (NaN, inf, 1e30) and take no part."""
-    q, k, v = check_qkv(q, k, v)
+    Padded keys and values may hold anything (NaN, inf, 1e30) and take no part.
+    ``allow_empty``: a piece of no tokens (after a state) is allowed."""
+    q, k, v = check_qkv(q, k, v, allow_empty=allow_empty)
     mask = check_key_padding_mask(key_padding_mask, k)
     return q, _zero_padding(k, mask), _zero_padding(v, mask)
+
+
+def _check_causal_kernel(fm: FeatureMap) -> None:
+    if not fm.causal_ok:
+        raise ValueError(
+            f"kernel={fm.name!r} depends on every query and key of the call, so it cannot be "
+            "causal; use kernel='softmax' or 'softmax_hyp' with causal=True"
+        )
 
 
 def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
@@ -191,11 +202,8 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
     # k and v come with their padding zeroed (_checked_inputs, once per call).
     mask = check_key_padding_mask(key_padding_mask, k)
     scale = check_scale(scale, q.shape[-1])
-    if causal and not fm.causal_ok:
-        raise ValueError(
-            f"kernel={kernel!r} depends on every query and key of the call, so it cannot be "
-            "causal; use kernel='softmax' or 'softmax_hyp' with causal=True"
-        )
+    if causal:
+        _check_causal_kernel(fm)
     cdt = compute_dtype(q.dtype)
     q4, k4, v4 = (_as_4d(t).to(cdt) for t in (q, k, v))
     w = None if weight is None else weight.to(cdt)
@@ -249,11 +257,13 @@ def _check_state(
         "padding": (bsz, band),
     }
     if sinks:
+        # The sink slots grow up to `sinks` with the tokens that leave the window.
+        slots = sink_ring(state, sinks)
         shapes.update(
             {
-                "sink_keys": (bsz, heads, sinks, d),
-                "sink_values": (bsz, heads, sinks, dv),
-                "sink_padding": (bsz, sinks),
+                "sink_keys": (bsz, heads, slots, d),
+                "sink_values": (bsz, heads, slots, dv),
+                "sink_padding": (bsz, slots),
                 "seen": (bsz,),
             }
         )

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_cu_seqlens
+from ._checks import check_cu_seqlens, check_scale
 from ._dtype import compute_dtype
 from ._favor_checks import (
+    _as_4d,
+    _check_causal_kernel,
     _check_linear_factor,
     _check_projection,
     _check_sinks,
@@ -60,6 +62,10 @@ def _favor_stateful(
     (:func:`favor_causal`); window or sinks: the decoding step
     (:func:`favor_recurrent_step`).
     """
+    if state is not None and q.shape[-2] == 0:
+        return _empty_piece(
+            q, v, projection, state, kernel, scale, window, sinks, linear_factor, state_name
+        )
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
     )
@@ -115,6 +121,34 @@ def _favor_stateful(
             sinks=sinks,
         )
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
+
+
+def _empty_piece(
+    q: Tensor,
+    v: Tensor,
+    projection: Tensor | None,
+    state: FavorState,
+    kernel: Kernel,
+    scale: float | None,
+    window: int | None,
+    sinks: int,
+    linear_factor: Tensor | None,
+    state_name: str,
+) -> tuple[Tensor, FavorState]:
+    """A piece of no tokens (``q: (..., 0, d)``, ``v: (..., 0, dv)``) after ``state``:
+    the empty output ``(..., 0, dv)`` and the state, checked (as a piece with tokens
+    checks it) and otherwise unchanged."""
+    fm = get_feature_map(kernel)
+    weight = _check_projection(projection, fm, q)
+    check_scale(scale, q.shape[-1])
+    _check_causal_kernel(fm)
+    q4 = _as_4d(q).to(compute_dtype(q.dtype))
+    window = _check_window(window, True, q, q)
+    sinks = _check_sinks(sinks)
+    _check_linear_factor(linear_factor, q4)
+    m = fm.feature_dim(weight, q.shape[-1])
+    state = _check_state(state, m, q4, v.shape[-1], window, sinks, name=state_name)
+    return q.new_zeros(*q.shape[:-1], v.shape[-1]), state
 
 
 def _favor_state_of(
@@ -174,10 +208,15 @@ def _cat_states(states: list[FavorState]) -> FavorState:
     """States of batch 1 (or more) stacked along the batch axis. The window rings hold
     ``min(w, tokens seen)`` slots, so sequences of different lengths have rings of
     different lengths: the shorter rings are padded in front (their oldest end) with
-    empty slots (``padding`` True), which the decoding step treats as keys never seen."""
+    empty slots (``padding`` True), which the decoding step treats as keys never seen.
+    The sink slots (``min(sinks, tokens that left the window)``) likewise, padded at the
+    end (sinks fill their slots in order) with empty slots."""
     if states[0].keys is not None:
         ring = max(st.keys.shape[-2] for st in states)
         states = [_pad_ring(st, ring) for st in states]
+    if states[0].sink_keys is not None:
+        slots = max(st.sink_keys.shape[-2] for st in states)
+        states = [_pad_sinks(st, slots) for st in states]
     fields = {}
     for f in FavorState._fields:
         parts = [getattr(st, f) for st in states]
@@ -195,6 +234,19 @@ def _pad_ring(state: FavorState, ring: int) -> FavorState:
         keys=F.pad(state.keys, (0, 0, extra, 0)),
         values=F.pad(state.values, (0, 0, extra, 0)),
         padding=F.pad(state.padding, (extra, 0), value=True),
+    )
+
+
+def _pad_sinks(state: FavorState, slots: int) -> FavorState:
+    """``state`` with its sink slots (``sink_keys: (B, H, s', d)``) grown to ``slots`` by
+    empty slots at the end."""
+    extra = slots - state.sink_keys.shape[-2]
+    if extra == 0:
+        return state
+    return state._replace(
+        sink_keys=F.pad(state.sink_keys, (0, 0, 0, extra)),
+        sink_values=F.pad(state.sink_values, (0, 0, 0, extra)),
+        sink_padding=F.pad(state.sink_padding, (0, extra), value=True),
     )
 
 

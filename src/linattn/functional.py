@@ -211,7 +211,9 @@ def favor_attention(
             "before the call, and a bidirectional query also sees keys after it"
         )
     if cu_seqlens is None:
-        q, k, v = _checked_inputs(q, k, v, key_padding_mask)
+        # A piece of no tokens after a state passes the state on (prefill in pieces of
+        # any size).
+        q, k, v = _checked_inputs(q, k, v, key_padding_mask, allow_empty=initial_state is not None)
     call = FavorCall(
         q=q,
         k=k,
@@ -432,7 +434,7 @@ def favor_recurrent(
             sinks=sinks,
             state_name="state",
         )
-    q, k, v = _checked_inputs(q, k, v, key_padding_mask)
+    q, k, v = _checked_inputs(q, k, v, key_padding_mask, allow_empty=state is not None)
     if q.dim() != 4 or q.shape[-2] != k.shape[-2]:
         raise ValueError(
             "favor_recurrent takes q, k, v of shape (B, H, n, d) with the same n; got "

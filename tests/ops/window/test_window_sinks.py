@@ -408,11 +408,13 @@ def test_recurrent_equals_parallel(kernel, window, sinks, step):
     band = 0 if window is None else window
     # The ring holds the last min(window, tokens seen) tokens (issue 26 item 7).
     assert state.keys.shape == (3, 3, min(band, length), 8)
-    assert state.sink_keys.shape == (3, 3, sinks, 8) and state.sink_values.shape == (3, 3, sinks, 8)
-    assert state.sink_padding.shape == (3, sinks)
+    # The sink slots: one per token that left the window, up to `sinks` (issue 26 item
+    # 7: never more than can be seen).
+    left = min(sinks, max(0, length - band))
+    assert state.sink_keys.shape == (3, 3, left, 8) and state.sink_values.shape == (3, 3, left, 8)
+    assert state.sink_padding.shape == (3, left)
     assert state.seen.tolist() == (~mask).sum(-1).tolist()
     # The sinks that left the window are kept, the others are empty slots.
-    left = min(sinks, max(0, length - band))
     assert (~state.sink_padding).sum(-1).max() <= min(sinks, left)
 
 
@@ -429,8 +431,14 @@ def test_recurrent_state_checks():
     q = randn(2, 3, 5, 8)
     w = projection(16, 8)
     _, state = linattn.favor_recurrent(q, q, q, w, window=3, sinks=2)
+    # After 5 tokens only 2 have left the window (both sinks, nothing in kv): that state
+    # is the same for sinks=2 and sinks=3 (2 slots either way) and is accepted; after 8
+    # tokens kv holds keys, so it can only belong to sinks=2.
+    linattn.favor_recurrent(q, q, q, w, window=3, sinks=3, state=state)
+    q8 = randn(2, 3, 8, 8)
+    _, state8 = linattn.favor_recurrent(q8, q8, q8, w, window=3, sinks=2)
     with pytest.raises(ValueError, match=r"state\.sink_keys must have shape"):
-        linattn.favor_recurrent(q, q, q, w, window=3, sinks=3, state=state)
+        linattn.favor_recurrent(q, q, q, w, window=3, sinks=3, state=state8)
     with pytest.raises(ValueError, match="sinks=0"):
         linattn.favor_recurrent(q, q, q, w, window=3, state=state)
     with pytest.raises(ValueError, match="sinks=0"):
@@ -500,3 +508,63 @@ def test_issue_repro_causal_sinks_without_window_keep_row_zero_exact(kernel):
         q[..., :1, :], k[..., :1, :], v[..., :1, :], kernel=kernel, sinks=1
     )
     torch.testing.assert_close(step[0, 0, 0], v[0, 0, 0])
+
+
+# ----------------------------------------------------------------- huge sinks, stateful
+def test_huge_sinks_in_the_stateful_paths_cost_what_is_seen():
+    # Issue 26 item 7: cost never depends on a size beyond what can be seen. sinks=10**12
+    # once allocated every slot up front (a bare allocator error); every key is then a
+    # sink, so the result is the same as sinks = L.
+    q, k, v = (randn(1, 2, 6, 4, seed=s) for s in range(3))
+    w = projection(8, 4)
+    more = [randn(1, 2, n, 4, seed=10 + n) for n in (1, 3)]
+    for kw in ({"window": 2}, {"window": None}):
+        huge, small = dict(kw, sinks=10**12), dict(kw, sinks=11)
+        out, state = linattn.favor_attention(
+            q, k, v, w, causal=True, output_final_state=True, **huge
+        )
+        ref, ref_state = linattn.favor_attention(
+            q, k, v, w, causal=True, output_final_state=True, **small
+        )
+        torch.testing.assert_close(out, ref)
+        left = 6 - (kw["window"] or 0)
+        assert state.sink_keys.shape == (1, 2, left, 4)
+        _rec, rstate = linattn.favor_recurrent(
+            q[..., :1, :], k[..., :1, :], v[..., :1, :], w, **huge
+        )
+        assert rstate.sink_keys.shape[-2] <= 1
+        # Decoding on, one token and three at a time, from either state.
+        for st, r in ((state, ref_state), (rstate, None)):
+            for x in more:
+                o, st = linattn.favor_recurrent(x, x, x, w, state=st, **huge)
+                if r is not None:
+                    o2, r = linattn.favor_recurrent(x, x, x, w, state=r, **small)
+                    torch.testing.assert_close(o, o2)
+            assert st.sink_keys.shape[-2] <= 10
+        o, _ = linattn.favor_attention(
+            q, k, v, w, causal=True, initial_state=state, output_final_state=True, **huge
+        )
+        assert o.shape == (1, 2, 6, 4)
+
+
+@pytest.mark.parametrize("sinks", [1, 3], ids=lambda s: f"s{s}")
+def test_packed_states_with_sink_slots_of_different_counts(sinks):
+    # The sink slots grow with the tokens that leave the window: packed sequences of
+    # different lengths have different counts, padded with empty slots when stacked.
+    q, k, v = (randn(1, 2, 9, 4, seed=s) for s in range(3))
+    w = projection(8, 4)
+    cu = torch.tensor([0, 1, 9], dtype=torch.int32)
+    kw = dict(window=1, sinks=sinks)
+    _out, state = linattn.favor_attention(
+        q, k, v, w, causal=True, cu_seqlens=cu, output_final_state=True, **kw
+    )
+    x = randn(1, 2, 2, 4, seed=7)
+    o, _ = linattn.favor_recurrent(
+        x, x, x, w, state=state, cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32), **kw
+    )
+    for i, (s, e) in enumerate(((0, 1), (1, 9))):
+        full = torch.cat([q[..., s:e, :], x[..., i : i + 1, :]], dim=-2)
+        fk = torch.cat([k[..., s:e, :], x[..., i : i + 1, :]], dim=-2)
+        fv = torch.cat([v[..., s:e, :], x[..., i : i + 1, :]], dim=-2)
+        ref = linattn.favor_attention(full, fk, fv, w, causal=True, **kw)
+        torch.testing.assert_close(o[..., i : i + 1, :], ref[..., -1:, :])

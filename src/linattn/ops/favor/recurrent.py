@@ -33,10 +33,12 @@ class FavorState(NamedTuple):
     first: the ring never holds more than can be seen), ``padding: (B, r)`` bool (True =
     padding or empty slot), and ``kv`` sums only the keys older than those;
     None without a window. With ``sinks = s > 0`` (the window is then ``w``, or 0 for
-    ``window=None``): ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s, dv)`` and
-    ``sink_padding: (B, s)`` bool (True = empty slot), the sinks (first ``s`` real keys)
-    that have left the window, and ``seen: (B,)`` long, the real keys consumed so far;
-    None when ``sinks == 0``. ``kv`` never sums a sink.
+    ``window=None``): ``sink_keys: (B, H, s', d)``, ``sink_values: (B, H, s', dv)`` and
+    ``sink_padding: (B, s')`` bool (True = empty slot), the sinks (first ``s`` real keys)
+    that have left the window, in ``s' = min(s, tokens that have left the window)``
+    slots (they grow as the ring does: never more than can be seen, so a huge ``s``
+    costs no memory), and ``seen: (B,)`` long, the real keys consumed so far; None when
+    ``sinks == 0``. ``kv`` never sums a sink.
     """
 
     kv: Tensor
@@ -63,16 +65,17 @@ def empty_window_state(
     sinks: int = 0,
 ) -> FavorState:
     """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
-    slots, all empty). The ring of the window's keys starts empty and grows with the
-    tokens consumed up to ``window`` slots: it never holds more than can be seen, so a
-    huge ``window`` costs no memory."""
+    keys). The ring of the window's keys starts empty and grows with the tokens consumed
+    up to ``window`` slots, the sink slots with the tokens that leave the window up to
+    ``sinks``: neither holds more than can be seen, so a huge ``window`` or ``sinks``
+    costs no memory."""
     kv, stab = initial_state((bsz, heads), num_features, dv, dtype=dtype, device=device)
     sink_fields = ()
     if sinks:
         sink_fields = (
-            torch.zeros(bsz, heads, sinks, head_dim, dtype=dtype, device=device),
-            torch.zeros(bsz, heads, sinks, dv, dtype=dtype, device=device),
-            torch.ones(bsz, sinks, dtype=torch.bool, device=device),
+            torch.zeros(bsz, heads, 0, head_dim, dtype=dtype, device=device),
+            torch.zeros(bsz, heads, 0, dv, dtype=dtype, device=device),
+            torch.ones(bsz, 0, dtype=torch.bool, device=device),
             torch.zeros(bsz, dtype=torch.long, device=device),
         )
     return FavorState(
@@ -99,6 +102,18 @@ def window_ring(state: FavorState, window: int) -> int:
     if isinstance(state.sink_padding, Tensor):
         left = left | (~state.sink_padding).any()
     return window if bool(left) else keys.shape[-2]
+
+
+def sink_ring(state: FavorState, sinks: int) -> int:
+    """The number of sink slots (of ``state.sink_keys``) valid for ``sinks``: ``sinks``
+    once they are all there, fewer while no key has reached ``kv`` (the slots grow with
+    the tokens that leave the window, and every real key that leaves before ``sinks``
+    slots exist is a sink). A state with fewer slots whose ``kv`` holds keys belongs to
+    fewer sinks: ``sinks`` is returned, and the shape check fails."""
+    keys = state.sink_keys
+    if not isinstance(keys, Tensor) or keys.dim() != 4 or keys.shape[-2] >= sinks:
+        return sinks
+    return sinks if bool((state.kv != 0).any()) else keys.shape[-2]
 
 
 def favor_recurrent_step(

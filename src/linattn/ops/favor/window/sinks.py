@@ -53,6 +53,11 @@ def sink_attention(
     exp(mx) nd`` (``mx = -inf``, ``nd = 0`` where nothing is allowed), as
     :func:`band_attention`.
     """
+    if ks.shape[-2] == 0:
+        # No slot yet (a state's sink slots grow with the tokens that leave the window).
+        bsz, heads = torch.broadcast_shapes(q.shape[:2], vs.shape[:2])
+        nd = q.new_zeros(bsz, heads, q.shape[-2], vs.shape[-1] + 1)
+        return nd, q.new_full((bsz, heads, q.shape[-2]), -math.inf)
     scores = (q @ ks.transpose(-2, -1)) * scale
     scores = scores.masked_fill(~allowed, -math.inf)
     mx = scores.detach().amax(-1)

@@ -51,10 +51,10 @@ def favor_window_step(
     (B, H, r, dv), padding: (B, r) bool)``: the linear state of every key older than the
     window and the last ``r = min(w, tokens so far)`` keys/values (padding True for
     empty slots); the new ring has ``min(w, r + n)`` slots. With
-    ``sinks = s > 0`` four more: ``sink_keys: (B, H, s, d)``, ``sink_values: (B, H, s,
-    dv)``, ``sink_padding: (B, s)`` bool (True = empty slot), the sinks that have left
-    the window (``S`` never holds a sink), and ``seen: (B,)`` long, the real keys consumed
-    so far. Returns ``(out: (B, H, n, dv), new_state)``; stepping equals
+    ``sinks = s > 0`` four more: ``sink_keys: (B, H, s', d)``, ``sink_values: (B, H, s',
+    dv)``, ``sink_padding: (B, s')`` bool (True = empty slot), the sinks that have left
+    the window in ``s' = min(s, tokens that have left it)`` slots (``S`` never holds a
+    sink), and ``seen: (B,)`` long, the real keys consumed so far. Returns ``(out: (B, H, n, dv), new_state)``; stepping equals
     :func:`favor_window` (causal, same ``sinks``) on the concatenated tokens.
     """
     step = favor_window_step_one if q.shape[-2] == 1 else favor_window_step_general
@@ -164,14 +164,19 @@ def favor_window_step_one(
         enters = keep[:, leave]  # [B]
         if sinks:
             sk, sv, spad, seen = state[5:]
+            if sk.shape[-2] < sinks:
+                # The slots grow with the tokens that leave the window (up to `sinks`):
+                # one more for this one.
+                sk, sv = F.pad(sk, (0, 0, 0, 1)), F.pad(sv, (0, 0, 0, 1))
+                spad = F.pad(spad, (0, 1), value=True)
             # Real keys before the leaving one: all consumed, less those still after it.
             rank = seen - keep[:, leave:ring].sum(-1)
             is_sink = enters & (rank < sinks)
             enters = enters & ~is_sink
             # Sinks leave in order: the r-th goes to slot r (the first empty one).
             slot = is_sink[:, None] & (
-                torch.arange(sinks, device=q.device)[None, :] == rank[:, None]
-            )  # [B, s]
+                torch.arange(sk.shape[-2], device=q.device)[None, :] == rank[:, None]
+            )  # [B, s']
             sel = slot[:, None, :, None]
             sink_state = (torch.where(sel, kl, sk), torch.where(sel, vl, sv), spad & ~slot)
         kv, stab = absorb_key(kv, stab, kl, vl, enters, fm, params)
@@ -256,13 +261,15 @@ def window_final_state(
     sink_state = ()
     if sinks:
         is_sink, idx, valid = sink_slots(keep, bsz, length, sinks, k.device)
+        # One slot per token that left the window, up to `sinks` (the decoding step's
+        # count); the r-th real key sits at position >= r, so the sinks that left are
+        # among the first min(sinks, cut) slots.
+        idx, valid = idx[:, : min(sinks, cut)], valid[:, : min(sinks, cut)]
         left = valid & (idx < cut)  # [B, s']
         sel = left[:, None, :, None]
-        missing = sinks - idx.shape[-1]
-        sk = F.pad(gather_slots(k, idx).masked_fill(~sel, 0), (0, 0, 0, missing))
-        sv = F.pad(gather_slots(v, idx).masked_fill(~sel, 0), (0, 0, 0, missing))
-        spad = F.pad(~left, (0, missing), value=True)
-        sink_state = (sk, sv, spad, keep.long().sum(-1))
+        sk = gather_slots(k, idx).masked_fill(~sel, 0)
+        sv = gather_slots(v, idx).masked_fill(~sel, 0)
+        sink_state = (sk, sv, ~left, keep.long().sum(-1))
         far_keep = far_keep & ~is_sink[:, :cut]
     m = fm.feature_dim(params.weight, d)
     kv, stab = initial_state((bsz, heads), m, dv, dtype=k.dtype, device=k.device)
