@@ -538,3 +538,36 @@ def test_a_ring_not_yet_full_continues_and_a_smaller_windows_full_ring_is_refuse
     _, small = linattn.favor_recurrent(q, q, q, w, window=3)
     with pytest.raises(ValueError, match=r"state\.keys must have shape"):
         linattn.favor_recurrent(q, q, q, w, window=5, state=small)
+
+
+# ------------------------------------------------- combine: signed kernels' far parts
+def _combine_reference(parts):
+    # The formula itself, unstabilized (float64, moderate g): sum exp(g) nd[:dv] / sum
+    # exp(g) nd[dv].
+    total = sum(torch.exp(g).unsqueeze(-1) * nd for nd, g in parts)
+    return total[..., :-1] / total[..., -1:]
+
+
+@pytest.mark.parametrize(
+    "far_normalizer", [0.0, 1e-310, -1e-310], ids=["zero", "subnormal", "neg-subnormal"]
+)
+def test_combine_keeps_a_signed_part_whose_normalizer_vanishes(far_normalizer):
+    # softmax_trig / softmax_hyp far parts are signed: their normalizer can be exactly 0
+    # (or subnormal) while their numerators are not. Such a part was dropped (normalizer
+    # 0) or divided by the subnormal normalizer (inf numerators, NaN out).
+    from linattn.ops.favor.window.hybrid import combine
+
+    near = torch.tensor([[[[0.5, -1.0, 2.0]]]], dtype=torch.float64)
+    far = torch.tensor([[[[0.75, 0.25, far_normalizer]]]], dtype=torch.float64)
+    g_near = torch.tensor([[[0.3]]], dtype=torch.float64)
+    g_far = torch.tensor([[[-0.2]]], dtype=torch.float64)
+    parts = [(near, g_near), (far, g_far)]
+    out = combine(parts, positive=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, _combine_reference(parts), rtol=1e-12, atol=0)
+    # A part with nothing in it (all zero) is still left out, and a row with nothing
+    # anywhere is 0.
+    empty = (torch.zeros_like(far), torch.full_like(g_far, 50.0))
+    torch.testing.assert_close(combine([parts[0], empty], positive=False), near[..., :2] / 2.0)
+    zero = combine([(torch.zeros_like(near), g_near), empty], positive=False)
+    assert torch.equal(zero, torch.zeros_like(zero))

@@ -32,19 +32,23 @@ def combine(parts: list[tuple[Tensor, Tensor]], positive: bool) -> Tensor:
     (B, H, n, dv + 1), g: (B, H, n))``. Rows with nothing visible are 0.
 
     Stabilized by the true maximum over the parts present in each row: part ``p``'s
-    normalizer is ``exp(a_p)`` with ``a_p = g_p + ln |nd_p[dv]|``, and a part with
-    ``nd_p[dv] = 0`` (no key in it: the far part of the first ``w`` causal rows, or of a
-    row whose far keys are all padding or sinks) is left out. ``g_p`` alone is only the
+    magnitude is ``exp(a_p)`` with ``a_p = g_p + ln max_c |nd_p[c]|`` (over the
+    numerators and the normalizer), and a part with ``nd_p = 0`` (no key in it: the far
+    part of the first ``w`` causal rows, or of a row whose far keys are all padding or
+    sinks) is left out. A signed kernel's (softmax_trig, softmax_hyp) part may have a
+    normalizer of exactly 0, or a subnormal one, and numerators that are not: it is kept,
+    and scaled by its largest entry, not by the normalizer. ``g_p`` alone is only the
     part's nominal scale (0 for hedgehog, relu, elu): stabilizing by it loses a row's
     exact scores once they are all below ``-87`` (float32). Each part is divided by its
-    own normalizer before it is scaled by ``exp(a_p - max a) <= 1``, so no factor
-    overflows even where a part's normalizer is tiny against its scale.
+    own magnitude before it is scaled by ``exp(a_p - max a) <= 1``, so no factor
+    overflows even where a part's entries are tiny against its scale.
     """
     dv = parts[0][0].shape[-1] - 1
     scaled = []
     for nd, g in parts:
         with torch.no_grad():
-            mag = nd[..., dv].abs()
+            # max(|nd[dv]|, max |nd[:dv]|): every entry of nd / mag is in [-1, 1].
+            mag = nd.abs().amax(-1)
             present = mag > 0
             mag = torch.where(present, mag, 1.0)
             log_mag = torch.where(present, torch.log(mag), -math.inf)
