@@ -120,8 +120,24 @@ def test_a_plain_forward_keeps_the_parallel_form_and_its_cache_continues():
             folded = cache.state_bytes()
     assert cache.state_bytes() == folded
     torch.testing.assert_close(torch.cat(logits, 1), model(x).logits, rtol=1e-9, atol=1e-9)
-    # Beam search after the lazy prefill reorders the kept tokens too.
+    # The cache counts every token, the lazy prefill's included.
     assert cache.get_seq_length() == 11
+
+
+def test_beam_reordering_after_a_lazy_prefill_reorders_its_kept_tokens():
+    # Beam search reorders the cache between steps (Cache.reorder_cache): after a lazy
+    # prefill the keys and values it kept (not yet folded into the state) follow too.
+    model = convert(tiny_llama(), "favor", num_features=16, window=3, sinks=1)
+    x = ids(2, 9)
+    out = model(x[:, :8])
+    cache = returned_cache(out)
+    assert isinstance(cache, FavorCache)
+    assert any(layer.pending is not None for layer in cache.layers)
+    order = torch.tensor([1, 0])
+    cache.reorder_cache(order)
+    step = model(x[order, 8:9], **{CACHE: cache})
+    alone = model(x[order]).logits[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], alone, rtol=1e-9, atol=1e-9)
 
 
 def test_a_dynamic_cache_is_converted_once():
