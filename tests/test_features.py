@@ -75,9 +75,9 @@ def test_exp2_logits_maps_are_exp2_of_their_logits(kernel):
     torch.testing.assert_close(r, top.squeeze(-1) * torch.log(torch.tensor(2.0)).item())
 
 
-def test_positive_exp_is_a_deprecated_alias():
+def test_positive_exp_is_renamed_without_an_alias():
+    # 0.x: breaking renames without aliases, listed in CHANGELOG.md.
     fm = get_feature_map("hedgehog")
-    with pytest.warns(DeprecationWarning, match="positive_features"):
-        assert fm.positive_exp is fm.positive_features is True
-    with pytest.warns(DeprecationWarning):
-        assert get_feature_map("softmax_trig").positive_exp is False
+    assert fm.positive_features is True
+    assert get_feature_map("softmax_trig").positive_features is False
+    assert not hasattr(fm, "positive_exp")

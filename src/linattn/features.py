@@ -24,7 +24,6 @@ written for ``x~ = x * sqrt(scale)``. The fast paths fold ``sqrt(scale)`` (and
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,17 +85,6 @@ class FeatureMap:
     exp2_logits = False
     needs_projection = True
     causal_ok = True
-
-    @property
-    def positive_exp(self) -> bool:
-        """Deprecated alias of :attr:`positive_features` (it was True for hedgehog,
-        whose features are softmax, not ``exp``)."""
-        warnings.warn(
-            "FeatureMap.positive_exp is deprecated: use FeatureMap.positive_features",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.positive_features
 
     #: The map scores queries and keys with different parameters (``phi_q != phi_k``):
     #: callers must say which side they featurize (``is_query``).

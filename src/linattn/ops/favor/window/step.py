@@ -204,7 +204,7 @@ def favor_window_step_one(
     if lf is not None:
         nd = nd * lf
     parts.append((nd, g))
-    out = combine(parts, fm.positive_exp)
+    out = combine(parts, fm.positive_features)
     new = (kv, stab, kc[..., lo:, :], vc[..., lo:, :], padc[:, lo:], *sink_state)
     return out, new
 
