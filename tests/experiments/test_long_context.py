@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from linattn.cli import evaluate
+
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
@@ -416,7 +418,7 @@ def test_decoder_run_writes_its_files(tmp_path, tok, capsys):
     model = saved(tmp_path, tiny_llama, tok)
     out = tmp_path / "out"
     args = parse(["--model", model, *SMALL, "--out", str(out)])
-    assert lc.run_from_args(args) == 0
+    assert evaluate.run(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert {r["model"] for r in result["by_length"]} == set(measure.MODELS)
     assert {r["task"] for r in result["recall"]} == set(tasks.TASKS)
@@ -444,7 +446,7 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
     out = tmp_path / "out"
     args = parse(["--checkpoint", str(ckpt), "--parts", "quality", "recall", "--docs", "4",
                   "--out", str(out)])  # fmt: skip
-    assert lc.run_from_args(args) == 0
+    assert evaluate.run(args) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in result["encoder"]] == list(measure.MODELS)
     assert result["settings"]["model"] == model

@@ -6,6 +6,7 @@ hybrid / window-only / linear-only ablations. The work lives in
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ._common import Command
 
@@ -19,7 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..experiments import long_context
 
-    return long_context.run_from_args(args)
+    result = long_context.run_from_args(args)
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/" + ", ".join(result["files"]))
+    return 0
 
 
 COMMAND = Command(

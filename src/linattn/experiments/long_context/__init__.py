@@ -377,9 +377,10 @@ def _summary_model(checkpoint: Path) -> str | None:
     return None
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> dict:
     """Check the flags of :func:`configure_parser` (a :class:`linattn.cli.UsageError`
-    before any model loads), run :func:`run`, print the summary."""
+    before any model loads), run :func:`run` and return its result (``linattn eval``,
+    :mod:`linattn.cli.evaluate`, prints the summary)."""
     from ...cli._common import UsageError, own_out, refuse_replacing
     from ...cli._common import check_out as _check_out
     from ...cli.convert import _check_model
@@ -437,10 +438,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             "--overwrite replaces it, or give another --out",
         )
     with own_out(args.out):
-        result = _run_checked(args, options)
-    print((Path(args.out) / "summary.md").read_text())
-    print(f"wrote {args.out}/" + ", ".join(result["files"]))
-    return 0
+        return _run_checked(args, options)
 
 
 def _run_checked(args: argparse.Namespace, options: dict) -> dict:
