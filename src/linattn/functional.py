@@ -15,10 +15,7 @@ from ._checks import check_positive_int, shape_str
 from ._dispatch import Backend, FavorCall, dispatch
 
 # The argument checks, the stateful and packed paths and Linformer live in their own
-# modules; the names other modules and tests reach through this one are re-exported.
-from ._favor_checks import (
-    _as_4d as _as_4d,
-)
+# modules (_favor_checks, _favor_state, _linformer_functional).
 from ._favor_checks import (
     _check_cu_seqlens,
     _check_hybrid_lengths,
@@ -28,28 +25,10 @@ from ._favor_checks import (
     _checked_inputs,
     _prepare,
 )
-from ._favor_checks import (
-    _check_projection as _check_projection,
-)
-from ._favor_checks import (
-    _check_state as _check_state,
-)
-from ._favor_checks import (
-    _factor_checked as _factor_checked,
-)
-from ._favor_checks import (
-    _zero_padding as _zero_padding,
-)
-from ._favor_state import (
-    _favor_state_of as _favor_state_of,
-)
 from ._favor_state import (
     _favor_stateful,
     _run_packed_favor,
     packed_positions,
-)
-from ._favor_state import (
-    _run_packed as _run_packed,
 )
 from ._linformer_functional import linformer_attention
 from .features import Kernel

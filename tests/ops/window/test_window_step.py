@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import linattn
+import linattn._favor_checks as _favor_checks
 import linattn._favor_state as _favor_state
-import linattn.functional as functional
 from conftest import gen, randn
 from linattn.features import KERNELS, get_feature_map
 from linattn.ops.favor.recurrent import empty_window_state
@@ -221,9 +221,9 @@ def test_a_checked_linear_factor_is_checked_again_only_when_it_changes():
     lf = torch.tensor([1.0, 2.0], dtype=torch.float64)
     kw = dict(kernel="hedgehog", window=2, sinks=1, linear_factor=lf)
     linattn.favor_recurrent(q, q, q, w, **kw)
-    assert functional._factor_checked(lf)
+    assert _favor_checks._factor_checked(lf)
     lf[1] = float("nan")
-    assert not functional._factor_checked(lf)
+    assert not _favor_checks._factor_checked(lf)
     with pytest.raises(ValueError, match="linear_factor must be finite"):
         linattn.favor_recurrent(q, q, q, w, **kw)
     lf[1] = -1.0
@@ -234,7 +234,7 @@ def test_a_checked_linear_factor_is_checked_again_only_when_it_changes():
         inf = torch.tensor([1.0, float("inf")], dtype=torch.float64)
         with pytest.raises(ValueError, match="linear_factor must be finite"):
             linattn.favor_recurrent(q, q, q, w, **{**kw, "linear_factor": inf})
-        assert not functional._factor_checked(inf)
+        assert not _favor_checks._factor_checked(inf)
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
@@ -248,7 +248,7 @@ def test_state_of_keys_alone_equals_the_prefill_state(kernel, window):
     _, ref = linattn.favor_attention(
         q, k, v, w, causal=True, key_padding_mask=mask, output_final_state=True, **kw
     )
-    state = functional._favor_state_of(k, v, w, key_padding_mask=mask, **kw)
+    state = _favor_state._favor_state_of(k, v, w, key_padding_mask=mask, **kw)
     _same_state(tuple(state), tuple(ref), 2)
 
 

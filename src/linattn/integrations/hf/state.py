@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
+from ..._favor_state import _favor_state_of
 from ...features import KERNELS, Kernel
-from ...functional import _favor_state_of, favor_attention, favor_recurrent
+from ...functional import favor_attention, favor_recurrent
 from ...nn.linformer import (
     LinformerOptions,
     LinformerProjection,
