@@ -425,7 +425,13 @@ def test_decoder_run_writes_its_files(tmp_path, tok, capsys):
     assert {(r["model"], r["kind"]) for r in result["speed"]} == {
         (m, k) for m in ("exact", "hybrid") for k in ("prefill", "generate", "loop")
     }
-    assert result["conversion"] == {"window": 8, "sinks": 1, "layers": 2}
+    assert result["conversion"] == {
+        "window": 8,
+        "sinks": 1,
+        "slots": 0,
+        "slot_rule": "error",
+        "layers": 2,
+    }
     for name in ("by_length.csv", "by_position.csv", "recall.csv", "speed.csv", "summary.md",
                  "quality.png", "recall.png", "speed.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
@@ -464,8 +470,19 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
         (["--checkpoint", "{model}", "--kernel", "relu"], "conversion flags"),
         (["--checkpoint", "{model}"], "no summary.json"),
         (["--checkpoint", "{tmp}"], "expected a folder holding config.json"),
+        (["--model", "{model}", "--slot-rule", "mass"], "give --slots too"),
+        (["--model", "{model}", "--slots", "4", "--window", "-1"], "give a --window"),
     ],
-    ids=["nothing", "unknown-model", "window", "checkpoint-and-kernel", "no-original", "not-ckpt"],
+    ids=[
+        "nothing",
+        "unknown-model",
+        "window",
+        "checkpoint-and-kernel",
+        "no-original",
+        "not-ckpt",
+        "slot-rule-alone",
+        "slots-without-window",
+    ],
 )
 def test_bad_flags_are_refused_before_loading(tmp_path, tok, argv, match):
     from linattn.cli import UsageError
@@ -475,6 +492,32 @@ def test_bad_flags_are_refused_before_loading(tmp_path, tok, argv, match):
     with pytest.raises(UsageError, match=match):
         lc.run_from_args(parse([*argv, "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_slots_on_a_decoder_checkpoint(tmp_path, tok):
+    from linattn.integrations.hf import save_converted
+
+    model = saved(tmp_path, tiny_llama, tok)
+    ckpt = tmp_path / "conv" / "checkpoint"
+    save_converted(converted(tiny_llama(dtype=torch.float32)), ckpt, tokenizer=tok)
+    out = tmp_path / "out"
+    args = parse(["--checkpoint", str(ckpt), "--model", model, "--slots", "3", "--parts",
+                  "recall", "--distances", "150", "--examples", "1", "--tasks", "passkey",
+                  "--out", str(out)])  # fmt: skip
+    assert evaluate.run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["conversion"]["slots"] == 3 and result["settings"]["conversion"]["slots"] == 3
+    models = [r["model"] for r in result["recall"]]
+    assert models == ["exact", "hybrid", "no-slots", "no-far", "window-only", "linear-only"]
+    assert "no-slots" in (out / "summary.md").read_text()
+
+
+def test_slots_on_an_encoder_are_refused(tmp_path, tok):
+    from linattn.cli import UsageError
+
+    model = saved(tmp_path, tiny_bert, tok)
+    with pytest.raises(UsageError, match="for decoders"):
+        lc.run_from_args(parse(["--model", model, "--slots", "2", "--out", str(tmp_path / "o")]))
 
 
 def test_recall_on_an_encoder_is_refused(tmp_path, tok):
@@ -489,3 +532,27 @@ def test_bad_values_are_refused_by_the_parser(capsys):
     for argv in (["--examples", "0"], ["--new-tokens", "1"], ["--parts", "everything"]):
         with pytest.raises(SystemExit):
             parse(argv)
+
+
+def test_a_model_with_slots_adds_the_slot_ablations(tok):
+    from linattn.integrations.hf import set_slots
+
+    exact = tiny_llama()
+    model = set_slots(converted(exact), 2)
+    names, skipped = measure.variants_of(model)
+    assert names == ["hybrid", "no-slots", "no-far", "window-only", "linear-only"] and not skipped
+    ids = torch.randint(2, 258, (1, 40), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for name in names:
+        with measure.variant(model, name) as m:
+            outs[name] = measure.last_hidden(m, ids)
+    # no-slots is the model without slots; window-only drops the slots too.
+    plain = converted(exact)
+    torch.testing.assert_close(outs["no-slots"], measure.last_hidden(plain, ids))
+    with measure.variant(plain, "window-only") as m:
+        torch.testing.assert_close(outs["window-only"], measure.last_hidden(m, ids))
+    for a, b in [("hybrid", "no-slots"), ("hybrid", "no-far"), ("no-far", "window-only")]:
+        assert not torch.allclose(outs[a], outs[b])
+    exs = tasks.make_examples(tok, "passkey", (150,), 1)
+    rows, _ = measure.recall(exact, model, exs, variants=names, progress=False)
+    assert [r["model"] for r in rows] == ["exact", *names]

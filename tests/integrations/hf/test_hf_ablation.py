@@ -187,13 +187,13 @@ def test_a_cache_refuses_other_parts_than_it_was_filled_under():
 def test_set_attention_parts_returns_the_previous_setting_and_restores():
     model = convert(tiny_llama(), "favor", num_features=16, window=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert set_attention_parts(model, far=False) == (True, True)
-    assert set_attention_parts(model, near=False) == (True, False)
+    assert set_attention_parts(model, far=False) == (True, True, True)
+    assert set_attention_parts(model, near=False) == (True, False, True)
     assert all((m.linattn.near, m.linattn.far) == (False, True) for m in converted_layers(model))
     with pytest.raises(RuntimeError, match="boom"):
         with attention_parts(model, far=False):
             raise RuntimeError("boom")
-    assert set_attention_parts(model) == (False, True)
+    assert set_attention_parts(model) == (False, True, True)
     # Nothing of the model's weights or saved state changes.
     after = model.state_dict()
     assert before.keys() == after.keys()

@@ -4,7 +4,8 @@ For a FAVOR+-converted checkpoint (``--checkpoint DIR``, loaded with
 :func:`~linattn.integrations.hf.load_converted`) or a zero-shot conversion of
 ``--model minilm|smollm2|PATH`` (conversion flags over the transfer recipe's attention),
 every table compares the original model (``exact``, SDPA) with the converted model's
-ablations (:data:`~.measure.VARIANTS`: ``hybrid``, ``window-only``, ``linear-only``):
+ablations (:data:`~.measure.VARIANTS`: ``hybrid``, ``window-only``, ``linear-only``, and
+with slots ``no-slots``, ``no-far``):
 
 * ``quality`` (decoders): perplexity ratio, KL and top-1 agreement by length on held-out
   long texts (their first ``L`` tokens for each length) and by position bucket within
@@ -111,6 +112,7 @@ def run(
     *,
     checkpoint: str | None = None,
     options: dict | None = None,
+    slots: dict | None = None,
     parts: tuple[str, ...] = PARTS,
     lengths: tuple[int, ...] = DEFAULTS["lengths"],
     buckets: tuple[int, ...] = DEFAULTS["buckets"],
@@ -130,8 +132,10 @@ def run(
 ) -> dict:
     """Measure ``parts`` of :data:`PARTS` for ``model_name`` (``"minilm"``,
     ``"smollm2"`` or a model folder: the original) converted zero-shot with
-    ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``; write
-    the results into ``out`` (see the module docstring) and return them."""
+    ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``, with
+    ``slots`` (None, or the arguments of :func:`linattn.integrations.hf.set_slots`:
+    ``{"slots", "rule", "interval"}``) given to the converted decoder; write the results
+    into ``out`` (see the module docstring) and return them."""
     from ...bench.speed import machine_info
     from ...integrations.hf.distill import is_causal_lm
     from . import measure, report
@@ -143,6 +147,10 @@ def run(
     dev = torch.device(device)
     teacher, student, tok, source = _load(model_name, checkpoint, dict(options or {}), device)
     decoder = is_causal_lm(teacher)
+    if slots is not None:
+        from ...integrations.hf import set_slots
+
+        set_slots(student, slots["slots"], rule=slots["rule"], interval=slots["interval"])
     variants, skipped = measure.variants_of(student)
     result = {
         "settings": {
@@ -230,6 +238,8 @@ def run(
 
 # ---------------------------------------------------------------- command line
 _CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks")
+#: Flags that also apply to a --checkpoint (the slots hold no parameters).
+_SLOT_FLAGS = ("slots", "slot_rule", "slot_interval")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -244,7 +254,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "Long-context evaluation of a FAVOR+-converted model against its original "
         "(SDPA): decoders by length and position on held-out long text, long-range recall "
         "tasks (passkey, key-value, copying), encoders by embedding cosine and retrieval; "
-        "every table with the ablations hybrid / window-only / linear-only; speed and "
+        "every table with the ablations hybrid / window-only / linear-only (and with "
+        "--slots: no-slots / no-far); speed and "
         "memory (prefill, generate(), a hand-written cache loop). Offline: "
         "HF_HUB_OFFLINE=1. Writes results.json, CSVs, PNGs and summary.md to --out."
     )
@@ -280,6 +291,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--sinks",
         type=_non_negative,
         help="zero-shot conversion: exact sink tokens (default: the transfer recipe's, 1)",
+    )
+    g.add_argument(
+        "--slots",
+        type=_non_negative,
+        help="exact key-value slots per head kept by --slot-rule (decoders with a window; "
+        "also on a --checkpoint: they need no training; default: the conversion's, 0)",
+    )
+    g.add_argument(
+        "--slot-rule",
+        choices=("error", "mass"),
+        help="which keys the slots keep: error (LoLA: those the linear state reads back "
+        "worst; default) or mass (the most attended)",
+    )
+    g.add_argument(
+        "--slot-interval",
+        type=_positive,
+        help="keys decided on at a time (default: the window)",
     )
     g.add_argument("--seed", type=int, default=0, help="conversion, texts and task examples")
     w = parser.add_argument_group("what to measure")
@@ -414,6 +442,10 @@ def run_from_args(args: argparse.Namespace) -> dict:
         raise UsageError(
             f"--window: expected -1 (none) or a number of keys >= 0, got {args.window}"
         )
+    if args.slots and not decoder:
+        raise UsageError("--slots: exact key-value slots are for decoders (causal LMs)")
+    if args.slots and args.window == -1:
+        raise UsageError("--slots: the slots hold keys that leave the window; give a --window")
     if not decoder and args.parts == ["recall"]:
         raise UsageError("--parts recall: the recall tasks need a decoder (a causal LM)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -424,6 +456,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
             setattr(args, name, value)
     if decoder and "quality" in args.parts and min(args.lengths) < 2:
         raise UsageError(f"--lengths: each at least 2 tokens, got {args.lengths}")
+    if args.slots is None and (args.slot_rule is not None or args.slot_interval is not None):
+        raise UsageError("--slot-rule / --slot-interval: give --slots too")
     options = {"seed": args.seed}
     for name in _CONVERSION_FLAGS:
         value = getattr(args, name)
@@ -448,6 +482,13 @@ def _run_checked(args: argparse.Namespace, options: dict) -> dict:
         args.model,
         checkpoint=args.checkpoint,
         options={} if args.checkpoint else options,
+        slots=None
+        if args.slots is None
+        else {
+            "slots": args.slots,
+            "rule": args.slot_rule or "error",
+            "interval": args.slot_interval,
+        },
         parts=tuple(dict.fromkeys(args.parts)),
         lengths=tuple(sorted(set(args.lengths))),
         buckets=tuple(sorted(set(args.buckets))),

@@ -3,8 +3,11 @@ against the original, by length, by position, on recall tasks, and (encoders) on
 embeddings and retrieval.
 
 Models are compared as ``"exact"`` (the original), ``"hybrid"`` (the converted model as
-it is), ``"window-only"`` (its far part off: exact over the window and the sinks) and
-``"linear-only"`` (no window, no sinks: the feature map alone), switched with
+it is), ``"window-only"`` (its far part and its slots off: exact over the window and the
+sinks) and ``"linear-only"`` (no window, no sinks, no slots: the feature map alone); a
+model converted with exact key-value slots adds ``"no-slots"`` (the plain window hybrid:
+what the slots add) and ``"no-far"`` (window, sinks and slots, the evicted keys dropped:
+what the feature-map part adds beside the slots). Switched with
 :func:`linattn.integrations.hf.attention_parts`.
 """
 
@@ -25,18 +28,34 @@ from .tasks import RecallExample, check_example, placement
 
 #: The converted model's ablations, in table order.
 VARIANTS = ("hybrid", "window-only", "linear-only")
+#: The ablations that exist only for a model converted with slots (after the hybrid).
+SLOT_VARIANTS = ("no-slots", "no-far")
+#: Each ablation's :func:`~linattn.integrations.hf.attention_parts` switches.
+PARTS_OF = {
+    "hybrid": {},
+    "no-slots": {"slots": False},
+    "no-far": {"far": False},
+    "window-only": {"far": False, "slots": False},
+    "linear-only": {"near": False},
+}
 #: Every compared model: the original, then the ablations.
 MODELS = ("exact", *VARIANTS)
 
 
 def conversion(model: nn.Module) -> dict:
-    """``{"window", "sinks", "layers"}`` of a FAVOR+-converted model (its first layer's
-    settings; ``layers``: how many converted attention layers)."""
+    """``{"window", "sinks", "slots", "slot_rule", "layers"}`` of a FAVOR+-converted
+    model (its first layer's settings; ``layers``: how many converted attention layers)."""
     layers = list(converted_layers(model))
     if not layers or layers[0].linattn.method != "favor":
         raise ValueError("linattn eval needs a model converted with method='favor'")
     first = layers[0].linattn
-    return {"window": first.window, "sinks": first.sinks, "layers": len(layers)}
+    return {
+        "window": first.window,
+        "sinks": first.sinks,
+        "slots": first.slots,
+        "slot_rule": first.slot_rule,
+        "layers": len(layers),
+    }
 
 
 def variants_of(model: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -45,11 +64,12 @@ def variants_of(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     :func:`~linattn.integrations.hf.attention_parts` refuses it."""
     from ...integrations.hf import attention_parts
 
-    conversion(model)
+    slots = conversion(model)["slots"]
     names, skipped = [], {}
-    for name in VARIANTS:
+    order = [VARIANTS[0], *(SLOT_VARIANTS if slots else ()), *VARIANTS[1:]]
+    for name in order:
         try:
-            with attention_parts(model, near=name != "linear-only", far=name != "window-only"):
+            with attention_parts(model, **PARTS_OF[name]):
                 pass
         except ValueError as exc:
             skipped[name] = str(exc)
@@ -62,14 +82,14 @@ def variants_of(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 def variant(model: nn.Module, name: str) -> Iterator[nn.Module]:
     """``model`` with the attention parts of ablation ``name`` (one of
     :data:`VARIANTS`) switched on, restored when the block ends."""
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {name!r}")
+    if name not in PARTS_OF:
+        raise ValueError(f"variant must be one of {tuple(PARTS_OF)}, got {name!r}")
     if name == "hybrid":
         yield model
         return
     from ...integrations.hf import attention_parts
 
-    with attention_parts(model, near=name == "window-only", far=name == "linear-only"):
+    with attention_parts(model, **PARTS_OF[name]):
         yield model
 
 
@@ -197,7 +217,9 @@ def recall(
                 **where,
             }
         )
-    order = {name: i for i, name in enumerate(MODELS)}
+    order = {
+        name: i for i, name in enumerate(("exact", VARIANTS[0], *SLOT_VARIANTS, *VARIANTS[1:]))
+    }
     task_order = {t: i for i, t in enumerate(dict.fromkeys(ex.task for ex in examples))}
     rows.sort(key=lambda r: (task_order[r["task"]], r["distance"], order[r["model"]]))
     return rows, per

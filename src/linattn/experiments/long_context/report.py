@@ -64,7 +64,14 @@ FIELDS = {
         "skipped",
     ],
 }
-COLORS = {"exact": "k", "hybrid": "C3", "window-only": "C0", "linear-only": "C2"}
+COLORS = {
+    "exact": "k",
+    "hybrid": "C3",
+    "no-slots": "C1",
+    "no-far": "C4",
+    "window-only": "C0",
+    "linear-only": "C2",
+}
 
 
 def _csv(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -122,9 +129,16 @@ def markdown(result: dict) -> str:
         f"# linattn eval: {s['model']}",
         "",
         f"Converted model: {s['source']}; conversion {s['conversion']}.",
-        f"Compared: exact (the original model) and the converted model's ablations: "
-        f"hybrid (as converted), window-only (far part off: exact over the window and "
-        f"sinks), linear-only (no window, no sinks). Device {s['device']}, "
+        "Compared: exact (the original model) and the converted model's ablations: "
+        "hybrid (as converted), window-only (far part and slots off: exact over the "
+        "window and sinks), linear-only (no window, no sinks, no slots)"
+        + (
+            "; with slots also no-slots (the plain window hybrid) and no-far (window, "
+            "sinks and slots exact, the evicted keys dropped)"
+            if result.get("conversion", {}).get("slots")
+            else ""
+        )
+        + f". Device {s['device']}, "
         f"{s['threads']} threads; {s['seconds']:.0f} s in all.",
     ]
     for name, why in result.get("skipped_variants", {}).items():
@@ -166,7 +180,8 @@ def markdown(result: dict) -> str:
             "## Long-range recall (teacher-forced; accuracy = every answer token top-1)",
             "",
             f"Distance: answer start - source start (tokens). Window {c['window']}, "
-            f"sinks {c['sinks']}, {c['layers']} layers: a window-only model can relay "
+            f"sinks {c['sinks']}, slots {c.get('slots', 0)} ({c.get('slot_rule', '-')} rule), "
+            f"{c['layers']} layers: a window-only model can relay "
             "information (window - 1) positions per layer; 'beyond field' marks distances "
             "where the source lies beyond that too (there it cannot score above chance).",
             "",

@@ -4,8 +4,9 @@
 mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterface``
 under ``"linattn"``, attaches per-layer state to each attention module and selects it.
 See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
-:class:`FavorCache`, :func:`attention_parts` / :func:`set_attention_parts` (ablations:
-window-only, linear-only), :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
+:class:`FavorCache`, :func:`set_slots` (exact key-value slots for a converted decoder),
+:func:`attention_parts` / :func:`set_attention_parts` (ablations: window-only, linear-only,
+no slots), :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
 and the experiments of ``linattn convert`` are application code, in
 :mod:`linattn.experiments`.
 """
@@ -27,6 +28,7 @@ from .convert import (
     load_converted,
     redraw_projections,
     save_converted,
+    set_slots,
 )
 
 __all__ = [
@@ -44,4 +46,5 @@ __all__ = [
     "register",
     "save_converted",
     "set_attention_parts",
+    "set_slots",
 ]

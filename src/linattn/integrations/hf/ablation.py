@@ -1,9 +1,9 @@
 """Ablations of a FAVOR+-converted model: switch the exact (near) or the feature-map (far)
-part of every converted layer's hybrid attention off, at inference, without touching
-the weights.
+part of every converted layer's hybrid attention off, or its exact key-value slots, at
+inference, without touching the weights.
 
 The switches are runtime state of each layer's :class:`~.state.FavorLayerState`
-(``near``, ``far``), read by its forward on every call, in the parallel forward and in
+(``near``, ``far``, ``use_slots``), read by its forward on every call, in the parallel forward and in
 recurrent decoding through :class:`~.cache.FavorCache` alike. They are not saved by
 :func:`~.convert.save_converted` (a loaded model runs the full hybrid).
 """
@@ -45,8 +45,8 @@ def _has_exact_part(module: nn.Module) -> bool:
 
 
 def set_attention_parts(
-    model: nn.Module, *, near: bool = True, far: bool = True
-) -> tuple[bool, bool]:
+    model: nn.Module, *, near: bool = True, far: bool = True, slots: bool = True
+) -> tuple[bool, bool, bool]:
     """Choose which parts of the hybrid attention every converted layer of ``model`` uses.
 
     Args:
@@ -56,11 +56,15 @@ def set_attention_parts(
             ``window=None, sinks=0`` and the same feature maps.
         far: keep the feature-map part (the keys outside the window). ``False``:
             window-only, exact softmax attention over each query's window and the sinks
-            (the far keys weigh 0 under the one normalizer).
+            (the far keys weigh 0 under the one normalizer; with slots, the slots stay
+            exact unless ``slots=False`` too).
+        slots: keep the exact key-value slots of a model converted with ``slots > 0``
+            (no effect without). ``False``: the plain window hybrid, every key that
+            leaves the window going to the feature-map part.
 
     Returns:
-        the previous ``(near, far)`` (of the first converted layer; this function sets all
-        layers alike).
+        the previous ``(near, far, slots)`` (of the first converted layer; this function
+        sets all layers alike).
 
     Raises:
         TypeError: ``near`` or ``far`` is not a bool.
@@ -72,7 +76,7 @@ def set_attention_parts(
     on under others (start a new cache after switching). ``near=True, far=True`` is the
     converted model as built.
     """
-    for name, value in (("near", near), ("far", far)):
+    for name, value in (("near", near), ("far", far), ("slots", slots)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     modules = _favor_layers(model)
@@ -88,23 +92,26 @@ def set_attention_parts(
                 "would see no key (convert with a window >= 1 or sinks >= 1)"
             )
     first = modules[0].linattn
-    previous = (bool(first.near), bool(first.far))
+    previous = (bool(first.near), bool(first.far), bool(first.use_slots))
     for module in modules:
         module.linattn.near, module.linattn.far = near, far
+        module.linattn.use_slots = slots
     return previous
 
 
 @contextmanager
-def attention_parts(model: nn.Module, *, near: bool = True, far: bool = True) -> Iterator[None]:
-    """Context manager: run ``model`` with :func:`set_attention_parts` ``(near, far)``
+def attention_parts(
+    model: nn.Module, *, near: bool = True, far: bool = True, slots: bool = True
+) -> Iterator[None]:
+    """Context manager: run ``model`` with :func:`set_attention_parts` ``(near, far, slots)``
     inside the block and restore the previous setting on leaving it (also on an
     exception)::
 
         with attention_parts(model, far=False):      # window-only
             logits = model(ids).logits
     """
-    previous = set_attention_parts(model, near=near, far=far)
+    previous = set_attention_parts(model, near=near, far=far, slots=slots)
     try:
         yield
     finally:
-        set_attention_parts(model, near=previous[0], far=previous[1])
+        set_attention_parts(model, near=previous[0], far=previous[1], slots=previous[2])

@@ -38,7 +38,7 @@ CONFIG_KEY = "linattn_conversion"
 #: what the conversion adds (defaults: the layer states', ``max_seq_len`` the model's).
 OPTIONS = {"favor": FavorOptions, "linformer": LinformerOptions}
 STATE_OPTIONS = {
-    "favor": ("seed", "chunk_size", "learn_projection"),
+    "favor": ("seed", "chunk_size", "learn_projection", "slots", "slot_rule", "slot_interval"),
     "linformer": ("seed", "max_seq_len"),
 }
 
@@ -177,6 +177,12 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 layer_index=layer,
                 device=device,
             )
+            if state.slots and not causal:
+                raise ValueError(
+                    f"slots={state.slots} are for causal decoders (keys are decided on as "
+                    f"they leave a query's causal window); {type(model).__name__} is "
+                    "bidirectional: convert it with slots=0"
+                )
             if causal and not KERNELS[state.kernel].causal_ok:
                 raise ValueError(
                     f"kernel={state.kernel!r} has no causal form; a decoder needs e.g. "
@@ -230,6 +236,52 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
 def linear_attention_states(model: nn.Module) -> list[nn.Module]:
     """The per-layer ``linattn`` state modules of a converted model, in layer order."""
     return [m.linattn for m in converted_layers(model)]
+
+
+def set_slots(
+    model: nn.Module, slots: int, *, rule: str = "error", interval: int | None = None
+) -> nn.Module:
+    """Give every layer of a FAVOR+-converted decoder ``slots`` exact key-value slots per
+    head (0: none), kept by ``rule``, decided every ``interval`` keys (default: the
+    window), in place; see :class:`~.state.FavorLayerState`. The slots hold no parameters:
+    a model trained without them (e.g. by attention transfer) can use them at inference.
+    The conversion recorded in ``model.config`` follows, so that :func:`save_converted`
+    keeps them. Returns ``model``.
+
+    Raises:
+        ValueError: the model is not converted with ``method="favor"``, is not causal, has
+            no window, or an option is out of range (nothing is changed then).
+    """
+    modules = list(converted_layers(model))
+    if not modules or any(m.linattn.method != "favor" for m in modules):
+        raise ValueError("set_slots needs a model converted with method='favor'")
+    if not any(bool(getattr(m, "is_causal", False)) for m in modules):
+        raise ValueError("slots are for causal decoders; this model is bidirectional")
+    first = modules[0].linattn
+    # Checked by building a state with the new options (raises before anything changes).
+    checked = FavorLayerState(
+        first.head_dim,
+        num_heads=first.num_heads,
+        num_features=first.num_features,
+        kernel=first.kernel,
+        window=first.window,
+        sinks=first.sinks,
+        slots=slots,
+        slot_rule=rule,
+        slot_interval=interval,
+        learn_projection=first.learn_projection,
+        redraw_interval=first.redraw_interval,
+    )
+    for module in modules:
+        state = module.linattn
+        state.slots, state.slot_rule = checked.slots, checked.slot_rule
+        state.slot_interval = checked.slot_interval
+    spec = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
+        spec["options"].update(
+            slots=checked.slots, slot_rule=checked.slot_rule, slot_interval=checked.slot_interval
+        )
+    return model
 
 
 def redraw_projections(model: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
 from ..._favor_state import _favor_state_of
-from ...features import KERNELS, Kernel
+from ...features import KERNELS, Kernel, get_feature_map
 from ...functional import favor_attention, favor_recurrent
 from ...nn.linformer import (
     LinformerOptions,
@@ -33,6 +33,7 @@ from ...nn.performer import (
     default_num_features,
     hedgehog_init,
 )
+from ...ops.favor.slots import RULES, SlotState, favor_slots_step
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -63,6 +64,18 @@ class FavorLayerState(RandomFeatures, nn.Module):
             their keys and values in the recurrent state.
         orthogonal, scaling, seed, layer_index, redraw_interval: as
             :class:`linattn.PerformerAttention` (random-feature kernels).
+        slots: ``G >= 0`` exact key-value slots per head (causal models with a window
+            only; 0: none). Keys that leave the window are decided on in groups of
+            ``slot_interval``: the ``G`` that ``slot_rule`` ranks highest among the cached
+            and the newly decided keys stay exact, the others go to the feature-map
+            state (:func:`linattn.ops.favor.slots.favor_slots_step`, after LoLA). The
+            state stays O(1) per token: ``s + w + I - 1 + G`` keys and values per head
+            beside the feature-map sums. Padded batches are refused (slots are chosen
+            per position).
+        slot_rule: ``"error"`` (default; LoLA: keep the keys whose values the
+            feature-map state reads back worst) or ``"mass"`` (keep the keys that got the
+            most attention so far).
+        slot_interval: ``I``, keys per decision (default: the window).
         chunk_size: causal chunk length (speed only).
         learn_projection: make the projection a trainable parameter. Default: True for
             learned maps, False for random features (where a trained projection starts
@@ -93,12 +106,15 @@ class FavorLayerState(RandomFeatures, nn.Module):
     the window and the sinks; ``near=False`` attends with the feature map alone (as the
     same layer built with ``window=None, sinks=0``). ``far`` (default True) keeps the
     feature-map part; ``far=False`` gives the far keys weight 0 (``linear_factor = 0``):
-    exact softmax attention over the window and the sinks alone.
+    exact softmax attention over the window and the sinks alone. ``use_slots`` (default
+    True; only read with ``slots > 0``): ``False`` runs the plain window hybrid, every key
+    that leaves the window going to the feature-map state.
     """
 
     #: Ablation switches read by :meth:`forward` (see :func:`~.ablation.set_attention_parts`).
     near: bool = True
     far: bool = True
+    use_slots: bool = True
 
     method = "favor"
 
@@ -118,10 +134,25 @@ class FavorLayerState(RandomFeatures, nn.Module):
         redraw_interval: int | None = FavorOptions.redraw_interval,
         chunk_size: int = 64,
         learn_projection: bool | None = None,
+        slots: int = 0,
+        slot_rule: str = "error",
+        slot_interval: int | None = None,
         device=None,
     ) -> None:
         super().__init__()
         self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
+        if not is_int(slots) or slots < 0:
+            raise ValueError(f"slots must be an int >= 0, got {slots!r}")
+        self.slots = int(slots)
+        self.slot_rule = check_choice("slot_rule", slot_rule, RULES)
+        self.slot_interval = (
+            None if slot_interval is None else check_positive_int("slot_interval", slot_interval)
+        )
+        if self.slots and (window is None or not is_int(window) or window < 1):
+            raise ValueError(
+                f"slots={self.slots} needs a window >= 1 (the slots hold keys that leave "
+                f"the window), got window={window!r}"
+            )
         self.learned = self.kernel in LEARNED_KERNELS
         if learn_projection is None:
             learn_projection = self.learned
@@ -226,7 +257,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         if cache_layer is not None:
-            _check_cache_parts(cache_layer, (self.near, self.far))
+            _check_cache_parts(cache_layer, self._held_parts())
+        if causal and self._slots_on():
+            return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
+        if cache_layer is not None:
             if cache_layer.pending is not None:
                 # Tokens kept unfolded (a lazy prefill, a converted DynamicCache) join the
                 # state before the new ones.
@@ -281,6 +315,87 @@ class FavorLayerState(RandomFeatures, nn.Module):
             **kw,
         )
 
+    def _slots_on(self) -> bool:
+        return bool(self.slots and self.near and self.use_slots)
+
+    def _held_parts(self) -> tuple[bool, bool, bool]:
+        return (bool(self.near), bool(self.far), self._slots_on())
+
+    def _slots_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kw: dict, cache_layer
+    ) -> Tensor:
+        """The slot hybrid (causal): ``q, k, v: (B, H, L, d)``, continuing
+        ``cache_layer``'s :class:`~linattn.ops.favor.slots.SlotState` if one is given."""
+        if mask is not None:
+            raise ValueError(
+                f"slots={self.slots}: exact key-value slots are chosen per position and "
+                "work on unpadded sequences only; run padded texts one at a time (or "
+                "convert with slots=0)"
+            )
+        state = None
+        if cache_layer is not None:
+            if cache_layer.pending is not None:
+                # Keys and values of a converted DynamicCache: decided on as they leave
+                # the window; the error rule reads the keys and values only.
+                pk, pv, pmask = cache_layer.pending
+                cache_layer.pending = None
+                if pmask is not None:
+                    raise ValueError(
+                        f"slots={self.slots}: the cached tokens are padded; slots work on "
+                        "unpadded sequences only"
+                    )
+                if self.slot_rule == "mass":
+                    raise ValueError(
+                        "slot_rule='mass' scores keys by the attention their queries gave "
+                        "them, which a DynamicCache does not keep: start from a FavorCache "
+                        "(the converted model's forward(use_cache=True) makes one)"
+                    )
+                heads = q.shape[1]
+                pk = pk.repeat_interleave(heads // pk.shape[1], dim=1).to(q)
+                pv = pv.repeat_interleave(heads // pv.shape[1], dim=1).to(q)
+                _, state = self._slots_step(pk.new_zeros(pk.shape), pk, pv, None, kw)
+            else:
+                state = cache_layer.state
+        elif q.shape[-2] != k.shape[-2]:
+            raise ValueError(
+                f"slots={self.slots}: {q.shape[-2]} queries against {k.shape[-2]} keys "
+                "(a key/value cache the model kept itself); decode through a FavorCache"
+            )
+        out, state = self._slots_step(q, k, v, state, kw)
+        if cache_layer is not None:
+            cache_layer.state = state
+        return out
+
+    def _slots_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: SlotState | None, kw: dict
+    ) -> tuple[Tensor, SlotState]:
+        """:func:`~linattn.ops.favor.slots.favor_slots_step` with this layer's feature
+        map, in float32 for half-precision inputs; returns ``(out in q's dtype, state)``."""
+        dtype = q.dtype
+        cd = compute_dtype(dtype)
+        q, k, v = (t.to(cd) for t in (q, k, v))
+        scale = kw["scale"]
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        fm = get_feature_map(self.kernel)
+        params = fm.prepare(self.projection.to(cd), q, k, None, scale)
+        lf = kw["linear_factor"]
+        out, state = favor_slots_step(
+            q,
+            k,
+            v,
+            fm,
+            params,
+            state,
+            window=kw["window"],
+            slots=self.slots,
+            sinks=kw["sinks"],
+            interval=self.slot_interval,
+            rule=self.slot_rule,
+            linear_factor=None if lf is None else lf.to(cd),
+        )
+        return out.to(dtype), state
+
     def _fold(self, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor, state, kw: dict):
         """The recurrent state after ``state`` has absorbed keys ``k: (B, H_kv, n, d)`` and
         values ``v`` (``mask: (B, n)`` True = padding); ``q`` gives the heads ``H`` (a
@@ -326,6 +441,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
             "redraw_interval": self.redraw_interval,
             "chunk_size": self.chunk_size,
             "learn_projection": self.learn_projection,
+            "slots": self.slots,
+            "slot_rule": self.slot_rule,
+            "slot_interval": self.slot_interval,
         }
 
     def extra_repr(self) -> str:
@@ -333,20 +451,25 @@ class FavorLayerState(RandomFeatures, nn.Module):
             f"head_dim={self.head_dim}, num_features={self.num_features}, "
             f"kernel={self.kernel!r}, window={self.window}"
             + (f", sinks={self.sinks}" if self.sinks else "")
+            + (f", slots={self.slots}, slot_rule={self.slot_rule!r}" if self.slots else "")
         )
 
 
-def _check_cache_parts(cache_layer, parts: tuple[bool, bool]) -> None:
-    """A cache layer records the attention parts (near, far) it was filled under; going
-    on under others would mix two models in one state: refused."""
+def _check_cache_parts(cache_layer, parts: tuple[bool, bool, bool]) -> None:
+    """A cache layer records the attention parts (near, far, slots) it was filled under;
+    going on under others would mix two models in one state: refused."""
     held = getattr(cache_layer, "parts", None)
     if held is None:
         cache_layer.parts = parts
     elif held != parts:
+
+        def say(p):
+            return f"near={p[0]}, far={p[1]}, slots={p[2]}"
+
         raise ValueError(
-            f"this FavorCache was filled with attention parts near={held[0]}, far={held[1]} "
-            f"but the model now runs near={parts[0]}, far={parts[1]}: start a new cache "
-            "(e.g. FavorCache(model)) after set_attention_parts, or switch back"
+            f"this FavorCache was filled with attention parts {say(held)} but the model "
+            f"now runs {say(parts)}: start a new cache (e.g. FavorCache(model)) after "
+            "set_attention_parts, or switch back"
         )
 
 
