@@ -510,6 +510,14 @@ def test_slots_on_a_decoder_checkpoint(tmp_path, tok):
     models = [r["model"] for r in result["recall"]]
     assert models == ["exact", "hybrid", "no-slots", "no-far", "window-only", "linear-only"]
     assert "no-slots" in (out / "summary.md").read_text()
+    # --variants picks ablations; one the model does not have is left out with its reason.
+    args = parse(["--checkpoint", str(ckpt), "--model", model, "--variants", "hybrid",
+                  "no-far", "--parts", "recall", "--distances", "150", "--examples", "1",
+                  "--tasks", "passkey", "--out", str(out), "--overwrite"])  # fmt: skip
+    assert evaluate.run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in result["recall"]] == ["exact", "hybrid"]
+    assert "no slots" in result["skipped_variants"]["no-far"]
 
 
 def test_slots_on_an_encoder_are_refused(tmp_path, tok):

@@ -113,6 +113,7 @@ def run(
     checkpoint: str | None = None,
     options: dict | None = None,
     slots: dict | None = None,
+    variants: tuple[str, ...] | None = None,
     parts: tuple[str, ...] = PARTS,
     lengths: tuple[int, ...] = DEFAULTS["lengths"],
     buckets: tuple[int, ...] = DEFAULTS["buckets"],
@@ -135,7 +136,9 @@ def run(
     ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``, with
     ``slots`` (None, or the arguments of :func:`linattn.integrations.hf.set_slots`:
     ``{"slots", "rule", "interval"}``) given to the converted decoder; write the results
-    into ``out`` (see the module docstring) and return them."""
+    into ``out`` (see the module docstring) and return them. ``variants``: the ablations
+    to compare (default: every one that exists for the model, :func:`.measure.variants_of`);
+    one that does not exist is left out with its reason."""
     from ...bench.speed import machine_info
     from ...integrations.hf.distill import is_causal_lm
     from . import measure, report
@@ -151,7 +154,14 @@ def run(
         from ...integrations.hf import set_slots
 
         set_slots(student, slots["slots"], rule=slots["rule"], interval=slots["interval"])
-    variants, skipped = measure.variants_of(student)
+    available, skipped = measure.variants_of(student)
+    if variants is None:
+        variants = available
+    else:
+        for name in variants:
+            if name not in available and name not in skipped:
+                skipped[name] = "the model has no slots (convert with slots > 0 or --slots)"
+        variants = [name for name in available if name in variants]
     result = {
         "settings": {
             "model": model_name,
@@ -320,6 +330,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "recall: long-range tasks (decoders); speed: time and memory",
     )
     w.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("hybrid", "no-slots", "no-far", "window-only", "linear-only"),
+        help="the converted model's ablations to compare with exact (default: every one "
+        "that exists for it; no-slots and no-far need slots)",
+    )
+    w.add_argument(
         "--quick",
         action="store_true",
         help="small sizes: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()),
@@ -482,6 +499,7 @@ def _run_checked(args: argparse.Namespace, options: dict) -> dict:
         args.model,
         checkpoint=args.checkpoint,
         options={} if args.checkpoint else options,
+        variants=None if args.variants is None else tuple(dict.fromkeys(args.variants)),
         slots=None
         if args.slots is None
         else {
