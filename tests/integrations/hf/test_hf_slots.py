@@ -168,7 +168,7 @@ def test_slot_ablation_is_the_plain_hybrid_and_a_cache_keeps_its_parts():
     cache = FavorCache(model)
     model(prompt, **{CACHE: cache}, use_cache=True)
     with attention_parts(model, slots=False):
-        with pytest.raises(ValueError, match="slots=True"):
+        with pytest.raises(ValueError, match="slots=off"):
             model(ids(2, 1), **{CACHE: cache}, use_cache=True)
 
 
@@ -217,3 +217,23 @@ def test_set_slots_equals_converting_with_them(tmp_path):
     # 0 switches them off: the plain hybrid again.
     plain = convert(tiny_llama(), "favor", num_features=16, window=3)
     torch.testing.assert_close(set_slots(later, 0)(prompt).logits, plain(prompt).logits)
+
+
+@pytest.mark.parametrize(
+    "new",
+    [{"slots": 3}, {"slots": 1}, {"slots": 2, "rule": "mass"}, {"slots": 2, "interval": 1}],
+    ids=["more-slots", "fewer-slots", "mass-rule", "interval-1"],
+)
+def test_a_cache_filled_under_other_slot_options_is_refused(new):
+    model = convert(tiny_llama(), "favor", num_features=16, window=3, slots=2)
+    prompt, nxt = ids(1, 12), ids(1, 1, seed=7)
+    cache = model(prompt, use_cache=True).get(CACHE)
+    new = dict(new)
+    set_slots(model, new.pop("slots"), **new)
+    with pytest.raises(ValueError, match=r"filled with .*slots=2 \(error rule, interval None\)"):
+        model(nxt, **{CACHE: cache}, use_cache=True)
+    # Back to the options it was filled under, it goes on as the parallel forward.
+    set_slots(model, 2)
+    got = model(nxt, **{CACHE: cache}, use_cache=True).logits
+    want = model(torch.cat([prompt, nxt], 1)).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -318,8 +318,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
     def _slots_on(self) -> bool:
         return bool(self.slots and self.near and self.use_slots)
 
-    def _held_parts(self) -> tuple[bool, bool, bool]:
-        return (bool(self.near), bool(self.far), self._slots_on())
+    def _held_parts(self) -> tuple:
+        """What a cache's state depends on beside the weights: ``(near, far, slots)``,
+        ``slots`` = ``(G, rule, interval)`` while slots are in force, else None."""
+        slots = (self.slots, self.slot_rule, self.slot_interval) if self._slots_on() else None
+        return (bool(self.near), bool(self.far), slots)
 
     def _slots_forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kw: dict, cache_layer
@@ -455,21 +458,23 @@ class FavorLayerState(RandomFeatures, nn.Module):
         )
 
 
-def _check_cache_parts(cache_layer, parts: tuple[bool, bool, bool]) -> None:
-    """A cache layer records the attention parts (near, far, slots) it was filled under;
-    going on under others would mix two models in one state: refused."""
+def _check_cache_parts(cache_layer, parts: tuple) -> None:
+    """A cache layer records the attention parts (near, far, slots: see
+    :meth:`FavorLayerState._held_parts`) it was filled under; going on under others
+    would mix two models in one state: refused."""
     held = getattr(cache_layer, "parts", None)
     if held is None:
         cache_layer.parts = parts
     elif held != parts:
 
         def say(p):
-            return f"near={p[0]}, far={p[1]}, slots={p[2]}"
+            slots = "off" if p[2] is None else "{} ({} rule, interval {})".format(*p[2])
+            return f"near={p[0]}, far={p[1]}, slots={slots}"
 
         raise ValueError(
             f"this FavorCache was filled with attention parts {say(held)} but the model "
             f"now runs {say(parts)}: start a new cache (e.g. FavorCache(model)) after "
-            "set_attention_parts, or switch back"
+            "set_attention_parts or set_slots, or switch back"
         )
 
 
