@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...functional import FavorState
 from .attention import NAME
-from .state import converted_layers
+from .state import _check_cache_parts, converted_layers
 
 
 class FavorCacheLayer(CacheLayerMixin):
@@ -162,9 +162,12 @@ class FavorCache(Cache):
                 f"for exact attention, or select {NAME!r} again"
             )
         layer = self.layers[layer_idx]
+        state = self._states[layer_idx]
+        # Before anything changes: a refused call leaves the cache as it was.
+        _check_cache_parts(layer, state._held_parts())
         # The model calls its attention function right after this; the state module
         # hands it this layer so that it continues the recurrent state.
-        self._states[layer_idx].pending_cache = layer
+        state.pending_cache = layer
         return layer.update(key_states, value_states)
 
     def state_bytes(self) -> int:
