@@ -2,6 +2,8 @@
 ``linattn.integrations`` and of the commands that convert models (no downloads).
 Import it after ``pytest.importorskip("transformers")``."""
 
+import inspect
+
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
@@ -76,3 +78,12 @@ def peaky(model):
             if any(s in name for s in ("query.weight", "key.weight", "q_proj", "k_proj")):
                 p.mul_(6.0)
     return model
+
+
+#: The keyword of a model's cache: transformers 5.25 renames past_key_values to cache (the
+#: old name warns).
+CACHE = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)

@@ -3,14 +3,13 @@ follow the attention implementation in force (issue 26 item 9); a hand-written d
 loop gets ``FavorCache`` (issue 25 build item 3)."""
 
 import copy
-import inspect
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import ids, left_padded, tiny_llama  # noqa: E402
+from hf_models import CACHE, ids, left_padded, tiny_llama  # noqa: E402
 from linattn.integrations.hf import FavorCache, convert  # noqa: E402
 
 
@@ -41,9 +40,6 @@ def test_switching_back_to_exact_attention_generates_as_the_original():
 
 
 # ----------------------------------------------------------------- forward(use_cache=True)
-FORWARD = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
-#: transformers 5.25 renames past_key_values to cache (the old name warns).
-CACHE = "cache" if "cache" in FORWARD else "past_key_values"
 
 
 def returned_cache(out):

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import ids, left_padded, tiny_bert, tiny_llama  # noqa: E402
+from hf_models import CACHE, ids, left_padded, tiny_bert, tiny_llama  # noqa: E402
 from linattn.features import get_feature_map  # noqa: E402
 from linattn.integrations.hf import (  # noqa: E402
     FavorCache,
@@ -26,12 +26,6 @@ from linattn.integrations.hf.state import FavorLayerState, converted_layers  # n
 from linattn.ops.favor.slots import SlotState, slots_reference  # noqa: E402
 
 B, H, D = 2, 3, 8
-#: transformers 5.25 renames past_key_values to cache (the old name warns).
-CACHE = (
-    "cache"
-    if "cache" in __import__("inspect").signature(transformers.LlamaForCausalLM.forward).parameters
-    else "past_key_values"
-)
 
 
 def randn(*shape, seed):
