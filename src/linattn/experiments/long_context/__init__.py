@@ -248,8 +248,6 @@ def run(
 
 # ---------------------------------------------------------------- command line
 _CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks")
-#: Flags that also apply to a --checkpoint (the slots hold no parameters).
-_SLOT_FLAGS = ("slots", "slot_rule", "slot_interval")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,8 @@ from .tasks import RecallExample, check_example, placement
 VARIANTS = ("hybrid", "window-only", "linear-only")
 #: The ablations that exist only for a model converted with slots (after the hybrid).
 SLOT_VARIANTS = ("no-slots", "no-far")
-#: Each ablation's :func:`~linattn.integrations.hf.attention_parts` switches.
+#: Each ablation's :func:`~linattn.integrations.hf.attention_parts` switches, in table
+#: order.
 PARTS_OF = {
     "hybrid": {},
     "no-slots": {"slots": False},
@@ -66,8 +67,9 @@ def variants_of(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 
     slots = conversion(model)["slots"]
     names, skipped = [], {}
-    order = [VARIANTS[0], *(SLOT_VARIANTS if slots else ()), *VARIANTS[1:]]
-    for name in order:
+    for name in PARTS_OF:
+        if name in SLOT_VARIANTS and not slots:
+            continue  # without slots: the hybrid and window-only again
         try:
             with attention_parts(model, **PARTS_OF[name]):
                 pass
@@ -217,9 +219,7 @@ def recall(
                 **where,
             }
         )
-    order = {
-        name: i for i, name in enumerate(("exact", VARIANTS[0], *SLOT_VARIANTS, *VARIANTS[1:]))
-    }
+    order = {name: i for i, name in enumerate(("exact", *PARTS_OF))}
     task_order = {t: i for i, t in enumerate(dict.fromkeys(ex.task for ex in examples))}
     rows.sort(key=lambda r: (task_order[r["task"]], r["distance"], order[r["model"]]))
     return rows, per

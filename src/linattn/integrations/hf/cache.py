@@ -16,7 +16,27 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...functional import FavorState
 from .attention import NAME
-from .state import _check_cache_parts, converted_layers
+from .state import converted_layers
+
+
+def _check_cache_parts(cache_layer, parts: tuple) -> None:
+    """A cache layer records the attention parts (near, far, slots: see
+    :meth:`~.state.FavorLayerState._held_parts`) it was filled under; going on under others
+    would mix two models in one state: refused."""
+    held = getattr(cache_layer, "parts", None)
+    if held is None:
+        cache_layer.parts = parts
+    elif held != parts:
+
+        def say(p):
+            slots = "off" if p[2] is None else "{} ({} rule, interval {})".format(*p[2])
+            return f"near={p[0]}, far={p[1]}, slots={slots}"
+
+        raise ValueError(
+            f"this FavorCache was filled with attention parts {say(held)} but the model "
+            f"now runs {say(parts)}: start a new cache (e.g. FavorCache(model)) after "
+            "set_attention_parts or set_slots, or switch back"
+        )
 
 
 class FavorCacheLayer(CacheLayerMixin):

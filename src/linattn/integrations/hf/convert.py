@@ -30,7 +30,7 @@ from .hooks import (
     _prepare_cache,
 )
 from .hooks import linattn_in_force as linattn_in_force
-from .state import FavorLayerState, LinformerLayerState, converted_layers
+from .state import FavorLayerState, LinformerLayerState, check_slots, converted_layers
 
 CONFIG_KEY = "linattn_conversion"
 
@@ -257,30 +257,14 @@ def set_slots(
         raise ValueError("set_slots needs a model converted with method='favor'")
     if not any(bool(getattr(m, "is_causal", False)) for m in modules):
         raise ValueError("slots are for causal decoders; this model is bidirectional")
-    first = modules[0].linattn
-    # Checked by building a state with the new options (raises before anything changes).
-    checked = FavorLayerState(
-        first.head_dim,
-        num_heads=first.num_heads,
-        num_features=first.num_features,
-        kernel=first.kernel,
-        window=first.window,
-        sinks=first.sinks,
-        slots=slots,
-        slot_rule=rule,
-        slot_interval=interval,
-        learn_projection=first.learn_projection,
-        redraw_interval=first.redraw_interval,
-    )
+    # Checked before anything changes.
+    slots, rule, interval = check_slots(slots, rule, interval, window=modules[0].linattn.window)
     for module in modules:
         state = module.linattn
-        state.slots, state.slot_rule = checked.slots, checked.slot_rule
-        state.slot_interval = checked.slot_interval
+        state.slots, state.slot_rule, state.slot_interval = slots, rule, interval
     spec = getattr(model.config, CONFIG_KEY, None)
     if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
-        spec["options"].update(
-            slots=checked.slots, slot_rule=checked.slot_rule, slot_interval=checked.slot_interval
-        )
+        spec["options"].update(slots=slots, slot_rule=rule, slot_interval=interval)
     return model
 
 

@@ -141,18 +141,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ) -> None:
         super().__init__()
         self.kernel = check_choice("kernel", kernel, tuple(KERNELS))
-        if not is_int(slots) or slots < 0:
-            raise ValueError(f"slots must be an int >= 0, got {slots!r}")
-        self.slots = int(slots)
-        self.slot_rule = check_choice("slot_rule", slot_rule, RULES)
-        self.slot_interval = (
-            None if slot_interval is None else check_positive_int("slot_interval", slot_interval)
+        self.slots, self.slot_rule, self.slot_interval = check_slots(
+            slots, slot_rule, slot_interval, window=window
         )
-        if self.slots and (window is None or not is_int(window) or window < 1):
-            raise ValueError(
-                f"slots={self.slots} needs a window >= 1 (the slots hold keys that leave "
-                f"the window), got window={window!r}"
-            )
         self.learned = self.kernel in LEARNED_KERNELS
         if learn_projection is None:
             learn_projection = self.learned
@@ -256,8 +247,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
     ) -> Tensor:
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
-        if cache_layer is not None:
-            _check_cache_parts(cache_layer, self._held_parts())
+        # (A cache layer's parts were checked by FavorCache.update, which hands it here.)
         if causal and self._slots_on():
             return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
         if cache_layer is not None:
@@ -353,9 +343,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
                         "them, which a DynamicCache does not keep: start from a FavorCache "
                         "(the converted model's forward(use_cache=True) makes one)"
                     )
-                heads = q.shape[1]
-                pk = pk.repeat_interleave(heads // pk.shape[1], dim=1).to(q)
-                pv = pv.repeat_interleave(heads // pv.shape[1], dim=1).to(q)
+                pk, pv = _as_query_heads(pk, pv, q)
                 _, state = self._slots_step(pk.new_zeros(pk.shape), pk, pv, None, kw)
             else:
                 state = cache_layer.state
@@ -404,11 +392,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         values ``v`` (``mask: (B, n)`` True = padding); ``q`` gives the heads ``H`` (a
         multiple of ``H_kv``), dtype and device. The state depends on the keys and values
         only: zero queries, their outputs dropped."""
-        heads = q.shape[1]
-        if k.shape[1] != heads:
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        k, v = k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
+        k, v = _as_query_heads(k, v, q)
         if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
             # The window hybrid's state straight from the keys and values: no band
             # attention for queries whose outputs would be dropped.
@@ -458,24 +442,32 @@ class FavorLayerState(RandomFeatures, nn.Module):
         )
 
 
-def _check_cache_parts(cache_layer, parts: tuple) -> None:
-    """A cache layer records the attention parts (near, far, slots: see
-    :meth:`FavorLayerState._held_parts`) it was filled under; going on under others
-    would mix two models in one state: refused."""
-    held = getattr(cache_layer, "parts", None)
-    if held is None:
-        cache_layer.parts = parts
-    elif held != parts:
-
-        def say(p):
-            slots = "off" if p[2] is None else "{} ({} rule, interval {})".format(*p[2])
-            return f"near={p[0]}, far={p[1]}, slots={slots}"
-
+def check_slots(
+    slots: object, rule: object, interval: object, *, window: object
+) -> tuple[int, str, int | None]:
+    """``(slots, rule, interval)`` checked (see :class:`FavorLayerState`): ``slots`` an
+    int >= 0 that needs a ``window`` >= 1, ``rule`` one of
+    :data:`~linattn.ops.favor.slots.RULES`, ``interval`` None or an int >= 1."""
+    if not is_int(slots) or slots < 0:
+        raise ValueError(f"slots must be an int >= 0, got {slots!r}")
+    rule = check_choice("slot_rule", rule, RULES)
+    interval = None if interval is None else check_positive_int("slot_interval", interval)
+    if slots and (window is None or not is_int(window) or window < 1):
         raise ValueError(
-            f"this FavorCache was filled with attention parts {say(held)} but the model "
-            f"now runs {say(parts)}: start a new cache (e.g. FavorCache(model)) after "
-            "set_attention_parts or set_slots, or switch back"
+            f"slots={slots} needs a window >= 1 (the slots hold keys that leave "
+            f"the window), got window={window!r}"
         )
+    return int(slots), rule, interval
+
+
+def _as_query_heads(k: Tensor, v: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values ``(B, H_kv, n, d)`` repeated to ``q``'s ``H`` heads (grouped-query
+    attention; ``H`` a multiple of ``H_kv``), on its device and in its dtype."""
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    return k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
 
 
 class LinformerLayerState(UsesLinformerProjection, nn.Module):
