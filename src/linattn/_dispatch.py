@@ -53,6 +53,9 @@ class FavorCall:
     cu_seqlens: Tensor | None = None
     initial_state: object | None = None
     output_final_state: bool = False
+    decay: Tensor | None = None
+    far_q: Tensor | None = None
+    far_k: Tensor | None = None
 
     def options(self) -> dict:
         """Every field but ``q``, ``k``, ``v`` and ``projection``, by name."""

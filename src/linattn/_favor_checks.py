@@ -119,6 +119,68 @@ def _check_hybrid_lengths(sinks: int, causal: bool, q: Tensor, k: Tensor) -> Non
         )
 
 
+def _check_decay(decay: object, q4: Tensor, causal: bool, hybrid: bool) -> Tensor | None:
+    """``decay`` (``ln gamma``: ``(H,)`` or ``()``, finite, ``<= 0``) for a causal hybrid
+    call with ``q4: (B, H, L, d)``, in q4's dtype; None passes through."""
+    if decay is None:
+        return None
+    dec = check_tensor("decay", decay, min_dim=0)
+    heads = q4.shape[1]
+    if dec.dim() > 1 or (dec.dim() == 1 and dec.shape[0] != heads):
+        raise ValueError(
+            f"decay must be a scalar tensor or have shape (heads,) = ({heads},), got "
+            f"{shape_str(dec)}"
+        )
+    if not causal or not hybrid:
+        raise ValueError(
+            "decay weighs the far (feature-map) scores of a causal hybrid by gamma^(i - j): "
+            "it needs causal=True and a window or sinks"
+        )
+    if dec.device != q4.device:
+        raise ValueError(f"decay is on {dec.device} but q is on {q4.device}")
+    if not torch.compiler.is_compiling() and not _factor_checked(dec):
+        # As linear_factor: a decoding loop passes one tensor at every step, checked once.
+        bad = dec.detach()
+        if not bool((torch.isfinite(bad) & (bad <= 0)).all()):
+            raise ValueError(
+                "decay must be finite and <= 0 (ln gamma for a per-token factor gamma in "
+                f"(0, 1]; e.g. -1 / 2048), got {bad.tolist()}"
+            )
+        _remember_factor(dec)
+    return dec.to(q4.dtype)
+
+
+def _check_far_inputs(
+    far_q: object, far_k: object, q: Tensor, k: Tensor, hybrid: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``far_q``/``far_k``: the queries and keys the far part scores, each None or shaped
+    and typed as ``q``/``k``; only for a hybrid call (a window or sinks)."""
+    out = []
+    for name, x, like in (("far_q", far_q, q), ("far_k", far_k, k)):
+        if x is None:
+            out.append(None)
+            continue
+        x = check_tensor(name, x, min_dim=2)
+        if not hybrid:
+            raise ValueError(
+                f"{name} gives the far (feature-map) part of the hybrid its own inputs: it "
+                "needs a window or sinks (without them every score is a feature-map score: "
+                "pass those inputs as q and k)"
+            )
+        if x.shape != like.shape:
+            base = "q" if name == "far_q" else "k"
+            raise ValueError(
+                f"{name} must have {base}'s shape {shape_str(like)}, got {shape_str(x)}"
+            )
+        if x.device != like.device or x.dtype != like.dtype:
+            raise ValueError(
+                f"{name} must be on {like.device} with dtype {like.dtype} like "
+                f"{'q' if name == 'far_q' else 'k'}, got {x.device} / {x.dtype}"
+            )
+        out.append(x)
+    return out[0], out[1]
+
+
 def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
     if linear_factor is None:
         return None
@@ -221,6 +283,7 @@ def _check_state(
     *,
     name: str = "state",
     dtype: torch.dtype | None = None,
+    far: bool | None = None,
 ) -> FavorState:
     """``state`` checked against the call (``q4: (B, H, L, d)``, ``M = m`` features per
     token, value width ``dv``, the window and sinks), its tensors cast to ``dtype``
@@ -269,6 +332,18 @@ def _check_state(
         )
     elif state.sink_keys is not None:
         raise ValueError(f"{name} carries sink keys but sinks=0 was passed")
+    if far is not None:
+        if far and state.far_keys is None:
+            raise ValueError(
+                f"{name} has no far_keys but far_k was passed: start from a state made "
+                "with far_q/far_k (the far keys of its window ring are needed)"
+            )
+        if not far and state.far_keys is not None:
+            raise ValueError(
+                f"{name} carries far_keys (made with far_q/far_k) but no far_k was passed"
+            )
+        if far:
+            shapes["far_keys"] = (bsz, heads, band, d)
     for field, shape in shapes.items():
         t = getattr(state, field)
         if t is None or tuple(t.shape) != shape:
@@ -278,7 +353,7 @@ def _check_state(
                 f"got {got} (pass the state returned by the previous call with the same "
                 "window and sinks)"
             )
-    floating = ("kv", "stab", "keys", "values", "sink_keys", "sink_values")
+    floating = ("kv", "stab", "keys", "values", "sink_keys", "sink_values", "far_keys")
     return state._replace(
         **{f: getattr(state, f).to(dtype) for f in floating if getattr(state, f) is not None}
     )

@@ -17,6 +17,8 @@ from ._dtype import compute_dtype
 from ._favor_checks import (
     _as_4d,
     _check_causal_kernel,
+    _check_decay,
+    _check_far_inputs,
     _check_linear_factor,
     _check_projection,
     _check_sinks,
@@ -52,6 +54,9 @@ def _favor_stateful(
     chunk_size: int,
     sinks: int,
     state_name: str = "initial_state",
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """The causal forms with a state carried in and out (``favor_attention`` with
     ``initial_state`` / ``output_final_state``, and ``favor_recurrent``).
@@ -60,11 +65,29 @@ def _favor_stateful(
     batch and folded heads. Returns ``(out: (..., L, dv)`` in q's dtype, the state after
     the last token ``)``. Plain causal: the chunked scan carries the state
     (:func:`favor_causal`); window or sinks: the decoding step
-    (:func:`favor_recurrent_step`).
+    (:func:`favor_recurrent_step`). ``decay``, ``far_q``, ``far_k``: as
+    :func:`~linattn.favor_attention` (hybrid only; checked there).
     """
+    hybrid = window is not None or bool(sinks)
+    far_q, far_k = _check_far_inputs(far_q, far_k, q, k, hybrid)
+    if (far_q is None) != (far_k is None):
+        raise ValueError(
+            "far_q and far_k go together with a state: the state keeps the far keys of its "
+            "window ring for the far queries to come"
+        )
     if state is not None and q.shape[-2] == 0:
         return _empty_piece(
-            q, v, projection, state, kernel, scale, window, sinks, linear_factor, state_name
+            q,
+            v,
+            projection,
+            state,
+            kernel,
+            scale,
+            window,
+            sinks,
+            linear_factor,
+            state_name,
+            far=far_k is not None,
         )
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
@@ -72,9 +95,17 @@ def _favor_stateful(
     window = _check_window(window, True, q, k)
     sinks = _check_sinks(sinks)
     lf = _check_linear_factor(linear_factor, q4)
+    dec = _check_decay(decay, q4, True, hybrid)
+    fq4 = fk4 = None
+    if far_k is not None:
+        fq4, fk4 = (_as_4d(t).to(q4.dtype) for t in (far_q, far_k))
+        if mask is not None:
+            fk4 = fk4.masked_fill(mask[:, None, :, None], 0.0)
     if state is not None:
         m = fm.feature_dim(params.weight, q.shape[-1])
-        state = _check_state(state, m, q4, v4.shape[-1], window, sinks, name=state_name)
+        state = _check_state(
+            state, m, q4, v4.shape[-1], window, sinks, name=state_name, far=fk4 is not None
+        )
     if window is None and not sinks:
         initial = None if state is None else (state.kv, state.stab)
         out, kv, stab = favor_causal(
@@ -96,6 +127,9 @@ def _favor_stateful(
             key_padding_mask=mask,
             chunk_size=chunk_size,
             sinks=sinks,
+            decay=dec,
+            far_q=fq4,
+            far_k=fk4,
         )
         fields = window_final_state(
             k4,
@@ -105,8 +139,10 @@ def _favor_stateful(
             window=0 if window is None else window,
             key_padding_mask=mask,
             sinks=sinks,
+            decay=dec,
+            far_k=fk4,
         )
-        new_state = FavorState(*fields)
+        new_state = _state_of_fields(fields, fk4 is not None)
     else:
         out, new_state = favor_recurrent_step(
             q4,
@@ -119,8 +155,19 @@ def _favor_stateful(
             window=window,
             linear_factor=lf,
             sinks=sinks,
+            decay=dec,
+            far_q=fq4,
+            far_k=fk4,
         )
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
+
+
+def _state_of_fields(fields: tuple[Tensor, ...], far: bool) -> FavorState:
+    """A :class:`FavorState` from :func:`window_final_state`'s fields (its far ring, with
+    ``far``, the last one)."""
+    if far:
+        return FavorState(*fields[:-1], far_keys=fields[-1])
+    return FavorState(*fields)
 
 
 def _empty_piece(
@@ -134,6 +181,7 @@ def _empty_piece(
     sinks: int,
     linear_factor: Tensor | None,
     state_name: str,
+    far: bool = False,
 ) -> tuple[Tensor, FavorState]:
     """A piece of no tokens (``q: (..., 0, d)``, ``v: (..., 0, dv)``) after ``state``:
     the empty output ``(..., 0, dv)`` and the state, checked (as a piece with tokens
@@ -147,7 +195,7 @@ def _empty_piece(
     sinks = _check_sinks(sinks)
     _check_linear_factor(linear_factor, q4)
     m = fm.feature_dim(weight, q.shape[-1])
-    state = _check_state(state, m, q4, v.shape[-1], window, sinks, name=state_name)
+    state = _check_state(state, m, q4, v.shape[-1], window, sinks, name=state_name, far=far)
     return q.new_zeros(*q.shape[:-1], v.shape[-1]), state
 
 
@@ -161,17 +209,25 @@ def _favor_state_of(
     scale: float | None,
     window: int | None,
     sinks: int,
+    decay: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> FavorState:
     """The window hybrid's state after the keys ``k: (B, H, L, d)`` and values ``v: (B, H,
     L, dv)`` alone (a prefill whose outputs nobody reads, e.g. a lazy cache's fold): the
     final state of ``favor_attention(q, k, v, causal=True, window=window, sinks=sinks,
     output_final_state=True)`` for any ``q``, without its O(L w) band. Window or sinks
-    only; ``L >= 1``."""
+    only; ``L >= 1``. ``decay``, ``far_k``: as :func:`~linattn.favor_attention`."""
     q, k, v = _checked_inputs(k.new_zeros(k.shape), k, v, key_padding_mask)
-    fm, params, _, k4, v4, mask = _prepare(
+    fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
     )
     window = _check_window(window, True, q, k)
+    _, far_k = _check_far_inputs(None, far_k, q, k, True)
+    fk4 = None
+    if far_k is not None:
+        fk4 = _as_4d(far_k).to(k4.dtype)
+        if mask is not None:
+            fk4 = fk4.masked_fill(mask[:, None, :, None], 0.0)
     fields = window_final_state(
         k4,
         v4,
@@ -180,8 +236,10 @@ def _favor_state_of(
         window=0 if window is None else window,
         key_padding_mask=mask,
         sinks=_check_sinks(sinks),
+        decay=_check_decay(decay, q4, True, True),
+        far_k=fk4,
     )
-    return FavorState(*fields)
+    return _state_of_fields(fields, fk4 is not None)
 
 
 def packed_positions(cu_seqlens: Tensor, total: int | None = None) -> Tensor:

@@ -17,7 +17,10 @@ from ._dispatch import Backend, FavorCall, dispatch
 # The argument checks, the stateful and packed paths and Linformer live in their own
 # modules (_favor_checks, _favor_state, _linformer_functional).
 from ._favor_checks import (
+    _as_4d,
     _check_cu_seqlens,
+    _check_decay,
+    _check_far_inputs,
     _check_hybrid_lengths,
     _check_linear_factor,
     _check_sinks,
@@ -67,6 +70,9 @@ def favor_attention(
     cu_seqlens: Tensor | None = None,
     initial_state: FavorState | None = None,
     output_final_state: bool = False,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, FavorState]:
     """FAVOR+ attention: softmax attention approximated by random features, O(L) time;
     optionally the sliding-window hybrid (exact softmax near the diagonal and for the
@@ -136,6 +142,19 @@ def favor_attention(
             the decoding step's machinery (the band by ``unfold``, the far part by the
             chunked causal scan under plain autograd, the sinks gathered; one token: a
             dedicated step of a few tensor ops): exact and O(L (w + m + s)).
+        decay: None, or ``ln gamma`` of shape ``(H,)`` or ``()``, finite and ``<= 0``:
+            the causal hybrid's far (feature) score of query ``i`` and key ``j`` is
+            weighed by ``gamma^(i - j)`` (a retention-style decay; the exact window and
+            sinks are not decayed). Bounds the far part's share of the normalizer on
+            inputs longer than those it was trained on. Needs ``causal=True`` and a
+            window or sinks; O(1) state per token when decoding (the state is scaled by
+            ``gamma`` per token).
+        far_q, far_k: None, or the queries and keys the far (feature-map) part scores,
+            shaped as ``q`` and ``k`` (default: ``q`` and ``k``); the window and the
+            sinks keep scoring ``q`` and ``k``. A converted rotary model passes its
+            queries and keys before the rotary embedding here: the far scores then
+            depend on no absolute position, and hold past the lengths they were trained
+            on. Needs a window or sinks.
 
     Returns:
         ``(..., Lq, dv)`` in q's dtype. Float16/bfloat16 inputs compute in float32.
@@ -189,6 +208,16 @@ def favor_attention(
             "initial_state / output_final_state need causal=True: a state holds the keys "
             "before the call, and a bidirectional query also sees keys after it"
         )
+    hybrid = window is not None or bool(sinks)
+    if isinstance(q, Tensor) and isinstance(k, Tensor):
+        far_q, far_k = _check_far_inputs(far_q, far_k, q, k, hybrid)
+    if decay is not None and not (causal and hybrid):
+        _check_decay(decay, _as_4d(q) if isinstance(q, Tensor) else q, causal, hybrid)
+    if cu_seqlens is not None and (decay is not None or far_q is not None or far_k is not None):
+        raise ValueError(
+            "decay, far_q and far_k are not supported with cu_seqlens: run the packed "
+            "sequences one call each"
+        )
     if cu_seqlens is None:
         # A piece of no tokens after a state passes the state on (prefill in pieces of
         # any size).
@@ -210,6 +239,9 @@ def favor_attention(
         cu_seqlens=cu_seqlens,
         initial_state=initial_state,
         output_final_state=output_final_state,
+        decay=decay,
+        far_q=far_q,
+        far_k=far_k,
     )
     return dispatch(call, BACKENDS)
 
@@ -260,6 +292,9 @@ def _favor_call_stateful(call: FavorCall) -> Tensor | tuple[Tensor, FavorState]:
         linear_factor=call.linear_factor,
         chunk_size=call.chunk_size,
         sinks=call.sinks,
+        decay=call.decay,
+        far_q=call.far_q,
+        far_k=call.far_k,
     )
     return (out, state) if call.output_final_state else out
 
@@ -278,8 +313,22 @@ def _eager(call: FavorCall, op) -> Tensor:
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
 
 
+def _far_inputs(call: FavorCall, q4: Tensor, mask: Tensor | None):
+    """``(far_q, far_k)`` of ``call`` as ``(B, H, L, d)`` in q4's dtype (padded far keys
+    zeroed, as the keys are), or None each."""
+    out = []
+    for x in (call.far_q, call.far_k):
+        if x is not None:
+            x = _as_4d(x).to(q4.dtype)
+            if mask is not None:
+                x = x.masked_fill(mask[:, None, :, None], 0.0)
+        out.append(x)
+    return out
+
+
 def _run_hybrid(call: FavorCall) -> Tensor:
     def op(q4, k4, v4, fm, params, mask, window, lf):
+        far_q, far_k = _far_inputs(call, q4, mask)
         return favor_window(
             q4,
             k4,
@@ -293,6 +342,9 @@ def _run_hybrid(call: FavorCall) -> Tensor:
             chunk_size=call.chunk_size,
             block_size=call.block_size,
             sinks=call.sinks,
+            decay=_check_decay(call.decay, q4, call.causal, True),
+            far_q=far_q,
+            far_k=far_k,
         )
 
     return _eager(call, op)
@@ -360,6 +412,9 @@ def favor_recurrent(
     linear_factor: Tensor | None = None,
     sinks: int = 0,
     cu_seqlens: Tensor | None = None,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """Causal FAVOR+ decoding step: consume ``n`` new tokens after ``state``.
 
@@ -381,6 +436,10 @@ def favor_recurrent(
             continues its own state, row ``i`` of a batch-``N`` ``state``, by its
             ``c_{i+1} - c_i >= 0`` new tokens (a sequence with none keeps its state).
             A loop over the sequences.
+        decay, far_q, far_k: as :func:`favor_attention` (the same ``decay`` at every
+            step; with far inputs the state keeps the far keys of its window ring:
+            :class:`FavorState` ``far_keys``, so every step must pass them). Not with
+            ``cu_seqlens``.
 
     Returns:
         ``(out: (B, H, n, dv), new_state)``. Time and memory per token do not depend on
@@ -391,6 +450,11 @@ def favor_recurrent(
         (the same function).
     """
     if cu_seqlens is not None:
+        if decay is not None or far_q is not None or far_k is not None:
+            raise ValueError(
+                "decay, far_q and far_k are not supported with cu_seqlens: step the "
+                "sequences one call each"
+            )
         offsets = _check_cu_seqlens(cu_seqlens, q, k, v, key_padding_mask)
         options = dict(
             kernel=kernel, scale=scale, window=window, linear_factor=linear_factor, sinks=sinks
@@ -433,4 +497,7 @@ def favor_recurrent(
         chunk_size=min(64, q.shape[-2]),
         sinks=sinks,
         state_name="state",
+        decay=decay,
+        far_q=far_q,
+        far_k=far_k,
     )

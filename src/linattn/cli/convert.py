@@ -63,7 +63,7 @@ class _RecipeDefault:
 
 # `linattn convert` flags that only one method (or not --sweep) reads: giving one where it
 # is not read is refused rather than silently ignored.
-_FAVOR_FLAGS = ("kernel", "num_features", "window", "sinks", "learn_projection")
+_FAVOR_FLAGS = ("kernel", "num_features", "window", "sinks", "learn_projection", "far_decay")
 _LINFORMER_FLAGS = ("proj_dim", "sharing", "proj_kind")
 
 
@@ -77,8 +77,12 @@ def _check_convert_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--window: expected -1 (none) or a number of keys >= 0, got {args.window}"
         )
+    if args.far_decay is not None and not args.far_decay > 0:
+        raise UsageError(f"--far-decay: expected a number of tokens > 0, got {args.far_decay}")
     if args.sweep:
         unused = _given(args, (*_FAVOR_FLAGS, *_LINFORMER_FLAGS, "steps"))
+        if args.far_rope is False:
+            unused.append("--no-far-rope")
         if args.recipe != "distill" or args.method != "favor":
             unused.append(f"--recipe {args.recipe} / --method {args.method}")
         if unused:
@@ -89,6 +93,8 @@ def _check_convert_flags(args: argparse.Namespace) -> None:
         return
     if args.method == "linformer":
         unused = _given(args, _FAVOR_FLAGS)
+        if args.far_rope is False:
+            unused.append("--no-far-rope")
         if args.recipe == "transfer":
             unused.insert(0, "--recipe transfer")
         if unused:
@@ -151,6 +157,22 @@ def configure(c: argparse.ArgumentParser) -> None:
         help="attention sinks: the first S unpadded tokens of each text (e.g. "
         "[CLS] or BOS) are scored with the exact softmax by every query, with or "
         "without --window; the rest as usual (0: none; %(recipe_default)s)",
+    )
+    c.add_argument(
+        "--no-far-rope",
+        dest="far_rope",
+        action="store_false",
+        default=None,
+        help="decoders with a rotary embedding: the feature-map (far) part scores the "
+        "queries and keys with the rotation undone (position-free far scores that hold "
+        "past the training length; convert(..., far_rope=False))",
+    )
+    c.add_argument(
+        "--far-decay",
+        type=float,
+        metavar="T",
+        help="decoders: weigh the far scores by exp(-(i - j) / T) (T tokens > 0; "
+        "convert(..., far_decay=T)); default none",
     )
     c.add_argument(
         "--learn-projection",
@@ -376,6 +398,10 @@ def run(args: argparse.Namespace) -> int:
             options["window"] = args.window if args.window >= 0 else None
         if args.sinks:
             options["sinks"] = args.sinks
+        if args.far_rope is False:
+            options["far_rope"] = False
+        if args.far_decay is not None:
+            options["far_decay"] = args.far_decay
     else:
         options = {"seed": args.seed}
         for name in ("proj_dim", "sharing", "proj_kind"):

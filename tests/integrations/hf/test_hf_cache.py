@@ -195,7 +195,7 @@ def test_a_lazy_cache_keeps_the_unrepeated_keys_of_grouped_query_attention():
     # tiny_llama: 4 query heads share 2 key/value heads; the kept keys are the 2.
     model = convert(tiny_llama(), "favor", num_features=16, window=3)
     cache = returned_cache(model(ids(1, 6)))
-    keys, values, _ = cache.layers[0].pending
+    keys, values, *_ = cache.layers[0].pending
     assert keys.shape[1] == values.shape[1] == 2
 
 

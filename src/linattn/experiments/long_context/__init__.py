@@ -113,6 +113,7 @@ def run(
     checkpoint: str | None = None,
     options: dict | None = None,
     slots: dict | None = None,
+    far_decay: float | None = None,
     variants: tuple[str, ...] | None = None,
     parts: tuple[str, ...] = PARTS,
     lengths: tuple[int, ...] = DEFAULTS["lengths"],
@@ -135,7 +136,9 @@ def run(
     ``"smollm2"`` or a model folder: the original) converted zero-shot with
     ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``, with
     ``slots`` (None, or the arguments of :func:`linattn.integrations.hf.set_slots`:
-    ``{"slots", "rule", "interval"}``) given to the converted decoder; write the results
+    ``{"slots", "rule", "interval"}``) given to the converted decoder, and ``far_decay``
+    (None: the conversion's; 0: none; else :func:`~linattn.integrations.hf.set_far_decay`);
+    write the results
     into ``out`` (see the module docstring) and return them. ``variants``: the ablations
     to compare (default: every one that exists for the model, :func:`.measure.variants_of`);
     one that does not exist is left out with its reason."""
@@ -154,6 +157,10 @@ def run(
         from ...integrations.hf import set_slots
 
         set_slots(student, slots["slots"], rule=slots["rule"], interval=slots["interval"])
+    if far_decay is not None:
+        from ...integrations.hf import set_far_decay
+
+        set_far_decay(student, far_decay or None)
     available, skipped = measure.variants_of(student)
     if variants is None:
         variants = available
@@ -247,7 +254,7 @@ def run(
 
 
 # ---------------------------------------------------------------- command line
-_CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks")
+_CONVERSION_FLAGS = ("kernel", "num_features", "window", "sinks", "far_rope")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -316,6 +323,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--slot-interval",
         type=_positive,
         help="keys decided on at a time (default: the window)",
+    )
+    g.add_argument(
+        "--no-far-rope",
+        dest="far_rope",
+        action="store_false",
+        default=None,
+        help="zero-shot conversion: the far part scores the queries and keys with the "
+        "rotary embedding undone (convert(..., far_rope=False))",
+    )
+    g.add_argument(
+        "--far-decay",
+        type=float,
+        metavar="T",
+        help="weigh the far scores by exp(-(i - j) / T) (decoders; also on a --checkpoint: "
+        "the decay holds no parameters; 0: none; default: the conversion's)",
     )
     g.add_argument("--seed", type=int, default=0, help="conversion, texts and task examples")
     w = parser.add_argument_group("what to measure")
@@ -436,7 +458,9 @@ def run_from_args(args: argparse.Namespace) -> dict:
                 "(linattn convert's OUT/checkpoint)"
             )
         given = [
-            "--" + n.replace("_", "-") for n in _CONVERSION_FLAGS if getattr(args, n) is not None
+            "--no-far-rope" if n == "far_rope" else "--" + n.replace("_", "-")
+            for n in _CONVERSION_FLAGS
+            if getattr(args, n) is not None
         ]
         if given:
             raise UsageError(
@@ -473,6 +497,12 @@ def run_from_args(args: argparse.Namespace) -> dict:
         raise UsageError(f"--lengths: each at least 2 tokens, got {args.lengths}")
     if args.slots is None and (args.slot_rule is not None or args.slot_interval is not None):
         raise UsageError("--slot-rule / --slot-interval: give --slots too")
+    if args.far_decay is not None and (args.far_decay < 0 or not decoder):
+        raise UsageError(
+            f"--far-decay: a number of tokens > 0 (0: none) for a decoder, got {args.far_decay}"
+        )
+    if args.far_rope is False and not decoder:
+        raise UsageError("--no-far-rope: for decoders with a rotary embedding")
     options = {"seed": args.seed}
     for name in _CONVERSION_FLAGS:
         value = getattr(args, name)
@@ -498,6 +528,7 @@ def _run_checked(args: argparse.Namespace, options: dict) -> dict:
         checkpoint=args.checkpoint,
         options={} if args.checkpoint else options,
         variants=None if args.variants is None else tuple(dict.fromkeys(args.variants)),
+        far_decay=args.far_decay,
         slots=None
         if args.slots is None
         else {

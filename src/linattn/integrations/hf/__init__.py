@@ -28,6 +28,7 @@ from .convert import (
     load_converted,
     redraw_projections,
     save_converted,
+    set_far_decay,
     set_slots,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "register",
     "save_converted",
     "set_attention_parts",
+    "set_far_decay",
     "set_slots",
 ]

@@ -168,6 +168,7 @@ def linattn_attention(
             scale=scaling,
             cache_layer=cache_layer,
             unrepeated=unrepeated,
+            positions=kwargs.get("position_ids"),
         )
         recorder.record(module, approx, exact, mask)
         out = exact.to(query.dtype)
@@ -181,6 +182,7 @@ def linattn_attention(
             scale=scaling,
             cache_layer=cache_layer,
             unrepeated=unrepeated,
+            positions=kwargs.get("position_ids"),
         )
     if dropout and module.training:
         # No attention matrix to drop from: as PerformerAttention, drop attention outputs.

@@ -54,9 +54,11 @@ class FavorCacheLayer(CacheLayerMixin):
         # The attention parts (near, far) the state was built under (see
         # linattn.integrations.hf.set_attention_parts); None before the first token.
         self.parts: tuple[bool, bool] | None = None
-        # Keys, values and padding ``(k (B, H_kv, n, d), v, mask (B, n) or None)`` not yet
-        # folded into ``state``: a lazy prefill, or a converted DynamicCache's content.
-        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # Keys, values, padding and position ids ``(k (B, H_kv, n, d), v, mask (B, n) or
+        # None, positions (B, n) or None)`` not yet folded into ``state``: a lazy prefill
+        # (positions kept for far_rope=False), or a converted DynamicCache's content
+        # (three entries: no positions).
+        self.pending: tuple | None = None
         # A first call runs the parallel form and keeps its keys/values in ``pending``.
         self.lazy = False
 

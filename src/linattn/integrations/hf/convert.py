@@ -30,7 +30,13 @@ from .hooks import (
     _prepare_cache,
 )
 from .hooks import linattn_in_force as linattn_in_force
-from .state import FavorLayerState, LinformerLayerState, check_slots, converted_layers
+from .state import (
+    FavorLayerState,
+    LinformerLayerState,
+    check_far_decay,
+    check_slots,
+    converted_layers,
+)
 
 CONFIG_KEY = "linattn_conversion"
 
@@ -38,7 +44,16 @@ CONFIG_KEY = "linattn_conversion"
 #: what the conversion adds (defaults: the layer states', ``max_seq_len`` the model's).
 OPTIONS = {"favor": FavorOptions, "linformer": LinformerOptions}
 STATE_OPTIONS = {
-    "favor": ("seed", "chunk_size", "learn_projection", "slots", "slot_rule", "slot_interval"),
+    "favor": (
+        "seed",
+        "chunk_size",
+        "learn_projection",
+        "slots",
+        "slot_rule",
+        "slot_interval",
+        "far_rope",
+        "far_decay",
+    ),
     "linformer": ("seed", "max_seq_len"),
 }
 
@@ -177,6 +192,13 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
                 layer_index=layer,
                 device=device,
             )
+            if not causal and (state.far_decay is not None or not state.far_rope):
+                raise ValueError(
+                    "far_decay and far_rope=False are for causal decoders; "
+                    f"{type(model).__name__} is bidirectional"
+                )
+            if not state.far_rope:
+                state._rotary = (_rotary_module(model),)
             if state.slots and not causal:
                 raise ValueError(
                     f"slots={state.slots} are for causal decoders (keys are decided on as "
@@ -225,6 +247,42 @@ def convert(model: nn.Module, method: str = "favor", **options) -> nn.Module:
     return model
 
 
+def _rotary_module(model: nn.Module) -> nn.Module:
+    """The model's rotary embedding module (``cos, sin = rotary(x, position_ids)``, as
+    transformers' Llama-family models keep it in ``model.rotary_emb``), for
+    ``far_rope=False``."""
+    for module in model.modules():
+        rotary = getattr(module, "rotary_emb", None)
+        if isinstance(rotary, nn.Module) and hasattr(rotary, "inv_freq"):
+            return rotary
+    raise ValueError(
+        f"far_rope=False undoes a rotary position embedding, and {type(model).__name__} "
+        "has none that linattn can find (a 'rotary_emb' module with 'inv_freq', as in "
+        "the Llama family): convert it with far_rope=True"
+    )
+
+
+def set_far_decay(model: nn.Module, far_decay: float | None) -> nn.Module:
+    """Set every layer's ``far_decay`` (see :class:`~.state.FavorLayerState`) of a
+    FAVOR+-converted decoder, in place, and record it in the config (so that
+    :func:`save_converted` keeps it). The decay holds no parameters: it can be changed on
+    a trained model (what it was trained with is what it fits best). Returns ``model``."""
+    modules = list(converted_layers(model))
+    if not modules or modules[0].linattn.method != "favor":
+        raise ValueError("set_far_decay needs a model converted with method='favor'")
+    if not any(bool(getattr(m, "is_causal", False)) for m in modules):
+        raise ValueError("far_decay is for causal decoders; this model is bidirectional")
+    far_decay = check_far_decay(far_decay)
+    if far_decay is not None and modules[0].linattn.slots:
+        raise ValueError("a far_decay with slots is not supported yet: set_slots(model, 0) first")
+    for module in modules:
+        module.linattn.far_decay = far_decay
+    spec = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(spec, dict) and isinstance(spec.get("options"), dict):
+        spec["options"]["far_decay"] = far_decay
+    return model
+
+
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -258,7 +316,13 @@ def set_slots(
     if not any(bool(getattr(m, "is_causal", False)) for m in modules):
         raise ValueError("slots are for causal decoders; this model is bidirectional")
     # Checked before anything changes.
-    slots, rule, interval = check_slots(slots, rule, interval, window=modules[0].linattn.window)
+    first = modules[0].linattn
+    slots, rule, interval = check_slots(slots, rule, interval, window=first.window)
+    if slots and (not first.far_rope or first.far_decay is not None):
+        raise ValueError(
+            "slots with far_rope=False or a far_decay are not supported yet: "
+            "set_far_decay(model, None) first, or use a model converted with far_rope=True"
+        )
     for module in modules:
         state = module.linattn
         state.slots, state.slot_rule, state.slot_interval = slots, rule, interval

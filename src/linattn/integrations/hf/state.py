@@ -76,6 +76,19 @@ class FavorLayerState(RandomFeatures, nn.Module):
             feature-map state reads back worst) or ``"mass"`` (keep the keys that got the
             most attention so far).
         slot_interval: ``I``, keys per decision (default: the window).
+        far_rope: True (default): the feature-map (far) part scores the queries and keys
+            as the model hands them, rotary embedding applied. False (rotary decoders
+            only): it scores them with the rotation undone (:func:`unrotate`, by the
+            model's own rotary module and the tokens' position ids), so that the far
+            scores depend on no absolute position and a map trained on short texts sees
+            the same inputs at any length; the window, sinks and slots keep the
+            rotated ones. A trained map is trained for one setting: convert, train and
+            load with the same ``far_rope``.
+        far_decay: None (default), or ``T > 0`` tokens: the far scores of query ``i``
+            and key ``j`` are weighed by ``exp(-(i - j) / T)`` (causal models only; the
+            exact parts are not decayed), which bounds the far part's share of the
+            normalizer on texts longer than it was trained on. Holds no parameters:
+            :func:`~.convert.set_far_decay` changes it on a trained model.
         chunk_size: causal chunk length (speed only).
         learn_projection: make the projection a trainable parameter. Default: True for
             learned maps, False for random features (where a trained projection starts
@@ -137,6 +150,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
         slots: int = 0,
         slot_rule: str = "error",
         slot_interval: int | None = None,
+        far_rope: bool = True,
+        far_decay: float | None = None,
         device=None,
     ) -> None:
         super().__init__()
@@ -144,6 +159,19 @@ class FavorLayerState(RandomFeatures, nn.Module):
         self.slots, self.slot_rule, self.slot_interval = check_slots(
             slots, slot_rule, slot_interval, window=window
         )
+        if not isinstance(far_rope, bool):
+            raise TypeError(f"far_rope must be a bool, got {type(far_rope).__name__}")
+        self.far_rope = far_rope
+        self.far_decay = check_far_decay(far_decay)
+        if self.slots and (not far_rope or self.far_decay is not None):
+            raise ValueError(
+                "slots work with the far part as converted by default (far_rope=True, "
+                "far_decay=None); slots with far_rope=False or a far_decay are not "
+                "supported yet"
+            )
+        # The model's rotary module (far_rope=False), attached by convert(); a plain
+        # attribute, not a submodule (it belongs to the model).
+        self._rotary: tuple = ()
         self.learned = self.kernel in LEARNED_KERNELS
         if learn_projection is None:
             learn_projection = self.learned
@@ -244,26 +272,48 @@ class FavorLayerState(RandomFeatures, nn.Module):
         scale: float | None,
         cache_layer=None,
         unrepeated: tuple[Tensor, Tensor] | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         # (A cache layer's parts were checked by FavorCache.update, which hands it here.)
         if causal and self._slots_on():
             return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
+        lq, lk = q.shape[-2], k.shape[-2]
+        unrotated = not self.far_rope and (self.far or not self.near)
+        if unrotated and lq != lk and cache_layer is None:
+            raise ValueError(
+                "far_rope=False undoes the rotary embedding by each token's position: a "
+                "key/value cache the model kept itself does not say where its keys sit; "
+                "decode through a FavorCache (the converted model's forward(use_cache="
+                "True) and generate() make one)"
+            )
+        if unrotated and positions is None and cache_layer is not None:
+            # The cache has counted these tokens already: they are its last lk.
+            positions = torch.arange(cache_layer.seen - lk, cache_layer.seen, device=q.device)
+        far = self._far_inputs(q, k, key_padding_mask, positions) if unrotated else {}
+        if not self.near and far:
+            # Linear only: every score is a feature-map score, of the un-rotated inputs.
+            q, k = far.pop("far_q"), far.pop("far_k")
+        kw.update(far)
         if cache_layer is not None:
             if cache_layer.pending is not None:
                 # Tokens kept unfolded (a lazy prefill, a converted DynamicCache) join the
                 # state before the new ones.
-                pk, pv, pmask = cache_layer.pending
+                pk, pv, pmask, ppos = _pending(cache_layer.pending)
                 cache_layer.pending = None
-                cache_layer.state = self._fold(pk, pv, pmask, q, cache_layer.state, kw)
+                cache_layer.state = self._fold(pk, pv, pmask, q, cache_layer.state, kw, ppos)
             elif cache_layer.lazy and cache_layer.state is None and causal:
                 # A forward that did not ask for a cache: the parallel form (the same
                 # outputs as without one); the state is built only if a next call follows.
                 # Grouped-query models: the keys and values before the repeat (1/group
                 # of the memory), as a DynamicCache would keep them.
                 pk, pv = (k, v) if unrepeated is None else unrepeated
-                cache_layer.pending = (pk, pv, key_padding_mask)
+                ppos = None
+                if unrotated:
+                    # (B, L): follows the batch through a beam search's reordering.
+                    ppos = positions_for(positions, key_padding_mask, *q.shape[:1], lk, q.device)
+                cache_layer.pending = (pk, pv, key_padding_mask, ppos)
                 return favor_attention(
                     q,
                     k,
@@ -278,7 +328,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
             )
             return out
-        lq, lk = q.shape[-2], k.shape[-2]
         if causal and lq != lk:
             # A key/value cache the model kept itself (not ours): the queries are the last
             # Lq positions. Zero queries in front give the same causal prefix sums.
@@ -305,6 +354,38 @@ class FavorLayerState(RandomFeatures, nn.Module):
             **kw,
         )
 
+    def _far_inputs(
+        self, q: Tensor, k: Tensor, mask: Tensor | None, positions: Tensor | None
+    ) -> dict:
+        """``{"far_q", "far_k"}``: ``q`` and ``k`` with the rotary embedding undone at
+        ``positions: (B, L)`` (or ``(L,)``; None: ``0 .. L - 1``, after the padding of a
+        left-padded row: from ``mask``)."""
+        if not self._rotary:
+            raise ValueError(
+                "far_rope=False needs the model's rotary module: convert the model with "
+                "linattn.integrations.hf.convert(model, ..., far_rope=False)"
+            )
+        pos = positions_for(positions, mask, q.shape[0], q.shape[-2], q.device)
+        return {
+            "far_q": unrotate(self._rotary[0], q, pos),
+            "far_k": unrotate(self._rotary[0], k, pos),
+        }
+
+    def decay(self) -> Tensor | None:
+        """``ln gamma = -1 / far_decay`` as a 0-d float64 tensor (cast to the compute
+        dtype by the call), or None; the same tensor while ``far_decay`` and the device are
+        unchanged (its value is then checked once)."""
+        if self.far_decay is None:
+            return None
+        device = self.projection.device
+        key = (self.far_decay, device)
+        cached = getattr(self, "_decay_cache", None)
+        if cached is None or cached[0] != key:
+            value = torch.tensor(-1.0 / self.far_decay, dtype=torch.float64, device=device)
+            cached = (key, value)
+            self._decay_cache = cached
+        return cached[1]
+
     def _slots_on(self) -> bool:
         return bool(self.slots and self.near and self.use_slots)
 
@@ -330,7 +411,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
             if cache_layer.pending is not None:
                 # Keys and values of a converted DynamicCache: decided on as they leave
                 # the window; the error rule reads the keys and values only.
-                pk, pv, pmask = cache_layer.pending
+                pk, pv, pmask, _ = _pending(cache_layer.pending)
                 cache_layer.pending = None
                 if pmask is not None:
                     raise ValueError(
@@ -387,17 +468,39 @@ class FavorLayerState(RandomFeatures, nn.Module):
         )
         return out.to(dtype), state
 
-    def _fold(self, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor, state, kw: dict):
+    def _fold(
+        self,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        q: Tensor,
+        state,
+        kw: dict,
+        positions: Tensor | None = None,
+    ):
         """The recurrent state after ``state`` has absorbed keys ``k: (B, H_kv, n, d)`` and
-        values ``v`` (``mask: (B, n)`` True = padding); ``q`` gives the heads ``H`` (a
-        multiple of ``H_kv``), dtype and device. The state depends on the keys and values
-        only: zero queries, their outputs dropped."""
+        values ``v`` (``mask: (B, n)`` True = padding; ``positions``: their position ids,
+        for ``far_rope=False``); ``q`` gives the heads ``H`` (a multiple of ``H_kv``),
+        dtype and device. The state depends on the keys and values only: zero queries,
+        their outputs dropped."""
         k, v = _as_query_heads(k, v, q)
+        kw = dict(kw)
+        if "far_k" in kw:
+            kw.update(self._far_inputs(k, k, mask, positions))
+            kw["far_q"] = kw["far_q"].new_zeros(k.shape)
         if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
             # The window hybrid's state straight from the keys and values: no band
             # attention for queries whose outputs would be dropped.
             opts = {name: kw[name] for name in ("kernel", "scale", "window", "sinks")}
-            return _favor_state_of(k, v, self.projection, key_padding_mask=mask, **opts)
+            return _favor_state_of(
+                k,
+                v,
+                self.projection,
+                key_padding_mask=mask,
+                **opts,
+                decay=kw.get("decay"),
+                far_k=kw.get("far_k"),
+            )
         zeros = k.new_zeros(k.shape)
         return favor_recurrent(
             zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw
@@ -415,7 +518,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 "sinks": self.sinks,
                 "linear_factor": q.new_zeros((), dtype=torch.float32),
             }
-        return {"window": self.window, "sinks": self.sinks, "linear_factor": self.linear_factor()}
+        parts = {"window": self.window, "sinks": self.sinks, "linear_factor": self.linear_factor()}
+        if self.far_decay is not None:
+            parts["decay"] = self.decay()
+        return parts
 
     def options(self) -> dict:
         return {
@@ -431,6 +537,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
             "slots": self.slots,
             "slot_rule": self.slot_rule,
             "slot_interval": self.slot_interval,
+            "far_rope": self.far_rope,
+            "far_decay": self.far_decay,
         }
 
     def extra_repr(self) -> str:
@@ -439,6 +547,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
             f"kernel={self.kernel!r}, window={self.window}"
             + (f", sinks={self.sinks}" if self.sinks else "")
             + (f", slots={self.slots}, slot_rule={self.slot_rule!r}" if self.slots else "")
+            + ("" if self.far_rope else ", far_rope=False")
+            + ("" if self.far_decay is None else f", far_decay={self.far_decay:g}")
         )
 
 
@@ -458,6 +568,67 @@ def check_slots(
             f"the window), got window={window!r}"
         )
     return int(slots), rule, interval
+
+
+def check_far_decay(far_decay: object) -> float | None:
+    """``far_decay`` checked: None, or a finite number of tokens > 0 (as a float)."""
+    if far_decay is None:
+        return None
+    if isinstance(far_decay, bool) or not isinstance(far_decay, (int, float)):
+        raise TypeError(
+            f"far_decay must be None or a number of tokens > 0, got {type(far_decay).__name__}"
+        )
+    if not math.isfinite(far_decay) or far_decay <= 0:
+        raise ValueError(f"far_decay must be a finite number of tokens > 0, got {far_decay!r}")
+    return float(far_decay)
+
+
+def positions_for(
+    positions: Tensor | None, mask: Tensor | None, bsz: int, length: int, device
+) -> Tensor:
+    """Position ids ``(B, L)`` long of ``L`` tokens: ``positions`` (``(B, L)``, ``(1,
+    L)`` or ``(L,)``) as given, else ``0 .. L - 1`` counted from each row's first real
+    token (``mask: (B, L)`` True = padding), as transformers' ``generate()`` numbers a
+    left-padded row."""
+    if positions is not None:
+        pos = positions.to(device=device, dtype=torch.long)
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0)
+        if pos.dim() != 2 or pos.shape[-1] != length or pos.shape[0] not in (1, bsz):
+            raise ValueError(
+                f"position_ids must have shape (batch, {length}) or ({length},) for "
+                f"{length} tokens, got {tuple(positions.shape)}"
+            )
+        return pos.expand(bsz, length)
+    if mask is None:
+        return torch.arange(length, device=device).expand(bsz, length)
+    return ((~mask).long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate(rotary: nn.Module, x: Tensor, positions: Tensor) -> Tensor:
+    """``x: (B, H, L, d)`` with the rotary embedding of ``rotary`` (a transformers rotary
+    module, ``cos, sin = rotary(x, position_ids)``) at ``positions: (B, L)`` undone:
+    transformers rotates ``x_rot = x cos + rotate_half(x) sin`` on the first ``r`` dims
+    (``r`` = the width of ``cos``; all of them but for partial rotary); the inverse is
+    ``(x_rot cos - rotate_half(x_rot) sin) / (cos^2 + sin^2)`` there (the denominator
+    is the squared attention scaling of the scaled rotary types)."""
+    cos, sin = rotary(x, positions)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    r = cos.shape[-1]
+    xr = x[..., :r]
+    out = (xr * cos - _rotate_half(xr) * sin) / (cos * cos + sin * sin)
+    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+
+
+def _pending(pending: tuple) -> tuple:
+    """A cache layer's pending ``(k, v, mask, positions)``: positions None where the
+    entry has three fields (a converted DynamicCache)."""
+    return (*pending, None) if len(pending) == 3 else pending
 
 
 def _as_query_heads(k: Tensor, v: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -530,7 +701,9 @@ class LinformerLayerState(UsesLinformerProjection, nn.Module):
         scale: float | None,
         cache_layer=None,
         unrepeated=None,
+        positions=None,
     ) -> Tensor:
+        # (positions: unused; the attention function hands every layer state the ids.)
         if causal or cache_layer is not None:
             raise ValueError(
                 "Linformer cannot run a causal (decoder) attention: its projection along "

@@ -54,12 +54,14 @@ def causal_segment(
     keep: Tensor | None,
     chunk: int,
     raw: bool = False,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """One segment of the causal scan; differentiable (autograd recomputes through it).
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)`` with ``n`` a multiple of
     ``chunk``; ``state: (B, H, M, dv + 1)`` and ``stab: (B, H)`` for the tokens before;
-    ``keep: (B, n)`` (1 = real key, 0 = padding) or None.
+    ``keep: (B, n)`` (1 = real key, 0 = padding) or None; ``key_bias: (H, n)`` or None,
+    log-weights added to the keys' log-scales.
     Returns ``out: (B, H, n, dv)``, the new state and its stabilizer. With ``raw``, ``out``
     is instead the unnormalized ``[num, den]: (B, H, n, dv + 1)`` and a fourth tensor
     ``g: (B, H, n)`` is returned: ``sum_j phi(q_i).phi(k_j) [v_j, 1] = c^2 exp(g_i) out_i``
@@ -77,6 +79,9 @@ def causal_segment(
         fq, rq = fm.stabilized(q, params, is_query=True, inplace=inplace)
     fk, r = fm.stabilized(k, params, is_query=False, inplace=inplace)
     m = fq.shape[-1]
+    if key_bias is not None:
+        # Per-key log-weights (the window hybrid's far decay): [H, n] on [B, H, n].
+        r = r + key_bias
     if keep is not None:
         r = r.masked_fill(keep[:, None, :] == 0, float("-inf"))
     with torch.no_grad():
@@ -367,14 +372,18 @@ def _segment_backward(
     return grads, dv, carry
 
 
-def causal_scan_raw(q, k, v, state, stab, fm, params, keep, chunk):
+def causal_scan_raw(q, k, v, state, stab, fm, params, keep, chunk, key_bias=None):
     """The unnormalized causal scan (``raw=True`` of :func:`causal_segment`), under plain
-    autograd. Returns ``([num, den]: (B, H, L, dv + 1), g: (B, H, L), S, c)``."""
+    autograd; ``key_bias: (H, L)`` (or None) is added to the keys' log-scales. Returns
+    ``([num, den]: (B, H, L, dv + 1), g: (B, H, L), S, c)``."""
     outs, scales = [], []
     for s, e in _segments(q.shape[-2], chunk):
         qs, ks, vs, ke = _segment_inputs(q, k, v, keep, s, e, chunk)
+        kb = None
+        if key_bias is not None:
+            kb = F.pad(key_bias[..., s:e], (0, qs.shape[-2] - (e - s)))
         out, state, stab, g = causal_segment(
-            qs, ks, vs, state, stab, fm, params, ke, chunk, raw=True
+            qs, ks, vs, state, stab, fm, params, ke, chunk, raw=True, key_bias=kb
         )
         outs.append(out[..., : e - s, :])
         scales.append(g[..., : e - s])

@@ -44,6 +44,9 @@ def favor_naive(
     window: int | None = None,
     linear_factor: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """Reference FAVOR attention, optionally the sliding-window hybrid with sink keys.
 
@@ -51,25 +54,37 @@ def favor_naive(
     applies), ``v: (B, H, Lk, dv)``, ``key_padding_mask: (B, Lk)`` bool (True =
     ignore), ``linear_factor``: ``(H,)`` or ``()`` (used only by the hybrid: a window or
     ``sinks > 0``), ``sinks``: the number of sink keys (the first ``sinks`` unpadded keys
-    of each sequence), scored exactly by every query that sees them, window or not.
+    of each sequence), scored exactly by every query that sees them, window or not;
+    ``decay``: ``ln gamma: (H,)`` or ``()``, ``<= 0``, or None (causal hybrid only): the
+    far score of query ``i`` and key ``j`` is weighed by ``gamma^(i - j)``; ``far_q,
+    far_k``: the inputs of the feature-map scores (default ``q``, ``k``).
     Returns ``(B, H, Lq, dv)``; a query row with no visible key gets zeros.
 
     Equivalent to::
 
-        A = phi_q(q) @ phi_k(k).T      # (Lq, Lk), by the kernel's exact formula
+        A = phi_q(far_q) @ phi_k(far_k).T      # (Lq, Lk), by the kernel's exact formula
         if window is not None or sinks:
             # near: |i - j| <= w, or i - w < j <= i if causal (none if window is None),
             # or j among the first `sinks` unpadded keys of the sequence
-            A = where(near, exp(scale * q @ k.T), linear_factor[h] * A)
+            A = where(near, exp(scale * q @ k.T), linear_factor[h] * decay[h]^(i - j) * A)
         A = A masked (padded keys, and j > i when causal) to 0
         out = (A @ v) / A.sum(-1)
     """
-    a = fm.exact(q, params, is_query=True) @ fm.exact(k, params, is_query=False).mT
+    fq = q if far_q is None else far_q
+    fk = k if far_k is None else far_k
+    a = fm.exact(fq, params, is_query=True) @ fm.exact(fk, params, is_query=False).mT
     if window is not None or sinks:
         if linear_factor is not None:
             lf = linear_factor.reshape(-1, 1, 1) if linear_factor.dim() else linear_factor
             a = a * lf
         lq, lk = q.shape[-2], k.shape[-2]
+        if decay is not None:
+            # gamma_h^(i - j) on the far scores (causal: i - j >= 0 where it counts).
+            ld = decay.reshape(-1, 1, 1) if decay.dim() else decay
+            dist = (torch.arange(lq, device=q.device)[:, None] + (lk - lq)) - torch.arange(
+                lk, device=q.device
+            )
+            a = a * torch.exp(ld.to(a.dtype) * dist.clamp(min=0).to(a.dtype))
         near = torch.zeros(lq, lk, dtype=torch.bool, device=q.device)
         if window is not None:
             near = window_mask(lq, lk, window, causal, device=q.device)

@@ -38,7 +38,11 @@ class FavorState(NamedTuple):
     that have left the window, in ``s' = min(s, tokens that have left the window)``
     slots (they grow as the ring does: never more than can be seen, so a huge ``s``
     costs no memory), and ``seen: (B,)`` long, the real keys consumed so far; None when
-    ``sinks == 0``. ``kv`` never sums a sink.
+    ``sinks == 0``. ``kv`` never sums a sink. With far inputs (``far_q``/``far_k`` of
+    :func:`~linattn.favor_attention`): ``far_keys: (B, H, r, d)``, the far keys of the
+    ring's tokens (the keys the feature map scores once they leave the window); else
+    None. With a ``decay``, ``kv`` and ``stab`` are kept in the frame of the next token's
+    position (see :func:`~.window.step.favor_window_step`).
     """
 
     kv: Tensor
@@ -50,6 +54,7 @@ class FavorState(NamedTuple):
     sink_values: Tensor | None = None
     sink_padding: Tensor | None = None
     seen: Tensor | None = None
+    far_keys: Tensor | None = None
 
 
 def empty_window_state(
@@ -63,9 +68,10 @@ def empty_window_state(
     dtype: torch.dtype,
     device: torch.device,
     sinks: int = 0,
+    far: bool = False,
 ) -> FavorState:
     """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
-    keys). The ring of the window's keys starts empty and grows with the tokens consumed
+    keys; ``far``: with an empty ring of far keys). The ring of the window's keys starts empty and grows with the tokens consumed
     up to ``window`` slots, the sink slots with the tokens that leave the window up to
     ``sinks``: neither holds more than can be seen, so a huge ``window`` or ``sinks``
     costs no memory."""
@@ -85,6 +91,11 @@ def empty_window_state(
         torch.zeros(bsz, heads, 0, dv, dtype=dtype, device=device),
         torch.ones(bsz, 0, dtype=torch.bool, device=device),
         *sink_fields,
+        **(
+            {"far_keys": torch.zeros(bsz, heads, 0, head_dim, dtype=dtype, device=device)}
+            if far
+            else {}
+        ),
     )
 
 
@@ -128,14 +139,19 @@ def favor_recurrent_step(
     window: int | None = None,
     linear_factor: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
     """Consume ``n >= 1`` new tokens (causally among themselves) after ``state``.
 
     Shapes: ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)``, ``linear_factor: (H,)``,
     ``()`` or None (hybrid only: a window or sinks). ``sinks > 0`` with
-    ``window=None`` steps the hybrid with an empty band (window 0). Returns
-    ``(out: (B, H, n, dv), new_state)``.
+    ``window=None`` steps the hybrid with an empty band (window 0). ``decay``,
+    ``far_q``, ``far_k``: hybrid only, as :func:`~.window.step.favor_window_step`.
+    Returns ``(out: (B, H, n, dv), new_state)``.
     """
+    far = far_k is not None
     if window is None and sinks:
         window = 0
     if window is not None:
@@ -151,8 +167,9 @@ def favor_recurrent_step(
                 dtype=q.dtype,
                 device=q.device,
                 sinks=sinks,
+                far=far,
             )
-        fields = tuple(state) if sinks else tuple(state)[:5]
+        fields = tuple(state)[:9] if sinks else tuple(state)[:5]
         out, new = favor_window_step(
             q,
             k,
@@ -164,7 +181,13 @@ def favor_recurrent_step(
             linear_factor=linear_factor,
             key_padding_mask=key_padding_mask,
             sinks=sinks,
+            decay=decay,
+            far_q=far_q,
+            far_k=far_k,
+            far_ring=state.far_keys if far else None,
         )
+        if far:
+            return out, FavorState(*new[:-1], far_keys=new[-1])
         return out, FavorState(*new)
     initial = None if state is None else (state.kv, state.stab)
     out, kv, stab = favor_causal(

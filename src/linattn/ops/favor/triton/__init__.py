@@ -92,7 +92,15 @@ def not_supported_reasons(call: FavorCall) -> list[str]:
         reasons.append(f"q is on {q.device.type} (the kernels run on CUDA)")
     elif not available():
         reasons.append("triton is not installed")
-    for name in ("window", "linear_factor", "cu_seqlens", "initial_state"):
+    for name in (
+        "window",
+        "linear_factor",
+        "cu_seqlens",
+        "initial_state",
+        "decay",
+        "far_q",
+        "far_k",
+    ):
         if getattr(call, name) is not None:
             reasons.append(f"{name} is set")
     if call.sinks:

@@ -181,7 +181,7 @@ class _FarBlocks(torch.autograd.Function):
     # input. No vmap rule: the forward decides its path from the data (the spread test),
     # so far_blocks is not called while a graph is captured (torch.func, compile).
     @staticmethod
-    def forward(q, k, v, weight, fm, params, window, c, spread, keep, causal, want, box):
+    def forward(q, k, v, weight, fm, params, window, c, spread, keep, causal, want, bias, box):
         bsz, length = q.shape[0], q.shape[-2]
         nblk = -(-length // c)
         want_w = weight is not None and want[3]
@@ -192,6 +192,8 @@ class _FarBlocks(torch.autograd.Function):
         fparams = params.replace_weight(w_leaf)
         fkb, rkb, k_out, rk_out, exp2 = _features(fm, fparams, k_leaf, graph)
         real = block_flags(keep, bsz, length, nblk, c, q.device)  # [nblk, B, 1, C]
+        if bias is not None:
+            rkb = rkb + key_bias_blocks(bias, nblk, c)
         rkb = rkb.masked_fill(~real, -math.inf)
         top = rkb.amax(-1).amax(0)  # [B, H]
         low = rkb.masked_fill(~real, math.inf).amin(-1).amin(0)
@@ -290,7 +292,15 @@ class _FarBlocks(torch.autograd.Function):
             dq = from_block_major(res.pop(0), length) if want[0] else None
             dk = from_block_major(res.pop(0), length) if want[1] else None
             dw = res.pop(0) if want_w else None
-        return dq, dk, dv, dw, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None, None, None, None, None, None, None
+
+
+def key_bias_blocks(bias: Tensor, nblk: int, c: int) -> Tensor:
+    """A per-key log-weight ``bias: (H, L)`` as ``(nblk, 1, H, C)`` (0 on the padded tail
+    of the last block)."""
+    heads, length = bias.shape
+    b = torch.nn.functional.pad(bias, (0, nblk * c - length))
+    return b.reshape(heads, nblk, c).transpose(0, 1).unsqueeze(1)
 
 
 def far_blocks(
@@ -304,6 +314,7 @@ def far_blocks(
     block: int,
     spread: float,
     causal: bool = False,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The far part under one key stabilizer, by block pairs.
 
@@ -329,7 +340,20 @@ def far_blocks(
     grad = torch.is_grad_enabled()
     want = tuple(grad and t is not None and t.requires_grad for t in (q, k, v, params.weight))
     nd, rq, top, *_ = _FarBlocks.apply(
-        q, k, v, params.weight, fm, params, window, c, spread, keep, causal, want, SimpleNamespace()
+        q,
+        k,
+        v,
+        params.weight,
+        fm,
+        params,
+        window,
+        c,
+        spread,
+        keep,
+        causal,
+        want,
+        key_bias,
+        SimpleNamespace(),
     )
     if nd.dim() == 0:
         return None

@@ -64,6 +64,15 @@ def combine(parts: list[tuple[Tensor, Tensor]], positive: bool) -> Tensor:
     return total[..., :dv] / safe_denominator(total[..., dv], positive).unsqueeze(-1)
 
 
+def decay_bias(log_decay: Tensor, heads: int, length: int, dtype, device) -> Tensor:
+    """``(H, L)``: ``i ln(gamma_h)`` for positions ``i < L`` (``log_decay: (H,)`` or ``()``,
+    ``ln gamma <= 0``). The far score of query ``i`` and key ``j`` is weighed by
+    ``gamma^(i - j) = exp(bias_i - bias_j)``: queries add ``bias``, keys ``-bias``."""
+    pos = torch.arange(length, device=device, dtype=torch.float64)
+    ld = log_decay.to(device=device, dtype=torch.float64).reshape(-1, 1).expand(heads, 1)
+    return (ld * pos).to(dtype)
+
+
 def factor_shape(linear_factor: Tensor | None) -> Tensor | None:
     if linear_factor is None:
         return None
@@ -95,15 +104,17 @@ class HybridCall:
     chunk_size: int = 64
     block_size: int | None = None
     sinks: int = 0
+    decay: Tensor | None = None
 
     def group(self, bs: slice, hs: slice) -> HybridCall:
         """The options of the (batch, head) pairs ``[bs, hs]``: the per-head factor and
         the per-sequence mask sliced."""
-        lf, mask = self.linear_factor, self.key_padding_mask
+        lf, mask, dec = self.linear_factor, self.key_padding_mask, self.decay
         return replace(
             self,
             linear_factor=lf[hs] if lf is not None and lf.dim() == 1 else lf,
             key_padding_mask=None if mask is None else mask[bs],
+            decay=dec[hs] if dec is not None and dec.dim() == 1 else dec,
         )
 
 
@@ -164,6 +175,9 @@ def favor_window(
     chunk_size: int = 64,
     block_size: int | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """Sliding-window hybrid FAVOR attention with optional sink keys, O(L (w + M + s))
     time and memory.
@@ -173,7 +187,10 @@ def favor_window(
     finite, callers zero them), ``linear_factor: (H,)`` or ``()`` or None (= 1).
     ``window``: ``w >= 0``, or None for no band (then ``sinks`` should be > 0: the sinks
     are the only exact keys). ``sinks``: the first ``sinks`` unpadded keys of each
-    sequence are scored exactly by every query that sees them. Returns ``(B, H, L, dv)``.
+    sequence are scored exactly by every query that sees them. ``decay``: ``ln gamma:
+    (H,)`` or ``()`` (causal only): far scores weighed by ``gamma^(i - j)``. ``far_q,
+    far_k``: the far part's own queries and keys (shapes as ``q``, ``k``; default ``q``,
+    ``k``). Returns ``(B, H, L, dv)``.
 
     On CPU the (batch, head) pairs go in groups (:func:`window_groups`), without the page
     faults of very large temporaries: heads and sequences are independent, so the result
@@ -193,7 +210,7 @@ def favor_window(
         # on w beyond L (window=10**12 would otherwise cost O(w) Python work and memory).
         window = min(window, q.shape[-2])
     call = HybridCall(
-        window, causal, linear_factor, key_padding_mask, chunk_size, block_size, sinks
+        window, causal, linear_factor, key_padding_mask, chunk_size, block_size, sinks, decay
     )
     bsz, heads = q.shape[0], q.shape[1]
     rows, group = bsz, heads
@@ -211,7 +228,8 @@ def favor_window(
 
     def run(bs: slice, hs: slice) -> Tensor:
         sub = _slice_params(params, (bsz, heads), bs, hs)
-        return hybrid_call(q[bs, hs], k[bs, hs], v[bs, hs], fm, sub, call.group(bs, hs))
+        far = [None if x is None else x[bs, hs] for x in (far_q, far_k)]
+        return hybrid_call(q[bs, hs], k[bs, hs], v[bs, hs], fm, sub, call.group(bs, hs), *far)
 
     return _cat([_cat([run(bs, hs) for hs in head_slices], 1) for bs in row_slices], 0)
 
@@ -221,16 +239,32 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def hybrid_call(
-    q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, params: FeatureParams, call: HybridCall
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    call: HybridCall,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """:func:`favor_window` in one call over every (batch, head) pair given."""
     if call.causal:
-        return hybrid_causal(q, k, v, fm, params, call)
-    return hybrid_bidirectional(q, k, v, fm, params, call)
+        return hybrid_causal(q, k, v, fm, params, call, far_q, far_k)
+    if call.decay is not None:
+        raise ValueError("decay needs causal=True")
+    return hybrid_bidirectional(q, k, v, fm, params, call, far_q, far_k)
 
 
 def hybrid_bidirectional(
-    q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, params: FeatureParams, call: HybridCall
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    call: HybridCall,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional hybrid by blocks of ``C`` tokens (see ``ops/favor/README.md``).
 
@@ -256,7 +290,7 @@ def hybrid_bidirectional(
     if window + 1 >= length:
         # Every key is inside every window (sinks included): exact attention.
         return keep_in_graph(
-            combine([near], fm.positive_features), params.weight, call.linear_factor
+            combine([near], fm.positive_features), params.weight, call.linear_factor, far_q, far_k
         )
     # No band (window=None): no part (a constant empty part trips inductor).
     parts = [near] if window >= 0 else []
@@ -267,12 +301,14 @@ def hybrid_bidirectional(
     if isinstance(lc, Tensor):
         lc = lc.unsqueeze(-1)
     spread = spread_limit(q.dtype)
-    fast = far_blocks(q, k, v, keep, fm, params, window, far_block(window, length), spread)
+    fq_in = q if far_q is None else far_q
+    fk_in = k if far_k is None else far_k
+    fast = far_blocks(fq_in, fk_in, v, keep, fm, params, window, far_block(window, length), spread)
     if fast is not None:
         far, rq, top = fast
         scale_far = rq + top.unsqueeze(-1) + 2 * lc
     else:
-        far, scale_far = far_running_max(q, k, v, keep, fm, params, window)
+        far, scale_far = far_running_max(fq_in, fk_in, v, keep, fm, params, window)
         scale_far = scale_far + 2 * lc
     lf = factor_shape(call.linear_factor)
     if lf is not None:
@@ -281,7 +317,14 @@ def hybrid_bidirectional(
 
 
 def hybrid_causal(
-    q: Tensor, k: Tensor, v: Tensor, fm: FeatureMap, params: FeatureParams, call: HybridCall
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    call: HybridCall,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """Causal hybrid: the band ``i - w < j <= i``, the sinks ``j <= i - w`` and the far
     keys ``j <= i - w`` that are not sinks. Shapes as :func:`hybrid_bidirectional`;
@@ -306,10 +349,26 @@ def hybrid_causal(
     if length - window <= 0:
         # No key is far from any query: exact attention (and the sinks).
         out = combine(parts or [near], fm.positive_features)
-        return keep_in_graph(out, params.weight, call.linear_factor)
+        return keep_in_graph(out, params.weight, call.linear_factor, far_q, far_k)
     spread = spread_limit(q.dtype)
+    kb = qb = None
+    if call.decay is not None:
+        qb = decay_bias(call.decay, q.shape[1], length, q.dtype, q.device)
+        kb = -qb
+    fq_in = q if far_q is None else far_q
+    fk_in = k if far_k is None else far_k
     fast = far_blocks(
-        q, k, v, keep_far, fm, params, window, far_block(window, length), spread, causal=True
+        fq_in,
+        fk_in,
+        v,
+        keep_far,
+        fm,
+        params,
+        window,
+        far_block(window, length),
+        spread,
+        causal=True,
+        key_bias=kb,
     )
     if fast is not None:
         nd, rq, top = fast
@@ -317,9 +376,22 @@ def hybrid_causal(
         if isinstance(lc, Tensor):
             lc = lc.unsqueeze(-1)
         g = rq + top.unsqueeze(-1) + 2 * lc
+        if qb is not None:
+            g = g + qb
     else:
         keep_f = None if keep_far is None else keep_far.to(q.dtype)
-        nd, g, _, _ = far_left(q, k, v, keep_f, fm, params, -window, call.chunk_size)
+        nd, g, _, _ = far_left(
+            fq_in,
+            fk_in,
+            v,
+            keep_f,
+            fm,
+            params,
+            -window,
+            call.chunk_size,
+            key_bias=kb,
+            query_bias=qb,
+        )
     lf = factor_shape(call.linear_factor)
     if lf is not None:
         nd = nd * lf

@@ -90,29 +90,38 @@ def far_left(
     start: int,
     chunk: int,
     initial: tuple[Tensor, Tensor] | None = None,
+    *,
+    key_bias: Tensor | None = None,
+    query_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Linear scores of query ``a`` against the keys at positions ``j <= a + start``.
 
     Shapes: ``q: (B, H, n, d)``, ``k: (B, H, Lk, d)``, ``v: (B, H, Lk, dv)``, ``keep:
     (B, Lk)`` float (1 = real key) or None; ``initial``: a causal state for keys before
-    position 0. Returns ``nd: (B, H, n, dv + 1)``, ``g: (B, H, n)`` (the true sum
-    ``sum_j phi(q_a).phi(k_j) [v_j, 1] = exp(g_a) nd_a``) and the state ``(S, c)`` after
-    the keys ``j <= n - 1 + start``.
+    position 0. ``key_bias: (H, Lk)``, ``query_bias: (H, n)``: log-weights added to the
+    keys' and the queries' log-scales (the far part's decay), or None. Returns ``nd: (B,
+    H, n, dv + 1)``, ``g: (B, H, n)`` (the true sum ``sum_j exp(qb_a + kb_j)
+    phi(q_a).phi(k_j) [v_j, 1] = exp(g_a) nd_a``) and the state ``(S, c)`` after the keys
+    ``j <= n - 1 + start``.
     """
     bsz, heads, n, _ = q.shape
     ks, vs = shifted(k, start, n), shifted(v, start, n)
     kept = keep if keep is not None else k.new_ones(k.shape[0], k.shape[-2])
     ke = shifted(kept, start, n, dim=-1)
+    kb = None if key_bias is None else shifted(key_bias, start, n, dim=-1)
     if initial is None:
         m = fm.feature_dim(params.weight, q.shape[-1])
         initial = initial_state((bsz, heads), m, v.shape[-1], dtype=q.dtype, device=q.device)
     nd, g, state, stab = causal_scan_raw(
-        q, ks, vs, initial[0], initial[1], fm, params, ke, max(1, min(chunk, n))
+        q, ks, vs, initial[0], initial[1], fm, params, ke, max(1, min(chunk, n)), key_bias=kb
     )
     lc = fm.log_const(params)
     if isinstance(lc, Tensor):
         lc = lc.unsqueeze(-1)
-    return nd, g + 2 * lc, state, stab
+    g = g + 2 * lc
+    if query_bias is not None:
+        g = g + query_bias
+    return nd, g, state, stab
 
 
 def _scan_states(u: Tensor, e: Tensor, floor: float, reverse: bool) -> tuple[Tensor, Tensor]:

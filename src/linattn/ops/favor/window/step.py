@@ -39,6 +39,10 @@ def favor_window_step(
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
+    far_ring: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
@@ -55,8 +59,20 @@ def favor_window_step(
     dv)``, ``sink_padding: (B, s')`` bool (True = empty slot), the sinks that have left
     the window in ``s' = min(s, tokens that have left it)`` slots (``S`` never holds a
     sink), and ``seen: (B,)`` long, the real keys consumed so far. Returns ``(out: (B, H, n, dv), new_state)``; stepping equals
-    :func:`favor_window` (causal, same ``sinks``) on the concatenated tokens.
+    :func:`favor_window` (causal, same ``sinks``, ``decay``, far inputs) on the
+    concatenated tokens.
+
+    ``decay`` (``ln gamma: (H,)`` or ``()``): ``S`` and ``c`` are kept in the frame of the
+    next query (``S exp(c)`` sums ``gamma^(t - j)`` times key ``j``'s term for the next
+    position ``t``): a key enters with ``gamma^w`` (it leaves the window ``w`` tokens
+    before its query), and ``c`` falls by ``-ln gamma`` per token consumed. ``far_q,
+    far_k: (B, H, n, d)``: the far part's own queries and keys (see
+    :func:`~.hybrid.favor_window`); then ``far_ring: (B, H, r, d)`` holds the ring's far
+    keys (empty before the first token) and the new state has the new ``far_ring``
+    appended as its last entry.
     """
+    if (far_k is None) != (far_ring is None) or (far_q is None) != (far_k is None):
+        raise ValueError("far_q, far_k and far_ring go together (all or none)")
     step = favor_window_step_one if q.shape[-2] == 1 else favor_window_step_general
     return step(
         q,
@@ -69,7 +85,17 @@ def favor_window_step(
         linear_factor=linear_factor,
         key_padding_mask=key_padding_mask,
         sinks=sinks,
+        decay=decay,
+        far_q=far_q,
+        far_k=far_k,
+        far_ring=far_ring,
     )
+
+
+def _decay_shape(decay: Tensor, like: Tensor) -> Tensor:
+    # ln gamma as (H, 1) (or a 0-d tensor) for (B, H, ...) sums; like's dtype.
+    d = decay.to(like.dtype)
+    return d.reshape(-1, 1) if d.dim() else d
 
 
 def favor_window_step_general(
@@ -84,6 +110,10 @@ def favor_window_step_general(
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
+    far_ring: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`favor_window_step` for any ``n >= 1`` new tokens (shapes there): the band by
     :func:`~.naive.band_attention`, the sinks by :func:`~.sinks.step_sinks`, the far part
@@ -104,13 +134,33 @@ def favor_window_step_general(
     keep_far = keep
     if sinks:
         keep_far, part, sink_state = step_sinks(
-            q, kc, vc, keep, state[5:], n, sinks, params.scale, window
+            q, kc, vc, keep, state[5:9], n, sinks, params.scale, window
         )
         parts.append(part)
     # Query a sits at position ring + a of kc; its far keys are j <= ring + a - w.
+    fkc = kc if far_k is None else torch.cat([far_ring, far_k], dim=-2)
+    kb = qb = None
+    if decay is not None:
+        # Positions relative to the first new query (the state's frame).
+        ld = _decay_shape(decay, q)
+        qb = ld * torch.arange(n, device=q.device, dtype=q.dtype)
+        kb = -ld * (torch.arange(ring + n, device=q.device, dtype=q.dtype) - ring)
     nd, g, kv, stab = far_left(
-        q, kc, vc, keep_far.to(q.dtype), fm, params, max(ring - window, -n), 64, initial=(kv, stab)
+        q if far_q is None else far_q,
+        fkc,
+        vc,
+        keep_far.to(q.dtype),
+        fm,
+        params,
+        max(ring - window, -n),
+        64,
+        initial=(kv, stab),
+        key_bias=kb,
+        query_bias=qb,
     )
+    if decay is not None:
+        # The next query sits n places after the first new one.
+        stab = stab + n * ld.reshape(-1)
     lf = factor_shape(linear_factor)
     if lf is not None:
         nd = nd * lf
@@ -123,6 +173,8 @@ def favor_window_step_general(
         new = (kv, stab, *(t.clone() for t in new[2:]))
     if sinks:
         new = new + sink_state
+    if far_k is not None:
+        new = (*new, fkc[..., keep_from:, :].clone() if keep_from else fkc)
     return out, new
 
 
@@ -138,6 +190,10 @@ def favor_window_step_one(
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
+    far_ring: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`favor_window_step` for one new token (``n == 1``; shapes there), in a handful
     of tensor ops: the query sits at position ``r`` (the ring's length) of ``[ring, new]``;
@@ -153,6 +209,7 @@ def favor_window_step_one(
     if pad is None:
         pad = torch.zeros(bsz, 1, dtype=torch.bool, device=q.device)
     kc, vc = torch.cat([wk, k], dim=-2), torch.cat([wv, v], dim=-2)
+    fkc = kc if far_k is None else torch.cat([far_ring, far_k], dim=-2)
     padc = torch.cat([wpad, pad], dim=-1)
     keep = ~padc  # [B, r + 1]
     # The band and the new ring: the last min(w, r + 1) slots (none for w = 0).
@@ -163,7 +220,7 @@ def favor_window_step_one(
         kl, vl = kc[..., leave : leave + 1, :], vc[..., leave : leave + 1, :]
         enters = keep[:, leave]  # [B]
         if sinks:
-            sk, sv, spad, seen = state[5:]
+            sk, sv, spad, seen = state[5:9]
             if sk.shape[-2] < sinks:
                 # The slots grow with the tokens that leave the window (up to `sinks`):
                 # one more for this one.
@@ -179,7 +236,11 @@ def favor_window_step_one(
             )  # [B, s']
             sel = slot[:, None, :, None]
             sink_state = (torch.where(sel, kl, sk), torch.where(sel, vl, sv), spad & ~slot)
-        kv, stab = absorb_key(kv, stab, kl, vl, enters, fm, params)
+        # The leaving key is w places before the query: gamma^w under a decay.
+        bias = None if decay is None else window * _decay_shape(decay, q)
+        kv, stab = absorb_key(
+            kv, stab, fkc[..., leave : leave + 1, :], vl, enters, fm, params, bias=bias
+        )
     elif sinks:
         sink_state = tuple(state[5:8])
     # The exact part: the sink slots (all outside the window) and the band, in one row of
@@ -194,7 +255,7 @@ def favor_window_step_one(
     if ek.shape[-2]:
         parts.append(sink_attention(q, ek, ev, ekeep[:, None, None, :], params.scale))
     # The far part: phi(q) S, with S's stabilizer and the map's constant.
-    fq, rq = fm.stabilized_query(q, params)
+    fq, rq = fm.stabilized_query(q if far_q is None else far_q, params)
     nd = fq @ kv
     lc = fm.log_const(params)
     if isinstance(lc, Tensor):
@@ -205,7 +266,12 @@ def favor_window_step_one(
         nd = nd * lf
     parts.append((nd, g))
     out = combine(parts, fm.positive_features)
+    if decay is not None:
+        # The next query is one place on: every far key one step further away.
+        stab = stab + _decay_shape(decay, q).reshape(-1)
     new = (kv, stab, kc[..., lo:, :], vc[..., lo:, :], padc[:, lo:], *sink_state)
+    if far_k is not None:
+        new = (*new, fkc[..., lo:, :])
     return out, new
 
 
@@ -217,12 +283,16 @@ def absorb_key(
     enters: Tensor,
     fm: FeatureMap,
     params: FeatureParams,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The causal state ``(S: (B, H, M, dv + 1), c: (B, H))`` after one more key ``k: (B,
     H, 1, d)`` with value ``v: (B, H, 1, dv)``, counted where ``enters: (B,)`` is True:
     ``c' = max(c, r_k)``, ``S' = exp(c - c') S + exp(r_k - c') F_k^T [v, 1]`` (every
-    exponent <= 0, as the chunked scan's)."""
+    exponent <= 0, as the chunked scan's). ``bias``: a log-weight added to ``r_k``
+    (``(H, 1)`` or ``()``; the decay's ``w ln gamma``), or None."""
     fk, r = fm.stabilized(k, params, is_query=False)  # [B, H, 1, M], [B, H, 1]
+    if bias is not None:
+        r = r + bias
     r = r.masked_fill(~enters[:, None, None], -math.inf)
     new_stab = torch.maximum(stab, r[..., 0].detach())
     # [B, H, 1, dv + 1]: the key's weight exp(r - c') on [v, 1].
@@ -240,6 +310,8 @@ def window_final_state(
     window: int,
     key_padding_mask: Tensor | None = None,
     sinks: int = 0,
+    decay: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """The decoding state after the ``L`` tokens ``k: (B, H, L, d)``, ``v: (B, H, L, dv)``
     (``key_padding_mask: (B, L)``, True = padding), as :func:`favor_window_step` leaves
@@ -249,7 +321,8 @@ def window_final_state(
     last ``r`` keys, values and padding, and with ``sinks`` the sink slots (the first
     ``sinks`` real keys older than the ring; empty slots zero) and ``seen`` (real keys
     per sequence). The queries play no part: a prefill runs the parallel hybrid for its
-    outputs and takes the state from here."""
+    outputs and takes the state from here. ``decay``, ``far_k``: as
+    :func:`favor_window_step` (then the ring's far keys are appended as the last entry)."""
     bsz, heads, length, d = k.shape
     dv = v.shape[-1]
     cut = length - min(window, length)
@@ -273,8 +346,13 @@ def window_final_state(
         far_keep = far_keep & ~is_sink[:, :cut]
     m = fm.feature_dim(params.weight, d)
     kv, stab = initial_state((bsz, heads), m, dv, dtype=k.dtype, device=k.device)
+    fks = k if far_k is None else far_k
     if cut:
-        fk, r = fm.stabilized(k[..., :cut, :], params, is_query=False)  # [B, H, cut, M]
+        fk, r = fm.stabilized(fks[..., :cut, :], params, is_query=False)  # [B, H, cut, M]
+        if decay is not None:
+            # gamma^(L - j): the next query sits at position L.
+            dist = length - torch.arange(cut, device=k.device, dtype=k.dtype)
+            r = r + _decay_shape(decay, k) * dist
         r = r.masked_fill(~far_keep[:, None, :], -math.inf)
         stab = torch.maximum(stab, r.detach().amax(-1))
         w = torch.exp(r - stab.unsqueeze(-1)).unsqueeze(-1)
@@ -282,4 +360,6 @@ def window_final_state(
     # Copies, not views: a view would keep the whole prompt's keys and values alive in
     # the state (a FavorCache after an 8k prefill: gigabytes behind its 17 MB).
     ring = (k[..., cut:, :].clone(), v[..., cut:, :].clone(), pad[:, cut:].clone())
-    return (kv, stab, *ring, *sink_state)
+    if far_k is None:
+        return (kv, stab, *ring, *sink_state)
+    return (kv, stab, *ring, *sink_state, far_k[..., cut:, :].clone())
