@@ -147,7 +147,8 @@ def _check_decay(decay: object, q4: Tensor, causal: bool, hybrid: bool) -> Tenso
                 f"(0, 1]; e.g. -1 / 2048), got {bad.tolist()}"
             )
         _remember_factor(dec)
-    return dec.to(q4.dtype)
+    # A fixed decay: no gradient (the block form's hand-written backward has none).
+    return dec.detach().to(q4.dtype)
 
 
 def _check_far_inputs(

@@ -76,6 +76,8 @@ def _favor_stateful(
             "window ring for the far queries to come"
         )
     if state is not None and q.shape[-2] == 0:
+        if decay is not None:
+            _check_decay(decay, _as_4d(q), True, hybrid)
         return _empty_piece(
             q,
             v,

@@ -142,7 +142,8 @@ def favor_attention(
             the decoding step's machinery (the band by ``unfold``, the far part by the
             chunked causal scan under plain autograd, the sinks gathered; one token: a
             dedicated step of a few tensor ops): exact and O(L (w + m + s)).
-        decay: None, or ``ln gamma`` of shape ``(H,)`` or ``()``, finite and ``<= 0``:
+        decay: None, or ``ln gamma`` of shape ``(H,)`` or ``()``, finite and ``<= 0``
+            (a fixed setting: no gradient flows to it):
             the causal hybrid's far (feature) score of query ``i`` and key ``j`` is
             weighed by ``gamma^(i - j)`` (a retention-style decay; the exact window and
             sinks are not decayed). Bounds the far part's share of the normalizer on

@@ -77,7 +77,7 @@ def _check_convert_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--window: expected -1 (none) or a number of keys >= 0, got {args.window}"
         )
-    if args.far_decay is not None and not args.far_decay > 0:
+    if args.far_decay is not None and not (0 < args.far_decay < float("inf")):
         raise UsageError(f"--far-decay: expected a number of tokens > 0, got {args.far_decay}")
     if args.sweep:
         unused = _given(args, (*_FAVOR_FLAGS, *_LINFORMER_FLAGS, "steps"))

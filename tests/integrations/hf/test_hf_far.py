@@ -174,7 +174,8 @@ def test_left_padded_batch_equals_each_sequence_alone():
         torch.testing.assert_close(step.logits[row, -1], alone, rtol=1e-9, atol=1e-9)
 
 
-def test_a_dynamic_cache_is_folded_with_its_positions():
+@pytest.mark.parametrize("parts", [{}, {"near": False}], ids=["hybrid", "linear-only"])
+def test_a_dynamic_cache_is_folded_with_its_positions(parts):
     torch.manual_seed(0)
     cfg = tiny_llama().config
     cfg.num_hidden_layers = 1
@@ -184,8 +185,9 @@ def test_a_dynamic_cache_is_folded_with_its_positions():
     filled = transformers.DynamicCache()
     original(x, use_cache=True, **{CACHE: filled})
     nxt = torch.tensor([[5]])
-    out = model(nxt, use_cache=True, **{CACHE: filled})
-    alone = model(torch.cat([x, nxt], 1)).logits[0, -1]
+    with attention_parts(model, **parts):
+        out = model(nxt, use_cache=True, **{CACHE: filled})
+        alone = model(torch.cat([x, nxt], 1)).logits[0, -1]
     torch.testing.assert_close(out.logits[0, -1], alone, rtol=1e-9, atol=1e-9)
 
 
@@ -249,3 +251,28 @@ def test_bad_far_options_are_refused():
     k = torch.zeros(1, 4, 5, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="decode through a FavorCache"):
         layer(q, k, k, key_padding_mask=None, causal=True, scale=1.0)
+
+
+def test_linear_only_ablation_decodes_as_its_parallel_forward():
+    # near=False with far_rope=False: every key un-rotated, the kept ones (a lazy prefill
+    # of grouped-query keys, a converted DynamicCache) as well.
+    model = perturbed(convert(tiny_llama(), "favor", **FAR, far_rope=False))
+    x = ids(2, 14)
+    with attention_parts(model, near=False):
+        out = model(x[:, :10], use_cache=True)
+        logits = [out.logits]
+        for t in range(10, 14):
+            out = model(x[:, t : t + 1], use_cache=True, **{CACHE: returned_cache(out)})
+            logits.append(out.logits)
+        full = model(x, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_far_options_need_a_window_or_sinks():
+    with pytest.raises(ValueError, match="need a window or sinks"):
+        convert(tiny_llama(), "favor", kernel="hedgehog", far_rope=False)
+    with pytest.raises(ValueError, match="need a window or sinks"):
+        convert(tiny_llama(), "favor", kernel="hedgehog", far_decay=5.0)
+    model = convert(tiny_llama(), "favor", kernel="hedgehog")
+    with pytest.raises(ValueError, match="no window or sinks"):
+        set_far_decay(model, 5.0)

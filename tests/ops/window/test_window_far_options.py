@@ -222,3 +222,26 @@ def test_a_state_must_keep_its_far_keys():
         favor_recurrent(
             q[:, :, :1], k[:, :, :1], v[:, :, :1], w, state=st, far_k=fk[:, :, :1], **kw
         )
+
+
+def test_decay_is_a_fixed_setting_and_empty_pieces_check_it():
+    q, k, v, _, _, w, lf = inputs(30, far=False)
+    dec = DECAY.clone().requires_grad_()
+    kw = dict(kernel="hedgehog", causal=True, window=4, linear_factor=lf)
+    out = favor_attention(q, k, v, w, decay=dec, **kw)
+    assert not out.requires_grad  # nothing else asked for a gradient: none to the decay
+    _, st = favor_attention(q, k, v, w, decay=DECAY, output_final_state=True, **kw)
+    empty = q[:, :, :0]
+    for bad in (torch.tensor(5.0), torch.zeros(7)):
+        with pytest.raises(ValueError, match="decay"):
+            favor_recurrent(
+                empty,
+                empty,
+                empty,
+                w,
+                state=st,
+                kernel="hedgehog",
+                window=4,
+                linear_factor=lf,
+                decay=bad,
+            )

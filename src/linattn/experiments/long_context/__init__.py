@@ -497,7 +497,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         raise UsageError(f"--lengths: each at least 2 tokens, got {args.lengths}")
     if args.slots is None and (args.slot_rule is not None or args.slot_interval is not None):
         raise UsageError("--slot-rule / --slot-interval: give --slots too")
-    if args.far_decay is not None and (args.far_decay < 0 or not decoder):
+    if args.far_decay is not None and (not 0 <= args.far_decay < float("inf") or not decoder):
         raise UsageError(
             f"--far-decay: a number of tokens > 0 (0: none) for a decoder, got {args.far_decay}"
         )

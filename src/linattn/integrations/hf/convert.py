@@ -273,7 +273,12 @@ def set_far_decay(model: nn.Module, far_decay: float | None) -> nn.Module:
     if not any(bool(getattr(m, "is_causal", False)) for m in modules):
         raise ValueError("far_decay is for causal decoders; this model is bidirectional")
     far_decay = check_far_decay(far_decay)
-    if far_decay is not None and modules[0].linattn.slots:
+    first = modules[0].linattn
+    if far_decay is not None and first.window is None and not first.sinks:
+        raise ValueError(
+            "far_decay weighs the hybrid's far scores: this model has no window or sinks"
+        )
+    if far_decay is not None and first.slots:
         raise ValueError("a far_decay with slots is not supported yet: set_slots(model, 0) first")
     for module in modules:
         module.linattn.far_decay = far_decay

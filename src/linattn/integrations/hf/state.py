@@ -88,7 +88,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
             and key ``j`` are weighed by ``exp(-(i - j) / T)`` (causal models only; the
             exact parts are not decayed), which bounds the far part's share of the
             normalizer on texts longer than it was trained on. Holds no parameters:
-            :func:`~.convert.set_far_decay` changes it on a trained model.
+            :func:`~.convert.set_far_decay` changes it on a trained model. Not
+            differentiable; the linear-only ablation (``near=False``) runs without it.
         chunk_size: causal chunk length (speed only).
         learn_projection: make the projection a trainable parameter. Default: True for
             learned maps, False for random features (where a trained projection starts
@@ -163,6 +164,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             raise TypeError(f"far_rope must be a bool, got {type(far_rope).__name__}")
         self.far_rope = far_rope
         self.far_decay = check_far_decay(far_decay)
+        if (not far_rope or self.far_decay is not None) and window is None and not sinks:
+            raise ValueError(
+                "far_rope=False and far_decay change the hybrid's far part: they need a "
+                "window or sinks (without them every score is a feature-map score)"
+            )
         if self.slots and (not far_rope or self.far_decay is not None):
             raise ValueError(
                 "slots work with the far part as converted by default (far_rope=True, "
@@ -280,7 +286,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         if causal and self._slots_on():
             return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
         lq, lk = q.shape[-2], k.shape[-2]
-        unrotated = not self.far_rope and (self.far or not self.near)
+        unrotated = self._unrotated()
         if unrotated and lq != lk and cache_layer is None:
             raise ValueError(
                 "far_rope=False undoes the rotary embedding by each token's position: a "
@@ -353,6 +359,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
             chunk_size=self.chunk_size,
             **kw,
         )
+
+    def _unrotated(self) -> bool:
+        """Whether feature-map scores take un-rotated inputs now (``far_rope=False``, and
+        a far part in force: the hybrid's, or linear-only's)."""
+        return not self.far_rope and (self.far or not self.near)
 
     def _far_inputs(
         self, q: Tensor, k: Tensor, mask: Tensor | None, positions: Tensor | None
@@ -485,9 +496,13 @@ class FavorLayerState(RandomFeatures, nn.Module):
         their outputs dropped."""
         k, v = _as_query_heads(k, v, q)
         kw = dict(kw)
-        if "far_k" in kw:
-            kw.update(self._far_inputs(k, k, mask, positions))
-            kw["far_q"] = kw["far_q"].new_zeros(k.shape)
+        if self._unrotated():
+            far_k = self._far_inputs(k, k, mask, positions)["far_k"]
+            if self.near:
+                kw.update(far_q=far_k.new_zeros(k.shape), far_k=far_k)
+            else:
+                # Linear only: every key is scored by the feature map, un-rotated.
+                k = far_k
         if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
             # The window hybrid's state straight from the keys and values: no band
             # attention for queries whose outputs would be dropped.
