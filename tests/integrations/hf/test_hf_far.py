@@ -23,10 +23,10 @@ from linattn.integrations.hf import (  # noqa: E402
     load_converted,
     save_converted,
     set_far_decay,
-    set_slots,
 )
 from linattn.integrations.hf.state import converted_layers, unrotate  # noqa: E402
 from linattn.ops.favor.naive import favor_naive  # noqa: E402
+from linattn.ops.favor.slots import slots_reference  # noqa: E402
 
 FAR = {"kernel": "hedgehog", "window": 4, "sinks": 1}
 
@@ -134,10 +134,14 @@ OPTS = [
     {"far_rope": False},
     {"far_decay": 6.0},
     {"far_rope": False, "far_decay": 3.0},
+    {"far_rope": False, "far_decay": 3.0, "slots": 3, "slot_interval": 2},
+    {"far_rope": False, "slots": 2, "slot_rule": "mass"},
 ]
 
 
-@pytest.mark.parametrize("opts", OPTS, ids=["no-rope", "decay", "no-rope-decay"])
+@pytest.mark.parametrize(
+    "opts", OPTS, ids=["no-rope", "decay", "no-rope-decay", "slots-no-rope-decay", "slots-mass"]
+)
 def test_decoding_equals_the_parallel_forward(opts):
     model = perturbed(convert(tiny_llama(), "favor", **FAR, **opts))
     prompt, new = ids(2, 9), 8
@@ -153,8 +157,9 @@ def test_decoding_equals_the_parallel_forward(opts):
     full = model(seq, use_cache=False).logits
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
     assert torch.equal(seq[:, :-1], model.generate(prompt, max_new_tokens=new - 1, do_sample=False))
-    # Against the plain conversion: the option is in force.
-    plain = perturbed(convert(tiny_llama(), "favor", **FAR))
+    # Against the conversion without the far options: they are in force.
+    base = {k: v for k, v in opts.items() if k not in ("far_rope", "far_decay")}
+    plain = perturbed(convert(tiny_llama(), "favor", **FAR, **base))
     assert (plain(seq).logits - full).abs().max() > 1e-6
 
 
@@ -233,14 +238,6 @@ def test_bad_far_options_are_refused():
         convert(tiny_llama(), "favor", **FAR, far_rope=0)
     with pytest.raises(ValueError, match="causal decoders"):
         convert(tiny_bert(), "favor", num_features=16, window=3, far_decay=10.0)
-    with pytest.raises(ValueError, match="not supported yet"):
-        convert(tiny_llama(), "favor", **FAR, slots=4, far_rope=False)
-    model = convert(tiny_llama(), "favor", **FAR, far_decay=5.0)
-    with pytest.raises(ValueError, match="not supported yet"):
-        set_slots(model, 4)
-    model = convert(tiny_llama(), "favor", **FAR, slots=4)
-    with pytest.raises(ValueError, match="not supported yet"):
-        set_far_decay(model, 5.0)
     bert = convert(tiny_bert(), "favor", num_features=16, window=3)
     with pytest.raises(ValueError, match="bidirectional"):
         set_far_decay(bert, 5.0)
@@ -276,3 +273,37 @@ def test_far_options_need_a_window_or_sinks():
     model = convert(tiny_llama(), "favor", kernel="hedgehog")
     with pytest.raises(ValueError, match="no window or sinks"):
         set_far_decay(model, 5.0)
+
+
+@pytest.mark.parametrize("rule", ["error", "mass"])
+def test_slot_layer_equals_the_reference_on_the_queries_and_keys_before_the_rotation(rule):
+    opts = dict(far_rope=False, far_decay=6.0, slots=3, slot_interval=2, slot_rule=rule)
+    model = perturbed(convert(tiny_llama(), "favor", **FAR, **opts))
+    x = ids(2, 30)
+    q, k, qr, kr, v, attn = _attention_inputs(model, x)
+    st = attn.linattn
+    out = st(qr, kr, v, key_padding_mask=None, causal=True, scale=attn.scaling)
+    fm = get_feature_map("hedgehog")
+    params = fm.prepare(st.projection.double(), qr, kr, None, attn.scaling)
+    ref, _ = slots_reference(
+        qr, kr, v, fm, params, window=4, slots=3, sinks=1, interval=2, rule=rule,
+        linear_factor=st.linear_factor().double(),
+        decay=torch.tensor(-1 / 6.0, dtype=torch.float64), far_q=q, far_k=k,
+    )  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_slots_fold_a_dynamic_cache_with_un_rotated_far_keys():
+    torch.manual_seed(0)
+    cfg = tiny_llama().config
+    cfg.num_hidden_layers = 1
+    original = transformers.LlamaForCausalLM(cfg).double().eval()
+    opts = dict(far_rope=False, far_decay=5.0, slots=2, slot_interval=2)
+    model = perturbed(convert(copy.deepcopy(original), "favor", **FAR, **opts))
+    x = ids(1, 15)
+    filled = transformers.DynamicCache()
+    original(x, use_cache=True, **{CACHE: filled})
+    nxt = torch.tensor([[5]])
+    out = model(nxt, use_cache=True, **{CACHE: filled})
+    alone = model(torch.cat([x, nxt], 1)).logits[0, -1]
+    torch.testing.assert_close(out.logits[0, -1], alone, rtol=1e-9, atol=1e-9)

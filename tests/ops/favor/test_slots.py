@@ -222,3 +222,69 @@ def test_causal_prefix_consistency(rule):
     for n in (1, 6, 17):
         part = favor_slots(q[:, :, :n], k[:, :, :n], v[:, :, :n], fm, params, **kw)
         torch.testing.assert_close(part, full[:, :, :n], rtol=1e-12, atol=1e-12)
+
+
+DECAY = torch.tensor([-0.05, -0.3, -0.01], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("far", [False, True])
+@pytest.mark.parametrize("decay", [None, DECAY, torch.tensor(-0.1, dtype=torch.float64)])
+def test_decay_and_far_inputs_equal_reference(rule, far, decay):
+    # The far part's own inputs and decay (issue 25): the evicted keys' scores, and the
+    # error rule's read-out, through the far keys and weighed by gamma^(i - j).
+    if decay is None and not far:
+        pytest.skip("the plain slot hybrid (above)")
+    length = 30
+    q, k, v, _, fm, params = setup("hedgehog", length)
+    fq, fk = (randn(B, H, length, D, seed=s) * 0.8 for s in (11, 12))
+    lf = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    kw = dict(window=4, slots=3, sinks=1, interval=2, rule=rule, linear_factor=lf, decay=decay)
+    fkw = dict(far_q=fq, far_k=fk) if far else {}
+    ref, cached = slots_reference(q, k, v, fm, params, **kw, **fkw)
+    out = favor_slots(q, k, v, fm, params, **kw, **fkw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    state, outs = None, []
+    for a, b in ((0, 1), (1, 8), (8, 9), (9, 30)):
+        part = {n: t[:, :, a:b] for n, t in fkw.items()}
+        o, state = favor_slots_step(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], fm, params, state, **kw, **part
+        )
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), ref, rtol=1e-10, atol=1e-12)
+    assert state.cache_pos[0, 0].tolist() == cached[0][0]
+    # No slots, every key decided on as it leaves: the window hybrid with the same options.
+    kw0 = dict(kw, slots=0, interval=1)
+    hyb = linattn.favor_attention(
+        q, k, v, params.weight, kernel="hedgehog", causal=True, window=4, sinks=1,
+        linear_factor=lf, decay=decay, **fkw,
+    )  # fmt: skip
+    torch.testing.assert_close(favor_slots(q, k, v, fm, params, **kw0, **fkw), hyb)
+
+
+def test_repeated_keys_tie_alike_in_the_prefill_and_in_decoding():
+    # Identical keys and values (a repeated token's un-rotated keys) score the same up to
+    # rounding: ties go to the earlier candidate in both forms.
+    q, k, v, _, fm, params = setup("hedgehog", 24)
+    k[:, :, 8:20] = k[:, :, 8:9]
+    v[:, :, 8:20] = v[:, :, 8:9]
+    kw = dict(window=2, slots=2, sinks=0, interval=1, rule="error")
+    full = favor_slots(q, k, v, fm, params, **kw)
+    state, outs = None, []
+    for t in range(24):
+        o, state = favor_slots_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1],
+                                    fm, params, state, **kw)  # fmt: skip
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-12)
+    ref, _ = slots_reference(q, k, v, fm, params, **kw)
+    torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_far_inputs_must_come_at_every_call():
+    q, k, v, _, fm, params = setup("hedgehog", 10)
+    kw = dict(window=2, slots=2)
+    _, st = favor_slots_step(q, k, v, fm, params, None, **kw)
+    with pytest.raises(ValueError, match="made without far inputs"):
+        favor_slots_step(q, k, v, fm, params, st, **kw, far_q=q, far_k=k)
+    with pytest.raises(ValueError, match="go together"):
+        favor_slots_step(q, k, v, fm, params, None, **kw, far_k=k)

@@ -278,8 +278,6 @@ def set_far_decay(model: nn.Module, far_decay: float | None) -> nn.Module:
         raise ValueError(
             "far_decay weighs the hybrid's far scores: this model has no window or sinks"
         )
-    if far_decay is not None and first.slots:
-        raise ValueError("a far_decay with slots is not supported yet: set_slots(model, 0) first")
     for module in modules:
         module.linattn.far_decay = far_decay
     spec = getattr(model.config, CONFIG_KEY, None)
@@ -323,11 +321,6 @@ def set_slots(
     # Checked before anything changes.
     first = modules[0].linattn
     slots, rule, interval = check_slots(slots, rule, interval, window=first.window)
-    if slots and (not first.far_rope or first.far_decay is not None):
-        raise ValueError(
-            "slots with far_rope=False or a far_decay are not supported yet: "
-            "set_far_decay(model, None) first, or use a model converted with far_rope=True"
-        )
     for module in modules:
         state = module.linattn
         state.slots, state.slot_rule, state.slot_interval = slots, rule, interval

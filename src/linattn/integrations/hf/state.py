@@ -169,12 +169,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 "far_rope=False and far_decay change the hybrid's far part: they need a "
                 "window or sinks (without them every score is a feature-map score)"
             )
-        if self.slots and (not far_rope or self.far_decay is not None):
-            raise ValueError(
-                "slots work with the far part as converted by default (far_rope=True, "
-                "far_decay=None); slots with far_rope=False or a far_decay are not "
-                "supported yet"
-            )
         # The model's rotary module (far_rope=False), attached by convert(); a plain
         # attribute, not a submodule (it belongs to the model).
         self._rotary: tuple = ()
@@ -283,8 +277,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
         w = self.projection
         kw = {"kernel": self.kernel, "scale": scale, **self._parts(q)}
         # (A cache layer's parts were checked by FavorCache.update, which hands it here.)
-        if causal and self._slots_on():
-            return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
         lq, lk = q.shape[-2], k.shape[-2]
         unrotated = self._unrotated()
         if unrotated and lq != lk and cache_layer is None:
@@ -298,6 +290,9 @@ class FavorLayerState(RandomFeatures, nn.Module):
             # The cache has counted these tokens already: they are its last lk.
             positions = torch.arange(cache_layer.seen - lk, cache_layer.seen, device=q.device)
         far = self._far_inputs(q, k, key_padding_mask, positions) if unrotated else {}
+        if causal and self._slots_on():
+            kw.update(far)
+            return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
         if not self.near and far:
             # Linear only: every score is a feature-map score, of the un-rotated inputs.
             q, k = far.pop("far_q"), far.pop("far_k")
@@ -436,7 +431,11 @@ class FavorLayerState(RandomFeatures, nn.Module):
                         "(the converted model's forward(use_cache=True) makes one)"
                     )
                 pk, pv = _as_query_heads(pk, pv, q)
-                _, state = self._slots_step(pk.new_zeros(pk.shape), pk, pv, None, kw)
+                pkw = dict(kw)
+                if "far_k" in kw:
+                    fk = self._far_inputs(pk, pk, None, None)["far_k"]
+                    pkw.update(far_q=fk.new_zeros(fk.shape), far_k=fk)
+                _, state = self._slots_step(pk.new_zeros(pk.shape), pk, pv, None, pkw)
             else:
                 state = cache_layer.state
         elif q.shape[-2] != k.shape[-2]:
@@ -463,6 +462,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
         fm = get_feature_map(self.kernel)
         params = fm.prepare(self.projection.to(cd), q, k, None, scale)
         lf = kw["linear_factor"]
+        far = {
+            name: kw[name].to(cd) if kw.get(name) is not None else None
+            for name in ("decay", "far_q", "far_k")
+        }
         out, state = favor_slots_step(
             q,
             k,
@@ -476,6 +479,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
             interval=self.slot_interval,
             rule=self.slot_rule,
             linear_factor=None if lf is None else lf.to(cd),
+            **far,
         )
         return out.to(dtype), state
 

@@ -99,7 +99,10 @@ class SlotState(NamedTuple):
     (B, H, n)``: the undecided keys (window + pending), positions ``lo .. pos - 1`` with
     ``lo = pos - n``. ``cache_k: (B, H, g, d)``, ``cache_v``, ``cache_score: (B, H, g)``,
     ``cache_pos: (B, H, g)`` long (``g <= G``). ``kv: (B, H, M, dv + 1)`` the far state
-    ``sum_j F_j^T exp(r_j - stab) [v_j, 1]`` under ``stab: (B, H)``.
+    ``sum_j F_j^T exp(r_j - stab) [v_j, 1]`` under ``stab: (B, H)`` (with a ``decay``,
+    in the frame of the next query ``pos``: key ``j`` weighs ``gamma^(pos - j)``).
+    With far inputs (``far_q``/``far_k``): ``local_fk: (B, H, n, d)`` and ``cache_fk:
+    (B, H, g, d)``, the far keys of the undecided and the cached keys (None otherwise).
     """
 
     pos: int
@@ -114,6 +117,8 @@ class SlotState(NamedTuple):
     cache_pos: Tensor
     kv: Tensor
     stab: Tensor
+    local_fk: Tensor | None = None
+    cache_fk: Tensor | None = None
 
 
 def _check_config(window: object, sinks: object, slots: object, interval: object, rule: object):
@@ -171,8 +176,14 @@ def slots_reference(
     interval: int | None = None,
     rule: Rule = "error",
     linear_factor: Tensor | None = None,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, list[list[list[int]]]]:
-    """The oracle, token by token, per (batch, head), by the module docstring's rules.
+    """The oracle, token by token, per (batch, head), by the module docstring's rules;
+    with a ``decay`` (``ln gamma``) the far score of query ``i`` and key ``j`` (and the
+    error rule's read-out before query ``i``) is weighed by ``gamma^(i - j)``; ``far_q,
+    far_k``: the feature map's inputs (default ``q``, ``k``).
 
     Returns ``(out: (B, H, L, dv), cached)`` with ``cached[b][h]`` the positions in the
     cache at the end (in cache order). Uses ``fm.exact`` (no stabilizer): small, tame
@@ -182,15 +193,22 @@ def slots_reference(
     _check_inputs(q, k, v, fm, None)
     step = window if interval is None else interval
     bsz, heads, length, _ = q.shape
-    fq = fm.exact(q, params, is_query=True)  # [B, H, L, M]
-    fk = fm.exact(k, params, is_query=False)
+    fq = fm.exact(q if far_q is None else far_q, params, is_query=True)  # [B, H, L, M]
+    fk = fm.exact(k if far_k is None else far_k, params, is_query=False)
     lf = _lf(linear_factor, q).reshape(-1) if linear_factor is not None else None
+    lds = None if decay is None else decay.to(q.dtype).reshape(-1)
     rows: list[list[Tensor]] = []
     cached_all: list[list[list[int]]] = []
     for b in range(bsz):
         rows_b, cached_b = [], []
         for h in range(heads):
             lam = 1.0 if lf is None else lf[h if lf.numel() > 1 else 0]
+            ldh = 0.0 if lds is None else lds[h if lds.numel() > 1 else 0]
+
+            def gam(i: int, js: list[int], ldh=ldh) -> Tensor:
+                # gamma^(i - j) for the keys js
+                return torch.exp(ldh * (i - torch.tensor(js, dtype=q.dtype)))
+
             cache: list[int] = []
             pending: list[int] = []
             far: list[int] = []
@@ -211,12 +229,14 @@ def slots_reference(
                                     for c in cands:
                                         read = torch.zeros_like(v[b, h, c])
                                         if far:
-                                            ff = fk[b, h, far]
-                                            z = (ff @ fk[b, h, c]).sum()
+                                            a_c = (fk[b, h, far] @ fk[b, h, c]) * gam(i, far)
+                                            z = a_c.sum()
                                             if z != 0:
-                                                read = (ff @ fk[b, h, c]) @ v[b, h, far] / z
+                                                read = a_c @ v[b, h, far] / z
                                         score.append(float((v[b, h, c] - read).norm()))
-                            # stable: larger score first, ties by candidate order
+                            # stable: larger score first, ties (up to rounding: tie_safe)
+                            # by candidate order
+                            score = tie_safe(torch.tensor(score, dtype=q.dtype)).tolist()
                             order = sorted(range(len(cands)), key=lambda t: (-score[t], t))
                             keep = sorted(order[:slots])
                             far += [cands[t] for t in range(len(cands)) if t not in keep]
@@ -230,7 +250,7 @@ def slots_reference(
                 num = s_ex @ v[b, h, exact]
                 den = s_ex.sum()
                 if far:
-                    a = lam * (fk[b, h, far] @ fq[b, h, i])
+                    a = lam * (fk[b, h, far] @ fq[b, h, i]) * gam(i, far)
                     num = num + a @ v[b, h, far]
                     den = den + a.sum()
                 outs.append(num / den)
@@ -252,9 +272,17 @@ def _floor(dtype: torch.dtype) -> float:
 
 
 def empty_slot_state(
-    bsz: int, heads: int, head_dim: int, dv: int, num_features: int, *, dtype, device
+    bsz: int,
+    heads: int,
+    head_dim: int,
+    dv: int,
+    num_features: int,
+    *,
+    dtype,
+    device,
+    far: bool = False,
 ) -> SlotState:
-    """The state before any token."""
+    """The state before any token (``far``: with far-key fields)."""
 
     def z(*shape, dt=dtype):
         return torch.zeros(*shape, dtype=dt, device=device)
@@ -272,7 +300,19 @@ def empty_slot_state(
         cache_pos=z(bsz, heads, 0, dt=torch.long),
         kv=z(bsz, heads, num_features, dv + 1),
         stab=torch.full((bsz, heads), _floor(dtype), dtype=dtype, device=device),
+        local_fk=z(bsz, heads, 0, head_dim) if far else None,
+        cache_fk=z(bsz, heads, 0, head_dim) if far else None,
     )
+
+
+def tie_safe(score: Tensor) -> Tensor:
+    """``score: (..., n)`` rounded to a millionth of its row's maximum: keys whose scores
+    differ only by rounding (identical keys and values, as repeated tokens give once the
+    far part scores un-rotated keys) tie, and a tie goes to the earlier candidate in every
+    form alike (the prefill, decoding token by token, the reference), whose sums round
+    differently."""
+    top = score.amax(-1, keepdim=True).clamp_min(torch.finfo(score.dtype).tiny)
+    return torch.round(score / top * 1e6)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -299,31 +339,43 @@ def _decide(
     params: FeatureParams,
     slots: int,
     rule: Rule,
+    ld: Tensor | None = None,
 ) -> SlotState:
-    """Decide on the first ``group`` undecided keys (the pending group) and the cache."""
+    """Decide on the first ``group`` undecided keys (the pending group) and the cache
+    (``ld``: the decay's ``ln gamma`` as ``(1, H, 1)`` or ``()``, or None)."""
     gk, gv = st.local_k[:, :, :group], st.local_v[:, :, :group]
     lo = st.pos - st.local_k.shape[2]
     bsz, heads = gk.shape[:2]
     gpos = torch.arange(lo, lo + group, device=gk.device).expand(bsz, heads, group)
     ck = torch.cat([st.cache_k, gk], 2)
     cv = torch.cat([st.cache_v, gv], 2)
+    far = st.local_fk is not None
+    # The keys the feature map scores: the far keys when given.
+    cfk = torch.cat([st.cache_fk, st.local_fk[:, :, :group]], 2) if far else ck
     cpos = torch.cat([st.cache_pos, gpos], 2)
     cscore = torch.cat([st.cache_score, st.local_score[:, :, :group]], 2)
     n = ck.shape[2]
     kv, stab = st.kv, st.stab
+    keep_fk = cfk if far else None
     if n <= slots:
         keep_k, keep_v, keep_pos, keep_score = ck, cv, cpos, cscore
     else:
         with torch.no_grad():
-            score = cscore if rule == "mass" else _read_error(ck, cv, kv, fm, params)
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+            score = cscore if rule == "mass" else _read_error(cfk, cv, kv, fm, params)
+            order = torch.sort(tie_safe(score), dim=-1, descending=True, stable=True).indices
             keep_idx = order[..., :slots].sort(-1).values
             out_idx = order[..., slots:].sort(-1).values
         keep_k, keep_v = _gather(ck, keep_idx), _gather(cv, keep_idx)
+        if far:
+            keep_fk = _gather(cfk, keep_idx)
         keep_pos = torch.gather(cpos, 2, keep_idx)
         keep_score = torch.gather(cscore, 2, keep_idx)
-        ek, ev = _gather(ck, out_idx), _gather(cv, out_idx)
-        f, r = fm.stabilized(ek, params, is_query=False)  # [B, H, e, M], [B, H, e]
+        ev = _gather(cv, out_idx)
+        f, r = fm.stabilized(_gather(cfk, out_idx), params, is_query=False)  # [B, H, e, M]
+        if ld is not None:
+            # gamma^(pos - j): the state's frame is the next query's position.
+            dist = (st.pos - torch.gather(cpos, 2, out_idx)).to(r.dtype)
+            r = r + ld * dist
         with torch.no_grad():
             new = torch.maximum(stab, r.max(-1).values)
         vv = torch.cat([ev, torch.ones_like(ev[..., :1])], -1)
@@ -340,6 +392,8 @@ def _decide(
         cache_score=keep_score,
         kv=kv,
         stab=stab,
+        local_fk=st.local_fk[:, :, group:] if far else None,
+        cache_fk=keep_fk,
     )
 
 
@@ -353,9 +407,13 @@ def _segment(
     sinks: int,
     lf: Tensor,
     track_mass: bool,
+    fq_in: Tensor | None = None,
+    fk_in: Tensor | None = None,
+    ld: Tensor | None = None,
 ) -> tuple[Tensor, SlotState]:
     """Queries ``pos .. pos + n - 1`` with no decision among them: returns
-    ``(out: (B, H, n, dv), state)`` with the segment's keys appended."""
+    ``(out: (B, H, n, dv), state)`` with the segment's keys appended (``fq_in, fk_in``:
+    the far queries and keys, or None; ``ld``: ``ln gamma`` as :func:`_decide`)."""
     n = q.shape[2]
     a = st.pos
     # sink keys of the segment (positions < sinks) and the rest
@@ -381,9 +439,14 @@ def _segment(
     e = torch.exp(s - g_ex.unsqueeze(-1))
     vv = torch.cat([vals, torch.ones_like(vals[..., :1])], -1)
     nd_ex = e @ vv  # [B, H, n, dv + 1]
-    fq, rq = fm.stabilized_query(q, params)
+    fq, rq = fm.stabilized_query(q if fq_in is None else fq_in, params)
     nd_far = (fq @ st.kv) * lf.unsqueeze(-1)
     g_far = rq + st.stab.unsqueeze(-1) + 2 * _log_const(fm, params, q)
+    stab = st.stab
+    if ld is not None:
+        # Query a + t reads the state (frame a) with gamma^t; the next frame is a + n.
+        g_far = g_far + ld * torch.arange(n, device=dev, dtype=q.dtype)
+        stab = stab + (ld * n).reshape(-1)
     top = torch.maximum(g_ex, g_far.detach())
     nd = nd_ex * torch.exp(g_ex - top).unsqueeze(-1) + nd_far * torch.exp(g_far - top).unsqueeze(-1)
     den = nd[..., -1:]
@@ -403,6 +466,8 @@ def _segment(
         local_v=local_v,
         local_score=local_score,
         cache_score=cache_score,
+        stab=stab,
+        local_fk=None if fk_in is None else torch.cat([st.local_fk, fk_in[:, :, ns:]], 2),
     )
     return out, new
 
@@ -428,34 +493,58 @@ def favor_slots_step(
     interval: int | None = None,
     rule: Rule = "error",
     linear_factor: Tensor | None = None,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> tuple[Tensor, SlotState]:
     """``n`` new tokens ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)`` after ``state``
     (None: the start). Returns ``(out: (B, H, n, dv), state)``. Calling it token by
     token, in blocks or once over the sequence gives the same outputs up to rounding.
-    The configuration (``window``, ``slots``, ``sinks``, ``interval``, ``rule``) must be
-    the same at every call of one sequence."""
+    The configuration (``window``, ``slots``, ``sinks``, ``interval``, ``rule``,
+    ``decay``, far inputs or not) must be the same at every call of one sequence.
+    ``decay`` (``ln gamma: (H,)`` or ``()``), ``far_q``/``far_k`` (shapes of ``q``/``k``,
+    both or neither): as :func:`linattn.favor_attention`'s, for the evicted keys' scores
+    (the error rule reads the state back through the far keys too)."""
     _check_config(window, sinks, slots, interval, rule)
     _check_inputs(q, k, v, fm, None)
+    if (far_q is None) != (far_k is None):
+        raise ValueError("far_q and far_k go together (both or neither)")
+    far = far_k is not None
+    if far and (far_q.shape != q.shape or far_k.shape != k.shape):
+        raise ValueError(
+            f"far_q/far_k must have q's/k's shapes {tuple(q.shape)}, got "
+            f"{tuple(far_q.shape)} / {tuple(far_k.shape)}"
+        )
     step = window if interval is None else interval
     if state is None:
         f, _ = fm.stabilized_query(q[:, :, :1], params)
         state = empty_slot_state(
             q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], f.shape[-1],
-            dtype=q.dtype, device=q.device,
+            dtype=q.dtype, device=q.device, far=far,
         )  # fmt: skip
+    elif (state.local_fk is not None) != far:
+        made = "with" if state.local_fk is not None else "without"
+        raise ValueError(
+            f"the slot state was made {made} far inputs; pass far_q/far_k at every call "
+            "of a sequence or at none"
+        )
     lf = _lf(linear_factor, q)
+    ld = None if decay is None else _lf(decay, q)
     first = sinks + window - 1 + step  # the first query preceded by a decision
     outs = []
     i, n = 0, q.shape[2]
     while i < n:
         p = state.pos
         if p >= first and (p - first) % step == 0:
-            state = _decide(state, step, fm, params, slots, rule)
+            state = _decide(state, step, fm, params, slots, rule, ld)
         nxt = first if p < first else p + step - (p - first) % step
         j = min(n, i + nxt - p)
         out, state = _segment(
             state, q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], fm, params, sinks, lf,
             rule == "mass",
+            None if far_q is None else far_q[:, :, i:j],
+            None if far_k is None else far_k[:, :, i:j],
+            ld,
         )  # fmt: skip
         outs.append(out)
         i = j
@@ -476,6 +565,9 @@ def favor_slots(
     rule: Rule = "error",
     linear_factor: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    decay: Tensor | None = None,
+    far_q: Tensor | None = None,
+    far_k: Tensor | None = None,
 ) -> Tensor:
     """The slot hybrid over a whole sequence (prefill), in segments of ``interval``
     (default ``window``) tokens between decisions; see the module docstring.
@@ -489,5 +581,6 @@ def favor_slots(
     _check_inputs(q, k, v, fm, key_padding_mask)
     return favor_slots_step(
         q, k, v, fm, params, None, window=window, slots=slots, sinks=sinks,
-        interval=interval, rule=rule, linear_factor=linear_factor,
+        interval=interval, rule=rule, linear_factor=linear_factor, decay=decay,
+        far_q=far_q, far_k=far_k,
     )[0]  # fmt: skip
