@@ -49,6 +49,10 @@ def seen(monkeypatch):
         (["--sweep", "--recipe", "transfer"], "does not use --recipe transfer"),
         (["--window", "-5"], "--window: expected -1 (none)"),
         (["--recipe", "transfer", "--corpus", "gcide", "gcide"], "--corpus: each corpus once"),
+        (["--method", "linformer", "--no-far-rope"], "--no-far-rope: FAVOR+ only"),
+        (["--method", "linformer", "--far-decay", "100"], "--far-decay: FAVOR+ only"),
+        (["--far-decay", "0"], "--far-decay: expected a number of tokens > 0"),
+        (["--far-decay", "inf"], "--far-decay: expected a number of tokens > 0"),
     ],
 )
 def test_flags_that_would_be_ignored_are_refused(model_dir, seen, tmp_path, capsys, flags, message):
@@ -73,6 +77,10 @@ def test_window_minus_one_drops_the_recipes_window(model_dir, seen, tmp_path):
         == 0
     )
     assert seen["options"] == {"seed": 0, "proj_dim": 64}  # the rest: LinformerOptions
+    seen.clear()
+    argv = ["convert", "--model", model_dir, "--no-far-rope", "--far-decay", "512", *out]
+    assert main(argv) == 0
+    assert seen["options"]["far_rope"] is False and seen["options"]["far_decay"] == 512.0
 
 
 def test_resume_refuses_changed_settings_naming_each():

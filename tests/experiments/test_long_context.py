@@ -472,6 +472,9 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
         (["--checkpoint", "{tmp}"], "expected a folder holding config.json"),
         (["--model", "{model}", "--slot-rule", "mass"], "give --slots too"),
         (["--model", "{model}", "--slots", "4", "--window", "-1"], "give a --window"),
+        (["--model", "{model}", "--far-decay", "-3"], "--far-decay"),
+        (["--model", "{model}", "--far-decay", "nan"], "--far-decay"),
+        (["--checkpoint", "{model}", "--no-far-rope"], "--no-far-rope: conversion flags"),
     ],
     ids=[
         "nothing",
@@ -482,6 +485,9 @@ def test_encoder_run_and_checkpoint(tmp_path, tok):
         "not-ckpt",
         "slot-rule-alone",
         "slots-without-window",
+        "negative-far-decay",
+        "nan-far-decay",
+        "checkpoint-and-far-rope",
     ],
 )
 def test_bad_flags_are_refused_before_loading(tmp_path, tok, argv, match):
@@ -564,3 +570,25 @@ def test_a_model_with_slots_adds_the_slot_ablations(tok):
     exs = tasks.make_examples(tok, "passkey", (150,), 1)
     rows, _ = measure.recall(exact, model, exs, variants=names, progress=False)
     assert [r["model"] for r in rows] == ["exact", *names]
+
+
+def test_far_options_on_a_zero_shot_conversion_and_a_checkpoint(tmp_path, tok):
+    from linattn.integrations.hf import save_converted
+
+    model = saved(tmp_path, tiny_llama, tok)
+    out = tmp_path / "out"
+    args = parse(["--model", model, "--no-far-rope", "--far-decay", "300", "--parts",
+                  "recall", "--distances", "150", "--examples", "1", "--tasks", "passkey",
+                  "--out", str(out)])  # fmt: skip
+    assert evaluate.run(args) == 0
+    conv = json.loads((out / "results.json").read_text())["settings"]["conversion"]
+    assert conv["far_rope"] is False and conv["far_decay"] == 300.0
+    # On a checkpoint the decay (no parameters) is set; 0 removes it.
+    ckpt = tmp_path / "conv" / "checkpoint"
+    save_converted(converted(tiny_llama(dtype=torch.float32), far_decay=50.0), ckpt, tokenizer=tok)
+    args = parse(["--checkpoint", str(ckpt), "--model", model, "--far-decay", "0", "--parts",
+                  "recall", "--distances", "150", "--examples", "1", "--tasks", "passkey",
+                  "--out", str(out), "--overwrite"])  # fmt: skip
+    assert evaluate.run(args) == 0
+    conv = json.loads((out / "results.json").read_text())["settings"]["conversion"]
+    assert conv["far_decay"] is None
