@@ -119,25 +119,32 @@ def _check_hybrid_lengths(sinks: int, causal: bool, q: Tensor, k: Tensor) -> Non
         )
 
 
+def _per_head(name: str, value: object, q4: Tensor) -> Tensor:
+    """``value`` checked as a scalar tensor or one value per head ``(H,)`` of ``q4: (B, H,
+    L, d)``, on q4's device."""
+    t = check_tensor(name, value, min_dim=0)
+    heads = q4.shape[1]
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != heads):
+        raise ValueError(
+            f"{name} must be a scalar tensor or have shape (heads,) = ({heads},), got "
+            f"{shape_str(t)}"
+        )
+    if t.device != q4.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q4.device}")
+    return t
+
+
 def _check_decay(decay: object, q4: Tensor, causal: bool, hybrid: bool) -> Tensor | None:
     """``decay`` (``ln gamma``: ``(H,)`` or ``()``, finite, ``<= 0``) for a causal hybrid
     call with ``q4: (B, H, L, d)``, in q4's dtype; None passes through."""
     if decay is None:
         return None
-    dec = check_tensor("decay", decay, min_dim=0)
-    heads = q4.shape[1]
-    if dec.dim() > 1 or (dec.dim() == 1 and dec.shape[0] != heads):
-        raise ValueError(
-            f"decay must be a scalar tensor or have shape (heads,) = ({heads},), got "
-            f"{shape_str(dec)}"
-        )
+    dec = _per_head("decay", decay, q4)
     if not causal or not hybrid:
         raise ValueError(
             "decay weighs the far (feature-map) scores of a causal hybrid by gamma^(i - j): "
             "it needs causal=True and a window or sinks"
         )
-    if dec.device != q4.device:
-        raise ValueError(f"decay is on {dec.device} but q is on {q4.device}")
     if not torch.compiler.is_compiling() and not _factor_checked(dec):
         # As linear_factor: a decoding loop passes one tensor at every step, checked once.
         bad = dec.detach()
@@ -185,15 +192,7 @@ def _check_far_inputs(
 def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
     if linear_factor is None:
         return None
-    lf = check_tensor("linear_factor", linear_factor, min_dim=0)
-    heads = q4.shape[1]
-    if lf.dim() > 1 or (lf.dim() == 1 and lf.shape[0] != heads):
-        raise ValueError(
-            f"linear_factor must be a scalar tensor or have shape (heads,) = ({heads},), "
-            f"got {shape_str(lf)}"
-        )
-    if lf.device != q4.device:
-        raise ValueError(f"linear_factor is on {lf.device} but q is on {q4.device}")
+    lf = _per_head("linear_factor", linear_factor, q4)
     if not torch.compiler.is_compiling() and not _factor_checked(lf):
         # NaN fails every comparison, so `lf >= 0` alone lets it through: check finiteness.
         # One host synchronization for both conditions; the message tells which failed.

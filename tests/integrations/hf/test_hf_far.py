@@ -99,34 +99,11 @@ def test_layer_equals_the_oracle_on_the_queries_and_keys_before_the_rotation(far
     fm = get_feature_map("hedgehog")
     params = fm.prepare(st.projection.double(), qr, kr, None, attn.scaling)
     decay = None if far_decay is None else torch.tensor(-1 / far_decay, dtype=torch.float64)
-    ref = favor_naive(
-        qr,
-        kr,
-        v,
-        fm,
-        params,
-        causal=True,
-        window=4,
-        sinks=1,
-        linear_factor=st.linear_factor().double(),
-        decay=decay,
-        far_q=q,
-        far_k=k,
-    )
+    kw = dict(causal=True, window=4, sinks=1, linear_factor=st.linear_factor().double())
+    ref = favor_naive(qr, kr, v, fm, params, **kw, decay=decay, far_q=q, far_k=k)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
     # Not the rotated inputs' hybrid.
-    rot = favor_naive(
-        qr,
-        kr,
-        v,
-        fm,
-        params,
-        causal=True,
-        window=4,
-        sinks=1,
-        linear_factor=st.linear_factor().double(),
-        decay=decay,
-    )
+    rot = favor_naive(qr, kr, v, fm, params, **kw, decay=decay)
     assert (out - rot).abs().max() > 1e-4
 
 
