@@ -63,6 +63,15 @@ def test_unrotate_inverts_the_rotary_embedding(rope):
     xr, _ = apply_rotary_pos_emb(x, x, cos, sin)
     assert (xr - x).abs().max() > 1e-2
     torch.testing.assert_close(unrotate(rotary, xr, pos), x, rtol=1e-10, atol=1e-12)
+    # The autograd form (no in-place writes) gives the same, and the adjoint rotation.
+    leaf = xr.clone().requires_grad_()
+    back = unrotate(rotary, leaf, pos)
+    torch.testing.assert_close(back, x, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(x)
+    (back * g).sum().backward()
+    # The inverse of a scaled rotation R s is R^T / s: its adjoint is R / s.
+    gr, _ = apply_rotary_pos_emb(g, g, *(t / (cos * cos + sin * sin) for t in (cos, sin)))
+    torch.testing.assert_close(leaf.grad, gr, rtol=1e-10, atol=1e-12)
 
 
 def _attention_inputs(model, x):

@@ -624,11 +624,6 @@ def positions_for(
     return ((~mask).long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def unrotate(rotary: nn.Module, x: Tensor, positions: Tensor) -> Tensor:
     """``x: (B, H, L, d)`` with the rotary embedding of ``rotary`` (a transformers rotary
     module, ``cos, sin = rotary(x, position_ids)``) at ``positions: (B, L)`` undone:
@@ -637,11 +632,29 @@ def unrotate(rotary: nn.Module, x: Tensor, positions: Tensor) -> Tensor:
     ``(x_rot cos - rotate_half(x_rot) sin) / (cos^2 + sin^2)`` there (the denominator
     is the squared attention scaling of the scaled rotary types)."""
     cos, sin = rotary(x, positions)
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    # The denominator folded into the (B, L, r) tables, not applied to (B, H, L, r).
+    norm = cos * cos + sin * sin
+    cos, sin = (cos / norm).unsqueeze(1).to(x.dtype), (sin / norm).unsqueeze(1).to(x.dtype)
     r = cos.shape[-1]
-    xr = x[..., :r]
-    out = (xr * cos - _rotate_half(xr) * sin) / (cos * cos + sin * sin)
-    return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+    h = r // 2
+    # x cos - rotate_half(x) sin = [x1 c1 + x2 s1, x2 c2 - x1 s2] (halves of the rotated
+    # dims), written straight into the result: no rotate_half copy.
+    x1, x2 = x[..., :h], x[..., h:r]
+    if torch.is_grad_enabled() and x.requires_grad:
+        parts = [
+            torch.addcmul(x1 * cos[..., :h], x2, sin[..., :h]),
+            torch.addcmul(x2 * cos[..., h:], x1, sin[..., h:], value=-1.0),
+            x[..., r:],
+        ]
+        return torch.cat(parts, dim=-1)
+    out = torch.empty_like(x)
+    torch.mul(x1, cos[..., :h], out=out[..., :h])
+    out[..., :h].addcmul_(x2, sin[..., :h])
+    torch.mul(x2, cos[..., h:], out=out[..., h:r])
+    out[..., h:r].addcmul_(x1, sin[..., h:], value=-1.0)
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
 
 
 def _pending(pending: tuple) -> tuple:
