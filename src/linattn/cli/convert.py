@@ -165,7 +165,8 @@ def configure(c: argparse.ArgumentParser) -> None:
         default=None,
         help="decoders with a rotary embedding: the feature-map (far) part scores the "
         "queries and keys with the rotation undone (position-free far scores that hold "
-        "past the training length; convert(..., far_rope=False))",
+        "past the training length; convert(..., far_rope=False); default: the far part "
+        "scores the rotated ones)",
     )
     c.add_argument(
         "--far-decay",

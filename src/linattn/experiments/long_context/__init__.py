@@ -330,7 +330,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="zero-shot conversion: the far part scores the queries and keys with the "
-        "rotary embedding undone (convert(..., far_rope=False))",
+        "rotary embedding undone (convert(..., far_rope=False); default: rotated, as the "
+        "exact parts)",
     )
     g.add_argument(
         "--far-decay",
