@@ -189,6 +189,16 @@ def _check_far_inputs(
     return out[0], out[1]
 
 
+def _far_4d(x: Tensor | None, dtype: torch.dtype, mask: Tensor | None) -> Tensor | None:
+    """A far input (``far_q``/``far_k``, checked by :func:`_check_far_inputs`) as ``(B, H,
+    L, d)`` in ``dtype``, zeroed where ``mask: (B, L)`` marks padding (as the keys are);
+    None stays None."""
+    if x is None:
+        return None
+    x = _as_4d(x).to(dtype)
+    return x if mask is None else x.masked_fill(mask[:, None, :, None], 0.0)
+
+
 def _check_linear_factor(linear_factor: object, q4: Tensor) -> Tensor | None:
     if linear_factor is None:
         return None

@@ -25,6 +25,7 @@ from ._favor_checks import (
     _check_state,
     _check_window,
     _checked_inputs,
+    _far_4d,
     _prepare,
 )
 from .features import Kernel, get_feature_map
@@ -98,11 +99,7 @@ def _favor_stateful(
     sinks = _check_sinks(sinks)
     lf = _check_linear_factor(linear_factor, q4)
     dec = _check_decay(decay, q4, True, hybrid)
-    fq4 = fk4 = None
-    if far_k is not None:
-        fq4, fk4 = (_as_4d(t).to(q4.dtype) for t in (far_q, far_k))
-        if mask is not None:
-            fk4 = fk4.masked_fill(mask[:, None, :, None], 0.0)
+    fq4, fk4 = _far_4d(far_q, q4.dtype, None), _far_4d(far_k, q4.dtype, mask)
     if state is not None:
         m = fm.feature_dim(params.weight, q.shape[-1])
         state = _check_state(
@@ -225,11 +222,7 @@ def _favor_state_of(
     )
     window = _check_window(window, True, q, k)
     _, far_k = _check_far_inputs(None, far_k, q, k, True)
-    fk4 = None
-    if far_k is not None:
-        fk4 = _as_4d(far_k).to(k4.dtype)
-        if mask is not None:
-            fk4 = fk4.masked_fill(mask[:, None, :, None], 0.0)
+    fk4 = _far_4d(far_k, k4.dtype, mask)
     fields = window_final_state(
         k4,
         v4,

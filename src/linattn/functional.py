@@ -26,6 +26,7 @@ from ._favor_checks import (
     _check_sinks,
     _check_window,
     _checked_inputs,
+    _far_4d,
     _prepare,
 )
 from ._favor_state import (
@@ -317,14 +318,7 @@ def _eager(call: FavorCall, op) -> Tensor:
 def _far_inputs(call: FavorCall, q4: Tensor, mask: Tensor | None):
     """``(far_q, far_k)`` of ``call`` as ``(B, H, L, d)`` in q4's dtype (padded far keys
     zeroed, as the keys are), or None each."""
-    out = []
-    for x in (call.far_q, call.far_k):
-        if x is not None:
-            x = _as_4d(x).to(q4.dtype)
-            if mask is not None:
-                x = x.masked_fill(mask[:, None, :, None], 0.0)
-        out.append(x)
-    return out
+    return [_far_4d(x, q4.dtype, mask) for x in (call.far_q, call.far_k)]
 
 
 def _run_hybrid(call: FavorCall) -> Tensor:
