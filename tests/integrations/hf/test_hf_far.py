@@ -24,7 +24,8 @@ from linattn.integrations.hf import (  # noqa: E402
     save_converted,
     set_far_decay,
 )
-from linattn.integrations.hf.state import converted_layers, unrotate  # noqa: E402
+from linattn.integrations.hf.rotary import unrotate  # noqa: E402
+from linattn.integrations.hf.state import converted_layers  # noqa: E402
 from linattn.ops.favor.naive import favor_naive  # noqa: E402
 from linattn.ops.favor.slots import slots_reference  # noqa: E402
 

@@ -1,8 +1,10 @@
 """Per-layer linear-attention state attached to a converted Hugging Face attention module.
 
 Each converted attention module gets a ``linattn`` child holding what the method needs
-(FAVOR+: the projection and its redraw counter, as persistent buffers; Linformer: E and F
-as parameters sized to the model's maximum length). The registered attention function
+(FAVOR+: the projection and its redraw counter, as persistent buffers, here; Linformer: E
+and F as parameters sized to the model's maximum length, in :mod:`.linformer_state`). The
+FAVOR+ layer's slot hybrid lives in :mod:`.slot_path`, the rotary helpers of
+``far_rope=False`` in :mod:`.rotary`. The registered attention function
 (:mod:`.attention`) hands it the model's already-projected, already-rotated ``q, k, v``.
 """
 
@@ -15,17 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import check_choice, check_positive_int, is_int
-from ..._dtype import compute_dtype
 from ..._favor_state import _favor_state_of
-from ...features import KERNELS, Kernel, get_feature_map
+from ...features import KERNELS, Kernel
 from ...functional import favor_attention, favor_recurrent
-from ...nn.linformer import (
-    LinformerOptions,
-    LinformerProjection,
-    ProjKind,
-    Sharing,
-    UsesLinformerProjection,
-)
 from ...nn.performer import (
     LEARNED_KERNELS,
     FavorOptions,
@@ -33,7 +27,11 @@ from ...nn.performer import (
     default_num_features,
     hedgehog_init,
 )
-from ...ops.favor.slots import RULES, SlotState, favor_slots_step
+from ._layer import as_query_heads, pending_entry
+from .linformer_state import LinformerLayerState as LinformerLayerState
+from .linformer_state import proj_dtype as proj_dtype
+from .rotary import positions_for, unrotate
+from .slot_path import check_slots, slots_forward
 
 
 class FavorLayerState(RandomFeatures, nn.Module):
@@ -292,7 +290,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         far = self._far_inputs(q, k, key_padding_mask, positions) if unrotated else {}
         if causal and self._slots_on():
             kw.update(far)
-            return self._slots_forward(q, k, v, key_padding_mask, kw, cache_layer)
+            return slots_forward(self, q, k, v, key_padding_mask, kw, cache_layer)
         if not self.near and far:
             # Linear only: every score is a feature-map score, of the un-rotated inputs.
             q, k = far.pop("far_q"), far.pop("far_k")
@@ -301,7 +299,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
             if cache_layer.pending is not None:
                 # Tokens kept unfolded (a lazy prefill, a converted DynamicCache) join the
                 # state before the new ones.
-                pk, pv, pmask, ppos = _pending(cache_layer.pending)
+                pk, pv, pmask, ppos = pending_entry(cache_layer.pending)
                 cache_layer.pending = None
                 cache_layer.state = self._fold(pk, pv, pmask, q, cache_layer.state, kw, ppos)
             elif cache_layer.lazy and cache_layer.state is None and causal:
@@ -401,88 +399,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
         slots = (self.slots, self.slot_rule, self.slot_interval) if self._slots_on() else None
         return (bool(self.near), bool(self.far), slots)
 
-    def _slots_forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kw: dict, cache_layer
-    ) -> Tensor:
-        """The slot hybrid (causal): ``q, k, v: (B, H, L, d)``, continuing
-        ``cache_layer``'s :class:`~linattn.ops.favor.slots.SlotState` if one is given."""
-        if mask is not None:
-            raise ValueError(
-                f"slots={self.slots}: exact key-value slots are chosen per position and "
-                "work on unpadded sequences only; run padded texts one at a time (or "
-                "convert with slots=0)"
-            )
-        state = None
-        if cache_layer is not None:
-            if cache_layer.pending is not None:
-                # Keys and values of a converted DynamicCache: decided on as they leave
-                # the window; the error rule reads the keys and values only.
-                pk, pv, pmask, _ = _pending(cache_layer.pending)
-                cache_layer.pending = None
-                if pmask is not None:
-                    raise ValueError(
-                        f"slots={self.slots}: the cached tokens are padded; slots work on "
-                        "unpadded sequences only"
-                    )
-                if self.slot_rule == "mass":
-                    raise ValueError(
-                        "slot_rule='mass' scores keys by the attention their queries gave "
-                        "them, which a DynamicCache does not keep: start from a FavorCache "
-                        "(the converted model's forward(use_cache=True) makes one)"
-                    )
-                pk, pv = _as_query_heads(pk, pv, q)
-                pkw = dict(kw)
-                if "far_k" in kw:
-                    fk = self._far_inputs(pk, pk, None, None)["far_k"]
-                    pkw.update(far_q=fk.new_zeros(fk.shape), far_k=fk)
-                _, state = self._slots_step(pk.new_zeros(pk.shape), pk, pv, None, pkw)
-            else:
-                state = cache_layer.state
-        elif q.shape[-2] != k.shape[-2]:
-            raise ValueError(
-                f"slots={self.slots}: {q.shape[-2]} queries against {k.shape[-2]} keys "
-                "(a key/value cache the model kept itself); decode through a FavorCache"
-            )
-        out, state = self._slots_step(q, k, v, state, kw)
-        if cache_layer is not None:
-            cache_layer.state = state
-        return out
-
-    def _slots_step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: SlotState | None, kw: dict
-    ) -> tuple[Tensor, SlotState]:
-        """:func:`~linattn.ops.favor.slots.favor_slots_step` with this layer's feature
-        map, in float32 for half-precision inputs; returns ``(out in q's dtype, state)``."""
-        dtype = q.dtype
-        cd = compute_dtype(dtype)
-        q, k, v = (t.to(cd) for t in (q, k, v))
-        scale = kw["scale"]
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
-        fm = get_feature_map(self.kernel)
-        params = fm.prepare(self.projection.to(cd), q, k, None, scale)
-        lf = kw["linear_factor"]
-        far = {
-            name: kw[name].to(cd) if kw.get(name) is not None else None
-            for name in ("decay", "far_q", "far_k")
-        }
-        out, state = favor_slots_step(
-            q,
-            k,
-            v,
-            fm,
-            params,
-            state,
-            window=kw["window"],
-            slots=self.slots,
-            sinks=kw["sinks"],
-            interval=self.slot_interval,
-            rule=self.slot_rule,
-            linear_factor=None if lf is None else lf.to(cd),
-            **far,
-        )
-        return out.to(dtype), state
-
     def _fold(
         self,
         k: Tensor,
@@ -498,7 +414,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         for ``far_rope=False``); ``q`` gives the heads ``H`` (a multiple of ``H_kv``),
         dtype and device. The state depends on the keys and values only: zero queries,
         their outputs dropped."""
-        k, v = _as_query_heads(k, v, q)
+        k, v = as_query_heads(k, v, q)
         kw = dict(kw)
         if self._unrotated():
             far_k = self._far_inputs(k, k, mask, positions)["far_k"]
@@ -571,24 +487,6 @@ class FavorLayerState(RandomFeatures, nn.Module):
         )
 
 
-def check_slots(
-    slots: object, rule: object, interval: object, *, window: object
-) -> tuple[int, str, int | None]:
-    """``(slots, rule, interval)`` checked (see :class:`FavorLayerState`): ``slots`` an
-    int >= 0 that needs a ``window`` >= 1, ``rule`` one of
-    :data:`~linattn.ops.favor.slots.RULES`, ``interval`` None or an int >= 1."""
-    if not is_int(slots) or slots < 0:
-        raise ValueError(f"slots must be an int >= 0, got {slots!r}")
-    rule = check_choice("slot_rule", rule, RULES)
-    interval = None if interval is None else check_positive_int("slot_interval", interval)
-    if slots and (window is None or not is_int(window) or window < 1):
-        raise ValueError(
-            f"slots={slots} needs a window >= 1 (the slots hold keys that leave "
-            f"the window), got window={window!r}"
-        )
-    return int(slots), rule, interval
-
-
 def check_far_decay(far_decay: object) -> float | None:
     """``far_decay`` checked: None, or a finite number of tokens > 0 (as a float)."""
     if far_decay is None:
@@ -600,170 +498,6 @@ def check_far_decay(far_decay: object) -> float | None:
     if not math.isfinite(far_decay) or far_decay <= 0:
         raise ValueError(f"far_decay must be a finite number of tokens > 0, got {far_decay!r}")
     return float(far_decay)
-
-
-def positions_for(
-    positions: Tensor | None, mask: Tensor | None, bsz: int, length: int, device
-) -> Tensor:
-    """Position ids ``(B, L)`` long of ``L`` tokens: ``positions`` (``(B, L)``, ``(1,
-    L)`` or ``(L,)``) as given, else ``0 .. L - 1`` counted from each row's first real
-    token (``mask: (B, L)`` True = padding), as transformers' ``generate()`` numbers a
-    left-padded row."""
-    if positions is not None:
-        pos = positions.to(device=device, dtype=torch.long)
-        if pos.dim() == 1:
-            pos = pos.unsqueeze(0)
-        if pos.dim() != 2 or pos.shape[-1] != length or pos.shape[0] not in (1, bsz):
-            raise ValueError(
-                f"position_ids must have shape (batch, {length}) or ({length},) for "
-                f"{length} tokens, got {tuple(positions.shape)}"
-            )
-        return pos.expand(bsz, length)
-    if mask is None:
-        return torch.arange(length, device=device).expand(bsz, length)
-    return ((~mask).long().cumsum(-1) - 1).clamp_min(0)
-
-
-def unrotate(rotary: nn.Module, x: Tensor, positions: Tensor) -> Tensor:
-    """``x: (B, H, L, d)`` with the rotary embedding of ``rotary`` (a transformers rotary
-    module, ``cos, sin = rotary(x, position_ids)``) at ``positions: (B, L)`` undone:
-    transformers rotates ``x_rot = x cos + rotate_half(x) sin`` on the first ``r`` dims
-    (``r`` = the width of ``cos``; all of them but for partial rotary); the inverse is
-    ``(x_rot cos - rotate_half(x_rot) sin) / (cos^2 + sin^2)`` there (the denominator
-    is the squared attention scaling of the scaled rotary types)."""
-    cos, sin = rotary(x, positions)
-    # The denominator folded into the (B, L, r) tables, not applied to (B, H, L, r).
-    norm = cos * cos + sin * sin
-    cos, sin = (cos / norm).unsqueeze(1).to(x.dtype), (sin / norm).unsqueeze(1).to(x.dtype)
-    r = cos.shape[-1]
-    h = r // 2
-    # x cos - rotate_half(x) sin = [x1 c1 + x2 s1, x2 c2 - x1 s2] (halves of the rotated
-    # dims), written straight into the result: no rotate_half copy.
-    x1, x2 = x[..., :h], x[..., h:r]
-    if torch.is_grad_enabled() and x.requires_grad:
-        parts = [
-            torch.addcmul(x1 * cos[..., :h], x2, sin[..., :h]),
-            torch.addcmul(x2 * cos[..., h:], x1, sin[..., h:], value=-1.0),
-            x[..., r:],
-        ]
-        return torch.cat(parts, dim=-1)
-    out = torch.empty_like(x)
-    torch.mul(x1, cos[..., :h], out=out[..., :h])
-    out[..., :h].addcmul_(x2, sin[..., :h])
-    torch.mul(x2, cos[..., h:], out=out[..., h:r])
-    out[..., h:r].addcmul_(x1, sin[..., h:], value=-1.0)
-    if r < x.shape[-1]:
-        out[..., r:] = x[..., r:]
-    return out
-
-
-def _pending(pending: tuple) -> tuple:
-    """A cache layer's pending ``(k, v, mask, positions)``: positions None where the
-    entry has three fields (a converted DynamicCache)."""
-    return (*pending, None) if len(pending) == 3 else pending
-
-
-def _as_query_heads(k: Tensor, v: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values ``(B, H_kv, n, d)`` repeated to ``q``'s ``H`` heads (grouped-query
-    attention; ``H`` a multiple of ``H_kv``), on its device and in its dtype."""
-    heads = q.shape[1]
-    if k.shape[1] != heads:
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    return k.to(device=q.device, dtype=q.dtype), v.to(device=q.device, dtype=q.dtype)
-
-
-class LinformerLayerState(UsesLinformerProjection, nn.Module):
-    """Linformer state of one converted (bidirectional) attention layer.
-
-    Args:
-        num_heads, head_dim: the model's query heads and per-head dimension.
-        max_seq_len: ``n``, the columns of ``E``/``F`` (the model's maximum length).
-        proj_dim, sharing, proj_kind: :class:`linattn.LinformerOptions` (its defaults).
-        seed: as :class:`linattn.LinformerProjection`.
-        shared: with ``sharing="layerwise"``, the model-wide projection (from the first
-            layer), held by reference and registered once, on the first layer.
-
-    ``forward(q, k, v, *, key_padding_mask, causal, scale)`` (``cache_layer`` and
-    ``unrepeated`` are the FAVOR+ state's; a cache is refused): ``q: (B, H, Lq, d)``,
-    ``k, v: (B, H, Lk, d)`` with ``Lk <= max_seq_len``; returns ``(B, H, Lq, d)``,
-    through :meth:`linattn.LinformerProjection.attend` (:func:`linattn.linformer_attention`).
-    """
-
-    method = "linformer"
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        max_seq_len: int,
-        *,
-        proj_dim: int = LinformerOptions.proj_dim,
-        sharing: Sharing = LinformerOptions.sharing,
-        proj_kind: ProjKind = LinformerOptions.proj_kind,
-        seed: int = 0,
-        shared: LinformerProjection | None = None,
-        device=None,
-        dtype=torch.float32,
-    ) -> None:
-        super().__init__()
-        self._use_projection(
-            shared,
-            lambda: LinformerProjection(
-                max_seq_len,
-                proj_dim,
-                num_heads,
-                head_dim,
-                proj_kind=proj_kind,
-                sharing=sharing,
-                seed=seed,
-                device=device,
-                dtype=dtype,
-            ),
-        )
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        *,
-        key_padding_mask: Tensor | None,
-        causal: bool,
-        scale: float | None,
-        cache_layer=None,
-        unrepeated=None,
-        positions=None,
-    ) -> Tensor:
-        # (positions: unused; the attention function hands every layer state the ids.)
-        if causal or cache_layer is not None:
-            raise ValueError(
-                "Linformer cannot run a causal (decoder) attention: its projection along "
-                "the sequence mixes future keys into every compressed position"
-            )
-        proj = self.proj
-        lk = k.shape[-2]
-        if lk > proj.max_seq_len:
-            raise ValueError(
-                f"key length {lk} exceeds the converted model's max_seq_len="
-                f"{proj.max_seq_len} (the columns of Linformer's E and F)"
-            )
-        dtype = q.dtype
-        q, k, v = (t.to(proj_dtype(proj, dtype)) for t in (q, k, v))
-        return proj.attend(q, k, v, key_padding_mask=key_padding_mask, scale=scale).to(dtype)
-
-    def options(self) -> dict:
-        return {**vars(self.proj.options()), "max_seq_len": self.proj.max_seq_len}
-
-
-def proj_dtype(proj: LinformerProjection, like: torch.dtype) -> torch.dtype:
-    """The dtype Linformer computes in: its matrices' (the model's precision, float32
-    under half precision); for the parameter-free pooling kinds, ``like`` (float32 if
-    ``like`` is half)."""
-    for t in (proj.e, proj.f):
-        if t is not None:
-            return t.dtype
-    return compute_dtype(like)
 
 
 def converted_layers(model: nn.Module) -> Iterator[nn.Module]:
