@@ -58,6 +58,7 @@ def _favor_stateful(
     decay: Tensor | None = None,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, FavorState]:
     """The causal forms with a state carried in and out (``favor_attention`` with
     ``initial_state`` / ``output_final_state``, and ``favor_recurrent``).
@@ -67,7 +68,8 @@ def _favor_stateful(
     the last token ``)``. Plain causal: the chunked scan carries the state
     (:func:`favor_causal`); window or sinks: the decoding step
     (:func:`favor_recurrent_step`). ``decay``, ``far_q``, ``far_k``: as
-    :func:`~linattn.favor_attention` (hybrid only; checked there).
+    :func:`~linattn.favor_attention` (hybrid only; checked there). ``compiled``: one-token
+    hybrid steps through the compiled step (``favor_recurrent(compile_step=True)``).
     """
     hybrid = window is not None or bool(sinks)
     far_q, far_k = _check_far_inputs(far_q, far_k, q, k, hybrid)
@@ -157,6 +159,7 @@ def _favor_stateful(
             decay=dec,
             far_q=fq4,
             far_k=fk4,
+            compiled=compiled,
         )
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
 

@@ -572,6 +572,35 @@ def test_a_model_with_slots_adds_the_slot_ablations(tok):
     assert [r["model"] for r in rows] == ["exact", *names]
 
 
+def test_compile_step_decodes_through_the_compiled_step(tmp_path, tok, monkeypatch):
+    from linattn.ops.favor.window import step as step_module
+
+    calls = []
+    real = step_module.compiled_step_one
+
+    def counting():
+        fn = real()
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(step_module, "compiled_step_one", counting)
+    model = saved(tmp_path, tiny_llama, tok)
+    out = tmp_path / "out"
+    args = parse(["--model", model, "--window", "8", "--num-features", "8", "--parts",
+                  "speed", "--speed-lengths", "32", "--new-tokens", "3", "--repeats", "1",
+                  "--compile-step", "--out", str(out)])  # fmt: skip
+    assert evaluate.run(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["settings"]["compile_step"] is True
+    # generate() and the loop: 2 steps after the prefill each, in both layers.
+    assert len(calls) == 2 * 2 * 2
+    assert {r["model"] for r in result["speed"]} == {"exact", "hybrid"}
+
+
 def test_far_options_on_a_zero_shot_conversion_and_a_checkpoint(tmp_path, tok):
     from linattn.integrations.hf import save_converted
 

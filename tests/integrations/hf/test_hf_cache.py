@@ -1,6 +1,7 @@
 """Which cache a converted decoder uses: ``generate()`` and ``forward(use_cache=True)``
 follow the attention implementation in force (issue 26 item 9); a hand-written decoding
-loop gets ``FavorCache`` (issue 25 build item 3)."""
+loop gets ``FavorCache`` (issue 25 build item 3); ``set_compiled_decoding`` decodes as
+the eager steps do."""
 
 import copy
 
@@ -10,7 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_models import CACHE, ids, left_padded, tiny_llama  # noqa: E402
-from linattn.integrations.hf import FavorCache, convert  # noqa: E402
+from linattn.integrations.hf import (  # noqa: E402
+    FavorCache,
+    convert,
+    set_compiled_decoding,
+)
+from linattn.ops.favor.window import step as step_module  # noqa: E402
 
 
 def test_switching_back_to_exact_attention_generates_as_the_original():
@@ -228,3 +234,38 @@ def test_decoding_reuses_one_checked_linear_factor_until_it_changes():
             model(ids(1, 6), use_cache=True)
     # Building a gradient: a fresh factor in the graph.
     assert state.linear_factor().requires_grad
+
+
+def test_compiled_decoding_generates_as_the_eager_steps(monkeypatch):
+    calls = []
+    real = step_module.compiled_step_one
+
+    def counting():
+        fn = real()
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(step_module, "compiled_step_one", counting)
+    opts = dict(kernel="hedgehog", window=3, sinks=1, far_rope=False, far_decay=5.0)
+    model = convert(tiny_llama(), "favor", **opts)
+    prompt = ids(2, 7)
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    eager = model.generate(prompt, **kw)
+    assert not calls
+    assert set_compiled_decoding(model) is model
+    comp = model.generate(prompt, **kw)
+    # Every new token after the first (the prefill) in every layer: compiled steps.
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    assert torch.equal(comp.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(comp.scores), torch.stack(eager.scores))
+    set_compiled_decoding(model, False)
+    model.generate(prompt, **kw)
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_compiled_decoding(model, 1)
+    with pytest.raises(ValueError, match="method='favor'"):
+        set_compiled_decoding(tiny_llama())

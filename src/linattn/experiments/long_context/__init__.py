@@ -114,6 +114,7 @@ def run(
     options: dict | None = None,
     slots: dict | None = None,
     far_decay: float | None = None,
+    compile_step: bool = False,
     variants: tuple[str, ...] | None = None,
     parts: tuple[str, ...] = PARTS,
     lengths: tuple[int, ...] = DEFAULTS["lengths"],
@@ -137,8 +138,9 @@ def run(
     ``options`` over the transfer recipe's attention, or as saved in ``checkpoint``, with
     ``slots`` (None, or the arguments of :func:`linattn.integrations.hf.set_slots`:
     ``{"slots", "rule", "interval"}``) given to the converted decoder, and ``far_decay``
-    (None: the conversion's; 0: none; else :func:`~linattn.integrations.hf.set_far_decay`);
-    write the results
+    (None: the conversion's; 0: none; else :func:`~linattn.integrations.hf.set_far_decay`),
+    ``compile_step``: the converted decoder's one-token steps through ``torch.compile``
+    (:func:`~linattn.integrations.hf.set_compiled_decoding`); write the results
     into ``out`` (see the module docstring) and return them. ``variants``: the ablations
     to compare (default: every one that exists for the model, :func:`.measure.variants_of`);
     one that does not exist is left out with its reason."""
@@ -161,6 +163,10 @@ def run(
         from ...integrations.hf import set_far_decay
 
         set_far_decay(student, far_decay or None)
+    if compile_step:
+        from ...integrations.hf import set_compiled_decoding
+
+        set_compiled_decoding(student)
     available, skipped = measure.variants_of(student)
     if variants is None:
         variants = available
@@ -176,6 +182,7 @@ def run(
             "kind": "decoder" if decoder else "encoder",
             "conversion": student.config.linattn_conversion["options"],
             "exact_attention": getattr(teacher.config, "_attn_implementation", None),
+            "compile_step": compile_step,
             "parts": list(parts),
             "corpus": corpus,
             "lengths": list(lengths),
@@ -340,6 +347,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="weigh the far scores by exp(-(i - j) / T) (decoders; also on a --checkpoint: "
         "the decay holds no parameters; 0: none; default: the conversion's)",
     )
+    g.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="decoders: decode through torch.compile'd one-token steps of the window "
+        "hybrid (set_compiled_decoding; the first step after the window fills compiles, "
+        "seconds; default: eager steps)",
+    )
     g.add_argument("--seed", type=int, default=0, help="conversion, texts and task examples")
     w = parser.add_argument_group("what to measure")
     w.add_argument(
@@ -502,6 +516,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
         raise UsageError(
             f"--far-decay: a number of tokens > 0 (0: none) for a decoder, got {args.far_decay}"
         )
+    if args.compile_step and not decoder:
+        raise UsageError("--compile-step: for decoders (encoders do not decode)")
     if args.far_rope is False and not decoder:
         raise UsageError("--no-far-rope: for decoders with a rotary embedding")
     options = {"seed": args.seed}
@@ -530,6 +546,7 @@ def _run_checked(args: argparse.Namespace, options: dict) -> dict:
         options={} if args.checkpoint else options,
         variants=None if args.variants is None else tuple(dict.fromkeys(args.variants)),
         far_decay=args.far_decay,
+        compile_step=args.compile_step,
         slots=None
         if args.slots is None
         else {

@@ -5,6 +5,8 @@ mask functions with ``transformers.AttentionInterface`` / ``AttentionMaskInterfa
 under ``"linattn"``, attaches per-layer state to each attention module and selects it.
 See :func:`convert`, :func:`save_converted`, :func:`load_converted`,
 :class:`FavorCache`, :func:`set_slots` (exact key-value slots for a converted decoder),
+:func:`set_far_decay`, :func:`set_compiled_decoding` (decoding steps through
+``torch.compile``),
 :func:`attention_parts` / :func:`set_attention_parts` (ablations: window-only, linear-only,
 no slots), :mod:`.distill` and :mod:`.transfer`. The packaged pretrained models
 and the experiments of ``linattn convert`` are application code, in
@@ -28,6 +30,7 @@ from .convert import (
     load_converted,
     redraw_projections,
     save_converted,
+    set_compiled_decoding,
     set_far_decay,
     set_slots,
 )
@@ -47,6 +50,7 @@ __all__ = [
     "register",
     "save_converted",
     "set_attention_parts",
+    "set_compiled_decoding",
     "set_far_decay",
     "set_slots",
 ]

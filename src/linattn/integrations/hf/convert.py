@@ -286,6 +286,26 @@ def set_far_decay(model: nn.Module, far_decay: float | None) -> nn.Module:
     return model
 
 
+def set_compiled_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the one-token decoding steps of a FAVOR+-converted decoder's window hybrid
+    through ``torch.compile`` (``enabled=True``) or eagerly (``False``, the default of a
+    converted model), in place; a runtime switch, not saved. The compiled step computes
+    the same as the eager one up to rounding and fuses its many small tensor ops, which
+    dominate a decoding step on CPU; it is made on the first step after the window has
+    filled (seconds, once per process) and needs a working ``torch.compile`` (on CPU a
+    C++ compiler). Prefill, steps before the window fills, the slot hybrid
+    (``slots > 0``, whose steps stay eager) and steps that build a gradient are
+    unaffected. Returns ``model``."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    modules = list(converted_layers(model))
+    if not modules or modules[0].linattn.method != "favor":
+        raise ValueError("set_compiled_decoding needs a model converted with method='favor'")
+    for module in modules:
+        module.linattn.compile_step = enabled
+    return model
+
+
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:

@@ -127,6 +127,10 @@ class FavorLayerState(RandomFeatures, nn.Module):
     near: bool = True
     far: bool = True
     use_slots: bool = True
+    #: Decoding switch (not saved; :func:`~.convert.set_compiled_decoding`): one-token
+    #: steps of the window hybrid through the compiled step
+    #: (``favor_recurrent(compile_step=True)``).
+    compile_step: bool = False
 
     method = "favor"
 
@@ -324,7 +328,14 @@ class FavorLayerState(RandomFeatures, nn.Module):
                     **kw,
                 )
             out, cache_layer.state = favor_recurrent(
-                q, k, v, w, state=cache_layer.state, key_padding_mask=key_padding_mask, **kw
+                q,
+                k,
+                v,
+                w,
+                state=cache_layer.state,
+                key_padding_mask=key_padding_mask,
+                compile_step=self.compile_step,
+                **kw,
             )
             return out
         if causal and lq != lk:

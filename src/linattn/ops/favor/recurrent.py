@@ -142,6 +142,7 @@ def favor_recurrent_step(
     decay: Tensor | None = None,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, FavorState]:
     """Consume ``n >= 1`` new tokens (causally among themselves) after ``state``.
 
@@ -149,6 +150,7 @@ def favor_recurrent_step(
     ``()`` or None (hybrid only: a window or sinks). ``sinks > 0`` with
     ``window=None`` steps the hybrid with an empty band (window 0). ``decay``,
     ``far_q``, ``far_k``: hybrid only, as :func:`~.window.step.favor_window_step`.
+    ``compiled``: as :func:`~.window.step.favor_window_step` (hybrid only).
     Returns ``(out: (B, H, n, dv), new_state)``.
     """
     far = far_k is not None
@@ -185,6 +187,7 @@ def favor_recurrent_step(
             far_q=far_q,
             far_k=far_k,
             far_ring=state.far_keys if far else None,
+            compiled=compiled,
         )
         if far:
             return out, FavorState(*new[:-1], far_keys=new[-1])

@@ -6,6 +6,9 @@ sinks, the sinks that have left the window; stepping equals the parallel causal 
   (the band over the ring, the sink slots and ``phi(q) S``, a handful of tensor ops),
   longer pieces :func:`favor_window_step_general` (the band by ``unfold``, the far part
   by the chunked causal scan), the plain reference of the one-token step;
+* :func:`compiled_step_one`: :func:`favor_window_step_one` through ``torch.compile``
+  (``compiled=True``): the same math in a few fused kernels, for decoding loops where
+  the one-token step's many small tensor ops cost more than their arithmetic;
 * :func:`window_final_state`: the state after a whole prompt, built from its keys and
   values alone (the far sums in one product, the ring and the sink slots gathered), so
   that a prefill runs the parallel hybrid and still hands its state on.
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
 from ..causal import initial_state
-from ..common import ones_col
+from ..common import graph_captured, ones_col
 from .hybrid import combine, factor_shape
 from .naive import band_attention, far_left
 from .sinks import gather_slots, sink_attention, sink_slots, step_sinks
@@ -43,6 +46,7 @@ def favor_window_step(
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
     far_ring: Tensor | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
@@ -70,10 +74,20 @@ def favor_window_step(
     :func:`~.hybrid.favor_window`); then ``far_ring: (B, H, r, d)`` holds the ring's far
     keys (empty before the first token) and the new state has the new ``far_ring``
     appended as its last entry.
+
+    ``compiled``: one token after a full ring (and full sink slots) takes
+    :func:`compiled_step_one` (the same outputs up to rounding; the first call compiles,
+    seconds); other steps, a graph being captured or a gradient to build take the eager
+    forms.
     """
     if (far_k is None) != (far_ring is None) or (far_q is None) != (far_k is None):
         raise ValueError("far_q, far_k and far_ring go together (all or none)")
-    step = favor_window_step_one if q.shape[-2] == 1 else favor_window_step_general
+    if q.shape[-2] != 1:
+        step = favor_window_step_general
+    elif compiled and _steady(state, window, sinks, (q, k, v, far_q, far_k)):
+        step = compiled_step_one()
+    else:
+        step = favor_window_step_one
     return step(
         q,
         k,
@@ -90,6 +104,36 @@ def favor_window_step(
         far_k=far_k,
         far_ring=far_ring,
     )
+
+
+_COMPILED_STEP_ONE = None
+
+
+def compiled_step_one():
+    """:func:`favor_window_step_one` through ``torch.compile`` (made once, on first use;
+    shapes marked dynamic after a first recompilation, e.g. another batch size). Its
+    callers take it only in the steady state (:func:`_steady`), where every call of a
+    decoding loop has the same shapes, so that it compiles once, not once per ring
+    length."""
+    global _COMPILED_STEP_ONE
+    if _COMPILED_STEP_ONE is None:
+        _COMPILED_STEP_ONE = torch.compile(favor_window_step_one, dynamic=None)
+    return _COMPILED_STEP_ONE
+
+
+def _steady(state: tuple[Tensor, ...], window: int, sinks: int, inputs: tuple) -> bool:
+    """Whether a one-token step may take the compiled form: the ring holds ``window``
+    tokens and the sink slots ``sinks`` (shapes that no longer change), no graph is being
+    captured (an outer ``torch.compile`` traces the eager form itself) and no gradient is
+    to be built."""
+    if state[2].shape[-2] != window or (sinks and state[5].shape[-2] != sinks):
+        return False
+    if graph_captured():
+        return False
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, *state)
+    )
+    return not grad
 
 
 def _decay_shape(decay: Tensor, like: Tensor) -> Tensor:
