@@ -24,7 +24,7 @@ from linattn.integrations.hf import (  # noqa: E402
     save_converted,
     set_far_decay,
 )
-from linattn.integrations.hf.rotary import unrotate  # noqa: E402
+from linattn.integrations.hf.rotary import unrotate, unrotate_pair  # noqa: E402
 from linattn.integrations.hf.state import converted_layers  # noqa: E402
 from linattn.ops.favor.naive import favor_naive  # noqa: E402
 from linattn.ops.favor.slots import slots_reference  # noqa: E402
@@ -64,6 +64,11 @@ def test_unrotate_inverts_the_rotary_embedding(rope):
     xr, _ = apply_rotary_pos_emb(x, x, cos, sin)
     assert (xr - x).abs().max() > 1e-2
     torch.testing.assert_close(unrotate(rotary, xr, pos), x, rtol=1e-10, atol=1e-12)
+    # Queries and keys (another head count) through one set of tables: as each alone.
+    kr = apply_rotary_pos_emb(x[:, :2] * 0.5, x[:, :2], cos, sin)[0]
+    uq, uk = unrotate_pair(rotary, xr, kr, pos)
+    assert torch.equal(uq, unrotate(rotary, xr, pos))
+    assert torch.equal(uk, unrotate(rotary, kr, pos))
     # The autograd form (no in-place writes) gives the same, and the adjoint rotation.
     leaf = xr.clone().requires_grad_()
     back = unrotate(rotary, leaf, pos)
@@ -73,6 +78,28 @@ def test_unrotate_inverts_the_rotary_embedding(rope):
     # The inverse of a scaled rotation R s is R^T / s: its adjoint is R / s.
     gr, _ = apply_rotary_pos_emb(g, g, *(t / (cos * cos + sin * sin) for t in (cos, sin)))
     torch.testing.assert_close(leaf.grad, gr, rtol=1e-10, atol=1e-12)
+
+
+def test_unrotate_partial_rotary():
+    # Partial rotary (only the first r < d dims rotated, as GPT-NeoX-style models do):
+    # the rotated dims are restored, the others pass through untouched.
+    full = rotary_of(tiny_llama())
+
+    class PartialRotary(torch.nn.Module):
+        def forward(self, x, pos):
+            cos, sin = full(x, pos)  # (B, L, 8) = [f, f] halves of 4
+            return (torch.cat([t[..., :2], t[..., :2]], -1) for t in (cos, sin))
+
+    rotary = PartialRotary()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    pos = torch.arange(3, 12).expand(2, 9)
+    cos, sin = rotary(x, pos)
+    head, _ = apply_rotary_pos_emb(x[..., :4], x[..., :4], cos, sin)
+    xr = torch.cat([head, x[..., 4:]], -1)
+    assert (xr - x)[..., :4].abs().max() > 1e-2
+    back = unrotate(rotary, xr, pos)
+    torch.testing.assert_close(back, x, rtol=1e-10, atol=1e-12)
+    assert torch.equal(back[..., 4:], x[..., 4:])
 
 
 def _attention_inputs(model, x):

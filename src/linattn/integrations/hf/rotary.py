@@ -37,27 +37,38 @@ def unrotate(rotary: nn.Module, x: Tensor, positions: Tensor) -> Tensor:
     (``r`` = the width of ``cos``; all of them but for partial rotary); the inverse is
     ``(x_rot cos - rotate_half(x_rot) sin) / (cos^2 + sin^2)`` there (the denominator
     is the squared attention scaling of the scaled rotary types)."""
+    return apply_unrotation(x, *unrotation_tables(rotary, x, positions))
+
+
+def unrotate_pair(
+    rotary: nn.Module, q: Tensor, k: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`unrotate` of queries and keys at the same ``positions: (B, L)`` (``q: (B,
+    H, L, d)``, ``k: (B, H_k, L, d)``, one dtype), the tables computed once."""
+    tables = unrotation_tables(rotary, q, positions)
+    return apply_unrotation(q, *tables), apply_unrotation(k, *tables)
+
+
+def unrotation_tables(rotary: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos / n, [sin_1, -sin_2] / n)``, each ``(B, 1, L, r)`` in ``x``'s dtype, ``n =
+    cos^2 + sin^2`` (``sin_1, sin_2`` the halves of the ``r`` rotated dims): what
+    :func:`apply_unrotation` multiplies by (the denominator and the sign folded into the
+    small tables, not applied to ``(B, H, L, r)``)."""
     cos, sin = rotary(x, positions)
-    # The denominator folded into the (B, L, r) tables, not applied to (B, H, L, r).
     norm = cos * cos + sin * sin
-    cos, sin = (cos / norm).unsqueeze(1).to(x.dtype), (sin / norm).unsqueeze(1).to(x.dtype)
+    h = cos.shape[-1] // 2
+    signed = torch.cat([sin[..., :h], -sin[..., h:]], dim=-1)
+    return (cos / norm).unsqueeze(1).to(x.dtype), (signed / norm).unsqueeze(1).to(x.dtype)
+
+
+def apply_unrotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x cos - rotate_half(x) sin`` on the first ``r`` dims of ``x: (B, H, L, d)``
+    (``cos, sin: (B, 1, L, r)`` from :func:`unrotation_tables`, ``sin`` signed), the rest
+    as they are: ``[x1 c1 + x2 s1, x2 c2 - x1 s2]`` for the halves ``x1, x2``, i.e. ``x
+    cos + [x2, x1] sin_signed``, three tensor ops (a few more under partial rotary)."""
     r = cos.shape[-1]
-    h = r // 2
-    # x cos - rotate_half(x) sin = [x1 c1 + x2 s1, x2 c2 - x1 s2] (halves of the rotated
-    # dims), written straight into the result: no rotate_half copy.
-    x1, x2 = x[..., :h], x[..., h:r]
-    if torch.is_grad_enabled() and x.requires_grad:
-        parts = [
-            torch.addcmul(x1 * cos[..., :h], x2, sin[..., :h]),
-            torch.addcmul(x2 * cos[..., h:], x1, sin[..., h:], value=-1.0),
-            x[..., r:],
-        ]
-        return torch.cat(parts, dim=-1)
-    out = torch.empty_like(x)
-    torch.mul(x1, cos[..., :h], out=out[..., :h])
-    out[..., :h].addcmul_(x2, sin[..., :h])
-    torch.mul(x2, cos[..., h:], out=out[..., h:r])
-    out[..., h:r].addcmul_(x1, sin[..., h:], value=-1.0)
-    if r < x.shape[-1]:
-        out[..., r:] = x[..., r:]
-    return out
+    if r == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(r // 2, dims=-1), sin)
+    head = x[..., :r]
+    rot = torch.addcmul(head * cos, head.roll(r // 2, dims=-1), sin)
+    return torch.cat([rot, x[..., r:]], dim=-1)

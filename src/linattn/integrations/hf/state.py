@@ -30,7 +30,7 @@ from ...nn.performer import (
 from ._layer import as_query_heads, pending_entry
 from .linformer_state import LinformerLayerState as LinformerLayerState
 from .linformer_state import proj_dtype as proj_dtype
-from .rotary import positions_for, unrotate
+from .rotary import positions_for, unrotate_pair
 from .slot_path import check_slots, slots_forward
 
 
@@ -76,7 +76,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         slot_interval: ``I``, keys per decision (default: the window).
         far_rope: True (default): the feature-map (far) part scores the queries and keys
             as the model hands them, rotary embedding applied. False (rotary decoders
-            only): it scores them with the rotation undone (:func:`unrotate`, by the
+            only): it scores them with the rotation undone (:func:`~.rotary.unrotate`, by the
             model's own rotary module and the tokens' position ids), so that the far
             scores depend on no absolute position and a map trained on short texts sees
             the same inputs at any length; the window, sinks and slots keep the
@@ -381,10 +381,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 "linattn.integrations.hf.convert(model, ..., far_rope=False)"
             )
         pos = positions_for(positions, mask, q.shape[0], q.shape[-2], q.device)
-        return {
-            "far_q": unrotate(self._rotary[0], q, pos),
-            "far_k": unrotate(self._rotary[0], k, pos),
-        }
+        far_q, far_k = unrotate_pair(self._rotary[0], q, k, pos)
+        return {"far_q": far_q, "far_k": far_k}
 
     def decay(self) -> Tensor | None:
         """``ln gamma = -1 / far_decay`` as a 0-d float64 tensor (cast to the compute
