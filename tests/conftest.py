@@ -30,6 +30,29 @@ def small_matmul_rate(monkeypatch):
     monkeypatch.setattr(speed, "matmul_rate", functools.partial(speed.matmul_rate, n=512))
 
 
+@pytest.fixture
+def compiled_steps(monkeypatch):
+    """A list that grows by one entry (the query's shape) for every one-token step that
+    goes through the compiled decoding step (``compile_step=True``,
+    ``set_compiled_decoding``): tests check the compiled form is the one taken."""
+    from linattn.ops.favor.window import step as step_module
+
+    calls = []
+    real = step_module.compiled_step_one
+
+    def counting():
+        fn = real()
+
+        def run(*args, **kwargs):
+            calls.append(tuple(args[0].shape))
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(step_module, "compiled_step_one", counting)
+    return calls
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

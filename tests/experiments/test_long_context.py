@@ -572,22 +572,8 @@ def test_a_model_with_slots_adds_the_slot_ablations(tok):
     assert [r["model"] for r in rows] == ["exact", *names]
 
 
-def test_compile_step_decodes_through_the_compiled_step(tmp_path, tok, monkeypatch):
-    from linattn.ops.favor.window import step as step_module
-
-    calls = []
-    real = step_module.compiled_step_one
-
-    def counting():
-        fn = real()
-
-        def run(*args, **kwargs):
-            calls.append(1)
-            return fn(*args, **kwargs)
-
-        return run
-
-    monkeypatch.setattr(step_module, "compiled_step_one", counting)
+def test_compile_step_decodes_through_the_compiled_step(tmp_path, tok, compiled_steps):
+    calls = compiled_steps
     model = saved(tmp_path, tiny_llama, tok)
     out = tmp_path / "out"
     args = parse(["--model", model, "--window", "8", "--num-features", "8", "--parts",

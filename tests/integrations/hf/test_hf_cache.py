@@ -16,7 +16,6 @@ from linattn.integrations.hf import (  # noqa: E402
     convert,
     set_compiled_decoding,
 )
-from linattn.ops.favor.window import step as step_module  # noqa: E402
 
 
 def test_switching_back_to_exact_attention_generates_as_the_original():
@@ -236,20 +235,8 @@ def test_decoding_reuses_one_checked_linear_factor_until_it_changes():
     assert state.linear_factor().requires_grad
 
 
-def test_compiled_decoding_generates_as_the_eager_steps(monkeypatch):
-    calls = []
-    real = step_module.compiled_step_one
-
-    def counting():
-        fn = real()
-
-        def run(*args, **kwargs):
-            calls.append(1)
-            return fn(*args, **kwargs)
-
-        return run
-
-    monkeypatch.setattr(step_module, "compiled_step_one", counting)
+def test_compiled_decoding_generates_as_the_eager_steps(compiled_steps):
+    calls = compiled_steps
     opts = dict(kernel="hedgehog", window=3, sinks=1, far_rope=False, far_decay=5.0)
     model = convert(tiny_llama(), "favor", **opts)
     prompt = ids(2, 7)

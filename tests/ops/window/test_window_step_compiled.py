@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from linattn import favor_attention, favor_recurrent
-from linattn.ops.favor.window import step as step_module
 
 B, H, D = 2, 3, 8
 
@@ -16,25 +15,6 @@ B, H, D = 2, 3, 8
 def randn(*shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls that went through the compiled step."""
-    calls = []
-    real = step_module.compiled_step_one
-
-    def counting():
-        fn = real()
-
-        def run(*args, **kwargs):
-            calls.append(args[0].shape)
-            return fn(*args, **kwargs)
-
-        return run
-
-    monkeypatch.setattr(step_module, "compiled_step_one", counting)
-    return calls
 
 
 def decode(kw, length, prefill, dtype, compile_step):
@@ -81,12 +61,12 @@ DECAY = torch.tensor([-0.02, -0.2, -0.001], dtype=torch.float64)
     ],
     ids=["window", "window+sinks", "decay+far", "sinks-only"],
 )
-def test_compiled_step_equals_the_eager_step(kw, spy):
+def test_compiled_step_equals_the_eager_step(kw, compiled_steps):
     eager, s_eager, full = decode(dict(kw), 24, 10, torch.float64, False)
-    assert not spy
+    assert not compiled_steps
     comp, s_comp, _ = decode(dict(kw), 24, 10, torch.float64, True)
     # Every step after the prefill (the ring is full by then) went through it.
-    assert len(spy) == 14
+    assert len(compiled_steps) == 14
     torch.testing.assert_close(comp, eager, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(comp, full, rtol=1e-9, atol=1e-11)
     for a, b in zip(s_comp, s_eager):
@@ -94,16 +74,16 @@ def test_compiled_step_equals_the_eager_step(kw, spy):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_compiled_step_float32(spy):
+def test_compiled_step_float32(compiled_steps):
     comp, _, _ = decode(dict(window=4, sinks=1, decay=DECAY, far=True), 20, 8, torch.float32, True)
     eager, _, _ = decode(
         dict(window=4, sinks=1, decay=DECAY, far=True), 20, 8, torch.float32, False
     )
-    assert len(spy) == 12
+    assert len(compiled_steps) == 12
     torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_waits_for_a_full_ring_and_skips_gradients(spy):
+def test_compiled_step_waits_for_a_full_ring_and_skips_gradients(compiled_steps):
     # From an empty state the ring fills over the first `window` tokens: those steps are
     # eager (their shapes change), the rest compiled.
     q, k, v = (randn(1, H, 12, D, seed=i) for i in range(3))
@@ -116,13 +96,13 @@ def test_compiled_step_waits_for_a_full_ring_and_skips_gradients(spy):
             window=5, sinks=1, compile_step=True,
         )  # fmt: skip
     # ring full after 5 tokens, the sink slot after 6: steps 7..12 compiled.
-    assert len(spy) == 6
+    assert len(compiled_steps) == 6
     qg = q[..., :1, :].clone().requires_grad_()
     out, _ = favor_recurrent(
         qg, k[..., :1, :], v[..., :1, :], w, state=state, kernel="hedgehog", window=5,
         sinks=1, compile_step=True,
     )  # fmt: skip
-    assert len(spy) == 6  # a gradient to build: the eager step
+    assert len(compiled_steps) == 6  # a gradient to build: the eager step
     out.sum().backward()
     assert qg.grad is not None
 
