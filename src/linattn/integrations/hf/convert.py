@@ -267,9 +267,7 @@ def set_far_decay(model: nn.Module, far_decay: float | None) -> nn.Module:
     FAVOR+-converted decoder, in place, and record it in the config (so that
     :func:`save_converted` keeps it). The decay holds no parameters: it can be changed on
     a trained model (what it was trained with is what it fits best). Returns ``model``."""
-    modules = list(converted_layers(model))
-    if not modules or modules[0].linattn.method != "favor":
-        raise ValueError("set_far_decay needs a model converted with method='favor'")
+    modules = _favor_layers(model, "set_far_decay")
     if not any(bool(getattr(m, "is_causal", False)) for m in modules):
         raise ValueError("far_decay is for causal decoders; this model is bidirectional")
     far_decay = check_far_decay(far_decay)
@@ -298,12 +296,19 @@ def set_compiled_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
     unaffected. Returns ``model``."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    modules = list(converted_layers(model))
-    if not modules or modules[0].linattn.method != "favor":
-        raise ValueError("set_compiled_decoding needs a model converted with method='favor'")
+    modules = _favor_layers(model, "set_compiled_decoding")
     for module in modules:
         module.linattn.compile_step = enabled
     return model
+
+
+def _favor_layers(model: nn.Module, what: str) -> list[nn.Module]:
+    """The converted attention modules of ``model``; a ``ValueError`` naming ``what``
+    unless every one is FAVOR+-converted."""
+    modules = list(converted_layers(model))
+    if not modules or any(m.linattn.method != "favor" for m in modules):
+        raise ValueError(f"{what} needs a model converted with method='favor'")
+    return modules
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
@@ -333,9 +338,7 @@ def set_slots(
         ValueError: the model is not converted with ``method="favor"``, is not causal, has
             no window, or an option is out of range (nothing is changed then).
     """
-    modules = list(converted_layers(model))
-    if not modules or any(m.linattn.method != "favor" for m in modules):
-        raise ValueError("set_slots needs a model converted with method='favor'")
+    modules = _favor_layers(model, "set_slots")
     if not any(bool(getattr(m, "is_causal", False)) for m in modules):
         raise ValueError("slots are for causal decoders; this model is bidirectional")
     # Checked before anything changes.

@@ -16,6 +16,7 @@ sinks, the sinks that have left the window; stepping equals the parallel causal 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -106,19 +107,14 @@ def favor_window_step(
     )
 
 
-_COMPILED_STEP_ONE = None
-
-
+@functools.cache
 def compiled_step_one():
     """:func:`favor_window_step_one` through ``torch.compile`` (made once, on first use;
     shapes marked dynamic after a first recompilation, e.g. another batch size). Its
     callers take it only in the steady state (:func:`_steady`), where every call of a
     decoding loop has the same shapes, so that it compiles once, not once per ring
     length."""
-    global _COMPILED_STEP_ONE
-    if _COMPILED_STEP_ONE is None:
-        _COMPILED_STEP_ONE = torch.compile(favor_window_step_one, dynamic=None)
-    return _COMPILED_STEP_ONE
+    return torch.compile(favor_window_step_one, dynamic=None)
 
 
 def _steady(state: tuple[Tensor, ...], window: int, sinks: int, inputs: tuple) -> bool:
