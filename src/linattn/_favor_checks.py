@@ -283,6 +283,41 @@ def _prepare(q, k, v, projection, kernel, causal, key_padding_mask, scale):
     return fm, params, q4, k4, v4, mask
 
 
+def _expand_kv_groups(
+    q: object, k: object, v: object, far_k: object
+) -> tuple[object, object, object, object, int]:
+    """Grouped-query inputs ``q: (B, H, n, d)``, ``k, far_k: (B, H_kv, n, d)``, ``v: (B,
+    H_kv, n, dv)`` (``H`` a multiple of ``H_kv``) with ``k, v, far_k`` repeated to the
+    ``H`` query heads (head ``h`` from key/value head ``h // g``), and ``g = H / H_kv``;
+    other inputs as they are with ``g = 1`` (the usual checks then judge them)."""
+    if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return q, k, v, far_k, 1
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads == heads and v.shape[1] == heads:
+        return q, k, v, far_k, 1
+    if v.shape[1] != kv_heads:
+        raise ValueError(
+            "k and v must have the same number of heads (the key/value heads); got "
+            f"k {shape_str(k)}, v {shape_str(v)}"
+        )
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q's {heads} heads must be a multiple of k's and v's {kv_heads} key/value heads "
+            f"(grouped-query attention); got q {shape_str(q)}, k {shape_str(k)}"
+        )
+    groups = heads // kv_heads
+    if far_k is not None:
+        if not isinstance(far_k, Tensor) or far_k.dim() != 4 or far_k.shape[1] != kv_heads:
+            got = shape_str(far_k) if isinstance(far_k, Tensor) else type(far_k).__name__
+            raise ValueError(
+                f"far_k must have k's shape {shape_str(k)} (its {kv_heads} key/value heads), "
+                f"got {got}"
+            )
+        far_k = far_k.repeat_interleave(groups, dim=1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v, far_k, groups
+
+
 def _check_state(
     state: object,
     m: int,
@@ -294,10 +329,11 @@ def _check_state(
     name: str = "state",
     dtype: torch.dtype | None = None,
     far: bool | None = None,
+    kv_groups: int = 1,
 ) -> FavorState:
     """``state`` checked against the call (``q4: (B, H, L, d)``, ``M = m`` features per
-    token, value width ``dv``, the window and sinks), its tensors cast to ``dtype``
-    (default q4's)."""
+    token, value width ``dv``, the window and sinks; the ring and sink slots with ``H /
+    kv_groups`` heads), its tensors cast to ``dtype`` (default q4's)."""
     if not isinstance(state, FavorState):
         raise TypeError(f"{name} must be a FavorState or None, got {type(state).__name__}")
     bsz, heads, _, d = q4.shape
@@ -324,6 +360,8 @@ def _check_state(
         return FavorState(kv=state.kv.to(dtype), stab=state.stab.to(dtype))
     # sinks without a window: the hybrid's state with an empty window.
     band = window_ring(state, 0 if window is None else window)
+    # Grouped-query attention: the ring and the sink slots once per key/value head.
+    heads //= kv_groups
     shapes = {
         "keys": (bsz, heads, band, d),
         "values": (bsz, heads, band, dv),
@@ -361,7 +399,7 @@ def _check_state(
             raise ValueError(
                 f"{name}.{field} must have shape {shape} for window={window}, sinks={sinks}, "
                 f"got {got} (pass the state returned by the previous call with the same "
-                "window and sinks)"
+                "window, sinks and key/value heads)"
             )
     floating = ("kv", "stab", "keys", "values", "sink_keys", "sink_values", "far_keys")
     return state._replace(

@@ -25,6 +25,7 @@ from ._favor_checks import (
     _check_state,
     _check_window,
     _checked_inputs,
+    _expand_kv_groups,
     _far_4d,
     _prepare,
 )
@@ -59,6 +60,7 @@ def _favor_stateful(
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
     compiled: bool = False,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, FavorState]:
     """The causal forms with a state carried in and out (``favor_attention`` with
     ``initial_state`` / ``output_final_state``, and ``favor_recurrent``).
@@ -70,6 +72,9 @@ def _favor_stateful(
     (:func:`favor_recurrent_step`). ``decay``, ``far_q``, ``far_k``: as
     :func:`~linattn.favor_attention` (hybrid only; checked there). ``compiled``: one-token
     hybrid steps through the compiled step (``favor_recurrent(compile_step=True)``).
+    ``kv_groups = g``: ``k, v, far_k`` were repeated from ``H / g`` key/value heads
+    (:func:`~._favor_checks._expand_kv_groups`; hybrid only): the state's ring and sink
+    slots keep those.
     """
     hybrid = window is not None or bool(sinks)
     far_q, far_k = _check_far_inputs(far_q, far_k, q, k, hybrid)
@@ -93,6 +98,7 @@ def _favor_stateful(
             linear_factor,
             state_name,
             far=far_k is not None,
+            kv_groups=kv_groups,
         )
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
@@ -105,7 +111,15 @@ def _favor_stateful(
     if state is not None:
         m = fm.feature_dim(params.weight, q.shape[-1])
         state = _check_state(
-            state, m, q4, v4.shape[-1], window, sinks, name=state_name, far=fk4 is not None
+            state,
+            m,
+            q4,
+            v4.shape[-1],
+            window,
+            sinks,
+            name=state_name,
+            far=fk4 is not None,
+            kv_groups=kv_groups,
         )
     if window is None and not sinks:
         initial = None if state is None else (state.kv, state.stab)
@@ -142,6 +156,7 @@ def _favor_stateful(
             sinks=sinks,
             decay=dec,
             far_k=fk4,
+            kv_groups=kv_groups,
         )
         new_state = _state_of_fields(fields, fk4 is not None)
     else:
@@ -160,6 +175,7 @@ def _favor_stateful(
             far_q=fq4,
             far_k=fk4,
             compiled=compiled,
+            kv_groups=kv_groups,
         )
     return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), new_state
 
@@ -184,6 +200,7 @@ def _empty_piece(
     linear_factor: Tensor | None,
     state_name: str,
     far: bool = False,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, FavorState]:
     """A piece of no tokens (``q: (..., 0, d)``, ``v: (..., 0, dv)``) after ``state``:
     the empty output ``(..., 0, dv)`` and the state, checked (as a piece with tokens
@@ -197,7 +214,9 @@ def _empty_piece(
     sinks = _check_sinks(sinks)
     _check_linear_factor(linear_factor, q4)
     m = fm.feature_dim(weight, q.shape[-1])
-    state = _check_state(state, m, q4, v.shape[-1], window, sinks, name=state_name, far=far)
+    state = _check_state(
+        state, m, q4, v.shape[-1], window, sinks, name=state_name, far=far, kv_groups=kv_groups
+    )
     return q.new_zeros(*q.shape[:-1], v.shape[-1]), state
 
 
@@ -213,12 +232,18 @@ def _favor_state_of(
     sinks: int,
     decay: Tensor | None = None,
     far_k: Tensor | None = None,
+    heads: int | None = None,
 ) -> FavorState:
     """The window hybrid's state after the keys ``k: (B, H, L, d)`` and values ``v: (B, H,
     L, dv)`` alone (a prefill whose outputs nobody reads, e.g. a lazy cache's fold): the
     final state of ``favor_attention(q, k, v, causal=True, window=window, sinks=sinks,
     output_final_state=True)`` for any ``q``, without its O(L w) band. Window or sinks
-    only; ``L >= 1``. ``decay``, ``far_k``: as :func:`~linattn.favor_attention`."""
+    only; ``L >= 1``. ``decay``, ``far_k``: as :func:`~linattn.favor_attention`.
+    ``heads``: the query heads ``H'`` when ``k``'s ``H`` are grouped-query key/value
+    heads (``H'`` a multiple of ``H``): the state :func:`~linattn.favor_recurrent` makes
+    for ``H'`` query heads and these key/value heads."""
+    shape = k.shape if heads is None else (k.shape[0], heads, *k.shape[2:])
+    _, k, v, far_k, groups = _expand_kv_groups(k.new_zeros(shape), k, v, far_k)
     q, k, v = _checked_inputs(k.new_zeros(k.shape), k, v, key_padding_mask)
     fm, params, q4, k4, v4, mask = _prepare(
         q, k, v, projection, kernel, True, key_padding_mask, scale
@@ -236,6 +261,7 @@ def _favor_state_of(
         sinks=_check_sinks(sinks),
         decay=_check_decay(decay, q4, True, True),
         far_k=fk4,
+        kv_groups=groups,
     )
     return _state_of_fields(fields, fk4 is not None)
 

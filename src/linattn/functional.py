@@ -26,6 +26,7 @@ from ._favor_checks import (
     _check_sinks,
     _check_window,
     _checked_inputs,
+    _expand_kv_groups,
     _far_4d,
     _prepare,
 )
@@ -416,7 +417,12 @@ def favor_recurrent(
 
     Args:
         q, k: ``(B, H, n, d)``; v: ``(B, H, n, dv)``; the ``n >= 1`` new tokens (attending
-            causally among themselves and to everything in ``state``).
+            causally among themselves and to everything in ``state``). Grouped-query
+            attention: ``k, v`` (and ``far_k``) may have ``H_kv`` heads, ``H`` a multiple
+            of ``H_kv`` (query head ``h`` reads key/value head ``h // (H / H_kv)``, as
+            ``repeat_interleave``); with a window or sinks the state then keeps its
+            ring and sink slots once per key/value head (``H / H_kv`` times less memory
+            for them; without ``cu_seqlens``), the same outputs as ``k, v`` repeated.
         state: from the previous step, or None to start.
         projection, kernel, key_padding_mask (``(B, n)``), scale, window,
             linear_factor: as :func:`favor_attention`; use the same values at every step.
@@ -454,6 +460,10 @@ def favor_recurrent(
     """
     if not isinstance(compile_step, bool):
         raise TypeError(f"compile_step must be a bool, got {type(compile_step).__name__}")
+    q, k, v, far_k, kv_groups = _expand_kv_groups(q, k, v, far_k)
+    if cu_seqlens is not None or (window is None and not sinks):
+        # No window ring to keep grouped (packed sequences: a state per query head).
+        kv_groups = 1
     if cu_seqlens is not None:
         if decay is not None or far_q is not None or far_k is not None:
             raise ValueError(
@@ -511,4 +521,5 @@ def favor_recurrent(
         far_q=far_q,
         far_k=far_k,
         compiled=compile_step,
+        kv_groups=kv_groups,
     )

@@ -204,6 +204,29 @@ def test_a_lazy_cache_keeps_the_unrepeated_keys_of_grouped_query_attention():
     assert keys.shape[1] == values.shape[1] == 2
 
 
+@pytest.mark.parametrize("far_rope", [True, False])
+def test_the_decoding_state_keeps_the_ring_per_key_value_head(far_rope):
+    # tiny_llama: 4 query heads, 2 key/value heads. The window ring, its far keys and the
+    # sink slots are kept for the 2; the feature-map sums for the 4. Decoding equals the
+    # parallel forward either way (the loop test above); here: after a lazy prefill and
+    # after an eager one.
+    opts = dict(kernel="hedgehog", window=3, sinks=1, far_rope=far_rope)
+    model = convert(tiny_llama(), "favor", **opts)
+    x = ids(2, 12)
+    for first in (model(x[:, :8]), model(x[:, :8], use_cache=True)):
+        out, logits = first, [first.logits]
+        for t in range(8, 12):
+            out = model(x[:, t : t + 1], **{CACHE: returned_cache(out)})
+            logits.append(out.logits)
+        torch.testing.assert_close(torch.cat(logits, 1), model(x).logits, rtol=1e-9, atol=1e-9)
+        state = returned_cache(out).layers[0].state
+        assert state.kv.shape[1] == 4
+        fields = ["keys", "values", "sink_keys", "sink_values"] + ([] if far_rope else ["far_keys"])
+        for field in fields:
+            assert getattr(state, field).shape[1] == 2, field
+        assert (state.far_keys is None) == far_rope
+
+
 def test_gradient_checkpointing_in_training_gets_no_cache():
     # The checkpointed layers run twice: a recurrent state would absorb the tokens twice.
     model = convert(tiny_llama(), "favor", num_features=16, window=3)

@@ -3,8 +3,8 @@
 With :class:`FavorCache`, a converted decoder's ``generate()`` costs the same per token
 whatever the context length: each layer keeps ``(B, H, M, d + 1)`` numbers (plus, with a
 window ``w``, the last ``w`` keys and values, and with ``sinks=s`` up to ``s`` sink keys
-and values and a count of real tokens per sequence), not a key/value cache that grows with
-every token. :func:`~.convert.convert` makes it the
+and values and a count of real tokens per sequence; under grouped-query attention those
+once per key/value head), not a key/value cache that grows with every token. :func:`~.convert.convert` makes it the
 default cache of a converted causal model's ``generate()``.
 """
 

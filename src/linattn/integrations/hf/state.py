@@ -327,6 +327,13 @@ class FavorLayerState(RandomFeatures, nn.Module):
                     chunk_size=self.chunk_size,
                     **kw,
                 )
+            if unrepeated is not None and (kw["window"] is not None or kw["sinks"]):
+                # Grouped-query models: the hybrid's state keeps its window ring and sink
+                # slots once per key/value head (favor_recurrent repeats them as needed).
+                groups = k.shape[1] // unrepeated[0].shape[1]
+                k, v = unrepeated[0].to(q.dtype), unrepeated[1].to(q.dtype)
+                if "far_k" in kw:
+                    kw["far_k"] = kw["far_k"][:, ::groups]
             out, cache_layer.state = favor_recurrent(
                 q,
                 k,
@@ -422,17 +429,23 @@ class FavorLayerState(RandomFeatures, nn.Module):
         values ``v`` (``mask: (B, n)`` True = padding; ``positions``: their position ids,
         for ``far_rope=False``); ``q`` gives the heads ``H`` (a multiple of ``H_kv``),
         dtype and device. The state depends on the keys and values only: zero queries,
-        their outputs dropped."""
-        k, v = as_query_heads(k, v, q)
+        their outputs dropped. The hybrid's state keeps its ring and sink slots per
+        key/value head (as :func:`linattn.favor_recurrent` with grouped ``k, v``)."""
+        hybrid = kw["window"] is not None or bool(kw["sinks"])
+        if hybrid:
+            k, v = (t.to(device=q.device, dtype=q.dtype) for t in (k, v))
+        else:
+            k, v = as_query_heads(k, v, q)
         kw = dict(kw)
+        zeros = k.new_zeros(k.shape[0], q.shape[1], *k.shape[2:])
         if self._unrotated():
             far_k = self._far_inputs(k, k, mask, positions)["far_k"]
             if self.near:
-                kw.update(far_q=far_k.new_zeros(k.shape), far_k=far_k)
+                kw.update(far_q=zeros, far_k=far_k)
             else:
                 # Linear only: every key is scored by the feature map, un-rotated.
                 k = far_k
-        if state is None and k.shape[-2] and (kw["window"] is not None or kw["sinks"]):
+        if state is None and k.shape[-2] and hybrid:
             # The window hybrid's state straight from the keys and values: no band
             # attention for queries whose outputs would be dropped.
             opts = {name: kw[name] for name in ("kernel", "scale", "window", "sinks")}
@@ -444,8 +457,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
                 **opts,
                 decay=kw.get("decay"),
                 far_k=kw.get("far_k"),
+                heads=q.shape[1],
             )
-        zeros = k.new_zeros(k.shape)
         return favor_recurrent(
             zeros, k, v, self.projection, state=state, key_padding_mask=mask, **kw
         )[1]

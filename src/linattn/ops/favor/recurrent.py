@@ -42,7 +42,10 @@ class FavorState(NamedTuple):
     :func:`~linattn.favor_attention`): ``far_keys: (B, H, r, d)``, the far keys of the
     ring's tokens (the keys the feature map scores once they leave the window); else
     None. With a ``decay``, ``kv`` and ``stab`` are kept in the frame of the next token's
-    position (see :func:`~.window.step.favor_window_step`).
+    position (see :func:`~.window.step.favor_window_step`). Grouped-query attention
+    (:func:`~linattn.favor_recurrent` with ``H_kv < H`` key/value heads): ``keys``,
+    ``values``, ``sink_keys``, ``sink_values`` and ``far_keys`` have ``H_kv`` heads, not
+    ``H`` (``kv`` and ``stab`` keep ``H``).
     """
 
     kv: Tensor
@@ -69,13 +72,16 @@ def empty_window_state(
     device: torch.device,
     sinks: int = 0,
     far: bool = False,
+    kv_heads: int | None = None,
 ) -> FavorState:
     """The state before any token, for a window of ``window`` tokens (and ``sinks`` sink
-    keys; ``far``: with an empty ring of far keys). The ring of the window's keys starts empty and grows with the tokens consumed
+    keys; ``far``: with an empty ring of far keys; ``kv_heads``: heads of the ring and
+    sink slots, default ``heads``, fewer under grouped-query attention). The ring of the window's keys starts empty and grows with the tokens consumed
     up to ``window`` slots, the sink slots with the tokens that leave the window up to
     ``sinks``: neither holds more than can be seen, so a huge ``window`` or ``sinks``
     costs no memory."""
     kv, stab = initial_state((bsz, heads), num_features, dv, dtype=dtype, device=device)
+    heads = heads if kv_heads is None else kv_heads
     sink_fields = ()
     if sinks:
         sink_fields = (
@@ -143,6 +149,7 @@ def favor_recurrent_step(
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
     compiled: bool = False,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, FavorState]:
     """Consume ``n >= 1`` new tokens (causally among themselves) after ``state``.
 
@@ -150,8 +157,9 @@ def favor_recurrent_step(
     ``()`` or None (hybrid only: a window or sinks). ``sinks > 0`` with
     ``window=None`` steps the hybrid with an empty band (window 0). ``decay``,
     ``far_q``, ``far_k``: hybrid only, as :func:`~.window.step.favor_window_step`.
-    ``compiled``: as :func:`~.window.step.favor_window_step` (hybrid only).
-    Returns ``(out: (B, H, n, dv), new_state)``.
+    ``compiled``, ``kv_groups``: as :func:`~.window.step.favor_window_step` (hybrid only;
+    ``k, v`` then come repeated to the query heads, the state's ring keeps ``H /
+    kv_groups`` heads). Returns ``(out: (B, H, n, dv), new_state)``.
     """
     far = far_k is not None
     if window is None and sinks:
@@ -170,6 +178,7 @@ def favor_recurrent_step(
                 device=q.device,
                 sinks=sinks,
                 far=far,
+                kv_heads=q.shape[1] // kv_groups,
             )
         fields = tuple(state)[:9] if sinks else tuple(state)[:5]
         out, new = favor_window_step(
@@ -188,6 +197,7 @@ def favor_recurrent_step(
             far_k=far_k,
             far_ring=state.far_keys if far else None,
             compiled=compiled,
+            kv_groups=kv_groups,
         )
         if far:
             return out, FavorState(*new[:-1], far_keys=new[-1])

@@ -48,6 +48,7 @@ def favor_window_step(
     far_k: Tensor | None = None,
     far_ring: Tensor | None = None,
     compiled: bool = False,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Causal hybrid decoding: consume ``n`` new tokens after ``state``.
 
@@ -80,6 +81,13 @@ def favor_window_step(
     :func:`compiled_step_one` (the same outputs up to rounding; the first call compiles,
     seconds); other steps, a graph being captured or a gradient to build take the eager
     forms.
+
+    ``kv_groups = g > 1`` (grouped-query attention): ``k, v, far_k`` come repeated to the
+    ``H`` query heads (head ``h`` is key/value head ``h // g``), and the state's ring,
+    far ring and sink slots keep each key/value head once: ``(B, H / g, r, d)``, ``g``
+    times less memory; ``S`` and ``c`` stay per query head (the feature map may differ
+    per head). The one-token step scores the ``g`` query heads of a key/value head
+    against its ring in one product.
     """
     if (far_k is None) != (far_ring is None) or (far_q is None) != (far_k is None):
         raise ValueError("far_q, far_k and far_ring go together (all or none)")
@@ -104,6 +112,7 @@ def favor_window_step(
         far_q=far_q,
         far_k=far_k,
         far_ring=far_ring,
+        kv_groups=kv_groups,
     )
 
 
@@ -154,10 +163,15 @@ def favor_window_step_general(
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
     far_ring: Tensor | None = None,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`favor_window_step` for any ``n >= 1`` new tokens (shapes there): the band by
     :func:`~.naive.band_attention`, the sinks by :func:`~.sinks.step_sinks`, the far part
-    by the chunked causal scan (:func:`~.naive.far_left`) with the state carried in."""
+    by the chunked causal scan (:func:`~.naive.far_left`) with the state carried in.
+    ``kv_groups > 1``: the grouped state's ring and sink slots are repeated to the query
+    heads for the step and the new ones kept once per key/value head again."""
+    if kv_groups > 1:
+        state, far_ring = _repeat_heads(state, far_ring, kv_groups, sinks)
     kv, stab, wk, wv, wpad = state[:5]
     n = q.shape[-2]
     # The ring holds the last min(w, tokens so far) tokens: it is not full (ring < w)
@@ -215,7 +229,41 @@ def favor_window_step_general(
         new = new + sink_state
     if far_k is not None:
         new = (*new, fkc[..., keep_from:, :].clone() if keep_from else fkc)
+    if kv_groups > 1:
+        new = _group_heads(new, kv_groups, sinks, far_k is not None)
     return out, new
+
+
+def _head_fields(sinks: int, far: bool, count: int) -> tuple[int, ...]:
+    """Indices of a window state's fields that have a key/value head axis: the ring's
+    keys and values, the sink slots' keys and values, the far ring (the last of
+    ``count`` fields)."""
+    return (2, 3) + ((5, 6) if sinks else ()) + ((count - 1,) if far else ())
+
+
+def _repeat_heads(
+    state: tuple[Tensor, ...], far_ring: Tensor | None, groups: int, sinks: int
+) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """A grouped state's per-key/value-head fields (``(B, H / g, r, d)``) repeated to
+    the ``H`` query heads (head ``h`` from ``h // g``), and the far ring likewise."""
+    fields = list(state)
+    for i in _head_fields(sinks, False, len(fields)):
+        fields[i] = fields[i].repeat_interleave(groups, dim=1)
+    if far_ring is not None:
+        far_ring = far_ring.repeat_interleave(groups, dim=1)
+    return tuple(fields), far_ring
+
+
+def _group_heads(
+    state: tuple[Tensor, ...], groups: int, sinks: int, far: bool
+) -> tuple[Tensor, ...]:
+    """The inverse of :func:`_repeat_heads` on a new state (whose far ring, with
+    ``far``, is its last field): one copy per key/value head, contiguous (not a view
+    of the repeated tensor)."""
+    fields = list(state)
+    for i in _head_fields(sinks, far, len(fields)):
+        fields[i] = fields[i][:, ::groups].contiguous()
+    return tuple(fields)
 
 
 def favor_window_step_one(
@@ -234,6 +282,7 @@ def favor_window_step_one(
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
     far_ring: Tensor | None = None,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """:func:`favor_window_step` for one new token (``n == 1``; shapes there), in a handful
     of tensor ops: the query sits at position ``r`` (the ring's length) of ``[ring, new]``;
@@ -241,10 +290,18 @@ def favor_window_step_one(
     the ring is full) leaves the window before the query reads the state: into a sink
     slot if it is one of the first ``sinks`` real keys, else into ``S``; then
     ``phi(q) S`` is the far part. Equals :func:`favor_window_step_general` (its plain
-    reference) up to rounding."""
+    reference) up to rounding. ``kv_groups = g > 1``: the ring and sink slots hold
+    ``H / g`` key/value heads; the exact part scores each one's ``g`` query heads as
+    ``g`` rows of one product, and the leaving key is repeated to the query heads for
+    ``S``."""
     kv, stab, wk, wv, wpad = state[:5]
     ring = wk.shape[-2]
-    bsz = q.shape[0]
+    bsz, heads = q.shape[:2]
+    groups = kv_groups
+    if groups > 1:
+        # The new token's key and value once per key/value head (they come repeated).
+        k, v = k[:, ::groups], v[:, ::groups]
+        far_k = None if far_k is None else far_k[:, ::groups]
     pad = key_padding_mask
     if pad is None:
         pad = torch.zeros(bsz, 1, dtype=torch.bool, device=q.device)
@@ -278,9 +335,11 @@ def favor_window_step_one(
             sink_state = (torch.where(sel, kl, sk), torch.where(sel, vl, sv), spad & ~slot)
         # The leaving key is w places before the query: gamma^w under a decay.
         bias = None if decay is None else window * _decay_shape(decay, q)
-        kv, stab = absorb_key(
-            kv, stab, fkc[..., leave : leave + 1, :], vl, enters, fm, params, bias=bias
-        )
+        fkl = fkc[..., leave : leave + 1, :]
+        if groups > 1:
+            # S is per query head: the leaving key and value repeated to them.
+            fkl, vl = fkl.repeat_interleave(groups, dim=1), vl.repeat_interleave(groups, dim=1)
+        kv, stab = absorb_key(kv, stab, fkl, vl, enters, fm, params, bias=bias)
     elif sinks:
         sink_state = tuple(state[5:8])
     # The exact part: the sink slots (all outside the window) and the band, in one row of
@@ -293,7 +352,13 @@ def favor_window_step_one(
         sink_state = (*sink_state, state[8] + (~pad[:, 0]).long())
     parts = []
     if ek.shape[-2]:
-        parts.append(sink_attention(q, ek, ev, ekeep[:, None, None, :], params.scale))
+        if groups == 1:
+            parts.append(sink_attention(q, ek, ev, ekeep[:, None, None, :], params.scale))
+        else:
+            # A key/value head's g query heads as g query rows: (B, H / g, g, d).
+            qg = q.reshape(bsz, heads // groups, groups, q.shape[-1])
+            nd_e, mx_e = sink_attention(qg, ek, ev, ekeep[:, None, None, :], params.scale)
+            parts.append((nd_e.reshape(bsz, heads, 1, -1), mx_e.reshape(bsz, heads, 1)))
     # The far part: phi(q) S, with S's stabilizer and the map's constant.
     fq, rq = fm.stabilized_query(q if far_q is None else far_q, params)
     nd = fq @ kv
@@ -352,6 +417,7 @@ def window_final_state(
     sinks: int = 0,
     decay: Tensor | None = None,
     far_k: Tensor | None = None,
+    kv_groups: int = 1,
 ) -> tuple[Tensor, ...]:
     """The decoding state after the ``L`` tokens ``k: (B, H, L, d)``, ``v: (B, H, L, dv)``
     (``key_padding_mask: (B, L)``, True = padding), as :func:`favor_window_step` leaves
@@ -362,7 +428,10 @@ def window_final_state(
     ``sinks`` real keys older than the ring; empty slots zero) and ``seen`` (real keys
     per sequence). The queries play no part: a prefill runs the parallel hybrid for its
     outputs and takes the state from here. ``decay``, ``far_k``: as
-    :func:`favor_window_step` (then the ring's far keys are appended as the last entry)."""
+    :func:`favor_window_step` (then the ring's far keys are appended as the last entry).
+    ``kv_groups = g > 1``: ``k, v, far_k`` come repeated to the query heads (grouped-query
+    attention); the ring, far ring and sink slots keep every ``g``-th head (one per
+    key/value head), as :func:`favor_window_step` with ``kv_groups``."""
     bsz, heads, length, d = k.shape
     dv = v.shape[-1]
     cut = length - min(window, length)
@@ -380,8 +449,8 @@ def window_final_state(
         idx, valid = idx[:, : min(sinks, cut)], valid[:, : min(sinks, cut)]
         left = valid & (idx < cut)  # [B, s']
         sel = left[:, None, :, None]
-        sk = gather_slots(k, idx).masked_fill(~sel, 0)
-        sv = gather_slots(v, idx).masked_fill(~sel, 0)
+        sk = gather_slots(k[:, ::kv_groups], idx).masked_fill(~sel, 0)
+        sv = gather_slots(v[:, ::kv_groups], idx).masked_fill(~sel, 0)
         sink_state = (sk, sv, ~left, keep.long().sum(-1))
         far_keep = far_keep & ~is_sink[:, :cut]
     m = fm.feature_dim(params.weight, d)
@@ -399,7 +468,8 @@ def window_final_state(
         kv = fk.transpose(-2, -1) @ (ones_col(v[..., :cut, :]) * w)
     # Copies, not views: a view would keep the whole prompt's keys and values alive in
     # the state (a FavorCache after an 8k prefill: gigabytes behind its 17 MB).
-    ring = (k[..., cut:, :].clone(), v[..., cut:, :].clone(), pad[:, cut:].clone())
+    g = kv_groups
+    ring = (k[:, ::g, cut:].clone(), v[:, ::g, cut:].clone(), pad[:, cut:].clone())
     if far_k is None:
         return (kv, stab, *ring, *sink_state)
-    return (kv, stab, *ring, *sink_state, far_k[..., cut:, :].clone())
+    return (kv, stab, *ring, *sink_state, far_k[:, ::g, cut:].clone())
