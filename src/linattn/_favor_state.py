@@ -128,8 +128,14 @@ def _favor_stateful(
         )
         new_state = FavorState(kv=kv, stab=stab)
     elif state is None and q4.shape[-2] > 1:
-        # A prefill (no state before it): the parallel hybrid for the outputs, the state
-        # from the keys and values alone; the decoding step is its reference.
+        # A prefill (no state before it): the parallel hybrid for the outputs and, when
+        # no gradient is to be built, the state's far sums from its own features; the
+        # ring and sink slots (and the far sums otherwise) from the keys and values
+        # alone. The decoding step is its reference.
+        grad = torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad
+            for t in (q4, k4, v4, fq4, fk4, lf, dec, params.weight)
+        )
         out = favor_window(
             q4,
             k4,
@@ -145,7 +151,9 @@ def _favor_stateful(
             decay=dec,
             far_q=fq4,
             far_k=fk4,
+            final_state=not grad,
         )
+        out, sums = out if not grad else (out, None)
         fields = window_final_state(
             k4,
             v4,
@@ -157,6 +165,7 @@ def _favor_stateful(
             decay=dec,
             far_k=fk4,
             kv_groups=kv_groups,
+            far_sums=sums,
         )
         new_state = _state_of_fields(fields, fk4 is not None)
     else:

@@ -209,9 +209,11 @@ class _FarBlocks(torch.autograd.Function):
         vwb = v1b * wk
         # The block states transposed, [nblk, B, H, dv+1, M] ([v, 1]^T F: the faster
         # layout for these short-contraction batched matmuls).
-        state = far_sums(
-            torch.matmul(vwb.transpose(-2, -1), fkb), reach, "left" if causal else "both"
-        )
+        blocks = torch.matmul(vwb.transpose(-2, -1), fkb)
+        if getattr(box, "final", None) is not None:
+            box.final = final_sums(blocks, vwb, fkb, rkb, top, box.final)
+        state = far_sums(blocks, reach, "left" if causal else "both")
+        del blocks
         nd = torch.matmul(fq, state.transpose(-2, -1))  # [nblk, B, H, C, dv+1]
         pairs = []
         for dlt in mixed:
@@ -295,6 +297,29 @@ class _FarBlocks(torch.autograd.Function):
         return dq, dk, dv, dw, None, None, None, None, None, None, None, None, None, None
 
 
+def final_sums(
+    blocks: Tensor, vwb: Tensor, fkb: Tensor, rkb: Tensor, top: Tensor, cut: int
+) -> tuple[Tensor, Tensor]:
+    """The far sums of the keys before ``cut`` (a decoding state's ``S``) under their own
+    largest log-weight: ``(S: (B, H, M, dv + 1), m: (B, H))`` with ``S = sum_{j < cut}
+    exp(r_j - m) F_j^T [v_j, 1]`` and ``m = max_{j < cut} r_j`` (``-inf``, ``S = 0``
+    where no key before ``cut`` is kept), as :func:`~.step.window_final_state` keeps
+    them. From the per-block sums ``blocks: (nblk, B, H, dv + 1, M)`` (under ``top: (B,
+    H)``), the key log-weights ``rkb: (nblk, B, H, C)`` (``-inf`` for keys not kept)
+    and, for a block that ``cut`` splits, its weighted values ``vwb: (nblk, B, H, C, dv
+    + 1)`` and features ``fkb: (nblk, B, H, C, M)``."""
+    c = fkb.shape[-2]
+    full, rem = divmod(cut, c)
+    total = blocks[:full].sum(0)
+    if rem:
+        total = total + vwb[full, ..., :rem, :].transpose(-2, -1) @ fkb[full, ..., :rem, :]
+    nblk, bsz, heads = rkb.shape[:3]
+    r = rkb.permute(1, 2, 0, 3).reshape(bsz, heads, nblk * c)[..., :cut]
+    m = r.amax(-1) if cut else torch.full_like(top, -math.inf)
+    shift = torch.where(torch.isfinite(m), top - m, 0.0)
+    return total.transpose(-2, -1) * torch.exp(shift)[..., None, None], m
+
+
 def key_bias_blocks(bias: Tensor, nblk: int, c: int) -> Tensor:
     """A per-key log-weight ``bias: (H, L)`` as ``(nblk, 1, H, C)`` (0 on the padded tail
     of the last block)."""
@@ -315,7 +340,8 @@ def far_blocks(
     spread: float,
     causal: bool = False,
     key_bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    final: int | None = None,
+) -> tuple[Tensor, ...] | None:
     """The far part under one key stabilizer, by block pairs.
 
     Shapes: ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, ``keep: (B, L)`` bool (True =
@@ -331,6 +357,12 @@ def far_blocks(
     (``c`` the map's :meth:`~linattn.features.FeatureMap.log_const`); differentiable in
     ``q, k, v`` and the projection. Memory O(L (M + C) + (L / C) M dv). Equivalent to
     :func:`~linattn.ops.favor.window.naive.far_running_max`.
+
+    ``final = cut`` (``0 <= cut <= L``): a fourth result, ``(S: (B, H, M, dv + 1), m:
+    (B, H))``, the sums ``sum_{j < cut, kept} exp(r_j + bias_j - m) F_j^T [v_j, 1]``
+    under their largest log-weight ``m`` (see :func:`final_sums`): a prefill's decoding
+    state from the features this call computed anyway. Not differentiable (callers ask
+    for it only without a gradient to build).
     """
     if graph_captured():
         # The spread test needs the data (a host sync): under torch.compile or a
@@ -339,6 +371,9 @@ def far_blocks(
     c = max(1, min(block, q.shape[-2]))
     grad = torch.is_grad_enabled()
     want = tuple(grad and t is not None and t.requires_grad for t in (q, k, v, params.weight))
+    if final is not None and not 0 <= final <= q.shape[-2]:
+        raise ValueError(f"final must be in [0, {q.shape[-2]}], got {final}")
+    box = SimpleNamespace(final=final)
     nd, rq, top, *_ = _FarBlocks.apply(
         q,
         k,
@@ -353,8 +388,10 @@ def far_blocks(
         causal,
         want,
         key_bias,
-        SimpleNamespace(),
+        box,
     )
     if nd.dim() == 0:
         return None
+    if final is not None:
+        return nd, rq, top, box.final
     return nd, rq, top

@@ -178,7 +178,8 @@ def favor_window(
     decay: Tensor | None = None,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
-) -> Tensor:
+    final_state: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Sliding-window hybrid FAVOR attention with optional sink keys, O(L (w + M + s))
     time and memory.
 
@@ -191,6 +192,13 @@ def favor_window(
     (H,)`` or ``()`` (causal only): far scores weighed by ``gamma^(i - j)``. ``far_q,
     far_k``: the far part's own queries and keys (shapes as ``q``, ``k``; default ``q``,
     ``k``). Returns ``(B, H, L, dv)``.
+
+    ``final_state`` (causal, no gradient to build): returns ``(out, far)``, ``far`` the
+    far sums of a decoding state after these tokens, ``(S: (B, H, M, dv + 1), c: (B,
+    H))`` as :func:`~.step.window_final_state` computes them (the real non-sink keys
+    older than the last ``w``, in the frame of position ``L``), taken from the far
+    part's own features; None where the far part took another form (then
+    ``window_final_state`` computes them).
 
     On CPU the (batch, head) pairs go in groups (:func:`window_groups`), without the page
     faults of very large temporaries: heads and sequences are independent, so the result
@@ -226,12 +234,26 @@ def favor_window(
     row_slices = [slice(b, b + rows) for b in range(0, bsz, max(1, rows))] or [slice(None)]
     head_slices = [slice(h, h + group) for h in range(0, heads, max(1, group))] or [slice(None)]
 
-    def run(bs: slice, hs: slice) -> Tensor:
+    if final_state and not causal:
+        raise ValueError("final_state needs causal=True")
+
+    def run(bs: slice, hs: slice):
         sub = _slice_params(params, (bsz, heads), bs, hs)
         far = [None if x is None else x[bs, hs] for x in (far_q, far_k)]
-        return hybrid_call(q[bs, hs], k[bs, hs], v[bs, hs], fm, sub, call.group(bs, hs), *far)
+        args = (q[bs, hs], k[bs, hs], v[bs, hs], fm, sub, call.group(bs, hs), *far)
+        if final_state:
+            return hybrid_causal(*args, final_state=True)
+        return hybrid_call(*args)
 
-    return _cat([_cat([run(bs, hs) for hs in head_slices], 1) for bs in row_slices], 0)
+    results = [[run(bs, hs) for hs in head_slices] for bs in row_slices]
+    if not final_state:
+        return _cat([_cat(row, 1) for row in results], 0)
+    out = _cat([_cat([r[0] for r in row], 1) for row in results], 0)
+    finals = [r[1] for row in results for r in row]
+    if any(f is None for f in finals):
+        return out, None
+    sums, stab = (_cat([_cat([r[1][i] for r in row], 1) for row in results], 0) for i in (0, 1))
+    return out, (sums, stab)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -325,15 +347,23 @@ def hybrid_causal(
     call: HybridCall,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
-) -> Tensor:
+    final_state: bool = False,
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Causal hybrid: the band ``i - w < j <= i``, the sinks ``j <= i - w`` and the far
     keys ``j <= i - w`` that are not sinks. Shapes as :func:`hybrid_bidirectional`;
     ``window=None``: no band (window 0). The far part is :func:`~.far.far_blocks`
     (causal) under one stabilizer when the keys' log-scales allow it (then only rounding
     depends on later keys), else the leak-free prefix-maximum scan
     :func:`~.naive.far_left`. Equivalent to :func:`favor_naive` with ``window`` and
-    ``causal=True``.
+    ``causal=True``. ``final_state``: ``(out, far sums or None)`` as
+    :func:`favor_window`.
     """
+    out, final = _hybrid_causal(q, k, v, fm, params, call, far_q, far_k, final_state)
+    return (out, final) if final_state else out
+
+
+def _hybrid_causal(q, k, v, fm, params, call, far_q, far_k, final_state):
+    # hybrid_causal's body: (out, the far sums of the decoding state or None).
     window = 0 if call.window is None else call.window
     length = q.shape[-2]
     mask = call.key_padding_mask
@@ -349,7 +379,7 @@ def hybrid_causal(
     if length - window <= 0:
         # No key is far from any query: exact attention (and the sinks).
         out = combine(parts or [near], fm.positive_features)
-        return keep_in_graph(out, params.weight, call.linear_factor, far_q, far_k)
+        return keep_in_graph(out, params.weight, call.linear_factor, far_q, far_k), None
     spread = spread_limit(q.dtype)
     kb = qb = None
     if call.decay is not None:
@@ -369,9 +399,21 @@ def hybrid_causal(
         spread,
         causal=True,
         key_bias=kb,
+        # The decoding state sums the keys older than the last w (all far from the next
+        # query).
+        final=length - window if final_state else None,
     )
+    final = None
     if fast is not None:
-        nd, rq, top = fast
+        nd, rq, top = fast[:3]
+        if final_state:
+            # Keys weighed by exp(r_j - j ln gamma - m): in the frame of position L
+            # (gamma^(L - j)) the stabilizer is m + L ln gamma; an empty state keeps the
+            # floor of causal.initial_state (the dtype's minimum).
+            sums, m = fast[3]
+            if qb is not None:
+                m = m + (qb[:, -1] + call.decay.to(m.dtype))
+            final = (sums, torch.clamp_min(m, torch.finfo(m.dtype).min))
         lc = fm.log_const(params)
         if isinstance(lc, Tensor):
             lc = lc.unsqueeze(-1)
@@ -395,4 +437,4 @@ def hybrid_causal(
     lf = factor_shape(call.linear_factor)
     if lf is not None:
         nd = nd * lf
-    return combine([*parts, (nd, g)], fm.positive_features)
+    return combine([*parts, (nd, g)], fm.positive_features), final

@@ -418,6 +418,7 @@ def window_final_state(
     decay: Tensor | None = None,
     far_k: Tensor | None = None,
     kv_groups: int = 1,
+    far_sums: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """The decoding state after the ``L`` tokens ``k: (B, H, L, d)``, ``v: (B, H, L, dv)``
     (``key_padding_mask: (B, L)``, True = padding), as :func:`favor_window_step` leaves
@@ -431,7 +432,10 @@ def window_final_state(
     :func:`favor_window_step` (then the ring's far keys are appended as the last entry).
     ``kv_groups = g > 1``: ``k, v, far_k`` come repeated to the query heads (grouped-query
     attention); the ring, far ring and sink slots keep every ``g``-th head (one per
-    key/value head), as :func:`favor_window_step` with ``kv_groups``."""
+    key/value head), as :func:`favor_window_step` with ``kv_groups``. ``far_sums``: ``(S,
+    c)`` computed already (:func:`~.hybrid.favor_window` with ``final_state=True``, from
+    the parallel pass's own features), then only the ring and the sink slots are
+    gathered here."""
     bsz, heads, length, d = k.shape
     dv = v.shape[-1]
     cut = length - min(window, length)
@@ -453,10 +457,15 @@ def window_final_state(
         sv = gather_slots(v[:, ::kv_groups], idx).masked_fill(~sel, 0)
         sink_state = (sk, sv, ~left, keep.long().sum(-1))
         far_keep = far_keep & ~is_sink[:, :cut]
-    m = fm.feature_dim(params.weight, d)
-    kv, stab = initial_state((bsz, heads), m, dv, dtype=k.dtype, device=k.device)
+    if far_sums is not None:
+        kv, stab = far_sums
+        cut_sums = False
+    else:
+        m = fm.feature_dim(params.weight, d)
+        kv, stab = initial_state((bsz, heads), m, dv, dtype=k.dtype, device=k.device)
+        cut_sums = bool(cut)
     fks = k if far_k is None else far_k
-    if cut:
+    if cut_sums:
         fk, r = fm.stabilized(fks[..., :cut, :], params, is_query=False)  # [B, H, cut, M]
         if decay is not None:
             # gamma^(L - j): the next query sits at position L.
