@@ -327,7 +327,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
                     chunk_size=self.chunk_size,
                     **kw,
                 )
-            if unrepeated is not None and (kw["window"] is not None or kw["sinks"]):
+            if unrepeated is not None and _has_ring(kw):
                 # Grouped-query models: the hybrid's state keeps its window ring and sink
                 # slots once per key/value head (favor_recurrent repeats them as needed).
                 groups = k.shape[1] // unrepeated[0].shape[1]
@@ -431,7 +431,7 @@ class FavorLayerState(RandomFeatures, nn.Module):
         dtype and device. The state depends on the keys and values only: zero queries,
         their outputs dropped. The hybrid's state keeps its ring and sink slots per
         key/value head (as :func:`linattn.favor_recurrent` with grouped ``k, v``)."""
-        hybrid = kw["window"] is not None or bool(kw["sinks"])
+        hybrid = _has_ring(kw)
         if hybrid:
             k, v = (t.to(device=q.device, dtype=q.dtype) for t in (k, v))
         else:
@@ -507,6 +507,12 @@ class FavorLayerState(RandomFeatures, nn.Module):
             + ("" if self.far_rope else ", far_rope=False")
             + ("" if self.far_decay is None else f", far_decay={self.far_decay:g}")
         )
+
+
+def _has_ring(kw: dict) -> bool:
+    """Whether the attention options ``kw`` (window, sinks) make the window hybrid, whose
+    decoding state keeps a ring of keys (per key/value head)."""
+    return kw["window"] is not None or bool(kw["sinks"])
 
 
 def check_far_decay(far_decay: object) -> float | None:

@@ -362,7 +362,17 @@ def hybrid_causal(
     return (out, final) if final_state else out
 
 
-def _hybrid_causal(q, k, v, fm, params, call, far_q, far_k, final_state):
+def _hybrid_causal(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    fm: FeatureMap,
+    params: FeatureParams,
+    call: HybridCall,
+    far_q: Tensor | None,
+    far_k: Tensor | None,
+    final_state: bool,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     # hybrid_causal's body: (out, the far sums of the decoding state or None).
     window = 0 if call.window is None else call.window
     length = q.shape[-2]
