@@ -32,7 +32,7 @@ def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("rule", ["error", "mass", "union"])
 @pytest.mark.parametrize(
     "kernel,window,slots,sinks,interval",
     [("softmax", 3, 2, 1, None), ("softmax", 2, 4, 0, 1), ("hedgehog", 4, 3, 2, 3)],
@@ -124,19 +124,19 @@ def one_layer_llama():
     return transformers.LlamaForCausalLM(cfg).double().eval()
 
 
-def test_a_dynamic_cache_is_folded_with_the_error_rule_and_refused_with_mass():
+def test_a_dynamic_cache_is_folded_with_the_error_rule_and_refused_with_the_mass_rules():
     # One layer: its keys do not depend on the attention, so the exact model's DynamicCache
     # holds exactly the keys and values the converted model computes.
     original = one_layer_llama()
     prompt, more = ids(1, 11), ids(1, 3, seed=1)
-    for rule in ("error", "mass"):
+    for rule in ("error", "mass", "union"):
         model = convert(
             copy.deepcopy(original), "favor", num_features=16, window=3, slots=2, slot_rule=rule
         )
         dyn = transformers.DynamicCache()
         original(prompt, **{CACHE: dyn}, use_cache=True)
-        if rule == "mass":
-            with pytest.raises(ValueError, match="slot_rule='mass'"):
+        if rule != "error":
+            with pytest.raises(ValueError, match=f"slot_rule='{rule}'"):
                 model(more, **{CACHE: dyn}, use_cache=True)
             continue
         got = model(more, **{CACHE: dyn}, use_cache=True).logits

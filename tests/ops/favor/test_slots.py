@@ -1,7 +1,7 @@
 """The slot hybrid (``ops/favor/slots.py``): window + sinks + a budget of exact key-value
 slots kept by a rule, the rest in the linear state. The segmented (prefill) form and the
 decoding step against the token-by-token reference in float64, for two kernels, several
-windows, slot counts, intervals and both rules; ``slots=0, interval=1`` against
+windows, slot counts, intervals and the three rules; ``slots=0, interval=1`` against
 ``linattn.favor_attention``'s causal window hybrid; gradients; the rules' choices on
 constructed inputs; errors."""
 
@@ -16,6 +16,7 @@ from linattn.ops.favor.slots import (
     favor_slots,
     favor_slots_step,
     slots_reference,
+    union_score,
 )
 
 B, H, D = 2, 3, 8
@@ -42,7 +43,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("rule", ["error", "mass", "union"])
 @pytest.mark.parametrize("kernel", ["softmax", "hedgehog"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "w{}-g{}-s{}-i{}".format(*c))
 def test_segmented_and_step_equal_reference(cfg, kernel, rule):
@@ -98,7 +99,7 @@ def test_slots_cover_everything_is_exact_softmax():
     """A budget as large as the sequence never evicts: exact attention, any rule."""
     q, k, v, _, fm, params = setup("softmax", 20, seed=4)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    for rule in ("error", "mass"):
+    for rule in ("error", "mass", "union"):
         out = favor_slots(q, k, v, fm, params, window=3, slots=20, rule=rule, interval=2)
         torch.testing.assert_close(out, want)
 
@@ -116,7 +117,7 @@ def test_float32_large_scores_close_to_float64():
     torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("rule", ["error", "mass", "union"])
 def test_gradcheck(rule):
     length = 9
     q, k, v, w, fm, _ = setup("softmax", length, seed=7, m=4)
@@ -185,6 +186,45 @@ def test_mass_rule_keeps_the_heavy_hitter():
     assert cached[0][0] == [3]
 
 
+def test_union_rule_keeps_what_either_rule_ranks_first():
+    """Filler keys along e1 (value +1), a heavy hitter along e1 that every query matches
+    (value +1: the state reads it back well, so the error rule ranks it low) and an odd
+    key along e2 (value -5: read back badly, attended little). With one slot the error
+    rule keeps the odd key and the mass rule the heavy one; with two, the union keeps
+    both, in every form."""
+    length, d = 30, 4
+    fm = get_feature_map("hedgehog")
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 1, length, d, generator=g, dtype=torch.float64) * 0.05
+    k[..., 0] += 0.3
+    heavy, odd = 3, 5
+    k[0, 0, heavy] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+    k[0, 0, odd] = torch.tensor([0.0, 3.0, 0.0, 0.0])
+    q = torch.zeros(1, 1, length, d, dtype=torch.float64)
+    q[..., 0] = 2.0
+    v = torch.ones(1, 1, length, 1, dtype=torch.float64)
+    v[0, 0, odd] = -5.0
+    params = fm.prepare(None, q, k, None, 1.0)
+    kw = dict(window=2, sinks=0, interval=1)
+    one = {
+        rule: slots_reference(q, k, v, fm, params, slots=1, rule=rule, **kw)[1][0][0]
+        for rule in ("error", "mass")
+    }
+    assert one == {"error": [odd], "mass": [heavy]}
+    ref, cached = slots_reference(q, k, v, fm, params, slots=2, rule="union", **kw)
+    assert sorted(cached[0][0]) == [heavy, odd]
+    out, st = favor_slots_step(q, k, v, fm, params, slots=2, rule="union", **kw)
+    assert sorted(st.cache_pos[0, 0].tolist()) == [heavy, odd]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_union_score_scales_each_rule_by_its_largest():
+    error = torch.tensor([[4.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    mass = torch.tensor([[0.1, 0.2, 0.4, 0.0], [0.0, 3.0, 1.5, 0.0]])
+    want = torch.tensor([[1.0, 0.5, 1.0, 0.25], [0.0, 1.0, 0.5, 0.0]])
+    torch.testing.assert_close(union_score(error, mass), want)
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -213,7 +253,7 @@ def test_padding_and_bad_shapes_refused():
         favor_slots(q, k, v, fm2, params, window=2, slots=1)
 
 
-@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("rule", ["error", "mass", "union"])
 def test_causal_prefix_consistency(rule):
     """Outputs for a prefix are the prefix of the outputs: no decision looks ahead."""
     q, k, v, _, fm, params = setup("softmax", 31, seed=9)
@@ -227,7 +267,7 @@ def test_causal_prefix_consistency(rule):
 DECAY = torch.tensor([-0.05, -0.3, -0.01], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("rule", ["error", "mass"])
+@pytest.mark.parametrize("rule", ["error", "mass", "union"])
 @pytest.mark.parametrize("far", [False, True])
 @pytest.mark.parametrize("decay", [None, DECAY, torch.tensor(-0.1, dtype=torch.float64)])
 def test_decay_and_far_inputs_equal_reference(rule, far, decay):

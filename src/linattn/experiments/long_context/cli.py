@@ -73,9 +73,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--slot-rule",
-        choices=("error", "mass"),
+        choices=("error", "mass", "union"),
         help="which keys the slots keep: error (LoLA: those the linear state reads back "
-        "worst; default) or mass (the most attended)",
+        "worst; default), mass (the most attended) or union (those either ranks high)",
     )
     g.add_argument(
         "--slot-interval",

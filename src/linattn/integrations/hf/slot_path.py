@@ -14,6 +14,7 @@ from ..._checks import check_choice, check_positive_int, is_int
 from ..._dtype import compute_dtype
 from ...features import get_feature_map
 from ...ops.favor.slots import RULES, SlotState, favor_slots_step
+from ...ops.favor.slots.common import MASS_RULES
 from ._layer import as_query_heads, pending_entry
 
 if TYPE_CHECKING:
@@ -67,9 +68,9 @@ def slots_forward(
                     f"slots={layer.slots}: the cached tokens are padded; slots work on "
                     "unpadded sequences only"
                 )
-            if layer.slot_rule == "mass":
+            if layer.slot_rule in MASS_RULES:
                 raise ValueError(
-                    "slot_rule='mass' scores keys by the attention their queries gave "
+                    f"slot_rule={layer.slot_rule!r} scores keys by the attention their queries gave "
                     "them, which a DynamicCache does not keep: start from a FavorCache "
                     "(the converted model's forward(use_cache=True) makes one)"
                 )

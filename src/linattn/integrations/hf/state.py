@@ -71,8 +71,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
             beside the feature-map sums. Padded batches are refused (slots are chosen
             per position).
         slot_rule: ``"error"`` (default; LoLA: keep the keys whose values the
-            feature-map state reads back worst) or ``"mass"`` (keep the keys that got the
-            most attention so far).
+            feature-map state reads back worst), ``"mass"`` (keep the keys that got the
+            most attention so far) or ``"union"`` (the keys either ranks high).
         slot_interval: ``I``, keys per decision (default: the window).
         far_rope: True (default): the feature-map (far) part scores the queries and keys
             as the model hands them, rotary embedding applied. False (rotary decoders

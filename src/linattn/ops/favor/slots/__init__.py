@@ -46,6 +46,10 @@ Rules (the score, larger = kept):
 * ``"mass"`` (H2O-style heavy hitters): the attention probability the key has received
   so far, summed over every query that scored it exactly (in the window, pending or
   cached), ``p_ij = e^{s_ij} / den_i``.
+* ``"union"``: the larger of the two above, each divided by its largest value among the
+  decision's candidates: a key either rule ranks high is kept. The two pick different
+  keys in different layers (SmolLM2 at 4k tokens: the error rule keeps a copied list in
+  the middle layers, the mass rule in the first and last ones).
 
 The scores are data, not parameters: decisions carry no gradient; the outputs are
 differentiable in ``q``, ``k``, ``v`` (and the projection / ``linear_factor``) for the
@@ -71,7 +75,7 @@ Forms
 
 from __future__ import annotations
 
-from .common import RULES, SlotState, tie_safe
+from .common import RULES, SlotState, tie_safe, union_score
 from .reference import slots_reference
 from .segments import empty_slot_state, favor_slots, favor_slots_step
 
@@ -83,4 +87,5 @@ __all__ = [
     "favor_slots_step",
     "slots_reference",
     "tie_safe",
+    "union_score",
 ]

@@ -10,8 +10,10 @@ from torch import Tensor
 
 from ....features import FeatureMap
 
-Rule = Literal["error", "mass"]
-RULES = ("error", "mass")
+Rule = Literal["error", "mass", "union"]
+RULES = ("error", "mass", "union")
+#: The rules that score keys by the attention they received (tracked at every query).
+MASS_RULES = ("mass", "union")
 
 
 class SlotState(NamedTuple):
@@ -81,6 +83,16 @@ def _lf(linear_factor: Tensor | None, like: Tensor) -> Tensor:
     if linear_factor.dim():
         return linear_factor.to(like.dtype).reshape(1, -1, 1)
     return linear_factor.to(like.dtype)
+
+
+def union_score(error: Tensor, mass: Tensor) -> Tensor:
+    """``"union"``'s score ``(..., n)``: the larger of the error and the mass score, each
+    divided by its row's maximum (a row of zeros stays zero), so a key ranked high by
+    either rule ranks high; the scores are compared within one decision only."""
+    tiny = torch.finfo(error.dtype).tiny
+    e = error / error.amax(-1, keepdim=True).clamp_min(tiny)
+    m = mass / mass.amax(-1, keepdim=True).clamp_min(tiny)
+    return torch.maximum(e, m)
 
 
 def tie_safe(score: Tensor) -> Tensor:

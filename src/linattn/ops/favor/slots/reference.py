@@ -69,18 +69,27 @@ def slots_reference(
                         cands = cache + pending
                         if len(cands) > slots:
                             with torch.no_grad():
+                                m_score = [mass[c] for c in cands]
+                                e_score = []
+                                for c in cands:
+                                    read = torch.zeros_like(v[b, h, c])
+                                    if far:
+                                        a_c = (fk[b, h, far] @ fk[b, h, c]) * gam(i, far)
+                                        z = a_c.sum()
+                                        if z != 0:
+                                            read = a_c @ v[b, h, far] / z
+                                    e_score.append(float((v[b, h, c] - read).norm()))
                                 if rule == "mass":
-                                    score = [mass[c] for c in cands]
-                                else:
-                                    score = []
-                                    for c in cands:
-                                        read = torch.zeros_like(v[b, h, c])
-                                        if far:
-                                            a_c = (fk[b, h, far] @ fk[b, h, c]) * gam(i, far)
-                                            z = a_c.sum()
-                                            if z != 0:
-                                                read = a_c @ v[b, h, far] / z
-                                        score.append(float((v[b, h, c] - read).norm()))
+                                    score = m_score
+                                elif rule == "error":
+                                    score = e_score
+                                else:  # union: each divided by its largest, the larger
+                                    top_e, top_m = max(e_score), max(m_score)
+                                    score = [
+                                        max(e / top_e if top_e > 0 else 0.0,
+                                            m / top_m if top_m > 0 else 0.0)
+                                        for e, m in zip(e_score, m_score)
+                                    ]  # fmt: skip
                             # stable: larger score first, ties (up to rounding: tie_safe)
                             # by candidate order
                             score = tie_safe(torch.tensor(score, dtype=q.dtype)).tolist()

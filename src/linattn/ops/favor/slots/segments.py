@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
-from .common import Rule, SlotState, _check_config, _check_inputs, _lf, tie_safe
+from .common import (
+    MASS_RULES,
+    Rule,
+    SlotState,
+    _check_config,
+    _check_inputs,
+    _lf,
+    tie_safe,
+    union_score,
+)
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -95,7 +104,12 @@ def _decide(
         keep_k, keep_v, keep_pos, keep_score = ck, cv, cpos, cscore
     else:
         with torch.no_grad():
-            score = cscore if rule == "mass" else _read_error(cfk, cv, kv, fm, params)
+            if rule == "mass":
+                score = cscore
+            else:
+                score = _read_error(cfk, cv, kv, fm, params)
+                if rule == "union":
+                    score = union_score(score, cscore)
             order = torch.sort(tie_safe(score), dim=-1, descending=True, stable=True).indices
             keep_idx = order[..., :slots].sort(-1).values
             out_idx = order[..., slots:].sort(-1).values
@@ -275,7 +289,7 @@ def favor_slots_step(
         j = min(n, i + nxt - p)
         out, state = _segment(
             state, q[:, :, i:j], k[:, :, i:j], v[:, :, i:j], fm, params, sinks, lf,
-            rule == "mass",
+            rule in MASS_RULES,
             None if far_q is None else far_q[:, :, i:j],
             None if far_k is None else far_k[:, :, i:j],
             ld,
