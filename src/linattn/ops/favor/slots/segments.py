@@ -176,17 +176,28 @@ def _segment(
     qi = torch.arange(a, a + n, device=dev)[:, None]
     sink_pos = torch.arange(sink_k.shape[2], device=dev)[None, :]
     local_pos = torch.arange(lo, a + n, device=dev)[None, :]
-    nc = st.cache_k.shape[2]
-    # [n, s' + g + nl]: cached keys are older than every query of the segment
-    visible = torch.cat([sink_pos <= qi, qi.new_ones(n, nc, dtype=torch.bool), local_pos <= qi], 1)
-    keys = torch.cat([sink_k, st.cache_k, local_k], 2)
-    vals = torch.cat([sink_v, st.cache_v, local_v], 2)
-    s = params.scale * (q @ keys.transpose(-2, -1))  # [B, H, n, K]
-    s = s.masked_fill(~visible, float("-inf"))
-    g_ex = s.detach().amax(-1)  # [B, H, n]; the query's own key is always visible
-    e = torch.exp(s - g_ex.unsqueeze(-1))
-    vv = torch.cat([vals, torch.ones_like(vals[..., :1])], -1)
-    nd_ex = e @ vv  # [B, H, n, dv + 1]
+    # The exact keys in three groups, scored apart (no copy of the cache per token):
+    # sinks and the undecided keys masked by position, the cached keys (older than
+    # every query of the segment) all visible. Empty groups are left out.
+    groups = [
+        (name, keys, vals, visible)
+        for name, keys, vals, visible in (
+            ("sink", sink_k, sink_v, sink_pos <= qi),
+            ("cache", st.cache_k, st.cache_v, None),
+            ("local", local_k, local_v, local_pos <= qi),
+        )
+        if keys.shape[2]
+    ]
+    scores = []
+    for _, keys, _, visible in groups:
+        sc = params.scale * (q @ keys.transpose(-2, -1))  # [B, H, n, K_group]
+        scores.append(sc if visible is None else sc.masked_fill(~visible, float("-inf")))
+    # [B, H, n]; the query's own key (a sink or an undecided key) is always visible
+    g_ex = torch.stack([sc.detach().amax(-1) for sc in scores]).amax(0)
+    es = [torch.exp(sc - g_ex.unsqueeze(-1)) for sc in scores]
+    num = sum(e @ vals for e, (_, _, vals, _) in zip(es, groups))
+    den_ex = sum(e.sum(-1, keepdim=True) for e in es)
+    nd_ex = torch.cat([num, den_ex], -1)  # [B, H, n, dv + 1]
     fq, rq = fm.stabilized_query(q if fq_in is None else fq_in, params)
     nd_far = (fq @ st.kv) * lf.unsqueeze(-1)
     g_far = rq + st.stab.unsqueeze(-1) + 2 * _log_const(fm, params, q)
@@ -202,10 +213,13 @@ def _segment(
     cache_score = st.cache_score
     if track_mass:
         with torch.no_grad():
-            p = e * (torch.exp(g_ex - top).unsqueeze(-1) / den)  # [B, H, n, K]
-            ks = sink_k.shape[2]
-            cache_score = cache_score + p[..., ks : ks + nc].sum(2)
-            local_score = local_score + p[..., ks + nc :].sum(2)
+            # p_ij = e^{s_ij} / den_i, summed over the segment's queries
+            w = torch.exp(g_ex - top).unsqueeze(-1) / den  # [B, H, n, 1]
+            got = {name: (e * w).sum(2) for e, (name, _, _, _) in zip(es, groups)}
+            if "cache" in got:
+                cache_score = cache_score + got["cache"]
+            if "local" in got:
+                local_score = local_score + got["local"]
     new = st._replace(
         pos=a + n,
         sink_k=sink_k,
