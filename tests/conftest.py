@@ -53,6 +53,29 @@ def compiled_steps(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def compiled_decisions(monkeypatch):
+    """A list that grows by one entry (the cache's shape) for every slot decision that
+    goes through the compiled form (``favor_slots_step(compiled=True)``, a slot model
+    under ``set_compiled_decoding``): tests check the compiled form is the one taken."""
+    from linattn.ops.favor.slots import segments
+
+    calls = []
+    real = segments.compiled_decide
+
+    def counting():
+        fn = real()
+
+        def run(st, *args, **kwargs):
+            calls.append(tuple(st.cache_k.shape))
+            return fn(st, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(segments, "compiled_decide", counting)
+    return calls
+
+
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

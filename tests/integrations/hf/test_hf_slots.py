@@ -20,6 +20,7 @@ from linattn.integrations.hf import (  # noqa: E402
     load_converted,
     save_converted,
     set_attention_parts,
+    set_compiled_decoding,
     set_slots,
 )
 from linattn.integrations.hf.state import FavorLayerState, converted_layers  # noqa: E402
@@ -114,6 +115,24 @@ def test_decoding_equals_the_parallel_forward(opts):
     held = layer.sink_k.shape[2] + layer.local_k.shape[2] + layer.cache_k.shape[2]
     w, s, g = opts["window"], opts.get("sinks", 0), opts["slots"]
     assert held <= s + w + opts.get("slot_interval", w) - 1 + g
+
+
+def test_compiled_decisions_in_a_converted_decoder(compiled_decisions):
+    # set_compiled_decoding: the slot decisions on a full cache are compiled, in the
+    # prefill and in decoding; the same logits and generate() tokens.
+    opts = {"kernel": "hedgehog", "window": 3, "sinks": 1, "slots": 2, "slot_rule": "union"}
+    model = convert(tiny_llama(), "favor", **opts)
+    prompt = ids(1, 20)
+    want = model(prompt).logits
+    gen_want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    set_compiled_decoding(model)
+    with torch.no_grad():  # (a forward that builds a gradient decides eagerly)
+        got = model(prompt).logits
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert compiled_decisions
+    taken = len(compiled_decisions)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), gen_want)
+    assert len(compiled_decisions) > taken
 
 
 def one_layer_llama():

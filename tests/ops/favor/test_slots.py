@@ -225,6 +225,47 @@ def test_union_score_scales_each_rule_by_its_largest():
     torch.testing.assert_close(union_score(error, mass), want)
 
 
+@pytest.mark.parametrize("rule", ["error", "union"])
+@pytest.mark.parametrize("decay", [None, torch.tensor(-0.1, dtype=torch.float64)])
+def test_compiled_decisions_equal_the_eager_ones(rule, decay, compiled_decisions):
+    """``compiled=True``: the decisions on a full cache go through torch.compile, with
+    the same choices and outputs (float64) as the eager form, token by token and in one
+    call; decisions while the cache fills stay eager."""
+    length = 40
+    q, k, v, _, fm, params = setup("hedgehog", length, seed=21)
+    fq, fk = (randn(B, H, length, D, seed=s) * 0.8 for s in (22, 23))
+    kw = dict(window=3, slots=4, sinks=1, interval=2, rule=rule, decay=decay)
+    want, st_want = favor_slots_step(q, k, v, fm, params, far_q=fq, far_k=fk, **kw)
+    got, st = favor_slots_step(q, k, v, fm, params, far_q=fq, far_k=fk, compiled=True, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(st.cache_pos, st_want.cache_pos)
+    # decisions before query 5 + 2t; the cache holds 4 after the second: 16 compiled
+    assert len(compiled_decisions) == 16 and set(compiled_decisions) == {(B, H, 4, D)}
+    state, outs = None, []
+    for i in range(length):
+        sl = slice(i, i + 1)
+        o, state = favor_slots_step(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], fm, params, state,
+            far_q=fq[:, :, sl], far_k=fk[:, :, sl], compiled=True, **kw,
+        )  # fmt: skip
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(state.cache_pos, st_want.cache_pos)
+
+
+def test_compiled_decisions_stay_eager_for_a_gradient(compiled_decisions):
+    q, k, v, w, fm, _ = setup("hedgehog", 20, seed=24)
+    w = w.clone().requires_grad_(True)
+    params = fm.prepare(w, q, k, None, D**-0.5)
+    kw = dict(window=2, slots=2, sinks=1, interval=2)
+    out, _ = favor_slots_step(q, k, v, fm, params, compiled=True, **kw)
+    assert not compiled_decisions
+    out.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    with pytest.raises(TypeError, match="compiled must be a bool"):
+        favor_slots_step(q, k, v, fm, params, compiled=1, **kw)
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [

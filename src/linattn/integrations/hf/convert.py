@@ -291,9 +291,11 @@ def set_compiled_decoding(model: nn.Module, enabled: bool = True) -> nn.Module:
     the same as the eager one up to rounding and fuses its many small tensor ops, which
     dominate a decoding step on CPU; it is made on the first step after the window has
     filled (seconds, once per process) and needs a working ``torch.compile`` (on CPU a
-    C++ compiler). Prefill, steps before the window fills, the slot hybrid
-    (``slots > 0``, whose steps stay eager) and steps that build a gradient are
-    unaffected. Returns ``model``."""
+    C++ compiler). With slots (``slots > 0``) the steps stay eager, and it is the slot
+    decisions on a full cache that are compiled, in the prefill and in decoding alike
+    (they dominate a long slot prefill: :func:`linattn.ops.favor.slots.favor_slots_step`
+    ``compiled=True``). Prefill without slots, steps before the window fills and steps
+    that build a gradient are unaffected. Returns ``model``."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     modules = _favor_layers(model, "set_compiled_decoding")

@@ -124,6 +124,7 @@ def slots_step(
         interval=layer.slot_interval,
         rule=layer.slot_rule,
         linear_factor=None if lf is None else lf.to(cd),
+        compiled=layer.compile_step,
         **far,
     )
     return out.to(dtype), state

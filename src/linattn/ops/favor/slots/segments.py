@@ -4,10 +4,13 @@ float32-safe; :func:`~.reference.slots_reference` is their oracle."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
+from ..common import graph_captured
 from .common import (
     MASS_RULES,
     Rule,
@@ -145,6 +148,29 @@ def _decide(
     )
 
 
+@functools.cache
+def compiled_decide():
+    """:func:`_decide` through ``torch.compile`` (made once, on first use). Taken only in
+    the steady state (:func:`_decide_steady`): a full cache, where every decision of a
+    sequence has the same shapes (``slots`` cached keys, ``interval`` pending ones), so
+    that it compiles once (and once more with the position made symbolic)."""
+    return torch.compile(_decide, dynamic=None)
+
+
+def _decide_steady(st: SlotState, slots: int, params: FeatureParams, ld: Tensor | None) -> bool:
+    """Whether a decision may take :func:`compiled_decide`: the cache is full (the shapes
+    no longer change), no graph is being captured (an outer ``torch.compile`` traces the
+    eager form) and no gradient is to be built."""
+    if st.cache_k.shape[2] != slots or graph_captured():
+        return False
+    tensors = (st.local_k, st.local_v, st.cache_k, st.cache_v, st.kv, params.weight, ld)
+    tensors += (st.local_fk, st.cache_fk)
+    grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    )
+    return not grad
+
+
 def _segment(
     st: SlotState,
     q: Tensor,
@@ -258,6 +284,7 @@ def favor_slots_step(
     decay: Tensor | None = None,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, SlotState]:
     """``n`` new tokens ``q, k: (B, H, n, d)``, ``v: (B, H, n, dv)`` after ``state``
     (None: the start). Returns ``(out: (B, H, n, dv), state)``. Calling it token by
@@ -266,8 +293,13 @@ def favor_slots_step(
     ``decay``, far inputs or not) must be the same at every call of one sequence.
     ``decay`` (``ln gamma: (H,)`` or ``()``), ``far_q``/``far_k`` (shapes of ``q``/``k``,
     both or neither): as :func:`linattn.favor_attention`'s, for the evicted keys' scores
-    (the error rule reads the state back through the far keys too)."""
+    (the error rule reads the state back through the far keys too). ``compiled``:
+    decisions on a full cache go through :func:`compiled_decide` (the same choices and
+    sums up to rounding; the first compiles, seconds, once per process), the rest of the
+    step stays eager; decisions that build a gradient stay eager too."""
     _check_config(window, sinks, slots, interval, rule)
+    if not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be a bool, got {type(compiled).__name__}")
     _check_inputs(q, k, v, fm, None)
     if (far_q is None) != (far_k is None):
         raise ValueError("far_q and far_k go together (both or neither)")
@@ -298,7 +330,10 @@ def favor_slots_step(
     while i < n:
         p = state.pos
         if p >= first and (p - first) % step == 0:
-            state = _decide(state, step, fm, params, slots, rule, ld)
+            decide = _decide
+            if compiled and _decide_steady(state, slots, params, ld):
+                decide = compiled_decide()
+            state = decide(state, step, fm, params, slots, rule, ld)
         nxt = first if p < first else p + step - (p - first) % step
         j = min(n, i + nxt - p)
         out, state = _segment(
