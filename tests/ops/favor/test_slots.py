@@ -241,6 +241,9 @@ def test_compiled_decisions_equal_the_eager_ones(rule, decay, compiled_decisions
     assert torch.equal(st.cache_pos, st_want.cache_pos)
     # decisions before query 5 + 2t; the cache holds 4 after the second: 16 compiled
     assert len(compiled_decisions) == 16 and set(compiled_decisions) == {(B, H, 4, D)}
+    prefill = favor_slots(q, k, v, fm, params, far_q=fq, far_k=fk, compiled=True, **kw)
+    torch.testing.assert_close(prefill, want, rtol=1e-10, atol=1e-12)
+    assert len(compiled_decisions) == 32
     state, outs = None, []
     for i in range(length):
         sl = slice(i, i + 1)

@@ -49,7 +49,7 @@ Rules (the score, larger = kept):
 * ``"union"``: the larger of the two above, each divided by its largest value among the
   decision's candidates: a key either rule ranks high is kept. The two pick different
   keys in different layers (SmolLM2 at 4k tokens: the error rule keeps a copied list in
-  the middle layers, the mass rule in the first and last ones).
+  the middle layers, the mass rule in the last ones).
 
 The scores are data, not parameters: decisions carry no gradient; the outputs are
 differentiable in ``q``, ``k``, ``v`` (and the projection / ``linear_factor``) for the

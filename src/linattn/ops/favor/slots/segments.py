@@ -365,6 +365,7 @@ def favor_slots(
     decay: Tensor | None = None,
     far_q: Tensor | None = None,
     far_k: Tensor | None = None,
+    compiled: bool = False,
 ) -> Tensor:
     """The slot hybrid over a whole sequence (prefill), in segments of ``interval``
     (default ``window``) tokens between decisions; see the module docstring.
@@ -372,6 +373,7 @@ def favor_slots(
     ``q, k: (B, H, L, d)``, ``v: (B, H, L, dv)``, raw (``params.scale`` applies; build
     ``params`` with ``fm.prepare``), ``linear_factor``: None, ``()`` or ``(H,)``.
     Returns ``(B, H, L, dv)``. ``key_padding_mask`` must be None (refused otherwise).
+    ``compiled``: as :func:`favor_slots_step` (decisions on a full cache compiled).
 
     Equivalent to ``slots_reference(...)[0]``.
     """
@@ -379,5 +381,5 @@ def favor_slots(
     return favor_slots_step(
         q, k, v, fm, params, None, window=window, slots=slots, sinks=sinks,
         interval=interval, rule=rule, linear_factor=linear_factor, decay=decay,
-        far_q=far_q, far_k=far_k,
+        far_q=far_q, far_k=far_k, compiled=compiled,
     )[0]  # fmt: skip
