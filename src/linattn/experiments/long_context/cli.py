@@ -102,8 +102,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--compile-step",
         action="store_true",
         help="decoders: decode through torch.compile'd one-token steps of the window "
-        "hybrid (set_compiled_decoding; the first step after the window fills compiles, "
-        "seconds; default: eager steps)",
+        "hybrid, and with --slots take the slot decisions compiled (set_compiled_decoding; "
+        "the first use compiles, seconds; default: eager)",
     )
     g.add_argument("--seed", type=int, default=0, help="conversion, texts and task examples")
     w = parser.add_argument_group("what to measure")

@@ -129,7 +129,8 @@ class FavorLayerState(RandomFeatures, nn.Module):
     use_slots: bool = True
     #: Decoding switch (not saved; :func:`~.convert.set_compiled_decoding`): one-token
     #: steps of the window hybrid through the compiled step
-    #: (``favor_recurrent(compile_step=True)``).
+    #: (``favor_recurrent(compile_step=True)``); with slots, the slot decisions on a
+    #: full cache (``favor_slots_step(compiled=True)``).
     compile_step: bool = False
 
     method = "favor"
