@@ -38,6 +38,7 @@ from .ops.favor import (
     favor_window,
 )
 from .ops.favor.causal import initial_state
+from .ops.favor.common import builds_grad
 from .ops.favor.window.step import window_final_state
 
 
@@ -132,10 +133,7 @@ def _favor_stateful(
         # no gradient is to be built, the state's far sums from its own features; the
         # ring and sink slots (and the far sums otherwise) from the keys and values
         # alone. The decoding step is its reference.
-        grad = torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad
-            for t in (q4, k4, v4, fq4, fk4, lf, dec, params.weight)
-        )
+        grad = builds_grad(q4, k4, v4, fq4, fk4, lf, dec, params.weight)
         out = favor_window(
             q4,
             k4,

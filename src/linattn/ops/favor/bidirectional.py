@@ -13,7 +13,13 @@ import torch
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .common import first_order_only, graph_captured, ones_col, safe_denominator
+from .common import (
+    builds_grad,
+    first_order_only,
+    graph_captured,
+    ones_col,
+    safe_denominator,
+)
 
 # Elements of one (B, H, block, M) feature block: about 8 MB in float32, which keeps the
 # temporaries in cache-friendly sizes and the matmuls large enough to run at full rate.
@@ -205,9 +211,7 @@ def favor_bidirectional(
     rows_q = block_rows(lead, m, q.shape[-2], block_size)
     rows_k = block_rows(lead, m, k.shape[-2], block_size)
     weight = params.weight
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, weight)
-    )
+    needs_grad = builds_grad(q, k, v, weight)
     # Under torch.func (whose grad cannot run the hand-written backward: it re-enters
     # autograd) and torch.compile, the plain form; its gradient is autograd's.
     if not needs_grad or graph_captured():

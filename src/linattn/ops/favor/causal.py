@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...features import FeatureMap, FeatureParams
-from .common import first_order_only, graph_captured, ones_col, safe_denominator
+from .common import (
+    builds_grad,
+    first_order_only,
+    graph_captured,
+    ones_col,
+    safe_denominator,
+)
 
 _CHUNKS_PER_SEGMENT = 16
 _LN2 = math.log(2.0)
@@ -499,9 +505,7 @@ def favor_causal(
     keep = None if key_padding_mask is None else (~key_padding_mask).to(k.dtype)
     chunk = max(1, min(chunk_size, length))
     weight = params.weight
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, weight, state)
-    )
+    needs_grad = builds_grad(q, k, v, weight, state)
     # Under torch.func (whose grad cannot run the hand-written backward: it re-enters
     # autograd) and torch.compile, the plain chunked scan; its gradient is autograd's.
     if not needs_grad or graph_captured():

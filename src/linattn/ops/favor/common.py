@@ -31,6 +31,15 @@ def graph_captured() -> bool:
     return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
+def builds_grad(*tensors: object) -> bool:
+    """Whether autograd would record a graph through any of ``tensors`` (None and
+    non-tensors skipped): grad mode is on and one of them requires a gradient. Fast
+    paths that only compute forward (compiled steps, fused state sums) check it."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    )
+
+
 def no_forward_mode(name: str) -> NoReturn:
     """Raise the error of an ``autograd.Function.jvp`` that a hand-written backward has
     no forward-mode counterpart for (``torch.func.jvp``, ``jacfwd``, forward_ad)."""

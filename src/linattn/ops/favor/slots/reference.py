@@ -71,7 +71,7 @@ def slots_reference(
                             with torch.no_grad():
                                 m_score = [mass[c] for c in cands]
                                 e_score = []
-                                for c in cands:
+                                for c in cands if rule != "mass" else ():
                                     read = torch.zeros_like(v[b, h, c])
                                     if far:
                                         a_c = (fk[b, h, far] @ fk[b, h, c]) * gam(i, far)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
-from ..common import graph_captured
+from ..common import builds_grad, graph_captured
 from .common import (
     MASS_RULES,
     Rule,
@@ -163,12 +163,10 @@ def _decide_steady(st: SlotState, slots: int, params: FeatureParams, ld: Tensor 
     eager form) and no gradient is to be built."""
     if st.cache_k.shape[2] != slots or graph_captured():
         return False
-    tensors = (st.local_k, st.local_v, st.cache_k, st.cache_v, st.kv, params.weight, ld)
-    tensors += (st.local_fk, st.cache_fk)
-    grad = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in tensors
-    )
-    return not grad
+    return not builds_grad(
+        st.local_k, st.local_v, st.cache_k, st.cache_v, st.kv, st.local_fk, st.cache_fk,
+        params.weight, ld,
+    )  # fmt: skip
 
 
 def _segment(

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ....features import FeatureMap, FeatureParams
 from ..causal import initial_state
-from ..common import graph_captured, ones_col
+from ..common import builds_grad, graph_captured, ones_col
 from .hybrid import combine, factor_shape
 from .naive import band_attention, far_left
 from .sinks import gather_slots, sink_attention, sink_slots, step_sinks
@@ -135,10 +135,7 @@ def _steady(state: tuple[Tensor, ...], window: int, sinks: int, inputs: tuple) -
         return False
     if graph_captured():
         return False
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (*inputs, *state)
-    )
-    return not grad
+    return not builds_grad(*inputs, *state)
 
 
 def _decay_shape(decay: Tensor, like: Tensor) -> Tensor:
